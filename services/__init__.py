@@ -1,0 +1,1 @@
+"""KotaDB services: auth, ingest, search, the shared runtime and the command line."""

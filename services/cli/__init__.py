@@ -1,0 +1,1 @@
+"""The `kotadb` command line: one module per command group, each exposing `register`."""

@@ -1,0 +1,17 @@
+"""Placeholder for the `kotadb bench` command group; its owner replaces this module."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    """register adds `kotadb bench`, which is not built yet."""
+    parser: argparse.ArgumentParser = subparsers.add_parser("bench", help="(not built yet)")
+    parser.set_defaults(func=_missing)
+
+
+def _missing(args: argparse.Namespace) -> int:
+    print("kotadb bench: not built yet", flush=True)
+    return 2
