@@ -1,0 +1,168 @@
+"""Ranking: how a matching file's score is made, and the cheap prior used to order work.
+
+A file's score is the product of two parts:
+
+* content tier, the best of its matches: a match on a symbol definition's name (100), a
+  whole-word match (10), any other match (1), or no content match at all (0, a file that
+  matched only through `type:path` or `file:`); plus 5 when the query's pattern also matches
+  the file's base name (filename match);
+* a path weight: 1 for ordinary files, 0.3 for tests, 0.2 for vendored code, 0.1 for
+  generated files (multiplied when several apply).
+
+Scores are discrete on purpose: most files in a large result set tie (a whole-word call
+site in an ordinary file scores 10), and the tie-break by path in cursor.rank_key then
+gives a stable, readable order. Match counts are deliberately not part of the score: a
+file that mentions a name 40 times is not a better answer than one that defines it.
+
+`prior` bounds a file's score from its path alone (weight times the best possible tier);
+the searcher verifies candidates in prior order so a first page sees ordinary files first.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from services.search.engine.languages import is_generated, is_test, is_vendored
+from services.search.engine.model import Symbol
+
+DEFINITION = 100.0
+WHOLE_WORD = 10.0
+SUBSTRING = 1.0
+FILENAME = 5.0
+
+TEST_WEIGHT = 0.3
+VENDORED_WEIGHT = 0.2
+GENERATED_WEIGHT = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class RankSignals:
+    """RankSignals are the facts about one matching file that its score is computed from."""
+
+    definition: bool = False
+    whole_word: bool = False
+    content_match: bool = False
+    filename_match: bool = False
+    test: bool = False
+    vendored: bool = False
+    generated: bool = False
+
+
+def path_weight(*, test: bool, vendored: bool, generated: bool) -> float:
+    """path_weight is the multiplier that pushes tests, vendored and generated files down."""
+    weight = 1.0
+    if test:
+        weight *= TEST_WEIGHT
+    if vendored:
+        weight *= VENDORED_WEIGHT
+    if generated:
+        weight *= GENERATED_WEIGHT
+    return weight
+
+
+def content_tier(signals: RankSignals) -> float:
+    """content_tier is the value of a file's best content match (see the module docstring)."""
+    if signals.definition:
+        return DEFINITION
+    if signals.whole_word:
+        return WHOLE_WORD
+    if signals.content_match:
+        return SUBSTRING
+    return 0.0
+
+
+def score(signals: RankSignals) -> float:
+    """score computes a file's rank score from its signals; higher ranks first."""
+    base = content_tier(signals) + (FILENAME if signals.filename_match else 0.0)
+    return round(
+        base * path_weight(test=signals.test, vendored=signals.vendored, generated=signals.generated),
+        6,
+    )
+
+
+def path_flags(path: str, content: bytes = b"") -> tuple[bool, bool, bool]:
+    """path_flags classifies a file as (test, vendored, generated) with languages.py's rules."""
+    return is_test(path), is_vendored(path), is_generated(path, content)
+
+
+def prior(path: str, *, filename_match: bool) -> float:
+    """prior is an upper bound on a file's score that needs only its path.
+
+    Content markers can only make a file generated (lower), so the path-only weight bounds
+    the final weight from above.
+    """
+    test, vendored, generated = is_test(path), is_vendored(path), is_generated(path)
+    base = DEFINITION + (FILENAME if filename_match else 0.0)
+    return round(base * path_weight(test=test, vendored=vendored, generated=generated), 6)
+
+
+def _is_word_byte(b: int) -> bool:
+    # ASCII word characters, matching RE2's \b so "whole word" agrees with /\bname\b/.
+    return (48 <= b <= 57) or (65 <= b <= 90) or (97 <= b <= 122) or b == 95
+
+
+def is_whole_word(line: bytes, start: int, end: int) -> bool:
+    """is_whole_word reports whether line[start:end] is bounded by non-word bytes or the line ends.
+
+    An empty range is never a whole word. A match that itself starts or ends with a non-word
+    byte (`foo(`) counts as whole at that edge, as a user reading it would expect.
+    """
+    if end <= start:
+        return False
+    left_ok = start == 0 or not _is_word_byte(line[start - 1]) or not _is_word_byte(line[start])
+    right_ok = end == len(line) or not _is_word_byte(line[end]) or not _is_word_byte(line[end - 1])
+    return left_ok and right_ok
+
+
+class SymbolTable:
+    """SymbolTable answers "which definition is this line in" and "is this a definition".
+
+    Built once per matching file from the stored symbols; lookups are logarithmic in the
+    number of definitions that start on or before the line.
+    """
+
+    def __init__(self, symbols: Sequence[Symbol]) -> None:
+        self._symbols = sorted(symbols, key=lambda s: (s.start_line, -s.end_line))
+        self._starts = [s.start_line for s in self._symbols]
+
+    def __bool__(self) -> bool:
+        return bool(self._symbols)
+
+    def enclosing(self, line_number: int) -> Symbol | None:
+        """enclosing returns the innermost definition whose line span contains line_number."""
+        hi = bisect.bisect_right(self._starts, line_number)
+        best: Symbol | None = None
+        for sym in self._symbols[:hi]:
+            if sym.end_line >= line_number and (
+                best is None
+                or (sym.end_line - sym.start_line, -sym.start_line)
+                < (best.end_line - best.start_line, -best.start_line)
+            ):
+                best = sym
+        return best
+
+    def defines(self, line_number: int, line: bytes, line_start: int, start: int, end: int) -> bool:
+        """defines reports whether the match [start, end) on this line touches a definition's name.
+
+        With byte offsets recorded, the match must overlap the name's bytes; without them
+        (offsets 0/0), the name must occur in the line overlapping the match.
+        """
+        lo = bisect.bisect_left(self._starts, line_number)
+        hi = bisect.bisect_right(self._starts, line_number)
+        abs_start, abs_end = line_start + start, line_start + end
+        for sym in self._symbols[lo:hi]:
+            if sym.end_byte > sym.start_byte:
+                if sym.start_byte < abs_end and abs_start < sym.end_byte:
+                    return True
+                continue
+            name = sym.name.encode("utf-8")
+            if not name:
+                continue
+            at = line.find(name)
+            while at >= 0:
+                if at < end and start < at + len(name):
+                    return True
+                at = line.find(name, at + 1)
+        return False
