@@ -25,7 +25,7 @@ typecheck:
 	$(VENV)/bin/mypy
 
 buf:
-	$(BUF) lint
+	BUF=$(BUF) bash scripts/buf.sh lint
 
 gen: bootstrap
 	$(PY) scripts/gen_protos.py

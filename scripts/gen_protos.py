@@ -17,7 +17,8 @@ what the `_pb2_grpc.pyi` stubs refer to.
 
 Usage: `python scripts/gen_protos.py` rewrites the outputs; `--check` regenerates into
 a temporary directory and exits with status 1, naming every stale, missing or extra
-file, when the committed outputs differ.
+file, when the committed outputs differ. `--image FILE [--proto-root DIR]` only writes
+a descriptor set with source info, which `scripts/buf.sh` lints and compares.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from google.protobuf import descriptor_pb2
 
 REPO = Path(__file__).resolve().parent.parent
 PROTO_ROOT = REPO / "protos"
-PROTO_PACKAGE_DIR = PROTO_ROOT / "kotadb" / "v1"
 GEN_ROOT = REPO / "gen" / "python"
 GEN_PACKAGE = GEN_ROOT / "kotadb"
 DESCRIPTOR_PATH = REPO / "deploy" / "envoy" / "kotadb.pb"
@@ -75,7 +75,7 @@ def package_dir(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def include_paths() -> IncludePaths:
+def include_paths(proto_root: Path = PROTO_ROOT) -> IncludePaths:
     """Include_paths locates the googleapis and protobuf .proto files in installed wheels.
 
     googleapis-common-protos ships `google/api/*.proto` and `google/rpc/*.proto` beside
@@ -90,12 +90,12 @@ def include_paths() -> IncludePaths:
     ):
         if not (root / probe).is_file():
             raise SystemExit(f"gen_protos: {probe} not found under {root}; is the dev environment installed?")
-    return IncludePaths(protos=PROTO_ROOT, googleapis=googleapis, protobuf=protobuf)
+    return IncludePaths(protos=proto_root, googleapis=googleapis, protobuf=protobuf)
 
 
-def proto_files() -> list[str]:
-    """Proto_files lists our .proto files relative to protos/, sorted for determinism."""
-    return sorted(p.relative_to(PROTO_ROOT).as_posix() for p in PROTO_PACKAGE_DIR.glob("*.proto"))
+def proto_files(proto_root: Path = PROTO_ROOT) -> list[str]:
+    """Proto_files lists our .proto files relative to proto_root, sorted for determinism."""
+    return sorted(p.relative_to(proto_root).as_posix() for p in proto_root.glob("kotadb/**/*.proto"))
 
 
 def plugin(name: str) -> str:
@@ -129,7 +129,7 @@ def build_descriptor_set(out: Path, includes: IncludePaths, *, source_info: bool
     args = [*includes.flags(), "--include_imports", f"--descriptor_set_out={out}"]
     if source_info:
         args.append("--include_source_info")
-    protoc([*args, *EXTRA_DESCRIPTOR_FILES, *proto_files()])
+    protoc([*args, *EXTRA_DESCRIPTOR_FILES, *proto_files(includes.protos)])
 
 
 def files_with_services(descriptor_set: Path) -> set[str]:
@@ -222,7 +222,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Main regenerates the outputs, or with --check reports stale ones; it returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--check", action="store_true", help="fail if the committed outputs are stale")
+    parser.add_argument(
+        "--image",
+        type=Path,
+        metavar="FILE",
+        help="only write a FileDescriptorSet with source info to FILE (the input scripts/buf.sh gives buf)",
+    )
+    parser.add_argument(
+        "--proto-root",
+        type=Path,
+        default=PROTO_ROOT,
+        metavar="DIR",
+        help="with --image, compile the protos under DIR instead of protos/ (e.g. another commit's)",
+    )
     args = parser.parse_args(argv)
+    if args.image is not None:
+        build_descriptor_set(args.image.resolve(), include_paths(args.proto_root.resolve()), source_info=True)
+        return 0
     with tempfile.TemporaryDirectory(prefix="kotadb-gen-") as tmp:
         fresh_root = Path(tmp)
         generate(fresh_root)
