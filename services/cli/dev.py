@@ -1,17 +1,341 @@
-"""Placeholder for the `kotadb dev` command group; its owner replaces this module."""
+"""The `kotadb dev` command: the whole stack on this machine with one command.
+
+Start order, each step waiting for the previous one to be healthy:
+
+1. Postgres: `KOTADB_DATABASE_URL` when set, else an embedded cluster in `<data-dir>/postgres`
+   (services/common/pgembed.py), reused by later runs with the same data dir.
+2. The Supabase compatibility bootstrap, pending migrations and the seed data.
+3. `kotadb serve auth|ingest|search`, each a child process on its own port; ready once its
+   gRPC health says SERVING (which the services only say once their database is reachable).
+4. Envoy, with a config rendered from deploy/envoy/envoy.yaml.tmpl into `<data-dir>/envoy/`;
+   ready once the admin `/ready` is LIVE and `GET /health` through the gateway answers 200.
+
+Then the endpoints are printed and written to `<data-dir>/stack.json` for `kotadb status`,
+tests and scripts. SIGTERM or Ctrl-C stops everything in reverse order and removes stack.json
+(services/common/supervisor.py makes sure no child outlives the command).
+
+The default data dir is `$XDG_CACHE_HOME/kotadb/dev` (usually `~/.cache/kotadb/dev`); see
+`services.cli.status.default_data_dir`. Child logs go to `<data-dir>/logs/<name>.log`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import datetime
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import psutil
+
+from services.cli import gateway, status
+from services.common import migrate
+from services.common.pgembed import EmbeddedPostgres, free_port, port_is_free
+from services.common.supervisor import ChildExited, ChildProcess, StopRequested, Supervisor
+
+DEFAULT_PORTS: dict[str, int] = {
+    "gateway": 8080,
+    "admin": 9901,
+    "auth": 50051,
+    "ingest": 50052,
+    "search": 50053,
+}
+
+# How long each component may take to become healthy. Generous because CI machines are shared:
+# a service's first start imports tree-sitter grammars and opens its pool.
+READY_TIMEOUT = 120.0
+POLL_INTERVAL = 0.25
+
+
+class StackError(RuntimeError):
+    """StackError is a startup failure with a message meant for the person running `kotadb dev`."""
+
+
+@dataclass(frozen=True)
+class Ports:
+    """Ports are the TCP ports every component listens on, all on 127.0.0.1."""
+
+    gateway: int
+    admin: int
+    auth: int
+    ingest: int
+    search: int
+
+
+def choose_ports(gateway_port: int, admin_port: int | None) -> Ports:
+    """choose_ports fixes every port before anything starts.
+
+    `gateway_port == 0` puts every component on a free port (services get 0 and report what
+    they bound). Otherwise the fixed defaults are
+    used (with the given gateway and admin ports), and a port that is already taken is an error
+    naming it, rather than a child dying later with a bind failure in its log.
+    """
+    if gateway_port == 0:
+        # Services bind port 0 themselves and report it (`--port-file`), so only Envoy's two
+        # ports are picked here, just before it starts.
+        return Ports(gateway=free_port(), admin=admin_port or free_port(), auth=0, ingest=0, search=0)
+    wanted = dict(DEFAULT_PORTS, gateway=gateway_port)
+    if admin_port is not None:
+        wanted["admin"] = admin_port
+    taken = [f"{name} {port}" for name, port in wanted.items() if port and not port_is_free(port)]
+    if taken:
+        raise StackError(
+            "port(s) already in use: "
+            + ", ".join(taken)
+            + " (is another stack running? `kotadb dev --gateway-port 0` picks free ports)"
+        )
+    return Ports(**{name: port or free_port() for name, port in wanted.items()})
+
+
+def _migrate(database_url: str, log: Callable[[str], None]) -> None:
+    """_migrate applies the compatibility bootstrap, pending migrations and the seed data."""
+    migrate.apply_bootstrap(database_url)
+    applied = migrate.apply_migrations(database_url)
+    log("migrations applied: " + (", ".join(applied) if applied else "none, up to date"))
+    migrate.seed(database_url)
+
+
+def _wait_until(
+    what: str,
+    probe: Callable[[], tuple[bool, str]],
+    supervisor: Supervisor,
+    child: ChildProcess | None = None,
+    timeout: float = READY_TIMEOUT,
+) -> None:
+    """_wait_until polls probe until it passes, failing fast if any child exits meanwhile."""
+    deadline = time.monotonic() + timeout
+    detail = ""
+    while True:
+        try:
+            supervisor.check()
+        except ChildExited as exc:
+            raise StackError(f"{exc}; last lines of {exc.child.log_path}:\n{exc.child.log_tail()}") from None
+        ok, detail = probe()
+        if ok:
+            return
+        if time.monotonic() >= deadline:
+            tail = f"\nlast lines of {child.log_path}:\n{child.log_tail()}" if child is not None else ""
+            raise StackError(f"{what} not healthy after {timeout:.0f}s: {detail}{tail}")
+        time.sleep(POLL_INTERVAL)
+
+
+def _read_port(path: Path) -> tuple[bool, str]:
+    """_read_port is a probe that passes once a service has written its bound port to path."""
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        return False, f"{path} not written yet"
+    return text.isdigit() and int(text) > 0, f"{path} holds {text!r}"
+
+
+def _child_env(database_url: str, data_dir: Path) -> dict[str, str]:
+    """_child_env is the environment every service process gets."""
+    env = dict(os.environ)
+    env["KOTADB_DATABASE_URL"] = database_url
+    env.setdefault("KOTADB_SEARCH_DATA_DIR", str(data_dir / "search"))
+    # Unbuffered, so a crash's last log lines are in the log file when we print them.
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _refuse_running_stack(stack_path: Path) -> None:
+    """_refuse_running_stack stops a second `kotadb dev` on a data dir whose stack is still up."""
+    try:
+        previous = json.loads(stack_path.read_text())
+        pid = int(previous["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        stack_path.unlink(missing_ok=True)
+        return
+    if pid != os.getpid() and psutil.pid_exists(pid):
+        raise StackError(f"a stack is already running from {stack_path.parent} (pid {pid}); stop it first")
+    stack_path.unlink(missing_ok=True)
+
+
+def _write_json(path: Path, document: dict[str, Any]) -> None:
+    """_write_json replaces path atomically, readable only by us (it may hold a database password)."""
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(json.dumps(document, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def run_stack(data_dir: Path, gateway_port: int, admin_port: int | None) -> int:
+    """run_stack starts the stack, waits for a stop signal or a crash, and stops it again."""
+    data_dir = data_dir.expanduser().absolute()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    stack_path = data_dir / status.STACK_FILE
+    logs = data_dir / "logs"
+
+    def log(message: str) -> None:
+        print(f"kotadb dev: {message}", flush=True)
+
+    supervisor = Supervisor()
+    supervisor.handle_signals()
+    code = 0
+    try:
+        _refuse_running_stack(stack_path)
+        ports = choose_ports(gateway_port, admin_port)
+        database_url, postgres_pid = _start_database(data_dir, supervisor, log)
+        _migrate(database_url, log)
+
+        env = _child_env(database_url, data_dir)
+        children: dict[str, ChildProcess] = {}
+        port_files = {name: data_dir / "run" / f"{name}.port" for name in status.SERVICES}
+        for name in status.SERVICES:
+            port_files[name].parent.mkdir(parents=True, exist_ok=True)
+            port_files[name].unlink(missing_ok=True)
+            argv = [sys.executable, "-m", "services.cli", "serve", name]
+            argv += ["--port", str(getattr(ports, name)), "--port-file", str(port_files[name])]
+            children[name] = supervisor.spawn(name, argv, log_path=logs / f"{name}.log", env=env)
+            log(f"started {name} (pid {children[name].pid})")
+        bound: dict[str, int] = {}
+        for name, child in children.items():
+            _wait_until(
+                f"{name} port file", functools.partial(_read_port, port_files[name]), supervisor, child
+            )
+            bound[name] = int(port_files[name].read_text().strip())
+            address = f"127.0.0.1:{bound[name]}"
+            _wait_until(name, functools.partial(status.probe_grpc_health, address), supervisor, child)
+            log(f"{name} is SERVING on {address}")
+        ports = dataclasses.replace(ports, **bound)
+
+        children["envoy"] = _start_envoy(data_dir, ports, supervisor, logs)
+        log(f"started envoy (pid {children['envoy'].pid})")
+        admin_url = f"http://127.0.0.1:{ports.admin}"
+        gateway_url = f"http://127.0.0.1:{ports.gateway}"
+        _wait_until("envoy", lambda: status.probe_http(f"{admin_url}/ready"), supervisor, children["envoy"])
+        _wait_until(
+            "gateway /health",
+            lambda: status.probe_http(f"{gateway_url}/health"),
+            supervisor,
+            children["envoy"],
+        )
+
+        stack = {
+            "gateway": gateway_url,
+            "grpc": {name: f"127.0.0.1:{getattr(ports, name)}" for name in status.SERVICES},
+            "database_url": database_url,
+            "envoy_admin": admin_url,
+            "pid": os.getpid(),
+            "started_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "data_dir": str(data_dir),
+            "logs": str(logs),
+            "pids": {"postgres": postgres_pid, **{name: child.pid for name, child in children.items()}},
+        }
+        _write_json(stack_path, stack)
+        _print_endpoints(stack)
+        while True:
+            supervisor.check()
+            time.sleep(0.5)
+    except StopRequested as stop:
+        log(f"{stop} received, stopping")
+    except ChildExited as exc:
+        log(f"{exc}; stopping the stack. Last lines of {exc.child.log_path}:\n{exc.child.log_tail()}")
+        code = 1
+    except StackError as exc:
+        log(f"error: {exc}")
+        code = 1
+    finally:
+        # Signals arriving from here on are ignored by the supervisor: shutdown runs to the end.
+        with contextlib.suppress(StopRequested):
+            supervisor.stop_all(log)
+        stack_path.unlink(missing_ok=True)
+        log("stopped")
+    return code
+
+
+def _start_database(
+    data_dir: Path, supervisor: Supervisor, log: Callable[[str], None]
+) -> tuple[str, int | None]:
+    """_start_database returns the database URL, starting the embedded cluster unless one is given."""
+    external = os.environ.get("KOTADB_DATABASE_URL")
+    if external:
+        log("using KOTADB_DATABASE_URL")
+        ok, detail = status.probe_postgres(external)
+        if not ok:
+            raise StackError(f"KOTADB_DATABASE_URL is not reachable: {detail}")
+        return external, None
+    cluster = EmbeddedPostgres(data_dir / "postgres")
+    reused = (cluster.pgdata / "PG_VERSION").exists()
+    log(("reusing" if reused else "creating") + f" the embedded Postgres cluster in {data_dir / 'postgres'}")
+    try:
+        dsn = cluster.start()
+    except Exception as exc:  # pgembed raises EmbeddedPostgresError and OSError variants
+        raise StackError(f"could not start Postgres: {exc}") from exc
+    supervisor.on_stop("postgres", cluster.stop)
+    log(f"postgres is up (pid {cluster.postmaster_pid}): {dsn}")
+    return dsn, cluster.postmaster_pid
+
+
+def _start_envoy(data_dir: Path, ports: Ports, supervisor: Supervisor, logs: Path) -> ChildProcess:
+    """_start_envoy renders the gateway config into the data dir and starts Envoy on it."""
+    config = gateway.GatewayConfig(
+        gateway_port=ports.gateway,
+        admin_port=ports.admin,
+        auth=f"127.0.0.1:{ports.auth}",
+        ingest=f"127.0.0.1:{ports.ingest}",
+        search=f"127.0.0.1:{ports.search}",
+    )
+    config_path = data_dir / "envoy" / "envoy.yaml"
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(gateway.render(config))
+    try:
+        envoy_bin = gateway.find_envoy()
+    except FileNotFoundError as exc:
+        raise StackError(str(exc)) from None
+    # --disable-hot-restart: hot restart shares memory keyed by --base-id, so a second Envoy on
+    # the machine (another stack, a test) would otherwise refuse to start.
+    argv = [envoy_bin, "-c", str(config_path), "--disable-hot-restart", "--log-level", "warn"]
+    return supervisor.spawn("envoy", argv, log_path=logs / "envoy.log")
+
+
+def _print_endpoints(stack: dict[str, Any]) -> None:
+    """_print_endpoints tells the person at the terminal where everything is."""
+    lines = [
+        "stack is up:",
+        f"  gateway      {stack['gateway']}   (REST and gRPC; GET /health needs no key)",
+        *(f"  {name:<12} {address}" for name, address in stack["grpc"].items()),
+        f"  postgres     {status._redact(stack['database_url'])}",
+        f"  envoy admin  {stack['envoy_admin']}",
+        f"  logs         {stack['logs']}",
+        f"  stack.json   {Path(stack['data_dir']) / status.STACK_FILE}",
+        "Ctrl-C stops everything.",
+    ]
+    print("kotadb dev: " + "\n".join(lines), flush=True)
 
 
 def register(subparsers: Any) -> None:
-    """register adds `kotadb dev`, which is not built yet."""
-    parser: argparse.ArgumentParser = subparsers.add_parser("dev", help="(not built yet)")
-    parser.set_defaults(func=_missing)
+    """register adds `kotadb dev`."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "dev", help="run Postgres, the three services and Envoy locally until Ctrl-C"
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help=f"state directory: database, logs, stack.json (default {status.default_data_dir()})",
+    )
+    parser.add_argument(
+        "--gateway-port",
+        type=int,
+        default=DEFAULT_PORTS["gateway"],
+        help="gateway port; 0 puts every component on a free port",
+    )
+    parser.add_argument(
+        "--admin-port", type=int, default=None, help=f"Envoy admin port (default {DEFAULT_PORTS['admin']})"
+    )
+    parser.set_defaults(func=_dev_command)
 
 
-def _missing(args: argparse.Namespace) -> int:
-    print("kotadb dev: not built yet", flush=True)
-    return 2
+def _dev_command(args: argparse.Namespace) -> int:
+    """_dev_command implements `kotadb dev`."""
+    return run_stack(args.data_dir or status.default_data_dir(), args.gateway_port, args.admin_port)
