@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # buf.sh — runs buf on KotaDB's protos without network access.
 #
-#   bash scripts/buf.sh lint              lint protos/kotadb with protos/buf.yaml
+#   bash scripts/buf.sh lint [DIR]        lint DIR/kotadb (default DIR: protos) with protos/buf.yaml
 #   bash scripts/buf.sh breaking [REF]    check the working tree's protos against REF's
 #                                         (default: $BUF_AGAINST, else `main`)
 #
@@ -43,7 +43,8 @@ image() {
 cmd=${1:-}
 case "$cmd" in
   lint)
-    image "$repo/protos" "$tmp/current.binpb"
+    root=$(cd "${2:-$repo/protos}" && pwd) || die "no such proto directory: ${2:-}"
+    image "$root" "$tmp/current.binpb"
     "$buf" lint "$tmp/current.binpb#format=binpb" --config "$config" --path kotadb
     echo "buf lint: ok"
     ;;

@@ -38,9 +38,6 @@ from google.protobuf import descriptor_pb2
 
 REPO = Path(__file__).resolve().parent.parent
 PROTO_ROOT = REPO / "protos"
-GEN_ROOT = REPO / "gen" / "python"
-GEN_PACKAGE = GEN_ROOT / "kotadb"
-DESCRIPTOR_PATH = REPO / "deploy" / "envoy" / "kotadb.pb"
 
 # Imported by nothing of ours but needed in the gateway's descriptor set: Envoy renders
 # google.rpc.Status details only for types it can find there.
@@ -185,10 +182,10 @@ def output_files(root: Path) -> dict[str, Path]:
     return found
 
 
-def differences(fresh_root: Path) -> list[str]:
-    """Differences lists how the repository's outputs differ from a fresh generation."""
+def differences(fresh_root: Path, output_root: Path) -> list[str]:
+    """Differences lists how the outputs under output_root differ from a fresh generation."""
     fresh = output_files(fresh_root)
-    current = output_files(REPO)
+    current = output_files(output_root)
     problems: list[str] = []
     for name in sorted(fresh.keys() | current.keys()):
         if name not in current:
@@ -200,13 +197,13 @@ def differences(fresh_root: Path) -> list[str]:
     return problems
 
 
-def install(fresh_root: Path) -> list[str]:
-    """Install copies changed outputs into the repository, removes extra ones, and lists changes."""
+def install(fresh_root: Path, output_root: Path) -> list[str]:
+    """Install copies changed outputs under output_root, removes extra ones, and lists changes."""
     fresh = output_files(fresh_root)
-    current = output_files(REPO)
+    current = output_files(output_root)
     changed: list[str] = []
     for name, path in fresh.items():
-        target = REPO / name
+        target = output_root / name
         if name not in current or not filecmp.cmp(path, current[name], shallow=False):
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, target)
@@ -235,7 +232,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="DIR",
         help="with --image, compile the protos under DIR instead of protos/ (e.g. another commit's)",
     )
+    parser.add_argument(
+        "--output-root",
+        type=Path,
+        default=REPO,
+        metavar="DIR",
+        help="write or check gen/python/kotadb and deploy/envoy/kotadb.pb under DIR (default: repository)",
+    )
     args = parser.parse_args(argv)
+    output_root = args.output_root.resolve()
     if args.image is not None:
         build_descriptor_set(args.image.resolve(), include_paths(args.proto_root.resolve()), source_info=True)
         return 0
@@ -243,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         fresh_root = Path(tmp)
         generate(fresh_root)
         if args.check:
-            problems = differences(fresh_root)
+            problems = differences(fresh_root, output_root)
             for problem in problems:
                 print(problem, file=sys.stderr)
             if problems:
@@ -251,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 1
             print("generated code is up to date")
             return 0
-        for line in install(fresh_root) or ["generated code already up to date"]:
+        for line in install(fresh_root, output_root) or ["generated code already up to date"]:
             print(line)
     return 0
 
