@@ -1,0 +1,140 @@
+"""Rendering the gateway template and validating it with the real Envoy binary."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from google.protobuf import descriptor_pool
+from kotadb.v1 import auth_pb2, ingest_pb2, search_pb2  # noqa: F401 — registers the services
+
+from services.cli import gateway, main
+
+
+def _validate(tmp_path: Path, config: gateway.GatewayConfig, name: str = "envoy.yaml") -> tuple[int, str]:
+    path = tmp_path / name
+    path.write_text(gateway.render(config))
+    result = gateway.validate(path)
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_default_render_validates(tmp_path: Path) -> None:
+    code, output = _validate(tmp_path, gateway.GatewayConfig())
+    assert code == 0, output
+
+
+def test_render_with_ext_authz_enabled_validates(tmp_path: Path) -> None:
+    config = gateway.GatewayConfig(ext_authz=True)
+    code, output = _validate(tmp_path, config)
+    assert code == 0, output
+    assert "disabled: false" in gateway.render(config)
+    assert "disabled: true\n            typed_config" in gateway.render(gateway.GatewayConfig())
+
+
+def test_hostnames_and_custom_ports_validate(tmp_path: Path) -> None:
+    config = gateway.GatewayConfig(
+        gateway_port=18080,
+        admin_port=19901,
+        listen_address="0.0.0.0",
+        auth="auth.internal:50051",
+        ingest="127.0.0.1:50052",
+        search="[::1]:50053",
+    )
+    code, output = _validate(tmp_path, config)
+    assert code == 0, output
+    text = gateway.render(config)
+    assert "port_value: 18080" in text
+    assert "port_value: 19901" in text
+    assert "STRICT_DNS" in text  # auth.internal needs a resolver; the IP literals do not
+
+
+def test_missing_descriptor_fails_validation(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-descriptor.pb"
+    code, output = _validate(tmp_path, gateway.GatewayConfig(descriptor=missing))
+    assert code != 0
+    assert str(missing) in output
+
+
+def test_corrupt_descriptor_fails_validation(tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.pb"
+    corrupt.write_bytes(b"\x0a\xff\xff\xff\xff this is not a FileDescriptorSet")
+    code, output = _validate(tmp_path, gateway.GatewayConfig(descriptor=corrupt))
+    assert code != 0, output
+
+
+def test_relative_descriptor_is_rendered_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(gateway.REPO_ROOT)
+    relative = gateway.DEFAULT_DESCRIPTOR.relative_to(gateway.REPO_ROOT)
+    text = gateway.render(gateway.GatewayConfig(descriptor=relative))
+    assert f"proto_descriptor: {json.dumps(str(gateway.DEFAULT_DESCRIPTOR))}" in text
+    # The rendered file, validated from another directory, still finds the descriptor.
+    rendered = tmp_path / "envoy.yaml"
+    rendered.write_text(text)
+    monkeypatch.chdir(tmp_path)
+    result = gateway.validate(rendered)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _streaming_methods_in_python_stubs() -> set[str]:
+    """Streaming methods as the generated Python modules describe them (independent of the .pb)."""
+    pool = descriptor_pool.Default()
+    found: set[str] = set()
+    for service_name in gateway.SERVICE_CLUSTERS:
+        service = pool.FindServiceByName(service_name)
+        for method in service.methods:
+            if method.client_streaming or method.server_streaming:
+                found.add(f"/{service.full_name}/{method.name}")
+    return found
+
+
+def test_streaming_routes_come_from_the_descriptor() -> None:
+    from_descriptor = set(gateway.streaming_methods(gateway.DEFAULT_DESCRIPTOR))
+    assert from_descriptor == _streaming_methods_in_python_stubs()
+    assert from_descriptor, "the v1 surface has streaming methods"
+    # The fallback (used only when the descriptor is unreadable) must not drift from the protos.
+    assert set(gateway.FALLBACK_STREAMING_METHODS) == from_descriptor
+    text = gateway.render(gateway.GatewayConfig())
+    for path in from_descriptor:
+        route_line = next(line for line in text.splitlines() if f'"path": "{path}"' in line)
+        assert '"timeout": "0s"' in route_line
+        assert f'"max_stream_duration": "{gateway.STREAM_MAX_DURATION}"' in route_line
+
+
+def test_every_routed_service_is_in_the_descriptor() -> None:
+    text = gateway.render(gateway.GatewayConfig())
+    for service_name, cluster in gateway.SERVICE_CLUSTERS.items():
+        assert f"prefix: /{service_name}/" in text
+        assert f"cluster: {cluster}" in text
+
+
+def test_admin_listens_on_loopback_only() -> None:
+    text = gateway.render(gateway.GatewayConfig(listen_address="0.0.0.0"))
+    admin = text.split("\nadmin:", 1)[1].split("\nstatic_resources:", 1)[0]
+    assert "address: 127.0.0.1" in admin
+
+
+def test_cli_render_and_validate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cli" / "envoy.yaml"
+    assert main.main(["gateway", "render", "--gateway-port", "18081", "--out", str(out), "--validate"]) == 0
+    assert "port_value: 18081" in out.read_text()
+    assert main.main(["gateway", "validate", str(out)]) == 0
+    assert "OK" in capsys.readouterr().out
+
+    bad = tmp_path / "bad.yaml"
+    assert main.main(["gateway", "render", "--descriptor", str(tmp_path / "x.pb"), "--out", str(bad)]) == 0
+    assert main.main(["gateway", "validate", str(bad)]) == 1
+
+
+def test_cli_render_to_stdout(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main.main(["gateway", "render", "--admin-port", "19902"]) == 0
+    assert "port_value: 19902" in capsys.readouterr().out
+
+
+def test_envoy_binary_can_be_overridden(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fake = tmp_path / "envoy"
+    monkeypatch.setenv("KOTADB_ENVOY_BIN", str(fake))
+    assert gateway.find_envoy() == str(fake)
+    monkeypatch.delenv("KOTADB_ENVOY_BIN")
+    assert os.access(gateway.find_envoy(), os.X_OK)
