@@ -1,0 +1,404 @@
+"""The server bootstrap every KotaDB service uses.
+
+`ServiceServer` builds one grpc.aio server with the service's servicers, the standard gRPC health
+service, the `kotadb.v1.HealthService` JSON health endpoint, server reflection and the interceptor
+chain (services/common/interceptors.py). Its life:
+
+* `start()` binds `host:port` (port 0 picks a free port) and returns the bound port. Health is
+  NOT_SERVING for `""` and every service name until the readiness probes pass.
+* A readiness task runs every `readiness_interval` seconds: it connects the asyncpg pool if it
+  has none yet (so a process started before its database comes up does not crash), runs
+  `select 1`, then the service's own probes. All passing → SERVING; any failing → NOT_SERVING,
+  so health flips back when the database becomes unreachable.
+* `stop()` (or SIGTERM/SIGINT under `run`) sets health NOT_SERVING for good, stops accepting
+  calls, lets in-flight calls finish within `shutdown_grace` seconds, then closes the pool.
+
+Tests use the async API (`await server.start()`, `await server.stop()`); `kotadb serve` and
+`python -m services.<name>` use the blocking `run`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import importlib.metadata
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import asyncpg
+import grpc
+from google.protobuf.descriptor import FileDescriptor
+from grpc_health.v1 import _async as health_async
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from kotadb.v1 import health_pb2 as kota_health_pb2
+from kotadb.v1 import health_pb2_grpc as kota_health_pb2_grpc
+
+from services.common import db
+from services.common.errors import Unavailable
+from services.common.interceptors import server_interceptors
+from services.common.logs import configure_logging
+from services.common.settings import CommonSettings, ServiceSettings
+
+log = logging.getLogger("kotadb.server")
+
+ProbeRun = Callable[[], Awaitable[None]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceBinding:
+    """ServiceBinding is one gRPC service to register: its full name and how to add its servicer."""
+
+    name: str
+    register: Callable[[grpc.aio.Server], None]
+
+
+def bind(
+    file: FileDescriptor, service: str, add: Callable[[Any, Any], None], servicer: object
+) -> ServiceBinding:
+    """bind describes `servicer` for generated `add` (e.g. `add_AuthServiceServicer_to_server`)."""
+    full_name = file.services_by_name[service].full_name
+    return ServiceBinding(name=full_name, register=lambda server: add(servicer, server))
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """Probe is one named readiness check; `run` raises (any exception) when the part is not ready."""
+
+    name: str
+    run: ProbeRun
+
+
+@dataclasses.dataclass(frozen=True)
+class ComponentHealth:
+    """ComponentHealth is the last outcome of one probe: ready or not, and why not."""
+
+    name: str
+    ready: bool
+    message: str = ""
+
+
+class LazyPool:
+    """LazyPool holds the service's asyncpg pool once the database has been reached.
+
+    Servicers and stores keep the LazyPool and call `get()` per request: before the first
+    successful connection (or after `close`) it raises `Unavailable`, which callers see as a
+    retryable UNAVAILABLE rather than a crash at start-up.
+    """
+
+    def __init__(self, settings: CommonSettings) -> None:
+        self.settings = settings
+        self._pool: asyncpg.Pool | None = None
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    def get(self) -> asyncpg.Pool:
+        """get returns the pool, or raises Unavailable while the database has not been reached."""
+        if self._pool is None:
+            raise Unavailable(
+                "the database is not reachable yet", reason="DATABASE_UNAVAILABLE", retry_after=1.0
+            )
+        return self._pool
+
+    @property
+    def connected(self) -> bool:
+        """connected tells whether a pool exists."""
+        return self._pool is not None
+
+    async def connect(self) -> asyncpg.Pool:
+        """connect creates the pool on first use; later calls return the same pool."""
+        async with self._lock:
+            if self._closed:
+                raise Unavailable("the service is shutting down", reason="SHUTTING_DOWN")
+            if self._pool is not None:
+                return self._pool
+            created: asyncpg.Pool = await asyncio.wait_for(
+                db.create_pool(self.settings), timeout=self.settings.db_connect_timeout * 2
+            )
+            self._pool = created
+            return created
+
+    async def close(self, wait: float) -> None:
+        """close waits up to `wait` seconds for connections to be released, then terminates them."""
+        async with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            await asyncio.wait_for(pool.close(), timeout=wait)
+        except TimeoutError:
+            pool.terminate()
+
+
+class KotaHealthServicer(kota_health_pb2_grpc.HealthServiceServicer):
+    """KotaHealthServicer answers `kotadb.v1.HealthService.GetHealth` from this process's probes."""
+
+    def __init__(self, server: ServiceServer) -> None:
+        self._server = server
+
+    async def GetHealth(
+        self, request: kota_health_pb2.GetHealthRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> kota_health_pb2.GetHealthResponse:
+        """GetHealth reports the overall status and the last outcome of every probe."""
+        response_type = kota_health_pb2.GetHealthResponse
+        serving, not_serving = response_type.SERVING, response_type.NOT_SERVING
+        components = [
+            response_type.Component(
+                name=part.name, status=serving if part.ready else not_serving, message=part.message
+            )
+            for part in self._server.components
+        ]
+        return response_type(
+            status=serving if self._server.serving else not_serving,
+            components=components,
+            service=self._server.name,
+            version=_version(),
+        )
+
+
+class ServiceServer:
+    """ServiceServer runs one KotaDB gRPC service: servicers, health, reflection, readiness, shutdown.
+
+    `pool` is the LazyPool the service's stores were built with (the server connects and closes
+    it); `probes` are the service's readiness checks, run after the built-in database probe;
+    `identity` fills the interceptor chain's identity slot (see services/common/interceptors.py).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        settings: ServiceSettings,
+        *,
+        pool: LazyPool,
+        bindings: Sequence[ServiceBinding],
+        probes: Sequence[Probe] = (),
+        identity: Sequence[grpc.aio.ServerInterceptor] = (),  # type: ignore[type-arg]
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self.pool = pool
+        self._bindings = list(bindings)
+        self._probes = [Probe("database", self._probe_database), *probes]
+        self._identity = list(identity)
+        self._health = health_async.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._readiness: asyncio.Task[None] | None = None
+        self._checked = asyncio.Event()
+        self._stopping = False
+        self.port: int | None = None
+        self.serving = False
+        self.components: list[ComponentHealth] = [
+            ComponentHealth(p.name, False, "not checked yet") for p in self._probes
+        ]
+
+    @property
+    def service_names(self) -> list[str]:
+        """service_names lists the full names of every gRPC service this server exposes."""
+        own = [b.name for b in self._bindings]
+        health_name = kota_health_pb2.DESCRIPTOR.services_by_name["HealthService"].full_name
+        return [*own, health_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+
+    @property
+    def address(self) -> str:
+        """address is `host:port` with the bound port, for clients of this server."""
+        host = self.settings.host
+        if host in ("0.0.0.0", "[::]", "::", ""):
+            host = "127.0.0.1"
+        return f"{host}:{self.port}"
+
+    async def start(self) -> int:
+        """start binds and starts the server with health NOT_SERVING, and returns the bound port."""
+        if self._server is not None:
+            raise RuntimeError(f"{self.name} server already started")
+        limit = self.settings.max_message_bytes
+        server = grpc.aio.server(
+            interceptors=server_interceptors(self._identity),
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                # Without this, two servers could share a port by accident (SO_REUSEPORT).
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        for binding in self._bindings:
+            binding.register(server)
+        kota_health_pb2_grpc.add_HealthServiceServicer_to_server(KotaHealthServicer(self), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        names = self.service_names
+        reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        if not self.port:
+            raise OSError(f"{self.name}: could not bind {self.settings.host}:{self.settings.port}")
+        await server.start()
+        self._server = server
+        self._readiness = asyncio.create_task(self._readiness_loop(), name=f"{self.name}-readiness")
+        log.info(
+            "listening",
+            extra={"fields": {"service": self.name, "host": self.settings.host, "port": self.port}},
+        )
+        return self.port
+
+    async def wait_checked(self) -> None:
+        """wait_checked returns once the first readiness round has finished (whatever its outcome)."""
+        await self._checked.wait()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """stop drains the server: health NOT_SERVING, no new calls, in-flight calls get `grace` seconds."""
+        if self._stopping:
+            return
+        self._stopping = True
+        grace = self.settings.shutdown_grace if grace is None else grace
+        started = time.monotonic()
+        log.info("stopping", extra={"fields": {"service": self.name, "grace_s": grace}})
+        self.serving = False
+        await self._health.enter_graceful_shutdown()
+        if self._readiness is not None:
+            self._readiness.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._readiness
+        if self._server is not None:
+            await self._server.stop(grace)
+        await self.pool.close(wait=max(1.0, grace))
+        log.info(
+            "stopped",
+            extra={
+                "fields": {"service": self.name, "duration_ms": round((time.monotonic() - started) * 1000)}
+            },
+        )
+
+    async def wait_for_termination(self) -> None:
+        """wait_for_termination returns when the gRPC server has stopped."""
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    async def __aenter__(self) -> ServiceServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def check_ready(self) -> bool:
+        """check_ready runs every probe once, updates health, and tells whether all passed."""
+        results: list[ComponentHealth] = []
+        for probe in self._probes:
+            try:
+                await asyncio.wait_for(probe.run(), timeout=self.settings.db_connect_timeout * 2)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                results.append(ComponentHealth(probe.name, False, _describe(exc)))
+            else:
+                results.append(ComponentHealth(probe.name, True))
+        ready = all(part.ready for part in results)
+        if ready != self.serving or results != self.components:
+            failing = {part.name: part.message for part in results if not part.ready}
+            log.log(
+                logging.INFO if ready else logging.WARNING,
+                "ready" if ready else "not ready",
+                extra={"fields": {"service": self.name, "failing": failing}},
+            )
+        self.components = results
+        if not self._stopping:
+            self.serving = ready
+            await self._set_health(
+                health_pb2.HealthCheckResponse.SERVING
+                if ready
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+        return ready
+
+    async def _readiness_loop(self) -> None:
+        while True:
+            try:
+                await self.check_ready()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("readiness check failed unexpectedly")
+            self._checked.set()
+            await asyncio.sleep(self.settings.readiness_interval)
+
+    async def _probe_database(self) -> None:
+        pool = await self.pool.connect()
+        await pool.fetchval("select 1", timeout=self.settings.db_connect_timeout)
+
+    async def _set_health(self, status: Any) -> None:
+        for name in ("", *self.service_names):
+            await self._health.set(name, status)
+
+
+async def missing_tables(pool: LazyPool, tables: Sequence[str]) -> list[str]:
+    """missing_tables lists which of `tables` (schema-qualified) do not exist in the database."""
+    rows = await pool.get().fetchval(
+        "select coalesce(array_agg(t order by t), '{}')"
+        " from unnest($1::text[]) t where to_regclass(t) is null",
+        list(tables),
+    )
+    return list(rows)
+
+
+async def require_tables(pool: LazyPool, tables: Sequence[str]) -> None:
+    """require_tables raises when any of `tables` is missing, naming them and the fix."""
+    missing = await missing_tables(pool, tables)
+    if missing:
+        raise RuntimeError(f"missing tables {', '.join(missing)}; run `kotadb migrate`")
+
+
+def _describe(exc: BaseException) -> str:
+    """_describe is a one-line reason for a failed probe, without secrets from DSNs."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("kotadb")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def run(server: ServiceServer, *, port_file: Path | None = None) -> int:
+    """run serves until SIGTERM or SIGINT, then drains within the grace period; returns the exit code.
+
+    `port_file`, when given, receives the bound port once the server listens, so a supervisor
+    that started the process with port 0 can find it.
+    """
+    configure_logging(server.settings.log_level, service=server.name)
+    return asyncio.run(_serve_until_signal(server, port_file))
+
+
+async def _serve_until_signal(server: ServiceServer, port_file: Path | None) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        port = await server.start()
+    except Exception:
+        log.exception("could not start", extra={"fields": {"service": server.name}})
+        return 1
+    if port_file is not None:
+        # Write then rename, so a reader never sees a half-written number.
+        partial = port_file.with_name(port_file.name + ".tmp")
+        partial.write_text(f"{port}\n")
+        partial.replace(port_file)
+    await stop.wait()
+    log.info("signal received", extra={"fields": {"service": server.name}})
+    await server.stop()
+    return 0
