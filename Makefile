@@ -26,6 +26,7 @@ typecheck:
 
 buf:
 	BUF=$(BUF) bash scripts/buf.sh lint
+	BUF=$(BUF) bash scripts/buf.sh breaking
 
 gen: bootstrap
 	$(PY) scripts/gen_protos.py

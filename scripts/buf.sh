@@ -3,7 +3,7 @@
 #
 #   bash scripts/buf.sh lint [DIR]        lint DIR/kotadb (default DIR: protos) with protos/buf.yaml
 #   bash scripts/buf.sh breaking [REF]    check the working tree's protos against REF's
-#                                         (default: $BUF_AGAINST, else `main`)
+#                                         (default: $BUF_AGAINST, else main, else origin/main)
 #
 # Our protos import google/api, google/rpc and google/protobuf files. buf would fetch
 # those from the BSR; instead protoc (from grpcio-tools) compiles everything against the
@@ -49,7 +49,18 @@ case "$cmd" in
     echo "buf lint: ok"
     ;;
   breaking)
-    ref=${2:-${BUF_AGAINST:-main}}
+    ref=${2:-${BUF_AGAINST:-}}
+    if [ -z "$ref" ]; then
+      # The default base is main, or origin/main in clones (CI) without a local main.
+      # A checkout with neither has nothing to compare against, which is not a failure.
+      for candidate in main origin/main; do
+        if git rev-parse --verify --quiet "$candidate^{commit}" >/dev/null; then ref=$candidate; break; fi
+      done
+      if [ -z "$ref" ]; then
+        echo "buf breaking: no main or origin/main branch in this checkout; nothing to compare"
+        exit 0
+      fi
+    fi
     git rev-parse --verify --quiet "$ref^{commit}" >/dev/null || die "unknown git ref: $ref"
     if [ -z "$(git ls-tree -r --name-only "$ref" -- protos/kotadb | grep '\.proto$' || true)" ]; then
       echo "buf breaking: $ref has no protos under protos/kotadb yet; nothing to compare"

@@ -186,21 +186,28 @@ def test_buf_breaking_compares_against_a_git_ref(tmp_path: Path) -> None:
         shutil.copy(REPO / "scripts" / name, repo / "scripts" / name)
     env = {**os.environ, "PYTHON": PYTHON, "BUF": str(REPO / "node_modules" / ".bin" / "buf")}
     git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com"]
-    assert subprocess.run([*git, "init", "-q", "-b", "main"], check=False).returncode == 0
+    assert subprocess.run([*git, "init", "-q", "-b", "trunk"], check=False).returncode == 0
     script = repo / "scripts" / "buf.sh"
 
-    empty = run("bash", script, "breaking", "HEAD", env=env)
-    assert empty.returncode == 2  # no commit yet: HEAD is not a ref
+    unborn = run("bash", script, "breaking", "HEAD", env=env)
+    assert unborn.returncode == 2  # no commit yet: HEAD names nothing
+    assert "unknown git ref: HEAD" in unborn.stderr
     subprocess.run([*git, "add", "scripts"], check=True)
     subprocess.run([*git, "commit", "-q", "-m", "scripts only"], check=True)
+    no_main = run("bash", script, "breaking", env=env)
+    assert no_main.returncode == 0, no_main.stderr
+    assert "no main or origin/main branch" in no_main.stdout
+    subprocess.run([*git, "branch", "main"], check=True)
     no_protos = run("bash", script, "breaking", env=env)
     assert no_protos.returncode == 0, no_protos.stderr
-    assert "has no protos" in no_protos.stdout
+    assert "main has no protos" in no_protos.stdout
 
     subprocess.run([*git, "add", "protos"], check=True)
     subprocess.run([*git, "commit", "-q", "-m", "protos"], check=True)
+    subprocess.run([*git, "branch", "-f", "main", "trunk"], check=True)
     same = run("bash", script, "breaking", env=env)
     assert same.returncode == 0, same.stdout + same.stderr
+    assert "no breaking changes against main" in same.stdout
 
     search = repo / "protos" / "kotadb" / "v1" / "search.proto"
     text = search.read_text()
