@@ -1,0 +1,235 @@
+"""`kotadb dev` as a user runs it: a subprocess, stack.json, health, reflection, status, SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+import psutil
+import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from services.cli import gateway
+
+STARTUP_LIMIT = 240.0  # seconds; the first run creates a cluster and imports every service
+STOP_LIMIT = 90.0
+
+
+class DevStack:
+    """DevStack is one `kotadb dev` subprocess and what it printed."""
+
+    def __init__(self, data_dir: Path, *extra: str) -> None:
+        self.data_dir = data_dir
+        self.output_path = data_dir.parent / f"{data_dir.name}-dev-{time.monotonic_ns()}.out"
+        env = dict(os.environ)
+        # The stack under test must use its own embedded cluster, whatever the test session uses.
+        env.pop("KOTADB_DATABASE_URL", None)
+        with self.output_path.open("wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "services.cli", "dev", "--data-dir", str(data_dir), *extra],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=gateway.REPO_ROOT,
+            )
+
+    @property
+    def output(self) -> str:
+        return self.output_path.read_text(errors="replace")
+
+    def wait_for_stack(self) -> dict[str, Any]:
+        """wait_for_stack returns stack.json once written, failing if the command exits first."""
+        stack_path = self.data_dir / "stack.json"
+        deadline = time.monotonic() + STARTUP_LIMIT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"kotadb dev exited with {self.process.returncode}:\n{self.output}")
+            if stack_path.exists():
+                with contextlib.suppress(ValueError):
+                    stack: dict[str, Any] = json.loads(stack_path.read_text())
+                    return stack
+            time.sleep(0.25)
+        pytest.fail(f"no stack.json after {STARTUP_LIMIT}s:\n{self.output}")
+
+    def descendants(self, stack: dict[str, Any]) -> list[psutil.Process]:
+        """descendants lists every process the stack runs: children, grandchildren, Postgres."""
+        found = psutil.Process(self.process.pid).children(recursive=True)
+        postmaster_pid = stack["pids"].get("postgres")
+        if postmaster_pid:
+            postmaster = psutil.Process(postmaster_pid)
+            found += [postmaster, *postmaster.children(recursive=True)]
+        return found
+
+    def terminate(self) -> int:
+        """terminate sends SIGTERM and waits for the command to finish stopping the stack."""
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=STOP_LIMIT)
+
+    def kill_if_running(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=STOP_LIMIT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Iterator[Path]:
+    # The unprivileged Postgres user must be able to traverse to the cluster directory.
+    tmp_path.chmod(0o711)
+    yield tmp_path / "dev"
+
+
+def _http_get(url: str) -> tuple[int, str, str]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return int(response.status), response.headers.get("content-type", ""), response.read().decode()
+
+
+def _reflected_services(address: str) -> set[str]:
+    with grpc.insecure_channel(address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        responses = list(stub.ServerReflectionInfo(iter([request]), timeout=10))
+    return {service.name for response in responses for service in response.list_services_response.service}
+
+
+async def _system_identifier(database_url: str) -> int:
+    connection = await asyncpg.connect(database_url)
+    try:
+        identifier: int = await connection.fetchval("select system_identifier from pg_control_system()")
+    finally:
+        await connection.close()
+    return identifier
+
+
+def _status(data_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", "status", "--data-dir", str(data_dir), *extra],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_dev_stack_starts_reports_stops_and_restarts(data_dir: Path) -> None:
+    first = DevStack(data_dir, "--gateway-port", "0")
+    try:
+        stack = first.wait_for_stack()
+
+        # stack.json names every endpoint, on real (non-zero) ports.
+        assert set(stack) >= {"gateway", "grpc", "database_url", "envoy_admin", "pid", "started_at"}
+        assert stack["pid"] == first.process.pid
+        addresses = [stack["gateway"], stack["envoy_admin"], *stack["grpc"].values()]
+        ports = [int(address.rsplit(":", 1)[1]) for address in addresses]
+        assert all(port > 0 for port in ports) and len(set(ports)) == len(ports)
+        assert stack["database_url"].startswith("postgresql://")
+
+        status, content_type, body = _http_get(f"{stack['gateway']}/health")
+        assert status == 200 and content_type.startswith("application/json")
+        assert json.loads(body)["status"] == "SERVING"
+
+        expected = {"auth": "kotadb.v1.AuthService", "ingest": "kotadb.v1.IngestService"}
+        expected["search"] = "kotadb.v1.SearchService"
+        for name, service in expected.items():
+            listed = _reflected_services(stack["grpc"][name])
+            assert {service, "grpc.health.v1.Health", "kotadb.v1.HealthService"} <= listed, listed
+
+        result = _status(data_dir)
+        assert result.returncode == 0, result.stdout + result.stderr
+        lines = result.stdout.splitlines()
+        assert [line.split()[0] for line in lines] == ["postgres", "auth", "ingest", "search", "envoy", "gateway"]
+        assert all(line.split()[1] == "ok" for line in lines)
+        as_json = json.loads(_status(data_dir, "--json").stdout)
+        assert {entry["name"] for entry in as_json} == {"postgres", "auth", "ingest", "search", "envoy", "gateway"}
+
+        identifier = asyncio.run(_system_identifier(stack["database_url"]))
+        processes = first.descendants(stack)
+        names = {process.name() for process in processes}
+        assert "envoy" in names and "postgres" in names
+        assert len(processes) >= 5
+
+        assert first.terminate() == 0, first.output
+        survivors = [process for process in processes if _alive(process)]
+        assert not survivors, f"left running: {survivors}"
+        assert not (data_dir / "stack.json").exists()
+        assert "stopped" in first.output
+
+        after = _status(data_dir)
+        assert after.returncode != 0
+        assert "no stack running" in after.stderr
+    finally:
+        first.kill_if_running()
+
+    second = DevStack(data_dir, "--gateway-port", "0")
+    try:
+        stack = second.wait_for_stack()
+        assert "reusing the embedded Postgres cluster" in second.output
+        assert "migrations applied: none, up to date" in second.output
+        assert asyncio.run(_system_identifier(stack["database_url"])) == identifier
+        processes = second.descendants(stack)
+        assert second.terminate() == 0, second.output
+        assert not [process for process in processes if _alive(process)]
+    finally:
+        second.kill_if_running()
+
+
+def test_taken_gateway_port_is_a_clear_error(data_dir: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        stack = DevStack(data_dir, "--gateway-port", str(port))
+        try:
+            code = stack.process.wait(timeout=60)
+        finally:
+            stack.kill_if_running()
+    assert code == 1
+    assert f"gateway {port}" in stack.output and "already in use" in stack.output
+    assert not (data_dir / "stack.json").exists()
+    assert not (data_dir / "postgres").exists(), "nothing should start when a port is taken"
+
+
+def test_status_reports_down_components(tmp_path: Path) -> None:
+    closed = []
+    for _ in range(5):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            closed.append(sock.getsockname()[1])
+    stack = {
+        "gateway": f"http://127.0.0.1:{closed[0]}",
+        "envoy_admin": f"http://127.0.0.1:{closed[1]}",
+        "grpc": {"auth": f"127.0.0.1:{closed[2]}", "ingest": f"127.0.0.1:{closed[3]}", "search": "127.0.0.1:1"},
+        "database_url": f"postgresql://postgres:secret@127.0.0.1:{closed[4]}/kotadb",
+        "pid": os.getpid(),
+    }
+    (tmp_path / "stack.json").write_text(json.dumps(stack))
+    result = _status(tmp_path)
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert len(lines) == 6
+    assert all(line.split()[1] == "DOWN" for line in lines), result.stdout
+    assert "secret" not in result.stdout
