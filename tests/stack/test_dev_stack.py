@@ -26,6 +26,7 @@ from services.cli import gateway
 
 STARTUP_LIMIT = 240.0  # seconds; the first run creates a cluster and imports every service
 STOP_LIMIT = 90.0
+COMPONENTS = ["postgres", "auth", "ingest", "search", "envoy", "gateway"]
 
 
 class DevStack:
@@ -161,10 +162,10 @@ def test_dev_stack_starts_reports_stops_and_restarts(data_dir: Path) -> None:
         result = _status(data_dir)
         assert result.returncode == 0, result.stdout + result.stderr
         lines = result.stdout.splitlines()
-        assert [line.split()[0] for line in lines] == ["postgres", "auth", "ingest", "search", "envoy", "gateway"]
+        assert [line.split()[0] for line in lines] == COMPONENTS
         assert all(line.split()[1] == "ok" for line in lines)
         as_json = json.loads(_status(data_dir, "--json").stdout)
-        assert {entry["name"] for entry in as_json} == {"postgres", "auth", "ingest", "search", "envoy", "gateway"}
+        assert [entry["name"] for entry in as_json] == COMPONENTS
 
         identifier = asyncio.run(_system_identifier(stack["database_url"]))
         processes = first.descendants(stack)
@@ -222,7 +223,11 @@ def test_status_reports_down_components(tmp_path: Path) -> None:
     stack = {
         "gateway": f"http://127.0.0.1:{closed[0]}",
         "envoy_admin": f"http://127.0.0.1:{closed[1]}",
-        "grpc": {"auth": f"127.0.0.1:{closed[2]}", "ingest": f"127.0.0.1:{closed[3]}", "search": "127.0.0.1:1"},
+        "grpc": {
+            "auth": f"127.0.0.1:{closed[2]}",
+            "ingest": f"127.0.0.1:{closed[3]}",
+            "search": "127.0.0.1:1",
+        },
         "database_url": f"postgresql://postgres:secret@127.0.0.1:{closed[4]}/kotadb",
         "pid": os.getpid(),
     }
