@@ -6,7 +6,9 @@ Outputs, all derived from `protos/kotadb/v1/*.proto` and never edited by hand:
 * `gen/python/kotadb/v1/<file>_pb2_grpc.py` and `<file>_pb2_grpc.pyi` for files that
   declare a service (the `.pyi` from mypy-protobuf types both the sync and the grpc.aio
   stubs and servicers, so services type-check under `mypy --strict`);
-* `gen/python/kotadb/__init__.py`, `gen/python/kotadb/v1/__init__.py` and `py.typed`;
+* `gen/python/kotadb/__init__.py`, `gen/python/kotadb/v1/__init__.py` (which records the
+  grpcio-tools and mypy-protobuf versions used, since their output differs between
+  releases) and `py.typed`;
 * `deploy/envoy/kotadb.pb`, a FileDescriptorSet with every import included (plus
   `google/rpc/error_details.proto`, which Envoy's transcoder needs to render error
   details, and `google/api/httpbody.proto`) for the gateway's grpc_json_transcoder.
@@ -17,7 +19,9 @@ what the `_pb2_grpc.pyi` stubs refer to.
 
 Usage: `python scripts/gen_protos.py` rewrites the outputs; `--check` regenerates into
 a temporary directory and exits with status 1, naming every stale, missing or extra
-file, when the committed outputs differ. `--image FILE [--proto-root DIR]` only writes
+file, when the committed outputs differ (and naming a generator version mismatch when
+that is the cause). `--output-root DIR` writes or checks outputs under DIR instead of
+the repository. `--image FILE [--proto-root DIR]` only writes
 a descriptor set with source info, which `scripts/buf.sh` lints and compares.
 """
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import importlib.metadata
 import importlib.util
 import shutil
 import subprocess
@@ -44,11 +49,31 @@ PROTO_ROOT = REPO / "protos"
 EXTRA_DESCRIPTOR_FILES = ("google/rpc/error_details.proto", "google/api/httpbody.proto")
 
 GENERATED_DOCSTRING = '"""Generated code: do not edit (scripts/gen_protos.py)."""\n'
-PACKAGE_FILES = {
-    Path("__init__.py"): GENERATED_DOCSTRING,
-    Path("py.typed"): "",
-    Path("v1/__init__.py"): GENERATED_DOCSTRING,
-}
+# The generators' output changes between releases, so the exact versions are recorded
+# beside the code; --check names a mismatch instead of leaving a puzzling diff.
+GENERATORS = ("grpcio-tools", "mypy-protobuf")
+TOOLS_PREFIX = "# generated with: "
+
+
+def package_files() -> dict[Path, str]:
+    """Package_files are the package markers written around the generated modules."""
+    tools = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in GENERATORS)
+    return {
+        Path("__init__.py"): GENERATED_DOCSTRING,
+        Path("py.typed"): "",
+        Path("v1/__init__.py"): f"{GENERATED_DOCSTRING}{TOOLS_PREFIX}{tools}\n",
+    }
+
+
+def recorded_tools(output_root: Path) -> str | None:
+    """Recorded_tools reads the generator versions recorded under output_root, if any."""
+    marker = output_root / "gen" / "python" / "kotadb" / "v1" / "__init__.py"
+    if not marker.is_file():
+        return None
+    for line in marker.read_text(encoding="utf-8").splitlines():
+        if line.startswith(TOOLS_PREFIX):
+            return line.removeprefix(TOOLS_PREFIX)
+    return None
 
 
 @dataclass(frozen=True)
@@ -164,7 +189,7 @@ def generate(out_root: Path) -> None:
             stem = name.removesuffix(".proto")
             for suffix in ("_pb2_grpc.py", "_pb2_grpc.pyi"):
                 (python_out / f"{stem}{suffix}").unlink(missing_ok=True)
-    for relative, text in PACKAGE_FILES.items():
+    for relative, text in package_files().items():
         (python_out / "kotadb" / relative).write_text(text, encoding="utf-8")
 
 
@@ -251,6 +276,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             problems = differences(fresh_root, output_root)
             for problem in problems:
                 print(problem, file=sys.stderr)
+            committed, installed = recorded_tools(output_root), recorded_tools(fresh_root)
+            if problems and committed != installed:
+                print(
+                    f"note: the committed code was generated with {committed}, but {installed} is installed;"
+                    " install the versions pinned in pyproject.toml (or regenerate on purpose)",
+                    file=sys.stderr,
+                )
             if problems:
                 print("generated code is out of date: run `python scripts/gen_protos.py`", file=sys.stderr)
                 return 1

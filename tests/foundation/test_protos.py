@@ -157,6 +157,20 @@ def test_check_names_stale_missing_and_extra_files(tmp_path: Path) -> None:
     assert "auth_pb2.py" not in result.stderr
 
 
+def test_check_names_a_generator_version_mismatch(tmp_path: Path) -> None:
+    assert run(PYTHON, "scripts/gen_protos.py", "--output-root", tmp_path).returncode == 0
+    marker = tmp_path / "gen" / "python" / "kotadb" / "v1" / "__init__.py"
+    recorded = marker.read_text()
+    assert "# generated with: grpcio-tools " in recorded
+    marker.write_text(recorded.split("# generated with:")[0] + "# generated with: grpcio-tools 0.0.1\n")
+
+    result = run(PYTHON, "scripts/gen_protos.py", "--check", "--output-root", tmp_path)
+
+    assert result.returncode == 1
+    assert "stale: gen/python/kotadb/v1/__init__.py" in result.stderr
+    assert "generated with grpcio-tools 0.0.1, but grpcio-tools " in result.stderr
+
+
 def test_buf_lint_passes() -> None:
     result = run("bash", "scripts/buf.sh", "lint")
     assert result.returncode == 0, result.stdout + result.stderr
