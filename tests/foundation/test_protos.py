@@ -112,7 +112,7 @@ def services() -> list[ServiceDescriptor]:
 
 def http_rule(method: MethodDescriptor) -> Any:
     """Http_rule returns a method's google.api.http option, or None when it has none."""
-    options = descriptor_pb2.MethodOptions.FromString(method.GetOptions().SerializeToString())
+    options = method.GetOptions()
     if not options.HasExtension(annotations_pb2.http):
         return None
     return options.Extensions[annotations_pb2.http]
@@ -553,26 +553,24 @@ def gateway(grpc_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     config = work / "envoy.json"
     config.write_text(json.dumps(envoy_config(grpc_port)))
     admin_address = work / "admin_address"
-    envoy = subprocess.Popen(
-        [
-            str(envoy_binary()),
-            "-c",
-            str(config),
-            "--admin-address-path",
-            str(admin_address),
-            "--base-id",
-            str(os.getpid() % 60000 + 1000),
-            "--log-level",
-            "warn",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=(work / "envoy.log").open("wb"),
-    )
-    try:
-        yield Gateway(url=listener_url(admin_address, envoy))
-    finally:
-        envoy.terminate()
-        envoy.wait(timeout=30)
+    command = [
+        str(envoy_binary()),
+        "-c",
+        str(config),
+        "--admin-address-path",
+        str(admin_address),
+        # No shared memory for hot restart, so parallel Envoys in other tests cannot clash.
+        "--disable-hot-restart",
+        "--log-level",
+        "warn",
+    ]
+    with (work / "envoy.log").open("wb") as log:
+        envoy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            yield Gateway(url=listener_url(admin_address, envoy))
+        finally:
+            envoy.terminate()
+            envoy.wait(timeout=30)
 
 
 def http(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> Any:
