@@ -1,0 +1,124 @@
+"""postings holds posting lists: the bulk builder that inverts documents' trigram sets, and the codec.
+
+A posting list is the set of document ordinals containing a trigram, stored as a portable
+roaring bitmap (format.py). The builder collects each document's distinct trigram ids and
+inverts them with a counting sort over the 2^24 trigram space: ids within one document are
+distinct, so ``cursor[ids] += 1`` is a valid vectorised scatter. On the stdlib corpus (3.35 M
+pairs) this takes 0.1 s against 0.45 s for sorting packed (trigram, ordinal) uint64 keys.
+"""
+
+from __future__ import annotations
+
+import array
+import struct
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+from numpy.typing import NDArray
+from pyroaring import BitMap
+
+from services.search.engine.trigrams import TRIGRAM_SPACE
+
+_ROARING_NO_RUN_COOKIE = 12346
+_SINGLETON = struct.Struct("<IIHHIH")
+
+
+def encode_postings(ordinals: NDArray[np.uint32]) -> bytes:
+    """encode_postings serializes ascending distinct ordinals as a run-optimised portable roaring bitmap.
+
+    A single ordinal (about 40% of all lists on source code) is packed directly in the portable
+    format, byte-identical to CRoaring's output, 10x faster than building a BitMap.
+    """
+    if len(ordinals) == 1:
+        value = int(ordinals[0])
+        return _SINGLETON.pack(_ROARING_NO_RUN_COOKIE, 1, value >> 16, 0, 16, value & 0xFFFF)
+    bitmap = BitMap(array.array("I", ordinals.tobytes()))
+    bitmap.run_optimize()
+    return bitmap.serialize()
+
+
+def decode_postings(buf: bytes | memoryview) -> BitMap:
+    """decode_postings deserializes a posting list written by encode_postings."""
+    return BitMap.deserialize(buf)  # type: ignore[arg-type]  # accepts any buffer
+
+
+class _Scratch(threading.local):
+    """_Scratch holds per-thread 2^24 counting tables (128 MiB each), allocated on first use.
+
+    Allocating and zeroing them per segment cost 0.5 s in page faults on the stdlib corpus;
+    reusing them costs only the entries a segment touches.
+    """
+
+    def __init__(self) -> None:
+        self._counts: NDArray[np.int64] | None = None
+        self._cursor: NDArray[np.int64] | None = None
+
+    def tables(self) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+        if self._counts is None or self._cursor is None:
+            self._counts = np.zeros(TRIGRAM_SPACE, dtype=np.int64)
+            self._cursor = np.zeros(TRIGRAM_SPACE, dtype=np.int64)
+        return self._counts, self._cursor
+
+
+_scratch = _Scratch()
+
+
+class PostingsBuilder:
+    """PostingsBuilder accumulates documents' trigram sets and emits the sorted dictionary and postings.
+
+    Documents must be added in ordinal order with distinct ids per document.
+    """
+
+    def __init__(self) -> None:
+        self._per_doc: list[NDArray[np.uint32]] = []
+        self._pairs = 0
+
+    @property
+    def doc_count(self) -> int:
+        """doc_count is the number of documents added so far."""
+        return len(self._per_doc)
+
+    @property
+    def pair_count(self) -> int:
+        """pair_count is the number of (trigram, document) pairs added so far."""
+        return self._pairs
+
+    def add(self, trigram_ids: NDArray[np.uint32]) -> int:
+        """add records the distinct trigram ids of the next document and returns its ordinal."""
+        self._per_doc.append(trigram_ids)
+        self._pairs += len(trigram_ids)
+        return len(self._per_doc) - 1
+
+    def invert(self) -> tuple[NDArray[np.uint32], NDArray[np.int64], NDArray[np.uint32]]:
+        """invert returns (trigram ids ascending, run starts with a final end, ordinals grouped by trigram).
+
+        Ordinals for trigram ``ids[i]`` are ``ordinals[starts[i]:starts[i+1]]``, ascending.
+        """
+        counts, cursor = _scratch.tables()
+        for ids in self._per_doc:
+            counts[ids] += 1
+        present = np.flatnonzero(counts).astype(np.uint32)
+        starts = np.zeros(len(present) + 1, dtype=np.int64)
+        np.cumsum(counts[present], out=starts[1:])
+        # Reset only the touched counters so the 2^24 tables are reused without re-zeroing.
+        counts[present] = 0
+        cursor[present] = starts[:-1]
+        ordinals = np.empty(self._pairs, dtype=np.uint32)
+        for ordinal, ids in enumerate(self._per_doc):
+            slots = cursor[ids]
+            ordinals[slots] = ordinal
+            cursor[ids] = slots + 1
+        return present, starts, ordinals
+
+    def encoded(self) -> tuple[NDArray[np.uint32], Iterator[bytes]]:
+        """encoded returns the ascending trigram ids and an iterator of their serialized posting lists."""
+        present, starts, ordinals = self.invert()
+        self._per_doc = []
+
+        def lists() -> Iterator[bytes]:
+            bounds = starts.tolist()
+            for i in range(len(bounds) - 1):
+                yield encode_postings(ordinals[bounds[i] : bounds[i + 1]])
+
+        return present, lists()

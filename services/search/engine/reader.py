@@ -1,0 +1,312 @@
+"""reader holds read access to one segment: the trigram dictionary, postings, documents, content, symbols.
+
+The layout and what is verified when are described in format.py. `SegmentData` is the opened,
+shared, immutable part (memory maps); `SegmentReader` pairs it with the live-document bitmap of
+one snapshot, so two snapshots can see different deletions of the same segment.
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+from pyroaring import BitMap
+
+from services.search.engine.builder import dict_padding
+from services.search.engine.format import (
+    DOC_RECORD_SIZE,
+    HEADER,
+    HEADER_SIZE,
+    LAZY_PARTS,
+    MAGIC_DELETED,
+    META_FILE,
+    PART_FILES,
+    SYMBOL_RECORD,
+    IndexCorruptError,
+    MappedPart,
+    PartInfo,
+    check_version,
+    load_checked_json,
+)
+from services.search.engine.model import Symbol
+from services.search.engine.postings import decode_postings
+from services.search.engine.trigrams import trigram_id
+
+
+@dataclass(frozen=True, slots=True)
+class DocRecord:
+    """DocRecord is one row of a segment's document table; `content_hash` is the hex sha256 of the content."""
+
+    external_id: str
+    path: str
+    repository: str
+    language: str
+    size: int
+    content_hash: str
+
+
+class SegmentData:
+    """SegmentData is an opened segment directory: checked metadata and memory-mapped parts.
+
+    Opening verifies meta.json, every part's size and header, and the crc32 of dict.bin and
+    docs.bin; postings, content and symbols are verified block by block on first read.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.name = path.name
+        meta_path = path / META_FILE
+        try:
+            meta = load_checked_json(meta_path)
+        except FileNotFoundError as exc:
+            raise IndexCorruptError(meta_path, "missing") from exc
+        try:
+            self.doc_count = int(meta["doc_count"])
+            self.trigram_count = int(meta["trigram_count"])
+            self.content_bytes = int(meta["content_bytes"])
+            parts = meta["parts"]
+            infos = {name: PartInfo.from_json(meta_path, parts[name]) for name in PART_FILES}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise IndexCorruptError(meta_path, f"missing or malformed field: {exc}") from exc
+        self.parts = {
+            name: MappedPart(path / name, magic, infos[name], lazy=name in LAZY_PARTS)
+            for name, magic in PART_FILES.items()
+        }
+        self._dict = self.parts["dict.bin"]
+        self._postings = self.parts["postings.bin"]
+        self._docs = self.parts["docs.bin"]
+        self._content = self.parts["content.bin"]
+        self._symbols = self.parts["symbols.bin"]
+        self._check_counts()
+        n = self.trigram_count
+        ids_end = HEADER_SIZE + 4 * n
+        offsets_start = ids_end + dict_padding(n)
+        self.trigram_ids: NDArray[np.uint32] = np.frombuffer(
+            self._dict.view, dtype="<u4", count=n, offset=HEADER_SIZE
+        )
+        self.postings_offsets: NDArray[np.uint64] = np.frombuffer(
+            self._dict.view, dtype="<u8", count=n + 1, offset=offsets_start
+        )
+        self.records = np.frombuffer(
+            self._docs.view,
+            dtype=np.dtype(
+                [
+                    ("content_off", "<u8"),
+                    ("size", "<u8"),
+                    ("strings_off", "<u8"),
+                    ("symbols_off", "<u8"),
+                    ("strings_len", "<u4"),
+                    ("symbols_len", "<u4"),
+                    ("symbol_count", "<u4"),
+                    ("reserved", "<u4"),
+                    ("hash", "S32"),
+                ]
+            ),
+            count=self.doc_count,
+            offset=HEADER_SIZE,
+        )
+        self._strings_base = HEADER_SIZE + DOC_RECORD_SIZE * self.doc_count
+        self._check_tables()
+
+    def _check_counts(self) -> None:
+        expected = {
+            "dict.bin": self.trigram_count,
+            "postings.bin": self.trigram_count,
+            "docs.bin": self.doc_count,
+            "content.bin": self.doc_count,
+        }
+        for name, count in expected.items():
+            if self.parts[name].count != count:
+                raise IndexCorruptError(self.path / name, f"header count {self.parts[name].count} != {count}")
+        n = self.trigram_count
+        if self._dict.info.size != HEADER_SIZE + 4 * n + dict_padding(n) + 8 * (n + 1):
+            raise IndexCorruptError(self._dict.path, "size does not match its trigram count")
+        if self._docs.info.size < HEADER_SIZE + DOC_RECORD_SIZE * self.doc_count:
+            raise IndexCorruptError(self._docs.path, "shorter than its document table")
+
+    def _check_tables(self) -> None:
+        # Cheap whole-array checks at open so a bad offset can never index outside a file later.
+        ids = self.trigram_ids
+        if len(ids) > 1 and not bool(np.all(ids[1:] > ids[:-1])):
+            raise IndexCorruptError(self._dict.path, "trigram ids are not strictly ascending")
+        offs = self.postings_offsets
+        if len(offs) and (offs[0] != 0 or bool(np.any(offs[1:] < offs[:-1]))):
+            raise IndexCorruptError(self._dict.path, "posting offsets are not ascending")
+        if len(offs) and int(offs[-1]) != self._postings.info.size - HEADER_SIZE:
+            raise IndexCorruptError(self._dict.path, "posting offsets do not cover postings.bin")
+        rec = self.records
+        if len(rec):
+            if int((rec["content_off"] + rec["size"]).max()) > self._content.info.size - HEADER_SIZE:
+                raise IndexCorruptError(self._docs.path, "a document points past the end of content.bin")
+            if int((rec["symbols_off"] + rec["symbols_len"]).max()) > self._symbols.info.size - HEADER_SIZE:
+                raise IndexCorruptError(self._docs.path, "a document points past the end of symbols.bin")
+            strings_end = int((rec["strings_off"] + rec["strings_len"]).max())
+            if self._strings_base + strings_end > self._docs.info.size:
+                raise IndexCorruptError(self._docs.path, "a document's strings run past the end of the file")
+
+    def verify(self) -> None:
+        """verify checks every part's whole-file checksum now, raising IndexCorruptError on mismatch."""
+        for part in self.parts.values():
+            part.verify()
+
+    def postings(self, tri: bytes) -> BitMap:
+        """postings returns the ordinals of documents containing trigram `tri` (looked up as given)."""
+        tid = trigram_id(tri)
+        ids = self.trigram_ids
+        i = int(np.searchsorted(ids, tid))
+        if i >= len(ids) or int(ids[i]) != tid:
+            return BitMap()
+        start = HEADER_SIZE + int(self.postings_offsets[i])
+        end = HEADER_SIZE + int(self.postings_offsets[i + 1])
+        try:
+            bitmap = decode_postings(self._postings.region(start, end))
+        except (ValueError, MemoryError) as exc:
+            raise IndexCorruptError(self._postings.path, f"undecodable posting list {i}: {exc}") from exc
+        if len(bitmap) and bitmap.max() >= self.doc_count:
+            raise IndexCorruptError(self._postings.path, f"posting list {i} names an ordinal past the table")
+        return bitmap
+
+    def _check_ordinal(self, ordinal: int) -> None:
+        if not 0 <= ordinal < self.doc_count:
+            raise IndexError(f"ordinal {ordinal} out of range for {self.name} ({self.doc_count} documents)")
+
+    def doc(self, ordinal: int) -> DocRecord:
+        """doc returns the document table row of `ordinal`."""
+        self._check_ordinal(ordinal)
+        rec = self.records[ordinal]
+        start = self._strings_base + int(rec["strings_off"])
+        raw = bytes(self._docs.view[start : start + int(rec["strings_len"])])
+        try:
+            external_id, path, repository, language = raw.decode().split("\0")
+        except ValueError as exc:
+            raise IndexCorruptError(self._docs.path, f"malformed strings of document {ordinal}") from exc
+        return DocRecord(external_id, path, repository, language, int(rec["size"]), bytes(rec["hash"]).hex())
+
+    def content(self, ordinal: int) -> memoryview:
+        """content returns the stored content of `ordinal` as a zero-copy view of the mapped file."""
+        self._check_ordinal(ordinal)
+        rec = self.records[ordinal]
+        start = HEADER_SIZE + int(rec["content_off"])
+        return self._content.region(start, start + int(rec["size"]))
+
+    def symbols(self, ordinal: int) -> tuple[Symbol, ...]:
+        """symbols returns the symbol records stored for `ordinal`."""
+        self._check_ordinal(ordinal)
+        rec = self.records[ordinal]
+        count = int(rec["symbol_count"])
+        if count == 0:
+            return ()
+        start = HEADER_SIZE + int(rec["symbols_off"])
+        blob = bytes(self._symbols.region(start, start + int(rec["symbols_len"])))
+        try:
+            return decode_symbols(blob, count)
+        except (ValueError, IndexError) as exc:
+            raise IndexCorruptError(self._symbols.path, f"malformed symbols of document {ordinal}") from exc
+
+    @functools.cached_property
+    def external_ids(self) -> tuple[str, ...]:
+        """external_ids lists every document's external id by ordinal (decoded once, on first use)."""
+        return tuple(self.doc(i).external_id for i in range(self.doc_count))
+
+    @functools.cached_property
+    def paths(self) -> tuple[str, ...]:
+        """paths lists every document's path by ordinal (decoded once, on first use)."""
+        return tuple(self.doc(i).path for i in range(self.doc_count))
+
+    def load_deleted(self, path: Path, crc32: int) -> BitMap:
+        """load_deleted reads a deletion file of this segment, verifying its checksum and ordinals."""
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError as exc:
+            raise IndexCorruptError(path, "missing") from exc
+        if zlib.crc32(raw) != crc32:
+            raise IndexCorruptError(path, "checksum mismatch")
+        if len(raw) < HEADER_SIZE:
+            raise IndexCorruptError(path, "shorter than its header")
+        magic, version, count = HEADER.unpack_from(raw, 0)
+        if magic != MAGIC_DELETED:
+            raise IndexCorruptError(path, f"bad magic {magic!r}")
+        check_version(path, version)
+        try:
+            deleted = decode_postings(memoryview(raw)[HEADER_SIZE:])
+        except ValueError as exc:
+            raise IndexCorruptError(path, f"undecodable bitmap: {exc}") from exc
+        if len(deleted) != count or (len(deleted) and deleted.max() >= self.doc_count):
+            raise IndexCorruptError(path, "deleted ordinals do not match the segment")
+        return deleted
+
+
+def decode_symbols(blob: bytes, count: int) -> tuple[Symbol, ...]:
+    """decode_symbols unpacks `count` symbol records in the symbols.bin layout (format.py)."""
+    records = [SYMBOL_RECORD.unpack_from(blob, i * SYMBOL_RECORD.size) for i in range(count)]
+    pos = count * SYMBOL_RECORD.size
+    out = []
+    for start_line, end_line, start_byte, end_byte, *lengths in records:
+        texts = []
+        for length in lengths:
+            if pos + length > len(blob):
+                raise ValueError("symbol strings run past the record")
+            texts.append(blob[pos : pos + length].decode())
+            pos += length
+        name, kind, qualified, parent = texts
+        out.append(Symbol(name, kind, qualified, start_line, end_line, start_byte, end_byte, parent))
+    if pos != len(blob):
+        raise ValueError("trailing bytes after symbol strings")
+    return tuple(out)
+
+
+class SegmentReader:
+    """SegmentReader is one segment as seen by one snapshot: shared data plus that snapshot's live set.
+
+    `postings` returns every document containing the trigram, deleted ones included; intersect
+    with `live` (the searcher does) to drop deletions.
+    """
+
+    def __init__(self, data: SegmentData, live: BitMap) -> None:
+        self.data = data
+        self.live = live
+
+    @property
+    def name(self) -> str:
+        """name is the segment's directory name, e.g. ``seg-00000003``."""
+        return self.data.name
+
+    @property
+    def doc_count(self) -> int:
+        """doc_count counts every ordinal of the segment, deleted ones included."""
+        return self.data.doc_count
+
+    @property
+    def live_count(self) -> int:
+        """live_count counts the documents not deleted in this snapshot."""
+        return len(self.live)
+
+    def postings(self, tri: bytes) -> BitMap:
+        """postings returns the ordinals containing folded trigram `tri` (deleted ordinals included)."""
+        return self.data.postings(tri)
+
+    def doc(self, ordinal: int) -> DocRecord:
+        """doc returns the document table row of `ordinal`."""
+        return self.data.doc(ordinal)
+
+    def content(self, ordinal: int) -> memoryview:
+        """content returns the stored bytes of `ordinal` (a view valid while the index is open)."""
+        return self.data.content(ordinal)
+
+    def symbols(self, ordinal: int) -> tuple[Symbol, ...]:
+        """symbols returns the symbols stored with `ordinal`."""
+        return self.data.symbols(ordinal)
+
+    @property
+    def paths(self) -> Sequence[str]:
+        """paths lists every ordinal's path (deleted ones included), for path-only queries."""
+        return self.data.paths
+
+    def verify(self) -> None:
+        """verify checks every checksum of the segment now."""
+        self.data.verify()
