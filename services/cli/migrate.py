@@ -31,7 +31,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--database-url",
         default=os.environ.get("KOTADB_DATABASE_URL", ""),
-        help="PostgreSQL DSN (default: $KOTADB_DATABASE_URL); use Supabase's direct port, not 6543",
+        help="PostgreSQL DSN (default: $KOTADB_DATABASE_URL)",
     )
     parser.add_argument(
         "--bootstrap",
