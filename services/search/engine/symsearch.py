@@ -1,0 +1,222 @@
+"""Symbol search: ranking definitions by how well their names match a pattern.
+
+`search_symbols` is pure: it takes candidates (a symbol with its document's path, repository
+and language) from wherever the caller keeps them and returns the best `limit` matches with
+the true number of matching symbols. Each matching symbol lands in the best tier it reaches:
+
+    EXACT            the name equals the pattern
+    EXACT_NOCASE     the name equals the pattern ignoring case
+    PREFIX           the name starts with the pattern (ignoring case unless case_sensitive)
+    SUBSTRING        the name contains the pattern (likewise)
+    REGEX            the name matches the pattern as an RE2 regex (skipped when the pattern
+                     is not a valid regex, or is a plain identifier the tiers above covered)
+
+A pattern containing `.` or `::` is a qualified-name query: it is compared with the symbol's
+qualified name, with `.` and `::` treated alike (so `Widget::size` finds Python's
+`Widget.size` too), and an exact tier hit may be a suffix that starts at a separator
+(`Widget::size` is exact for `ns::Widget::size`).
+
+Within a tier, definitions in test or vendored files come after the others; ties then break
+on (path, start line, qualified name), so results are deterministic.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import re
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import re2
+
+from services.search.engine.languages import is_test, is_vendored
+from services.search.engine.model import Symbol
+
+
+class MatchTier(enum.IntEnum):
+    """MatchTier orders how a symbol's name matched; lower is better."""
+
+    EXACT = 0
+    EXACT_NOCASE = 1
+    PREFIX = 2
+    SUBSTRING = 3
+    REGEX = 4
+
+
+class SymbolCandidate(NamedTuple):
+    """SymbolCandidate is a symbol with the document it was found in; plain 4-tuples work too."""
+
+    symbol: Symbol
+    path: str
+    repository: str = ""
+    language: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SymbolMatch:
+    """SymbolMatch is one ranked result of `search_symbols`.
+
+    `demoted` is true for definitions in test or vendored files, which rank after the others
+    within their tier.
+    """
+
+    symbol: Symbol
+    path: str
+    repository: str
+    language: str
+    tier: MatchTier
+    demoted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SymbolSearchResult:
+    """SymbolSearchResult holds the best matches, best first, and how many symbols matched in all."""
+
+    matches: tuple[SymbolMatch, ...]
+    total: int
+
+    @property
+    def limit_hit(self) -> bool:
+        """limit_hit reports whether more symbols matched than were returned."""
+        return self.total > len(self.matches)
+
+
+# A pattern made only of identifier characters: the regex tier cannot add to the substring one.
+_PLAIN = re.compile(r"[\w$]*")
+_QUALIFIED_SEPARATOR = re.compile(r"::|\.")
+
+
+def _regex(pattern: str, case_sensitive: bool) -> re2._Regexp | None:
+    """_regex compiles the pattern with RE2, or returns None when it is not a valid regex."""
+    options = re2.Options()
+    options.log_errors = False  # An invalid pattern is an ordinary query here, not an error.
+    options.case_sensitive = case_sensitive
+    try:
+        return re2.compile(pattern, options)
+    except re2.error:
+        return None
+
+
+@dataclass(slots=True)
+class _Matcher:
+    """_Matcher classifies one name (or qualified name) into a tier for a fixed pattern."""
+
+    pattern: str
+    folded: str
+    qualified: bool
+    case_sensitive: bool
+    regex: re2._Regexp | None
+
+    @classmethod
+    def build(cls, pattern: str, case_sensitive: bool) -> _Matcher:
+        qualified = "." in pattern or "::" in pattern
+        text = _normalize(pattern) if qualified else pattern
+        regex = None if _PLAIN.fullmatch(pattern) else _regex(pattern, case_sensitive)
+        return cls(text, text.lower(), qualified, case_sensitive, regex)
+
+    def tier(self, symbol: Symbol) -> MatchTier | None:
+        """tier returns the best tier the symbol reaches, or None when it does not match."""
+        if self.qualified:
+            raw = symbol.qualified_name
+            text = _normalize(raw)
+            if text == self.pattern or text.endswith("." + self.pattern):
+                return MatchTier.EXACT
+        else:
+            raw = text = symbol.name
+            if text == self.pattern:
+                return MatchTier.EXACT
+        if self.case_sensitive:
+            needle, hay = self.pattern, text
+        else:
+            needle, hay = self.folded, text.lower()
+            if hay == needle or (self.qualified and hay.endswith("." + needle)):
+                return MatchTier.EXACT_NOCASE
+        if hay.startswith(needle) or (self.qualified and ("." + needle) in hay):
+            return MatchTier.PREFIX
+        if needle in hay:
+            return MatchTier.SUBSTRING
+        if self.regex is not None and self.regex.search(raw) is not None:
+            return MatchTier.REGEX
+        return None
+
+
+def _normalize(name: str) -> str:
+    """_normalize writes every qualified-name separator (`::` or `.`) as `.`."""
+    return _QUALIFIED_SEPARATOR.sub(".", name) if "::" in name else name
+
+
+def search_symbols(
+    pattern: str,
+    candidates: Iterable[SymbolCandidate | tuple[Symbol, str, str, str]],
+    *,
+    kind: str | Collection[str] | None = None,
+    limit: int = 50,
+    case_sensitive: bool = False,
+) -> SymbolSearchResult:
+    """search_symbols ranks the candidates whose names match `pattern` (see the module docstring).
+
+    `kind` keeps only symbols of that kind (or kinds); `limit` caps the matches returned
+    (`total` still counts them all); `case_sensitive` drops the case-insensitive tier and
+    makes prefix, substring and regex matching exact in case. An empty pattern matches nothing.
+    """
+    pattern = pattern.strip()
+    if not pattern:
+        return SymbolSearchResult((), 0)
+    kinds: Collection[str] | None = {kind} if isinstance(kind, str) else kind
+    matcher = _Matcher.build(pattern, case_sensitive)
+    total = 0
+    # A bounded heap keeps the best `limit` matches; its top is the worst kept (see _Ranked).
+    best: list[_Ranked] = []
+    for sequence, (symbol, path, repository, language) in enumerate(candidates):
+        if kinds is not None and symbol.kind not in kinds:
+            continue
+        tier = matcher.tier(symbol)
+        if tier is None:
+            continue
+        total += 1
+        if limit <= 0:
+            continue
+        demoted = is_test(path) or is_vendored(path)
+        key = (int(tier), demoted, path, symbol.start_line, symbol.qualified_name, sequence)
+        if len(best) >= limit and key >= best[0].key:
+            continue
+        ranked = _Ranked(key, SymbolMatch(symbol, path, repository, language, tier, demoted))
+        if len(best) >= limit:
+            heapq.heapreplace(best, ranked)
+        else:
+            heapq.heappush(best, ranked)
+    ordered = sorted(best, key=lambda item: item.key)
+    return SymbolSearchResult(tuple(item.match for item in ordered), total)
+
+
+_RankKey = tuple[int, bool, str, int, str, int]
+
+
+class _Ranked:
+    """_Ranked pairs a match with its sort key, ordered in reverse so heapq's top is the worst.
+
+    The key is (tier, demoted, path, line, qualified name, input position): a total order, so
+    matches themselves are never compared and equal symbols keep their input order.
+    """
+
+    __slots__ = ("key", "match")
+
+    def __init__(self, key: _RankKey, match: SymbolMatch) -> None:
+        self.key = key
+        self.match = match
+
+    def __lt__(self, other: _Ranked) -> bool:
+        return self.key > other.key
+
+
+def enclosing_symbol(symbols: Sequence[Symbol], line: int) -> Symbol | None:
+    """enclosing_symbol returns the innermost symbol whose lines contain `line` (1-based), if any."""
+    found: Symbol | None = None
+    for symbol in symbols:
+        if symbol.start_line <= line <= symbol.end_line and (
+            found is None or symbol.end_line - symbol.start_line < found.end_line - found.start_line
+        ):
+            found = symbol
+    return found
