@@ -154,9 +154,18 @@ def _refuse_running_stack(stack_path: Path) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         stack_path.unlink(missing_ok=True)
         return
-    if pid != os.getpid() and psutil.pid_exists(pid):
+    if pid != os.getpid() and _is_dev_process(pid):
         raise StackError(f"a stack is already running from {stack_path.parent} (pid {pid}); stop it first")
     stack_path.unlink(missing_ok=True)
+
+
+def _is_dev_process(pid: int) -> bool:
+    """_is_dev_process reports whether pid is a live `kotadb dev` (not a reused pid)."""
+    try:
+        cmdline = psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return False
+    return "dev" in cmdline
 
 
 def _write_json(path: Path, document: dict[str, Any]) -> None:

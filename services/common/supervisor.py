@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO
+from typing import IO, Any
 
 import psutil
 
@@ -32,6 +32,9 @@ import psutil
 DEFAULT_GRACE = 15.0
 
 _PR_SET_PDEATHSIG = 1
+
+# What signal.signal returns: a Python handler, SIG_DFL/SIG_IGN, or None.
+_Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 
 class StopRequested(BaseException):
@@ -178,7 +181,7 @@ class Supervisor:
         self.grace = grace
         self._entries: list[ChildProcess | _Callback] = []
         self._stopping = False
-        self._previous_handlers: dict[int, object] = {}
+        self._previous_handlers: dict[int, _Handler] = {}
 
     def __enter__(self) -> Supervisor:
         return self
@@ -224,6 +227,13 @@ class Supervisor:
         """
         for signum in (signal.SIGTERM, signal.SIGINT):
             self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def restore_signals(self) -> None:
+        """restore_signals puts back the handlers handle_signals replaced."""
+        for signum, handler in self._previous_handlers.items():
+            # None means a handler not installed from Python; the default is the closest match.
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        self._previous_handlers.clear()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         """_on_signal turns the first stop signal into StopRequested."""
