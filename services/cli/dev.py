@@ -190,6 +190,7 @@ def run_stack(data_dir: Path, gateway_port: int, admin_port: int | None) -> int:
     supervisor = Supervisor()
     supervisor.handle_signals()
     code = 0
+    owns_stack_file = False
     try:
         _refuse_running_stack(stack_path)
         ports = choose_ports(gateway_port, admin_port)
@@ -241,6 +242,7 @@ def run_stack(data_dir: Path, gateway_port: int, admin_port: int | None) -> int:
             "pids": {"postgres": postgres_pid, **{name: child.pid for name, child in children.items()}},
         }
         _write_json(stack_path, stack)
+        owns_stack_file = True
         _print_endpoints(stack)
         while True:
             supervisor.check()
@@ -257,7 +259,8 @@ def run_stack(data_dir: Path, gateway_port: int, admin_port: int | None) -> int:
         # Signals arriving from here on are ignored by the supervisor: shutdown runs to the end.
         with contextlib.suppress(StopRequested):
             supervisor.stop_all(log)
-        stack_path.unlink(missing_ok=True)
+        if owns_stack_file:  # never remove the stack.json of another, still running, stack
+            stack_path.unlink(missing_ok=True)
         log("stopped")
     return code
 

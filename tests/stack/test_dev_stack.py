@@ -75,9 +75,9 @@ class DevStack:
             found += [postmaster, *postmaster.children(recursive=True)]
         return found
 
-    def terminate(self) -> int:
-        """terminate sends SIGTERM and waits for the command to finish stopping the stack."""
-        self.process.send_signal(signal.SIGTERM)
+    def terminate(self, signum: int = signal.SIGTERM) -> int:
+        """terminate sends signum and waits for the command to finish stopping the stack."""
+        self.process.send_signal(signum)
         return self.process.wait(timeout=STOP_LIMIT)
 
     def kill_if_running(self) -> None:
@@ -167,6 +167,15 @@ def test_dev_stack_starts_reports_stops_and_restarts(data_dir: Path) -> None:
         as_json = json.loads(_status(data_dir, "--json").stdout)
         assert [entry["name"] for entry in as_json] == COMPONENTS
 
+        # A second `kotadb dev` on the same data dir refuses to start while this one runs.
+        rival = DevStack(data_dir, "--gateway-port", "0")
+        try:
+            assert rival.process.wait(timeout=60) == 1
+        finally:
+            rival.kill_if_running()
+        assert "already running" in rival.output
+        assert (data_dir / "stack.json").exists()
+
         identifier = asyncio.run(_system_identifier(stack["database_url"]))
         processes = first.descendants(stack)
         names = {process.name() for process in processes}
@@ -192,7 +201,7 @@ def test_dev_stack_starts_reports_stops_and_restarts(data_dir: Path) -> None:
         assert "migrations applied: none, up to date" in second.output
         assert asyncio.run(_system_identifier(stack["database_url"])) == identifier
         processes = second.descendants(stack)
-        assert second.terminate() == 0, second.output
+        assert second.terminate(signal.SIGINT) == 0, second.output  # Ctrl-C
         assert not [process for process in processes if _alive(process)]
     finally:
         second.kill_if_running()
