@@ -32,6 +32,8 @@ MAX_EXACT = 16
 MAX_SET = 16
 # Character classes with more code points than this are treated as "any character".
 MAX_CLASS = 64
+# A set of more alternatives than this is too unselective to be worth a plan node: no constraint.
+MAX_OR = 64
 # x{n,m} is analysed as at most this many copies of x (the rest is "anything").
 MAX_COPIES = 4
 
@@ -229,7 +231,7 @@ def string_trigrams(s: bytes) -> Plan:
 def _or_strings(strings: Iterable[bytes]) -> Plan:
     """_or_strings requires one of the strings; a string shorter than 3 bytes requires nothing."""
     items = list(strings)
-    if any(len(s) < 3 for s in items):
+    if len(items) > MAX_OR or any(len(s) < 3 for s in items):
         return ALL
     return or_(*(string_trigrams(s) for s in items))
 

@@ -404,7 +404,7 @@ class _Parser:
             if code > MAX_CODE_POINT:
                 raise self.error("invalid escape sequence")
             return code
-        if ch and ch.isascii() and not ch.isalnum() and ch != "_":
+        if ch and ch.isascii() and not ch.isalnum():
             return ord(ch)
         self.pos -= 1
         raise self.error("invalid escape sequence")
