@@ -78,9 +78,9 @@ def test_postings_builder_inverts_documents() -> None:
     builder = PostingsBuilder()
     for doc in docs:
         builder.add(distinct_trigrams(doc))
-    # Run twice: the scratch tables must come back clean after the first inversion.
-    for _ in range(2):
-        ids, starts, ordinals = builder.invert()
+    # Counting sort twice (its scratch tables must come back clean), then the comparison sort.
+    for counting in (True, True, False):
+        ids, starts, ordinals = builder.invert(counting=counting)
         assert ids.tolist() == sorted(set().union(*(reference_trigrams(d) for d in docs)))
         for i, tid in enumerate(ids.tolist()):
             expected = [n for n, d in enumerate(docs) if tid in reference_trigrams(d)]

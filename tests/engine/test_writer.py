@@ -47,7 +47,12 @@ def matching(snap: Snapshot, literal: bytes) -> set[str]:
 def test_round_trip_postings_docs_content_symbols(tmp_path: Path) -> None:
     index = Index.create(tmp_path / "idx")
     with IndexWriter(index) as writer:
-        assert writer.add(doc("a", "class Greeter:\n    def hello(self): pass\n", symbols=SYMS, language="python")) is None
+        assert (
+            writer.add(
+                doc("a", "class Greeter:\n    def hello(self): pass\n", symbols=SYMS, language="python")
+            )
+            is None
+        )
         assert writer.add(doc("b", "print('HELLO world')\n", repository="acme/web")) is None
         generation = writer.commit()
     with index.snapshot() as snap:
