@@ -353,9 +353,9 @@ def _named(
     prefix = ""
     if name.type in _QUALIFIED_NAME_TYPES:
         prefix, name = _split_qualified(name, content)
+    if name.type == "string" and name.named_child_count:
+        name = name.named_children[0]  # `declare module "foo"`: the name is the fragment.
     text = _text(content, name)
-    if name.type == "string":
-        text = text.strip("\"'`")
     if not text:
         return None
     if kind == "variable":
