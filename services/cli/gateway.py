@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from google.protobuf import descriptor_pb2
+from google.protobuf.message import DecodeError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE_PATH = REPO_ROOT / "deploy" / "envoy" / "envoy.yaml.tmpl"
@@ -242,7 +243,7 @@ def render(config: GatewayConfig, template_path: Path = TEMPLATE_PATH) -> str:
     descriptor = config.descriptor.expanduser().resolve()
     try:
         streaming = streaming_methods(descriptor)
-    except Exception:  # missing or unreadable: Envoy's validation reports it precisely
+    except (OSError, DecodeError):  # missing or unreadable: Envoy's validation reports it precisely
         streaming = list(FALLBACK_STREAMING_METHODS)
     values: dict[str, object] = {
         "gateway_port": config.gateway_port,

@@ -149,6 +149,12 @@ def _request(method: str, url: str, body: bytes | None = None) -> Reply:
     return Reply(code, content_type, parsed)
 
 
+def _answered_by_gateway(reply: Reply) -> bool:
+    """_answered_by_gateway is true for Envoy's own replies, whose ErrorInfo reason is GATEWAY_*."""
+    details = reply.body.get("details", []) if reply.status >= 400 else []
+    return any(str(d.get("reason", "")).startswith("GATEWAY_") for d in details)
+
+
 def _error_info(body: dict[str, Any]) -> dict[str, Any]:
     infos = [d for d in body.get("details", []) if d["@type"].endswith("/google.rpc.ErrorInfo")]
     assert infos, f"no ErrorInfo in {body}"
@@ -181,6 +187,13 @@ def test_unimplemented_rpc_is_a_json_501_with_its_reason(gateways: Gateways) -> 
     assert info["reason"] == Unimplemented.default_reason
     assert info["domain"] == "kotadb.dev"
     assert "capability" in info["metadata"]
+
+
+def test_bodies_beyond_envoys_buffer_reach_the_service(gateways: Gateways) -> None:
+    # Larger than Envoy's default 1 MiB buffer: the service, not the gateway, decides on size.
+    big = json.dumps({"query": "x" * (3 * 1024 * 1024)}).encode()
+    reply = _request("POST", f"{gateways.main.url}/v1/code:search", big)
+    assert not _answered_by_gateway(reply), reply.status
 
 
 def test_unknown_path_is_a_json_404(gateways: Gateways) -> None:
@@ -230,9 +243,7 @@ def test_grpc_through_the_gateway_reaches_the_service(gateways: Gateways) -> Non
 
 def _denied_by_gateway(reply: Reply) -> bool:
     """_denied_by_gateway tells an ext_authz denial (Envoy's own JSON reply) from a service answer."""
-    if reply.status not in (401, 403):
-        return False
-    return str(_error_info(reply.body)["reason"]).startswith("GATEWAY_")
+    return reply.status in (401, 403) and _answered_by_gateway(reply)
 
 
 def test_ext_authz_slot_guards_everything_but_the_webhook(gateways: Gateways) -> None:
