@@ -246,6 +246,9 @@ def run_stack(data_dir: Path, gateway_port: int, admin_port: int | None) -> int:
         _print_endpoints(stack)
         while True:
             supervisor.check()
+            # The embedded cluster daemonizes, so the supervisor cannot see it exit; look here.
+            if postgres_pid is not None and not psutil.pid_exists(postgres_pid):
+                raise StackError(f"postgres (pid {postgres_pid}) exited; see {data_dir / 'postgres'}")
             time.sleep(0.5)
     except StopRequested as stop:
         log(f"{stop} received, stopping")
@@ -279,11 +282,12 @@ def _start_database(
     cluster = EmbeddedPostgres(data_dir / "postgres")
     reused = (cluster.pgdata / "PG_VERSION").exists()
     log(("reusing" if reused else "creating") + f" the embedded Postgres cluster in {data_dir / 'postgres'}")
+    # Registered before start, so a stop signal that lands mid-start still stops the cluster.
+    supervisor.on_stop("postgres", cluster.stop)
     try:
         dsn = cluster.start()
     except Exception as exc:  # pgembed raises EmbeddedPostgresError and OSError variants
         raise StackError(f"could not start Postgres: {exc}") from exc
-    supervisor.on_stop("postgres", cluster.stop)
     log(f"postgres is up (pid {cluster.postmaster_pid}): {dsn}")
     return dsn, cluster.postmaster_pid
 
