@@ -1,0 +1,280 @@
+"""Golden tests of the on-disk format (format.py): byte layout, the committed v1 fixture, versions, corruption.
+
+The fixture under fixtures/format_v1/index was built by this module from fixtures/format_v1/src;
+regenerate it only when deliberately changing format version 1 (which should never happen):
+``.venv/bin/python -m tests.engine.test_format``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import struct
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pyroaring import BitMap
+
+from services.search.engine.format import (
+    FORMAT_VERSION,
+    HEADER_SIZE,
+    IndexCorruptError,
+    IndexFileError,
+    IndexNotFoundError,
+    IndexVersionError,
+    dump_checked_json,
+)
+from services.search.engine.index import Index
+from services.search.engine.model import SkipReason, SourceDocument, Symbol
+from services.search.engine.trigrams import sorted_trigrams, trigram_bytes
+from services.search.engine.writer import IndexWriter
+
+FIXTURE = Path(__file__).parent / "fixtures" / "format_v1"
+SOURCES = FIXTURE / "src"
+OLD_README = b"# Fixture\n\nAn older draft, replaced in the second commit.\n"
+
+
+def fixture_symbols(path: str, content: bytes) -> tuple[Symbol, ...]:
+    """fixture_symbols are hand-written symbol records for the fixture's source files."""
+
+    def at(name: bytes, after: bytes) -> tuple[int, int]:
+        start = content.index(after) + after.index(name)
+        return start, start + len(name)
+
+    if path == "pkg/greeter.py":
+        return (
+            Symbol("Greeter", "class", "Greeter", 4, 6, *at(b"Greeter", b"class Greeter")),
+            Symbol("hello", "method", "Greeter.hello", 5, 6, *at(b"hello", b"def hello"), parent="Greeter"),
+            Symbol("main", "function", "main", 9, 10, *at(b"main", b"def main")),
+        )
+    if path == "pkg/server.go":
+        return (
+            Symbol("Server", "type", "Server", 5, 5, *at(b"Server", b"type Server")),
+            Symbol("Start", "method", "Server.Start", 7, 10, *at(b"Start", b"Start()"), parent="Server"),
+        )
+    return ()
+
+
+def fixture_documents() -> list[SourceDocument]:
+    """fixture_documents reads the fixture sources as the documents of the second commit."""
+    docs = []
+    for file in sorted(p for p in SOURCES.rglob("*") if p.is_file()):
+        rel = file.relative_to(SOURCES).as_posix()
+        content = file.read_bytes()
+        language = {".py": "python", ".go": "go", ".md": "markdown"}.get(file.suffix, "")
+        docs.append(
+            SourceDocument(rel, rel, content, "fixture/repo", language, fixture_symbols(rel, content))
+        )
+    return docs
+
+
+def build_fixture(dest: Path) -> None:
+    """build_fixture writes the v1 fixture: two commits, so it has a deletion file and a skip list."""
+    index = Index.create(dest)
+    with IndexWriter(index) as writer:
+        for doc in fixture_documents():
+            content = OLD_README if doc.path == "README.md" else doc.content
+            writer.add(
+                SourceDocument(doc.external_id, doc.path, content, doc.repository, doc.language, doc.symbols)
+            )
+        writer.commit(merge=False)
+        readme = next(d for d in fixture_documents() if d.path == "README.md")
+        writer.add(readme)
+        writer.commit(merge=False)
+    (dest / "LOCK").unlink()
+
+
+@pytest.fixture
+def v1(tmp_path: Path) -> Path:
+    """v1 is a scratch copy of the committed fixture index, safe to corrupt."""
+    copy = tmp_path / "index"
+    shutil.copytree(FIXTURE / "index", copy)
+    return copy
+
+
+def test_committed_v1_fixture_stays_readable(v1: Path) -> None:
+    index = Index.open(v1)
+    expected = {d.external_id: d for d in fixture_documents()}
+    with index.snapshot() as snap:
+        assert snap.generation == 2
+        assert [s.name for s in snap.segments] == ["seg-00000000", "seg-00000001"]
+        seen = {}
+        for seg in snap.segments:
+            seg.verify()
+            for ordinal in seg.live:
+                rec = seg.doc(ordinal)
+                want = expected[rec.external_id]
+                content = bytes(seg.content(ordinal))
+                assert content == want.content
+                assert (rec.path, rec.repository, rec.language, rec.size) == (
+                    want.path,
+                    want.repository,
+                    want.language,
+                    len(want.content),
+                )
+                assert rec.content_hash == hashlib.sha256(content).hexdigest()
+                assert seg.symbols(ordinal) == want.symbols
+                for tid in sorted_trigrams(content).tolist():
+                    assert ordinal in seg.postings(trigram_bytes(tid))
+                seen[rec.external_id] = content
+        # The binary and empty files are skipped, the old README version deleted.
+        assert set(seen) == {"README.md", "pkg/greeter.py", "pkg/server.go"}
+        old = snap.segments[0]
+        assert old.doc_count - old.live_count == 1
+        assert snap.segments[0].postings(b"dra")  # the deleted draft is still in the postings ...
+        assert not (snap.segments[0].postings(b"dra") & old.live)  # ... but not live
+        assert {(s.external_id, s.reason) for s in snap.skipped()} == {
+            ("empty.txt", SkipReason.EMPTY),
+            ("logo.gif", SkipReason.BINARY),
+        }
+
+
+def test_golden_bytes_of_a_one_document_segment(tmp_path: Path) -> None:
+    index = Index.create(tmp_path / "idx")
+    with IndexWriter(index) as writer:
+        writer.add(SourceDocument("id-1", "a.txt", b"aBcd", "r", "text"))
+        writer.commit()
+    seg = tmp_path / "idx" / "seg-00000000"
+    header = struct.Struct("<4sIQ")
+    # dict.bin: header, ids of "abc" and "bcd" (folded), pad to 8, offsets 0, 18, 36.
+    raw = (seg / "dict.bin").read_bytes()
+    assert header.unpack_from(raw) == (b"KTRI", 1, 2)
+    assert np.frombuffer(raw, "<u4", 2, HEADER_SIZE).tolist() == [0x616263, 0x626364]
+    assert raw[24:24] == b"" and len(raw) == 16 + 8 + 0 + 24
+    assert np.frombuffer(raw, "<u8", 3, 24).tolist() == [0, 18, 36]
+    # postings.bin: two portable roaring bitmaps of {0}.
+    raw = (seg / "postings.bin").read_bytes()
+    assert header.unpack_from(raw) == (b"KPST", 1, 2)
+    assert raw[16:] == BitMap([0]).serialize() * 2
+    # content.bin: the raw bytes, case preserved.
+    assert (seg / "content.bin").read_bytes() == header.pack(b"KCNT", 1, 1) + b"aBcd"
+    # docs.bin: one 80-byte record, then the NUL-joined strings.
+    raw = (seg / "docs.bin").read_bytes()
+    strings = b"id-1\0a.txt\0r\0text"
+    record = struct.pack("<QQQQIIII", 0, 4, 0, 0, len(strings), 0, 0, 0) + hashlib.sha256(b"aBcd").digest()
+    assert raw == header.pack(b"KDOC", 1, 1) + record + strings
+    assert (seg / "symbols.bin").read_bytes() == header.pack(b"KSYM", 1, 0)
+    meta = json.loads((seg / "meta.json").read_bytes())
+    assert meta["format"] == FORMAT_VERSION == 1
+    assert (meta["doc_count"], meta["trigram_count"], meta["content_bytes"]) == (1, 2, 4)
+    assert meta["parts"]["content.bin"]["crc32"] == zlib.crc32((seg / "content.bin").read_bytes())
+    manifest = json.loads((tmp_path / "idx" / "manifest-000000000001.json").read_bytes())
+    assert manifest["segments"] == [
+        {"name": "seg-00000000", "doc_count": 1, "deleted": None, "deleted_count": 0, "deleted_crc32": 0}
+    ]
+    assert manifest["next_segment"] == 1 and manifest["skipped"] is None
+
+
+def rewrite_json(path: Path, **changes: object) -> None:
+    body = json.loads(path.read_bytes())
+    body.update(changes)
+    path.write_bytes(dump_checked_json(body))
+
+
+def test_future_manifest_version_is_rejected(v1: Path) -> None:
+    manifest = v1 / "manifest-000000000002.json"
+    rewrite_json(manifest, format=FORMAT_VERSION + 1)
+    with pytest.raises(IndexVersionError) as err:
+        Index.open(v1)
+    assert err.value.path == str(manifest)
+    assert err.value.found == 2 and "format version 2 is not supported" in str(err.value)
+
+
+def test_future_segment_version_is_rejected(v1: Path) -> None:
+    meta = v1 / "seg-00000001" / "meta.json"
+    rewrite_json(meta, format=FORMAT_VERSION + 1)
+    with pytest.raises(IndexVersionError) as err:
+        Index.open(v1).snapshot()
+    assert err.value.path == str(meta)
+
+
+def test_future_part_version_is_rejected(v1: Path) -> None:
+    part = v1 / "seg-00000001" / "dict.bin"
+    raw = bytearray(part.read_bytes())
+    struct.pack_into("<I", raw, 4, FORMAT_VERSION + 1)
+    part.write_bytes(bytes(raw))
+    meta = v1 / "seg-00000001" / "meta.json"
+    parts = json.loads(meta.read_bytes())["parts"]
+    parts["dict.bin"]["crc32"] = zlib.crc32(raw)
+    rewrite_json(meta, parts=parts)
+    with pytest.raises(IndexVersionError) as err:
+        Index.open(v1).snapshot()
+    assert err.value.path == str(part)
+
+
+def read_everything(root: Path) -> None:
+    """read_everything opens the index and touches every byte a search could read."""
+    index = Index.open(root)
+    with index.snapshot() as snap:
+        snap.skipped()
+        for seg in snap.segments:
+            for tid in seg.data.trigram_ids.tolist():
+                seg.postings(trigram_bytes(tid))
+            for ordinal in range(seg.doc_count):
+                seg.doc(ordinal)
+                bytes(seg.content(ordinal))
+                seg.symbols(ordinal)
+
+
+FILES = [
+    "manifest-000000000002.json",
+    "skipped-000000000001.json",
+    "seg-00000000/meta.json",
+    "seg-00000000/dict.bin",
+    "seg-00000000/postings.bin",
+    "seg-00000000/docs.bin",
+    "seg-00000000/content.bin",
+    "seg-00000000/symbols.bin",
+    "seg-00000000/deleted-000000000002.roar",
+    "seg-00000001/content.bin",
+]
+
+
+def flip(offset_of: Callable[[int], int]) -> Callable[[Path], None]:
+    def damage(path: Path) -> None:
+        raw = bytearray(path.read_bytes())
+        raw[offset_of(len(raw))] ^= 0x20
+        path.write_bytes(bytes(raw))
+
+    return damage
+
+
+DAMAGE: dict[str, Callable[[Path], None]] = {
+    "flip-middle": flip(lambda n: n // 2),
+    "flip-last": flip(lambda n: n - 2),
+    "flip-header": flip(lambda n: 1),
+    "truncate": lambda p: p.write_bytes(p.read_bytes()[:-3]) and None,
+    "missing": lambda p: p.unlink(),
+}
+
+
+def test_fixture_has_every_file_the_corruption_tests_name() -> None:
+    for rel in FILES:
+        assert (FIXTURE / "index" / rel).is_file(), rel
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+@pytest.mark.parametrize("rel", FILES)
+def test_corruption_raises_a_typed_error_naming_the_file(v1: Path, rel: str, damage: str) -> None:
+    read_everything(v1)
+    target = v1 / rel
+    DAMAGE[damage](target)
+    with pytest.raises(IndexFileError) as err:
+        read_everything(v1)
+    if rel.startswith("manifest-") and damage == "missing":
+        # Without its only manifest the directory is no longer an index.
+        assert isinstance(err.value, IndexNotFoundError)
+        return
+    assert isinstance(err.value, IndexCorruptError), err.value
+    assert err.value.path == str(target), err.value
+
+
+if __name__ == "__main__":
+    out = FIXTURE / "index"
+    shutil.rmtree(out, ignore_errors=True)
+    build_fixture(out)
+    print(f"wrote {out}")

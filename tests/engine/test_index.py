@@ -1,0 +1,147 @@
+"""Tests for the index directory: generations, pinned snapshots, file cleanup, stats, orphans."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from services.search.engine.format import IndexNotFoundError
+from services.search.engine.index import Index, IndexLockedError, list_generations
+from services.search.engine.model import SkipReason, SourceDocument
+from services.search.engine.writer import IndexWriter
+
+
+def add(index: Index, *docs: tuple[str, bytes], delete: tuple[str, ...] = ()) -> int:
+    with IndexWriter(index, merge_policy=None) as writer:
+        for external_id, content in docs:
+            writer.add(SourceDocument(external_id, f"{external_id}.txt", content))
+        for external_id in delete:
+            writer.delete(external_id)
+        return writer.commit(merge=False)
+
+
+def ids(index: Index) -> set[str]:
+    with index.snapshot() as snap:
+        return {seg.doc(o).external_id for seg in snap.segments for o in seg.live}
+
+
+def test_open_requires_an_index(tmp_path: Path) -> None:
+    with pytest.raises(IndexNotFoundError) as err:
+        Index.open(tmp_path / "absent")
+    assert err.value.path == str(tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(IndexNotFoundError):
+        Index.open(tmp_path / "empty")
+    index = Index.create(tmp_path / "empty")
+    with index.snapshot() as snap:
+        assert snap.generation == 0 and list(snap.segments) == []
+    assert Index.open(tmp_path / "empty").manifest.generation == 0
+
+
+def test_snapshot_pins_its_generation_and_files(tmp_path: Path) -> None:
+    root = tmp_path / "idx"
+    index = Index.create(root)
+    add(index, ("a", b"first alpha"), ("b", b"first bravo"))
+    old = index.snapshot()
+    add(index, ("a", b"second alpha"), delete=("b",))
+    assert ids(index) == {"a"}
+    # The old snapshot still sees generation 1 in full, including its deleted document.
+    assert old.generation == 1
+    assert {bytes(s.content(o)) for s in old.segments for o in s.live} == {b"first alpha", b"first bravo"}
+    first = old.segments[0].name
+    assert (root / first).is_dir()
+    # The newest generation deleted both documents of the first segment, so closing the
+    # last snapshot on it removes it, and the stale manifest goes with it.
+    old.close()
+    assert not (root / first).exists()
+    assert list_generations(root) == [2]
+
+
+def test_deletion_files_are_replaced_and_collected(tmp_path: Path) -> None:
+    root = tmp_path / "idx"
+    index = Index.create(root)
+    add(index, *[(f"d{i}", f"document number {i}".encode()) for i in range(5)])
+    seg = index.manifest.segments[0].name
+    add(index, delete=("d1",))
+    add(index, delete=("d2",))
+    assert sorted(p.name for p in (root / seg).glob("deleted-*")) == ["deleted-000000000003.roar"]
+    with index.snapshot() as snap:
+        assert snap.segments[0].live_count == 3
+        assert snap.manifest.segments[0].deleted_count == 2
+    assert ids(index) == {"d0", "d3", "d4"}
+
+
+def test_other_processes_see_commits_and_cannot_write_concurrently(tmp_path: Path) -> None:
+    root = tmp_path / "idx"
+    index = Index.create(root)
+    add(index, ("a", b"from the parent"))
+    script = (
+        "import sys\n"
+        "from services.search.engine.index import Index, IndexLockedError\n"
+        "from services.search.engine.writer import IndexWriter\n"
+        "from services.search.engine.model import SourceDocument\n"
+        "index = Index.open(sys.argv[1])\n"
+        "try:\n"
+        "    w = IndexWriter(index)\n"
+        "except IndexLockedError:\n"
+        "    print('locked'); sys.exit(0)\n"
+        "w.add(SourceDocument('b', 'b.txt', b'from the child')); w.commit(); w.close(); print('wrote')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+
+    def child() -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(root)], capture_output=True, env=env, check=True
+        )
+        return done.stdout.decode().strip()
+
+    with IndexWriter(index):
+        assert child() == "locked"
+    assert child() == "wrote"
+    assert ids(index) == {"a", "b"}
+    with pytest.raises(IndexLockedError), IndexWriter(index), IndexWriter(Index.open(root)):
+        pass
+
+
+def test_orphans_of_a_crashed_writer_are_removed(tmp_path: Path) -> None:
+    root = tmp_path / "idx"
+    index = Index.create(root)
+    add(index, ("a", b"kept document"))
+    (root / ".tmp-seg-00000009").mkdir()
+    (root / "seg-00000042").mkdir()
+    (root / "manifest-000000000000.json").write_bytes(b"stale")
+    (root / index.manifest.segments[0].name / "deleted-000000000099.roar").write_bytes(b"x")
+    with IndexWriter(index):
+        pass
+    names = sorted(p.name for p in root.iterdir())
+    assert names == ["LOCK", "manifest-000000000001.json", index.manifest.segments[0].name]
+    assert list((root / index.manifest.segments[0].name).glob("deleted-*")) == []
+    assert ids(index) == {"a"}
+
+
+def test_stats_report_documents_parts_and_skips(tmp_path: Path) -> None:
+    index = Index.create(tmp_path / "idx")
+    add(index, ("a", b"some text here"), ("b", b"more text"), ("bin", b"\0\1\2"))
+    add(index, delete=("b",))
+    stats = Index.open(tmp_path / "idx").stats()
+    assert (stats.generation, stats.segments, stats.documents, stats.deleted) == (2, 1, 1, 1)
+    assert stats.content_bytes == len(b"some text here") + len(b"more text")
+    assert set(stats.bytes_by_part) == {
+        "dict",
+        "postings",
+        "docs",
+        "content",
+        "symbols",
+        "meta",
+        "deletions",
+        "manifest",
+        "skipped",
+    }
+    assert stats.bytes_by_part["content"] == 16 + stats.content_bytes
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "idx").rglob("*") if p.is_file() and p.name != "LOCK")
+    assert stats.total_bytes == on_disk
+    assert [(s.external_id, s.reason) for s in stats.skipped] == [("bin", SkipReason.BINARY)]

@@ -1,0 +1,92 @@
+"""Tests for SegmentReader: lookups, bounds, and block-wise lazy verification of the large parts."""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+
+import pytest
+
+from services.search.engine.format import BLOCK_SIZE, HEADER_SIZE, IndexCorruptError, dump_checked_json
+from services.search.engine.index import Index
+from services.search.engine.model import SourceDocument
+from services.search.engine.reader import SegmentData
+from services.search.engine.writer import IndexWriter
+
+
+def build(root: Path, docs: list[tuple[str, bytes]]) -> Path:
+    index = Index.create(root)
+    with IndexWriter(index) as writer:
+        for external_id, content in docs:
+            assert writer.add(SourceDocument(external_id, external_id, content)) is None
+        writer.commit()
+    return root / index.manifest.segments[0].name
+
+
+def big_docs() -> list[tuple[str, bytes]]:
+    # Three documents of 100 KB each, so they span at least three 128 KiB content blocks.
+    return [(f"d{i}", (f"line {i} of document d{i}\n" * 4000).encode()) for i in range(3)]
+
+
+def test_lookups_and_bounds(tmp_path: Path) -> None:
+    seg_dir = build(tmp_path / "idx", [("one", b"needle in hay"), ("two", b"hay only")])
+    data = SegmentData(seg_dir)
+    assert data.doc_count == 2 and data.name == seg_dir.name
+    assert set(data.postings(b"nee")) == {0}
+    assert set(data.postings(b"hay")) == {0, 1}
+    assert not data.postings(b"\xff\xff\xff")
+    assert not data.postings(b"\x00\x00\x00")
+    assert isinstance(data.content(1), memoryview)
+    assert data.external_ids == ("one", "two")
+    with pytest.raises(IndexError):
+        data.doc(2)
+    with pytest.raises(IndexError):
+        data.content(-1)
+    with pytest.raises(ValueError):
+        data.postings(b"ab")
+
+
+def test_content_is_verified_lazily_per_block(tmp_path: Path) -> None:
+    docs = big_docs()
+    seg_dir = build(tmp_path / "idx", docs)
+    content = seg_dir / "content.bin"
+    raw = bytearray(content.read_bytes())
+    # Damage the last document only: its bytes sit in the file's last block.
+    raw[-10] ^= 0x01
+    content.write_bytes(bytes(raw))
+    assert len(raw) > 2 * BLOCK_SIZE
+    data = SegmentData(seg_dir)  # opening does not read content.bin in full
+    assert bytes(data.content(0)) == docs[0][1]
+    with pytest.raises(IndexCorruptError) as err:
+        data.content(2)
+    assert err.value.path == str(content) and "block" in err.value.detail
+    with pytest.raises(IndexCorruptError):
+        data.verify()
+
+
+def test_verified_blocks_are_remembered(tmp_path: Path) -> None:
+    seg_dir = build(tmp_path / "idx", big_docs())
+    data = SegmentData(seg_dir)
+    first = bytes(data.content(0))
+    part = data.parts["content.bin"]
+    verified_before = bytes(part._verified)
+    data.content(0)
+    assert bytes(part._verified) == verified_before
+    assert verified_before[0] == 1 and verified_before[-1] == 0
+    assert first.startswith(b"line 0")
+
+
+def test_a_table_pointing_outside_its_files_is_rejected_at_open(tmp_path: Path) -> None:
+    seg_dir = build(tmp_path / "idx", [("one", b"abcdef")])
+    # A wrong size field with a matching checksum (a writer bug, not bit rot) must still be
+    # caught: rewrite docs.bin so a record claims more content than content.bin holds.
+    docs = bytearray((seg_dir / "docs.bin").read_bytes())
+    docs[HEADER_SIZE + 8] = 200
+    (seg_dir / "docs.bin").write_bytes(bytes(docs))
+    meta = json.loads((seg_dir / "meta.json").read_bytes())
+    meta["parts"]["docs.bin"]["crc32"] = zlib.crc32(docs)
+    (seg_dir / "meta.json").write_bytes(dump_checked_json(meta))
+    with pytest.raises(IndexCorruptError) as err:
+        SegmentData(seg_dir)
+    assert err.value.path == str(seg_dir / "docs.bin")
