@@ -139,9 +139,8 @@ def test_long_data_dir_puts_the_socket_under_tmp(cluster_home: Path) -> None:
     cluster = EmbeddedPostgres(deep, durable=False)
     cluster.start()
     try:
-        sockets = [
-            c.laddr for c in psutil.Process(cluster.postmaster_pid).net_connections(kind="unix") if c.laddr
-        ]
+        connections = psutil.Process(cluster.postmaster_pid).net_connections(kind="unix")
+        sockets = [str(c.laddr) for c in connections if c.laddr]
         assert sockets, "the server should listen on a Unix socket too"
         assert all(len(path) <= 107 and path.startswith("/tmp/") for path in sockets)
         socket_dir = Path(sockets[0]).parent
