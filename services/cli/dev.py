@@ -197,38 +197,13 @@ def run_stack(data_dir: Path, gateway_port: int, admin_port: int | None) -> int:
         database_url, postgres_pid = _start_database(data_dir, supervisor, log)
         _migrate(database_url, log)
 
-        env = _child_env(database_url, data_dir)
-        children: dict[str, ChildProcess] = {}
-        port_files = {name: data_dir / "run" / f"{name}.port" for name in status.SERVICES}
-        for name in status.SERVICES:
-            port_files[name].parent.mkdir(parents=True, exist_ok=True)
-            port_files[name].unlink(missing_ok=True)
-            argv = [sys.executable, "-m", "services.cli", "serve", name]
-            argv += ["--port", str(getattr(ports, name)), "--port-file", str(port_files[name])]
-            children[name] = supervisor.spawn(name, argv, log_path=logs / f"{name}.log", env=env)
-            log(f"started {name} (pid {children[name].pid})")
-        bound: dict[str, int] = {}
-        for name, child in children.items():
-            _wait_until(
-                f"{name} port file", functools.partial(_read_port, port_files[name]), supervisor, child
-            )
-            bound[name] = int(port_files[name].read_text().strip())
-            address = f"127.0.0.1:{bound[name]}"
-            _wait_until(name, functools.partial(status.probe_grpc_health, address), supervisor, child)
-            log(f"{name} is SERVING on {address}")
-        ports = dataclasses.replace(ports, **bound)
-
+        ports, children = _start_services(data_dir, ports, database_url, supervisor, log)
         children["envoy"] = _start_envoy(data_dir, ports, supervisor, logs)
         log(f"started envoy (pid {children['envoy'].pid})")
         admin_url = f"http://127.0.0.1:{ports.admin}"
         gateway_url = f"http://127.0.0.1:{ports.gateway}"
-        _wait_until("envoy", lambda: status.probe_http(f"{admin_url}/ready"), supervisor, children["envoy"])
-        _wait_until(
-            "gateway /health",
-            lambda: status.probe_http(f"{gateway_url}/health"),
-            supervisor,
-            children["envoy"],
-        )
+        for what, url in (("envoy", f"{admin_url}/ready"), ("gateway /health", f"{gateway_url}/health")):
+            _wait_until(what, functools.partial(status.probe_http, url), supervisor, children["envoy"])
 
         stack = {
             "gateway": gateway_url,
@@ -290,6 +265,36 @@ def _start_database(
         raise StackError(f"could not start Postgres: {exc}") from exc
     log(f"postgres is up (pid {cluster.postmaster_pid}): {dsn}")
     return dsn, cluster.postmaster_pid
+
+
+def _start_services(
+    data_dir: Path, ports: Ports, database_url: str, supervisor: Supervisor, log: Callable[[str], None]
+) -> tuple[Ports, dict[str, ChildProcess]]:
+    """_start_services runs `kotadb serve` for each service and waits until all are SERVING.
+
+    Each service writes the port it bound to a file (`--port-file`), which is how port 0 turns
+    into a real port; the returned Ports carry those.
+    """
+    env = _child_env(database_url, data_dir)
+    logs = data_dir / "logs"
+    children: dict[str, ChildProcess] = {}
+    port_files = {name: data_dir / "run" / f"{name}.port" for name in status.SERVICES}
+    for name in status.SERVICES:
+        port_files[name].parent.mkdir(parents=True, exist_ok=True)
+        port_files[name].unlink(missing_ok=True)
+        argv = [sys.executable, "-m", "services.cli", "serve", name]
+        argv += ["--port", str(getattr(ports, name)), "--port-file", str(port_files[name])]
+        children[name] = supervisor.spawn(name, argv, log_path=logs / f"{name}.log", env=env)
+        log(f"started {name} (pid {children[name].pid})")
+    bound: dict[str, int] = {}
+    for name, child in children.items():
+        port_probe = functools.partial(_read_port, port_files[name])
+        _wait_until(f"{name} port file", port_probe, supervisor, child)
+        bound[name] = int(port_files[name].read_text().strip())
+        address = f"127.0.0.1:{bound[name]}"
+        _wait_until(name, functools.partial(status.probe_grpc_health, address), supervisor, child)
+        log(f"{name} is SERVING on {address}")
+    return dataclasses.replace(ports, **bound), children
 
 
 def _start_envoy(data_dir: Path, ports: Ports, supervisor: Supervisor, logs: Path) -> ChildProcess:
