@@ -243,11 +243,15 @@ def flip(offset_of: Callable[[int], int]) -> Callable[[Path], None]:
     return damage
 
 
+def truncate(path: Path, n: int) -> None:
+    path.write_bytes(path.read_bytes()[:-n])
+
+
 DAMAGE: dict[str, Callable[[Path], None]] = {
     "flip-middle": flip(lambda n: n // 2),
     "flip-last": flip(lambda n: n - 2),
     "flip-header": flip(lambda n: 1),
-    "truncate": lambda p: p.write_bytes(p.read_bytes()[:-3]) and None,
+    "truncate": lambda p: truncate(p, 3),
     "missing": lambda p: p.unlink(),
 }
 
