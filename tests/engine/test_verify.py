@@ -199,6 +199,8 @@ _PATTERNS: list[tuple[str, str, bool]] = [
     (r"\A#", r"\A#", True),
     ("[^\\x00-\\x7f]+", "[^\\x00-\\x7f]+", True),
     ("a*b", "a*b", True),
+    # No required literal: whole-buffer RE2, where \s could otherwise run across a newline.
+    (r":\s+\w", r":(?-u:\s)+(?-u:\w)", True),
     ("(?:raise|return) [a-z]+", "(?:raise|return) [a-z]+", True),
 ]
 
