@@ -46,6 +46,10 @@ class CodesearchPeer:
         """
         return run_process([CSEARCH, "-n", pattern], env=self._env(), ok_codes=(0, 1))
 
+    def supports(self, pattern: str) -> bool:
+        """supports is always true: csearch speaks Go's RE2 dialect."""
+        return True
+
     def close(self) -> None:
         """close removes the index file."""
         self.index_file.unlink(missing_ok=True)

@@ -20,7 +20,7 @@ pattern means, which takes care:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,13 +189,10 @@ class RipgrepPeer:
         """query runs one search over the corpus and returns its timing and line count."""
         return run_process(ripgrep_argv(pattern, ["."]), cwd=self.corpus, ok_codes=(0, 1))
 
-    def translatable(self, patterns: Iterable[str]) -> list[str]:
-        """translatable returns the patterns ripgrep can run with RE2's meaning."""
-        ok: list[str] = []
-        for pattern in patterns:
-            try:
-                translate_pattern(pattern)
-            except UntranslatablePattern:
-                continue
-            ok.append(pattern)
-        return ok
+    def supports(self, pattern: str) -> bool:
+        """supports reports whether ripgrep can run pattern with RE2's meaning."""
+        try:
+            translate_pattern(pattern)
+        except UntranslatablePattern:
+            return False
+        return True

@@ -20,9 +20,11 @@ the searcher verifies candidates in prior order so a first page sees ordinary fi
 
 from __future__ import annotations
 
-import bisect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
 
 from services.search.engine.languages import is_generated, is_test, is_vendored
 from services.search.engine.model import Symbol
@@ -117,52 +119,59 @@ def is_whole_word(line: bytes, start: int, end: int) -> bool:
 
 
 class SymbolTable:
-    """SymbolTable answers "which definition is this line in" and "is this a definition".
+    """SymbolTable answers "which definition is this line in" and "is this match a definition".
 
-    Built once per matching file from the stored symbols; lookups are logarithmic in the
-    number of definitions that start on or before the line.
+    It works on an (n, 4) array of `start_line, end_line, start_byte, end_byte` per symbol,
+    so a file's hundreds of definitions are checked with a few numpy operations instead of
+    decoding every name: on the stdlib corpus, decoding full Symbol records for each
+    matching file took 0.65 s of a 0.73 s exhaustive `def __init__` search. `symbol(i)`
+    decodes the i-th full record when an enclosing symbol is reported.
     """
 
-    def __init__(self, symbols: Sequence[Symbol]) -> None:
-        self._symbols = sorted(symbols, key=lambda s: (s.start_line, -s.end_line))
-        self._starts = [s.start_line for s in self._symbols]
+    def __init__(self, spans: NDArray[np.int64], symbol: Callable[[int], Symbol]) -> None:
+        self._spans = spans.reshape(-1, 4) if spans.size else np.zeros((0, 4), dtype=np.int64)
+        self._symbol = symbol
+        named = self._spans[self._spans[:, 3] > self._spans[:, 2]]
+        order = np.argsort(named[:, 2], kind="stable")
+        self._name_starts = named[order, 2]
+        self._name_ends = named[order, 3]
+
+    @classmethod
+    def from_symbols(cls, symbols: Sequence[Symbol]) -> SymbolTable:
+        """from_symbols builds a table from decoded symbols (tests, small inputs)."""
+        spans = np.array(
+            [(s.start_line, s.end_line, s.start_byte, s.end_byte) for s in symbols], dtype=np.int64
+        )
+        return cls(spans, lambda i: symbols[i])
 
     def __bool__(self) -> bool:
-        return bool(self._symbols)
+        return bool(len(self._spans))
+
+    def defines(self, abs_ranges: Sequence[tuple[int, int]]) -> bool:
+        """defines reports whether any byte range (absolute in the file) overlaps a definition's name.
+
+        Names of distinct definitions never overlap, so for each range only the last name
+        starting before the range's end can overlap it.
+        """
+        if not len(self._name_starts) or not abs_ranges:
+            return False
+        ranges = np.asarray(abs_ranges, dtype=np.int64).reshape(-1, 2)
+        idx = np.searchsorted(self._name_starts, ranges[:, 1], side="left") - 1
+        valid = idx >= 0
+        if not valid.any():
+            return False
+        ends = self._name_ends[idx[valid]]
+        return bool((ends > ranges[valid, 0]).any())
 
     def enclosing(self, line_number: int) -> Symbol | None:
         """enclosing returns the innermost definition whose line span contains line_number."""
-        hi = bisect.bisect_right(self._starts, line_number)
-        best: Symbol | None = None
-        for sym in self._symbols[:hi]:
-            if sym.end_line >= line_number and (
-                best is None
-                or (sym.end_line - sym.start_line, -sym.start_line)
-                < (best.end_line - best.start_line, -best.start_line)
-            ):
-                best = sym
-        return best
-
-    def defines(self, line_number: int, line: bytes, line_start: int, start: int, end: int) -> bool:
-        """defines reports whether the match [start, end) on this line touches a definition's name.
-
-        With byte offsets recorded, the match must overlap the name's bytes; without them
-        (offsets 0/0), the name must occur in the line overlapping the match.
-        """
-        lo = bisect.bisect_left(self._starts, line_number)
-        hi = bisect.bisect_right(self._starts, line_number)
-        abs_start, abs_end = line_start + start, line_start + end
-        for sym in self._symbols[lo:hi]:
-            if sym.end_byte > sym.start_byte:
-                if sym.start_byte < abs_end and abs_start < sym.end_byte:
-                    return True
-                continue
-            name = sym.name.encode("utf-8")
-            if not name:
-                continue
-            at = line.find(name)
-            while at >= 0:
-                if at < end and start < at + len(name):
-                    return True
-                at = line.find(name, at + 1)
-        return False
+        spans = self._spans
+        if not len(spans):
+            return None
+        inside = np.flatnonzero((spans[:, 0] <= line_number) & (spans[:, 1] >= line_number))
+        if not len(inside):
+            return None
+        # Innermost: the shortest span; among equals, the one starting last.
+        width = spans[inside, 1] - spans[inside, 0]
+        best = inside[np.lexsort((-spans[inside, 0], width))[0]]
+        return self._symbol(int(best))

@@ -1,0 +1,323 @@
+"""`kotadb bench search`: our index against codesearch, ripgrep and pg_trgm, in one run.
+
+Order of work, so that every figure is taken on the same machine state:
+
+1. Build: our index in a child process (`kotadb index build`, so its peak RSS is the
+   child's own), codesearch's index with `cindex`, and, unless disabled, the pg_trgm table
+   and GIN index in a throwaway Postgres.
+2. Symbol extraction throughput over both cores on a sample of the corpus's files in
+   languages with symbols (tree-sitter dominates build cost, so it is reported apart).
+3. Queries: for every pattern, one untimed warm-up of each side, then `runs` timed runs of
+   our first page (50 files, FIRST_PAGE mode), our exhaustive search (every matching line),
+   and each peer printing every matching line (pg_trgm: matching files).
+
+Our searches run in this process on an opened index, as the search service would; peers run
+as child processes, as their users would. Times are wall-clock, page cache warm.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from services.bench.codesearch import CodesearchPeer
+from services.bench.measure import PeerBuild, ProcessRun, run_process, summarize
+from services.bench.pgtrgm import PgTrgmPeer
+from services.bench.report import MIB, Target, machine, median_or_none, ratio
+from services.bench.ripgrep import RipgrepPeer
+from services.search.engine.build import walk_sources
+from services.search.engine.index import Index
+from services.search.engine.languages import detect_language
+from services.search.engine.results import SearchMode, SearchResult
+from services.search.engine.searcher import Searcher
+from services.search.engine.symbols import SymbolExtractor
+
+FIRST_PAGE_FILES = 50
+T = TypeVar("T")
+
+
+class Peer(Protocol):
+    """Peer is a tool measured side by side with us: it answers one pattern at a time."""
+
+    name: str
+
+    def query(self, pattern: str) -> ProcessRun:
+        """query runs one search and reports its time and output size."""
+        ...
+
+    def supports(self, pattern: str) -> bool:
+        """supports reports whether the peer can run pattern with RE2's meaning."""
+        ...
+
+
+def _first_page(searcher: Searcher, pattern: str) -> SearchResult:
+    return searcher.search(pattern, regex=True, limit_files=FIRST_PAGE_FILES, mode=SearchMode.FIRST_PAGE)
+
+
+def _exhaustive(searcher: Searcher, pattern: str) -> SearchResult:
+    # Every matching line, as the peers print them; enclosing symbols are not looked up.
+    return searcher.search(
+        pattern, regex=True, limit_files=None, mode=SearchMode.EXHAUSTIVE, with_symbols=False
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class BenchOptions:
+    """BenchOptions are the command's inputs."""
+
+    corpus: Path
+    queries: Path
+    work_dir: Path | None = None
+    runs: int = 5
+    with_pg: bool = True
+    with_ripgrep: bool = True
+    with_codesearch: bool = True
+    symbol_sample_bytes: int = 200 * MIB
+    keep: bool = False
+
+
+def read_queries(path: Path) -> list[str]:
+    """read_queries returns the non-empty, non-comment lines of a query file."""
+    lines = path.read_text("utf-8").splitlines()
+    return [line for line in lines if line.strip() and not line.startswith("#")]
+
+
+def build_ours(corpus: Path, out: Path, log: Path) -> tuple[PeerBuild, dict[str, int]]:
+    """build_ours runs `kotadb index build` as a child and measures time, size and peak RSS."""
+    if out.exists():
+        shutil.rmtree(out)
+    argv = [sys.executable, "-m", "services.cli", "index", "build", str(corpus), "--out", str(out)]
+    run = run_process(argv, measure_rss=True, stderr_path=log)
+    with Index.open(out) as index:
+        parts = index.stats().bytes_by_part
+    return PeerBuild(run.seconds, sum(parts.values()), run.peak_rss_bytes), parts
+
+
+def measure_symbols(corpus: Path, sample_bytes: int, workers: int = 2) -> dict[str, Any]:
+    """measure_symbols times tree-sitter extraction over both cores on a sample of the corpus.
+
+    The sample is the first `sample_bytes` (in walk order) of files whose language has
+    symbol support; reading happens before the clock starts.
+    """
+    items: list[tuple[bytes, str]] = []
+    total = 0
+    for source in walk_sources(corpus):
+        if source.size > 1 << 20:
+            continue
+        language = detect_language(source.path)
+        if language not in {
+            "python",
+            "javascript",
+            "typescript",
+            "tsx",
+            "go",
+            "rust",
+            "java",
+            "c",
+            "cpp",
+            "ruby",
+        }:
+            continue
+        with open(corpus / source.path, "rb") as fh:
+            content = fh.read()
+        items.append((content, detect_language(source.path, content[:16384])))
+        total += len(content)
+        if total >= sample_bytes:
+            break
+    started = time.perf_counter()
+    with SymbolExtractor(workers) as extractor:
+        count = sum(len(symbols) for symbols in extractor.map(items))
+    seconds = time.perf_counter() - started
+    return {
+        "files": len(items),
+        "bytes": total,
+        "symbols": count,
+        "seconds": seconds,
+        "workers": workers,
+        "mb_per_s": total / seconds / 1e6 if seconds > 0 else 0.0,
+    }
+
+
+def _samples(fn: Callable[[], T], runs: int) -> tuple[list[float], T]:
+    # The first call warms the page cache, lazily verified blocks and compiled patterns.
+    times: list[float] = []
+    last = fn()
+    for _ in range(runs):
+        started = time.perf_counter()
+        last = fn()
+        times.append(time.perf_counter() - started)
+    return times, last
+
+
+def run_bench(options: BenchOptions, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """run_bench performs a whole benchmark run and returns the report dict."""
+    corpus = options.corpus.resolve()
+    work = Path(options.work_dir or tempfile.mkdtemp(prefix="kotadb-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    queries = read_queries(options.queries)
+    sources = walk_sources(corpus)
+    corpus_bytes = sum(s.size for s in sources)
+    report: dict[str, Any] = {
+        "machine": machine(),
+        "corpus": {"path": str(corpus), "files": len(sources), "bytes": corpus_bytes},
+        "runs": options.runs,
+        "first_page_files": FIRST_PAGE_FILES,
+        "build": {},
+        "notes": [],
+    }
+    peers: list[Peer] = []
+    pg: PgTrgmPeer | None = None
+    try:
+        echo(f"building kotadb index of {corpus} ...")
+        ours, parts = build_ours(corpus, work / "kotadb-index", work / "kotadb-build.log")
+        report["build"]["kotadb"] = {
+            "seconds": ours.seconds,
+            "throughput_mb_s": corpus_bytes / ours.seconds / 1e6,
+            "peak_rss_bytes": ours.peak_rss_bytes,
+            "index_bytes": ours.index_bytes,
+            "parts": parts,
+        }
+        if options.with_codesearch:
+            echo("building codesearch index ...")
+            cs = CodesearchPeer(corpus, work)
+            built = cs.build()
+            report["build"]["csearch"] = {
+                "seconds": built.seconds,
+                "throughput_mb_s": corpus_bytes / built.seconds / 1e6,
+                "peak_rss_bytes": built.peak_rss_bytes,
+                "index_bytes": built.index_bytes,
+            }
+            peers.append(cs)
+        if options.with_ripgrep:
+            peers.append(RipgrepPeer(corpus))
+        if options.with_pg:
+            echo("loading pg_trgm (throwaway Postgres) ...")
+            pg = PgTrgmPeer(corpus, work / "pg")
+            built = pg.build()
+            report["build"]["pg_trgm"] = {
+                "seconds": built.seconds,
+                "throughput_mb_s": None,
+                "peak_rss_bytes": None,
+                "index_bytes": built.index_bytes,
+                **built.detail,
+            }
+            peers.append(pg)
+            report["notes"].append(
+                "pg_trgm answers which files match (select path ... where content ~ $1), not which lines"
+            )
+        echo("measuring symbol extraction ...")
+        report["symbols"] = measure_symbols(corpus, options.symbol_sample_bytes)
+        report["peer_names"] = [p.name for p in peers]
+        report["queries"] = _run_queries(work / "kotadb-index", queries, peers, options.runs, echo)
+        _summarise(report, corpus_bytes)
+    finally:
+        if pg is not None:
+            pg.close()
+        if not options.keep and options.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+def _run_queries(
+    index_dir: Path,
+    queries: Sequence[str],
+    peers: Sequence[Peer],
+    runs: int,
+    echo: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    index = Index.open(index_dir)
+    try:
+        searcher = Searcher(index)
+        for pattern in queries:
+            echo(f"query {pattern!r} ...")
+            first_times, _ = _samples(partial(_first_page, searcher, pattern), runs)
+            exh_times, exh = _samples(partial(_exhaustive, searcher, pattern), runs)
+            row: dict[str, Any] = {
+                "pattern": pattern,
+                "files": exh.file_count,
+                "lines": exh.match_count,
+                "candidates": exh.stats.candidates,
+                "scan_fallback": exh.stats.scan_fallback,
+                "plan": exh.stats.plan,
+                "first_page": summarize(first_times).as_dict(),
+                "first_page_samples_ms": [t * 1e3 for t in first_times],
+                "exhaustive": summarize(exh_times).as_dict(),
+                "peers": {},
+                "ratios": {},
+            }
+            for peer in peers:
+                if not peer.supports(pattern):
+                    continue
+                peer_times, peer_run = _samples(partial(peer.query, pattern), runs)
+                row["peers"][peer.name] = {**summarize(peer_times).as_dict(), "lines": peer_run.output_lines}
+                row["ratios"][peer.name] = ratio(statistics.median(exh_times), statistics.median(peer_times))
+            rows.append(row)
+    finally:
+        index.close()
+    return rows
+
+
+def _summarise(report: dict[str, Any], corpus_bytes: int) -> None:
+    rows = report["queries"]
+    peers = report.get("peer_names", [])
+    first_samples = [s for row in rows for s in row["first_page_samples_ms"]]
+    first_p50s = [row["first_page"]["p50_ms"] for row in rows]
+    medians: dict[str, Any] = {
+        "first_page_p50_ms": statistics.median(first_samples) if first_samples else None,
+        "first_page_p99_ms": summarize([s / 1e3 for s in first_samples]).p99 * 1e3 if first_samples else None,
+        "first_page_median_of_p50_ms": statistics.median(first_p50s) if first_p50s else None,
+        "exhaustive_ms": median_or_none([row["exhaustive"]["p50_ms"] for row in rows]),
+        "peers_ms": {},
+        "ratios": {},
+    }
+    for peer in peers:
+        medians["peers_ms"][peer] = median_or_none([row["peers"].get(peer, {}).get("p50_ms") for row in rows])
+        medians["ratios"][peer] = median_or_none([row["ratios"].get(peer) for row in rows])
+    report["medians"] = medians
+    build = report["build"]
+    ours = build["kotadb"]
+    parts = ours.get("parts", {})
+    postings_dict = parts.get("postings", 0) + parts.get("dict", 0)
+    cs = build.get("csearch")
+    targets = [
+        Target(
+            "exhaustive: median of per-query ratio to csearch", 0.5, medians["ratios"].get("csearch"), "x"
+        ),
+        Target(
+            "exhaustive: median of per-query ratio to ripgrep", 0.05, medians["ratios"].get("ripgrep"), "x"
+        ),
+        Target("first page (50 files): p50 over all runs", 10.0, medians["first_page_p50_ms"], "ms"),
+        Target("first page (50 files): p99 over all runs", 50.0, medians["first_page_p99_ms"], "ms"),
+        Target(
+            "build: throughput relative to cindex",
+            1.0,
+            ratio(ours["throughput_mb_s"], cs["throughput_mb_s"]) if cs else None,
+            "x",
+            lower_is_better=False,
+        ),
+        Target("build: peak RSS", 2048.0, ours["peak_rss_bytes"] / MIB, "MiB"),
+        Target(
+            "size: postings + dictionary relative to cindex index",
+            2.0,
+            ratio(postings_dict, cs["index_bytes"]) if cs else None,
+            "x",
+        ),
+        Target("size: everything on disk relative to corpus", 1.3, ours["index_bytes"] / corpus_bytes, "x"),
+        Target(
+            "symbol extraction over both cores",
+            14.0,
+            report.get("symbols", {}).get("mb_per_s"),
+            "MB/s",
+            lower_is_better=False,
+        ),
+    ]
+    report["targets"] = [t.as_dict() for t in targets]

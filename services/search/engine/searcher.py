@@ -1,0 +1,605 @@
+"""The searcher: a query in, a ranked page of verified matches out, over one index snapshot.
+
+A search runs in four steps, all on one pinned snapshot:
+
+1. Plan. The query (or, with `regex=True`, one RE2 pattern) becomes a trigram plan
+   (plan.py) and a match tree (matchtree.py) of content, path, language, repository and
+   symbol terms.
+2. Candidates. Per segment the plan is evaluated on roaring bitmaps (And is intersection,
+   Or is union, All is every document) and intersected with the segment's live set; then
+   the cheap terms (path, language, repository) prune candidates without touching content.
+3. Verify. Each candidate's stored content is run through the content terms' LineMatchers
+   (RE2 semantics, line-oriented), so there are never false positives. The deadline and the
+   cancellation event are checked between files; a deadline returns the partial result
+   marked `limit_hit` with reason DEADLINE.
+4. Rank and page. Matching files get rank.py's score and are ordered by cursor.rank_key;
+   only the files on the returned page get their line text, columns, context lines and
+   enclosing symbols built.
+
+FIRST_PAGE mode verifies candidates in order of their path prior (ordinary files before
+tests, vendored and generated ones) and stops once it has `limit_files` files at
+whole-word rank or better, or `OVERSAMPLE` times `limit_files` matching files of any rank,
+or when what remains cannot outrank what it has. It then ranks what it found: the page is
+good, not provably the best, and `stats.exact_order` says which. EXHAUSTIVE mode verifies
+every candidate and counts true totals. A page requested with a cursor is always computed
+in exact order, so concatenated pages equal the exhaustive result (after an approximate
+first page, they equal it as a set: see cursor.py).
+
+Wrappers (tenant scoping, logging, limits) implement the `SearchBackend` protocol around a
+Searcher instead of branching inside it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+from pyroaring import BitMap
+
+from services.search.engine import rank
+from services.search.engine.cursor import (
+    Cursor,
+    Position,
+    RankKey,
+    decode_cursor,
+    encode_cursor,
+    exclusion_digests,
+    path_digest,
+    query_fingerprint,
+    rank_key,
+)
+from services.search.engine.format import HEADER_SIZE, SYMBOL_RECORD
+from services.search.engine.index import Index, Snapshot
+from services.search.engine.matchtree import DocFacts, MatchTree, compile_query, compile_regex_query
+from services.search.engine.model import Symbol
+from services.search.engine.plan import All, And, Empty, Or, Plan, Tri
+from services.search.engine.query import Query
+from services.search.engine.reader import SegmentReader
+from services.search.engine.results import (
+    ContextLine,
+    FileMatch,
+    LimitReason,
+    LineMatch,
+    SearchMode,
+    SearchResult,
+    SearchStats,
+    match_range,
+)
+from services.search.engine.symsearch import SymbolCandidate, SymbolSearchResult, search_symbols
+from services.search.engine.verify import LineMatch as RawLineMatch
+
+# FIRST_PAGE keeps verifying until it has this many times the page in matching files (of any
+# rank) before it gives up looking for better-ranked ones.
+OVERSAMPLE = 3
+DEFAULT_LIMIT_FILES = 50
+
+
+class SearchCancelled(Exception):
+    """SearchCancelled is raised when the caller's cancellation event was set mid-search."""
+
+
+@dataclass(frozen=True, slots=True)
+class SearchRequest:
+    """SearchRequest is everything a search needs besides the index.
+
+    `query` is query-language text or a parsed Query; with `regex=True` it is one RE2
+    pattern taken whole (no query-language parsing), matched case-sensitively unless it
+    says `(?i)`. `limit_files` is the page size (None: every matching file);
+    `limit_matches` stops counting once that many matching lines were found (reason
+    MATCH_LIMIT). `deadline` is a `time.monotonic()` instant. `cursor` continues a previous
+    page of the same query on the same snapshot generation. `with_symbols=False` leaves
+    out the enclosing symbol of each line (ranking still uses definitions), which saves
+    decoding symbol records when a caller only wants lines.
+    """
+
+    query: str | Query
+    limit_files: int | None = DEFAULT_LIMIT_FILES
+    limit_matches: int | None = None
+    context_lines: int = 0
+    mode: SearchMode = SearchMode.FIRST_PAGE
+    cursor: str | None = None
+    deadline: float | None = None
+    regex: bool = False
+    with_symbols: bool = True
+    cancel: threading.Event | None = field(default=None, compare=False)
+
+
+class SearchBackend(Protocol):
+    """SearchBackend is what a searcher wrapper implements and wraps."""
+
+    def run(self, request: SearchRequest) -> SearchResult:
+        """run executes one search request."""
+        ...
+
+
+@dataclass(slots=True)
+class _Found:
+    """_Found is one verified, matching file before its page entry is built."""
+
+    key: RankKey
+    segment: int
+    ordinal: int
+    path: str
+    repository: str
+    language: str
+    external_id: str
+    score: float
+    lines: list[RawLineMatch]
+    symbols: tuple[Symbol, ...] = ()
+    path_ranges: tuple[tuple[int, int], ...] = ()
+    table: rank.SymbolTable | None = None
+
+    def __lt__(self, other: _Found) -> bool:
+        # heapq keeps the worst page entry on top: invert the rank order.
+        return self.key > other.key
+
+
+def evaluate_plan(plan: Plan, segment: SegmentReader) -> BitMap | None:
+    """evaluate_plan returns the segment's ordinals satisfying plan, or None for "every document".
+
+    Deleted ordinals may be included; the caller intersects with the live set.
+    """
+    if isinstance(plan, All):
+        return None
+    if isinstance(plan, Empty):
+        return BitMap()
+    if isinstance(plan, Tri):
+        return segment.postings(plan.gram)
+    if isinstance(plan, And):
+        result: BitMap | None = None
+        # Trigram leaves first: they are cheap and usually the most selective.
+        for child in sorted(plan.children, key=lambda c: 0 if isinstance(c, Tri) else 1):
+            bits = evaluate_plan(child, segment)
+            if bits is None:
+                continue
+            result = bits if result is None else result & bits
+            if not result:
+                return result
+        return result
+    if isinstance(plan, Or):
+        union = BitMap()
+        for child in plan.children:
+            bits = evaluate_plan(child, segment)
+            if bits is None:
+                return None
+            union |= bits
+        return union
+    raise TypeError(f"unknown plan node {plan!r}")
+
+
+class Searcher:
+    """Searcher answers queries over an open Index; it is safe to share between threads."""
+
+    def __init__(self, index: Index, *, cursor_key: bytes | None = None) -> None:
+        self.index = index
+        self._cursor_key = cursor_key
+        self._weights: dict[str, NDArray[np.float64]] = {}
+        self._weights_lock = threading.Lock()
+
+    def search(
+        self,
+        query: str | Query,
+        *,
+        limit_files: int | None = DEFAULT_LIMIT_FILES,
+        limit_matches: int | None = None,
+        context_lines: int = 0,
+        mode: SearchMode = SearchMode.FIRST_PAGE,
+        cursor: str | None = None,
+        deadline: float | None = None,
+        regex: bool = False,
+        with_symbols: bool = True,
+        cancel: threading.Event | None = None,
+    ) -> SearchResult:
+        """search runs one query; see SearchRequest for the arguments."""
+        return self.run(
+            SearchRequest(
+                query=query,
+                limit_files=limit_files,
+                limit_matches=limit_matches,
+                context_lines=context_lines,
+                mode=mode,
+                cursor=cursor,
+                deadline=deadline,
+                regex=regex,
+                with_symbols=with_symbols,
+                cancel=cancel,
+            )
+        )
+
+    def run(self, request: SearchRequest) -> SearchResult:
+        """run executes a SearchRequest on a fresh snapshot of the index."""
+        started = time.perf_counter()
+        if request.limit_files is not None and request.limit_files < 1:
+            raise ValueError("limit_files must be at least 1")
+        if request.context_lines < 0:
+            raise ValueError("context_lines must not be negative")
+        if request.regex:
+            if not isinstance(request.query, str):
+                raise TypeError("regex=True needs the pattern as a string")
+            tree = compile_regex_query(request.query)
+        else:
+            tree = compile_query(request.query)
+        fingerprint = query_fingerprint(str(tree), "regex" if request.regex else "query")
+        cursor = None
+        if request.cursor:
+            cursor = (
+                decode_cursor(request.cursor, key=self._cursor_key)
+                if self._cursor_key
+                else decode_cursor(request.cursor)
+            )
+        with self.index.snapshot() as snap:
+            if cursor is not None:
+                cursor.check(generation=snap.generation, fingerprint=fingerprint)
+            result = _Run(self, snap, tree, request, cursor, fingerprint).execute()
+        stats = replace(result.stats, duration_seconds=time.perf_counter() - started)
+        return replace(result, stats=stats)
+
+    def symbols(
+        self,
+        pattern: str,
+        *,
+        kind: str | None = None,
+        limit: int = 50,
+        case_sensitive: bool = False,
+    ) -> SymbolSearchResult:
+        """symbols ranks the definitions of every live document by how well their names match.
+
+        Ranking and counting are symsearch.search_symbols'; this feeds it one snapshot.
+        """
+        with self.index.snapshot() as snap:
+
+            def candidates() -> Iterator[SymbolCandidate]:
+                for segment in snap.segments:
+                    for ordinal in segment.live:
+                        found = segment.symbols(ordinal)
+                        if not found:
+                            continue
+                        doc = segment.doc(ordinal)
+                        for symbol in found:
+                            yield SymbolCandidate(symbol, doc.path, doc.repository, doc.language)
+
+            return search_symbols(
+                pattern, candidates(), kind=kind, limit=limit, case_sensitive=case_sensitive
+            )
+
+    def weights(self, segment: SegmentReader) -> NDArray[np.float64]:
+        """weights returns each ordinal's path weight (rank.path_weight), cached per segment."""
+        key = str(segment.data.path)
+        cached = self._weights.get(key)
+        if cached is not None:
+            return cached
+        paths = segment.paths
+        values = np.empty(len(paths), dtype=np.float64)
+        for i, path in enumerate(paths):
+            test, vendored, generated = rank.path_flags(path)
+            values[i] = rank.path_weight(test=test, vendored=vendored, generated=generated)
+        with self._weights_lock:
+            self._weights[key] = values
+        return values
+
+    def encode(self, cursor: Cursor) -> str:
+        """encode turns a cursor into the token handed to the caller."""
+        return encode_cursor(cursor, key=self._cursor_key) if self._cursor_key else encode_cursor(cursor)
+
+
+class _Run:
+    """_Run is the state of one search on one snapshot."""
+
+    def __init__(
+        self,
+        searcher: Searcher,
+        snap: Snapshot,
+        tree: MatchTree,
+        request: SearchRequest,
+        cursor: Cursor | None,
+        fingerprint: bytes,
+    ) -> None:
+        self.searcher = searcher
+        self.snap = snap
+        self.tree = tree
+        self.request = request
+        self.cursor = cursor
+        self.fingerprint = fingerprint
+        self.exact = cursor is not None or request.mode is SearchMode.EXHAUSTIVE
+        self.page_size = request.limit_files
+        self.heap: list[_Found] = []
+        self.file_count = 0
+        self.match_count = 0
+        self.good = 0  # matching files at whole-word rank or better (first-page stop rule)
+        self.verified = 0
+        self.eligible = 0  # matching files after the cursor position (candidates for this page)
+        self.limit_reason: LimitReason | None = None
+
+    def execute(self) -> SearchResult:
+        segments = self.snap.segments
+        plan = self.tree.plan
+        scan = isinstance(plan, All)
+        order: list[tuple[int, NDArray[np.int64]]] = []
+        weights_all: list[NDArray[np.float64]] = []
+        candidates = 0
+        for seg_index, segment in enumerate(segments):
+            bits = evaluate_plan(plan, segment)
+            live = segment.live if bits is None else bits & segment.live
+            ordinals = np.asarray(live.to_array(), dtype=np.int64)
+            if self.tree.has_metadata_terms and len(ordinals):
+                ordinals = self._prefilter(segment, ordinals)
+            candidates += len(ordinals)
+            order.append((seg_index, ordinals))
+            weights_all.append(self.searcher.weights(segment)[ordinals] if len(ordinals) else np.empty(0))
+        seg_ids = (
+            np.concatenate([np.full(len(o), i, dtype=np.int64) for i, o in order]) if order else np.empty(0)
+        )
+        ords = np.concatenate([o for _, o in order]) if order else np.empty(0, dtype=np.int64)
+        weights = np.concatenate(weights_all) if weights_all else np.empty(0)
+        # FIRST_PAGE: ordinary files first; within a weight, index order (segments are path-sorted).
+        sequence = np.arange(len(ords)) if self.exact else np.lexsort((ords, seg_ids, -weights))
+        best_possible = rank.DEFINITION + rank.FILENAME
+        stopped_early = False
+        for position, at in enumerate(sequence.tolist()):
+            if self._interrupted():
+                break
+            if not self.exact and self._enough(float(weights[at]) * best_possible):
+                stopped_early = position < len(sequence)
+                break
+            self._verify(int(seg_ids[at]), segments[int(seg_ids[at])], int(ords[at]))
+            if self.limit_reason is not None:
+                break
+        if stopped_early and self.limit_reason is None:
+            self.limit_reason = LimitReason.FILE_LIMIT
+        return self._result(candidates, scan, stopped_early)
+
+    def _interrupted(self) -> bool:
+        cancel = self.request.cancel
+        if cancel is not None and cancel.is_set():
+            raise SearchCancelled("search cancelled")
+        deadline = self.request.deadline
+        if deadline is not None and time.monotonic() >= deadline:
+            self.limit_reason = LimitReason.DEADLINE
+            return True
+        return False
+
+    def _enough(self, next_bound: float) -> bool:
+        """_enough is the FIRST_PAGE stop rule, checked before verifying the next candidate."""
+        page = self.page_size
+        if page is None or len(self.heap) < page:
+            return False
+        worst = self.heap[0]
+        if next_bound < -worst.key[0]:
+            # Nothing left can outrank the page: the order is exact after all.
+            return True
+        return self.good >= page or self.file_count >= OVERSAMPLE * page
+
+    def _prefilter(self, segment: SegmentReader, ordinals: NDArray[np.int64]) -> NDArray[np.int64]:
+        keep = np.zeros(len(ordinals), dtype=bool)
+        paths = segment.paths
+        for i, ordinal in enumerate(ordinals.tolist()):
+            doc = segment.doc(ordinal) if self.tree.needs_doc_record else None
+            facts = DocFacts(
+                path=paths[ordinal],
+                language=doc.language if doc else "",
+                repository=doc.repository if doc else "",
+            )
+            keep[i] = self.tree.prefilter(facts) is not False
+        return ordinals[keep]
+
+    def _verify(self, seg_index: int, segment: SegmentReader, ordinal: int) -> None:
+        self.verified += 1
+        doc = segment.doc(ordinal)
+        facts = DocFacts(path=doc.path, language=doc.language, repository=doc.repository)
+        content = bytes(segment.content(ordinal))
+        outcome = self.tree.evaluate(facts, content, lambda: segment.symbols(ordinal))
+        if outcome is None:
+            return
+        lines = outcome.lines
+        self.file_count += 1
+        self.match_count += len(lines)
+        limit = self.request.limit_matches
+        if limit is not None and self.match_count >= limit:
+            self.limit_reason = LimitReason.MATCH_LIMIT
+        table = _symbol_table(segment, ordinal)
+        signals = self._signals(doc.path, content, lines, outcome.filename_match, table)
+        if outcome.symbols:
+            # A sym: or type:symbol match is a definition by construction.
+            signals = replace(signals, definition=True)
+        score = rank.score(signals)
+        if score >= rank.WHOLE_WORD:
+            self.good += 1
+        key = rank_key(score, doc.path, doc.repository, doc.external_id)
+        cursor = self.cursor
+        if cursor is not None:
+            if not cursor.after(key):
+                return
+            if cursor.exclude and path_digest(doc.repository, doc.path, doc.external_id) in cursor.exclude:
+                return
+        found = _Found(
+            key=key,
+            segment=seg_index,
+            ordinal=ordinal,
+            path=doc.path,
+            repository=doc.repository,
+            language=doc.language,
+            external_id=doc.external_id,
+            score=score,
+            lines=lines,
+            symbols=outcome.symbols,
+            path_ranges=outcome.path_ranges,
+            table=table,
+        )
+        self.eligible += 1
+        page = self.page_size
+        if page is None or len(self.heap) < page:
+            heapq.heappush(self.heap, found)
+        elif key < self.heap[0].key:
+            heapq.heapreplace(self.heap, found)
+
+    def _signals(
+        self,
+        path: str,
+        content: bytes,
+        lines: Sequence[RawLineMatch],
+        filename_match: bool,
+        table: rank.SymbolTable,
+    ) -> rank.RankSignals:
+        whole_word = False
+        spans: list[tuple[int, int]] = []
+        for match in lines:
+            base = match.line_start
+            if not whole_word:
+                line = content[base : match.line_end]
+                whole_word = any(rank.is_whole_word(line, s, e) for s, e in match.ranges)
+            spans.extend((base + s, base + e) for s, e in match.ranges)
+        test, vendored, generated = rank.path_flags(path, content)
+        return rank.RankSignals(
+            definition=table.defines(spans),
+            whole_word=whole_word,
+            content_match=bool(lines),
+            filename_match=filename_match,
+            test=test,
+            vendored=vendored,
+            generated=generated,
+        )
+
+    def _result(self, candidates: int, scan: bool, stopped_early: bool) -> SearchResult:
+        ordered = sorted(self.heap, key=lambda f: f.key)
+        files = tuple(self._file_match(f) for f in ordered)
+        # Every match after the cursor competed for the page; more exist if some did not fit.
+        more = self.eligible > len(ordered)
+        next_cursor: str | None = None
+        carried = self.cursor.exclude if self.cursor is not None else frozenset()
+        if stopped_early and self.limit_reason is LimitReason.FILE_LIMIT:
+            shown = exclusion_digests((f.repository, f.path, f.external_id) for f in ordered)
+            next_cursor = self.searcher.encode(
+                Cursor(self.snap.generation, self.fingerprint, None, carried | shown)
+            )
+        elif more and ordered:
+            last = ordered[-1]
+            next_cursor = self.searcher.encode(
+                Cursor(
+                    self.snap.generation,
+                    self.fingerprint,
+                    Position(last.score, last.path, last.repository, last.external_id),
+                    carried,
+                )
+            )
+        return SearchResult(
+            files=files,
+            file_count=self.file_count,
+            match_count=self.match_count,
+            limit_hit=self.limit_reason is not None,
+            limit_reason=self.limit_reason,
+            stats=SearchStats(
+                candidates=candidates,
+                files_verified=self.verified,
+                segments_searched=len(self.snap.segments),
+                scan_fallback=scan,
+                exact_order=self.exact or not stopped_early,
+                plan=str(self.tree.plan),
+            ),
+            next_cursor=next_cursor,
+            generation=self.snap.generation,
+        )
+
+    def _file_match(self, found: _Found) -> FileMatch:
+        segment = self.snap.segments[found.segment]
+        content = bytes(segment.content(found.ordinal)) if found.lines else b""
+        context = self.request.context_lines
+        table = found.table if found.lines and self.request.with_symbols else None
+        line_starts: list[int] | None = None
+        line_matches: list[LineMatch] = []
+        for raw in found.lines:
+            line = content[raw.line_start : raw.line_end]
+            before: tuple[ContextLine, ...] = ()
+            after: tuple[ContextLine, ...] = ()
+            if context:
+                if line_starts is None:
+                    line_starts = _line_starts(content)
+                before, after = _context(content, line_starts, raw.line_number, context)
+            line_matches.append(
+                LineMatch(
+                    line_number=raw.line_number,
+                    line_start=raw.line_start,
+                    text=line.decode("utf-8", "replace"),
+                    ranges=tuple(match_range(line, s, e) for s, e in raw.ranges),
+                    before=before,
+                    after=after,
+                    symbol=table.enclosing(raw.line_number) if table else None,
+                )
+            )
+        return FileMatch(
+            path=found.path,
+            repository=found.repository,
+            language=found.language,
+            external_id=found.external_id,
+            score=found.score,
+            match_count=len(found.lines),
+            line_matches=tuple(line_matches),
+            path_ranges=found.path_ranges,
+            symbols=found.symbols,
+        )
+
+
+def _symbol_table(segment: SegmentReader, ordinal: int) -> rank.SymbolTable:
+    """_symbol_table reads a document's symbol spans without decoding names (see rank.SymbolTable).
+
+    It reads the symbols.bin records of the document (layout in format.py) through the
+    segment's mapped part: the fixed-size records give spans at numpy speed, and one symbol's
+    strings are decoded only when it is reported as a match's enclosing definition.
+    """
+    data = segment.data
+    record = data.records[ordinal]
+    count = int(record["symbol_count"])
+    if count == 0:
+        return rank.SymbolTable(np.zeros((0, 4), dtype=np.int64), _no_symbol)
+    start = HEADER_SIZE + int(record["symbols_off"])
+    raw = data.parts["symbols.bin"].region(start, start + int(record["symbols_len"]))
+    width = SYMBOL_RECORD.size // 4
+    fields = np.frombuffer(raw, dtype="<u4", count=count * width).reshape(count, width).astype(np.int64)
+    lengths = fields[:, 4:8]
+    string_starts = count * SYMBOL_RECORD.size + np.concatenate(([0], np.cumsum(lengths.sum(axis=1))[:-1]))
+
+    def symbol(i: int) -> Symbol:
+        at = int(string_starts[i])
+        texts: list[str] = []
+        for length in lengths[i].tolist():
+            texts.append(bytes(raw[at : at + length]).decode("utf-8", "replace"))
+            at += length
+        name, kind, qualified, parent = texts
+        start_line, end_line, start_byte, end_byte = (int(v) for v in fields[i, :4])
+        return Symbol(name, kind, qualified, start_line, end_line, start_byte, end_byte, parent)
+
+    return rank.SymbolTable(fields[:, :4], symbol)
+
+
+def _no_symbol(i: int) -> Symbol:
+    raise IndexError(i)
+
+
+def _line_starts(content: bytes) -> list[int]:
+    starts = [0]
+    at = content.find(b"\n")
+    while at >= 0:
+        starts.append(at + 1)
+        at = content.find(b"\n", at + 1)
+    return starts
+
+
+def _context(
+    content: bytes, starts: Sequence[int], line_number: int, count: int
+) -> tuple[tuple[ContextLine, ...], tuple[ContextLine, ...]]:
+    """_context returns up to `count` lines before and after a 1-based line."""
+    last_line = len(starts) if starts[-1] < len(content) else len(starts) - 1
+
+    def text(n: int) -> ContextLine:
+        begin = starts[n - 1]
+        end = starts[n] - 1 if n < len(starts) else len(content)
+        return ContextLine(n, content[begin:end].decode("utf-8", "replace"))
+
+    before = tuple(text(n) for n in range(max(1, line_number - count), line_number))
+    after = tuple(text(n) for n in range(line_number + 1, min(last_line, line_number + count) + 1))
+    return before, after
