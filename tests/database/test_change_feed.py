@@ -32,11 +32,13 @@ async def test_every_write_takes_a_new_revision_and_deletes_leave_tombstones(
 ) -> None:
     user_id = await user_factory()
     async with db.as_user(pool, user_id) as conn:
-        doc_id, r1 = await conn.fetchrow(
+        inserted = await conn.fetchrow(
             "insert into public.documents (user_id, path, content) values ($1, 'a.py', 'one')"
             " returning id, revision",
             user_id,
         )
+    assert inserted is not None
+    doc_id, r1 = inserted["id"], inserted["revision"]
     async with db.as_user(pool, user_id) as conn:
         r2 = await conn.fetchval(
             "update public.documents set content = 'two' where id = $1 returning revision", doc_id
@@ -71,6 +73,7 @@ async def test_documents_are_stamped_with_hash_size_and_updated_at(
             user_id,
             content,
         )
+    assert row is not None
     assert row["size"] == len(content.encode())
     assert row["content_hash"] == hashlib.sha256(content.encode()).hexdigest()
     assert row["updated_at"] == row["created_at"]
@@ -79,6 +82,7 @@ async def test_documents_are_stamped_with_hash_size_and_updated_at(
             "update public.documents set content = 'x' where id = $1 returning content_hash, updated_at",
             row["id"],
         )
+    assert updated is not None
     assert updated["content_hash"] == hashlib.sha256(b"x").hexdigest()
     assert updated["updated_at"] > row["updated_at"]
 
