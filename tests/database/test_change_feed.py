@@ -149,3 +149,25 @@ async def test_users_write_documents_without_rights_on_the_feed_itself(
         assert not await conn.fetchval("select has_table_privilege('public.document_changes', 'INSERT')")
         await conn.execute("insert into public.documents (user_id, path) values ($1, 'ok.py')", user_id)
         assert await conn.fetchval("select count(*) from public.document_changes") == 1
+
+
+async def test_upsert_by_path_takes_a_new_revision_and_revives_a_tombstone(
+    pool: asyncpg.Pool, user_factory: UserFactory
+) -> None:
+    # The statement ingest uses: one row per (user, repository or none, path).
+    upsert = """
+        insert into public.documents (user_id, repository_id, path, content) values ($1, null, 'u.py', $2)
+        on conflict (user_id, repository_id, path)
+        do update set content = excluded.content, deleted_at = null
+        returning id, revision
+    """
+    user_id = await user_factory()
+    async with db.as_user(pool, user_id) as conn:
+        first = await conn.fetchrow(upsert, user_id, "v1")
+        await conn.execute("update public.documents set deleted_at = now() where user_id = $1", user_id)
+        second = await conn.fetchrow(upsert, user_id, "v2")
+    assert first is not None and second is not None
+    assert second["id"] == first["id"]
+    assert second["revision"] > first["revision"]
+    assert [op for _, op, _ in await _changes(pool, user_id)] == ["upsert", "delete", "upsert"]
+    assert await pool.fetchval("select count(*) from public.documents where user_id = $1", user_id) == 1
