@@ -7,7 +7,11 @@ against the source for every symbol.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import textwrap
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given, settings
@@ -284,6 +288,7 @@ typedef struct node { struct node *next; } node_t;
 typedef int (*handler_t)(int);
 enum color { RED, GREEN = 2 };
 static int counter = 0;
+extern int elsewhere;
 int *make(void);
 int (*fp)(int);
 static const char *names[] = { "a" };
@@ -316,13 +321,13 @@ C_ROWS: list[Row] = [
     ("constant", "RED", 8, 8, ""),
     ("constant", "GREEN", 8, 8, ""),
     ("variable", "counter", 9, 9, ""),
-    ("variable", "fp", 11, 11, ""),
-    ("variable", "names", 12, 12, ""),
-    ("function", "make", 13, 13, ""),
-    ("function", "helper", 14, 24, ""),
-    ("macro", "INNER", 17, 17, ""),
-    ("variable", "config_var", 26, 26, ""),
-    ("struct", "u", 28, 28, ""),
+    ("variable", "fp", 12, 12, ""),
+    ("variable", "names", 13, 13, ""),
+    ("function", "make", 14, 14, ""),
+    ("function", "helper", 15, 25, ""),
+    ("macro", "INNER", 18, 18, ""),
+    ("variable", "config_var", 27, 27, ""),
+    ("struct", "u", 29, 29, ""),
 ]
 
 CPP = """\
@@ -524,3 +529,26 @@ def test_extract_many_over_processes_matches_sequential() -> None:
         assert list(extractor.map(items)) == expected
     assert extract_many(items, workers=1) == expected
     assert extract_many(iter(items), workers=2) == expected
+
+
+def test_extractor_survives_a_killed_worker() -> None:
+    items = [(source.encode(), language) for language, source, _ in GOLDEN] * 4
+    expected = [extract_symbols(content, language) for content, language in items]
+    with SymbolExtractor(2, chunk_bytes=1024) as extractor:
+
+        def stream() -> Iterator[tuple[bytes, str]]:
+            for index, item in enumerate(items):
+                if index == len(GOLDEN):
+                    # By now chunks are in flight; kill every worker as a grammar crash would.
+                    pool = extractor._pool
+                    assert pool is not None
+                    for process in list(pool._processes.values()):
+                        assert process.pid is not None
+                        # The pool reaps the others itself once it sees the first death.
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(process.pid, signal.SIGKILL)
+                        process.join()
+                yield item
+
+        assert list(extractor.map(stream())) == expected
+        assert extractor.restarts >= 1

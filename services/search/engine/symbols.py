@@ -33,7 +33,8 @@ import multiprocessing
 import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from importlib import resources
 
@@ -421,8 +422,8 @@ def _split_qualified(node: tree_sitter.Node, content: bytes) -> tuple[str, tree_
 
 def _declared(node: tree_sitter.Node, kind: str, content: bytes) -> Iterator[_Def]:
     """_declared resolves C/C++ declarators: function definitions, typedefs, variables, methods."""
-    if kind == "variable" and not _at_file_scope(node):
-        return  # Under `#if` the declaration may sit in a function body.
+    if kind == "variable" and (not _at_file_scope(node) or _is_extern(node, content)):
+        return  # Under `#if` it may sit in a function body; `extern` only declares.
     if kind == "function" and not _at_file_scope(node):
         return  # `for_each_cpu(cpu) { ... }` in a body parses as a definition named `cpu`.
     for declarator in node.children_by_field_name("declarator"):
@@ -439,6 +440,17 @@ def _declared(node: tree_sitter.Node, kind: str, content: bytes) -> Iterator[_De
             if kind == "function" and found.prefix:
                 found.kind = "method"
             yield found
+
+
+def _is_extern(node: tree_sitter.Node, content: bytes) -> bool:
+    """_is_extern reports a C/C++ declaration with `extern` storage (defined elsewhere)."""
+    for child in node.children:
+        if (
+            child.type == "storage_class_specifier"
+            and content[child.start_byte : child.end_byte] == b"extern"
+        ):
+            return True
+    return False
 
 
 def _at_file_scope(node: tree_sitter.Node) -> bool:
@@ -536,14 +548,27 @@ def _rebuild(rows: list[list[_SymbolRow]]) -> Iterator[tuple[Symbol, ...]]:
         yield tuple([Symbol(*row) for row in doc])
 
 
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """_Pending is a chunk in flight: its future, its documents, and the pool running it."""
+
+    future: Future[list[list[_SymbolRow]]]
+    batch: list[tuple[bytes, str]]
+    pool: ProcessPoolExecutor
+
+
 class SymbolExtractor:
     """SymbolExtractor extracts symbols for a stream of documents over a pool of worker processes.
 
     Documents are grouped into chunks of about `chunk_bytes` so that inter-process overhead
     stays small, at most `2 * workers` chunks are in flight (memory stays bounded on huge
     trees), and results come back in input order. With `workers <= 1` everything runs in the
-    calling process. The pool uses the `forkserver` start method, which is safe in processes
-    that already run threads (gRPC, asyncio executors). Use it as a context manager.
+    calling process. The pool uses the `forkserver` start method by default, which is safe in
+    processes that already run threads (gRPC, asyncio executors); like every non-fork method
+    it needs the main module to be importable without side effects (`if __name__ ==
+    "__main__"`). If a worker dies (a grammar crashing on some input), the pool is restarted
+    and the affected chunks are redone one document at a time, so only the document that
+    kills a worker loses its symbols. Use it as a context manager.
     """
 
     def __init__(
@@ -551,10 +576,11 @@ class SymbolExtractor:
     ) -> None:
         self.workers = max(1, workers)
         self.chunk_bytes = max(1, chunk_bytes)
+        self.restarts = 0
+        self._context = multiprocessing.get_context(start_method)
         self._pool: ProcessPoolExecutor | None = None
         if self.workers > 1:
-            context = multiprocessing.get_context(start_method)
-            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=context)
+            self._pool = self._new_pool()
 
     def __enter__(self) -> SymbolExtractor:
         return self
@@ -570,18 +596,61 @@ class SymbolExtractor:
 
     def map(self, items: Iterable[tuple[bytes, str]]) -> Iterator[tuple[Symbol, ...]]:
         """map yields the symbols of each `(content, language)` item, in input order."""
-        pool = self._pool
-        if pool is None:
+        if self._pool is None:
             for content, language in items:
                 yield extract_symbols(content, language)
             return
-        pending: collections.deque[Future[list[list[_SymbolRow]]]] = collections.deque()
+        pending: collections.deque[_Pending] = collections.deque()
         for batch in self._chunks(items):
-            pending.append(pool.submit(_extract_batch, batch))
+            pending.append(self._submit(batch))
             while len(pending) >= 2 * self.workers:
-                yield from _rebuild(pending.popleft().result())
+                yield from _rebuild(self._collect(pending.popleft()))
         while pending:
-            yield from _rebuild(pending.popleft().result())
+            yield from _rebuild(self._collect(pending.popleft()))
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        """_new_pool starts the worker processes."""
+        return ProcessPoolExecutor(max_workers=self.workers, mp_context=self._context)
+
+    def _submit(self, batch: list[tuple[bytes, str]]) -> _Pending:
+        """_submit hands a chunk to the pool, replacing the pool first if it has broken."""
+        if self._pool is None:
+            self._pool = self._new_pool()
+        pool = self._pool
+        try:
+            return _Pending(pool.submit(_extract_batch, batch), batch, pool)
+        except BrokenProcessPool:
+            self._replace(pool)
+            assert self._pool is not None
+            return _Pending(self._pool.submit(_extract_batch, batch), batch, self._pool)
+
+    def _collect(self, pending: _Pending) -> list[list[_SymbolRow]]:
+        """_collect waits for a chunk; if its worker died, redoes the chunk document by document."""
+        try:
+            return pending.future.result()
+        except (BrokenProcessPool, CancelledError):
+            self._replace(pending.pool)
+        rows: list[list[_SymbolRow]] = []
+        for item in pending.batch:
+            single = self._submit([item])
+            try:
+                rows.extend(single.future.result())
+            except (BrokenProcessPool, CancelledError):
+                self._replace(single.pool)
+                rows.append([])  # This document kills the grammar: it gets no symbols.
+        return rows
+
+    def _replace(self, broken: ProcessPoolExecutor) -> None:
+        """_replace starts a new pool if `broken` is still the current one.
+
+        Chunks already submitted to a broken pool fail on their own; they must not take the
+        replacement down with them, hence the identity check.
+        """
+        if self._pool is not broken:
+            return
+        broken.shutdown(wait=False)
+        self.restarts += 1
+        self._pool = self._new_pool()
 
     def _chunks(self, items: Iterable[tuple[bytes, str]]) -> Iterator[list[tuple[bytes, str]]]:
         """_chunks groups items into lists of about `chunk_bytes`, skipping work for the pool.
