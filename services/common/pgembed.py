@@ -232,11 +232,12 @@ class EmbeddedPostgres:
         last_error = ""
         for attempt in range(_START_ATTEMPTS):
             port = self._choose_port(retry=attempt > 0)
+            log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
             result = self._pg_ctl_start(port)
             if result.returncode == 0:
                 self._port = port
                 break
-            last_error = result.stdout + result.stderr + self._log_tail()
+            last_error = result.stdout + result.stderr + self._log_since(log_offset)
             # Another process can take a port between our probe and the server's bind; only
             # that failure is worth another attempt on a fresh port.
             if "could not bind" not in last_error and "in use" not in last_error:
@@ -421,11 +422,15 @@ class EmbeddedPostgres:
             ]
         )
 
-    def _log_tail(self, lines: int = 20) -> str:
+    def _log_since(self, offset: int, lines: int = 20) -> str:
+        """_log_since returns the last lines the server logged after byte offset."""
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            with self.log_path.open("rb") as log:
+                log.seek(offset)
+                text = log.read().decode(errors="replace")
         except OSError:
             return ""
+        return "\n".join(text.splitlines()[-lines:])
 
     def _read_postmaster_pid(self) -> int | None:
         try:
@@ -440,8 +445,13 @@ class EmbeddedPostgres:
             return
         result = self._run([self._tool("pg_ctl"), "status", "-D", str(self.pgdata)])
         if result.returncode == 0:
+            runner = self._runner or _runner()
+            command = f"{self._tool('pg_ctl')} stop -D {self.pgdata} -m fast"
+            if runner.user is not None:
+                command = f"runuser -u {runner.user} -- {command}"
             raise EmbeddedPostgresError(
-                f"a PostgreSQL server (pid {pid}) already runs on {self.pgdata}; stop it first"
+                f"a PostgreSQL server (pid {pid}) already runs on {self.pgdata}, perhaps left by a "
+                f"killed process; stop it first: {command}"
             )
 
     def _wait_for_exit(self, timeout: float = 60.0) -> None:

@@ -183,3 +183,15 @@ def test_resolve_database_starts_an_embedded_cluster(
         assert _query(url, "select current_database()") == "kotadb"
     finally:
         cluster.stop()
+
+
+def test_an_explicit_port_in_use_fails_clearly(cluster_home: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen(1)
+        port = squatter.getsockname()[1]
+        cluster = EmbeddedPostgres(cluster_home, port=port, durable=False)
+        with pytest.raises(EmbeddedPostgresError, match=f"port {port} is in use"):
+            cluster.start()
+    assert cluster.postmaster_pid is None
+    assert not (cluster.pgdata / "postmaster.pid").exists()
