@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pyroaring import BitMap
 
-from services.search.engine.postings import PostingsBuilder, decode_postings, encode_postings
+from services.search.engine.postings import PostingsBuilder, decode_postings, encode_all, encode_postings
 from services.search.engine.trigrams import (
     distinct_trigrams,
     fold_ascii,
@@ -85,3 +85,20 @@ def test_postings_builder_inverts_documents() -> None:
         for i, tid in enumerate(ids.tolist()):
             expected = [n for n, d in enumerate(docs) if tid in reference_trigrams(d)]
             assert ordinals[starts[i] : starts[i + 1]].tolist() == expected
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 200_000), max_size=40), max_size=30), st.integers(0, 5000))
+def test_encode_all_is_byte_identical_to_croaring(lists: list[list[int]], run: int) -> None:
+    # Add a long consecutive run and a dense list so both slow paths (runs, >4096) are exercised.
+    groups = [sorted(set(g)) for g in lists] + [list(range(run, run + 50)), list(range(0, 3 * 5000, 3))]
+    groups = [g for g in groups if g]
+    ordinals = np.array([v for g in groups for v in g], dtype=np.uint32)
+    starts = np.zeros(len(groups) + 1, dtype=np.int64)
+    np.cumsum([len(g) for g in groups], out=starts[1:])
+    offsets, data = encode_all(ordinals, starts)
+    raw = data.tobytes()
+    for i, group in enumerate(groups):
+        expected = BitMap(group)
+        expected.run_optimize()
+        assert raw[offsets[i] : offsets[i + 1]] == expected.serialize()

@@ -229,27 +229,16 @@ def _build(dest: Path, docs: Sequence[PendingDoc], limits: Limits | None) -> Bui
     table.write(b"".join(strings))
     parts["docs.bin"] = table.finish()
 
-    ids, lists = postings.encoded()
+    ids, offsets, data = postings.encoded()
     result.trigram_count = len(ids)
-    offsets = np.empty(len(ids) + 1, dtype="<u8")
     post = PartWriter(dest / "postings.bin", MAGIC_POSTINGS, len(ids), lazy=True)
-    position = 0
-    batch: list[bytes] = []
-    for i, encoded in enumerate(lists):
-        offsets[i] = position
-        position += len(encoded)
-        batch.append(encoded)
-        if len(batch) >= 4096:
-            post.write(b"".join(batch))
-            batch.clear()
-    post.write(b"".join(batch))
-    offsets[len(ids)] = position
+    post.write(memoryview(data))
     parts["postings.bin"] = post.finish()
 
     dictionary = PartWriter(dest / "dict.bin", MAGIC_DICT, len(ids), lazy=False)
     dictionary.write(ids.astype("<u4").tobytes())
     dictionary.write(b"\0" * dict_padding(len(ids)))
-    dictionary.write(offsets.tobytes())
+    dictionary.write(offsets.astype("<u8").tobytes())
     parts["dict.bin"] = dictionary.finish()
 
     result.doc_count = count
