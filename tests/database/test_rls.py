@@ -389,3 +389,33 @@ async def test_grants_match_the_table_spec(pool: asyncpg.Pool, table: str) -> No
     assert privileges["anon"] == set()
     assert privileges["authenticated"] == set(USER_TABLES[table].granted)
     assert privileges["service_role"] == set(ALL)
+
+
+async def test_every_public_table_follows_the_conventions(pool: asyncpg.Pool) -> None:
+    # Comments on every table; an updated_at trigger wherever there is an updated_at column.
+    rows = await pool.fetch(
+        """
+        select c.relname,
+               obj_description(c.oid, 'pg_class') as comment,
+               exists (select 1 from pg_attribute a
+                        where a.attrelid = c.oid and a.attname = 'updated_at' and not a.attisdropped)
+                 as has_updated_at,
+               exists (select 1 from pg_trigger t
+                        where t.tgrelid = c.oid and t.tgfoid = 'public.set_updated_at()'::regprocedure)
+                 as has_updated_at_trigger
+          from pg_class c
+         where c.relnamespace = 'public'::regnamespace and c.relkind in ('r', 'p')
+        """
+    )
+    for row in rows:
+        assert row["comment"], f"{row['relname']}: missing comment on table"
+        assert row["has_updated_at"] == row["has_updated_at_trigger"], f"{row['relname']}: updated_at trigger"
+    definers = await pool.fetch(
+        """
+        select p.oid::regprocedure::text as name, p.proconfig
+          from pg_proc p
+         where p.pronamespace = 'public'::regnamespace and p.prosecdef
+        """
+    )
+    for definer in definers:
+        assert 'search_path=""' in (definer["proconfig"] or []), f"{definer['name']}: set search_path = ''"
