@@ -232,7 +232,7 @@ def _build(dest: Path, docs: Sequence[PendingDoc], limits: Limits | None) -> Bui
     ids, offsets, data = postings.encoded()
     result.trigram_count = len(ids)
     post = PartWriter(dest / "postings.bin", MAGIC_POSTINGS, len(ids), lazy=True)
-    post.write(memoryview(data))
+    post.write(data.data)
     parts["postings.bin"] = post.finish()
 
     dictionary = PartWriter(dest / "dict.bin", MAGIC_DICT, len(ids), lazy=False)
