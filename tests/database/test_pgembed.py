@@ -6,7 +6,9 @@ import asyncio
 import json
 import os
 import shutil
+import re
 import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -195,3 +197,14 @@ def test_an_explicit_port_in_use_fails_clearly(cluster_home: Path) -> None:
             cluster.start()
     assert cluster.postmaster_pid is None
     assert not (cluster.pgdata / "postmaster.pid").exists()
+
+
+def test_without_binaries_or_pgserver_the_error_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The seam: pretend no PostgreSQL is installed and the optional wheel is absent.
+    monkeypatch.setattr(pgembed, "find_pg_bin_dir", lambda: None)
+    monkeypatch.setitem(sys.modules, "pgserver", None)
+    with pytest.raises(EmbeddedPostgresError, match=re.escape("kotadb[embedded-pg]")) as caught:
+        EmbeddedPostgres(tmp_path / "cluster").start()
+    assert "KOTADB_DATABASE_URL" in str(caught.value)
