@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import re
+import shutil
 import socket
 import sys
 import tempfile
