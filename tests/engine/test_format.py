@@ -1,4 +1,4 @@
-"""Golden tests of the on-disk format (format.py): byte layout, the committed v1 fixture, versions, corruption.
+"""Golden tests of the on-disk format (format.py): byte layout, the v1 fixture, versions, corruption.
 
 The fixture under fixtures/format_v1/index was built by this module from fixtures/format_v1/src;
 regenerate it only when deliberately changing format version 1 (which should never happen):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import array
 import struct
 import threading
+
 import numpy as np
 from numpy.typing import NDArray
 from pyroaring import BitMap
