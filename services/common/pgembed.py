@@ -50,6 +50,14 @@ _SOCKET_SUFFIX_LEN = len("/.s.PGSQL.65535")
 _START_ATTEMPTS = 3
 
 
+# Where clusters go when the unprivileged runner cannot reach the data dir (see _prepare_home).
+SPILL_ROOT = Path("/var/tmp")
+SPILL_PREFIX = "kotadb-pg-"
+SPILL_OWNER_FILE = "owner"
+# A spill directory younger than this may belong to a start in progress; never sweep it.
+_SPILL_GRACE_SECONDS = 300.0
+
+
 class EmbeddedPostgresError(RuntimeError):
     """EmbeddedPostgresError reports a cluster that could not be created, started or stopped."""
 
@@ -127,6 +135,33 @@ def _can_traverse(path: Path, runner: _Runner) -> bool:
         if not allowed:
             return False
     return True
+
+
+def sweep_spill_dirs(root: Path = SPILL_ROOT) -> list[Path]:
+    """sweep_spill_dirs removes spill directories whose data dir is gone, returning them.
+
+    A spill directory is kept while its data dir still links to it, while a server runs in it,
+    and for a grace period after creation; everything else is an orphan left by a deleted data
+    dir (e.g. a test's temporary directory) and would otherwise pile up.
+    """
+    removed: list[Path] = []
+    for spill in root.glob(f"{SPILL_PREFIX}*"):
+        try:
+            if time.time() - spill.stat().st_mtime < _SPILL_GRACE_SECONDS:
+                continue
+            owner = Path((spill / SPILL_OWNER_FILE).read_text().strip())
+        except (OSError, ValueError):
+            continue  # not one of ours, or not readable: leave it alone
+        link = owner / "pg"
+        if link.is_symlink() and link.resolve() == spill.resolve():
+            continue
+        pid_file = spill / "data" / "postmaster.pid"
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if _running(int(pid_file.read_text().splitlines()[0])):
+                continue
+        shutil.rmtree(spill, ignore_errors=True)
+        removed.append(spill)
+    return removed
 
 
 def _running(pid: int | None) -> bool:
@@ -302,9 +337,11 @@ class EmbeddedPostgres:
                 # The unprivileged runner cannot reach data_dir (e.g. under root's 0700 home), so
                 # the cluster lives in a stable spill directory that pg/ points to; the same
                 # data_dir always maps to the same spill directory, so reuse still works.
+                sweep_spill_dirs()
                 digest = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:16]
-                spill = Path("/var/tmp") / f"kotadb-pg-{digest}"
+                spill = SPILL_ROOT / f"{SPILL_PREFIX}{digest}"
                 spill.mkdir(mode=0o700, exist_ok=True)
+                (spill / SPILL_OWNER_FILE).write_text(str(self.data_dir) + "\n")
                 home.symlink_to(spill)
         real_home = home.resolve()
         if not _can_traverse(real_home.parent, self._runner):

@@ -208,3 +208,30 @@ def test_without_binaries_or_pgserver_the_error_says_what_to_install(
     with pytest.raises(EmbeddedPostgresError, match=re.escape("kotadb[embedded-pg]")) as caught:
         EmbeddedPostgres(tmp_path / "cluster").start()
     assert "KOTADB_DATABASE_URL" in str(caught.value)
+
+
+def test_sweep_removes_only_orphaned_spill_dirs(tmp_path: Path) -> None:
+    root = tmp_path / "spill-root"
+    root.mkdir()
+    old = 10_000.0
+
+    def spill(name: str, owner: Path | None, age: float) -> Path:
+        directory = root / f"{pgembed.SPILL_PREFIX}{name}"
+        directory.mkdir()
+        if owner is not None:
+            (directory / pgembed.SPILL_OWNER_FILE).write_text(f"{owner}\n")
+        stamp = directory.stat().st_mtime - age
+        os.utime(directory, (stamp, stamp))
+        return directory
+
+    orphan = spill("orphan", tmp_path / "deleted-data-dir", old)
+    live_owner = tmp_path / "live"
+    live_owner.mkdir()
+    linked = spill("linked", live_owner, old)
+    (live_owner / "pg").symlink_to(linked)
+    young = spill("young", tmp_path / "also-deleted", 0)
+    foreign = spill("foreign", None, old)
+
+    assert pgembed.sweep_spill_dirs(root) == [orphan]
+    assert not orphan.exists()
+    assert linked.exists() and young.exists() and foreign.exists()
