@@ -10,8 +10,11 @@ An `EmbeddedPostgres` owns one directory. Inside it:
 
 System PostgreSQL binaries are preferred (found under /usr/lib/postgresql/*/bin or on PATH).
 `pg_ctl` refuses to run as root, so when we are root every PostgreSQL program runs as an
-unprivileged OS user (`postgres` if it exists, else `nobody`) that owns `pg/`. When no binaries
-are installed the `pgserver` wheel (`pip install kotadb[embedded-pg]`) provides a bundled server.
+unprivileged OS user (`postgres` if it exists, else `nobody`) that owns `pg/`. If that user
+cannot traverse the data dir's ancestors (root's 0700 home, pytest's 0700 temp dirs), `pg/` is a
+symlink to a stable spill directory under /var/tmp named after the data dir; spill directories
+whose data dir has gone are swept on later starts. When no binaries are installed the
+`pgserver` wheel (`pip install kotadb[embedded-pg]`) provides a bundled server.
 
 The cluster listens on 127.0.0.1 only and trusts local connections: it is for development and
 tests, never for data anyone cares about.
