@@ -154,3 +154,27 @@ def test_enclosing_symbol_is_innermost() -> None:
     outer = enclosing_symbol(found, 1)
     assert outer is not None and outer.qualified_name == "Server"
     assert enclosing_symbol(found, 100) is None
+
+
+def _many(names: list[str]) -> list[tuple[Symbol, str, str, str]]:
+    return [
+        (Symbol(name, "function", name, i + 1, i + 1), "m.py", "", "python") for i, name in enumerate(names)
+    ]
+
+
+def test_regex_tier_over_many_batches_matches_name_by_name() -> None:
+    # More candidates than one regex batch, with anchors and negated classes that must not
+    # reach across the newlines joining the names of a batch.
+    names = [f"{'get' if i % 3 else 'set'}_{i}_{'x' * (i % 5)}" for i in range(10_000)]
+    for pattern, expect in [
+        (r"^set_\d+_$", lambda n: n.startswith("set_") and n.endswith("_")),
+        (r"_1\d*_x{4}$", lambda n: "_1" in n and n.endswith("_xxxx") and not n.endswith("_xxxxx")),
+        (r"[^a-z_0-9]", lambda n: False),
+        (r"x\z", lambda n: n.endswith("x")),
+        (r"\Aget_9", lambda n: n.startswith("get_9")),
+    ]:
+        result = search_symbols(pattern, _many(names), limit=5)
+        expected = [n for n in names if expect(n)]
+        assert result.total == len(expected), pattern
+        assert all(m.tier is MatchTier.REGEX for m in result.matches)
+        assert [m.symbol.name for m in result.matches] == expected[:5]
