@@ -6,6 +6,8 @@ of what the extractor hands to search.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from services.search.engine.model import Symbol
@@ -166,13 +168,14 @@ def test_regex_tier_over_many_batches_matches_name_by_name() -> None:
     # More candidates than one regex batch, with anchors and negated classes that must not
     # reach across the newlines joining the names of a batch.
     names = [f"{'get' if i % 3 else 'set'}_{i}_{'x' * (i % 5)}" for i in range(10_000)]
-    for pattern, expect in [
+    cases: list[tuple[str, Callable[[str], bool]]] = [
         (r"^set_\d+_$", lambda n: n.startswith("set_") and n.endswith("_")),
         (r"_1\d*_x{4}$", lambda n: "_1" in n and n.endswith("_xxxx") and not n.endswith("_xxxxx")),
         (r"[^a-z_0-9]", lambda n: False),
         (r"x\z", lambda n: n.endswith("x")),
         (r"\Aget_9", lambda n: n.startswith("get_9")),
-    ]:
+    ]
+    for pattern, expect in cases:
         result = search_symbols(pattern, _many(names), limit=5)
         expected = [n for n in names if expect(n)]
         assert result.total == len(expected), pattern
