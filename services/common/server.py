@@ -213,8 +213,12 @@ class ServiceServer:
             host = "127.0.0.1"
         return f"{host}:{self.port}"
 
-    async def start(self) -> int:
-        """start binds and starts the server with health NOT_SERVING, and returns the bound port."""
+    async def start(self, *, port_file: Path | None = None) -> int:
+        """start binds and starts the server with health NOT_SERVING, and returns the bound port.
+
+        `port_file`, when given, receives the bound port before the "listening" log line, so a
+        supervisor that started the process with port 0 can find it.
+        """
         if self._server is not None:
             raise RuntimeError(f"{self.name} server already started")
         limit = self.settings.max_message_bytes
@@ -240,6 +244,11 @@ class ServiceServer:
         await server.start()
         self._server = server
         self._readiness = asyncio.create_task(self._readiness_loop(), name=f"{self.name}-readiness")
+        if port_file is not None:
+            # Write then rename, so a reader never sees a half-written number.
+            partial = port_file.with_name(port_file.name + ".tmp")
+            partial.write_text(f"{self.port}\n")
+            partial.replace(port_file)
         log.info(
             "listening",
             extra={"fields": {"service": self.name, "host": self.settings.host, "port": self.port}},
@@ -389,15 +398,10 @@ async def _serve_until_signal(server: ServiceServer, port_file: Path | None) -> 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
-        port = await server.start()
+        await server.start(port_file=port_file)
     except Exception:
         log.exception("could not start", extra={"fields": {"service": server.name}})
         return 1
-    if port_file is not None:
-        # Write then rename, so a reader never sees a half-written number.
-        partial = port_file.with_name(port_file.name + ".tmp")
-        partial.write_text(f"{port}\n")
-        partial.replace(port_file)
     await stop.wait()
     log.info("signal received", extra={"fields": {"service": server.name}})
     await server.stop()
