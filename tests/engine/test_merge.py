@@ -74,7 +74,8 @@ def test_merge_drops_deletions_and_preserves_results(tmp_path: Path) -> None:
 
 
 def test_segment_count_stays_bounded_under_small_commits(tmp_path: Path) -> None:
-    index = Index.create(tmp_path / "idx")
+    # Not durable: 200 commits would otherwise spend their time in fsync on a shared disk.
+    index = Index.create(tmp_path / "idx", durable=False)
     policy = TieredMergePolicy(segments_per_tier=4, floor_bytes=512)
     counts = []
     with IndexWriter(index, merge_policy=policy) as writer:
@@ -96,12 +97,18 @@ def test_expunge_rewrites_a_mostly_deleted_segment() -> None:
     sizes = [SegmentSize("seg-1", 100, 40, 10_000), SegmentSize("seg-2", 10, 10, 100)]
     assert policy.select(sizes) == ["seg-1"]
     assert policy.select([SegmentSize("seg-1", 100, 60, 10_000)]) is None
-    big = [SegmentSize(f"seg-{i}", 1, 1, 3 << 30) for i in range(10)]
-    assert policy.select(big) is None
+    # Flush-sized segments (past half the maximum) are final: a bulk build never re-merges.
+    full = [SegmentSize(f"seg-{i}", 1, 1, 40 << 20) for i in range(20)]
+    assert policy.select(full) is None
+    # Merges stop short of the maximum size, and need at least two segments.
+    mid = [SegmentSize(f"seg-{i}", 1, 1, 30 << 20) for i in range(8)]
+    assert policy.select(mid) == ["seg-0", "seg-1"]
+    small = [SegmentSize(f"seg-{i}", 1, 1, 1000 + i) for i in range(9)]
+    assert policy.select(small) == [f"seg-{i}" for i in range(8)]
 
 
 def test_snapshot_stays_consistent_while_merges_run(tmp_path: Path) -> None:
-    index = Index.create(tmp_path / "idx")
+    index = Index.create(tmp_path / "idx", durable=False)
     with IndexWriter(index, merge_policy=TieredMergePolicy(segments_per_tier=100)) as writer:
         for i in range(40):
             writer.add(doc(f"d{i}", text_for(i)))

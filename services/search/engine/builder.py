@@ -156,7 +156,9 @@ class BuiltSegment:
     skipped: list[tuple[int, Skipped]] = field(default_factory=list)
 
 
-def build_segment(dest: Path, docs: Sequence[PendingDoc], limits: Limits | None) -> BuiltSegment:
+def build_segment(
+    dest: Path, docs: Sequence[PendingDoc], limits: Limits | None, *, durable: bool = True
+) -> BuiltSegment:
     """build_segment writes `docs` as a new segment in directory `dest` (created; must not exist).
 
     With `limits`, documents over the trigram limit are left out and reported; merges pass None
@@ -165,13 +167,13 @@ def build_segment(dest: Path, docs: Sequence[PendingDoc], limits: Limits | None)
     """
     dest.mkdir(parents=True)
     try:
-        return _build(dest, docs, limits)
+        return _build(dest, docs, limits, durable)
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise
 
 
-def _build(dest: Path, docs: Sequence[PendingDoc], limits: Limits | None) -> BuiltSegment:
+def _build(dest: Path, docs: Sequence[PendingDoc], limits: Limits | None, durable: bool) -> BuiltSegment:
     result = BuiltSegment(dest, 0, 0, 0)
     postings = PostingsBuilder()
     accepted: list[PendingDoc] = []
@@ -192,9 +194,11 @@ def _build(dest: Path, docs: Sequence[PendingDoc], limits: Limits | None) -> Bui
     parts: dict[str, PartInfo] = {}
     count = len(accepted)
 
-    content = PartWriter(dest / "content.bin", MAGIC_CONTENT, count, lazy="content.bin" in LAZY_PARTS)
+    content = PartWriter(
+        dest / "content.bin", MAGIC_CONTENT, count, lazy="content.bin" in LAZY_PARTS, durable=durable
+    )
     symbol_total = sum(d.symbol_count for d in accepted)
-    symbols = PartWriter(dest / "symbols.bin", MAGIC_SYMBOLS, symbol_total, lazy=True)
+    symbols = PartWriter(dest / "symbols.bin", MAGIC_SYMBOLS, symbol_total, lazy=True, durable=durable)
     records: list[bytes] = []
     strings: list[bytes] = []
     content_off = symbols_off = strings_off = 0
@@ -224,18 +228,18 @@ def _build(dest: Path, docs: Sequence[PendingDoc], limits: Limits | None) -> Bui
     parts["symbols.bin"] = symbols.finish()
     result.content_bytes = content_off
 
-    table = PartWriter(dest / "docs.bin", MAGIC_DOCS, count, lazy=False)
+    table = PartWriter(dest / "docs.bin", MAGIC_DOCS, count, lazy=False, durable=durable)
     table.write(b"".join(records))
     table.write(b"".join(strings))
     parts["docs.bin"] = table.finish()
 
     ids, offsets, data = postings.encoded()
     result.trigram_count = len(ids)
-    post = PartWriter(dest / "postings.bin", MAGIC_POSTINGS, len(ids), lazy=True)
+    post = PartWriter(dest / "postings.bin", MAGIC_POSTINGS, len(ids), lazy=True, durable=durable)
     post.write(data.data)
     parts["postings.bin"] = post.finish()
 
-    dictionary = PartWriter(dest / "dict.bin", MAGIC_DICT, len(ids), lazy=False)
+    dictionary = PartWriter(dest / "dict.bin", MAGIC_DICT, len(ids), lazy=False, durable=durable)
     dictionary.write(ids.astype("<u4").tobytes())
     dictionary.write(b"\0" * dict_padding(len(ids)))
     dictionary.write(offsets.astype("<u8").tobytes())
@@ -251,8 +255,8 @@ def _build(dest: Path, docs: Sequence[PendingDoc], limits: Limits | None) -> Bui
         "block_size": BLOCK_SIZE,
         "parts": {name: info.to_json() for name, info in sorted(parts.items())},
     }
-    write_atomic(dest / META_FILE, dump_checked_json(meta))
-    fsync_dir(dest)
+    write_atomic(dest / META_FILE, dump_checked_json(meta), durable=durable)
+    fsync_dir(dest, durable=durable)
     return result
 
 

@@ -228,20 +228,23 @@ def load_checked_json(path: Path) -> dict[str, Any]:
     return obj
 
 
-def write_atomic(path: Path, data: bytes | Sequence[bytes | memoryview]) -> None:
-    """write_atomic writes `data` to a temporary sibling, fsyncs it and renames it over `path`."""
+def write_atomic(path: Path, data: bytes | Sequence[bytes | memoryview], *, durable: bool = True) -> None:
+    """write_atomic writes `data` to a temporary sibling, fsyncs it if durable, and renames it to `path`."""
     tmp = path.with_name(f".{path.name}.tmp")
     chunks = [data] if isinstance(data, bytes) else data
     with open(tmp, "wb") as fh:
         for chunk in chunks:
             fh.write(chunk)
         fh.flush()
-        os.fsync(fh.fileno())
+        if durable:
+            os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
-def fsync_dir(path: Path) -> None:
-    """fsync_dir makes a rename inside `path` durable."""
+def fsync_dir(path: Path, *, durable: bool = True) -> None:
+    """fsync_dir makes a rename inside `path` durable (a no-op unless durable)."""
+    if not durable:
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -292,8 +295,9 @@ class PartInfo:
 class PartWriter:
     """PartWriter streams one binary part to disk, computing the checksums meta.json records."""
 
-    def __init__(self, path: Path, magic: bytes, count: int, *, lazy: bool) -> None:
+    def __init__(self, path: Path, magic: bytes, count: int, *, lazy: bool, durable: bool = True) -> None:
         self.path = path
+        self._durable = durable
         self._fh = open(path, "wb")  # noqa: SIM115 - closed by finish()
         self._lazy = lazy
         self._crc = 0
@@ -326,7 +330,8 @@ class PartWriter:
         if self._lazy and self._block_fill:
             self._blocks.append(self._block_crc)
         self._fh.flush()
-        os.fsync(self._fh.fileno())
+        if self._durable:
+            os.fsync(self._fh.fileno())
         self._fh.close()
         return PartInfo(self._size, self._crc, tuple(self._blocks))
 

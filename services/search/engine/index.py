@@ -260,8 +260,13 @@ class IndexStats:
 class Index:
     """Index is an opened index directory, shared by every snapshot and the writer in this process."""
 
-    def __init__(self, path: Path, manifest: Manifest) -> None:
+    def __init__(self, path: Path, manifest: Manifest, *, durable: bool = True) -> None:
         self.path = path
+        self.durable = durable
+        """durable makes every write fsync files and directories before a manifest names them.
+
+        The index is a cache of the database and checksums catch torn files, so tests (and
+        throwaway indexes) may turn it off; crash consistency does not depend on it."""
         self._state = threading.RLock()
         self._write_lock = threading.Lock()
         self._lock_fd: int | None = None
@@ -272,7 +277,7 @@ class Index:
         self._pin(manifest.files())
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, create: bool = False) -> Index:
+    def open(cls, path: str | os.PathLike[str], *, create: bool = False, durable: bool = True) -> Index:
         """open opens the index at `path`; with create=True an empty index is made if none exists."""
         root = Path(path)
         if create:
@@ -284,15 +289,15 @@ class Index:
             if not create:
                 raise IndexNotFoundError(root, "no manifest: not an index")
             empty = Manifest(0, 0)
-            write_atomic(root / manifest_name(0), dump_checked_json(empty.to_json()))
-            fsync_dir(root)
+            write_atomic(root / manifest_name(0), dump_checked_json(empty.to_json()), durable=durable)
+            fsync_dir(root, durable=durable)
             gens = [0]
-        return cls(root, Manifest.load(root / manifest_name(gens[-1])))
+        return cls(root, Manifest.load(root / manifest_name(gens[-1])), durable=durable)
 
     @classmethod
-    def create(cls, path: str | os.PathLike[str]) -> Index:
+    def create(cls, path: str | os.PathLike[str], *, durable: bool = True) -> Index:
         """create opens the index at `path`, making an empty one if needed."""
-        return cls.open(path, create=True)
+        return cls.open(path, create=True, durable=durable)
 
     @property
     def manifest(self) -> Manifest:
@@ -384,8 +389,9 @@ class Index:
 
         Only the holder of write_lock may publish.
         """
-        write_atomic(self.path / manifest_name(manifest.generation), dump_checked_json(manifest.to_json()))
-        fsync_dir(self.path)
+        raw = dump_checked_json(manifest.to_json())
+        write_atomic(self.path / manifest_name(manifest.generation), raw, durable=self.durable)
+        fsync_dir(self.path, durable=self.durable)
         with self._state:
             self._set_current(manifest)
 

@@ -42,20 +42,26 @@ class SegmentSize:
 
 @dataclass(frozen=True, slots=True)
 class TieredMergePolicy:
-    """TieredMergePolicy keeps the segment count logarithmic in the index size.
+    """TieredMergePolicy keeps the segment count logarithmic in the number of small writes.
 
     Segments are grouped into tiers by live content size: tier t holds sizes in
-    [floor * factor^t, floor * factor^(t+1)), everything below `floor_bytes` counting as tier 0.
-    When a tier holds `segments_per_tier` segments, the smallest of them are merged into one
-    segment of the next tier, so at most ``segments_per_tier - 1`` segments stay per tier and the
-    total is bounded by about ``(segments_per_tier - 1) * log_factor(index_size / floor)``.
-    Segments above `max_segment_bytes` are never merged with others; any segment with more
-    than `expunge_ratio` of its documents deleted is rewritten on its own.
+    [floor * factor^t, floor * factor^(t+1)), everything below `floor_bytes` counting as tier 0,
+    with factor = `segments_per_tier`. When a tier holds `segments_per_tier` segments, the
+    smallest of them are merged into one segment of the next tier, so at most
+    ``segments_per_tier - 1`` segments stay per tier.
+
+    A merge never produces a segment above `max_segment_bytes`, and segments already past half
+    of it are left alone: with the writer's default flush size (64 MiB) segments from a bulk
+    build are final, so building never re-reads what it just wrote (a merge re-extracts
+    trigrams at build speed). Small commits therefore add at most
+    ``(segments_per_tier - 1) * log_factor(max_segment_bytes / floor_bytes)`` segments (14 with
+    the defaults) on top of the full-size ones. Any segment with more than `expunge_ratio` of
+    its documents deleted is rewritten on its own.
     """
 
     segments_per_tier: int = 8
     floor_bytes: int = 4 << 20
-    max_segment_bytes: int = 2 << 30
+    max_segment_bytes: int = 64 << 20
     expunge_ratio: float = 0.5
 
     def tier(self, size: SegmentSize) -> int:
@@ -70,13 +76,20 @@ class TieredMergePolicy:
                 return [size.name]
         tiers: dict[int, list[SegmentSize]] = {}
         for size in sizes:
-            if size.live_bytes < self.max_segment_bytes:
+            if 2 * size.live_bytes < self.max_segment_bytes:
                 tiers.setdefault(self.tier(size), []).append(size)
         for tier in sorted(tiers):
             members = tiers[tier]
-            if len(members) >= self.segments_per_tier:
-                smallest = sorted(members, key=lambda s: (s.live_bytes, s.name))[: self.segments_per_tier]
-                chosen = {s.name for s in smallest}
+            if len(members) < self.segments_per_tier:
+                continue
+            chosen: set[str] = set()
+            total = 0
+            for size in sorted(members, key=lambda s: (s.live_bytes, s.name))[: self.segments_per_tier]:
+                if chosen and total + size.live_bytes > self.max_segment_bytes:
+                    break
+                chosen.add(size.name)
+                total += size.live_bytes
+            if len(chosen) >= 2:
                 return [s.name for s in sizes if s.name in chosen]
         return None
 
@@ -115,9 +128,9 @@ def merge_pending(readers: Sequence[SegmentReader], first_seq: int = 0) -> list[
     return docs
 
 
-def merge_segments(readers: Sequence[SegmentReader], dest: Path) -> BuiltSegment:
+def merge_segments(readers: Sequence[SegmentReader], dest: Path, *, durable: bool = True) -> BuiltSegment:
     """merge_segments writes the live documents of `readers` as one new segment in `dest`."""
-    return build_segment(dest, merge_pending(readers), None)
+    return build_segment(dest, merge_pending(readers), None, durable=durable)
 
 
 def sizes_of(readers: Sequence[SegmentReader]) -> list[SegmentSize]:

@@ -163,14 +163,14 @@ class IndexWriter:
         name, tmp = self._new_segment_name()
         if self._pool is None:
             future: concurrent.futures.Future[BuiltSegment] = concurrent.futures.Future()
-            future.set_result(build_segment(tmp, docs, self.limits))
+            future.set_result(build_segment(tmp, docs, self.limits, durable=self.index.durable))
         else:
             # Bound memory: at most `workers` builds in flight, each holding its documents.
             running = [f.future for f in self._flushed if not f.future.done()]
             while len(running) >= self._workers:
                 concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
                 running = [f for f in running if not f.done()]
-            future = self._pool.submit(build_segment, tmp, docs, self.limits)
+            future = self._pool.submit(build_segment, tmp, docs, self.limits, durable=self.index.durable)
         self._flushed.append(_Flushed(name, tmp, future))
 
     def _new_segment_name(self) -> tuple[str, Path]:
@@ -195,7 +195,7 @@ class IndexWriter:
                 self.skipped.append(skip)
                 if self._latest.get(skip.external_id) == seq:
                     self._skips[skip.external_id] = (seq, skip)
-        fsync_dir(self.index.path)
+        fsync_dir(self.index.path, durable=self.index.durable)
         base = self.index.manifest
         generation = base.generation + 1
         locations = self._id_locations()
@@ -238,7 +238,7 @@ class IndexWriter:
         deleted.run_optimize()
         raw = header(MAGIC_DELETED, len(deleted)) + deleted.serialize()
         name = deleted_name(generation)
-        write_atomic(self.index.path / entry.name / name, raw)
+        write_atomic(self.index.path / entry.name / name, raw, durable=self.index.durable)
         return SegmentEntry(entry.name, entry.doc_count, name, len(deleted), zlib.crc32(raw))
 
     def _new_skiplist(self, base: Manifest, generation: int) -> SkippedRef | None:
@@ -257,7 +257,7 @@ class IndexWriter:
             return None
         raw = encode_skipped(list(rows.values()))
         name = skipped_name(generation)
-        write_atomic(self.index.path / name, raw)
+        write_atomic(self.index.path / name, raw, durable=self.index.durable)
         return SkippedRef(name, zlib.crc32(raw), len(rows))
 
     def _id_locations(self) -> dict[str, tuple[str, int]]:
@@ -305,7 +305,7 @@ class IndexWriter:
         chosen = set(names)
         sources = [r for r in readers if r.name in chosen]
         name, tmp = self._new_segment_name()
-        result = merge_segments(sources, tmp)
+        result = merge_segments(sources, tmp, durable=self.index.durable)
         base = self.index.manifest
         entries: list[SegmentEntry] = []
         placed = False
@@ -318,7 +318,7 @@ class IndexWriter:
                     entries.append(SegmentEntry(name, result.doc_count))
         if result.doc_count:
             os.replace(tmp, self.index.path / name)
-            fsync_dir(self.index.path)
+            fsync_dir(self.index.path, durable=self.index.durable)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
         manifest = Manifest(base.generation + 1, self._next_segment, tuple(entries), base.skipped)
