@@ -80,6 +80,8 @@ class Animal extends Base {
 export const handler = async (event) => { return event; };
 export function exported() {}
 const api = { get() {} };
+Animal.prototype.walk = function () { return 2; };
+module.exports.helper = () => 1;
 """
 
 JAVASCRIPT_ROWS: list[Row] = [
@@ -97,6 +99,8 @@ JAVASCRIPT_ROWS: list[Row] = [
     ("function", "exported", 13, 13, ""),
     ("variable", "api", 14, 14, ""),
     ("method", "api.get", 14, 14, "api"),
+    ("method", "Animal.walk", 15, 15, "Animal"),
+    ("function", "helper", 16, 16, ""),
 ]
 
 TYPESCRIPT = """\

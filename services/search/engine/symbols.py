@@ -350,9 +350,19 @@ def _definitions(
             receiver = captures.get("receiver")
             if receiver:
                 found.prefix = _text(content, receiver[0])
+            owner = captures.get("owner")
+            if owner:
+                found.prefix = _js_owner(_text(content, owner[0]))
             yield found
     elif language in ("c", "cpp"):
         yield from _declared(node, kind, content)
+
+
+def _js_owner(owner: str) -> str:
+    """_js_owner names the class of `Foo.prototype.bar = ...`; exports objects name none."""
+    if owner in ("exports", "module.exports", "window", "this", "self", "globalThis"):
+        return ""
+    return owner.removesuffix(".prototype")
 
 
 def _named(

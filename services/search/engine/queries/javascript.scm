@@ -21,3 +21,11 @@
     declaration: [
       (lexical_declaration (variable_declarator name: (identifier) @name) @definition.variable)
       (variable_declaration (variable_declarator name: (identifier) @name) @definition.variable)]))
+
+; Pre-class JavaScript: `Foo.prototype.bar = function () {}` is the method `Foo.bar`, and
+; `exports.baz = () => {}` the function `baz` (symbols.py reads @owner).
+(program
+  (expression_statement
+    (assignment_expression
+      left: (member_expression object: (_) @owner property: (property_identifier) @name)
+      right: [(function_expression) (arrow_function) (generator_function)]) @definition.function))
