@@ -17,6 +17,8 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2 as health_check_pb2
+from grpc_health.v1 import health_pb2_grpc as health_pb2_grpc_v1
 from kotadb.v1 import health_pb2, health_pb2_grpc, search_pb2, search_pb2_grpc
 
 from services.common.errors import (
@@ -320,7 +322,15 @@ async def test_stop_drains_in_flight_calls_then_closes_the_pool(database_url: st
         )
         await servicer.entered.wait()
 
+        watch = health_pb2_grpc_v1.HealthStub(channel).Watch(
+            health_check_pb2.HealthCheckRequest(service="kotadb.v1.SearchService")
+        )
+        assert (await watch.read()).status == SERVING
+
         stopping = asyncio.create_task(server.stop())
+        # Health turns NOT_SERVING first, so load balancers stop sending before calls are refused.
+        assert (await watch.read()).status == NOT_SERVING
+        watch.cancel()
         # New calls are refused once the server stops accepting; the held call is still running.
         refused = False
         async with asyncio.timeout(30):
@@ -360,3 +370,14 @@ async def test_stop_cancels_calls_that_outlive_the_grace_period(tmp_path: Path) 
         assert caught.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
     finally:
         await channel.close(None)
+
+
+async def test_a_taken_port_fails_loudly(tmp_path: Path) -> None:
+    first, _ = _scripted(UNREACHABLE.format(port=_closed_port()), tmp_path)
+    port = await first.start()
+    try:
+        second, _ = _scripted(UNREACHABLE.format(port=_closed_port()), tmp_path, port=port)
+        with pytest.raises((OSError, RuntimeError)):
+            await second.start()
+    finally:
+        await first.stop(grace=0)
