@@ -8,10 +8,12 @@ The chain, outermost first, is what `server_interceptors` returns:
    async-generator streams, and writes one access-log line per call (code, reason, duration).
 2. `ErrorInterceptor` turns `KotaError` into its `google.rpc.Status` (`grpc-status-details-bin`)
    and any other exception into INTERNAL with the request id; the traceback is logged, never sent.
-3. The identity slot: interceptors passed as `identity` run inside the error mapping, after the
-   request id is known, so an identity interceptor (the auth issue adds one) raises
-   `Unauthenticated`/`PermissionDenied` and gets the same status mapping and access log as a
-   servicer would. It may store the verified caller in a context variable for servicers to read.
+3. The identity slot: interceptors passed as `identity` (`ServiceServer(..., identity=[...])`)
+   run inside the error mapping, after the request id is known. An identity interceptor (the
+   auth issue adds one) subclasses `CallInterceptor` and raises `Unauthenticated` or
+   `PermissionDenied` from `around_unary`/`around_stream`, so it gets the same status mapping
+   and access log as a servicer would; it may store the verified caller in a context variable
+   for servicers to read. (Raising from `intercept_service` itself would bypass the mapping.)
 
 Interceptors here wrap the method handler's behaviour rather than the handler lookup, because
 grpc.aio calls `intercept_service` before the call runs; `CallInterceptor` does that wrapping for
@@ -300,7 +302,11 @@ def _context_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCod
 
 
 def _log_call(record: CallRecord, context: grpc.aio.ServicerContext[Any, Any], started: float) -> None:
-    quiet = record.method.startswith(_QUIET_PREFIXES) and record.code is grpc.StatusCode.OK
+    # A cancelled health Watch is how watchers normally leave, so it stays quiet too.
+    quiet = record.method.startswith(_QUIET_PREFIXES) and record.code in (
+        grpc.StatusCode.OK,
+        grpc.StatusCode.CANCELLED,
+    )
     level = logging.DEBUG if quiet else logging.INFO
     if record.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
         level = logging.ERROR
