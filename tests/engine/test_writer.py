@@ -202,3 +202,27 @@ def test_nul_in_identifiers_is_rejected(tmp_path: Path) -> None:
     index = Index.create(tmp_path / "idx")
     with IndexWriter(index) as writer, pytest.raises(ValueError):
         writer.add(doc("a\0b", "text"))
+
+
+def test_failed_commit_publishes_nothing_and_the_writer_recovers(tmp_path: Path) -> None:
+    index = Index.create(tmp_path / "idx")
+    with IndexWriter(index) as writer:
+        writer.add(doc("a", "first document"))
+        before = writer.commit()
+        # Occupy the next segment's build directory so the flush fails for real.
+        blocker = tmp_path / "idx" / f".tmp-seg-{index.manifest.next_segment:08d}"
+        blocker.mkdir()
+        writer.add(doc("b", "second document"))
+        writer.delete("a")
+        with pytest.raises(FileExistsError):
+            writer.commit()
+        assert index.manifest.generation == before
+        with index.snapshot() as snap:
+            assert set(live_docs(snap)) == {"a"}
+        writer.add(doc("c", "third document"))
+        writer.commit()
+    with index.snapshot() as snap:
+        assert set(live_docs(snap)) == {"a", "c"}
+    assert blocker.exists()
+    with IndexWriter(index):
+        assert not blocker.exists()  # a new writer sweeps build leftovers

@@ -182,8 +182,22 @@ class IndexWriter:
         """commit publishes everything added or deleted so far as a new generation and returns it.
 
         With `merge`, the merge policy then runs until satisfied (each merge is its own generation).
+        If a build fails, its error is raised, nothing is published, and the uncommitted work is
+        dropped (already-built segment directories are removed by the next writer).
         """
         self._check_open()
+        try:
+            generation = self._publish_session()
+        except BaseException:
+            # The id map may be half-updated; rebuild it from the manifest on next use.
+            self._locations = None
+            self.rollback()
+            raise
+        if merge:
+            self.merge()
+        return self.index.manifest.generation if merge else generation
+
+    def _publish_session(self) -> int:
         self.flush()
         built: list[tuple[str, BuiltSegment]] = []
         for flushed in self._flushed:
@@ -222,9 +236,7 @@ class IndexWriter:
         )
         self.index.publish(manifest)
         self._reset_session()
-        if merge:
-            self.merge()
-        return self.index.manifest.generation
+        return generation
 
     def _apply_deletes(self, entry: SegmentEntry, ordinals: set[int], generation: int) -> SegmentEntry:
         if not ordinals:
