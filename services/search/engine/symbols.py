@@ -37,6 +37,7 @@ target; Python code has no such shortcut (its bodies are indentation, not braces
 from __future__ import annotations
 
 import collections
+import importlib
 import multiprocessing
 import re
 import threading
@@ -68,8 +69,7 @@ def _grammar(module: str, attribute: str = "language") -> Callable[[], object]:
     """_grammar returns a loader for a grammar wheel's language pointer, imported on first use."""
 
     def load() -> object:
-        imported = __import__(module)
-        return getattr(imported, attribute)()
+        return getattr(importlib.import_module(module), attribute)()
 
     return load
 
@@ -92,7 +92,6 @@ class _Spec:
 _TS_CONTAINERS = frozenset(
     {"class", "function", "method", "variable", "constant", "interface", "namespace", "module"}
 )
-_CLASSY = frozenset({"class", "struct", "interface", "trait", "enum", "scope", "module"})
 
 _SPECS: dict[str, _Spec] = {
     "python": _Spec(
@@ -147,7 +146,8 @@ _SPECS: dict[str, _Spec] = {
         frozenset({"class", "struct"}),
         skip_bodies=True,
     ),
-    "ruby": _Spec(_grammar("tree_sitter_ruby"), "ruby", ".", frozenset({"class", "module"}), _CLASSY),
+    # Ruby has only methods; a top-level `def` becomes a function in `_nest`.
+    "ruby": _Spec(_grammar("tree_sitter_ruby"), "ruby", ".", frozenset({"class", "module"}), frozenset()),
 }
 
 SYMBOL_LANGUAGES: frozenset[str] = frozenset(_SPECS)
@@ -355,7 +355,7 @@ def _definitions(
                 found.prefix = _js_owner(_text(content, owner[0]))
             yield found
     elif language in ("c", "cpp"):
-        yield from _declared(node, kind, content)
+        yield from _declared(node, kind, content, language)
 
 
 def _js_owner(owner: str) -> str:
@@ -438,7 +438,7 @@ def _split_qualified(node: tree_sitter.Node, content: bytes) -> tuple[str, tree_
     return prefix.rstrip(":. \t"), last
 
 
-def _declared(node: tree_sitter.Node, kind: str, content: bytes) -> Iterator[_Def]:
+def _declared(node: tree_sitter.Node, kind: str, content: bytes, language: str) -> Iterator[_Def]:
     """_declared resolves C/C++ declarators: function definitions, typedefs, variables, methods."""
     if kind == "variable" and (not _at_file_scope(node) or _is_extern(node, content)):
         return  # Under `#if` it may sit in a function body; `extern` only declares.
@@ -453,7 +453,7 @@ def _declared(node: tree_sitter.Node, kind: str, content: bytes) -> Iterator[_De
             continue  # A prototype declares, it does not define.
         if kind == "method" and not is_function:
             continue
-        found = _named(node, name, kind, content, "c")
+        found = _named(node, name, kind, content, language)
         if found is not None:
             if kind == "function" and found.prefix:
                 found.kind = "method"
