@@ -205,14 +205,6 @@ class ServiceServer:
         health_name = kota_health_pb2.DESCRIPTOR.services_by_name["HealthService"].full_name
         return [*own, health_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
 
-    @property
-    def address(self) -> str:
-        """address is `host:port` with the bound port, for clients of this server."""
-        host = self.settings.host
-        if host in ("0.0.0.0", "[::]", "::", ""):
-            host = "127.0.0.1"
-        return f"{host}:{self.port}"
-
     async def start(self, *, port_file: Path | None = None) -> int:
         """start binds and starts the server with health NOT_SERVING, and returns the bound port.
 
@@ -282,11 +274,6 @@ class ServiceServer:
                 "fields": {"service": self.name, "duration_ms": round((time.monotonic() - started) * 1000)}
             },
         )
-
-    async def wait_for_termination(self) -> None:
-        """wait_for_termination returns when the gRPC server has stopped."""
-        if self._server is not None:
-            await self._server.wait_for_termination()
 
     async def __aenter__(self) -> ServiceServer:
         await self.start()

@@ -374,10 +374,8 @@ async def test_stop_cancels_calls_that_outlive_the_grace_period(tmp_path: Path) 
 
 async def test_a_taken_port_fails_loudly(tmp_path: Path) -> None:
     first, _ = _scripted(UNREACHABLE.format(port=_closed_port()), tmp_path)
-    port = await first.start()
-    try:
-        second, _ = _scripted(UNREACHABLE.format(port=_closed_port()), tmp_path, port=port)
+    async with first:
+        assert first.port
+        second, _ = _scripted(UNREACHABLE.format(port=_closed_port()), tmp_path, port=first.port)
         with pytest.raises((OSError, RuntimeError)):
             await second.start()
-    finally:
-        await first.stop(grace=0)
