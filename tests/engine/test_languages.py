@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from services.search.engine import languages
 from services.search.engine.languages import (
     LANGUAGES,
     detect_language,
@@ -76,6 +77,9 @@ DETECTION: list[tuple[str, bytes, str]] = [
     ("CMakeLists.txt", b"", "cmake"),
     ("Kconfig", b"", "kconfig"),
     ("arch/x86/Kconfig.debug", b"", "kconfig"),
+    ("tools/perf/util/Build", b"", "makefile"),
+    ("arch/x86/kernel/vmlinux.lds", b"", "linkerscript"),
+    ("scripts/kconfig/parser.y", b"", "yacc"),
     # Shebangs for extension-less scripts.
     ("bin/tool", b"#!/usr/bin/env python3\nprint(1)\n", "python"),
     ("bin/tool", b"#!/usr/bin/python3.11 -u\n", "python"),
@@ -202,3 +206,10 @@ def test_is_test(path: str, expected: bool) -> None:
 )
 def test_is_generated(path: str, content: bytes, expected: bool) -> None:
     assert is_generated(path, content) is expected
+
+
+def test_every_table_names_a_canonical_language() -> None:
+    for table in (languages._EXTENSIONS, languages._FILENAMES, languages._INTERPRETERS, languages._ALIASES):
+        assert set(table.values()) <= LANGUAGES
+    for _, language in languages._FILENAME_PREFIXES:
+        assert language in LANGUAGES

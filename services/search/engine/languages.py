@@ -26,10 +26,11 @@ LANGUAGES: frozenset[str] = frozenset(
         "assembly", "awk", "batch", "c", "clojure", "cmake", "cpp", "csharp", "css", "csv",
         "dart", "devicetree", "diff", "dockerfile", "elixir", "erlang", "fortran", "go",
         "graphql", "groovy", "haskell", "hcl", "html", "ini", "java", "javascript", "json",
-        "julia", "kconfig", "kotlin", "latex", "less", "lisp", "lua", "makefile", "markdown",
+        "julia", "kconfig", "kotlin", "latex", "less", "lex", "linkerscript", "lisp", "lua",
+        "makefile", "markdown",
         "nix", "objective-c", "ocaml", "perl", "php", "powershell", "protobuf", "python", "r",
         "rst", "ruby", "rust", "scala", "scss", "shell", "sql", "starlark", "svelte", "swift",
-        "tcl", "text", "toml", "tsx", "typescript", "vim", "vue", "xml", "yaml", "zig",
+        "tcl", "text", "toml", "tsx", "typescript", "vim", "vue", "xml", "yacc", "yaml", "zig",
     }
 )  # fmt: skip
 
@@ -67,11 +68,12 @@ _EXTENSIONS: dict[str, str] = {
     "tex": "latex", "sty": "latex", "csv": "csv", "tsv": "csv", "groovy": "groovy",
     "gradle": "groovy", "jl": "julia", "f90": "fortran", "f": "fortran", "for": "fortran",
     "vim": "vim", "tcl": "tcl", "lisp": "lisp", "el": "lisp", "scm": "lisp", "r": "r", "R": "r",
+    "y": "yacc", "yy": "yacc", "l": "lex", "ll": "lex", "lds": "linkerscript", "ld": "linkerscript",
 }  # fmt: skip
 
 _FILENAMES: dict[str, str] = {
     "Makefile": "makefile", "makefile": "makefile", "GNUmakefile": "makefile",
-    "Kbuild": "makefile", "Dockerfile": "dockerfile", "Containerfile": "dockerfile",
+    "Kbuild": "makefile", "Build": "makefile", "Dockerfile": "dockerfile", "Containerfile": "dockerfile",
     "Gemfile": "ruby", "Rakefile": "ruby", "Guardfile": "ruby", "Podfile": "ruby",
     "Vagrantfile": "ruby", "Brewfile": "ruby", "Fastfile": "ruby", "Gemfile.lock": "text",
     "BUILD": "starlark", "BUILD.bazel": "starlark", "WORKSPACE": "starlark",
