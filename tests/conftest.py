@@ -16,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from types import FrameType
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -84,11 +86,40 @@ def pg_cluster() -> Iterator[str]:
     home = Path(tempfile.mkdtemp(prefix="kotadb-test-pg-"))
     home.chmod(0o711)
     cluster = EmbeddedPostgres(home, durable=False)
+    restore = _stop_on_sigterm(cluster, home)
     try:
         yield cluster.start()
     finally:
+        restore()
         cluster.stop()
         shutil.rmtree(home, ignore_errors=True)
+
+
+def _stop_on_sigterm(cluster: EmbeddedPostgres, home: Path) -> Callable[[], None]:
+    """_stop_on_sigterm stops the cluster if the test run is terminated (e.g. by `timeout`).
+
+    SIGTERM's default action ends Python without running fixture finalizers or atexit hooks,
+    which would leave the postmaster running; the handler stops it, then dies as before. A
+    handler someone else installed is left alone.
+    """
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return lambda: None
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        try:
+            cluster.stop()
+            shutil.rmtree(home, ignore_errors=True)
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+    def restore() -> None:
+        if signal.getsignal(signal.SIGTERM) is on_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    return restore
 
 
 @pytest.fixture(scope="session")
