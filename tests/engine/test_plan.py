@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -254,7 +255,9 @@ _atoms = st.one_of(
 
 
 def _regexes() -> st.SearchStrategy[str]:
-    return st.recursive(
+    # Flat runs of atoms are where trigrams come from, so they get their own branch.
+    flat = st.lists(_atoms, min_size=3, max_size=7).map("".join)
+    return flat | st.recursive(
         _atoms,
         lambda inner: st.one_of(
             st.lists(inner, min_size=2, max_size=5).map("".join),
@@ -270,19 +273,31 @@ def _regexes() -> st.SearchStrategy[str]:
     )
 
 
+def _python_docs(pattern: str, case_insensitive: bool, data: st.DataObject) -> list[bytes]:
+    """_python_docs draws documents likely to match: Python's re reads these simple patterns
+    nearly like RE2, and hypothesis can generate strings containing a match for them."""
+    try:
+        compiled = re.compile(
+            pattern.replace("\\x{212a}", "\u212a"), re.IGNORECASE if case_insensitive else 0
+        )
+    except re.error:
+        return []
+    return [data.draw(st.from_regex(compiled)).encode("utf-8", "surrogatepass") for _ in range(3)]
+
+
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     pattern=_regexes(),
     case_insensitive=st.booleans(),
-    docs=st.lists(st.text(_ALPHABET, max_size=40), max_size=6),
+    docs=st.lists(st.text(_ALPHABET, max_size=40), max_size=3),
+    data=st.data(),
 )
 def test_plan_never_excludes_a_true_match_regex(
-    pattern: str, case_insensitive: bool, docs: list[str]
+    pattern: str, case_insensitive: bool, docs: list[str], data: st.DataObject
 ) -> None:
     plan = plan_regex(pattern, case_insensitive=case_insensitive)
     matcher = LineMatcher(pattern, case_sensitive=not case_insensitive)
-    for text in docs:
-        doc = text.encode()
+    for doc in [text.encode() for text in docs] + _python_docs(pattern, case_insensitive, data):
         if matcher.matches(doc):
             assert evaluate_on(plan, _doc_trigrams(doc)), (pattern, doc, str(plan))
 

@@ -32,8 +32,13 @@ MAX_EXACT = 16
 MAX_SET = 16
 # Character classes with more code points than this are treated as "any character".
 MAX_CLASS = 64
-# A set of more alternatives than this is too unselective to be worth a plan node: no constraint.
+# A prefix/suffix set of more alternatives than this is too unselective to be worth a plan
+# node (a 100-way OR of digit trigrams): it adds no constraint.
 MAX_OR = 64
+# An AND keeps at most this many conjuncts (single trigrams first). Dropping a conjunct only
+# weakens a plan, 64 distinct trigrams are already very selective, and the cap keeps planning
+# linear: a 10,000-character (?i) literal took 59 s to plan without it.
+MAX_AND = 64
 # x{n,m} is analysed as at most this many copies of x (the rest is "anything").
 MAX_COPIES = 4
 
@@ -145,16 +150,26 @@ def _disjuncts(plan: Plan) -> frozenset[Plan]:
 
 def _minimal(groups: list[frozenset[Plan]]) -> list[frozenset[Plan]]:
     """_minimal drops duplicates and every group that is a superset of another (absorption)."""
-    unique = sorted(set(groups), key=len)
-    kept: list[frozenset[Plan]] = []
-    for group in unique:
-        if not any(other <= group for other in kept):
-            kept.append(group)
-    return kept
+    unique = set(groups)
+    singles = {next(iter(g)) for g in unique if len(g) == 1}
+    # A single element absorbs every group containing it; only the rest need pairwise checks.
+    multi = sorted(
+        (g for g in unique if len(g) > 1 and not (g & singles)), key=lambda g: (len(g), sorted(map(str, g)))
+    )
+    kept: list[frozenset[Plan]] = [frozenset((p,)) for p in singles]
+    kept_multi: list[frozenset[Plan]] = []
+    for group in multi:
+        if not any(other <= group for other in kept_multi):
+            kept_multi.append(group)
+    return kept + kept_multi
 
 
 def and_(*plans: Plan) -> Plan:
     """and_ builds the simplified conjunction of plans."""
+    nontrivial = [p for p in plans if not isinstance(p, All)]
+    if len(nontrivial) <= 1:
+        # Plans are built simplified, so one plan needs no further work.
+        return nontrivial[0] if nontrivial else ALL
     flat: list[Plan] = []
     for plan in plans:
         if isinstance(plan, Empty):
@@ -176,11 +191,14 @@ def and_(*plans: Plan) -> Plan:
         return ALL
     if len(children) == 1:
         return children[0]
-    return And(tuple(sorted(children, key=_sort_key)))
+    return And(tuple(sorted(children, key=_sort_key)[:MAX_AND]))
 
 
 def or_(*plans: Plan) -> Plan:
     """or_ builds the simplified disjunction of plans."""
+    nontrivial = [p for p in plans if not isinstance(p, Empty)]
+    if len(nontrivial) <= 1:
+        return nontrivial[0] if nontrivial else EMPTY
     flat: list[Plan] = []
     for plan in plans:
         if isinstance(plan, All):
@@ -228,10 +246,11 @@ def string_trigrams(s: bytes) -> Plan:
     return and_(*(Tri(s[i : i + 3]) for i in range(len(s) - 2) if 0x0A not in s[i : i + 3]))
 
 
-def _or_strings(strings: Iterable[bytes]) -> Plan:
-    """_or_strings requires one of the strings; a string shorter than 3 bytes requires nothing."""
+def _or_strings(strings: Iterable[bytes], limit: int | None = None) -> Plan:
+    """_or_strings requires one of the strings; a string shorter than 3 bytes requires nothing,
+    and so does a set of more than `limit` strings."""
     items = list(strings)
-    if len(items) > MAX_OR or any(len(s) < 3 for s in items):
+    if (limit is not None and len(items) > limit) or any(len(s) < 3 for s in items):
         return ALL
     return or_(*(string_trigrams(s) for s in items))
 
@@ -340,7 +359,7 @@ def _and_set_trigrams(info: _Info, strings: set[bytes]) -> None:
     if not strings:
         info.match = EMPTY
     elif min(len(s) for s in strings) >= 3:
-        info.match = and_(info.match, _or_strings(strings))
+        info.match = and_(info.match, _or_strings(strings, MAX_OR))
 
 
 def _trim_set(strings: set[bytes], suffix: bool) -> set[bytes]:
@@ -405,7 +424,7 @@ def _concat(x: _Info, y: _Info) -> _Info:
         and len(y.prefix) <= MAX_SET
         and min(map(len, x.suffix)) + min(map(len, y.prefix)) >= 3
     ):
-        out.match = and_(out.match, _or_strings(_cross(x.suffix, y.prefix)))
+        out.match = and_(out.match, _or_strings(_cross(x.suffix, y.prefix), MAX_OR))
     _simplify(out, False)
     return out
 
@@ -426,6 +445,27 @@ def _alternate(x: _Info, y: _Info) -> _Info:
         out.prefix = x.prefix | y.prefix
         out.suffix = x.suffix | y.suffix
     out.match = or_(x.match, y.match)
+    _simplify(out, False)
+    return out
+
+
+def _alternate_all(items: list[_Info]) -> _Info:
+    """_alternate_all is `_alternate` folded over many items at once, linear in their number."""
+    if all(item.exact is not None for item in items):
+        out = _exact(set().union(*(item.exact or set() for item in items)))
+        out.match = or_(*(item.match for item in items))
+        _simplify(out, False)
+        return out
+    out = _Info(any(item.can_empty for item in items), None, set(), set(), EMPTY)
+    for item in items:
+        if item.exact is not None:
+            _add_exact(item)
+            out.prefix |= item.exact
+            out.suffix |= item.exact
+        else:
+            out.prefix |= item.prefix
+            out.suffix |= item.suffix
+    out.match = or_(*(item.match for item in items))
     _simplify(out, False)
     return out
 
@@ -478,8 +518,19 @@ def _literal(node: rx.Literal) -> _Info:
     if not node.fold:
         return _exact({_fold(node.text.encode("utf-8", "surrogatepass"))})
     info = _empty_string()
+    run: list[bytes] = []
     for ch in node.text:
-        info = _concat(info, _exact(_char_strings((ord(ch),), True)))
+        variants = _char_strings((ord(ch),), True)
+        if len(variants) == 1:
+            # Characters with a single folded form extend a run planned as one string.
+            run.append(next(iter(variants)))
+            continue
+        if run:
+            info = _concat(info, _exact({b"".join(run)}))
+            run = []
+        info = _concat(info, _exact(variants))
+    if run:
+        info = _concat(info, _exact({b"".join(run)}))
     return info
 
 
@@ -498,10 +549,7 @@ def _analyze(node: rx.Node) -> _Info:
             info = _concat(info, _analyze(item))
         return info
     if isinstance(node, rx.Alternate):
-        info = _no_match()
-        for item in node.items:
-            info = _alternate(info, _analyze(item))
-        return info
+        return _alternate_all([_analyze(item) for item in node.items])
     return _repeat(node)
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 MAX_CODE_POINT = 0x10FFFF
 # RE2 rejects counted repetitions above this (re2/parse.cc's kMaxRepeat).
 MAX_REPEAT = 1000
+# Deeper groups are left to RE2 alone: each level costs this parser five Python frames.
+MAX_NESTING = 100
 
 Ranges = tuple[tuple[int, int], ...]
 
@@ -204,7 +206,13 @@ class _Parser:
             atom = self.atom()
             if atom is None:
                 continue
-            items.append(self.repetitions(atom))
+            node = self.repetitions(atom)
+            last = items[-1] if items else None
+            if isinstance(node, Literal) and isinstance(last, Literal) and last.fold == node.fold:
+                # One node per literal run keeps long literals linear to plan.
+                items[-1] = Literal(last.text + node.text, node.fold)
+            else:
+                items.append(node)
         if not items:
             return EmptyMatch()
         return items[0] if len(items) == 1 else Concat(tuple(items))
@@ -287,7 +295,7 @@ class _Parser:
                 # A bare `(?flags)` changes the flags until the enclosing group ends.
                 return None
         self.depth += 1
-        if self.depth > 500:
+        if self.depth > MAX_NESTING:
             raise self.error("nesting too deep")
         node = self.alternation()
         self.depth -= 1
@@ -488,7 +496,7 @@ def has_upper_literal(pattern: str) -> bool:
     """
     try:
         return parse_regex(pattern).has_upper
-    except RegexSyntaxError:
+    except (RegexSyntaxError, RecursionError):
         pass
     skip = False
     for ch in pattern:
@@ -508,7 +516,7 @@ def line_anchored(pattern: str) -> str:
     """
     try:
         anchors = parse_regex(pattern).text_anchors
-    except RegexSyntaxError:
+    except (RegexSyntaxError, RecursionError):
         return pattern
     out: list[str] = []
     last = 0
