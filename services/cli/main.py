@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "gateway",
     "index",
     "bench",
+    "keys",
 )
 
 
