@@ -16,6 +16,7 @@ from services.search.engine.symsearch import (
     MatchTier,
     SymbolCandidate,
     enclosing_symbol,
+    normalize_kind,
     search_symbols,
 )
 
@@ -181,3 +182,28 @@ def test_regex_tier_over_many_batches_matches_name_by_name() -> None:
         assert result.total == len(expected), pattern
         assert all(m.tier is MatchTier.REGEX for m in result.matches)
         assert [m.symbol.name for m in result.matches] == expected[:5]
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("function", "function"),
+        ("func", "function"),
+        ("FN", "function"),
+        ("const", "constant"),
+        ("typedef", "type"),
+        ("class", "class"),
+        ("gadget", None),
+    ],
+)
+def test_normalize_kind(name: str, expected: str | None) -> None:
+    assert normalize_kind(name) == expected
+
+
+def test_kind_filter_accepts_aliases() -> None:
+    assert _summary("serve", kind="func") == _summary("serve", kind="function")
+    assert [q for _, q, _ in _summary("serve", kind="func")] == [
+        "server_factory",
+        "make_server",
+        "test_serve",
+    ]

@@ -34,6 +34,7 @@ import re2
 
 from services.search.engine.languages import is_test, is_vendored
 from services.search.engine.model import Symbol
+from services.search.engine.symbols import KINDS
 
 
 class MatchTier(enum.IntEnum):
@@ -184,6 +185,27 @@ class _Matcher:
         return hits
 
 
+_KIND_ALIASES: dict[str, str] = {
+    "func": "function", "fn": "function", "def": "function", "fun": "function",
+    "meth": "method", "cls": "class", "struct": "struct", "union": "struct",
+    "iface": "interface", "protocol": "interface", "typedef": "type", "alias": "type",
+    "const": "constant", "var": "variable", "let": "variable", "global": "variable",
+    "mod": "module", "package": "module", "ns": "namespace", "define": "macro",
+    "property": "field", "attribute": "field", "member": "field",
+}  # fmt: skip
+
+
+def normalize_kind(name: str) -> str | None:
+    """normalize_kind maps a kind as users type it to the extractor's vocabulary, or None.
+
+    Vocabulary names (symbols.KINDS) map to themselves; `func`, `fn`, `const`, `typedef` and
+    similar aliases map to `function`, `constant`, `type`, ...
+    """
+    key = name.strip().lower()
+    key = _KIND_ALIASES.get(key, key)
+    return key if key in KINDS else None
+
+
 def _normalize(name: str) -> str:
     """_normalize writes every qualified-name separator (`::` or `.`) as `.`."""
     return _QUALIFIED_SEPARATOR.sub(".", name) if "::" in name else name
@@ -199,14 +221,16 @@ def search_symbols(
 ) -> SymbolSearchResult:
     """search_symbols ranks the candidates whose names match `pattern` (see the module docstring).
 
-    `kind` keeps only symbols of that kind (or kinds); `limit` caps the matches returned
+    `kind` keeps only symbols of that kind (or kinds; aliases such as `func` are accepted,
+    see `normalize_kind`); `limit` caps the matches returned
     (`total` still counts them all); `case_sensitive` drops the case-insensitive tier and
     makes prefix, substring and regex matching exact in case. An empty pattern matches nothing.
     """
     pattern = pattern.strip()
     if not pattern:
         return SymbolSearchResult((), 0)
-    kinds: Collection[str] | None = {kind} if isinstance(kind, str) else kind
+    wanted = [kind] if isinstance(kind, str) else kind
+    kinds = None if wanted is None else {normalize_kind(k) or k for k in wanted}
     matcher = _Matcher.build(pattern, case_sensitive)
     ranking = _Ranking(limit)
     waiting: list[tuple[int, Symbol, str, str, str]] = []  # Missed the literal tiers.
