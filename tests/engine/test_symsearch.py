@@ -203,6 +203,7 @@ def test_normalize_kind(name: str, expected: str | None) -> None:
 def test_kind_filter_accepts_aliases() -> None:
     assert _summary("serve", kind="func") == _summary("serve", kind="function")
     assert [q for _, q, _ in _summary("serve", kind="func")] == [
+        "Serve",
         "server_factory",
         "make_server",
         "test_serve",
