@@ -16,3 +16,26 @@ class AuthSettings(ServiceSettings):
     service_name: ClassVar[str] = "auth"
 
     port: int = setting(50051, minimum=0, help="gRPC port of the auth service; 0 picks a free one.")
+
+    # Keys and sessions (A-keys): session JWT verification, rotation grace, limits users may pick.
+    jwt_secret: str = setting(
+        "", help="HS256 secret of the Supabase project's session JWTs; empty disables HS256."
+    )
+    jwks: str = setting(
+        "", help="JWKS file path or https URL with the project's asymmetric JWT signing keys."
+    )
+    jwt_audience: str = setting("authenticated", help="Required `aud` of user session JWTs.")
+    jwt_leeway: float = setting(5.0, minimum=0, help="Seconds of clock skew tolerated on JWT exp/nbf/iat.")
+    rotation_grace: float = setting(86400.0, minimum=0, help="Default seconds a rotated key keeps working.")
+    default_rate_limit: int = setting(
+        60, minimum=1, help="Per-minute rate limit of keys created without one."
+    )
+    default_monthly_quota: int = setting(100000, minimum=1, help="Monthly quota of keys created without one.")
+    max_rate_limit: int = setting(
+        6000, minimum=1, help="Highest per-minute rate limit a user or admin key may set."
+    )
+    max_monthly_quota: int = setting(
+        10_000_000,
+        minimum=1,
+        help="Highest monthly quota a user or admin key may set; the service role is exempt.",
+    )

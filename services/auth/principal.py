@@ -81,5 +81,5 @@ class Principal:
             )
 
     def may_manage_keys(self) -> bool:
-        """may_manage_keys tells whether the caller may manage keys: a session, an admin key, or the service."""
+        """may_manage_keys is true for a session, an admin key or the service role."""
         return self.kind in ("user", "service") or self.has(ADMIN)
