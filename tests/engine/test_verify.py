@@ -10,6 +10,8 @@ import subprocess
 import sysconfig
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from services.search.engine.verify import InvalidPatternError, LineMatch, LineMatcher, char_column
 
@@ -292,3 +294,73 @@ def test_literal_mode_agrees_with_ripgrep_fixed_strings(
         for m in matcher.find(path.read_bytes())
     }
     assert ours == expected
+
+
+# No anchors: RE2 and Rust's regex disagree on which alternative an empty-width loop prefers
+# (`(?:^|a)*` on "a": RE2 reports (0,0), ripgrep (0,1)), and we follow RE2. The fixed
+# patterns above cover anchors.
+_DIFF_ATOMS = st.sampled_from(
+    [
+        "a",
+        "b",
+        "ab",
+        "K",
+        "k",
+        "s",
+        "\u017f",
+        "\u212a",
+        "\u00e9",
+        " ",
+        ".",
+        "[ab]",
+        "[^a]",
+        "[a-c]",
+        "x",
+    ]
+)
+
+
+def _diff_regexes() -> st.SearchStrategy[str]:
+    flat = st.lists(_DIFF_ATOMS, min_size=1, max_size=5).map("".join)
+    return flat | st.recursive(
+        _DIFF_ATOMS,
+        lambda inner: st.one_of(
+            st.lists(inner, min_size=2, max_size=4).map("".join),
+            st.tuples(inner, inner).map(lambda p: f"(?:{p[0]}|{p[1]})"),
+            inner.map(lambda r: f"(?:{r})*"),
+            inner.map(lambda r: f"(?:{r})+"),
+            inner.map(lambda r: f"(?:{r})?"),
+            inner.map(lambda r: f"(?:{r}){{1,2}}"),
+            inner.map(lambda r: f"(?i:{r})"),
+        ),
+        max_leaves=6,
+    )
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    pattern=_diff_regexes(),
+    case_sensitive=st.booleans(),
+    lines=st.lists(st.text("abkKsS x\u017f\u212a\u00e9\u00c9", max_size=12), min_size=1, max_size=6),
+    literal=st.booleans(),
+)
+def test_random_patterns_agree_with_ripgrep(
+    tmp_path: pathlib.Path, pattern: str, case_sensitive: bool, lines: list[str], literal: bool
+) -> None:
+    doc = tmp_path / "doc.txt"
+    doc.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert RG is not None
+    args = [RG, "--json", "--no-config", "--no-ignore"]
+    args.append("--case-sensitive" if case_sensitive else "--ignore-case")
+    if literal:
+        args.append("--fixed-strings")
+    proc = subprocess.run([*args, "-e", pattern, "--", str(doc)], capture_output=True, check=False)
+    assert proc.returncode in (0, 1), proc.stderr.decode()
+    expected = set()
+    for raw in proc.stdout.splitlines():
+        event = json.loads(raw)
+        if event["type"] == "match":
+            data = event["data"]
+            expected.add((data["line_number"], tuple((s["start"], s["end"]) for s in data["submatches"])))
+    matcher = LineMatcher(pattern, case_sensitive=case_sensitive, literal=literal)
+    assert {(m.line_number, m.ranges) for m in matcher.find(doc.read_bytes())} == expected
