@@ -62,7 +62,9 @@ matches never span a line. Lookup is ``numpy.searchsorted`` over the mmap'd id a
     header | bitmap 0 | bitmap 1 | ...      bitmap i = bytes [16 + off[i], 16 + off[i+1])
 
 Each bitmap is a pyroaring/CRoaring portable serialization (``run_optimize`` applied) of the
-ordinals of the documents containing the trigram. Ordinals are 0-based positions in docs.bin.
+ordinals of the documents containing the trigram, followed by one zero byte if its length is
+odd (so the writer can lay lists out through a uint16 view; readers ignore the padding and
+must not require it). Ordinals are 0-based positions in docs.bin.
 
 ``docs.bin`` (count = d documents)::
 
@@ -103,9 +105,10 @@ Measurements behind the choices
   dictionary entries, 3.35 M (trigram, file) pairs, 8.04 MB postings + 1.45 MB dictionary; an
   exact-case index would need 187,982 entries, 3.64 M pairs, 9.73 MB + 2.26 MB: 1.26x the size
   (+2.5 MB) for no gain, since verification restores exact case anyway. We index folded only.
-* Distinct trigrams per file on the same corpus: median 1,101, p99 7,096, max 11,123. The
-  default limit is 20,000 (as zoekt and cindex): real source stays well below it, while
-  minified bundles, data tables and encoded blobs exceed it.
+* Distinct trigrams per file: stdlib median 1,101, p99 7,096, max 11,123; Linux 6.1 (every
+  10th of its 78,625 files, 7,845 text files) median 976, p99 5,591, p99.9 7,604, max 9,564.
+  The default limit is 20,000 (as zoekt and cindex): twice the largest real source file seen,
+  while minified bundles, data tables and encoded blobs exceed it.
 * Content is stored uncompressed: indexed text is about 1.0x the corpus and postings plus
   dictionary add about 0.25x, within the 1.3x budget, and verification can run directly on
   the mmap without decompressing (zero copies on the query path).

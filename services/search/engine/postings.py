@@ -146,22 +146,19 @@ class PostingsBuilder:
         return present, offsets, data
 
 
-_HEADER_DTYPE = np.dtype(
-    [("cookie", "<u4"), ("count", "<u4"), ("key", "<u2"), ("card", "<u2"), ("off", "<u4")]
-)
-
-
 def encode_all(
     ordinals: NDArray[np.uint32], starts: NDArray[np.int64]
 ) -> tuple[NDArray[np.uint64], NDArray[np.uint8]]:
     """encode_all serializes every posting list ``ordinals[starts[i]:starts[i+1]]`` into one buffer.
 
-    Returns (offsets, data): list i is ``data[offsets[i]:offsets[i+1]]``. Lists that CRoaring
-    would store as one array container (one 2^16 chunk, at most 4096 values, and no smaller as
-    runs) are laid out with whole-array numpy operations, byte-identical to
-    ``BitMap.run_optimize(); serialize()``; the rest (large or run-shaped lists, a few percent)
-    go through pyroaring. On the stdlib corpus this cut encoding from 0.6 s to 0.1 s, since
-    per-list Python calls dominated for the 120k mostly tiny lists.
+    Returns (offsets, data): list i is ``data[offsets[i]:offsets[i+1]]``, a portable roaring
+    bitmap followed by one zero byte when its length is odd, so every list starts 2-byte aligned
+    (format.py). Lists that CRoaring would store as one array container (one 2^16 chunk, at
+    most 4096 values, not smaller as runs) are laid out with whole-array numpy operations on a
+    uint16 view, byte-identical to ``run_optimize(); serialize()``; the rest (large or
+    run-shaped lists, a few percent) go through pyroaring. On a 64 MB slice of Linux this takes
+    0.25 s against 3 s for one pyroaring call per list, and int32 scatter indices keep the
+    temporaries at about 8 bytes per (trigram, document) pair.
     """
     n = len(starts) - 1
     if n <= 0:
@@ -170,40 +167,44 @@ def encode_all(
     first = ordinals[starts[:-1]]
     last = ordinals[starts[1:] - 1]
     # Runs per list: 1 + the number of steps != 1 between neighbours inside the list.
-    # Ordinals are < 2^31, so int32 arithmetic is exact and halves the memory traffic.
+    # Ordinals are < 2^31, so int32 arithmetic is exact.
     signed = ordinals.view(np.int32)
     breaks = np.empty(len(ordinals), dtype=np.int32)
     breaks[0] = 0
     np.not_equal(signed[1:] - signed[:-1], 1, out=breaks[1:], casting="unsafe")
     breaks[starts[:-1]] = 0  # a list's first element never breaks a run of that list
-    cumulative = np.cumsum(breaks, dtype=np.int64)
-    nruns = cumulative[starts[1:] - 1] - cumulative[starts[:-1]] + 1
-    fast = ((first >> 16) == (last >> 16)) & (cards <= 4096) & (2 + 4 * nruns >= 2 * cards)
-    sizes = np.where(fast, 16 + 2 * cards, 0).astype(np.uint64)
+    np.cumsum(breaks, out=breaks)  # in place: counts stay below 2^31
+    nruns = breaks[starts[1:] - 1] - breaks[starts[:-1]] + 1
+    del breaks
+    fast = ((first >> 16) == (last >> 16)) & (cards <= 4096) & (2 + 4 * nruns.astype(np.int64) >= 2 * cards)
     slow = np.flatnonzero(~fast)
     slow_bytes = [encode_postings(ordinals[starts[i] : starts[i + 1]]) for i in slow.tolist()]
+    words = np.where(fast, 8 + cards, 0)
     if len(slow):
-        sizes[slow] = [len(b) for b in slow_bytes]
-    offsets = np.zeros(n + 1, dtype=np.uint64)
-    np.cumsum(sizes, out=offsets[1:])
-    data = np.empty(int(offsets[-1]), dtype=np.uint8)
+        words[slow] = [(len(b) + 1) // 2 for b in slow_bytes]
+    word_offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(words, out=word_offsets[1:])
+    total = int(word_offsets[-1])
+    index_type = np.int32 if total < (1 << 31) else np.int64
+    data = np.zeros(total, dtype="<u2")
 
     chosen = np.flatnonzero(fast)
     if len(chosen):
-        header = np.zeros(len(chosen), dtype=_HEADER_DTYPE)
-        header["cookie"] = _ROARING_NO_RUN_COOKIE
-        header["count"] = 1
-        header["key"] = first[chosen] >> 16
-        header["card"] = cards[chosen] - 1
-        header["off"] = 16
-        at = offsets[chosen].astype(np.int64)
-        data[at[:, None] + np.arange(16)] = header.view(np.uint8).reshape(-1, 16)
+        at = word_offsets[chosen].astype(index_type)
+        header = np.empty((len(chosen), 8), dtype="<u2")
+        header[:] = (_ROARING_NO_RUN_COOKIE, 0, 1, 0, 0, 0, 16, 0)
+        header[:, 4] = first[chosen] >> 16
+        header[:, 5] = cards[chosen] - 1
+        data[at[:, None] + np.arange(8).astype(at.dtype)] = header
         chosen_cards = cards[chosen]
-        values = (ordinals[np.repeat(fast, cards)] & 0xFFFF).astype("<u2").view(np.uint8)
-        list_start = np.repeat(at + 16 - 2 * (np.cumsum(chosen_cards) - chosen_cards), chosen_cards)
-        position = list_start + 2 * np.arange(len(values) // 2, dtype=np.int64)
-        data[position] = values[0::2]
-        data[position + 1] = values[1::2]
+        values = ordinals[np.repeat(fast, cards)].astype("<u2")  # keeps the low 16 bits
+        shift = (at + 8 - (np.cumsum(chosen_cards) - chosen_cards)).astype(index_type)
+        position = np.repeat(shift, chosen_cards)
+        position += np.arange(len(values)).astype(at.dtype)
+        data[position] = values
+    raw = data.view(np.uint8)
     for i, encoded in zip(slow.tolist(), slow_bytes, strict=True):
-        data[int(offsets[i]) : int(offsets[i + 1])] = np.frombuffer(encoded, dtype=np.uint8)
-    return offsets, data
+        start = 2 * int(word_offsets[i])
+        raw[start : start + len(encoded)] = np.frombuffer(encoded, dtype=np.uint8)
+    offsets: NDArray[np.uint64] = (word_offsets * 2).astype(np.uint64)
+    return offsets, raw
