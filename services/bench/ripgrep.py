@@ -4,6 +4,8 @@ ripgrep is brute force (no index), so it is the floor any index must beat, and i
 is the truth the differential test compares us against. Both sides must agree on what a
 pattern means, which takes care:
 
+* Escapes. RE2 accepts `\\` before any punctuation; ripgrep only before its meta
+  characters, so escaped punctuation is rewritten as `\\x{HH}`.
 * Perl classes. RE2's `\\w`, `\\d`, `\\s` and `\\b` are ASCII-only; ripgrep's are Unicode.
   `translate_pattern` rewrites them to ripgrep's ASCII POSIX classes (`[[:word:]]`,
   `[[:digit:]]`), RE2's exact whitespace set `[\\t\\n\\f\\r ]` (no `\\v`), and `(?-u:\\b)`.
@@ -72,6 +74,11 @@ def translate_pattern(pattern: str) -> str:
                 out.append(_INSIDE[nxt])
             elif depth > 0 and nxt in "WDSbB":
                 raise UntranslatablePattern(f"\\{nxt} inside a character class in {pattern!r}")
+            elif nxt.isascii() and not nxt.isalnum():
+                # RE2 lets any punctuation be escaped (re2.escape writes `\"`); ripgrep's
+                # regex crate rejects escapes of characters that are not meta, so spell the
+                # character by code point, which both read the same inside and outside classes.
+                out.append(f"\\x{{{ord(nxt):02X}}}")
             else:
                 out.append(pattern[i : i + 2])
             i += 2
