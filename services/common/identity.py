@@ -1,0 +1,530 @@
+"""The signed caller identity every KotaDB service trusts, and the interceptor that checks it.
+
+Envoy asks the auth service's `Check` about every external request; on success `Check` adds
+three request headers, which reach the services as gRPC metadata:
+
+* `x-kotadb-identity` — the caller, signed so no one but auth can mint it::
+
+      base64url(JSON {"sub", "kid", "perm", "kind", "iat", "exp"}) "." base64url(HMAC-SHA256)
+
+  keyed with `KOTADB_IDENTITY_KEY`, a secret the auth service and every service share. The
+  token lives for a minute (`exp`), long enough for one request and its retries inside the
+  mesh, short enough that a leaked header is worth little.
+* `x-kotadb-tenant` — the user id in plain text, for Envoy's consistent-hash routing only.
+  Services never trust it; the tenant comes from the verified identity.
+* `x-kotadb-key-id` — the key id in plain text, for the gateway's access log (metering).
+
+`IdentityInterceptor` runs in every service's identity slot (services/common/interceptors.py).
+It accepts a valid signed identity, or else an API key or session JWT presented directly
+(`authorization: Bearer ...` or `x-api-key`, e.g. grpcurl or another service), which it checks
+through the auth service's `ValidateApiKey` RPC with a small short-lived cache. Unsigned, forged,
+wrongly keyed or expired identities are ignored; with nothing valid the call fails
+UNAUTHENTICATED. Health, reflection and the two services Envoy itself calls on the auth process
+(ext_authz `Check`, access-log stream) are exempt. Servicers read the caller with
+`current_identity()`.
+
+Permissions: `method_permission` is the one table of which permission each kotadb.v1 method
+needs (search → read, ingest → write, key management and index rebuilds → admin); auth's
+`Check` and this interceptor both enforce it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextvars
+import dataclasses
+import hashlib
+import hmac
+import json
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any, ClassVar, Literal, Protocol
+
+import grpc
+from kotadb.v1 import auth_pb2, auth_pb2_grpc
+
+from services.common.errors import (
+    KotaError,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+from services.common.interceptors import CallInterceptor, StreamInvoke, UnaryInvoke
+from services.common.settings import setting
+
+IDENTITY_HEADER = "x-kotadb-identity"
+TENANT_HEADER = "x-kotadb-tenant"
+KEY_ID_HEADER = "x-kotadb-key-id"
+# Headers a client could use to pose as someone; Check removes client copies of all of them.
+TRUSTED_HEADERS: tuple[str, ...] = (IDENTITY_HEADER, TENANT_HEADER, KEY_ID_HEADER)
+
+Kind = Literal["user", "api_key", "service"]
+KINDS: tuple[str, ...] = ("user", "api_key", "service")
+READ, WRITE, ADMIN = "read", "write", "admin"
+# SERVICE_ONLY marks methods no API key or user session may call from outside (internal RPCs).
+SERVICE_ONLY = "service"
+
+# Methods that need no credentials: probes, tooling, and what Envoy calls on the auth process.
+EXEMPT_METHODS: tuple[str, ...] = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.",
+    "/kotadb.v1.HealthService/",
+    "/envoy.service.auth.v3.Authorization/",
+    "/envoy.service.accesslog.v3.AccessLogService/",
+    # ValidateApiKey is itself the credential check a service makes for a direct caller.
+    "/kotadb.v1.AuthService/ValidateApiKey",
+)
+
+# Exceptions to the per-service default permission (SERVICE_PERMISSIONS below).
+_METHOD_PERMISSIONS: dict[str, str] = {
+    "/kotadb.v1.SearchService/RebuildIndex": ADMIN,
+    "/kotadb.v1.AuthService/GetUsage": READ,
+    "/kotadb.v1.AuthService/ValidateApiKey": SERVICE_ONLY,
+    # GitHub signs webhooks with the repository's secret; the ingest service checks that HMAC.
+    "/kotadb.v1.IngestService/ReceiveGithubWebhook": "",
+}
+SERVICE_PERMISSIONS: dict[str, str] = {
+    "kotadb.v1.SearchService": READ,
+    "kotadb.v1.IngestService": WRITE,
+    "kotadb.v1.AuthService": ADMIN,
+}
+
+# Seconds of clock difference between auth and a service that a token's iat/exp tolerate.
+DEFAULT_LEEWAY = 5.0
+DEFAULT_TTL = 60.0
+_MIN_KEY_BYTES = 32
+
+
+def method_permission(method: str) -> str | None:
+    """method_permission is the permission gRPC `method` (`/pkg.Service/Method`) needs.
+
+    It returns `read`, `write`, `admin`, `service` (internal: service role only), `""` for a
+    method that needs no credential, or None for a path outside the kotadb.v1 services.
+    """
+    if method in _METHOD_PERMISSIONS:
+        return _METHOD_PERMISSIONS[method]
+    service = method.strip("/").split("/", 1)[0]
+    return SERVICE_PERMISSIONS.get(service)
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    """Identity is a verified caller: tenant (`user_id`), credential kind, key id and permissions.
+
+    `user_id` is None only for the service role acting for no particular tenant; `key_id` is
+    set when an API key authenticated the request; `expires_at` is the token's `exp`.
+    """
+
+    user_id: uuid.UUID | None
+    kind: Kind
+    permissions: frozenset[str]
+    key_id: uuid.UUID | None = None
+    issued_at: int = 0
+    expires_at: int = 0
+
+    def has(self, permission: str) -> bool:
+        """has tells whether the caller may use a method that needs `permission`."""
+        if permission == "":
+            return True
+        if self.kind == "service":
+            return True
+        if permission == SERVICE_ONLY:
+            return False
+        # A user's own session manages that user's keys; it is how keys get made at all.
+        if self.kind == "user" and permission == ADMIN:
+            return True
+        return permission in self.permissions
+
+    def require(self, permission: str) -> None:
+        """require raises PermissionDenied unless the caller may use a method needing `permission`."""
+        if not self.has(permission):
+            raise PermissionDenied(
+                f"this call needs the {permission} permission",
+                reason="MISSING_PERMISSION",
+                metadata={"permission": permission},
+            )
+
+
+class IdentityCodec:
+    """IdentityCodec signs and verifies identity tokens with HMAC-SHA256 under one shared key.
+
+    `ttl` is the lifetime of a signed token in seconds, `leeway` the clock skew tolerated when
+    checking `iat` and `exp`, `clock` returns Unix seconds (injected in tests).
+    """
+
+    def __init__(
+        self,
+        key: str | bytes,
+        *,
+        ttl: float = DEFAULT_TTL,
+        leeway: float = DEFAULT_LEEWAY,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        raw = key.encode("utf-8") if isinstance(key, str) else key
+        if len(raw) < _MIN_KEY_BYTES:
+            raise ValueError(f"the identity key needs at least {_MIN_KEY_BYTES} bytes, got {len(raw)}")
+        self._key = raw
+        self.ttl = ttl
+        self.leeway = leeway
+        self.clock = clock
+
+    def sign(
+        self,
+        *,
+        user_id: uuid.UUID | None,
+        kind: Kind,
+        permissions: frozenset[str] | Sequence[str],
+        key_id: uuid.UUID | None = None,
+    ) -> str:
+        """sign returns the token for one caller, valid from now for `ttl` seconds."""
+        now = int(self.clock())
+        payload = {
+            "sub": str(user_id) if user_id is not None else "",
+            "kid": str(key_id) if key_id is not None else "",
+            "perm": sorted(set(permissions)),
+            "kind": kind,
+            "iat": now,
+            "exp": now + int(self.ttl),
+        }
+        body = _b64encode(json.dumps(payload, separators=(",", ":"), sort_keys=True).encode("utf-8"))
+        return f"{body}.{_b64encode(self._mac(body))}"
+
+    def verify(self, token: str) -> Identity:
+        """verify returns the identity a token carries, or raises Unauthenticated.
+
+        The signature is compared in constant time before anything in the payload is read.
+        """
+        body, dot, signature = token.partition(".")
+        if not dot or not body or not signature:
+            raise Unauthenticated("the identity token is malformed", reason="IDENTITY_INVALID")
+        try:
+            presented = _b64decode(signature)
+        except ValueError:
+            raise Unauthenticated("the identity token is malformed", reason="IDENTITY_INVALID") from None
+        if not hmac.compare_digest(presented, self._mac(body)):
+            raise Unauthenticated("the identity token's signature is not valid", reason="IDENTITY_INVALID")
+        try:
+            claims = json.loads(_b64decode(body))
+            identity = _identity_from_claims(claims)
+        except (ValueError, TypeError, KeyError):
+            raise Unauthenticated("the identity token is malformed", reason="IDENTITY_INVALID") from None
+        now = self.clock()
+        if identity.expires_at + self.leeway <= now:
+            raise Unauthenticated("the identity token has expired", reason="IDENTITY_EXPIRED")
+        if identity.issued_at - self.leeway > now:
+            raise Unauthenticated("the identity token is not valid yet", reason="IDENTITY_INVALID")
+        return identity
+
+    def _mac(self, body: str) -> bytes:
+        return hmac.new(self._key, body.encode("ascii"), hashlib.sha256).digest()
+
+
+def _identity_from_claims(claims: Any) -> Identity:
+    if not isinstance(claims, dict):
+        raise ValueError("claims are not an object")
+    kind = claims["kind"]
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}")
+    permissions = claims["perm"]
+    if not isinstance(permissions, list) or not all(isinstance(p, str) for p in permissions):
+        raise ValueError("perm is not a list of strings")
+    issued, expires = claims["iat"], claims["exp"]
+    if not isinstance(issued, int) or not isinstance(expires, int):
+        raise ValueError("iat/exp are not integers")
+    return Identity(
+        user_id=uuid.UUID(claims["sub"]) if claims["sub"] else None,
+        kind=kind,
+        permissions=frozenset(permissions),
+        key_id=uuid.UUID(claims["kid"]) if claims["kid"] else None,
+        issued_at=issued,
+        expires_at=expires,
+    )
+
+
+def _b64encode(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _b64decode(text: str) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError("not base64url") from exc
+
+
+@dataclasses.dataclass(frozen=True)
+class IdentitySettings:
+    """IdentitySettings is what every service reads to verify callers (shared, unprefixed names)."""
+
+    env_prefix: ClassVar[str] = "KOTADB_"
+
+    identity_key: str = setting(
+        "",
+        env="KOTADB_IDENTITY_KEY",
+        help="Shared secret (32+ bytes) signing the identity auth's Check gives each request; "
+        "empty rejects every signed identity. `kotadb dev` generates one per data dir.",
+    )
+    identity_ttl: float = setting(
+        DEFAULT_TTL, env="KOTADB_IDENTITY_TTL", minimum=1.0, help="Seconds a signed identity stays valid."
+    )
+    auth_address: str = setting(
+        "",
+        env="KOTADB_AUTH_ADDRESS",
+        help="host:port of the auth service, which checks API keys presented directly to a service "
+        "(grpcurl, service to service); empty accepts only signed identities.",
+    )
+    credential_cache_ttl: float = setting(
+        1.0,
+        env="KOTADB_CREDENTIAL_CACHE_TTL",
+        minimum=0.0,
+        help="Seconds a service caches auth's answer for a directly presented key (bounds revocation lag).",
+    )
+
+    def codec(self) -> IdentityCodec | None:
+        """codec is the verifier for these settings, or None when no key is configured."""
+        if not self.identity_key:
+            return None
+        return IdentityCodec(self.identity_key, ttl=self.identity_ttl)
+
+
+class CredentialValidator(Protocol):
+    """CredentialValidator turns a presented API key or session JWT into an Identity, or raises."""
+
+    async def validate(self, credential: str, permission: str, method: str) -> Identity:
+        """validate checks `credential` for a call to `method` needing `permission`."""
+        ...
+
+
+_PERMISSION_ENUM: dict[str, auth_pb2.ApiKey.Permission.ValueType] = {
+    READ: auth_pb2.ApiKey.READ,
+    WRITE: auth_pb2.ApiKey.WRITE,
+    ADMIN: auth_pb2.ApiKey.ADMIN,
+}
+_PERMISSION_NAMES: dict[auth_pb2.ApiKey.Permission.ValueType, str] = {value: name for name, value in _PERMISSION_ENUM.items()}
+
+
+class AuthServiceValidator:
+    """AuthServiceValidator asks the auth service's `ValidateApiKey` and caches answers briefly.
+
+    Answers are cached per (credential hash, permission) for `cache_ttl` seconds, which bounds
+    how long a revoked key keeps working against a service reached directly; failures are not
+    cached. At most `max_entries` answers are kept.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        cache_ttl: float = 1.0,
+        timeout: float = 5.0,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.address = address
+        self.cache_ttl = cache_ttl
+        self.timeout = timeout
+        self.max_entries = max_entries
+        self._clock = clock
+        self._channel: grpc.aio.Channel | None = None
+        self._cache: OrderedDict[tuple[str, str], tuple[float, Identity]] = OrderedDict()
+
+    def _stub(self) -> auth_pb2_grpc.AuthServiceAsyncStub:
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(self.address)
+        return auth_pb2_grpc.AuthServiceStub(self._channel)
+
+    async def validate(self, credential: str, permission: str, method: str) -> Identity:
+        """validate returns the identity `credential` carries, checked by the auth service."""
+        cache_key = (hashlib.sha256(credential.encode("utf-8")).hexdigest(), permission)
+        now = self._clock()
+        cached = self._cache.get(cache_key)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        request = auth_pb2.ValidateApiKeyRequest(
+            secret=credential,
+            required_permission=_PERMISSION_ENUM.get(permission, auth_pb2.ApiKey.PERMISSION_UNSPECIFIED),
+            endpoint=method,
+        )
+        try:
+            response = await self._stub().ValidateApiKey(request, timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _error_from_auth(exc) from None
+        identity = _identity_from_validation(response)
+        if self.cache_ttl > 0:
+            self._cache[cache_key] = (now + self.cache_ttl, identity)
+            self._cache.move_to_end(cache_key)
+            while len(self._cache) > self.max_entries:
+                self._cache.popitem(last=False)
+        return identity
+
+    async def close(self) -> None:
+        """close shuts the channel to the auth service."""
+        if self._channel is not None:
+            await self._channel.close(None)
+            self._channel = None
+
+
+def _identity_from_validation(response: auth_pb2.ValidateApiKeyResponse) -> Identity:
+    permissions = frozenset(_PERMISSION_NAMES[p] for p in response.permissions if p in _PERMISSION_NAMES)
+    user_id = uuid.UUID(response.user_id) if response.user_id else None
+    kind: Kind
+    if response.api_key_id:
+        kind = "api_key"
+    elif user_id is not None:
+        kind = "user"
+    else:
+        kind = "service"
+    return Identity(
+        user_id=user_id,
+        kind=kind,
+        permissions=permissions,
+        key_id=uuid.UUID(response.api_key_id) if response.api_key_id else None,
+    )
+
+
+def _error_from_auth(exc: grpc.aio.AioRpcError) -> KotaError:
+    """_error_from_auth turns auth's refusal into the same error for our caller."""
+    message = exc.details() or "the credential was refused"
+    code = exc.code()
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return Unauthenticated(message, reason="INVALID_CREDENTIALS")
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return PermissionDenied(message, reason="MISSING_PERMISSION")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ResourceExhausted(message, reason="RATE_LIMITED")
+    return Unavailable(
+        "the auth service could not check the credential; retry shortly",
+        reason="AUTH_UNAVAILABLE",
+        retry_after=1.0,
+    )
+
+
+_identity_var: contextvars.ContextVar[Identity | None] = contextvars.ContextVar(
+    "kotadb_identity", default=None
+)
+
+
+def current_identity() -> Identity | None:
+    """current_identity is the verified caller of the RPC being served, or None (exempt methods)."""
+    return _identity_var.get()
+
+
+def require_identity() -> Identity:
+    """require_identity is current_identity for code that must not run without a caller."""
+    identity = _identity_var.get()
+    if identity is None:
+        raise Unauthenticated("this call needs credentials", reason="MISSING_CREDENTIALS")
+    return identity
+
+
+def bearer_credential(metadata: Mapping[str, str]) -> str | None:
+    """bearer_credential is the API key or JWT in `authorization: Bearer ...` or `x-api-key`."""
+    authorization = metadata.get("authorization", "").strip()
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    api_key = metadata.get("x-api-key", "").strip()
+    return api_key or None
+
+
+class IdentityInterceptor(CallInterceptor):
+    """IdentityInterceptor authenticates every non-exempt call and exposes `current_identity()`.
+
+    `codec` verifies signed identities (None: none are accepted); `validator` checks directly
+    presented credentials (None: none are accepted). The permission a method needs comes from
+    `method_permission`; methods outside kotadb.v1 that are not exempt need a valid caller.
+    """
+
+    def __init__(
+        self,
+        codec: IdentityCodec | None,
+        validator: CredentialValidator | None = None,
+        *,
+        exempt: Sequence[str] = EXEMPT_METHODS,
+    ) -> None:
+        self._codec = codec
+        self._validator = validator
+        self._exempt = tuple(exempt)
+
+    async def around_unary(
+        self, invoke: UnaryInvoke, context: grpc.aio.ServicerContext[Any, Any], method: str
+    ) -> Any:
+        """around_unary authenticates the caller, then runs the call with its identity set."""
+        if method.startswith(self._exempt):
+            return await invoke()
+        identity = await self.authenticate(context, method)
+        token = _identity_var.set(identity)
+        try:
+            return await invoke()
+        finally:
+            _identity_var.reset(token)
+
+    async def around_stream(
+        self, invoke: StreamInvoke, context: grpc.aio.ServicerContext[Any, Any], method: str
+    ) -> AsyncIterator[Any]:
+        """around_stream authenticates the caller, then streams with its identity set."""
+        if method.startswith(self._exempt):
+            async for response in invoke():
+                yield response
+            return
+        identity = await self.authenticate(context, method)
+        _identity_var.set(identity)
+        async for response in invoke():
+            yield response
+
+    async def authenticate(self, context: grpc.aio.ServicerContext[Any, Any], method: str) -> Identity:
+        """authenticate returns the caller of one call, or raises Unauthenticated/PermissionDenied."""
+        metadata = _metadata(context)
+        permission = method_permission(method)
+        required = ADMIN if permission is None else permission
+        rejected: Unauthenticated | None = None
+        signed = metadata.get(IDENTITY_HEADER)
+        if signed and self._codec is not None:
+            try:
+                identity = self._codec.verify(signed)
+            except Unauthenticated as exc:
+                # A forged or stale identity is ignored; a presented key may still authenticate.
+                rejected = exc
+            else:
+                identity.require(required)
+                return identity
+        credential = bearer_credential(metadata)
+        if credential is not None:
+            if self._validator is None:
+                raise Unauthenticated(
+                    "this service cannot check API keys directly; call it through the gateway",
+                    reason="DIRECT_CREDENTIALS_UNSUPPORTED",
+                )
+            identity = await self._validator.validate(credential, required, method)
+            identity.require(required)
+            return identity
+        if rejected is not None:
+            raise rejected
+        raise Unauthenticated(
+            "this call needs credentials: an API key (authorization: Bearer ...) or a signed identity",
+            reason="MISSING_CREDENTIALS",
+        )
+
+
+def _metadata(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for key, value in context.invocation_metadata() or ():
+        if isinstance(value, str) and key not in found:
+            found[key] = value
+    return found
+
+
+def identity_interceptors(
+    settings: IdentitySettings,
+) -> list[grpc.aio.ServerInterceptor]:  # type: ignore[type-arg]
+    """identity_interceptors is what a service passes as `ServiceServer(..., identity=...)`."""
+    validator = (
+        AuthServiceValidator(settings.auth_address, cache_ttl=settings.credential_cache_ttl)
+        if settings.auth_address
+        else None
+    )
+    return [IdentityInterceptor(settings.codec(), validator)]
