@@ -223,6 +223,16 @@ class Snapshot:
         """skipped returns the documents this generation's writer refused, with reasons."""
         return read_skipped(self.index.path, self.manifest.skipped)
 
+    def verify(self) -> None:
+        """verify checks every checksum of every file of the snapshot now (reads everything once).
+
+        Raises IndexCorruptError naming the first bad file; a search service runs this at start
+        and rebuilds the index from the database if it fails.
+        """
+        for segment in self.segments:
+            segment.verify()
+        self.skipped()
+
     def close(self) -> None:
         """close releases the snapshot's pins; files no one else needs are unlinked."""
         if not self._closed:
