@@ -39,3 +39,12 @@ class AuthSettings(ServiceSettings):
         minimum=1,
         help="Highest monthly quota a user or admin key may set; the service role is exempt.",
     )
+
+    # Usage metering (A-meter): batches of access-log rows into usage_metrics (auth/metering.py).
+    usage_flush_interval: float = setting(
+        0.2, minimum=0.001, help="Seconds between usage_metrics batch writes; a crash loses at most this."
+    )
+    usage_batch_size: int = setting(500, minimum=1, help="Most usage rows written in one batch.")
+    usage_max_queued: int = setting(
+        100_000, minimum=1, help="Usage rows held in memory while the database is unreachable."
+    )
