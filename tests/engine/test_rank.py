@@ -86,11 +86,13 @@ def test_symbol_table_enclosing_is_innermost() -> None:
     assert not rank.SymbolTable.from_symbols([]) and table
 
 
-def test_symbol_table_defines_by_byte_overlap() -> None:
+def test_symbol_table_defines_by_covering_the_name() -> None:
     table = rank.SymbolTable.from_symbols(_symbols())
     line2_start = len("class Foo:\n")
     assert table.defines([(line2_start + 8, line2_start + 11)])  # "bar"
-    assert table.defines([(line2_start + 4, line2_start + 9)])  # "def b" overlaps the name
+    assert table.defines([(line2_start + 4, line2_start + 11)])  # "def bar" covers the name
+    assert not table.defines([(line2_start + 4, line2_start + 9)])  # "def b" only overlaps it
+    assert not table.defines([(line2_start + 9, line2_start + 11)])  # "ar" is inside the name
     assert not table.defines([(line2_start + 12, line2_start + 16)])  # "self"
     assert table.defines([(line2_start + 12, line2_start + 16), (0, 9)])  # "class Foo"
     assert not table.defines([(30, 38)])

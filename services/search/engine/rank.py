@@ -2,7 +2,7 @@
 
 A file's score is the product of two parts:
 
-* content tier, the best of its matches: a match on a symbol definition's name (100), a
+* content tier, the best of its matches: a match covering a symbol definition's name (100), a
   whole-word match (10), any other match (1), or no content match at all (0, a file that
   matched only through `type:path` or `file:`); plus 5 when the query's pattern also matches
   the file's base name (filename match);
@@ -148,20 +148,21 @@ class SymbolTable:
         return bool(len(self._spans))
 
     def defines(self, abs_ranges: Sequence[tuple[int, int]]) -> bool:
-        """defines reports whether any byte range (absolute in the file) overlaps a definition's name.
+        """defines reports whether any byte range (absolute in the file) covers a definition's name.
 
-        Names of distinct definitions never overlap, so for each range only the last name
-        starting before the range's end can overlap it.
+        The whole name must lie inside the match: `Parser` defines at `class Parser`, but a
+        match of `parser` inside `Reparser` is only a substring hit. Names of distinct
+        definitions never overlap, so sorted by start their ends ascend too, and for each
+        range only the first name starting at or after it can fit.
         """
         if not len(self._name_starts) or not abs_ranges:
             return False
         ranges = np.asarray(abs_ranges, dtype=np.int64).reshape(-1, 2)
-        idx = np.searchsorted(self._name_starts, ranges[:, 1], side="left") - 1
-        valid = idx >= 0
+        idx = np.searchsorted(self._name_starts, ranges[:, 0], side="left")
+        valid = idx < len(self._name_starts)
         if not valid.any():
             return False
-        ends = self._name_ends[idx[valid]]
-        return bool((ends > ranges[valid, 0]).any())
+        return bool((self._name_ends[idx[valid]] <= ranges[valid, 1]).any())
 
     def enclosing(self, line_number: int) -> Symbol | None:
         """enclosing returns the innermost definition whose line span contains line_number."""

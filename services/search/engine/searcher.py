@@ -34,7 +34,7 @@ from __future__ import annotations
 import heapq
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -174,10 +174,21 @@ def evaluate_plan(plan: Plan, segment: SegmentReader) -> BitMap | None:
 
 
 class Searcher:
-    """Searcher answers queries over an open Index; it is safe to share between threads."""
+    """Searcher answers queries over an open Index; it is safe to share between threads.
 
-    def __init__(self, index: Index, *, cursor_key: bytes | None = None) -> None:
+    `cursor_key` keys the cursors' integrity tag (cursor.py); `clock` is the time source
+    deadlines are compared with (`time.monotonic` unless a test supplies its own).
+    """
+
+    def __init__(
+        self,
+        index: Index,
+        *,
+        cursor_key: bytes | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.index = index
+        self.clock = clock
         self._cursor_key = cursor_key
         self._weights: dict[str, NDArray[np.float64]] = {}
         self._weights_lock = threading.Lock()
@@ -359,7 +370,7 @@ class _Run:
         if cancel is not None and cancel.is_set():
             raise SearchCancelled("search cancelled")
         deadline = self.request.deadline
-        if deadline is not None and time.monotonic() >= deadline:
+        if deadline is not None and self.searcher.clock() >= deadline:
             self.limit_reason = LimitReason.DEADLINE
             return True
         return False
