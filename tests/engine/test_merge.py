@@ -5,6 +5,10 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from services.search.engine.index import Index, Snapshot
 from services.search.engine.merge import SegmentSize, TieredMergePolicy
 from services.search.engine.model import SourceDocument, Symbol
@@ -154,3 +158,60 @@ def test_snapshot_stays_consistent_while_merges_run(tmp_path: Path) -> None:
         assert len(now.segments) == 1
         assert len(state(now)) == 40 - 7
         assert all(content.endswith(b"v7'\n") for content, _, _ in state(now).values())
+
+
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), st.integers(0, 4), st.text("abcAB \n\u00e9", max_size=30)),
+        st.tuples(st.just("delete"), st.integers(0, 4), st.just("")),
+        st.tuples(st.just("commit"), st.integers(0, 0), st.just("")),
+        st.tuples(st.just("merge"), st.integers(1, 3), st.just("")),
+    ),
+    min_size=5,
+    max_size=40,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=OPS)
+def test_postings_match_brute_force_under_random_writes(
+    tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[str, int, str]]
+) -> None:
+    index = Index.create(tmp_path_factory.mktemp("idx") / "idx", durable=False)
+    model: dict[str, bytes] = {}
+    pending: dict[str, bytes | None] = {}
+    with IndexWriter(index, merge_policy=TieredMergePolicy(segments_per_tier=3, floor_bytes=64)) as writer:
+        for op, key, text in [*ops, ("commit", 0, "")]:
+            name = f"d{key}"
+            if op == "add":
+                content = text.encode()
+                skipped = writer.add(doc(name, text))
+                pending[name] = None if skipped else content
+                assert (skipped is not None) == (content == b"")
+            elif op == "delete":
+                writer.delete(name)
+                pending[name] = None
+            elif op == "commit":
+                writer.commit()
+                for k, v in pending.items():
+                    if v is None:
+                        model.pop(k, None)
+                    else:
+                        model[k] = v
+                pending.clear()
+                check_against(index, model)
+            else:
+                writer.force_merge(key)
+                check_against(index, model)
+
+
+def check_against(index: Index, model: dict[str, bytes]) -> None:
+    with index.snapshot() as snap:
+        assert {k: v[0] for k, v in state(snap).items()} == model
+        universe = {t for content in model.values() for t in query_trigrams(content)}
+        for tri in universe:
+            truth = {k for k, content in model.items() if tri in query_trigrams(content)}
+            found: set[str] = set()
+            for seg in snap.segments:
+                found |= {seg.doc(o).external_id for o in seg.postings(tri) & seg.live}
+            assert found == truth, tri
