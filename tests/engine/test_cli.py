@@ -1,0 +1,137 @@
+"""`kotadb index ...` run as a real subprocess on a copy of the golden corpus."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+GOLDEN_CORPUS = Path(__file__).parent / "goldens" / "corpus"
+
+
+def kotadb(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", "index", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=False,
+        timeout=120,
+    )
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("cli")
+    src = base / "src"
+    shutil.copytree(GOLDEN_CORPUS, src)
+    (src / "assets").mkdir()
+    (src / "assets" / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    (src / "assets" / "latin1.txt").write_bytes(b"caf\xe9 Parser\n")
+    (src / "empty.py").write_bytes(b"")
+    (src / "big.txt").write_bytes(b"Parser\n" * (1 << 18))  # 1.75 MiB > the 1 MiB limit
+    index = base / "index"
+    proc = kotadb("build", str(src), "--out", str(index))
+    assert proc.returncode == 0, proc.stderr
+    assert "indexed 9 of 13 files" in proc.stderr and "skipped 4" in proc.stderr
+    return src, index
+
+
+def test_stats_json_lists_skipped_files_with_reasons(built: tuple[Path, Path]) -> None:
+    _, index = built
+    proc = kotadb("stats", str(index), "--json")
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads(proc.stdout)
+    assert stats["documents"] == 9 and stats["segments"] >= 1
+    assert stats["index_bytes"] == sum(stats["index_bytes_by_part"].values())
+    assert {"postings", "dict", "content", "docs", "symbols"} <= set(stats["index_bytes_by_part"])
+    reasons = {row["path"]: row["reason"] for row in stats["skipped"]}
+    assert reasons == {
+        "assets/logo.png": "binary",
+        "assets/latin1.txt": "invalid_utf8",
+        "empty.py": "empty",
+        "big.txt": "too_large",
+    }
+    text = kotadb("stats", str(index))
+    assert text.returncode == 0 and "big.txt: too_large" in text.stdout
+
+
+def test_search_prints_grep_style_lines(built: tuple[Path, Path]) -> None:
+    _, index = built
+    proc = kotadb("search", str(index), "parse_config")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "src/parser.py:14:def parse_config(text):"
+    assert "tests/test_parser.py:1:from src.parser import Parser, parse_config" in lines
+    assert "2 files, 4 lines" in proc.stderr
+
+
+def test_search_context_and_color(built: tuple[Path, Path]) -> None:
+    _, index = built
+    proc = kotadb("search", str(index), '"self.text = text"', "--context", "1", "--color", "always")
+    assert proc.returncode == 0, proc.stderr
+    assert "\x1b[1;31mself.text = text\x1b[0m" in proc.stdout
+    plain = kotadb("search", str(index), '"self.text = text"', "--context", "1")
+    assert plain.stdout.splitlines() == [
+        "src/parser.py-7-    def __init__(self, text):",
+        "src/parser.py:8:        self.text = text",
+        "src/parser.py-9-",
+    ]
+
+
+def test_search_json_all_is_one_object_per_line(built: tuple[Path, Path]) -> None:
+    src, index = built
+    proc = kotadb("search", str(index), r"Pars(er|e)\b", "--regex", "--all", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert rows and all(set(row) == {"path", "line", "ranges"} for row in rows)
+    for row in rows:
+        line = (src / row["path"]).read_bytes().split(b"\n")[row["line"] - 1]
+        assert row["ranges"] and all(line[s:e] in (b"Parser", b"Parse") for s, e in row["ranges"])
+    found = {(r["path"], r["line"]) for r in rows}
+    assert {("src/config.go", 5), ("src/config.go", 6), ("src/parser.py", 4)} <= found
+    assert ("src/reparser.rb", 2) not in found  # "Reparser" is another word
+
+
+def test_search_pages_with_cursor(built: tuple[Path, Path]) -> None:
+    _, index = built
+    first = kotadb("search", str(index), "parser", "--limit", "2")
+    assert first.returncode == 0
+    cursor_line = [line for line in first.stderr.splitlines() if line.startswith("next page: --cursor ")]
+    assert cursor_line
+    token = cursor_line[0].split()[-1]
+    second = kotadb("search", str(index), "parser", "--limit", "2", "--cursor", token)
+    assert second.returncode == 0, second.stderr
+    first_files = {line.split(":")[0] for line in first.stdout.splitlines()}
+    second_files = {line.split(":")[0] for line in second.stdout.splitlines()}
+    assert len(first_files) == len(second_files) == 2 and not first_files & second_files
+
+
+def test_search_exit_codes(built: tuple[Path, Path]) -> None:
+    _, index = built
+    none = kotadb("search", str(index), "zzzznotthere")
+    assert none.returncode == 1 and none.stdout == ""
+    bad = kotadb("search", str(index), "(oops", "--regex")
+    assert bad.returncode == 2 and "kotadb index:" in bad.stderr
+    syntax = kotadb("search", str(index), 'foo "unterminated')
+    assert syntax.returncode == 2 and "position" in syntax.stderr
+    missing = kotadb("search", str(index.parent / "nope"), "foo")
+    assert missing.returncode == 2
+
+
+def test_symbols_command(built: tuple[Path, Path]) -> None:
+    _, index = built
+    proc = kotadb("symbols", str(index), "Parser", "--json", "--kind", "class")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert rows[0]["path"] == "src/parser.py" and rows[0]["qualified_name"] == "Parser"
+    assert all(row["kind"] == "class" for row in rows)
+    text = kotadb("symbols", str(index), "parse_config")
+    assert text.stdout.splitlines()[0] == "src/parser.py:14: function parse_config"
