@@ -12,9 +12,11 @@ Measured on Linux 6.1 (78,625 files, 1,299 MB read, 947 MB indexed; no symbols),
 64 MiB segments: 26.9 CPU-seconds in all (48 MB per CPU-second, main process included; before
 the vectorised postings encoder it was 13 MB per CPU-second), peak RSS 374 MB for the caller
 and 542 MB per worker. The shared 2-core test machine ran at load 4-5, so wall throughput was
-27-33 MB/s; with both cores to itself the same CPU cost is about 13-14 s wall, roughly
-cindex's 12.5 s. Resulting sizes: postings 207.6 MB + dictionary 15.8 MB (cindex: 148 MB in
-all, so 1.5x), everything on disk 1,183 MB = 0.91x the corpus.
+27-33 MB/s; at load 2.8, ``drivers/`` (910 MB read) took 13.1 s = 70 MB/s wall, with 3.4
+CPU-seconds in the caller and 11.8 in the two workers, so with both cores to itself the build
+should roughly match cindex's 12.5 s for the whole tree. Resulting sizes: postings 207.6 MB
++ dictionary 15.8 MB (cindex: 148 MB in all, so 1.5x), everything on disk 1,183 MB = 0.91x
+the corpus.
 """
 
 from __future__ import annotations
