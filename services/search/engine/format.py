@@ -109,8 +109,10 @@ Measurements behind the choices
   10th of its 78,625 files, 7,845 text files) median 976, p99 5,591, p99.9 7,604, max 9,564.
   The default limit is 20,000 (as zoekt and cindex): twice the largest real source file seen,
   while minified bundles, data tables and encoded blobs exceed it.
-* Content is stored uncompressed: indexed text is about 1.0x the corpus and postings plus
-  dictionary add about 0.25x, within the 1.3x budget, and verification can run directly on
+* Content is stored uncompressed. On Linux 6.1 (1,299 MB read, 947 MB of it indexable text)
+  the index is 1,183 MB = 0.91x the corpus: content 947 MB, postings 207.6 MB, dictionary
+  15.8 MB, document table 12.4 MB; postings + dictionary are 1.5x cindex's 148 MB index.
+  Compression would not pay: the budget (1.3x) is met, and verification runs directly on
   the mmap without decompressing (zero copies on the query path).
 """
 
