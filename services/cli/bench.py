@@ -1,17 +1,83 @@
-"""Placeholder for the `kotadb bench` command group; its owner replaces this module."""
+"""`kotadb bench`: benchmarks that measure KotaDB side by side with its peers in one run.
+
+    kotadb bench search --corpus DIR --queries FILE [--out report.json] [--runs N]
+
+`--corpus` is a source tree, or `stdlib` / `linux` to lay one out with the shared
+`corpus.sh` script under `--corpus-root`. The report is printed as a table and, with
+`--out`, written as JSON (services/bench/search.py describes what is measured and how).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
+
+from services.bench.report import MIB, render_table
+from services.bench.search import BenchOptions, run_bench
+
+CORPUS_SCRIPT = Path("/work/shared/bench/corpus.sh")
 
 
 def register(subparsers: Any) -> None:
-    """register adds `kotadb bench`, which is not built yet."""
-    parser: argparse.ArgumentParser = subparsers.add_parser("bench", help="(not built yet)")
-    parser.set_defaults(func=_missing)
+    """register adds `kotadb bench` and its sub-commands."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "bench", help="benchmarks against peer tools", description=__doc__
+    )
+    commands = parser.add_subparsers(dest="bench_command", metavar="SUBCOMMAND")
+    commands.required = True
+    search = commands.add_parser("search", help="search engine vs codesearch, ripgrep and pg_trgm")
+    search.add_argument("--corpus", required=True, help="source tree, or 'stdlib' / 'linux'")
+    search.add_argument("--corpus-root", default="/tmp/kotadb-corpus", help="where named corpora are laid out")
+    search.add_argument("--queries", required=True, type=Path, help="one RE2 pattern per line")
+    search.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    search.add_argument("--runs", type=int, default=5, help="timed runs per query and side (default 5)")
+    search.add_argument("--work-dir", type=Path, default=None, help="keep indexes here instead of a temp dir")
+    search.add_argument("--no-pg", action="store_true", help="skip the pg_trgm peer")
+    search.add_argument("--no-codesearch", action="store_true", help="skip the codesearch peer")
+    search.add_argument("--no-ripgrep", action="store_true", help="skip the ripgrep peer")
+    search.add_argument(
+        "--symbol-sample-mb", type=int, default=200, help="MiB of source for the symbol-extraction figure"
+    )
+    search.set_defaults(func=_search)
 
 
-def _missing(args: argparse.Namespace) -> int:
-    print("kotadb bench: not built yet", flush=True)
-    return 2
+def _corpus(args: argparse.Namespace) -> Path:
+    if args.corpus in ("stdlib", "linux"):
+        out = subprocess.run(
+            ["bash", str(CORPUS_SCRIPT), args.corpus, args.corpus_root], check=True, capture_output=True, text=True
+        )
+        return Path(out.stdout.strip().splitlines()[-1])
+    return Path(args.corpus)
+
+
+def _search(args: argparse.Namespace) -> int:
+    if args.runs < 1:
+        print("kotadb bench: --runs must be at least 1", file=sys.stderr)
+        return 2
+    corpus = _corpus(args)
+    if not corpus.is_dir():
+        print(f"kotadb bench: {corpus}: not a directory", file=sys.stderr)
+        return 2
+    if not args.queries.is_file():
+        print(f"kotadb bench: {args.queries}: no such file", file=sys.stderr)
+        return 2
+    options = BenchOptions(
+        corpus=corpus,
+        queries=args.queries,
+        work_dir=args.work_dir,
+        runs=args.runs,
+        with_pg=not args.no_pg,
+        with_codesearch=not args.no_codesearch,
+        with_ripgrep=not args.no_ripgrep,
+        symbol_sample_bytes=args.symbol_sample_mb * MIB,
+    )
+    report = run_bench(options, echo=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(render_table(report))
+    if args.out is not None:
+        args.out.write_text(json.dumps(report, indent=2) + "\n", "utf-8")
+        print(f"report written to {args.out}", file=sys.stderr)
+    return 0
