@@ -168,6 +168,23 @@ def list_generations(path: Path) -> list[int]:
     return sorted(gens)
 
 
+def load_newest(path: Path, newer_than: int = -1) -> Manifest | None:
+    """load_newest loads the highest-generation manifest above `newer_than`, or returns None.
+
+    A concurrent writer may unlink an old manifest between listing and reading it; the listing
+    is then retried, so readers never fail on a generation that was merely superseded.
+    """
+    for _ in range(_OPEN_RETRIES):
+        gens = list_generations(path)
+        if not gens or gens[-1] <= newer_than:
+            return None
+        try:
+            return Manifest.load(path / manifest_name(gens[-1]))
+        except FileNotFoundError:
+            continue
+    raise IndexCorruptError(path, "manifests keep disappearing while being read")
+
+
 def read_skipped(path: Path, ref: SkippedRef | None) -> list[Skipped]:
     """read_skipped loads a skip list file, verifying its checksum."""
     if ref is None:
@@ -275,11 +292,10 @@ class Index:
         self.durable = durable
         """durable makes every write fsync files and directories before a manifest names them.
 
-        The index is a cache of the database and checksums catch torn files, so tests (and
-        throwaway indexes) may turn it off; crash consistency does not depend on it."""
+        Without it a power loss can leave a manifest naming torn files; the checksums then
+        report them and the index (a cache of the database) is rebuilt. Tests turn it off."""
         self._state = threading.RLock()
         self._write_lock = threading.Lock()
-        self._lock_fd: int | None = None
         self._manifest = manifest
         self._pins: Counter[str] = Counter()
         self._data: dict[str, SegmentData] = {}
@@ -301,8 +317,10 @@ class Index:
             empty = Manifest(0, 0)
             write_atomic(root / manifest_name(0), dump_checked_json(empty.to_json()), durable=durable)
             fsync_dir(root, durable=durable)
-            gens = [0]
-        return cls(root, Manifest.load(root / manifest_name(gens[-1])), durable=durable)
+        manifest = load_newest(root)
+        if manifest is None:
+            raise IndexNotFoundError(root, "no manifest: not an index")
+        return cls(root, manifest, durable=durable)
 
     @classmethod
     def create(cls, path: str | os.PathLike[str], *, durable: bool = True) -> Index:
@@ -316,10 +334,10 @@ class Index:
 
     def refresh(self) -> Manifest:
         """refresh loads a newer manifest written by another process, if there is one."""
-        gens = list_generations(self.path)
         with self._state:
-            if gens and gens[-1] > self._manifest.generation:
-                self._set_current(Manifest.load(self.path / manifest_name(gens[-1])))
+            newest = load_newest(self.path, newer_than=self._manifest.generation)
+            if newest is not None:
+                self._set_current(newest)
             return self._manifest
 
     def snapshot(self) -> Snapshot:
