@@ -10,7 +10,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 quiet=(-q)
-[ "${CI:-}" = "true" ] && quiet=()
 
 stamp() { cat "$@" | sha256sum | cut -d' ' -f1; }
 
