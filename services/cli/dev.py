@@ -10,8 +10,11 @@ Start order, each step waiting for the previous one to be healthy:
 4. Envoy, with a config rendered from deploy/envoy/envoy.yaml.tmpl into `<data-dir>/envoy/`;
    ready once the admin `/ready` is LIVE and `GET /health` through the gateway answers 200.
 
-Then the endpoints are printed and written to `<data-dir>/stack.json` for `kotadb status`,
-tests and scripts. SIGTERM or Ctrl-C stops everything in reverse order and removes stack.json
+Between steps 2 and 3 a fresh demo API key (read and write) is issued to the seed's demo user,
+every run, because its secret exists only at creation (the database keeps a SHA-256 hash).
+Then the endpoints, the demo key and a curl example are printed and written to
+`<data-dir>/stack.json` (mode 0600, as `demo_api_key`) for `kotadb status`, tests and scripts.
+SIGTERM or Ctrl-C stops everything in reverse order and removes stack.json
 (services/common/supervisor.py makes sure no child outlives the command).
 
 The default data dir is `$XDG_CACHE_HOME/kotadb/dev` (usually `~/.cache/kotadb/dev`); see
@@ -21,6 +24,7 @@ The default data dir is `$XDG_CACHE_HOME/kotadb/dev` (usually `~/.cache/kotadb/d
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import dataclasses
 import datetime
@@ -29,6 +33,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +41,14 @@ from typing import Any
 
 import psutil
 
+from services.auth.config import AuthSettings
+from services.auth.management import KeyManager, KeySpec
+from services.auth.principal import READ, WRITE, Principal
+from services.auth.store import AuthStore
 from services.cli import gateway, status
-from services.common import migrate
+from services.common import db, migrate
 from services.common.pgembed import EmbeddedPostgres, free_port, port_is_free
+from services.common.settings import env_settings
 from services.common.supervisor import ChildExited, ChildProcess, StopRequested, Supervisor
 
 DEFAULT_PORTS: dict[str, int] = {
@@ -53,6 +63,12 @@ DEFAULT_PORTS: dict[str, int] = {
 # a service's first start imports tree-sitter grammars and opens its pool.
 READY_TIMEOUT = 120.0
 POLL_INTERVAL = 0.25
+
+# The demo user deploy/supabase/seed.sql creates; `kotadb dev` issues its demo key to this user.
+DEMO_USER_ID = uuid.UUID("00000000-0000-4000-8000-00000000d3e0")
+DEMO_KEY_NAME = "kotadb dev demo"
+# A read route that answers for any valid read key: the calling key's own usage (GetUsage).
+DEMO_PATH = "/v1/usage"
 
 
 class StackError(RuntimeError):
@@ -101,6 +117,27 @@ def _migrate(database_url: str, log: Callable[[str], None]) -> None:
     applied = migrate.apply_migrations(database_url)
     log("migrations applied: " + (", ".join(applied) if applied else "none, up to date"))
     migrate.seed(database_url)
+
+
+def issue_demo_key(database_url: str) -> tuple[str, str]:
+    """issue_demo_key creates a read+write API key for the demo user; returns (secret, key id).
+
+    It runs the auth service's own key rules (services/auth/management.py) as the service role,
+    straight against the database, so the key exists before any service starts.
+    """
+
+    async def issue() -> tuple[str, str]:
+        pool = await db.create_pool(database_url, min_size=1, max_size=1, statement_cache_size=0)
+        try:
+            manager = KeyManager(AuthStore(pool), env_settings(AuthSettings))
+            await manager.ensure_user(DEMO_USER_ID)
+            spec = KeySpec(name=DEMO_KEY_NAME, permissions=frozenset({READ, WRITE}))
+            issued = await manager.create(Principal.service(), spec, user_id=DEMO_USER_ID)
+        finally:
+            await pool.close()
+        return issued.secret, str(issued.record.id)
+
+    return asyncio.run(issue())
 
 
 def _wait_until(
@@ -196,6 +233,11 @@ def run_stack(data_dir: Path, gateway_port: int, admin_port: int | None) -> int:
         ports = choose_ports(gateway_port, admin_port)
         database_url, postgres_pid = _start_database(data_dir, supervisor, log)
         _migrate(database_url, log)
+        try:
+            demo_key, demo_key_id = issue_demo_key(database_url)
+        except Exception as exc:  # settings, database or key-rule errors, all fatal here
+            raise StackError(f"could not issue the demo API key: {exc}") from exc
+        log(f"issued demo API key {demo_key_id} (read, write) to user {DEMO_USER_ID}")
 
         ports, children = _start_services(data_dir, ports, database_url, supervisor, log)
         children["envoy"] = _start_envoy(data_dir, ports, supervisor, logs)
@@ -215,6 +257,9 @@ def run_stack(data_dir: Path, gateway_port: int, admin_port: int | None) -> int:
             "data_dir": str(data_dir),
             "logs": str(logs),
             "pids": {"postgres": postgres_pid, **{name: child.pid for name, child in children.items()}},
+            "demo_api_key": demo_key,
+            "demo_api_key_id": demo_key_id,
+            "demo_user_id": str(DEMO_USER_ID),
         }
         _write_json(stack_path, stack)
         owns_stack_file = True
@@ -329,9 +374,17 @@ def _print_endpoints(stack: dict[str, Any]) -> None:
         f"  envoy admin  {stack['envoy_admin']}",
         f"  logs         {stack['logs']}",
         f"  stack.json   {Path(stack['data_dir']) / status.STACK_FILE}",
+        f"  demo key     {stack['demo_api_key']}   (read, write; shown once, also in stack.json)",
+        "try it:",
+        f"  {demo_curl(stack)}",
         "Ctrl-C stops everything.",
     ]
     print("kotadb dev: " + "\n".join(lines), flush=True)
+
+
+def demo_curl(stack: dict[str, Any]) -> str:
+    """demo_curl is a curl command that calls the gateway with the demo key (its own usage)."""
+    return f'curl -H "Authorization: Bearer {stack["demo_api_key"]}" {stack["gateway"]}{DEMO_PATH}'
 
 
 def register(subparsers: Any) -> None:
