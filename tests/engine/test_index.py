@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from services.search.engine.format import IndexCorruptError, IndexNotFoundError
 from services.search.engine.index import Index, IndexLockedError, list_generations
+from services.search.engine.merge import TieredMergePolicy
 from services.search.engine.model import SkipReason, SourceDocument
 from services.search.engine.writer import IndexWriter
 
@@ -175,3 +177,63 @@ def test_writer_lists_live_external_ids(tmp_path: Path) -> None:
             writer.delete(stale)
         writer.commit()
     assert ids(index) == {"a"}
+
+
+READER = """
+import os, sys, pathlib
+from services.search.engine.index import Index
+root, stop, seen_file = (pathlib.Path(a) for a in sys.argv[1:4])
+index = Index.open(root)
+seen = set()
+while not stop.exists():
+    with index.snapshot() as snap:
+        contents = [bytes(s.content(o)) for s in snap.segments for o in s.live]
+        versions = {c.split(b" ")[1] for c in contents}
+        assert len(contents) == 10 and len(versions) == 1, (snap.generation, versions, len(contents))
+        assert all(s.postings(b"ver") & s.live == s.live for s in snap.segments)
+    if not versions <= seen:
+        seen |= versions
+        tmp = seen_file.with_suffix(".tmp")
+        tmp.write_text(str(max(int(v) for v in seen)))
+        os.replace(tmp, seen_file)
+print(len(seen))
+"""
+
+
+def wait_until_seen(seen_file: Path, version: int, reader: subprocess.Popen[bytes]) -> None:
+    """wait_until_seen blocks until the reader process reports a snapshot of `version`."""
+    while reader.poll() is None:
+        if seen_file.exists() and int(seen_file.read_text() or -1) >= version:
+            return
+        time.sleep(0.01)
+    raise AssertionError(reader.communicate()[1].decode())
+
+
+def test_reader_process_sees_only_whole_generations_while_writes_and_merges_run(tmp_path: Path) -> None:
+    root = tmp_path / "idx"
+    stop, seen = tmp_path / "stop", tmp_path / "seen"
+    index = Index.create(root, durable=False)
+    add(index, *[(f"d{i}", f"version 0 doc {i}".encode()) for i in range(10)])
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    args = [sys.executable, "-c", READER, str(root), str(stop), str(seen)]
+    reader = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_until_seen(seen, 0, reader)
+        policy = TieredMergePolicy(segments_per_tier=2, floor_bytes=64)
+        with IndexWriter(index, merge_policy=policy) as writer:
+            for version in range(1, 40):
+                for i in range(10):
+                    writer.add(SourceDocument(f"d{i}", f"d{i}.txt", f"version {version} doc {i}".encode()))
+                    if i == 4:
+                        writer.flush()  # two segments per commit, so merges have work
+                writer.commit()
+                if version % 5 == 0:
+                    # Lockstep now and then, so the reader provably overlaps many generations.
+                    wait_until_seen(seen, version, reader)
+    finally:
+        stop.touch()
+        out, err = reader.communicate(timeout=120)
+    assert reader.returncode == 0, err.decode()
+    assert int(out) >= 8
+    with index.snapshot() as snap:
+        assert {bytes(s.content(o)).split(b" ")[1] for s in snap.segments for o in s.live} == {b"39"}
