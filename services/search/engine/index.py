@@ -25,7 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from pyroaring import BitMap
+from pyroaring import BitMap, FrozenBitMap
 
 from services.search.engine.format import (
     DELETED_PREFIX,
@@ -299,7 +299,7 @@ class Index:
         self._manifest = manifest
         self._pins: Counter[str] = Counter()
         self._data: dict[str, SegmentData] = {}
-        self._live: dict[tuple[str, str | None], BitMap] = {}
+        self._live: dict[tuple[str, str | None], FrozenBitMap] = {}
         self._pin(manifest.files())
 
     @classmethod
@@ -391,25 +391,33 @@ class Index:
 
     @contextlib.contextmanager
     def write_lock(self) -> Iterator[None]:
-        """write_lock makes the caller the index's only writer, in this process and across processes."""
-        with self._write_lock:
+        """write_lock makes the caller the index's only writer, in this process and across processes.
+
+        It never waits: a second writer gets IndexLockedError at once (waiting for a writer that
+        lives as long as its service would hang the caller instead).
+        """
+        if not self._write_lock.acquire(blocking=False):
+            raise IndexLockedError(self.path / LOCK_FILE, "another writer is open in this process")
+        try:
             fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError as exc:
-                    raise IndexLockedError(self.path / LOCK_FILE, "another process is writing") from exc
+                    raise IndexLockedError(self.path / LOCK_FILE, "another writer holds the lock file") from exc
                 self.refresh()
                 yield
             finally:
                 os.close(fd)
+        finally:
+            self._write_lock.release()
 
     def segment_data(self, name: str) -> SegmentData:
         """segment_data returns the opened segment `name`, opening it on first use."""
         return self._segment(name)
 
-    def live_set(self, entry: SegmentEntry) -> BitMap:
-        """live_set returns the live ordinals of a manifest entry (cached; do not mutate)."""
+    def live_set(self, entry: SegmentEntry) -> FrozenBitMap:
+        """live_set returns the live ordinals of a manifest entry (cached and shared, hence frozen)."""
         return self._live_set(entry)
 
     def publish(self, manifest: Manifest) -> None:
@@ -468,11 +476,11 @@ class Index:
                 self._data[name] = data
             return data
 
-    def _live_set(self, entry: SegmentEntry) -> BitMap:
+    def _live_set(self, entry: SegmentEntry) -> FrozenBitMap:
         key = (entry.name, entry.deleted)
         with self._state:
-            live = self._live.get(key)
-            if live is None:
+            cached = self._live.get(key)
+            if cached is None:
                 data = self._segment(entry.name)
                 live = BitMap()
                 live.add_range(0, entry.doc_count)
@@ -487,8 +495,9 @@ class Index:
                             self.path / entry.name / entry.deleted, "count differs from manifest"
                         )
                     live -= deleted
-                self._live[key] = live
-            return live
+                cached = FrozenBitMap(live)
+                self._live[key] = cached
+            return cached
 
     def _pin(self, files: set[str]) -> None:
         with self._state:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
-from pyroaring import BitMap
+from pyroaring import BitMap, FrozenBitMap
 
 from services.search.engine.builder import dict_padding
 from services.search.engine.format import (
@@ -264,10 +264,11 @@ class SegmentReader:
     """SegmentReader is one segment as seen by one snapshot: shared data plus that snapshot's live set.
 
     `postings` returns every document containing the trigram, deleted ones included; intersect
-    with `live` (the searcher does) to drop deletions.
+    with `live` (the searcher does) to drop deletions. `live` is frozen because snapshots share
+    it: ``live & bits`` makes a new bitmap.
     """
 
-    def __init__(self, data: SegmentData, live: BitMap) -> None:
+    def __init__(self, data: SegmentData, live: FrozenBitMap) -> None:
         self.data = data
         self.live = live
 
