@@ -189,7 +189,7 @@ def test_one_writer_at_a_time(tmp_path: Path) -> None:
     other = Index.open(tmp_path / "idx")
     with IndexWriter(index), pytest.raises(IndexLockedError) as err:
         IndexWriter(other)
-    assert err.value.path.endswith("LOCK") and "lock file" in err.value.detail
+    assert err.value.path.endswith("LOCK") and "holds the lock" in err.value.detail
     with IndexWriter(index), pytest.raises(IndexLockedError) as err:
         IndexWriter(index)
     assert "this process" in err.value.detail

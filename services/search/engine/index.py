@@ -404,7 +404,7 @@ class Index:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError as exc:
-                    raise IndexLockedError(self.path / LOCK_FILE, "another writer holds the lock file") from exc
+                    raise IndexLockedError(self.path / LOCK_FILE, "another writer holds the lock") from exc
                 self.refresh()
                 yield
             finally:
