@@ -149,11 +149,34 @@ def test_deadline_mid_search_returns_a_marked_partial_result(many: tuple[Path, I
     _, index = many
     ticks = itertools.count()
     # Each deadline check advances this clock by one; the deadline passes at the 6th check.
-    searcher = Searcher(index, clock=lambda: float(next(ticks)))
+    # One worker: with two, which thread's check comes sixth is up to the scheduler.
+    searcher = Searcher(index, clock=lambda: float(next(ticks)), workers=1)
     result = searcher.search("needle", mode=SearchMode.EXHAUSTIVE, limit_files=None, deadline=5.0)
     assert result.limit_hit and result.limit_reason is LimitReason.DEADLINE
     assert result.stats.files_verified == 5 < result.stats.candidates
     assert result.file_count <= 5 and len(result.files) == result.file_count
+
+
+def test_deadline_with_worker_threads_keeps_what_was_verified(many: tuple[Path, Index]) -> None:
+    _, index = many
+    ticks = itertools.count()
+    searcher = Searcher(index, clock=lambda: float(next(ticks)), workers=2)
+    result = searcher.search("needle", mode=SearchMode.EXHAUSTIVE, limit_files=None, deadline=40.0)
+    assert result.limit_hit and result.limit_reason is LimitReason.DEADLINE
+    assert 0 < result.stats.files_verified < result.stats.candidates == 90
+    assert result.file_count == len(result.files) <= result.stats.files_verified
+
+
+def test_threads_and_single_thread_agree(many: tuple[Path, Index]) -> None:
+    _, index = many
+    one = Searcher(index, workers=1).search("/needle\\w*/", mode=SearchMode.EXHAUSTIVE, limit_files=None)
+    two = Searcher(index, workers=2)
+    try:
+        both = two.search("/needle\\w*/", mode=SearchMode.EXHAUSTIVE, limit_files=None)
+    finally:
+        two.close()
+    assert one.stats.files_verified == both.stats.files_verified == 90
+    assert (one.files, one.file_count, one.match_count) == (both.files, both.file_count, both.match_count)
 
 
 def test_match_limit_stops_counting(many: tuple[Path, Index]) -> None:

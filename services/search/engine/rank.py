@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -37,6 +38,9 @@ FILENAME = 5.0
 TEST_WEIGHT = 0.3
 VENDORED_WEIGHT = 0.2
 GENERATED_WEIGHT = 0.1
+
+# Up to this many (range, symbol) pairs the definition check is one broadcast comparison.
+_BROADCAST_LIMIT = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,13 +132,11 @@ class SymbolTable:
     decodes the i-th full record when an enclosing symbol is reported.
     """
 
-    def __init__(self, spans: NDArray[np.int64], symbol: Callable[[int], Symbol]) -> None:
+    def __init__(self, spans: NDArray[np.integer[Any]], symbol: Callable[[int], Symbol]) -> None:
+        # Views only: building sorted copies here cost ~60 us per matching file, more than the
+        # checks below on the few ranges a file usually has.
         self._spans = spans.reshape(-1, 4) if spans.size else np.zeros((0, 4), dtype=np.int64)
         self._symbol = symbol
-        named = self._spans[self._spans[:, 3] > self._spans[:, 2]]
-        order = np.argsort(named[:, 2], kind="stable")
-        self._name_starts = named[order, 2]
-        self._name_ends = named[order, 3]
 
     @classmethod
     def from_symbols(cls, symbols: Sequence[Symbol]) -> SymbolTable:
@@ -151,18 +153,25 @@ class SymbolTable:
         """defines reports whether any byte range (absolute in the file) covers a definition's name.
 
         The whole name must lie inside the match: `Parser` defines at `class Parser`, but a
-        match of `parser` inside `Reparser` is only a substring hit. Names of distinct
-        definitions never overlap, so sorted by start their ends ascend too, and for each
-        range only the first name starting at or after it can fit.
+        match of `parser` inside `Reparser` is only a substring hit. Symbols without recorded
+        name offsets (start_byte == end_byte) never count.
         """
-        if not len(self._name_starts) or not abs_ranges:
+        if not len(self._spans) or not abs_ranges:
             return False
+        starts = self._spans[:, 2].astype(np.int64)
+        ends = self._spans[:, 3].astype(np.int64)
         ranges = np.asarray(abs_ranges, dtype=np.int64).reshape(-1, 2)
-        idx = np.searchsorted(self._name_starts, ranges[:, 0], side="left")
-        valid = idx < len(self._name_starts)
-        if not valid.any():
-            return False
-        return bool((self._name_ends[idx[valid]] <= ranges[valid, 1]).any())
+        named = ends > starts
+        if len(ranges) * len(starts) <= _BROADCAST_LIMIT:
+            inside = (starts[None, :] >= ranges[:, :1]) & (ends[None, :] <= ranges[:, 1:]) & named[None, :]
+            return bool(inside.any())
+        # Many ranges and symbols: names of distinct definitions never overlap, so sorted by
+        # start their ends ascend too, and only the first name at or after a range can fit.
+        order = np.argsort(starts[named], kind="stable")
+        name_starts, name_ends = starts[named][order], ends[named][order]
+        idx = np.searchsorted(name_starts, ranges[:, 0], side="left")
+        valid = idx < len(name_starts)
+        return bool((name_ends[idx[valid]] <= ranges[valid, 1]).any())
 
     def enclosing(self, line_number: int) -> Symbol | None:
         """enclosing returns the innermost definition whose line span contains line_number."""

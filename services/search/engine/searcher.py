@@ -35,6 +35,7 @@ import heapq
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -78,6 +79,10 @@ from services.search.engine.verify import LineMatch as RawLineMatch
 # rank) before it gives up looking for better-ranked ones.
 OVERSAMPLE = 3
 DEFAULT_LIMIT_FILES = 50
+# Exact-order searches with at least this many candidates verify on the thread pool, in
+# chunks of CHUNK candidates (small enough that a limit or deadline stops promptly).
+PARALLEL_MIN = 64
+CHUNK = 32
 
 
 class SearchCancelled(Exception):
@@ -177,7 +182,8 @@ class Searcher:
     """Searcher answers queries over an open Index; it is safe to share between threads.
 
     `cursor_key` keys the cursors' integrity tag (cursor.py); `clock` is the time source
-    deadlines are compared with (`time.monotonic` unless a test supplies its own).
+    deadlines are compared with (`time.monotonic` unless a test supplies its own);
+    `workers` threads verify candidates of exact-order searches (1: no threads).
     """
 
     def __init__(
@@ -186,9 +192,13 @@ class Searcher:
         *,
         cursor_key: bytes | None = None,
         clock: Callable[[], float] = time.monotonic,
+        workers: int = 2,
     ) -> None:
         self.index = index
         self.clock = clock
+        self.workers = max(1, workers)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
         self._cursor_key = cursor_key
         self._weights: dict[str, NDArray[np.float64]] = {}
         self._weights_lock = threading.Lock()
@@ -294,6 +304,20 @@ class Searcher:
             self._weights[key] = values
         return values
 
+    def pool(self) -> ThreadPoolExecutor:
+        """pool returns the verification thread pool, starting it on first use."""
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="kotadb-verify")
+            return self._pool
+
+    def close(self) -> None:
+        """close stops the verification threads (the index stays open; it is the caller's)."""
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                self._pool = None
+
     def encode(self, cursor: Cursor) -> str:
         """encode turns a cursor into the token handed to the caller."""
         return encode_cursor(cursor, key=self._cursor_key) if self._cursor_key else encode_cursor(cursor)
@@ -343,27 +367,97 @@ class _Run:
             candidates += len(ordinals)
             order.append((seg_index, ordinals))
             weights_all.append(self.searcher.weights(segment)[ordinals] if len(ordinals) else np.empty(0))
-        seg_ids = (
-            np.concatenate([np.full(len(o), i, dtype=np.int64) for i, o in order]) if order else np.empty(0)
+        seg_ids: NDArray[np.int64] = (
+            np.concatenate([np.full(len(o), i, dtype=np.int64) for i, o in order])
+            if order
+            else np.empty(0, dtype=np.int64)
         )
         ords = np.concatenate([o for _, o in order]) if order else np.empty(0, dtype=np.int64)
         weights = np.concatenate(weights_all) if weights_all else np.empty(0)
         # FIRST_PAGE: ordinary files first; within a weight, index order (segments are path-sorted).
         sequence = np.arange(len(ords)) if self.exact else np.lexsort((ords, seg_ids, -weights))
-        best_possible = rank.DEFINITION + rank.FILENAME
         stopped_early = False
-        for position, at in enumerate(sequence.tolist()):
-            if self._interrupted():
-                break
-            if not self.exact and self._enough(float(weights[at]) * best_possible):
-                stopped_early = position < len(sequence)
-                break
-            self._verify(int(seg_ids[at]), segments[int(seg_ids[at])], int(ords[at]))
-            if self.limit_reason is not None:
-                break
+        if self.exact and self.searcher.workers > 1 and len(sequence) >= PARALLEL_MIN:
+            self._verify_parallel(sequence, seg_ids, ords)
+        else:
+            stopped_early = self._verify_in_order(sequence, seg_ids, ords, weights)
         if stopped_early and self.limit_reason is None:
             self.limit_reason = LimitReason.FILE_LIMIT
         return self._result(candidates, scan, stopped_early)
+
+    def _verify_in_order(
+        self,
+        sequence: NDArray[np.int64],
+        seg_ids: NDArray[np.int64],
+        ords: NDArray[np.int64],
+        weights: NDArray[np.float64],
+    ) -> bool:
+        """_verify_in_order verifies candidates one by one; returns True if it stopped early."""
+        best_possible = rank.DEFINITION + rank.FILENAME
+        for position, at in enumerate(sequence.tolist()):
+            if self._interrupted():
+                return False
+            if not self.exact and self._enough(float(weights[at]) * best_possible):
+                return position < len(sequence)
+            self.verified += 1
+            found = self._check(int(seg_ids[at]), int(ords[at]))
+            if found is not None:
+                self._accept(found)
+            if self.limit_reason is not None:
+                return False
+        return False
+
+    def _verify_parallel(
+        self, sequence: NDArray[np.int64], seg_ids: NDArray[np.int64], ords: NDArray[np.int64]
+    ) -> None:
+        """_verify_parallel verifies candidates in chunks on the searcher's thread pool.
+
+        RE2 releases the GIL while it scans, so two threads overlap the regex work of one
+        file with the Python bookkeeping of another. Results are merged in chunk order, so
+        totals and the page are the same as sequentially; a limit or deadline stops the
+        remaining chunks.
+        """
+        stop = threading.Event()
+        pairs = list(zip(seg_ids[sequence].tolist(), ords[sequence].tolist(), strict=True))
+
+        def work(chunk: list[tuple[int, int]]) -> tuple[int, list[_Found]]:
+            done = 0
+            out: list[_Found] = []
+            for seg_index, ordinal in chunk:
+                if stop.is_set() or self._interrupted():
+                    break
+                done += 1
+                found = self._check(seg_index, ordinal)
+                if found is not None:
+                    out.append(found)
+            return done, out
+
+        pool = self.searcher.pool()
+        futures = [pool.submit(work, pairs[i : i + CHUNK]) for i in range(0, len(pairs), CHUNK)]
+        try:
+            for future in futures:
+                if future.cancelled():
+                    continue
+                done, found = future.result()
+                self.verified += done
+                if self._match_limited():
+                    # Counting stopped at the limit; later chunks only finish their file.
+                    continue
+                for item in found:
+                    self._accept(item)
+                    if self._match_limited():
+                        break
+                if self.limit_reason is not None:
+                    stop.set()
+                    for later in futures:
+                        later.cancel()
+        finally:
+            stop.set()
+            for future in futures:
+                future.cancel()
+
+    def _match_limited(self) -> bool:
+        return self.limit_reason is LimitReason.MATCH_LIMIT
 
     def _interrupted(self) -> bool:
         cancel = self.request.cancel
@@ -399,37 +493,24 @@ class _Run:
             keep[i] = self.tree.prefilter(facts) is not False
         return ordinals[keep]
 
-    def _verify(self, seg_index: int, segment: SegmentReader, ordinal: int) -> None:
-        self.verified += 1
+    def _check(self, seg_index: int, ordinal: int) -> _Found | None:
+        """_check verifies one candidate and scores it; it touches no shared state (threads)."""
+        segment = self.snap.segments[seg_index]
         doc = segment.doc(ordinal)
         facts = DocFacts(path=doc.path, language=doc.language, repository=doc.repository)
         content = bytes(segment.content(ordinal))
         outcome = self.tree.evaluate(facts, content, lambda: segment.symbols(ordinal))
         if outcome is None:
-            return
+            return None
         lines = outcome.lines
-        self.file_count += 1
-        self.match_count += len(lines)
-        limit = self.request.limit_matches
-        if limit is not None and self.match_count >= limit:
-            self.limit_reason = LimitReason.MATCH_LIMIT
         table = _symbol_table(segment, ordinal)
         signals = self._signals(doc.path, content, lines, outcome.filename_match, table)
         if outcome.symbols:
             # A sym: or type:symbol match is a definition by construction.
             signals = replace(signals, definition=True)
         score = rank.score(signals)
-        if score >= rank.WHOLE_WORD:
-            self.good += 1
-        key = rank_key(score, doc.path, doc.repository, doc.external_id)
-        cursor = self.cursor
-        if cursor is not None:
-            if not cursor.after(key):
-                return
-            if cursor.exclude and path_digest(doc.repository, doc.path, doc.external_id) in cursor.exclude:
-                return
-        found = _Found(
-            key=key,
+        return _Found(
+            key=rank_key(score, doc.path, doc.repository, doc.external_id),
             segment=seg_index,
             ordinal=ordinal,
             path=doc.path,
@@ -442,11 +523,30 @@ class _Run:
             path_ranges=outcome.path_ranges,
             table=table,
         )
+
+    def _accept(self, found: _Found) -> None:
+        """_accept counts a matching file and offers it to the page (main thread only)."""
+        self.file_count += 1
+        self.match_count += len(found.lines)
+        limit = self.request.limit_matches
+        if limit is not None and self.match_count >= limit:
+            self.limit_reason = LimitReason.MATCH_LIMIT
+        if found.score >= rank.WHOLE_WORD:
+            self.good += 1
+        cursor = self.cursor
+        if cursor is not None:
+            if not cursor.after(found.key):
+                return
+            if (
+                cursor.exclude
+                and path_digest(found.repository, found.path, found.external_id) in cursor.exclude
+            ):
+                return
         self.eligible += 1
         page = self.page_size
         if page is None or len(self.heap) < page:
             heapq.heappush(self.heap, found)
-        elif key < self.heap[0].key:
+        elif found.key < self.heap[0].key:
             heapq.heapreplace(self.heap, found)
 
     def _signals(
@@ -570,12 +670,11 @@ def _symbol_table(segment: SegmentReader, ordinal: int) -> rank.SymbolTable:
     start = HEADER_SIZE + int(record["symbols_off"])
     raw = data.parts["symbols.bin"].region(start, start + int(record["symbols_len"]))
     width = SYMBOL_RECORD.size // 4
-    fields = np.frombuffer(raw, dtype="<u4", count=count * width).reshape(count, width).astype(np.int64)
-    lengths = fields[:, 4:8]
-    string_starts = count * SYMBOL_RECORD.size + np.concatenate(([0], np.cumsum(lengths.sum(axis=1))[:-1]))
+    fields = np.frombuffer(raw, dtype="<u4", count=count * width).reshape(count, width)
 
     def symbol(i: int) -> Symbol:
-        at = int(string_starts[i])
+        lengths = fields[:, 4:8].astype(np.int64)
+        at = count * SYMBOL_RECORD.size + int(lengths[:i].sum())
         texts: list[str] = []
         for length in lengths[i].tolist():
             texts.append(bytes(raw[at : at + length]).decode("utf-8", "replace"))
