@@ -23,7 +23,9 @@ or when what remains cannot outrank what it has. It then ranks what it found: th
 good, not provably the best, and `stats.exact_order` says which. EXHAUSTIVE mode verifies
 every candidate and counts true totals. A page requested with a cursor is always computed
 in exact order, so concatenated pages equal the exhaustive result (after an approximate
-first page, they equal it as a set: see cursor.py).
+first page, they equal it as a set: see cursor.py). A page cut short by the deadline or the
+match limit carries no cursor: continuing after it could skip files nobody verified.
+Exact-order searches verify on two threads (see `_Run._verify_parallel`).
 
 Wrappers (tenant scoping, logging, limits) implement the `SearchBackend` protocol around a
 Searcher instead of branching inside it.
@@ -349,6 +351,7 @@ class _Run:
         self.good = 0  # matching files at whole-word rank or better (first-page stop rule)
         self.verified = 0
         self.eligible = 0  # matching files after the cursor position (candidates for this page)
+        self.proven = False  # FIRST_PAGE stopped early, but provably with the exact top page
         self.limit_reason: LimitReason | None = None
 
     def execute(self) -> SearchResult:
@@ -477,6 +480,7 @@ class _Run:
         worst = self.heap[0]
         if next_bound < -worst.key[0]:
             # Nothing left can outrank the page: the order is exact after all.
+            self.proven = True
             return True
         return self.good >= page or self.file_count >= OVERSAMPLE * page
 
@@ -579,11 +583,16 @@ class _Run:
     def _result(self, candidates: int, scan: bool, stopped_early: bool) -> SearchResult:
         ordered = sorted(self.heap, key=lambda f: f.key)
         files = tuple(self._file_match(f) for f in ordered)
-        # Every match after the cursor competed for the page; more exist if some did not fit.
-        more = self.eligible > len(ordered)
+        # Every match after the cursor competed for the page; more exist if some did not fit,
+        # or if verification stopped early with candidates left.
+        more = self.eligible > len(ordered) or stopped_early
         next_cursor: str | None = None
         carried = self.cursor.exclude if self.cursor is not None else frozenset()
-        if stopped_early and self.limit_reason is LimitReason.FILE_LIMIT:
+        if self.limit_reason in (LimitReason.DEADLINE, LimitReason.MATCH_LIMIT):
+            # A page cut short by a deadline or the match limit is partial: continuing after
+            # its last file would skip better files nobody verified. The caller starts over.
+            pass
+        elif stopped_early and self.limit_reason is LimitReason.FILE_LIMIT and not self.proven:
             shown = exclusion_digests((f.repository, f.path, f.external_id) for f in ordered)
             next_cursor = self.searcher.encode(
                 Cursor(self.snap.generation, self.fingerprint, None, carried | shown)
@@ -609,7 +618,7 @@ class _Run:
                 files_verified=self.verified,
                 segments_searched=len(self.snap.segments),
                 scan_fallback=scan,
-                exact_order=self.exact or not stopped_early,
+                exact_order=self.exact or not stopped_early or self.proven,
                 plan=str(self.tree.plan),
             ),
             next_cursor=next_cursor,
