@@ -7,7 +7,9 @@ one snapshot, so two snapshots can see different deletions of the same segment.
 
 from __future__ import annotations
 
+import bisect
 import functools
+import sys
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +38,8 @@ from services.search.engine.format import (
 from services.search.engine.model import Symbol
 from services.search.engine.postings import decode_postings
 from services.search.engine.trigrams import trigram_id
+
+_BIG_ENDIAN = sys.byteorder == "big"  # the format is little-endian; native views need a copy there
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +95,16 @@ class SegmentData:
         )
         self.postings_offsets: NDArray[np.uint64] = np.frombuffer(
             self._dict.view, dtype="<u8", count=n + 1, offset=offsets_start
+        )
+        # Point lookups go through typed memoryviews and bisect: 0.4 us per lookup, against
+        # 11 us for np.searchsorted with a Python int (numpy casts the whole array to int64).
+        self._id_view: Sequence[int] = (
+            self.trigram_ids.tolist() if _BIG_ENDIAN else self._dict.view[HEADER_SIZE:ids_end].cast("I")
+        )
+        self._offset_view: Sequence[int] = (
+            self.postings_offsets.tolist()
+            if _BIG_ENDIAN
+            else self._dict.view[offsets_start : offsets_start + 8 * (n + 1)].cast("Q")
         )
         self.records = np.frombuffer(
             self._docs.view,
@@ -157,12 +171,12 @@ class SegmentData:
     def postings(self, tri: bytes) -> BitMap:
         """postings returns the ordinals of documents containing trigram `tri` (looked up as given)."""
         tid = trigram_id(tri)
-        ids = self.trigram_ids
-        i = int(np.searchsorted(ids, tid))
-        if i >= len(ids) or int(ids[i]) != tid:
+        ids = self._id_view
+        i = bisect.bisect_left(ids, tid)
+        if i >= len(ids) or ids[i] != tid:
             return BitMap()
-        start = HEADER_SIZE + int(self.postings_offsets[i])
-        end = HEADER_SIZE + int(self.postings_offsets[i + 1])
+        start = HEADER_SIZE + self._offset_view[i]
+        end = HEADER_SIZE + self._offset_view[i + 1]
         try:
             bitmap = decode_postings(self._postings.region(start, end))
         except (ValueError, MemoryError) as exc:
