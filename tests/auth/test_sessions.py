@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
+import hmac
+import http.server
 import json
 import os
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
@@ -202,3 +208,64 @@ def test_jwks_file_is_reread_after_key_rotation(tmp_path: Path, signing_keys: di
 def test_looks_like_jwt() -> None:
     assert looks_like_jwt(jwt.encode(claims(), SECRET, algorithm="HS256"))
     assert not looks_like_jwt("kdb_live_" + "a" * 38)
+
+
+class _JwksHandler(http.server.BaseHTTPRequestHandler):
+    """_JwksHandler serves the JWKS held by its server at any path, counting requests."""
+
+    def do_GET(self) -> None:
+        server: Any = self.server
+        server.hits += 1
+        body = json.dumps({"keys": server.keys}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return None
+
+
+@pytest.fixture
+def jwks_url(signing_keys: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    server: Any = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _JwksHandler)
+    server.keys = _jwks_for(signing_keys)
+    server.hits = 0
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/auth/v1/.well-known/jwks.json", server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_asymmetric_tokens_from_a_jwks_url(signing_keys: dict[str, Any], jwks_url: tuple[str, Any]) -> None:
+    url, server = jwks_url
+    verifier = SessionVerifier(Settings(jwt_secret="", jwks=url))
+    for alg, kid in (("ES256", "ec-1"), ("RS256", "rsa-1")):
+        token = jwt.encode(claims(), signing_keys[alg], algorithm=alg, headers={"kid": kid})
+        assert verifier.verify(token) == Principal.user(USER)
+    assert server.hits == 1, "the key set is fetched once and cached"
+    stranger = ec.generate_private_key(ec.SECP256R1())
+    with pytest.raises(Unauthenticated):
+        verifier.verify(jwt.encode(claims(), stranger, algorithm="ES256", headers={"kid": "ec-1"}))
+    # Algorithm confusion: an HS256 token "signed" with the published RSA key's PEM is refused,
+    # because HS256 is only ever checked against the configured secret (none here).
+    public_pem = (
+        signing_keys["RS256"]
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    confused = _hs256_with_raw_key(claims(), public_pem, kid="rsa-1")
+    with pytest.raises(Unauthenticated):
+        verifier.verify(confused)
+
+
+def _hs256_with_raw_key(payload: dict[str, Any], key: bytes, kid: str) -> str:
+    """_hs256_with_raw_key signs as an attacker would: HMAC under any key bytes (PyJWT refuses PEM)."""
+    header = b64(json.dumps({"alg": "HS256", "typ": "JWT", "kid": kid}).encode())
+    body = b64(json.dumps(payload).encode())
+    signature = hmac.new(key, f"{header}.{body}".encode(), hashlib.sha256).digest()
+    return f"{header}.{body}.{b64(signature)}"
