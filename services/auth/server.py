@@ -1,30 +1,203 @@
-"""The auth service's composition: settings, store, servicer and the shared server bootstrap."""
+"""The auth service's composition: one process serving three gRPC services on one port.
+
+* `kotadb.v1.AuthService` — key management and usage (services/auth/servicer.py);
+* `envoy.service.auth.v3.Authorization` — Envoy's ext_authz `Check` (services/auth/check.py),
+  with its key cache (keycache.py) and exact admission (ratelimit.py);
+* `envoy.service.accesslog.v3.AccessLogService` — Envoy's access log, metered into
+  `usage_metrics` by the batch writer (accesslog.py, metering.py).
+
+Life of the background parts: the key-change listener and the usage writer start with the
+server; on SIGTERM the gRPC server drains first (so Envoy's access-log streams end and their
+last entries are queued), then the usage writer flushes everything queued, then the listener
+stops and the pool closes. The order is enforced by `_AuthPool.close`, which ServiceServer
+calls last.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+import grpc
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from kotadb.v1 import auth_pb2, auth_pb2_grpc
 
+from services.auth import management, quota
+from services.auth.accesslog import AccessLogServicer, access_log_binding
+from services.auth.check import AuthorizationServicer, Authorizer, limit_error
 from services.auth.config import AuthSettings
+from services.auth.keycache import KeyCache, KeyRecord
+from services.auth.metering import recorder_from_settings
+from services.auth.ratelimit import Admitter
+from services.auth.routes import RouteTable
 from services.auth.servicer import AuthServicer
-from services.auth.store import AuthStore
-from services.common.server import LazyPool, Probe, ServiceServer, bind
+from services.auth.sessions import SessionVerifier
+from services.auth.store import ApiKeyRecord, AuthStore
+from services.common.errors import Unauthenticated
+from services.common.identity import Identity, IdentityInterceptor, IdentitySettings
+from services.common.server import LazyPool, Probe, ServiceBinding, ServiceServer, bind
 from services.common.settings import env_settings
 
+Hook = Callable[[], Awaitable[None]]
 
-def build(settings: AuthSettings | None = None) -> ServiceServer:
-    """build assembles the auth server from `settings` (default: the environment); it is not started."""
+
+class _AuthPool(LazyPool):
+    """_AuthPool is the auth process's pool; closing it first runs the shutdown hooks, in order.
+
+    ServiceServer closes the pool after the gRPC server has drained, which is exactly when the
+    usage writer must flush and the listener may stop: the hooks still have a database.
+    """
+
+    def __init__(self, settings: AuthSettings) -> None:
+        super().__init__(settings)
+        self.before_close: list[Callable[[float], Awaitable[None]]] = []
+
+    async def close(self, wait: float) -> None:
+        """close runs every shutdown hook (each gets `wait` seconds), then closes the pool."""
+        for hook in self.before_close:
+            await hook(wait)
+        await super().close(wait)
+
+
+class AuthServer(ServiceServer):
+    """AuthServer is ServiceServer plus the auth process's background parts, started with it."""
+
+    def __init__(
+        self,
+        settings: AuthSettings,
+        *,
+        pool: LazyPool,
+        bindings: Sequence[ServiceBinding],
+        probes: Sequence[Probe],
+        identity: Sequence[grpc.aio.ServerInterceptor],  # type: ignore[type-arg]
+        on_start: Sequence[Hook],
+    ) -> None:
+        super().__init__(
+            AuthSettings.service_name,
+            settings,
+            pool=pool,
+            bindings=bindings,
+            probes=probes,
+            identity=identity,
+        )
+        self._on_start = list(on_start)
+
+    async def start(self, *, port_file: Path | None = None) -> int:
+        """start launches the background parts, then the gRPC server; returns the bound port."""
+        for hook in self._on_start:
+            await hook()
+        return await super().start(port_file=port_file)
+
+
+class KeyMeter:
+    """KeyMeter lets ValidateApiKey meter a request with Check's exact admission."""
+
+    def __init__(self, admitter: Admitter) -> None:
+        self._admitter = admitter
+
+    async def admit(self, record: ApiKeyRecord, endpoint: str) -> management.Admission:
+        """admit counts one request against `record`'s limits or raises ResourceExhausted."""
+        admission = await self._admitter.admit(record.id)
+        if admission.revoked or not admission.found:
+            raise Unauthenticated("the API key has been revoked", reason="API_KEY_REVOKED")
+        if not admission.admitted:
+            raise limit_error(admission, _as_key_record(record))
+        return management.Admission(
+            window_remaining=admission.window_remaining, window_reset=admission.window_reset
+        )
+
+
+def _as_key_record(record: ApiKeyRecord) -> KeyRecord:
+    return KeyRecord(
+        id=record.id,
+        user_id=record.user_id,
+        permissions=record.permissions,
+        rate_limit=record.rate_limit,
+        monthly_quota=record.monthly_quota,
+        expires_at=record.expires_at,
+        revoked_at=record.revoked_at,
+        grace_until=record.grace_until,
+    )
+
+
+class _InProcessValidator:
+    """_InProcessValidator checks credentials presented directly to the auth process, in process."""
+
+    def __init__(self, servicer: AuthServicer) -> None:
+        self._servicer = servicer
+
+    async def validate(self, credential: str, permission: str, method: str) -> Identity:
+        """validate returns the identity a session JWT or API key proves."""
+        principal = await self._servicer.resolver.principal_for(credential)
+        return Identity(
+            user_id=principal.user_id,
+            kind=principal.kind,
+            permissions=principal.permissions,
+            key_id=principal.key_id,
+        )
+
+
+def build(
+    settings: AuthSettings | None = None,
+    *,
+    identity: IdentitySettings | None = None,
+    clock: quota.Clock | None = None,
+) -> ServiceServer:
+    """build assembles the auth server from `settings` (default: the environment); it is not started.
+
+    `identity` defaults to the environment (KOTADB_IDENTITY_KEY); `clock` defaults to the system
+    clock shifted by `check_clock_offset`.
+    """
     settings = settings if settings is not None else env_settings(AuthSettings)
-    pool = LazyPool(settings)
+    identity = identity if identity is not None else env_settings(IdentitySettings)
+    clock = clock if clock is not None else quota.SystemClock(settings.check_clock_offset)
+    pool = _AuthPool(settings)
     store = AuthStore(pool)
-    servicer = AuthServicer(store)
-    return ServiceServer(
-        AuthSettings.service_name,
+
+    admitter = Admitter(pool, clock, batch_max=settings.admission_batch_max)
+    cache = KeyCache(
+        pool,
+        settings.database_url,
+        ttl=settings.key_cache_ttl,
+        negative_ttl=settings.key_cache_negative_ttl,
+        max_entries=settings.key_cache_size,
+    )
+    sessions = SessionVerifier(settings)
+    codec = identity.codec()
+    authorizer = Authorizer(
+        routes=RouteTable(), cache=cache, admitter=admitter, sessions=sessions, codec=codec, clock=clock
+    )
+    servicer = AuthServicer(store, settings, meter=KeyMeter(admitter), verifier=sessions)
+    recorder = recorder_from_settings(pool, settings)
+
+    async def start_background() -> None:
+        cache.start()
+        await recorder.start()
+
+    async def flush_usage(wait: float) -> None:
+        await recorder.close(within=wait)
+
+    async def stop_checks(wait: float) -> None:
+        await admitter.close()
+        await cache.close()
+
+    pool.before_close.extend([flush_usage, stop_checks])
+    return AuthServer(
         settings,
         pool=pool,
         bindings=[
             bind(
                 auth_pb2.DESCRIPTOR, "AuthService", auth_pb2_grpc.add_AuthServiceServicer_to_server, servicer
-            )
+            ),
+            bind(
+                external_auth_pb2.DESCRIPTOR,
+                "Authorization",
+                external_auth_pb2_grpc.add_AuthorizationServicer_to_server,
+                AuthorizationServicer(authorizer),
+            ),
+            access_log_binding(AccessLogServicer(recorder)),
         ],
-        probes=[Probe("schema", store.check_ready)],
+        probes=[Probe("schema", store.check_ready), Probe("usage_queue", recorder.check_ready)],
+        identity=[IdentityInterceptor(codec, _InProcessValidator(servicer))],
+        on_start=[start_background],
     )

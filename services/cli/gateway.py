@@ -74,8 +74,10 @@ ERROR_DOMAIN = "kotadb.dev"
 class GatewayConfig:
     """GatewayConfig holds every value the Envoy template needs.
 
-    Addresses are `host:port`; the descriptor path is made absolute when rendering because Envoy
-    resolves relative paths against its own working directory.
+    Addresses are `host:port`; `auth` may list several replicas separated by commas. The
+    descriptor path is made absolute when rendering because Envoy resolves relative paths
+    against its own working directory. `ext_authz` (on by default) puts auth's Check in front
+    of every route but the GitHub webhook; turning it off is for benchmarks only.
     """
 
     gateway_port: int = 8080
@@ -85,7 +87,7 @@ class GatewayConfig:
     ingest: str = "127.0.0.1:50052"
     search: str = "127.0.0.1:50053"
     descriptor: Path = DEFAULT_DESCRIPTOR
-    ext_authz: bool = False
+    ext_authz: bool = True
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -96,13 +98,30 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _cluster_type(host: str) -> str:
+def _cluster_type(*hosts: str) -> str:
     """_cluster_type picks STATIC for IP literals (no resolver needed) and STRICT_DNS for names."""
     try:
-        ipaddress.ip_address(host)
+        for host in hosts:
+            ipaddress.ip_address(host)
     except ValueError:
         return "STRICT_DNS"
     return "STATIC"
+
+
+def _endpoints(addresses: str) -> list[tuple[str, int]]:
+    """_endpoints parses a comma-separated list of `host:port` (one per replica)."""
+    found = [split_address(part.strip()) for part in addresses.split(",") if part.strip()]
+    if not found:
+        raise ValueError(f"no address in {addresses!r}")
+    return found
+
+
+def _lb_endpoints(endpoints: Sequence[tuple[str, int]]) -> list[dict[str, Any]]:
+    """_lb_endpoints renders a cluster's endpoint list for the template."""
+    return [
+        {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
+        for host, port in endpoints
+    ]
 
 
 def streaming_methods(descriptor: Path) -> list[str]:
@@ -162,6 +181,10 @@ def _local_reply_mappers() -> list[dict[str, Any]]:
     """
     health_path = _header_is(":path", "/health")
     mappers: list[dict[str, Any]] = [
+        # Denials written by auth's Check (response flag UAEX) already carry the services' JSON
+        # error shape with the denial's reason; the first matching mapper wins, and this one
+        # changes nothing, so they reach the client as Check wrote them.
+        {"filter": {"response_flag_filter": {"flags": ["UAEX"]}}},
         {
             "filter": {"and_filter": {"filters": [health_path, _status_is(200)]}},
             "body_format_override": _json_body({"status": "SERVING"}),
@@ -255,7 +278,10 @@ def render(config: GatewayConfig, template_path: Path = TEMPLATE_PATH) -> str:
         "local_reply_mappers": json.dumps(_local_reply_mappers()),
         "streaming_routes": _streaming_routes(streaming),
     }
-    for name in ("auth", "ingest", "search"):
+    auth = _endpoints(config.auth)
+    values["auth_endpoints"] = json.dumps(_lb_endpoints(auth))
+    values["auth_cluster_type"] = _cluster_type(*(host for host, _ in auth))
+    for name in ("ingest", "search"):
         host, port = split_address(getattr(config, name))
         values[f"{name}_host"] = json.dumps(host)
         values[f"{name}_port"] = port
@@ -320,12 +346,17 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--listen-address", default=defaults.listen_address, help="use 0.0.0.0 inside a container"
     )
-    parser.add_argument("--auth", default=defaults.auth, help="auth service host:port")
+    parser.add_argument(
+        "--auth", default=defaults.auth, help="auth service host:port (comma-separated for several replicas)"
+    )
     parser.add_argument("--ingest", default=defaults.ingest, help="ingest service host:port")
     parser.add_argument("--search", default=defaults.search, help="search service host:port")
     parser.add_argument("--descriptor", type=Path, default=defaults.descriptor, help="descriptor set (.pb)")
     parser.add_argument(
-        "--ext-authz", action="store_true", help="enable the ext_authz filter (auth.Check on every route)"
+        "--ext-authz",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.ext_authz,
+        help="auth.Check on every route but the webhook (default on; --no-ext-authz for benchmarks only)",
     )
 
 

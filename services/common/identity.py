@@ -84,6 +84,9 @@ _METHOD_PERMISSIONS: dict[str, str] = {
     "/kotadb.v1.SearchService/RebuildIndex": ADMIN,
     "/kotadb.v1.AuthService/GetUsage": READ,
     "/kotadb.v1.AuthService/ValidateApiKey": SERVICE_ONLY,
+    # Reading documents is a read (auth.proto: READ allows search and reading documents).
+    "/kotadb.v1.IngestService/GetDocument": READ,
+    "/kotadb.v1.IngestService/ListDocuments": READ,
     # GitHub signs webhooks with the repository's secret; the ingest service checks that HMAC.
     "/kotadb.v1.IngestService/ReceiveGithubWebhook": "",
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from kotadb.v1 import ingest_pb2, ingest_pb2_grpc
 
+from services.common.identity import IdentitySettings, identity_interceptors
 from services.common.server import LazyPool, Probe, ServiceServer, bind
 from services.common.settings import env_settings
 from services.ingest.config import IngestSettings
@@ -11,9 +12,16 @@ from services.ingest.servicer import IngestServicer
 from services.ingest.store import IngestStore
 
 
-def build(settings: IngestSettings | None = None) -> ServiceServer:
-    """build assembles the ingest server from `settings` (default: the environment); it is not started."""
+def build(
+    settings: IngestSettings | None = None, *, identity: IdentitySettings | None = None
+) -> ServiceServer:
+    """build assembles the ingest server from `settings` (default: the environment); it is not started.
+
+    `identity` (default: the environment) says how callers are verified: the signed identity
+    from the gateway, or an API key checked by the auth service (services/common/identity.py).
+    """
     settings = settings if settings is not None else env_settings(IngestSettings)
+    identity = identity if identity is not None else env_settings(IdentitySettings)
     pool = LazyPool(settings)
     store = IngestStore(pool)
     servicer = IngestServicer(store)
@@ -23,5 +31,6 @@ def build(settings: IngestSettings | None = None) -> ServiceServer:
         settings,
         pool=pool,
         bindings=[bind(ingest_pb2.DESCRIPTOR, "IngestService", add, servicer)],
+        identity=identity_interceptors(identity),
         probes=[Probe("schema", store.check_ready)],
     )

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from kotadb.v1 import search_pb2, search_pb2_grpc
 
+from services.common.identity import IdentitySettings, identity_interceptors
 from services.common.server import LazyPool, Probe, ServiceServer, bind
 from services.common.settings import env_settings
 from services.search.config import SearchSettings
@@ -15,9 +16,16 @@ from services.search.servicer import SearchServicer
 from services.search.store import SearchStore
 
 
-def build(settings: SearchSettings | None = None) -> ServiceServer:
-    """build assembles the search server from `settings` (default: the environment); it is not started."""
+def build(
+    settings: SearchSettings | None = None, *, identity: IdentitySettings | None = None
+) -> ServiceServer:
+    """build assembles the search server from `settings` (default: the environment); it is not started.
+
+    `identity` (default: the environment) says how callers are verified: the signed identity
+    from the gateway, or an API key checked by the auth service (services/common/identity.py).
+    """
     settings = settings if settings is not None else env_settings(SearchSettings)
+    identity = identity if identity is not None else env_settings(IdentitySettings)
     pool = LazyPool(settings)
     store = SearchStore(pool)
     servicer = SearchServicer(store)
@@ -32,6 +40,7 @@ def build(settings: SearchSettings | None = None) -> ServiceServer:
         settings,
         pool=pool,
         bindings=[bind(search_pb2.DESCRIPTOR, "SearchService", add, servicer)],
+        identity=identity_interceptors(identity),
         probes=[Probe("schema", store.check_ready), Probe("index_volume", check_volume)],
     )
 

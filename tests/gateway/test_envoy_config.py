@@ -25,12 +25,30 @@ def test_default_render_validates(tmp_path: Path) -> None:
     assert code == 0, output
 
 
-def test_render_with_ext_authz_enabled_validates(tmp_path: Path) -> None:
-    config = gateway.GatewayConfig(ext_authz=True)
+def test_ext_authz_is_on_by_default_and_can_be_turned_off(tmp_path: Path) -> None:
+    assert gateway.GatewayConfig().ext_authz
+    on = gateway.render(gateway.GatewayConfig())
+    assert "disabled: false\n            typed_config" in on
+    assert "failure_mode_allow: false" in on
+    off = gateway.GatewayConfig(ext_authz=False)
+    code, output = _validate(tmp_path, off)
+    assert code == 0, output
+    assert "disabled: true\n            typed_config" in gateway.render(off)
+
+
+def test_several_auth_replicas_share_the_auth_cluster(tmp_path: Path) -> None:
+    config = gateway.GatewayConfig(auth="127.0.0.1:50051,127.0.0.1:50061")
     code, output = _validate(tmp_path, config)
     assert code == 0, output
-    assert "disabled: false" in gateway.render(config)
-    assert "disabled: true\n            typed_config" in gateway.render(gateway.GatewayConfig())
+    text = gateway.render(config)
+    assert '"port_value": 50051' in text and '"port_value": 50061' in text
+
+
+def test_access_log_streams_to_the_auth_cluster() -> None:
+    text = gateway.render(gateway.GatewayConfig())
+    assert "envoy.access_loggers.http_grpc" in text
+    assert "log_name: kotadb" in text
+    assert "additional_request_headers_to_log: [x-kotadb-key-id, x-kotadb-tenant, x-request-id]" in text
 
 
 def test_hostnames_and_custom_ports_validate(tmp_path: Path) -> None:
@@ -130,6 +148,8 @@ def test_cli_render_and_validate(tmp_path: Path, capsys: pytest.CaptureFixture[s
 def test_cli_render_to_stdout(capsys: pytest.CaptureFixture[str]) -> None:
     assert main.main(["gateway", "render", "--admin-port", "19902"]) == 0
     assert "port_value: 19902" in capsys.readouterr().out
+    assert main.main(["gateway", "render", "--no-ext-authz"]) == 0
+    assert "disabled: true\n            typed_config" in capsys.readouterr().out
 
 
 def test_envoy_binary_can_be_overridden(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

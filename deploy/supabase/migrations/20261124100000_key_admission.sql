@@ -86,6 +86,37 @@ grant execute on function public.admit_api_key_requests(uuid, integer, timestamp
   to service_role;
 
 
+-- public.find_api_key(hash) is the auth service's lookup of a presented key, by the SHA-256 of
+-- the whole secret. Like the admission function it runs as service_role in one statement.
+create or replace function public.find_api_key(p_key_hash text)
+returns table (
+  id uuid,
+  user_id uuid,
+  permissions text[],
+  rate_limit integer,
+  monthly_quota bigint,
+  expires_at timestamptz,
+  revoked_at timestamptz,
+  grace_until timestamptz
+)
+language sql
+stable
+set search_path = ''
+set role = 'service_role'
+as $$
+  select k.id, k.user_id, k.permissions, k.rate_limit, k.monthly_quota, k.expires_at, k.revoked_at,
+         k.grace_until
+  from public.api_keys k
+  where k.key_hash = p_key_hash;
+$$;
+
+comment on function public.find_api_key(text) is
+  'Looks up an API key by the SHA-256 of its secret, for the auth service''s Check.';
+
+revoke all on function public.find_api_key(text) from public, anon, authenticated;
+grant execute on function public.find_api_key(text) to service_role;
+
+
 -- Counting a request must not look like an edit of the key: updated_at (the API's update_time)
 -- moves only when something other than the usage counters changes.
 create or replace trigger api_keys_set_updated_at

@@ -1,0 +1,366 @@
+"""Check: Envoy's external authorization (`envoy.service.auth.v3.Authorization/Check`).
+
+Envoy calls `Check` once per external request before anything reaches a service (the
+ext_authz filter in deploy/envoy/envoy.yaml.tmpl, `failure_mode_allow: false`). For each:
+
+1. Resolve the route (services/auth/routes.py): REST path or gRPC path → method → permission.
+   An unknown route is answered 404 here, the same answer the gateway would give.
+2. Read the credential: `authorization: Bearer <token>` or `x-api-key`. A JWT is a Supabase
+   session (services/auth/sessions.py), accepted for key management and index rebuilds only
+   (or the service role, anywhere). Anything else must be an API key: shape and checksum are
+   checked without the database (services/auth/keys.py), then the key is looked up by hash
+   through the cache (services/auth/keycache.py).
+3. Refuse revoked keys, expired keys and rotated keys past their grace period (401), and keys
+   without the route's permission (403).
+4. Admit the request against the key's per-minute rate limit and monthly quota, exactly
+   (services/auth/ratelimit.py); refuse with 429 and `Retry-After` when either is spent.
+5. Allow: add the signed identity (services/common/identity.py), the tenant header for
+   consistent-hash routing and the key id header for the access log; remove the raw credential
+   headers; add `RateLimit-Limit`/`-Remaining`/`-Reset` to the response.
+
+Denials carry a JSON body in the services' error shape (`code`, `message`, `reason` and an
+`ErrorInfo` detail), `WWW-Authenticate: Bearer` on 401, `Retry-After` on 429 and 503, and
+`grpc-status`/`grpc-message` so native gRPC clients see UNAUTHENTICATED, PERMISSION_DENIED or
+RESOURCE_EXHAUSTED rather than Envoy's HTTP-derived guess (429 would become UNAVAILABLE).
+When the database cannot be reached every check fails closed with 503 and reason
+`DATABASE_UNAVAILABLE`, and recovers by itself when it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import math
+import urllib.parse
+from collections.abc import Mapping
+from typing import Any
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.type.v3 import http_status_pb2
+from google.rpc import code_pb2, status_pb2
+
+from services.auth import keys, quota
+from services.auth.keycache import KeyCache, KeyRecord
+from services.auth.principal import Principal
+from services.auth.ratelimit import Admission, Admitter
+from services.auth.routes import Route, RouteTable
+from services.auth.sessions import SessionVerifier, looks_like_jwt
+from services.common.errors import (
+    ERROR_DOMAIN,
+    KotaError,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+from services.common.identity import (
+    IDENTITY_HEADER,
+    KEY_ID_HEADER,
+    SERVICE_ONLY,
+    TENANT_HEADER,
+    TRUSTED_HEADERS,
+    Identity,
+    IdentityCodec,
+    bearer_credential,
+)
+
+log = logging.getLogger("kotadb.auth.check")
+
+# Credential headers never forwarded upstream: services get the signed identity instead.
+CREDENTIAL_HEADERS: tuple[str, ...] = ("authorization", "x-api-key")
+
+# HTTP status of a denial for each gRPC code Check may refuse with.
+_HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.INTERNAL: 500,
+}
+
+
+class _CheckFailed(KotaError):
+    """_CheckFailed is an unexpected failure inside Check, answered 500 (never an allow)."""
+
+    code = grpc.StatusCode.INTERNAL
+    default_reason = "AUTHORIZATION_FAILED"
+
+
+@dataclasses.dataclass(frozen=True)
+class Grant:
+    """Grant is an allowed request: the identity to forward and the rate headers to return."""
+
+    identity: Identity
+    token: str
+    admission: Admission | None = None
+
+
+class Authorizer:
+    """Authorizer decides one request; it raises KotaError subclasses for every refusal.
+
+    `codec` signs identities (None: Check refuses everything with 503, since upstream services
+    could not verify what it forwards); `sessions` verifies session JWTs; `clock` drives rate
+    windows, quota months and key expiry.
+    """
+
+    def __init__(
+        self,
+        *,
+        routes: RouteTable,
+        cache: KeyCache,
+        admitter: Admitter,
+        sessions: SessionVerifier,
+        codec: IdentityCodec | None,
+        clock: quota.Clock,
+    ) -> None:
+        self.routes = routes
+        self.cache = cache
+        self.admitter = admitter
+        self.sessions = sessions
+        self.codec = codec
+        self.clock = clock
+
+    async def authorize(self, http_method: str, path: str, headers: Mapping[str, str]) -> Grant | None:
+        """authorize returns the Grant for an allowed request, or None for a credential-free route."""
+        route = self.routes.resolve(http_method, path)
+        if route is None:
+            raise NotFound(f"no route for {http_method} {_plain_path(path)}", reason="ROUTE_NOT_FOUND")
+        if route.permission == "":
+            return None
+        if self.codec is None:
+            raise Unavailable(
+                "the auth service has no identity key (KOTADB_IDENTITY_KEY) and cannot admit requests",
+                reason="IDENTITY_KEY_MISSING",
+                retry_after=30.0,
+            )
+        credential = bearer_credential(headers)
+        if credential is None:
+            raise Unauthenticated(
+                "this request needs an API key: send `Authorization: Bearer <key>`",
+                reason="MISSING_CREDENTIALS",
+            )
+        if looks_like_jwt(credential):
+            return await self._authorize_session(route, credential)
+        return await self._authorize_key(route, credential)
+
+    async def _authorize_session(self, route: Route, token: str) -> Grant:
+        if not self.sessions.configured:
+            raise Unauthenticated(
+                "session tokens are not accepted by this deployment", reason="SESSIONS_DISABLED"
+            )
+        principal: Principal = await asyncio.to_thread(self.sessions.verify, token)
+        if principal.kind == "user" and not route.sessions_allowed:
+            raise PermissionDenied(
+                "a session token manages keys; use an API key for this call",
+                reason="SESSION_NOT_ACCEPTED",
+                metadata={"method": route.grpc_method},
+            )
+        identity = Identity(
+            user_id=principal.user_id,
+            kind=principal.kind,
+            permissions=principal.permissions,
+            key_id=principal.key_id,
+        )
+        identity.require(route.permission)
+        return Grant(identity=identity, token=self._sign(identity))
+
+    async def _authorize_key(self, route: Route, credential: str) -> Grant:
+        parsed = keys.parse_key(credential)  # MalformedKey / BadChecksum: 401 without a lookup
+        record = await self.cache.lookup(parsed.key_hash)
+        if record is None:
+            raise Unauthenticated("the API key is not known", reason="UNKNOWN_API_KEY")
+        self._check_state(record)
+        identity = Identity(
+            user_id=record.user_id, kind="api_key", permissions=record.permissions, key_id=record.id
+        )
+        if route.permission == SERVICE_ONLY or not identity.has(route.permission):
+            raise PermissionDenied(
+                f"this API key lacks the {route.permission} permission this call needs",
+                reason="MISSING_PERMISSION",
+                metadata={"permission": route.permission, "method": route.grpc_method},
+            )
+        admission = await self.admitter.admit(record.id)
+        if not admission.found:
+            self.cache.evict(record.id)
+            raise Unauthenticated("the API key is not known", reason="UNKNOWN_API_KEY")
+        if admission.revoked:
+            self.cache.evict(record.id)
+            raise Unauthenticated("the API key has been revoked", reason="API_KEY_REVOKED")
+        if not admission.admitted:
+            raise limit_error(admission, record)
+        return Grant(identity=identity, token=self._sign(identity), admission=admission)
+
+    def _check_state(self, record: KeyRecord) -> None:
+        now = self.clock.now()
+        if record.revoked_at is not None:
+            raise Unauthenticated("the API key has been revoked", reason="API_KEY_REVOKED")
+        if record.expires_at is not None and record.expires_at <= now:
+            raise Unauthenticated("the API key has expired", reason="API_KEY_EXPIRED")
+        if record.grace_until is not None and record.grace_until <= now:
+            raise Unauthenticated(
+                "the API key was rotated and its grace period is over; use the new key",
+                reason="API_KEY_ROTATED",
+            )
+
+    def _sign(self, identity: Identity) -> str:
+        assert self.codec is not None  # authorize refuses earlier without one
+        return self.codec.sign(
+            user_id=identity.user_id,
+            kind=identity.kind,
+            permissions=identity.permissions,
+            key_id=identity.key_id,
+        )
+
+
+def limit_error(admission: Admission, record: KeyRecord) -> ResourceExhausted:
+    """limit_error is the 429 for a refused admission: quota when the month is spent, else rate."""
+    if admission.quota_exhausted:
+        return ResourceExhausted(
+            f"the API key's monthly quota of {admission.monthly_quota} requests is used up",
+            reason="QUOTA_EXHAUSTED",
+            retry_after=float(admission.retry_after),
+            metadata={"key_id": str(record.id), "monthly_quota": str(admission.monthly_quota)},
+        )
+    return ResourceExhausted(
+        f"the API key's rate limit of {admission.rate_limit} requests per minute is reached",
+        reason="RATE_LIMITED",
+        retry_after=float(admission.retry_after),
+        metadata={"key_id": str(record.id), "rate_limit": str(admission.rate_limit)},
+    )
+
+
+def _plain_path(path: str) -> str:
+    return urllib.parse.unquote(path.split("?", 1)[0])[:200]
+
+
+class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
+    """AuthorizationServicer answers Envoy's `Check` from an Authorizer's decision."""
+
+    def __init__(self, authorizer: Authorizer) -> None:
+        self.authorizer = authorizer
+
+    async def Check(
+        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> external_auth_pb2.CheckResponse:
+        """Check allows or denies one HTTP request Envoy is about to route."""
+        http = request.attributes.request.http
+        headers = {key.lower(): value for key, value in http.headers.items()}
+        request_id = headers.get("x-request-id", "")
+        grpc_client = headers.get("content-type", "").startswith("application/grpc")
+        try:
+            grant = await self.authorizer.authorize(http.method, http.path, headers)
+        except KotaError as exc:
+            return denied(exc, request_id=request_id, grpc_client=grpc_client)
+        except Exception as exc:
+            # Fail closed: an unexpected error must never let a request through.
+            log.error("Check failed unexpectedly", exc_info=exc)
+            failure = _CheckFailed("the request could not be authorized")
+            return denied(failure, request_id=request_id, grpc_client=grpc_client)
+        return allowed(grant)
+
+
+def _header(key: str, value: str) -> Any:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, value=value),
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
+
+
+def rate_headers(admission: Admission) -> list[tuple[str, str]]:
+    """rate_headers are the IETF draft RateLimit fields describing the key's current window."""
+    return [
+        ("ratelimit-limit", str(admission.rate_limit)),
+        ("ratelimit-remaining", str(admission.window_remaining)),
+        ("ratelimit-reset", str(quota.seconds_until(admission.now, admission.window_reset))),
+    ]
+
+
+def allowed(grant: Grant | None) -> external_auth_pb2.CheckResponse:
+    """allowed builds the OK answer: identity headers in, credentials and client copies out."""
+    ok = external_auth_pb2.OkHttpResponse()
+    remove: list[str] = list(CREDENTIAL_HEADERS)
+    if grant is None:
+        remove.extend(TRUSTED_HEADERS)
+    else:
+        identity = grant.identity
+        ok.headers.append(_header(IDENTITY_HEADER, grant.token))
+        if identity.user_id is not None:
+            ok.headers.append(_header(TENANT_HEADER, str(identity.user_id)))
+        else:
+            remove.append(TENANT_HEADER)
+        if identity.key_id is not None:
+            ok.headers.append(_header(KEY_ID_HEADER, str(identity.key_id)))
+        else:
+            remove.append(KEY_ID_HEADER)
+        if grant.admission is not None:
+            ok.response_headers_to_add.extend(_header(k, v) for k, v in rate_headers(grant.admission))
+    ok.headers_to_remove.extend(remove)
+    return external_auth_pb2.CheckResponse(status=status_pb2.Status(code=code_pb2.OK), ok_response=ok)
+
+
+def denied(
+    error: KotaError, *, request_id: str, grpc_client: bool = False
+) -> external_auth_pb2.CheckResponse:
+    """denied builds the refusal for `error`: status, body and the headers clients need.
+
+    REST clients get the JSON error body. Native gRPC clients get no body, because Envoy turns
+    a local reply's body into `grpc-message`; they read `grpc-status` and `grpc-message` (and
+    the same reason in `x-kotadb-error-reason`) instead.
+    """
+    http_status = _HTTP_STATUS.get(error.code, 500)
+    grpc_code = int(error.code.value[0])
+    metadata = dict(error.metadata)
+    if request_id:
+        metadata["request_id"] = request_id
+    body = {
+        "code": grpc_code,
+        "message": error.message,
+        "reason": error.reason,
+        "details": [
+            {
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": error.reason,
+                "domain": ERROR_DOMAIN,
+                "metadata": metadata,
+            }
+        ],
+    }
+    headers: list[tuple[str, str]] = [("x-kotadb-error-reason", error.reason)]
+    if grpc_client:
+        # grpc-message is percent-encoded (gRPC over HTTP/2 spec); spaces may stay as they are.
+        headers.append(("grpc-status", str(grpc_code)))
+        headers.append(("grpc-message", urllib.parse.quote(error.message, safe=" ")))
+    else:
+        headers.append(("content-type", "application/json"))
+    if http_status == 401:
+        # RFC 6750 §3: no error attribute when the request carried no credential at all.
+        challenge = 'Bearer realm="kotadb"'
+        if error.reason != "MISSING_CREDENTIALS":
+            challenge += ', error="invalid_token"'
+        headers.append(("www-authenticate", challenge))
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after is not None and http_status in (429, 503):
+        seconds = str(max(1, math.ceil(retry_after)))
+        headers.append(("retry-after", seconds))
+        if error.reason == "RATE_LIMITED" and "rate_limit" in error.metadata:
+            headers.extend(
+                [
+                    ("ratelimit-limit", error.metadata["rate_limit"]),
+                    ("ratelimit-remaining", "0"),
+                    ("ratelimit-reset", seconds),
+                ]
+            )
+    response = external_auth_pb2.DeniedHttpResponse(
+        status=http_status_pb2.HttpStatus(code=http_status),
+        body="" if grpc_client else json.dumps(body, separators=(",", ":")),
+    )
+    response.headers.extend(_header(k, v) for k, v in headers)
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=grpc_code, message=error.message), denied_response=response
+    )

@@ -1,0 +1,232 @@
+"""KeyCache: API keys by hash, cached in the auth process and evicted on every change.
+
+`Check` must not cost a database lookup per request just to learn a key's owner, permissions
+and limits, yet a revoked, rotated or downgraded key must stop working on every auth replica
+within a second. So:
+
+* Lookups go through an in-process cache keyed by the key's SHA-256 (services/auth/keys.py):
+  found keys for `key_cache_ttl` seconds, unknown hashes for `key_cache_negative_ttl`
+  (so a flood of made-up keys costs one query per hash per interval), at most
+  `key_cache_size` entries, least recently used evicted first.
+* A listener holds one direct connection with `LISTEN api_key_changes`. The migration
+  20261124100000_key_admission.sql fires that NOTIFY, with the key's id as payload, on every
+  update that matters (revocation, rotation grace, permissions, limits, expiry) and on delete,
+  whichever code made it; the listener evicts that id at once. Delivery takes milliseconds.
+* While the listener is not connected (start-up, database restart, a pooler that cannot LISTEN)
+  notifications could be missed, so the cache is bypassed and every check reads the row; when
+  the listener (re)connects the whole cache is dropped, since changes may have been missed.
+
+Revocation does not depend on the cache at all: the admission function that counts every
+admitted request refuses revoked keys under the row lock (see services/auth/ratelimit.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+
+from services.common.db import translated_errors
+from services.common.server import LazyPool
+
+log = logging.getLogger("kotadb.auth.keycache")
+
+CHANNEL = "api_key_changes"
+# Seconds between attempts to (re)connect the listener; short, because the cache is bypassed
+# (one extra query per check) until it is back.
+LISTEN_RETRY = 0.5
+
+_SELECT_KEY = """
+select id, user_id, permissions, rate_limit, monthly_quota, expires_at, revoked_at, grace_until
+from public.find_api_key($1)
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyRecord:
+    """KeyRecord is what Check needs of one API key row; never the hash or the secret."""
+
+    id: uuid.UUID
+    user_id: uuid.UUID
+    permissions: frozenset[str]
+    rate_limit: int
+    monthly_quota: int
+    expires_at: datetime.datetime | None
+    revoked_at: datetime.datetime | None
+    grace_until: datetime.datetime | None
+
+
+class KeyCache:
+    """KeyCache answers `lookup(key_hash)` from memory when it safely can, else from the database.
+
+    `clock` is monotonic seconds (injected in tests). `start()` begins listening for changes;
+    `close()` stops it.
+    """
+
+    def __init__(
+        self,
+        pool: LazyPool,
+        database_url: str,
+        *,
+        ttl: float = 30.0,
+        negative_ttl: float = 2.0,
+        max_entries: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._pool = pool
+        self._database_url = database_url
+        self.ttl = ttl
+        self.negative_ttl = negative_ttl
+        self.max_entries = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[float, KeyRecord | None]] = OrderedDict()
+        self._hash_by_id: dict[uuid.UUID, str] = {}
+        self._listening = asyncio.Event()
+        self._listener: asyncio.Task[None] | None = None
+        self._connection: asyncpg.Connection | None = None
+        self._closed = False
+        self.lookups = 0
+        self.evictions = 0
+
+    @property
+    def listening(self) -> bool:
+        """listening tells whether change notifications are being received (the cache is in use)."""
+        return self._listening.is_set()
+
+    async def wait_listening(self, limit: float) -> bool:
+        """wait_listening waits up to `limit` seconds for the listener; tells whether it is up."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._listening.wait(), limit)
+        return self.listening
+
+    def start(self) -> None:
+        """start launches the listener task (idempotent)."""
+        if self._listener is None and self._database_url:
+            self._listener = asyncio.create_task(self._listen_forever(), name="keycache-listener")
+
+    async def close(self) -> None:
+        """close stops listening and forgets every cached key."""
+        self._closed = True
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
+        await self._drop_connection()
+        self.clear()
+
+    def clear(self) -> None:
+        """clear forgets every cached key."""
+        self._entries.clear()
+        self._hash_by_id.clear()
+
+    def evict(self, key_id: uuid.UUID) -> None:
+        """evict forgets the key with id `key_id`, if cached."""
+        key_hash = self._hash_by_id.pop(key_id, None)
+        if key_hash is not None:
+            self._entries.pop(key_hash, None)
+            self.evictions += 1
+
+    async def lookup(self, key_hash: str) -> KeyRecord | None:
+        """lookup returns the key stored under `key_hash`, or None when there is none.
+
+        Raises Unavailable (services/common/errors.py) when the database cannot be reached.
+        """
+        now = self._clock()
+        if self.listening:
+            cached = self._entries.get(key_hash)
+            if cached is not None and cached[0] > now:
+                self._entries.move_to_end(key_hash)
+                return cached[1]
+        record = await self._fetch(key_hash)
+        # Only cache what was read while notifications were flowing; otherwise a change that
+        # landed between the read and the listener's connect could be missed.
+        if self.listening:
+            self._remember(key_hash, record, now)
+        return record
+
+    async def _fetch(self, key_hash: str) -> KeyRecord | None:
+        self.lookups += 1
+        with translated_errors():
+            row = await self._pool.get().fetchrow(_SELECT_KEY, key_hash)
+        if row is None:
+            return None
+        return KeyRecord(
+            id=row["id"],
+            user_id=row["user_id"],
+            permissions=frozenset(row["permissions"]),
+            rate_limit=int(row["rate_limit"]),
+            monthly_quota=int(row["monthly_quota"]),
+            expires_at=row["expires_at"],
+            revoked_at=row["revoked_at"],
+            grace_until=row["grace_until"],
+        )
+
+    def _remember(self, key_hash: str, record: KeyRecord | None, now: float) -> None:
+        ttl = self.ttl if record is not None else self.negative_ttl
+        if ttl <= 0:
+            return
+        self._entries[key_hash] = (now + ttl, record)
+        self._entries.move_to_end(key_hash)
+        if record is not None:
+            self._hash_by_id[record.id] = key_hash
+        while len(self._entries) > self.max_entries:
+            _, (_, dropped) = self._entries.popitem(last=False)
+            if dropped is not None:
+                self._hash_by_id.pop(dropped.id, None)
+
+    def _on_notify(self, connection: Any, pid: int, channel: str, payload: object) -> None:
+        try:
+            key_id = uuid.UUID(str(payload))
+        except ValueError:
+            # Not one of ours; drop everything rather than guess what changed.
+            self.clear()
+            return
+        self.evict(key_id)
+
+    def _on_terminate(self, connection: Any) -> None:
+        self._listening.clear()
+        self.clear()
+
+    async def _listen_forever(self) -> None:
+        while not self._closed:
+            try:
+                connection = await asyncpg.connect(self._database_url, timeout=5.0, statement_cache_size=0)
+                self._connection = connection
+                connection.add_termination_listener(self._on_terminate)
+                await connection.add_listener(CHANNEL, self._on_notify)
+                # Anything cached before this point may have missed a notification.
+                self.clear()
+                self._listening.set()
+                log.info("listening for API key changes", extra={"fields": {"channel": CHANNEL}})
+                while not connection.is_closed():
+                    await asyncio.sleep(LISTEN_RETRY)
+                    # A cheap round trip notices a silently dead connection (no TCP reset).
+                    await connection.execute("select 1", timeout=5.0)
+            except asyncio.CancelledError:
+                raise
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                if self._listening.is_set():
+                    log.warning("API key change listener lost", extra={"fields": {"error": str(exc)[:200]}})
+            finally:
+                self._listening.clear()
+                await self._drop_connection()
+            self.clear()
+            await asyncio.sleep(LISTEN_RETRY)
+
+    async def _drop_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None and not connection.is_closed():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.close(), timeout=1.0)
+            if not connection.is_closed():
+                connection.terminate()
