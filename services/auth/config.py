@@ -48,3 +48,21 @@ class AuthSettings(ServiceSettings):
     usage_max_queued: int = setting(
         100_000, minimum=1, help="Usage rows held in memory while the database is unreachable."
     )
+
+    # Check (A-check): key cache, admission, identity signing (auth/check.py, keycache.py, ratelimit.py).
+    key_cache_ttl: float = setting(
+        30.0,
+        minimum=0.0,
+        help="Seconds Check caches a key it looked up; changes still evict it at once (NOTIFY).",
+    )
+    key_cache_negative_ttl: float = setting(
+        2.0, minimum=0.0, help="Seconds Check remembers that a well-formed key does not exist."
+    )
+    key_cache_size: int = setting(100_000, minimum=1, help="Most keys Check keeps cached.")
+    admission_batch_max: int = setting(
+        256, minimum=1, help="Most concurrent checks of one key granted by one database call."
+    )
+    check_clock_offset: float = setting(
+        0.0,
+        help="Seconds added to the clock Check uses for rate windows and quota months (tests only).",
+    )
