@@ -77,6 +77,9 @@ class IndexWriter:
 
     Use it as a context manager; `close` abandons uncommitted work. `add` replaces any live
     document with the same external id, in any segment, when the change is committed.
+    `workers` > 0 starts a spawn-context process pool (safe next to gRPC threads); as with any
+    spawn pool, a script that creates the writer at import time needs an
+    ``if __name__ == "__main__"`` guard. `flush_bytes` sets the segment size (and memory per build).
     """
 
     def __init__(
