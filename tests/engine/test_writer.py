@@ -229,3 +229,14 @@ def test_failed_commit_publishes_nothing_and_the_writer_recovers(tmp_path: Path)
     assert blocker.exists()
     with IndexWriter(index):
         assert not blocker.exists()  # a new writer sweeps build leftovers
+
+
+def test_empty_commit_keeps_the_generation(tmp_path: Path) -> None:
+    index = Index.create(tmp_path / "idx")
+    with IndexWriter(index) as writer:
+        writer.add(doc("a", "text"))
+        first = writer.commit()
+        assert writer.commit() == first
+        writer.delete("missing")  # a delete is a change even when it finds nothing
+        assert writer.commit() == first + 1
+    assert index.manifest.generation == first + 1

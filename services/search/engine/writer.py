@@ -220,6 +220,10 @@ class IndexWriter:
                     self._skips[skip.external_id] = (seq, skip)
         fsync_dir(self.index.path, durable=self.index.durable)
         base = self.index.manifest
+        if not built and not self._latest:
+            # Nothing changed: keep the generation, so idle commits cost nothing for readers.
+            self._reset_session()
+            return base.generation
         generation = base.generation + 1
         locations = self._id_locations()
 
