@@ -31,6 +31,7 @@ import datetime
 import functools
 import json
 import os
+import secrets
 import sys
 import time
 import uuid
@@ -173,10 +174,32 @@ def _read_port(path: Path) -> tuple[bool, str]:
     return text.isdigit() and int(text) > 0, f"{path} holds {text!r}"
 
 
+def identity_key(data_dir: Path) -> str:
+    """identity_key is the stack's shared identity-signing secret, made once per data dir.
+
+    Auth's Check signs the caller identity it forwards with it, and every service verifies that
+    signature (services/common/identity.py), so all children must share it. It lives in
+    `<data-dir>/identity.key`, mode 0600, and survives restarts like the database does.
+    """
+    path = data_dir / "identity.key"
+    try:
+        existing = path.read_text().strip()
+    except FileNotFoundError:
+        existing = ""
+    if len(existing) >= 32:
+        return existing
+    created = secrets.token_urlsafe(48)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(created + "\n")
+    return created
+
+
 def _child_env(database_url: str, data_dir: Path) -> dict[str, str]:
     """_child_env is the environment every service process gets."""
     env = dict(os.environ)
     env["KOTADB_DATABASE_URL"] = database_url
+    env.setdefault("KOTADB_IDENTITY_KEY", identity_key(data_dir))
     env.setdefault("KOTADB_SEARCH_DATA_DIR", str(data_dir / "search"))
     # Unbuffered, so a crash's last log lines are in the log file when we print them.
     env["PYTHONUNBUFFERED"] = "1"
@@ -329,8 +352,15 @@ def _start_services(
         port_files[name].unlink(missing_ok=True)
         argv = [sys.executable, "-m", "services.cli", "serve", name]
         argv += ["--port", str(getattr(ports, name)), "--port-file", str(port_files[name])]
-        children[name] = supervisor.spawn(name, argv, log_path=logs / f"{name}.log", env=env)
+        children[name] = supervisor.spawn(name, argv, log_path=logs / f"{name}.log", env=dict(env))
         log(f"started {name} (pid {children[name].pid})")
+        if name == "auth" and "KOTADB_AUTH_ADDRESS" not in os.environ:
+            # Ingest and search check API keys presented to them directly through auth, so they
+            # start once auth's port is known.
+            _wait_until(
+                "auth port file", functools.partial(_read_port, port_files[name]), supervisor, children[name]
+            )
+            env["KOTADB_AUTH_ADDRESS"] = f"127.0.0.1:{port_files[name].read_text().strip()}"
     bound: dict[str, int] = {}
     for name, child in children.items():
         port_probe = functools.partial(_read_port, port_files[name])
