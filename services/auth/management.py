@@ -495,10 +495,27 @@ class KeyManager:
             replay = await self._replay(principal, old.user_id, request_id, None, rotated_from=key_id)
             if replay is not None:
                 return replay
+        try:
+            return await self._rotate_locked(
+                principal, key_id, grace if grace is not None else default_grace, request_id
+            )
+        except (FailedPrecondition, AlreadyExists):
+            if request_id is None:
+                raise
+            # A concurrent retry of this very rotation committed first: answer as its replay.
+            replay = await self._replay(principal, old.user_id, request_id, None, rotated_from=key_id)
+            if replay is None:
+                raise
+            return replay
+
+    async def _rotate_locked(
+        self, principal: Principal, key_id: uuid.UUID, grace: dt.timedelta, request_id: str | None
+    ) -> IssuedKey:
+        """_rotate_locked rotates under the old key's row lock, so only one rotation of a key wins."""
         now = self._now()
-        generated = generate_key("test" if old.prefix.startswith("kdb_test_") else "live")
         async with self._store.transaction(principal) as conn:
             old = await self._store.get(conn, key_id, lock=True)
+            generated = generate_key("test" if old.prefix.startswith("kdb_test_") else "live")
             state = old.state(now)
             if state != "ACTIVE":
                 metadata = {"state": state}
@@ -527,7 +544,7 @@ class KeyManager:
                     usage_period=month_start(now).date(),
                 ),
             )
-            await self._store.set_grace(conn, old.id, now + (grace if grace is not None else default_grace))
+            await self._store.set_grace(conn, old.id, now + grace)
             record = await self._store.get(conn, new_id)
             previous = await self._store.get(conn, old.id)
         return IssuedKey(record=record, secret=generated.plaintext, previous=previous)

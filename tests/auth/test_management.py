@@ -651,3 +651,30 @@ async def test_usage_reports_window_month_and_endpoints(harness: Harness, user_f
     )
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert details["BadRequest"].field_violations[0].field == "api_key_id"
+
+
+async def test_concurrent_rotations_issue_one_successor(harness: Harness, user_factory: UserFactory) -> None:
+    user = await user_factory()
+    retried = await create(harness, session(user))
+    request = auth_pb2.RotateApiKeyRequest(id=retried.api_key.id, request_id="rotate-concurrently")
+    answers = await asyncio.gather(
+        *(harness.stub.RotateApiKey(request, metadata=session(user), timeout=10) for _ in range(4))
+    )
+    assert len({answer.api_key.id for answer in answers}) == 1
+    assert sum(1 for answer in answers if answer.secret) == 1
+
+    raced = await create(harness, session(user))
+    plain = auth_pb2.RotateApiKeyRequest(id=raced.api_key.id)
+    outcomes = await asyncio.gather(
+        *(harness.stub.RotateApiKey(plain, metadata=session(user), timeout=10) for _ in range(3)),
+        return_exceptions=True,
+    )
+    winners = [o for o in outcomes if isinstance(o, auth_pb2.RotateApiKeyResponse)]
+    losers = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+    assert len(winners) == 1 and len(losers) == 2
+    assert all(loser.code() == grpc.StatusCode.FAILED_PRECONDITION for loser in losers)
+    successors = await harness.pool.fetchval(
+        "select count(*) from public.api_keys where rotated_from = any($1::uuid[])",
+        [uuid.UUID(retried.api_key.id), uuid.UUID(raced.api_key.id)],
+    )
+    assert successors == 2
