@@ -5,7 +5,9 @@ Envoy (deploy/envoy/envoy.yaml.tmpl, `envoy.access_loggers.http_grpc`) streams o
 StreamAccessLogs` on the auth cluster. The entry carries what only Envoy knows once the upstream
 has answered: the final HTTP status, the gRPC status (trailer or header), the timings. The
 gateway config asks Envoy to log the request headers `x-kotadb-key-id`, `x-kotadb-tenant` and
-`x-request-id` and the response header and trailer `grpc-status`.
+`x-request-id` (plus `x-envoy-original-method`, the REST method the transcoder replaced with
+POST; without it a REST call is recorded as POST) and the response header and trailer
+`grpc-status`.
 
 An entry is metered when `Check` admitted its request, which shows as a tenant header (Check adds
 it, and removes a client's copy, on every request it allows) on a request that ext_authz did not
@@ -40,6 +42,8 @@ from services.common.server import ServiceBinding, bind
 log = logging.getLogger("kotadb.auth.accesslog")
 
 GRPC_STATUS_HEADER = "grpc-status"
+# The grpc_json_transcoder turns a REST call into a POST and keeps the client's method here.
+ORIGINAL_METHOD_HEADER = "x-envoy-original-method"
 # Envoy's own access-log entry kinds that describe a whole, finished HTTP request.
 _FINAL_TYPES = frozenset({accesslog_pb2.AccessLogType.NotSet, accesslog_pb2.AccessLogType.DownstreamEnd})
 # Paths Envoy answers or forwards without asking Check, so their headers are the client's own.
@@ -79,7 +83,7 @@ def usage_from_entry(entry: accesslog_pb2.HTTPAccessLogEntry) -> UsageRecord | N
         user_id=tenant,
         key_id=key_id,
         endpoint=(path or original or "/")[:MAX_ENDPOINT_CHARS],
-        method=_METHOD_NAMES.get(request.request_method, "UNKNOWN"),
+        method=headers.get(ORIGINAL_METHOD_HEADER) or _METHOD_NAMES.get(request.request_method, "UNKNOWN"),
         status_code=response.response_code.value if response.HasField("response_code") else 0,
         grpc_status=_grpc_status(response),
         response_time_ms=_response_time_ms(common),

@@ -90,6 +90,12 @@ def test_an_admitted_request_becomes_a_record_with_every_field() -> None:
     assert record.occurred_at == START
 
 
+def test_a_transcoded_rest_call_keeps_its_http_method() -> None:
+    headers = {"x-kotadb-tenant": str(TENANT), "x-kotadb-key-id": str(KEY), "x-envoy-original-method": "GET"}
+    record = usage_from_entry(_entry(headers=headers, original_path="/v1/index"))
+    assert record is not None and record.method == "GET"
+
+
 def test_grpc_status_of_a_trailers_only_reply_comes_from_the_headers() -> None:
     record = usage_from_entry(_entry(response_headers={"grpc-status": "16"}))
     assert record is not None and record.grpc_status == 16
