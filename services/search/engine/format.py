@@ -31,7 +31,8 @@ renaming it into place; readers open the highest generation. A manifest is JSON:
      "checksum": <crc32 of the canonical JSON of every other key>}
 
 Canonical JSON is ``json.dumps(obj, sort_keys=True, separators=(",", ":"))``. ``meta.json`` of a
-segment carries the same ``format``/``checksum`` keys plus ``doc_count``, ``trigram_count``,
+segment carries the same ``format``/``checksum`` keys plus ``kind`` ("kotadb-segment"),
+``doc_count``, ``trigram_count``,
 ``content_bytes``, ``block_size`` and ``parts``: for each binary part its ``size``, whole-file
 ``crc32`` and, for the large parts, ``blocks`` — the crc32 of every ``block_size`` slice.
 
@@ -55,7 +56,8 @@ Every binary part starts with the same 16-byte header::
 
 A trigram is three bytes of ASCII-case-folded UTF-8 content (``A-Z`` -> ``a-z``, every other byte
 unchanged) and its id is ``b0<<16 | b1<<8 | b2``. Trigrams containing ``\\n`` are not indexed:
-matches never span a line. Lookup is ``numpy.searchsorted`` over the mmap'd id array.
+matches never span a line. Lookup is a binary search over the mmap'd id array (``bisect`` on a
+typed memoryview: no load, no copy).
 
 ``postings.bin`` (count = n)::
 
@@ -96,8 +98,11 @@ At open: manifest and meta checksums, format versions, every part's size and hea
 whole-file crc32 of ``dict.bin``, ``docs.bin`` and the deletion files (small: about a tenth of
 the corpus together). ``postings.bin``, ``content.bin`` and ``symbols.bin`` are verified lazily in
 ``block_size`` (128 KiB) blocks the first time a read touches a block, and remembered as good for
-the life of the open segment; ``SegmentReader.verify()`` checks everything eagerly. Any mismatch
-raises ``IndexCorruptError`` naming the file; a newer format raises ``IndexVersionError``.
+the life of the open segment; ``Snapshot.verify()`` (or ``SegmentReader.verify()``) checks
+everything eagerly, as a service should at start. Skip lists are read and checked on demand.
+Any mismatch raises ``IndexCorruptError`` naming the file; a newer format raises
+``IndexVersionError``; the format version is checked before checksums, so a file from a newer
+writer is reported as such rather than as corrupt.
 
 Measurements behind the choices
 -------------------------------
