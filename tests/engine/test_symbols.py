@@ -556,3 +556,25 @@ def test_extractor_survives_a_killed_worker() -> None:
 
         assert list(extractor.map(stream())) == expected
         assert extractor.restarts >= 1
+
+
+@pytest.mark.parametrize("language", sorted(SYMBOL_LANGUAGES))
+def test_wide_error_nodes_are_queried_piecewise_with_the_same_result(
+    language: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The query cursor is quadratic in an ERROR node's width, so wide ones are queried child
+    # by child; that must find exactly what one query over the whole tree finds.
+    source = next(s for lang, s, _ in GOLDEN if lang == language).encode()
+    content = source + b"\n" + b"(" * (symbols._WIDE_ERROR + 500) + b"\n" + source
+    piecewise = extract_symbols(content, language)
+    monkeypatch.setattr(symbols, "_WIDE_ERROR", 10**9)
+    assert extract_symbols(content, language) == piecewise
+    assert piecewise  # Error recovery keeps at least the definitions before the garbage.
+
+
+def test_a_mebibyte_of_open_parentheses_is_handled() -> None:
+    # Unbounded, this input keeps the query cursor busy for many minutes; with the wide-ERROR
+    # guard it parses and queries in about a second. It must simply come back, without symbols.
+    content = b"(" * (1 << 20)
+    for language in sorted(SYMBOL_LANGUAGES):
+        assert extract_symbols(content, language) == ()
