@@ -1,6 +1,7 @@
 """`kotadb bench`: benchmarks that measure KotaDB side by side with its peers in one run.
 
     kotadb bench search --corpus DIR --queries FILE [--out report.json] [--runs N]
+    kotadb bench auth [--out report.json] [--quick]
 
 `--corpus` is a source tree, or `stdlib` / `linux` to lay one out with the shared
 `corpus.sh` script under `--corpus-root`. The report is printed as a table and, with
@@ -43,6 +44,11 @@ def register(subparsers: Any) -> None:
         "--symbol-sample-mb", type=int, default=200, help="MiB of source for the symbol-extraction figure"
     )
     search.set_defaults(func=_search)
+    auth = commands.add_parser("auth", help="auth Check throughput, exact limits, ext_authz overhead")
+    auth.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    auth.add_argument("--quick", action="store_true", help="short steps: a smoke run, not a measurement")
+    auth.add_argument("--work-dir", type=Path, default=None, help="parent of the temporary cluster and logs")
+    auth.set_defaults(func=_auth)
 
 
 def _corpus(args: argparse.Namespace) -> Path:
@@ -77,6 +83,28 @@ def _search(args: argparse.Namespace) -> int:
     )
     report = run_bench(options, echo=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(render_table(report))
+    if args.out is not None:
+        args.out.write_text(json.dumps(report, indent=2) + "\n", "utf-8")
+        print(f"report written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _auth(args: argparse.Namespace) -> int:
+    # Imported here so other `kotadb` commands do not load the Envoy stubs and the auth service.
+    from services.bench.auth import AuthBenchOptions, render_auth_table, run_auth_bench
+
+    options = AuthBenchOptions(work_dir=args.work_dir)
+    if args.quick:
+        options = AuthBenchOptions(
+            seconds_per_level=1.0,
+            offered_seconds=1.0,
+            burst_requests=300,
+            envoy_rounds=1,
+            envoy_requests_per_round=50,
+            work_dir=args.work_dir,
+        )
+    report = run_auth_bench(options, echo=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(render_auth_table(report))
     if args.out is not None:
         args.out.write_text(json.dumps(report, indent=2) + "\n", "utf-8")
         print(f"report written to {args.out}", file=sys.stderr)
