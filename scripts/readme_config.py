@@ -44,12 +44,12 @@ def _raises_unimplemented(func: ast.AsyncFunctionDef | ast.FunctionDef) -> str |
     return None
 
 
-def unimplemented_list() -> str:
-    """unimplemented_list names each RPC whose servicer method only raises Unimplemented."""
-    lines: list[str] = []
+def unimplemented_methods() -> dict[str, dict[str, str]]:
+    """unimplemented_methods maps service → {RPC name → capability} for RPCs that raise Unimplemented."""
+    found: dict[str, dict[str, str]] = {}
     for service, path in SERVICERS.items():
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
+        methods = found.setdefault(service, {})
+        for node in ast.walk(ast.parse(path.read_text())):
             if not isinstance(node, ast.ClassDef):
                 continue
             for item in node.body:
@@ -57,8 +57,17 @@ def unimplemented_list() -> str:
                     message = _raises_unimplemented(item)
                     if message is not None:
                         capability = re.sub(r"^f?['\"]|['\"]$", "", message)
-                        capability = capability.split(", {DELIVERED_BY}")[0]
-                        lines.append(f"* `{service}/{item.name}` — {capability}")
+                        methods[item.name] = capability.split(", {DELIVERED_BY}")[0]
+    return found
+
+
+def unimplemented_list() -> str:
+    """unimplemented_list renders `unimplemented_methods` as the README's bullet list."""
+    lines = [
+        f"* `{service}/{name}` — {capability}"
+        for service, methods in unimplemented_methods().items()
+        for name, capability in methods.items()
+    ]
     if not lines:
         return "Every RPC in the v1 contracts is built."
     return "\n".join(lines)
