@@ -79,13 +79,21 @@ def content_tier(signals: RankSignals) -> float:
     return 0.0
 
 
-def score(signals: RankSignals) -> float:
-    """score computes a file's rank score from its signals; higher ranks first."""
+def score(signals: RankSignals, weight: float | None = None) -> float:
+    """score computes a file's rank score from its signals; higher ranks first.
+
+    `weight`, when given, is the file's path weight already worked out (the searcher caches
+    it per document); otherwise it comes from the signals' test/vendored/generated flags.
+    """
     base = content_tier(signals) + (FILENAME if signals.filename_match else 0.0)
-    return round(
-        base * path_weight(test=signals.test, vendored=signals.vendored, generated=signals.generated),
-        6,
-    )
+    if weight is None:
+        weight = path_weight(test=signals.test, vendored=signals.vendored, generated=signals.generated)
+    return round(base * weight, 6)
+
+
+def content_generated(content: bytes) -> bool:
+    """content_generated reports whether a file's first bytes carry a generated-code marker."""
+    return is_generated("", content)
 
 
 def path_flags(path: str, content: bytes = b"") -> tuple[bool, bool, bool]:
@@ -158,10 +166,16 @@ class SymbolTable:
         """
         if not len(self._spans) or not abs_ranges:
             return False
-        starts = self._spans[:, 2].astype(np.int64)
-        ends = self._spans[:, 3].astype(np.int64)
-        ranges = np.asarray(abs_ranges, dtype=np.int64).reshape(-1, 2)
+        starts = self._spans[:, 2]
+        ends = self._spans[:, 3]
         named = ends > starts
+        if len(abs_ranges) == 1:
+            # The common case, without building a ranges array.
+            lo, hi = abs_ranges[0]
+            return bool((named & (starts >= lo) & (ends <= hi)).any())
+        starts = starts.astype(np.int64)
+        ends = ends.astype(np.int64)
+        ranges = np.asarray(abs_ranges, dtype=np.int64).reshape(-1, 2)
         if len(ranges) * len(starts) <= _BROADCAST_LIMIT:
             inside = (starts[None, :] >= ranges[:, :1]) & (ends[None, :] <= ranges[:, 1:]) & named[None, :]
             return bool(inside.any())
