@@ -74,6 +74,8 @@ log = logging.getLogger("kotadb.auth.check")
 # Credential headers never forwarded upstream: services get the signed identity instead.
 CREDENTIAL_HEADERS: tuple[str, ...] = ("authorization", "x-api-key")
 
+ROUTE_NOT_FOUND = "ROUTE_NOT_FOUND"
+
 # HTTP status of a denial for each gRPC code Check may refuse with.
 _HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.UNAUTHENTICATED: 401,
@@ -130,7 +132,7 @@ class Authorizer:
         """authorize returns the Grant for an allowed request, or None for a credential-free route."""
         route = self.routes.resolve(http_method, path)
         if route is None:
-            raise NotFound(f"no route for {http_method} {_plain_path(path)}", reason="ROUTE_NOT_FOUND")
+            raise NotFound(f"no route for {http_method} {_plain_path(path)}", reason=ROUTE_NOT_FOUND)
         if route.permission == "":
             return None
         if self.codec is None:
@@ -333,8 +335,10 @@ def denied(
     }
     headers: list[tuple[str, str]] = [("x-kotadb-error-reason", error.reason)]
     if grpc_client:
+        # A path that names no method is UNIMPLEMENTED in gRPC terms (what a server would say).
+        status = grpc.StatusCode.UNIMPLEMENTED.value[0] if error.reason == ROUTE_NOT_FOUND else grpc_code
         # grpc-message is percent-encoded (gRPC over HTTP/2 spec); spaces may stay as they are.
-        headers.append(("grpc-status", str(grpc_code)))
+        headers.append(("grpc-status", str(status)))
         headers.append(("grpc-message", urllib.parse.quote(error.message, safe=" ")))
     else:
         headers.append(("content-type", "application/json"))
