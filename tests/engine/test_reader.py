@@ -90,3 +90,13 @@ def test_a_table_pointing_outside_its_files_is_rejected_at_open(tmp_path: Path) 
     with pytest.raises(IndexCorruptError) as err:
         SegmentData(seg_dir)
     assert err.value.path == str(seg_dir / "docs.bin")
+
+
+def test_segment_without_trigrams(tmp_path: Path) -> None:
+    # Documents too short for a trigram, or made of newlines only, still round-trip.
+    seg_dir = build(tmp_path / "idx", [("short", b"ab"), ("lines", b"\n\n\n\n")])
+    data = SegmentData(seg_dir)
+    assert data.trigram_count == 0
+    assert not data.postings(b"abc")
+    assert bytes(data.content(0)) == b"ab" and bytes(data.content(1)) == b"\n\n\n\n"
+    data.verify()
