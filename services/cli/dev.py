@@ -11,7 +11,8 @@ Start order, each step waiting for the previous one to be healthy:
    ready once the admin `/ready` is LIVE and `GET /health` through the gateway answers 200.
 
 Between steps 2 and 3 a fresh demo API key (read and write) is issued to the seed's demo user,
-every run, because its secret exists only at creation (the database keeps a SHA-256 hash).
+every run, because its secret exists only at creation (the database keeps a SHA-256 hash);
+the previous run's demo key is revoked.
 Then the endpoints, the demo key and a curl example are printed and written to
 `<data-dir>/stack.json` (mode 0600, as `demo_api_key`) for `kotadb status`, tests and scripts.
 SIGTERM or Ctrl-C stops everything in reverse order and removes stack.json
@@ -34,7 +35,6 @@ import os
 import secrets
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,10 +43,11 @@ from typing import Any
 import psutil
 
 from services.auth.config import AuthSettings
-from services.auth.management import KeyManager, KeySpec
+from services.auth.management import MAX_PAGE_SIZE, KeyManager, KeySpec
 from services.auth.principal import READ, WRITE, Principal
 from services.auth.store import AuthStore
 from services.cli import gateway, status
+from services.cli.keys import DEMO_USER_ID
 from services.common import db, migrate
 from services.common.pgembed import EmbeddedPostgres, free_port, port_is_free
 from services.common.settings import env_settings
@@ -65,8 +66,7 @@ DEFAULT_PORTS: dict[str, int] = {
 READY_TIMEOUT = 120.0
 POLL_INTERVAL = 0.25
 
-# The demo user deploy/supabase/seed.sql creates; `kotadb dev` issues its demo key to this user.
-DEMO_USER_ID = uuid.UUID("00000000-0000-4000-8000-00000000d3e0")
+# The demo key goes to DEMO_USER_ID (services/cli/keys.py), the user deploy/supabase/seed.sql makes.
 DEMO_KEY_NAME = "kotadb dev demo"
 # A read route that answers for any valid read key: the calling key's own usage (GetUsage).
 DEMO_PATH = "/v1/usage"
@@ -123,6 +123,8 @@ def _migrate(database_url: str, log: Callable[[str], None]) -> None:
 def issue_demo_key(database_url: str) -> tuple[str, str]:
     """issue_demo_key creates a read+write API key for the demo user; returns (secret, key id).
 
+    The demo keys of earlier runs are revoked first, so one demo key is valid at a time.
+
     It runs the auth service's own key rules (services/auth/management.py) as the service role,
     straight against the database, so the key exists before any service starts.
     """
@@ -131,9 +133,16 @@ def issue_demo_key(database_url: str) -> tuple[str, str]:
         pool = await db.create_pool(database_url, min_size=1, max_size=1, statement_cache_size=0)
         try:
             manager = KeyManager(AuthStore(pool), env_settings(AuthSettings))
+            service = Principal.service()
             await manager.ensure_user(DEMO_USER_ID)
+            # Each run's key replaces the last one, whose secret was printed and kept in a
+            # stack.json that is gone now: nobody should be holding it.
+            active, _ = await manager.list(service, user_id=DEMO_USER_ID, page_size=MAX_PAGE_SIZE)
+            for record in active:
+                if record.name == DEMO_KEY_NAME:
+                    await manager.revoke(service, record.id)
             spec = KeySpec(name=DEMO_KEY_NAME, permissions=frozenset({READ, WRITE}))
-            issued = await manager.create(Principal.service(), spec, user_id=DEMO_USER_ID)
+            issued = await manager.create(service, spec, user_id=DEMO_USER_ID)
         finally:
             await pool.close()
         return issued.secret, str(issued.record.id)
