@@ -19,14 +19,17 @@ request into a `UsageRecord`), because only Envoy knows the final status and the
   at most one flush window of traffic, plus what Envoy had buffered but not yet delivered
   (its gRPC access logger flushes every `buffer_flush_interval`, 1 s by default).
 
-Invariant with the Check path (services/auth, A-check's admission code): `Check` increments
-`api_keys.usage_count` atomically when it admits a request (the quota needs that number at
-admission time); this module writes the request's row once the response is known and moves
-`last_used_at` forward to the newest `occurred_at` it wrote. Once traffic has settled (no request
-in flight, the queue flushed), the number of rows of a key in the current UTC month equals its
-`usage_count`. Rows can only be missing, never extra: requests the access log never delivered
-(Envoy's logger is at-most-once; it drops entries while the auth cluster is unreachable) and the
-crash window above.
+Invariant with the Check path: `Check` increments `api_keys.usage_count` and sets
+`last_used_at` atomically when it admits a request (`public.admit_api_key_requests`, migration
+20261124100000; the quota needs the count at admission time). This module writes the request's
+row once the response is known, and moves `last_used_at` forward only if a row is newer than
+what Check wrote (a replica whose clock runs behind Envoy's); normally that update matches no row
+and takes no lock. Once traffic has settled (no request in flight, the queue flushed), the rows of
+a key in the current UTC month number exactly its `usage_count`. Rows can only be missing, never
+extra: requests whose access-log entry never arrived (Envoy's logger is at-most-once and drops
+entries while the auth cluster is unreachable) and the crash window above. A rotated key carries
+its month's usage over to its successor (services/auth/management.py), so across a rotation the
+invariant holds for the chain of keys, not for each one.
 
 Only records that an admission produced are written: the key id must belong to the tenant the
 record names (`api_keys.user_id`), so a client that puts someone else's headers on a request
