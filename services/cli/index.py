@@ -50,6 +50,7 @@ def register(subparsers: Any) -> None:
     )
     build.add_argument("--repository", default="", help="repository name stored with every document")
     build.add_argument("--workers", type=int, default=2, help="symbol-extraction processes (default 2)")
+    build.add_argument("--no-symbols", action="store_true", help="skip tree-sitter symbol extraction")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.set_defaults(func=_build)
 
@@ -123,7 +124,12 @@ def _build(args: argparse.Namespace) -> int:
     bar = _ProgressBar(sys.stderr, not args.quiet)
     try:
         report = build_index(
-            args.src, args.out, repository=args.repository, workers=args.workers, progress=bar
+            args.src,
+            args.out,
+            repository=args.repository,
+            workers=args.workers,
+            symbols=not args.no_symbols,
+            progress=bar,
         )
     except IndexFileError as exc:
         return _fail(str(exc))

@@ -119,6 +119,7 @@ def build_index(
     repository: str = "",
     workers: int = 2,
     segment_workers: int = 1,
+    symbols: bool = True,
     limits: Limits | None = None,
     progress: Callable[[BuildProgress], None] | None = None,
     progress_every: float = 0.2,
@@ -127,7 +128,9 @@ def build_index(
 
     Paths are stored relative to src with `/` separators and double as external ids, so
     rebuilding into an existing index replaces documents in place. `workers` processes
-    extract symbols and `segment_workers` processes build segments (0: in this process).
+    extract symbols and `segment_workers` processes build segments (0: in this process);
+    with `symbols=False` no symbols are extracted (a faster build without `sym:` search or
+    definition ranking).
     `progress` is called at most every `progress_every` seconds and once at the end.
     """
     limits = limits or Limits()
@@ -151,9 +154,10 @@ def build_index(
     try:
         with (
             IndexWriter(index, limits=limits, workers=segment_workers) as writer,
-            SymbolExtractor(workers) as extractor,
+            SymbolExtractor(workers if symbols else 1) as extractor,
         ):
-            for symbols in extractor.map(to_extract()):
+            stream = extractor.map(to_extract()) if symbols else (() for _ in to_extract())
+            for found in stream:
                 source, content, language, refused = pending.popleft()
                 result = writer.add(
                     SourceDocument(
@@ -162,7 +166,7 @@ def build_index(
                         content=content,
                         repository=repository,
                         language=language,
-                        symbols=() if refused else symbols,
+                        symbols=() if refused else found,
                     )
                 )
                 if result is not None:
