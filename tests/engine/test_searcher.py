@@ -93,9 +93,12 @@ def test_exhaustive_pages_concatenate_to_the_full_result(many: tuple[Path, Index
     assert {p.match_count for p in pages} == {full.match_count}
 
 
-def test_first_page_stops_early_and_cursor_pages_cover_the_rest_once(many: tuple[Path, Index]) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_first_page_stops_early_and_cursor_pages_cover_the_rest_once(
+    many: tuple[Path, Index], workers: int
+) -> None:
     _, index = many
-    searcher = Searcher(index)
+    searcher = Searcher(index, workers=workers)
     full = searcher.search("needle", mode=SearchMode.EXHAUSTIVE, limit_files=None)
     first = searcher.search("needle", mode=SearchMode.FIRST_PAGE, limit_files=5)
     assert first.limit_hit and first.limit_reason is LimitReason.FILE_LIMIT
