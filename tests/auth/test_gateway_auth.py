@@ -1,0 +1,416 @@
+"""Auth through the real gateway: Envoy, two auth replicas, ingest and search, real Postgres.
+
+Every service runs as a `kotadb serve` subprocess on port 0 and shares one identity key; Envoy
+runs the config `kotadb gateway render` produces, with both auth replicas in its auth cluster
+(ext_authz on, as by default). Each credential case is sent over REST (HTTP/1.1) and over
+native gRPC, and checked for status, body and headers. A request that Check admits proves it
+reached the service by what comes back: an answer from upstream (Envoy's
+`x-envoy-upstream-service-time`), never a denial reason.
+
+The Postgres-outage test runs its own small stack on its own embedded cluster, so it can stop
+and restart that cluster without disturbing the session database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import datetime
+import functools
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+import pytest
+from kotadb.v1 import auth_pb2, auth_pb2_grpc, ingest_pb2, ingest_pb2_grpc, search_pb2, search_pb2_grpc
+
+from services.auth import keys
+from services.cli import gateway, status
+from services.common import migrate
+from services.common.pgembed import EmbeddedPostgres
+from services.common.supervisor import Supervisor
+from tests.auth.test_ratelimit import insert_key
+
+READY_LIMIT = 180.0
+IDENTITY_KEY = "gateway-auth-tests-identity-key-0123456789"
+UTC = datetime.UTC
+
+
+@dataclasses.dataclass(frozen=True)
+class Stack:
+    """Stack is a running gateway: its URL and gRPC target, and the auth replicas behind it."""
+
+    url: str
+    target: str
+    auth: list[str]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _wait(
+    what: str, probe: Callable[[], tuple[bool, str]], supervisor: Supervisor, limit: float = READY_LIMIT
+) -> None:
+    deadline = time.monotonic() + limit
+    detail = ""
+    while time.monotonic() < deadline:
+        for child in supervisor.children:
+            if not child.alive():
+                pytest.fail(f"{child.name} exited ({child.returncode}):\n{child.log_tail()}")
+        ok, detail = probe()
+        if ok:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"{what} not ready after {limit}s: {detail}")
+
+
+def _spawn_service(
+    supervisor: Supervisor, workdir: Path, name: str, service: str, env: dict[str, str]
+) -> str:
+    port_file = workdir / f"{name}.port"
+    argv = [
+        sys.executable,
+        "-m",
+        "services.cli",
+        "serve",
+        service,
+        "--port",
+        "0",
+        "--port-file",
+        str(port_file),
+    ]
+    supervisor.spawn(name, argv, log_path=workdir / f"{name}.log", env=env)
+
+    def written() -> tuple[bool, str]:
+        return port_file.exists() and port_file.read_text().strip().isdigit(), f"waiting for {port_file}"
+
+    _wait(f"{name} port", written, supervisor)
+    return f"127.0.0.1:{port_file.read_text().strip()}"
+
+
+def _start_stack(
+    supervisor: Supervisor, workdir: Path, database_url: str, auth_replicas: int = 2, **env_extra: str
+) -> Stack:
+    env = dict(
+        os.environ, KOTADB_DATABASE_URL=database_url, PYTHONUNBUFFERED="1", KOTADB_IDENTITY_KEY=IDENTITY_KEY
+    )
+    env["KOTADB_SEARCH_DATA_DIR"] = str(workdir / "search-data")
+    env["KOTADB_AUTH_READINESS_INTERVAL"] = "0.5"
+    env.update(env_extra)
+    auth = [_spawn_service(supervisor, workdir, f"auth{i}", "auth", env) for i in range(auth_replicas)]
+    env["KOTADB_AUTH_ADDRESS"] = auth[0]
+    addresses = {name: _spawn_service(supervisor, workdir, name, name, env) for name in ("ingest", "search")}
+    for address in [*auth, *addresses.values()]:
+        _wait(address, functools.partial(status.probe_grpc_health, address), supervisor)
+    port, admin = _free_port(), _free_port()
+    config = gateway.GatewayConfig(
+        gateway_port=port,
+        admin_port=admin,
+        auth=",".join(auth),
+        ingest=addresses["ingest"],
+        search=addresses["search"],
+    )
+    assert config.ext_authz, "ext_authz is on by default"
+    config_path = workdir / "envoy.yaml"
+    config_path.write_text(gateway.render(config))
+    argv = [gateway.find_envoy(), "-c", str(config_path), "--disable-hot-restart", "--log-level", "warn"]
+    supervisor.spawn("envoy", argv, log_path=workdir / "envoy.log")
+    url = f"http://127.0.0.1:{port}"
+    _wait("envoy", functools.partial(status.probe_http, f"http://127.0.0.1:{admin}/ready"), supervisor)
+    _wait("gateway /health", functools.partial(status.probe_http, f"{url}/health"), supervisor)
+    return Stack(url=url, target=f"127.0.0.1:{port}", auth=auth)
+
+
+@pytest.fixture(scope="module")
+def stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    workdir = tmp_path_factory.mktemp("gateway-auth")
+    with Supervisor(grace=20) as supervisor:
+        yield _start_stack(supervisor, workdir, database_url)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reply:
+    """Reply is an HTTP answer: status, headers (lower-case names) and body."""
+
+    status: int
+    headers: dict[str, str]
+    raw: bytes
+
+    @property
+    def body(self) -> dict[str, Any]:
+        parsed: dict[str, Any] = json.loads(self.raw)
+        return parsed
+
+    @property
+    def reached_service(self) -> bool:
+        """reached_service is true when an upstream service produced the answer, not the gateway."""
+        return "x-envoy-upstream-service-time" in self.headers and "x-kotadb-error-reason" not in self.headers
+
+
+def http(
+    method: str,
+    url: str,
+    *,
+    key: str | None = None,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> Reply:
+    sent = dict(headers or {})
+    if key is not None:
+        sent["authorization"] = f"Bearer {key}"
+    if body is not None:
+        sent["content-type"] = "application/json"
+    request = urllib.request.Request(url, data=body, method=method, headers=sent)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return Reply(
+                response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
+            )
+    except urllib.error.HTTPError as exc:
+        return Reply(exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read())
+
+
+@dataclasses.dataclass(frozen=True)
+class GrpcReply:
+    """GrpcReply is a native gRPC call's outcome through the gateway."""
+
+    code: grpc.StatusCode
+    details: str
+    metadata: dict[str, str]
+
+
+def grpc_call(
+    target: str, call: str, *, key: str | None = None, extra: list[tuple[str, str]] | None = None
+) -> GrpcReply:
+    metadata = list(extra or [])
+    if key is not None:
+        metadata.append(("authorization", f"Bearer {key}"))
+    with grpc.insecure_channel(target) as channel:
+        try:
+            if call == "search":
+                search_pb2_grpc.SearchServiceStub(channel).GetIndexStatus(
+                    search_pb2.GetIndexStatusRequest(), metadata=tuple(metadata), timeout=30
+                )
+            elif call == "ingest":
+                ingest_pb2_grpc.IngestServiceStub(channel).UpsertDocuments(
+                    ingest_pb2.UpsertDocumentsRequest(), metadata=tuple(metadata), timeout=30
+                )
+            else:
+                auth_pb2_grpc.AuthServiceStub(channel).ListApiKeys(
+                    auth_pb2.ListApiKeysRequest(), metadata=tuple(metadata), timeout=30
+                )
+        except grpc.RpcError as exc:
+            assert isinstance(exc, grpc.Call)
+            found = {
+                k: v
+                for k, v in (*(exc.initial_metadata() or ()), *(exc.trailing_metadata() or ()))
+                if isinstance(v, str)
+            }
+            return GrpcReply(exc.code(), exc.details() or "", found)
+    return GrpcReply(grpc.StatusCode.OK, "", {})
+
+
+def _reached_service(reply: GrpcReply) -> bool:
+    # Check's denials carry x-kotadb-error-reason; a service's answer carries its request id.
+    return "x-kotadb-error-reason" not in reply.metadata and "x-request-id" in reply.metadata
+
+
+def _assert_http_denied(reply: Reply, status_code: int, reason: str) -> None:
+    assert reply.status == status_code, (reply.status, reply.raw)
+    assert reply.headers["content-type"] == "application/json"
+    body = reply.body
+    assert body["reason"] == reason, body
+    assert body["code"] == {401: 16, 403: 7, 429: 8, 503: 14}[status_code]
+    assert body["message"] and body["details"][0]["reason"] == reason
+    assert body["details"][0]["metadata"]["request_id"]
+    assert "grpc-status" not in reply.headers
+    if status_code == 401:
+        assert reply.headers["www-authenticate"].startswith("Bearer")
+    if status_code in (429, 503):
+        assert int(reply.headers["retry-after"]) >= 1
+
+
+_GRPC_CODES = {
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+def _assert_grpc_denied(reply: GrpcReply, status_code: int, reason: str) -> None:
+    assert reply.code == _GRPC_CODES[status_code], reply
+    assert reply.metadata.get("x-kotadb-error-reason") == reason, reply
+    assert reply.details and not reply.details.startswith("{")
+
+
+async def test_each_credential_case_over_rest_and_grpc(
+    stack: Stack, pool: asyncpg.Pool, user_factory: Any
+) -> None:
+    user = await user_factory()
+    now = datetime.datetime.now(UTC)
+    valid, _ = await insert_key(pool, user, permissions=("read",))
+    writer, _ = await insert_key(pool, user, permissions=("read", "write"))
+    expired, _ = await insert_key(pool, user, expires_at=now - datetime.timedelta(minutes=1))
+    revoked, _ = await insert_key(pool, user, revoked_at=now)
+    rotating, _ = await insert_key(pool, user, grace_until=now + datetime.timedelta(hours=1))
+    rotated_out, _ = await insert_key(pool, user, grace_until=now - datetime.timedelta(minutes=1))
+    mistyped = valid[:-1] + ("A" if valid[-1] != "A" else "B")
+    cases: list[tuple[str | None, str, int, str]] = [
+        (None, "search", 401, "MISSING_CREDENTIALS"),
+        ("kdb_live_short", "search", 401, "MALFORMED_API_KEY"),
+        (mistyped, "search", 401, "BAD_API_KEY_CHECKSUM"),
+        (keys.generate_key().plaintext, "search", 401, "UNKNOWN_API_KEY"),
+        (expired, "search", 401, "API_KEY_EXPIRED"),
+        (revoked, "search", 401, "API_KEY_REVOKED"),
+        (rotated_out, "search", 401, "API_KEY_ROTATED"),
+        (valid, "ingest", 403, "MISSING_PERMISSION"),
+        (writer, "keys", 403, "MISSING_PERMISSION"),
+    ]
+    rest = {
+        "search": ("GET", "/v1/index", None),
+        "ingest": ("POST", "/v1/documents:batchUpsert", b"{}"),
+        "keys": ("GET", "/v1/apiKeys", None),
+    }
+    for key, call, status_code, reason in cases:
+        method, path, body = rest[call]
+        _assert_http_denied(http(method, stack.url + path, key=key, body=body), status_code, reason)
+        _assert_grpc_denied(grpc_call(stack.target, call, key=key), status_code, reason)
+
+    for key in (valid, rotating):
+        reply = http("GET", stack.url + "/v1/index", key=key)
+        assert reply.reached_service, (reply.status, reply.headers, reply.raw)
+        assert reply.headers["ratelimit-limit"] == "1000"
+        assert int(reply.headers["ratelimit-remaining"]) < 1000
+        assert _reached_service(grpc_call(stack.target, "search", key=key))
+    # x-api-key is accepted like a bearer token; the write key may ingest.
+    assert http("GET", stack.url + "/v1/index", headers={"x-api-key": valid}).reached_service
+    assert http("POST", stack.url + "/v1/documents:batchUpsert", key=writer, body=b"{}").reached_service
+    assert _reached_service(grpc_call(stack.target, "ingest", key=writer))
+
+
+async def test_client_supplied_identity_headers_buy_nothing(
+    stack: Stack, pool: asyncpg.Pool, user_factory: Any
+) -> None:
+    victim = await user_factory()
+    forged = {"x-kotadb-identity": "eyJzdWIiOiJ4In0.c2lnbmF0dXJl", "x-kotadb-tenant": str(victim)}
+    _assert_http_denied(http("GET", stack.url + "/v1/index", headers=forged), 401, "MISSING_CREDENTIALS")
+    reply = grpc_call(stack.target, "search", extra=[("x-kotadb-identity", forged["x-kotadb-identity"])])
+    _assert_grpc_denied(reply, 401, "MISSING_CREDENTIALS")
+    # With a valid key of another user, the forged headers are replaced by Check's own.
+    other = await user_factory()
+    secret, _ = await insert_key(pool, other)
+    assert http("GET", stack.url + "/v1/index", key=secret, headers=forged).reached_service
+    # The webhook route skips Check, and the services refuse a forged identity there too
+    # (the route strips it; a non-webhook method would need a valid signature).
+    webhook = http("POST", stack.url + "/v1/webhooks/github/some-repository", body=b"{}", headers=forged)
+    assert webhook.reached_service, (webhook.status, webhook.raw)
+    assert webhook.body.get("code") != grpc.StatusCode.UNAUTHENTICATED.value[0], webhook.body
+
+
+async def test_revocation_applies_at_once_across_both_replicas(
+    stack: Stack, pool: asyncpg.Pool, user_factory: Any
+) -> None:
+    user = await user_factory()
+    secret, key_id = await insert_key(pool, user)
+    for _ in range(6):  # round-robin: both replicas have the key cached now
+        assert http("GET", stack.url + "/v1/index", key=secret).reached_service
+    await pool.execute("update public.api_keys set revoked_at = now() where id = $1", key_id)
+    for _ in range(6):
+        _assert_http_denied(http("GET", stack.url + "/v1/index", key=secret), 401, "API_KEY_REVOKED")
+
+
+async def test_200_concurrent_requests_against_a_limit_of_50_admit_exactly_50(
+    stack: Stack, pool: asyncpg.Pool, user_factory: Any
+) -> None:
+    user = await user_factory()
+    secret, key_id = await insert_key(pool, user, rate_limit=50)
+
+    def one(_: int) -> Reply:
+        return http("GET", stack.url + "/v1/index", key=secret)
+
+    # Stay clear of a minute boundary, which would legitimately open a second window.
+    if datetime.datetime.now(UTC).second >= 50:
+        await asyncio.sleep(61 - datetime.datetime.now(UTC).second)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=200) as workers:
+        replies = list(workers.map(one, range(200)))
+    admitted = [r for r in replies if r.reached_service]
+    refused = [r for r in replies if not r.reached_service]
+    assert len(admitted) == 50, sorted({r.status for r in replies})
+    assert len(refused) == 150
+    for reply in refused:
+        _assert_http_denied(reply, 429, "RATE_LIMITED")
+        assert reply.headers["ratelimit-remaining"] == "0"
+    remaining = sorted(int(r.headers["ratelimit-remaining"]) for r in admitted)
+    assert remaining == list(range(50)), "each admitted request saw its own place in the window"
+    assert await pool.fetchval("select usage_count from public.api_keys where id = $1", key_id) == 50
+
+
+def test_postgres_outage_fails_closed_with_503_and_recovers(tmp_path_factory: pytest.TempPathFactory) -> None:
+    home = Path(tempfile.mkdtemp(prefix="kotadb-outage-pg-"))
+    home.chmod(0o711)
+    cluster = EmbeddedPostgres(home, durable=False)
+    workdir = tmp_path_factory.mktemp("gateway-outage")
+    try:
+        dsn = cluster.start()
+        migrate.apply_bootstrap(dsn)
+        migrate.apply_migrations(dsn)
+        secret = _seed_key(dsn)
+        with Supervisor(grace=20) as supervisor:
+            # One auth replica; its cache is off so every check needs the database.
+            outage = _start_stack(supervisor, workdir, dsn, auth_replicas=1, KOTADB_AUTH_KEY_CACHE_TTL="0")
+            assert http("GET", outage.url + "/v1/index", key=secret).reached_service
+
+            cluster.stop()
+            reply = http("GET", outage.url + "/v1/index", key=secret)
+            _assert_http_denied(reply, 503, "DATABASE_UNAVAILABLE")
+            grpc_reply = grpc_call(outage.target, "search", key=secret)
+            assert grpc_reply.code == grpc.StatusCode.UNAVAILABLE
+
+            cluster.start()
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                reply = http("GET", outage.url + "/v1/index", key=secret)
+                if reply.reached_service:
+                    break
+                assert reply.status == 503, (reply.status, reply.raw)
+                time.sleep(0.5)
+            assert reply.reached_service, (reply.status, reply.raw)
+    finally:
+        cluster.stop()
+
+
+def _seed_key(dsn: str) -> str:
+    async def seed() -> str:
+        connection = await asyncpg.connect(dsn)
+        try:
+            user = await connection.fetchval(
+                "insert into auth.users (id, aud, role, email) values (gen_random_uuid(), 'authenticated',"
+                " 'authenticated', 'outage@example.test') returning id"
+            )
+            generated = keys.generate_key()
+            await connection.execute(
+                "insert into public.api_keys (user_id, name, key_prefix, key_hash) values ($1, 'k', $2, $3)",
+                user,
+                generated.display_prefix,
+                generated.key_hash,
+            )
+            return generated.plaintext
+        finally:
+            await connection.close()
+
+    return asyncio.run(seed())
