@@ -30,6 +30,7 @@ Every loop is bounded by a request count or a duration, and everything talks ove
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -40,9 +41,11 @@ import multiprocessing
 import os
 import secrets
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -89,6 +92,8 @@ class AuthBenchOptions:
     burst_requests: int = 1000
     envoy_rounds: int = 4
     envoy_requests_per_round: int = 300
+    crash_seconds: float = 6.0
+    crash_clients: int = 4
     log_level: str = "WARNING"
     work_dir: Path | None = None
 
@@ -105,6 +110,21 @@ class Stack:
     read_key_id: uuid.UUID
     envoy_key: str
     envoy_key_id: uuid.UUID
+    crash: CrashRig
+
+
+@dataclasses.dataclass(frozen=True)
+class CrashRig:
+    """CrashRig is an auth process of its own behind its own Envoy, there to be killed (step 6).
+
+    `kill_and_restart` SIGKILLs the process, starts a new one on the same port and returns the
+    seconds until it was SERVING again.
+    """
+
+    envoy: str
+    key: str
+    key_id: uuid.UUID
+    kill_and_restart: Callable[[], float]
 
 
 # --- the world ----------------------------------------------------------------------------------
@@ -130,10 +150,11 @@ def _port_file(path: Path) -> tuple[bool, str]:
 
 
 def _spawn_service(
-    supervisor: Supervisor, name: str, service: str, workdir: Path, env: dict[str, str]
+    supervisor: Supervisor, name: str, service: str, workdir: Path, env: dict[str, str], port: int = 0
 ) -> tuple[str, ChildProcess]:
     port_file = workdir / f"{name}.port"
-    argv = [sys.executable, "-m", "services.cli", "serve", service, "--port", "0"]
+    port_file.unlink(missing_ok=True)
+    argv = [sys.executable, "-m", "services.cli", "serve", service, "--port", str(port)]
     child = supervisor.spawn(
         name, [*argv, "--port-file", str(port_file)], log_path=workdir / f"{name}.log", env=env
     )
@@ -177,6 +198,7 @@ async def _create_keys(database_url: str, limit: int) -> dict[str, tuple[str, uu
             "envoy": KeySpec("bench envoy", frozenset({READ, WRITE}), UNLIMITED_RATE, UNLIMITED_QUOTA),
             "rate": KeySpec("bench rate limit", frozenset({READ}), limit, UNLIMITED_QUOTA),
             "quota": KeySpec("bench quota", frozenset({READ}), UNLIMITED_RATE, limit),
+            "crash": KeySpec("bench crash", frozenset({READ}), UNLIMITED_RATE, UNLIMITED_QUOTA),
         }
         keys: dict[str, tuple[str, uuid.UUID]] = {}
         for name, spec in specs.items():
@@ -215,6 +237,22 @@ def running_stack(
             envoy_on = _spawn_envoy(supervisor, "envoy-authz-on", workdir, addresses, ext_authz=True)
             envoy_off = _spawn_envoy(supervisor, "envoy-authz-off", workdir, addresses, ext_authz=False)
             echo(f"auth {auth_a} and {auth_b}, search {search}, envoy on {envoy_on} / off {envoy_off}")
+            auth_crash, crash_child = _spawn_service(supervisor, "auth-crash", "auth", workdir, env)
+            crash_addresses = dict(addresses, auth=auth_crash)
+            envoy_crash = _spawn_envoy(supervisor, "envoy-crash", workdir, crash_addresses, ext_authz=True)
+            children = {"auth-crash": crash_child}
+
+            def kill_and_restart() -> float:
+                killed = time.monotonic()
+                os.kill(children["auth-crash"].pid, signal.SIGKILL)
+                children["auth-crash"].stop(grace=5)  # reaps it; the process is already gone
+                port = int(auth_crash.rsplit(":", 1)[1])
+                _, children["auth-crash"] = _spawn_service(
+                    supervisor, "auth-crash", "auth", workdir, env, port=port
+                )
+                return time.monotonic() - killed
+
+            crash = CrashRig(envoy_crash, keys["crash"][0], keys["crash"][1], kill_and_restart)
             yield (
                 Stack(
                     database_url=dsn,
@@ -225,6 +263,7 @@ def running_stack(
                     read_key_id=keys["read"][1],
                     envoy_key=keys["envoy"][0],
                     envoy_key_id=keys["envoy"][1],
+                    crash=crash,
                 ),
                 keys,
             )
@@ -469,10 +508,14 @@ def measure_envoy_overhead(stack: Stack, options: AuthBenchOptions, echo: Echo) 
 
 
 async def _metering_counts(database_url: str, key_id: uuid.UUID, settle: float) -> dict[str, Any]:
-    """_metering_counts waits for usage rows to catch up with usage_count, up to `settle` seconds."""
+    """_metering_counts waits for usage rows to catch up with usage_count, up to `settle` seconds.
+
+    It also stops once the row count has not moved for 3 s (rows lost to a crash never come).
+    """
     connection = await asyncpg.connect(database_url, statement_cache_size=0)
     try:
         deadline = time.monotonic() + settle
+        last_rows, last_change = -1, time.monotonic()
         while True:
             row = await connection.fetchrow(
                 "select k.usage_count, (select count(*) from public.usage_metrics m"
@@ -482,11 +525,66 @@ async def _metering_counts(database_url: str, key_id: uuid.UUID, settle: float) 
             )
             assert row is not None, "the benchmark key vanished"
             usage_count, rows = int(row["usage_count"]), int(row["rows"])
-            if rows == usage_count or time.monotonic() > deadline:
+            now = time.monotonic()
+            if rows != last_rows:
+                last_rows, last_change = rows, now
+            if rows == usage_count or now > deadline or now - last_change > 3.0:
                 return {"usage_count": usage_count, "usage_rows": rows, "missing": usage_count - rows}
             await asyncio.sleep(0.2)
     finally:
         await connection.close()
+
+
+def measure_crash_loss(stack: Stack, options: AuthBenchOptions, echo: Echo) -> dict[str, Any]:
+    """measure_crash_loss is step 6: usage rows lost when an auth process is SIGKILLed mid-traffic.
+
+    Clients send GETs through the crash rig's Envoy for `crash_seconds`; half way through, its
+    auth process is killed and restarted on the same port. After traffic settles, the rows
+    missing are the key's `usage_count` (admissions, counted in the database at once) minus its
+    usage rows; divided by the admission rate that is the window of traffic a crash loses.
+    """
+    rig = stack.crash
+    statuses: collections.Counter[int] = collections.Counter()
+    lock = threading.Lock()
+    began = time.monotonic()
+    stop_at = began + options.crash_seconds
+
+    def client() -> None:
+        while time.monotonic() < stop_at:
+            try:
+                _, seen = _timed_gets(rig.envoy, rig.key, 20)
+            except (OSError, http.client.HTTPException):
+                seen = {0: 1}  # the gateway closed the connection; open a new one
+            with lock:
+                statuses.update(seen)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(options.crash_clients)]
+    for thread in threads:
+        thread.start()
+    time.sleep(options.crash_seconds / 2)
+    downtime = rig.kill_and_restart()
+    for thread in threads:
+        thread.join(timeout=options.crash_seconds + 60)
+    seconds = time.monotonic() - began
+    counts = asyncio.run(_metering_counts(stack.database_url, rig.key_id, 20.0))
+    # Admissions happen only while an auth process is up: the rate over that time.
+    up = max(seconds - downtime, 1e-3)
+    rate = counts["usage_count"] / up
+    lost_ms = counts["missing"] / rate * 1000 if rate > 0 else None
+    result = {
+        **counts,
+        "seconds": seconds,
+        "clients": options.crash_clients,
+        "restart_seconds": downtime,
+        "admitted_per_s": rate,
+        "lost_traffic_ms": lost_ms,
+        "statuses": {str(code): count for code, count in sorted(statuses.items())},
+    }
+    echo(
+        f"crash: {counts['missing']} of {counts['usage_count']} admitted requests' rows lost"
+        f" (~{lost_ms or 0:.0f} ms of traffic)"
+    )
+    return result
 
 
 # --- report -------------------------------------------------------------------------------------
@@ -534,6 +632,7 @@ def run_auth_bench(options: AuthBenchOptions, echo: Echo) -> dict[str, Any]:
         report["envoy"] = measure_envoy_overhead(stack, options, echo)
         report["metering"] = asyncio.run(_metering_counts(stack.database_url, stack.envoy_key_id, 15.0))
         echo(f"metering: {report['metering']}")
+        report["crash"] = measure_crash_loss(stack, options, echo)
     report["targets"] = [target.as_dict() for target in targets(report)]
     return report
 
@@ -583,6 +682,8 @@ def render_auth_table(report: dict[str, Any]) -> str:
         f"Metering: usage_count {report['metering']['usage_count']}, "
         f"usage rows {report['metering']['usage_rows']}",
         "",
+        _crash_line(report["crash"]),
+        "",
         "Targets",
     ]
     for target in report["targets"]:
@@ -594,3 +695,13 @@ def render_auth_table(report: dict[str, Any]) -> str:
             f" ({bound} {target['limit']:g}) {verdict}"
         )
     return "\n".join(lines)
+
+
+def _crash_line(crash: dict[str, Any]) -> str:
+    lost = crash["lost_traffic_ms"]
+    window = "-" if lost is None else f"{lost:.0f} ms"
+    return (
+        f"Crash (SIGKILL of an auth process under {crash['admitted_per_s']:.0f} admitted req/s): "
+        f"{crash['missing']} of {crash['usage_count']} usage rows lost = {window} of traffic; "
+        f"restart took {crash['restart_seconds']:.1f} s"
+    )
