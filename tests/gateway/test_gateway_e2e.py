@@ -1,13 +1,16 @@
 """Real HTTP and gRPC through a real Envoy in front of the three real services.
 
 The services run as `kotadb serve` subprocesses on port 0 against the session's migrated test
-database; Envoy runs on free ports with the config `kotadb gateway render` produces. Two more
-Envoys share the same services: one with the ext_authz slot switched on, and one whose search
-cluster points at a port nobody listens on, so /health has something real to report.
+database, sharing one identity key; Envoy runs on free ports with the config `kotadb gateway
+render` produces, so auth's Check guards every route and requests carry an API key written
+into the database for this module. A second Envoy shares the same services but its search
+cluster points at a port nobody listens on, so /health has something real to report. The auth
+cases themselves are in tests/auth/test_gateway_auth.py.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import os
@@ -21,17 +24,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from kotadb.v1 import search_pb2, search_pb2_grpc
 
+from services.auth import keys
 from services.cli import gateway, status
 from services.common.errors import Unimplemented
 from services.common.supervisor import ChildProcess, Supervisor
 
 READY_LIMIT = 180.0
+IDENTITY_KEY = "gateway-e2e-tests-identity-key-0123456789"
 
 
 @dataclass(frozen=True)
@@ -87,11 +93,36 @@ def _start_envoy(
 
 @dataclass(frozen=True)
 class Gateways:
-    """Gateways are the three Envoys of this module, sharing one set of services."""
+    """Gateways are the two Envoys of this module, sharing one set of services, and an API key."""
 
     main: Gateway
-    authz: Gateway
     degraded: Gateway
+    key: str
+
+
+def _issue_key(database_url: str) -> str:
+    """_issue_key writes a read+write key with a generous rate limit and returns its secret."""
+
+    async def issue() -> str:
+        connection = await asyncpg.connect(database_url)
+        try:
+            user = await connection.fetchval(
+                "insert into auth.users (id, aud, role, email) values (gen_random_uuid(), 'authenticated',"
+                " 'authenticated', 'gateway-e2e-' || gen_random_uuid() || '@example.test') returning id"
+            )
+            generated = keys.generate_key()
+            await connection.execute(
+                "insert into public.api_keys (user_id, name, key_prefix, key_hash, permissions, rate_limit)"
+                " values ($1, 'gateway e2e', $2, $3, '{read,write}', 6000)",
+                user,
+                generated.display_prefix,
+                generated.key_hash,
+            )
+            return generated.plaintext
+        finally:
+            await connection.close()
+
+    return asyncio.run(issue())
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +130,7 @@ def gateways(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
     workdir = tmp_path_factory.mktemp("gateway-e2e")
     env = dict(os.environ, KOTADB_DATABASE_URL=database_url, PYTHONUNBUFFERED="1")
     env["KOTADB_SEARCH_DATA_DIR"] = str(workdir / "search-data")
+    env["KOTADB_IDENTITY_KEY"] = IDENTITY_KEY
     with Supervisor(grace=20) as supervisor:
         addresses: dict[str, str] = {}
         for name in status.SERVICES:
@@ -113,12 +145,10 @@ def gateways(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
             _wait(name, functools.partial(status.probe_grpc_health, address), supervisor)
 
         main, _ = _start_envoy(supervisor, workdir, "envoy-main", addresses)
-        authz, _ = _start_envoy(supervisor, workdir, "envoy-authz", addresses, ext_authz=True)
         dead_search = dict(addresses, search=f"127.0.0.1:{_free_port()}")
         degraded, _ = _start_envoy(supervisor, workdir, "envoy-degraded", dead_search)
-        for found in (main, authz):
-            _wait("gateway /health", functools.partial(status.probe_http, f"{found.url}/health"), supervisor)
-        yield Gateways(main=main, authz=authz, degraded=degraded)
+        _wait("gateway /health", functools.partial(status.probe_http, f"{main.url}/health"), supervisor)
+        yield Gateways(main=main, degraded=degraded, key=_issue_key(database_url))
 
 
 @dataclass(frozen=True)
@@ -130,8 +160,10 @@ class Reply:
     body: dict[str, Any]
 
 
-def _request(method: str, url: str, body: bytes | None = None) -> Reply:
+def _request(method: str, url: str, body: bytes | None = None, key: str | None = None) -> Reply:
     headers = {"content-type": "application/json"} if body is not None else {}
+    if key is not None:
+        headers["authorization"] = f"Bearer {key}"
     request = urllib.request.Request(url, data=body, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
@@ -163,7 +195,7 @@ def _error_info(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_health_is_json_and_needs_no_key(gateways: Gateways) -> None:
-    for found in (gateways.main, gateways.authz):
+    for found in (gateways.main,):
         reply = _request("GET", f"{found.url}/health")
         assert reply.status == 200
         assert reply.content_type.startswith("application/json")
@@ -179,7 +211,8 @@ def test_health_reflects_an_unhealthy_backend(gateways: Gateways) -> None:
 
 
 def test_unimplemented_rpc_is_a_json_501_with_its_reason(gateways: Gateways) -> None:
-    reply = _request("POST", f"{gateways.main.url}/v1/code:search", json.dumps({"query": "needle"}).encode())
+    body = json.dumps({"query": "needle"}).encode()
+    reply = _request("POST", f"{gateways.main.url}/v1/code:search", body, key=gateways.key)
     assert reply.status == 501
     assert reply.content_type.startswith("application/json")
     assert reply.body["code"] == grpc.StatusCode.UNIMPLEMENTED.value[0]
@@ -192,13 +225,13 @@ def test_unimplemented_rpc_is_a_json_501_with_its_reason(gateways: Gateways) -> 
 def test_bodies_beyond_envoys_buffer_reach_the_service(gateways: Gateways) -> None:
     # Larger than Envoy's default 1 MiB buffer: the service, not the gateway, decides on size.
     big = json.dumps({"query": "x" * (3 * 1024 * 1024)}).encode()
-    reply = _request("POST", f"{gateways.main.url}/v1/code:search", big)
+    reply = _request("POST", f"{gateways.main.url}/v1/code:search", big, key=gateways.key)
     assert not _answered_by_gateway(reply), reply.status
 
 
 def test_unknown_path_is_a_json_404(gateways: Gateways) -> None:
     for method, path in (("GET", "/nope"), ("GET", "/v1/no-such-collection"), ("DELETE", "/v1/usage")):
-        reply = _request(method, f"{gateways.main.url}{path}")
+        reply = _request(method, f"{gateways.main.url}{path}", key=gateways.key)
         assert reply.status == 404, (method, path, reply)
         assert reply.content_type.startswith("application/json")
         assert reply.body["code"] == grpc.StatusCode.NOT_FOUND.value[0]
@@ -206,7 +239,7 @@ def test_unknown_path_is_a_json_404(gateways: Gateways) -> None:
 
 
 def test_malformed_json_body_is_a_json_400(gateways: Gateways) -> None:
-    reply = _request("POST", f"{gateways.main.url}/v1/code:search", b'{"query": ')
+    reply = _request("POST", f"{gateways.main.url}/v1/code:search", b'{"query": ', key=gateways.key)
     assert reply.status == 400
     assert reply.content_type.startswith("application/json")
     assert reply.body["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
@@ -214,7 +247,7 @@ def test_malformed_json_body_is_a_json_400(gateways: Gateways) -> None:
 
 
 def test_unknown_query_parameter_is_a_json_400(gateways: Gateways) -> None:
-    reply = _request("GET", f"{gateways.main.url}/v1/index?bogus_parameter=1")
+    reply = _request("GET", f"{gateways.main.url}/v1/index?bogus_parameter=1", key=gateways.key)
     assert reply.status == 400
     assert reply.content_type.startswith("application/json")
     assert reply.body["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
@@ -222,10 +255,11 @@ def test_unknown_query_parameter_is_a_json_400(gateways: Gateways) -> None:
 
 
 def test_grpc_through_the_gateway_reaches_the_service(gateways: Gateways) -> None:
+    credentials = (("authorization", f"Bearer {gateways.key}"),)
     with grpc.insecure_channel(gateways.main.target) as channel:
         stub = search_pb2_grpc.SearchServiceStub(channel)
         with pytest.raises(grpc.RpcError) as raised:
-            stub.SearchCode(search_pb2.SearchCodeRequest(query="needle"), timeout=30)
+            stub.SearchCode(search_pb2.SearchCodeRequest(query="needle"), metadata=credentials, timeout=30)
         call = raised.value
         assert isinstance(call, grpc.Call)
         assert call.code() == grpc.StatusCode.UNIMPLEMENTED
@@ -237,29 +271,32 @@ def test_grpc_through_the_gateway_reaches_the_service(gateways: Gateways) -> Non
         assert info.reason == Unimplemented.default_reason and info.domain == "kotadb.dev"
 
         with pytest.raises(grpc.RpcError) as unknown:
-            channel.unary_unary("/no.such.Service/Method", None, None)(b"", timeout=30)
+            channel.unary_unary("/no.such.Service/Method", None, None)(b"", metadata=credentials, timeout=30)
         assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED
         # The JSON rewriting of local replies is for REST clients only; gRPC keeps plain messages.
         details = unknown.value.details() if isinstance(unknown.value, grpc.Call) else ""
         assert details and not details.lstrip().startswith("{"), details
 
 
-def _denied_by_gateway(reply: Reply) -> bool:
-    """_denied_by_gateway tells an ext_authz denial (Envoy's own JSON reply) from a service answer."""
-    return reply.status in (401, 403) and _answered_by_gateway(reply)
+def _denied_by_check(reply: Reply) -> bool:
+    """_denied_by_check tells auth Check's refusal (a reason in its JSON body) from a service answer."""
+    return reply.status in (401, 403, 404) and reply.body.get("reason") in (
+        "MISSING_CREDENTIALS",
+        "MISSING_PERMISSION",
+        "ROUTE_NOT_FOUND",
+    )
 
 
-def test_ext_authz_slot_guards_everything_but_the_webhook(gateways: Gateways) -> None:
-    # Until the auth service answers envoy.service.auth.v3.Authorization/Check, a request
-    # without a key is denied either way (Check failing is a denial too).
-    denied = _request("GET", f"{gateways.authz.url}/v1/usage")
-    assert _denied_by_gateway(denied), denied
+def test_ext_authz_guards_everything_but_the_webhook(gateways: Gateways) -> None:
+    denied = _request("GET", f"{gateways.main.url}/v1/usage")
+    assert denied.status == 401 and _denied_by_check(denied), denied
     assert denied.content_type.startswith("application/json")
 
     # The webhook route opts out of ext_authz: the request reaches the ingest service, whatever
     # that answers (an HMAC failure would be the service's error, not the gateway's).
-    webhook = _request("POST", f"{gateways.authz.url}/v1/webhooks/github/some-repository", b"{}")
-    assert not _denied_by_gateway(webhook), webhook
+    webhook = _request("POST", f"{gateways.main.url}/v1/webhooks/github/some-repository", b"{}")
+    assert not _denied_by_check(webhook), webhook
+    assert webhook.status != 401, webhook
 
     # Only POST on exactly that path is exempt.
     for method, path in (
@@ -267,8 +304,8 @@ def test_ext_authz_slot_guards_everything_but_the_webhook(gateways: Gateways) ->
         ("POST", "/v1/webhooks/github/some-repository/extra"),
         ("POST", "/v1/code:search"),
     ):
-        reply = _request(method, f"{gateways.authz.url}{path}", b"{}" if method == "POST" else None)
-        assert _denied_by_gateway(reply), (method, path, reply)
+        reply = _request(method, f"{gateways.main.url}{path}", b"{}" if method == "POST" else None)
+        assert _denied_by_check(reply), (method, path, reply)
 
-    # The main gateway (slot off) lets the same request through to the service.
-    assert not _denied_by_gateway(_request("GET", f"{gateways.main.url}/v1/usage"))
+    # With a key, the same request gets through to the service.
+    assert not _denied_by_check(_request("GET", f"{gateways.main.url}/v1/usage", key=gateways.key))
