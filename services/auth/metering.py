@@ -210,23 +210,29 @@ class UsageRecorder:
         """
         self._closing = True
         self._wake.set()
-        if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
         deadline = time.monotonic() + within
+        task, self._task = self._task, None
+        if task is not None:
+            # The flusher may be inside a write; give it the time we have, then cancel it (a
+            # cancelled write puts its batch back in the queue).
+            await asyncio.wait({task}, timeout=within)
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         delay = self.flush_interval
         while self._queue:
             try:
-                await self.flush()
-            except Exception as exc:
+                async with asyncio.timeout(max(deadline - time.monotonic(), 0.001)):
+                    await self.flush()
+            except Exception as exc:  # TimeoutError included: a stalled database
                 if time.monotonic() + delay >= deadline:
                     lost = len(self._queue)
                     self.stats.dropped += lost
                     self._queue.clear()
                     log.error(
                         "usage rows lost at shutdown",
-                        extra={"fields": {**self._fields(), "lost": lost, "error": str(exc)}},
+                        extra={"fields": {**self._fields(), "lost": lost, "error": repr(exc)}},
                     )
                     break
                 await asyncio.sleep(delay)

@@ -281,3 +281,21 @@ async def _until(condition: Callable[[], bool], limit: float = 30.0) -> None:
         if loop.time() > deadline:
             pytest.fail("condition not reached in time")
         await asyncio.sleep(0.01)
+
+
+async def test_close_gives_up_on_a_stalled_database_without_writing_half_a_batch(
+    lazy_pool: LazyPool, pool: asyncpg.Pool, keyed_user: KeyedUser
+) -> None:
+    await lazy_pool.connect()
+    user_id, key_id = await keyed_user()
+    recorder = UsageRecorder(lazy_pool, flush_interval=0.01)
+    await recorder.start()
+    async with pool.acquire() as blocker, blocker.transaction():
+        # Every insert into usage_metrics now waits for this transaction: a stalled database.
+        await blocker.execute("lock table public.usage_metrics in access exclusive mode")
+        for second in range(5):
+            recorder.submit(_record(user_id, key_id, seconds=second))
+        await _until(lambda: recorder.stats.batches == 0 and recorder.queued == 0)  # a write is stuck
+        await recorder.close(within=0.3)
+        assert (recorder.stats.dropped, recorder.stats.written, recorder.queued) == (5, 0, 0)
+    assert await _rows(pool, user_id) == []
