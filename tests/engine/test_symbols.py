@@ -578,3 +578,19 @@ def test_a_mebibyte_of_open_parentheses_is_handled() -> None:
     content = b"(" * (1 << 20)
     for language in sorted(SYMBOL_LANGUAGES):
         assert extract_symbols(content, language) == ()
+
+
+def test_parse_past_its_budget_gives_nothing_and_leaves_the_parser_usable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Some grammars recover from garbage slowly (1 MB of `"` takes Rust's 16 s), so a parse
+    # has a time budget; with a zero budget the first progress check cancels it.
+    big = C.encode() * 400
+    assert extract_symbols(big, "c")
+    monkeypatch.setattr(symbols, "PARSE_SECONDS", 0.0)
+    monkeypatch.setattr(symbols, "PARSE_SECONDS_PER_MIB", 0.0)
+    assert extract_symbols(big, "c") == ()
+    monkeypatch.undo()
+    # The cancelled parse was reset: the same thread's parser starts afresh.
+    assert _rows(extract_symbols(C.encode(), "c")) == C_ROWS
+    assert len(extract_symbols(big, "c")) == 400 * len(C_ROWS)

@@ -43,6 +43,7 @@ import importlib
 import multiprocessing
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -55,6 +56,10 @@ from services.search.engine.model import Symbol
 
 MAX_SOURCE_BYTES = 4 * 1024 * 1024
 """MAX_SOURCE_BYTES bounds the documents parsed; larger ones (generated tables) get no symbols."""
+
+PARSE_SECONDS = 1.0
+PARSE_SECONDS_PER_MIB = 2.0
+"""PARSE_SECONDS and PARSE_SECONDS_PER_MIB bound one document's parse (see `_parse`)."""
 
 MAX_SYMBOLS = 20_000
 """MAX_SYMBOLS bounds the symbols kept per document, in document order."""
@@ -254,7 +259,9 @@ def _extract(content: bytes, language: str) -> tuple[Symbol, ...]:
         parser.included_ranges = ranges
         for found in _body_macros(content, skipped):
             defs[(found.start, found.end, found.name_start)] = found
-    tree = parser.parse(content)
+    tree = _parse(parser, content)
+    if tree is None:
+        return ()
     for root, start, end in _query_segments(tree.root_node):
         cursor = tree_sitter.QueryCursor(compiled.query)
         cursor.set_byte_range(start, end)
@@ -266,6 +273,33 @@ def _extract(content: bytes, language: str) -> tuple[Symbol, ...]:
 
 
 _WIDE_ERROR = 4096
+
+
+def _parse(parser: tree_sitter.Parser, content: bytes) -> tree_sitter.Tree | None:
+    """_parse parses within a time budget, returning None (and resetting the parser) past it.
+
+    Parsing is linear for real code, but some grammars' error recovery is not: a 1 MB file of
+    `"` takes Rust's grammar 16 s and JavaScript's 9 s, 1 MB of random bytes C's 10 s. The
+    parser's progress callback (only offered for callback-fed input) stops it once
+    `PARSE_SECONDS + PARSE_SECONDS_PER_MIB * size` has passed, several times what real code
+    needs even on a busy machine (kernel C parses at ~8 MB/s). Time makes the cut-off
+    machine-dependent, but only for such inputs: operation counts, which would not be, do not
+    grow with the slow recovery.
+    """
+    view = memoryview(content)
+    deadline = time.monotonic() + PARSE_SECONDS + PARSE_SECONDS_PER_MIB * len(content) / (1 << 20)
+
+    def read(offset: int, _point: tree_sitter.Point) -> memoryview:
+        return view[offset:]
+
+    def progress(_offset: int, _has_error: bool) -> bool:
+        return time.monotonic() > deadline
+
+    try:
+        return parser.parse(read, progress_callback=progress)
+    except ValueError:  # "Parsing failed": the callback cancelled it.
+        parser.reset()  # Otherwise the next parse would resume this one.
+        return None
 
 
 def _query_segments(root: tree_sitter.Node) -> Iterator[tuple[tree_sitter.Node, int, int]]:
