@@ -80,7 +80,8 @@ class BenchOptions:
     with_pg: bool = True
     with_ripgrep: bool = True
     with_codesearch: bool = True
-    symbol_sample_bytes: int = 200 * MIB
+    symbol_sample_bytes: int = 100 * MIB
+    processes: int = 1
     keep: bool = False
 
 
@@ -216,7 +217,10 @@ def run_bench(options: BenchOptions, *, echo: Callable[[str], None] = print) -> 
         echo("measuring symbol extraction ...")
         report["symbols"] = measure_symbols(corpus, options.symbol_sample_bytes)
         report["peer_names"] = [p.name for p in peers]
-        report["queries"] = _run_queries(work / "kotadb-index", queries, peers, options.runs, echo)
+        report["searcher_processes"] = options.processes
+        report["queries"] = _run_queries(
+            work / "kotadb-index", queries, peers, options.runs, options.processes, echo
+        )
         _summarise(report, corpus_bytes)
     finally:
         if pg is not None:
@@ -231,12 +235,13 @@ def _run_queries(
     queries: Sequence[str],
     peers: Sequence[Peer],
     runs: int,
+    processes: int,
     echo: Callable[[str], None],
 ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     index = Index.open(index_dir)
+    searcher = Searcher(index, processes=processes)
     try:
-        searcher = Searcher(index)
         for pattern in queries:
             echo(f"query {pattern!r} ...")
             first_times, _ = _samples(partial(_first_page, searcher, pattern), runs)
@@ -262,6 +267,7 @@ def _run_queries(
                 row["ratios"][peer.name] = ratio(statistics.median(exh_times), statistics.median(peer_times))
             rows.append(row)
     finally:
+        searcher.close()
         index.close()
     return rows
 

@@ -32,7 +32,9 @@ def register(subparsers: Any) -> None:
     commands.required = True
     search = commands.add_parser("search", help="search engine vs codesearch, ripgrep and pg_trgm")
     search.add_argument("--corpus", required=True, help="source tree, or 'stdlib' / 'linux'")
-    search.add_argument("--corpus-root", default="/tmp/kotadb-corpus", help="where named corpora are laid out")
+    search.add_argument(
+        "--corpus-root", default="/tmp/kotadb-corpus", help="where named corpora are laid out"
+    )
     search.add_argument("--queries", required=True, type=Path, help="one RE2 pattern per line")
     search.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     search.add_argument("--runs", type=int, default=5, help="timed runs per query and side (default 5)")
@@ -41,7 +43,10 @@ def register(subparsers: Any) -> None:
     search.add_argument("--no-codesearch", action="store_true", help="skip the codesearch peer")
     search.add_argument("--no-ripgrep", action="store_true", help="skip the ripgrep peer")
     search.add_argument(
-        "--symbol-sample-mb", type=int, default=200, help="MiB of source for the symbol-extraction figure"
+        "--symbol-sample-mb", type=int, default=100, help="MiB of source for the symbol-extraction figure"
+    )
+    search.add_argument(
+        "--processes", type=int, default=1, help="processes our exhaustive searches may use (default 1)"
     )
     search.set_defaults(func=_search)
     auth = commands.add_parser("auth", help="auth Check throughput, exact limits, ext_authz overhead")
@@ -54,7 +59,10 @@ def register(subparsers: Any) -> None:
 def _corpus(args: argparse.Namespace) -> Path:
     if args.corpus in ("stdlib", "linux"):
         out = subprocess.run(
-            ["bash", str(CORPUS_SCRIPT), args.corpus, args.corpus_root], check=True, capture_output=True, text=True
+            ["bash", str(CORPUS_SCRIPT), args.corpus, args.corpus_root],
+            check=True,
+            capture_output=True,
+            text=True,
         )
         return Path(out.stdout.strip().splitlines()[-1])
     return Path(args.corpus)
@@ -80,6 +88,7 @@ def _search(args: argparse.Namespace) -> int:
         with_codesearch=not args.no_codesearch,
         with_ripgrep=not args.no_ripgrep,
         symbol_sample_bytes=args.symbol_sample_mb * MIB,
+        processes=args.processes,
     )
     report = run_bench(options, echo=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(render_table(report))

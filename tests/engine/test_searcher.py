@@ -182,6 +182,23 @@ def test_threads_and_single_thread_agree(many: tuple[Path, Index]) -> None:
     assert (one.files, one.file_count, one.match_count) == (both.files, both.file_count, both.match_count)
 
 
+def test_worker_processes_and_one_process_agree(many: tuple[Path, Index]) -> None:
+    _, index = many
+    one = Searcher(index).search("/needle\\w*/", mode=SearchMode.EXHAUSTIVE, limit_files=None)
+    split = Searcher(index, processes=2, process_min=1)
+    try:
+        both = split.search("/needle\\w*/", mode=SearchMode.EXHAUSTIVE, limit_files=None)
+        page = split.search("/needle\\w*/", mode=SearchMode.EXHAUSTIVE, limit_files=7, context_lines=1)
+    finally:
+        split.close()
+    assert one.stats.files_verified == both.stats.files_verified == 90
+    assert (one.files, one.file_count, one.match_count) == (both.files, both.file_count, both.match_count)
+    assert [f.path for f in page.files] == [f.path for f in one.files[:7]]
+    assert all(
+        line.symbol is not None for f in page.files for line in f.line_matches if f.path.endswith("0.py")
+    )
+
+
 def test_match_limit_stops_counting(many: tuple[Path, Index]) -> None:
     _, index = many
     searcher = Searcher(index)
