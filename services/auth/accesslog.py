@@ -123,6 +123,11 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
                 if record is not None:
                     self.metered += 1
                     self._recorder.submit(record)
+            # Running totals, so an operator (or a test) can see entries arrive before any write.
+            log.debug(
+                "access-log entries received",
+                extra={"fields": {"entries": self.entries, "metered": self.metered}},
+            )
         return als_pb2.StreamAccessLogsResponse()
 
 
