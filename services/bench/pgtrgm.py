@@ -133,6 +133,9 @@ class PgTrgmPeer:
             await conn.copy_records_to_table("files", records=batch, columns=["path", "content"])
         load_seconds = time.perf_counter() - started
         started = time.perf_counter()
+        # The default 64 MB makes a GIN build over a gigabyte spill and merge many times; a
+        # user indexing this much text would raise it for the session too.
+        await conn.execute("set maintenance_work_mem = '512MB'")
         await conn.execute("create index files_content_trgm on files using gin (content gin_trgm_ops)")
         await conn.execute("analyze files")
         index_seconds = time.perf_counter() - started
