@@ -72,7 +72,7 @@ let counter = 0;
 function hello(name) { return name; }
 function* gen() {}
 class Animal extends Base {
-  legs = 4;
+  legs = 4; onClick = () => this.legs;
   constructor(x) { this.x = x; }
   speak() { return 1; }
   static create() {}
@@ -92,6 +92,7 @@ JAVASCRIPT_ROWS: list[Row] = [
     ("function", "gen", 5, 5, ""),
     ("class", "Animal", 6, 11, ""),
     ("field", "Animal.legs", 7, 7, "Animal"),
+    ("method", "Animal.onClick", 7, 7, "Animal"),
     ("method", "Animal.constructor", 8, 8, "Animal"),
     ("method", "Animal.speak", 9, 9, "Animal"),
     ("method", "Animal.create", 10, 10, "Animal"),
@@ -115,6 +116,7 @@ declare module "foo" { export function f(): void; }
 abstract class Base<T> {
   abstract run(): void;
   protected value: T;
+  private handler = async (e: Event): Promise<void> => {};
 }
 export class Circle extends Base<number> implements Shape {
   area() { return 1; }
@@ -133,13 +135,14 @@ TYPESCRIPT_ROWS: list[Row] = [
     ("function", "Geo.Util.dist", 7, 7, "Geo.Util"),
     ("module", "foo", 8, 8, ""),
     ("function", "foo.f", 8, 8, "foo"),
-    ("class", "Base", 9, 12, ""),
+    ("class", "Base", 9, 13, ""),
     ("method", "Base.run", 10, 10, "Base"),
     ("field", "Base.value", 11, 11, "Base"),
-    ("class", "Circle", 13, 15, ""),
-    ("method", "Circle.area", 14, 14, "Circle"),
-    ("constant", "PI", 16, 16, ""),
-    ("function", "arrow", 17, 17, ""),
+    ("method", "Base.handler", 12, 12, "Base"),
+    ("class", "Circle", 14, 16, ""),
+    ("method", "Circle.area", 15, 15, "Circle"),
+    ("constant", "PI", 17, 17, ""),
+    ("function", "arrow", 18, 18, ""),
 ]
 
 TSX = """\

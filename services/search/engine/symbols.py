@@ -228,6 +228,7 @@ _DECLARATOR_NAME_TYPES = frozenset(
      "operator_name", "template_function", "primitive_type"}
 )  # fmt: skip
 _TEMPLATE_ARGS = re.compile(r"<[^<>]*>")
+_JS_LANGUAGES = frozenset({"javascript", "typescript", "tsx"})
 _FUNCTION_VALUES = frozenset({"arrow_function", "function_expression", "function", "generator_function"})
 _TOP_LEVEL_PARENTS = frozenset({"translation_unit", "declaration_list", "linkage_specification", "ERROR"})
 _DEFINITION_PARENTS = _TOP_LEVEL_PARENTS | {"field_declaration_list", "template_declaration"}
@@ -473,6 +474,8 @@ def _named(
         kind = _variable_kind(node, text, language)
     elif kind == "field" and language == "java" and _is_static_final(node, content):
         kind = "constant"
+    elif kind == "field" and language in _JS_LANGUAGES and _has_function_value(node):
+        kind = "method"  # `handleClick = () => {...}`: a class property holding a function.
     end = node.end_point
     # A node ending in its newline (`#define X 1\n`) ends on the line before.
     end_line = end.row if end.column == 0 and end.row > node.start_point.row else end.row + 1
@@ -491,11 +494,15 @@ def _named(
 
 def _variable_kind(node: tree_sitter.Node, name: str, language: str) -> str:
     """_variable_kind names a module-level binding: function (JS arrow), constant or variable."""
-    if language in ("javascript", "typescript", "tsx"):
-        value = node.child_by_field_name("value")
-        if value is not None and value.type in _FUNCTION_VALUES:
-            return "function"
+    if language in _JS_LANGUAGES and _has_function_value(node):
+        return "function"
     return "constant" if _is_constant_name(name) else "variable"
+
+
+def _has_function_value(node: tree_sitter.Node) -> bool:
+    """_has_function_value reports a JS/TS declarator or field initialised with a function."""
+    value = node.child_by_field_name("value")
+    return value is not None and value.type in _FUNCTION_VALUES
 
 
 def _is_constant_name(name: str) -> bool:
