@@ -54,6 +54,7 @@ from typing import Any
 
 import asyncpg
 import grpc
+import psutil
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from services.auth.config import AuthSettings
@@ -111,6 +112,8 @@ class Stack:
     envoy_key: str
     envoy_key_id: uuid.UUID
     crash: CrashRig
+    auth_pid: int
+    postgres_pid: int | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,7 +232,7 @@ def running_stack(
         env["KOTADB_LOG_LEVEL"] = options.log_level
         env["KOTADB_SEARCH_DATA_DIR"] = str(workdir / "search")
         with Supervisor(grace=20) as supervisor:
-            auth_a, _ = _spawn_service(supervisor, "auth-a", "auth", workdir, env)
+            auth_a, auth_a_child = _spawn_service(supervisor, "auth-a", "auth", workdir, env)
             auth_b, _ = _spawn_service(supervisor, "auth-b", "auth", workdir, env)
             search, _ = _spawn_service(supervisor, "search", "search", workdir, env)
             # The ingest cluster must be healthy for Envoy's /health; a search process stands in.
@@ -264,6 +267,8 @@ def running_stack(
                     envoy_key=keys["envoy"][0],
                     envoy_key_id=keys["envoy"][1],
                     crash=crash,
+                    auth_pid=auth_a_child.pid,
+                    postgres_pid=cluster.postmaster_pid,
                 ),
                 keys,
             )
@@ -345,6 +350,13 @@ def measure_levels(stack: Stack, options: AuthBenchOptions, echo: Echo) -> list[
                 )
                 for share in shares
             ]
+            # CPU used by the auth process and by Postgres during the timed window, so the
+            # server's cost per Check is known even when clients and server share the CPUs.
+            time.sleep(max(0.0, start_at - time.time()))
+            auth_cpu, pg_cpu = _cpu_seconds([stack.auth_pid]), _cpu_seconds(_postgres_pids(stack))
+            time.sleep(options.seconds_per_level)
+            auth_cpu = _cpu_seconds([stack.auth_pid]) - auth_cpu
+            pg_cpu = _cpu_seconds(_postgres_pids(stack)) - pg_cpu
             results = [future.result() for future in futures]
             latencies = [value for result in results for value in result["latencies"]]
             completed = sum(result["completed"] for result in results)
@@ -355,6 +367,10 @@ def measure_levels(stack: Stack, options: AuthBenchOptions, echo: Echo) -> list[
                 "checks": completed,
                 "denied": sum(result["denied"] for result in results),
                 "checks_per_s": completed / options.seconds_per_level,
+                "auth_cpu_s": auth_cpu,
+                "postgres_cpu_s": pg_cpu,
+                "auth_cpu_us_per_check": auth_cpu / completed * 1e6 if completed else None,
+                "postgres_cpu_us_per_check": pg_cpu / completed * 1e6 if completed else None,
                 **_latency_ms(latencies),
             }
             levels.append(level)
@@ -363,6 +379,27 @@ def measure_levels(stack: Stack, options: AuthBenchOptions, echo: Echo) -> list[
                 f"p50 {level['p50_ms']:.2f} ms, p99 {level['p99_ms']:.2f} ms"
             )
     return levels
+
+
+def _cpu_seconds(pids: Sequence[int]) -> float:
+    """_cpu_seconds sums user and system CPU time of the processes still alive among `pids`."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            times = psutil.Process(pid).cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def _postgres_pids(stack: Stack) -> list[int]:
+    """_postgres_pids is the postmaster and its backends (their set changes little under a pool)."""
+    if stack.postgres_pid is None:
+        return []
+    try:
+        postmaster = psutil.Process(stack.postgres_pid)
+        return [postmaster.pid, *(child.pid for child in postmaster.children())]
+    except psutil.Error:
+        return []
 
 
 async def _open_loop(target: str, key: str, rate: float, seconds: float) -> dict[str, Any]:
@@ -645,12 +682,20 @@ def render_auth_table(report: dict[str, Any]) -> str:
         f"auth log level {report['options']['log_level']}",
         "",
         "Check, closed loop (direct gRPC to one auth process)",
-        "concurrency  clients  checks/s   p50 ms   p99 ms   max ms",
+        "concurrency  clients  checks/s   p50 ms   p99 ms   max ms  auth CPU us/check  pg CPU us/check",
     ]
     for level in report["check_levels"]:
         lines.append(
             f"{level['concurrency']:>11}  {level['client_processes']:>7}  {level['checks_per_s']:>8.0f}"
             f"  {level['p50_ms']:>7.2f}  {level['p99_ms']:>7.2f}  {level['max_ms']:>7.2f}"
+            f"  {_us(level['auth_cpu_us_per_check']):>17}  {_us(level['postgres_cpu_us_per_check']):>15}"
+        )
+    costs = [level["auth_cpu_us_per_check"] for level in report["check_levels"]]
+    cheapest = min((cost for cost in costs if cost), default=None)
+    if cheapest:
+        lines.append(
+            f"auth CPU per Check (best level): {cheapest:.0f} us, i.e. at most {1e6 / cheapest:.0f}"
+            " checks/s per core given to the auth process alone"
         )
     rate = report["offered_rate"]
     lines += [
@@ -705,3 +750,7 @@ def _crash_line(crash: dict[str, Any]) -> str:
         f"{crash['missing']} of {crash['usage_count']} usage rows lost = {window} of traffic; "
         f"restart took {crash['restart_seconds']:.1f} s"
     )
+
+
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
