@@ -17,7 +17,6 @@ import random
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -37,18 +36,32 @@ REPO = Path(__file__).resolve().parents[2]
 CLI_FLAGS = ("--regex", "--all", "--json")
 
 
-@dataclass(repr=False)
 class Corpus:
-    """Corpus is the indexed stdlib tree with what the index refused."""
+    """Corpus is the indexed stdlib tree with what the index refused.
 
-    root: Path
-    index_dir: Path
-    index: Index
-    searcher: Searcher
-    skipped: frozenset[str]
-    indexed: frozenset[str]
-    lines: list[tuple[str, str]]  # a sample of (path, line text) to draw literals from
-    tokens: list[str]  # identifiers seen in the sample, to build regexes from
+    A plain class, not a dataclass: hypothesis pretty-prints dataclass fields when it
+    describes a strategy, and `lines` runs to thousands of entries.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        index_dir: Path,
+        index: Index,
+        searcher: Searcher,
+        skipped: frozenset[str],
+        indexed: frozenset[str],
+        lines: list[tuple[str, str]],
+        tokens: list[str],
+    ) -> None:
+        self.root = root
+        self.index_dir = index_dir
+        self.index = index
+        self.searcher = searcher
+        self.skipped = skipped
+        self.indexed = indexed
+        self.lines = lines  # a sample of (path, line text) to draw literals from
+        self.tokens = tokens  # identifiers seen in the sample, to build regexes from
 
     def __repr__(self) -> str:
         return f"Corpus({self.root})"
