@@ -83,14 +83,18 @@ from inserted group by key_id
 """
 
 # Rows are locked in id order first, so two replicas flushing batches that share keys cannot
-# deadlock; Check's own update of usage_count touches one row per transaction.
+# deadlock; Check's own update of usage_count touches one row per transaction. The mode is
+# NO KEY UPDATE (what an update of last_used_at takes anyway), not UPDATE: the insert above
+# already holds KEY SHARE on every key it references (its foreign key), which FOR UPDATE
+# conflicts with, so two replicas each holding KEY SHARE and asking FOR UPDATE deadlocked
+# (tests/auth/test_metering.py, two replicas).
 _TOUCH = """
 with wanted as (
   select u.id, u.last_used from unnest($1::uuid[], $2::timestamptz[]) as u(id, last_used)
 ), locked as (
   select k.id from public.api_keys k join wanted w on w.id = k.id
   where k.last_used_at is null or k.last_used_at < w.last_used
-  order by k.id for update of k
+  order by k.id for no key update of k
 )
 update public.api_keys k set last_used_at = w.last_used
 from wanted w, locked l

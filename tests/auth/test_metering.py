@@ -273,6 +273,19 @@ async def test_a_full_queue_drops_the_oldest(
     ]
 
 
+async def _admit(pool: asyncpg.Pool, key_id: uuid.UUID) -> None:
+    """_admit runs Check's admission function for one request of `key_id`, as Check does."""
+    now = datetime.datetime.now(datetime.UTC)
+    window = now.replace(second=0, microsecond=0)
+    await pool.fetchrow(
+        "select * from public.admit_api_key_requests($1, 1, $2, $3, $4)",
+        key_id,
+        window,
+        now.date().replace(day=1),
+        now,
+    )
+
+
 async def _until(condition: Callable[[], bool], limit: float = 30.0) -> None:
     """_until polls condition until it holds, failing the test after `limit` seconds."""
     loop = asyncio.get_running_loop()
@@ -299,3 +312,31 @@ async def test_close_gives_up_on_a_stalled_database_without_writing_half_a_batch
         await recorder.close(within=0.3)
         assert (recorder.stats.dropped, recorder.stats.written, recorder.queued) == (5, 0, 0)
     assert await _rows(pool, user_id) == []
+
+
+async def test_two_replicas_flushing_the_same_keys_write_everything(
+    lazy_pool: LazyPool, database_url: str, pool: asyncpg.Pool, keyed_user: KeyedUser
+) -> None:
+    await lazy_pool.connect()
+    other_pool = LazyPool(CommonSettings(database_url=database_url, db_pool_max=4))
+    await other_pool.connect()
+    try:
+        keyed = [await keyed_user() for _ in range(6)]
+        replicas = [UsageRecorder(lazy_pool, flush_interval=60), UsageRecorder(other_pool, flush_interval=60)]
+        for round_ in range(20):
+            for index, recorder in enumerate(replicas):
+                # Each replica's batch names the same keys in the opposite order of the other's.
+                order = keyed if index == 0 else list(reversed(keyed))
+                for user_id, key_id in order:
+                    recorder.submit(_record(user_id, key_id, seconds=round_ * 10 + index))
+            # Check's admissions lock the same key rows meanwhile (FOR UPDATE, one per statement).
+            admissions = [_admit(pool, key_id) for _, key_id in keyed[round_ % 6 :] + keyed[: round_ % 6]]
+            results = await asyncio.gather(*(recorder.flush() for recorder in replicas), *admissions)
+            assert results[:2] == [6, 6]
+        for user_id, key_id in keyed:
+            rows = await _rows(pool, user_id)
+            assert len(rows) == 40
+            last_used = await pool.fetchval("select last_used_at from public.api_keys where id = $1", key_id)
+            assert last_used == max(row["occurred_at"] for row in rows)
+    finally:
+        await other_pool.close(wait=5)
