@@ -135,3 +135,21 @@ def test_symbols_command(built: tuple[Path, Path]) -> None:
     assert all(row["kind"] == "class" for row in rows)
     text = kotadb("symbols", str(index), "parse_config")
     assert text.stdout.splitlines()[0] == "src/parser.py:14: function parse_config"
+
+
+def test_rebuild_replaces_changed_and_drops_deleted_files(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(GOLDEN_CORPUS, src)
+    index = tmp_path / "index"
+    assert kotadb("build", str(src), "--out", str(index), "--workers", "1").returncode == 0
+    (src / "src" / "reparser.rb").unlink()
+    (src / "docs" / "notes.md").write_text("nothing to see\n", "utf-8")
+    (src / "docs" / "new.txt").write_text("a fresh Parser\n", "utf-8")
+    proc = kotadb("build", str(src), "--out", str(index), "--workers", "1")
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads(kotadb("stats", str(index), "--json").stdout)
+    assert stats["documents"] == 9
+    found = kotadb("search", str(index), "parser", "--all", "--json")
+    paths = {json.loads(line)["path"] for line in found.stdout.splitlines()}
+    assert "src/reparser.rb" not in paths and "docs/notes.md" not in paths
+    assert "docs/new.txt" in paths

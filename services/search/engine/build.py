@@ -127,7 +127,8 @@ def build_index(
     """build_index indexes every file under src into the index directory out.
 
     Paths are stored relative to src with `/` separators and double as external ids, so
-    rebuilding into an existing index replaces documents in place. `workers` processes
+    rebuilding into an existing index replaces documents in place and deletes those whose
+    files are gone. `workers` processes
     extract symbols and `segment_workers` processes build segments (0: in this process);
     with `symbols=False` no symbols are extracted (a faster build without `sym:` search or
     definition ranking).
@@ -177,6 +178,9 @@ def build_index(
                 if progress is not None and state.elapsed - last_report >= progress_every:
                     last_report = state.elapsed
                     progress(state)
+            # Rebuilding into an existing index: files gone from the tree leave it too.
+            for external_id in _live_ids(index) - {source.path for source in sources}:
+                writer.delete(external_id)
             generation = writer.commit()
             # Skips found while building segments (too many trigrams) surface at commit.
             skipped = _dedupe_skips([*skipped, *writer.skipped])
@@ -199,3 +203,8 @@ def _dedupe_skips(skips: list[Skipped]) -> list[Skipped]:
     for skip in skips:
         seen[skip.external_id] = skip
     return sorted(seen.values(), key=lambda s: s.path)
+
+
+def _live_ids(index: Index) -> set[str]:
+    with index.snapshot() as snap:
+        return {segment.data.external_ids[ordinal] for segment in snap.segments for ordinal in segment.live}
