@@ -479,6 +479,8 @@ def _named(
     end = node.end_point
     # A node ending in its newline (`#define X 1\n`) ends on the line before.
     end_line = end.row if end.column == 0 and end.row > node.start_point.row else end.row + 1
+    if language == "python" and node.type in ("function_definition", "class_definition"):
+        end_line -= _trailing_comment_lines(content, node.start_byte, node.end_byte)
     return _Def(
         node.start_byte,
         node.end_byte,
@@ -490,6 +492,25 @@ def _named(
         name.end_byte,
         prefix,
     )
+
+
+def _trailing_comment_lines(content: bytes, start: int, end: int) -> int:
+    """_trailing_comment_lines counts the comment and blank lines that end a Python block.
+
+    tree-sitter-python keeps comments that follow a body, at its indentation, inside the
+    block; Python's own `ast` ends a definition at its last statement, and so do we.
+    """
+    lines = 0
+    while end > start:
+        line_start = content.rfind(b"\n", start, end) + 1
+        if line_start <= start:
+            break
+        text = content[line_start:end].strip()
+        if text and not text.startswith(b"#"):
+            break
+        end = line_start - 1
+        lines += 1
+    return lines
 
 
 def _variable_kind(node: tree_sitter.Node, name: str, language: str) -> str:
