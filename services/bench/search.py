@@ -28,6 +28,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+import asyncpg
+
 from services.bench.codesearch import CodesearchPeer
 from services.bench.measure import PeerBuild, ProcessRun, run_process, summarize
 from services.bench.pgtrgm import PgTrgmPeer
@@ -202,7 +204,14 @@ def run_bench(options: BenchOptions, *, echo: Callable[[str], None] = print) -> 
         if options.with_pg:
             echo("loading pg_trgm (throwaway Postgres) ...")
             pg = PgTrgmPeer(corpus, work / "pg")
-            built = pg.build()
+            try:
+                built = pg.build()
+            except (OSError, RuntimeError, asyncpg.PostgresError) as exc:
+                # A missing or broken Postgres costs the pg_trgm column, not the whole run.
+                report["notes"].append(f"pg_trgm skipped: {exc}")
+                pg.close()
+                pg = None
+        if pg is not None:
             report["build"]["pg_trgm"] = {
                 "seconds": built.seconds,
                 "throughput_mb_s": None,
