@@ -1,11 +1,9 @@
 """`kotadb bench auth`: how fast and how exact the auth service's `Check` is, in one run.
 
-The run builds its own world and tears it down: an embedded PostgreSQL in a temporary directory
-(services/common/pgembed.py), the bootstrap and every migration, two `kotadb serve auth`
-processes, one `kotadb serve search` process as the cheap upstream, and two Envoys rendered from
-the real gateway template (deploy/envoy/envoy.yaml.tmpl), one with ext_authz on and one with it
-off. Keys are created with the auth service's own rules (services/auth/management.py) as the
-service role. Then, in order:
+The run builds its own world and tears it down (services/bench/authstack.py: an embedded
+PostgreSQL, two auth processes, a search process as the cheap upstream, Envoys rendered from the
+real gateway template with ext_authz on and off, and a spare auth process to kill). Then, in
+order:
 
 1. Throughput and latency of direct `envoy.service.auth.v3.Authorization/Check` calls to one
    auth process, closed loop, at fixed concurrencies (1, 16, 64 in flight). The load comes from
@@ -23,6 +21,8 @@ service role. Then, in order:
    difference is Envoy's ext_authz round trip plus `Check`.
 5. Metering consistency: after the traffic of step 4 settles, the usage rows of the key equal
    its `usage_count` (services/auth/metering.py states the invariant).
+6. Crash loss: the spare auth process is SIGKILLed under steady traffic and restarted; the usage
+   rows that never appear (admissions minus rows) measure the traffic a crash loses.
 
 Every loop is bounded by a request count or a duration, and everything talks over loopback.
 """
@@ -35,20 +35,13 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
-import functools
 import http.client
 import multiprocessing
-import os
-import secrets
-import shutil
-import signal
 import statistics
-import sys
-import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,27 +50,13 @@ import grpc
 import psutil
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
-from services.auth.config import AuthSettings
-from services.auth.management import KeyManager, KeySpec
-from services.auth.principal import READ, WRITE, Principal
-from services.auth.store import AuthStore
+from services.bench.authstack import Echo, Stack, running_stack
 from services.bench.measure import percentile
 from services.bench.report import Target, machine
-from services.cli import gateway, status
-from services.common import db, migrate
-from services.common.pgembed import EmbeddedPostgres, free_port
-from services.common.settings import env_settings
-from services.common.supervisor import ChildProcess, Supervisor
 
-READY_LIMIT = 180.0
 # The path Check is asked about in steps 1-3: a read route, so a read key is admitted.
 CHECK_PATH = "/kotadb.v1.SearchService/SearchCode"
 CHEAP_PATH = "/v1/index"
-# The highest limits the service role may give a key (management.HARD_MAX_*): "unlimited" here.
-UNLIMITED_RATE = 10_000_000
-UNLIMITED_QUOTA = 10**15
-
-Echo = Callable[[str], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,184 +76,6 @@ class AuthBenchOptions:
     crash_clients: int = 4
     log_level: str = "WARNING"
     work_dir: Path | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Stack:
-    """Stack is the running world the benchmark measures."""
-
-    database_url: str
-    auth: tuple[str, ...]
-    envoy_on: str
-    envoy_off: str
-    read_key: str
-    read_key_id: uuid.UUID
-    envoy_key: str
-    envoy_key_id: uuid.UUID
-    crash: CrashRig
-    auth_pid: int
-    postgres_pid: int | None
-
-
-@dataclasses.dataclass(frozen=True)
-class CrashRig:
-    """CrashRig is an auth process of its own behind its own Envoy, there to be killed (step 6).
-
-    `kill_and_restart` SIGKILLs the process, starts a new one on the same port and returns the
-    seconds until it was SERVING again.
-    """
-
-    envoy: str
-    key: str
-    key_id: uuid.UUID
-    kill_and_restart: Callable[[], float]
-
-
-# --- the world ----------------------------------------------------------------------------------
-
-
-def _wait(what: str, probe: Callable[[], tuple[bool, str]], children: Sequence[ChildProcess]) -> None:
-    deadline = time.monotonic() + READY_LIMIT
-    detail = ""
-    while time.monotonic() < deadline:
-        for child in children:
-            if not child.alive():
-                raise RuntimeError(f"{child.name} exited:\n{child.log_tail()}")
-        ok, detail = probe()
-        if ok:
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"{what} not ready after {READY_LIMIT:.0f}s: {detail}")
-
-
-def _port_file(path: Path) -> tuple[bool, str]:
-    text = path.read_text().strip() if path.exists() else ""
-    return text.isdigit(), f"waiting for {path}"
-
-
-def _spawn_service(
-    supervisor: Supervisor, name: str, service: str, workdir: Path, env: dict[str, str], port: int = 0
-) -> tuple[str, ChildProcess]:
-    port_file = workdir / f"{name}.port"
-    port_file.unlink(missing_ok=True)
-    argv = [sys.executable, "-m", "services.cli", "serve", service, "--port", str(port)]
-    child = supervisor.spawn(
-        name, [*argv, "--port-file", str(port_file)], log_path=workdir / f"{name}.log", env=env
-    )
-    _wait(f"{name} port", functools.partial(_port_file, port_file), [child])
-    address = f"127.0.0.1:{port_file.read_text().strip()}"
-    _wait(name, functools.partial(status.probe_grpc_health, address), [child])
-    return address, child
-
-
-def _spawn_envoy(
-    supervisor: Supervisor, name: str, workdir: Path, addresses: dict[str, str], ext_authz: bool
-) -> str:
-    port, admin = free_port(), free_port()
-    config = gateway.GatewayConfig(
-        gateway_port=port,
-        admin_port=admin,
-        auth=addresses["auth"],
-        ingest=addresses["ingest"],
-        search=addresses["search"],
-        ext_authz=ext_authz,
-    )
-    path = workdir / f"{name}.yaml"
-    path.write_text(gateway.render(config))
-    argv = [gateway.find_envoy(), "-c", str(path), "--disable-hot-restart", "--log-level", "warn"]
-    child = supervisor.spawn(name, argv, log_path=workdir / f"{name}.log")
-    url = f"http://127.0.0.1:{port}"
-    _wait(f"{name} admin", functools.partial(status.probe_http, f"http://127.0.0.1:{admin}/ready"), [child])
-    _wait(f"{name} /health", functools.partial(status.probe_http, f"{url}/health"), [child])
-    return f"127.0.0.1:{port}"
-
-
-async def _create_keys(database_url: str, limit: int) -> dict[str, tuple[str, uuid.UUID]]:
-    """_create_keys issues the benchmark's keys to a fresh user, with the service role's rules."""
-    pool = await db.create_pool(database_url, min_size=1, max_size=2, statement_cache_size=0)
-    try:
-        manager = KeyManager(AuthStore(pool), env_settings(AuthSettings))
-        user_id = uuid.uuid4()
-        await manager.ensure_user(user_id)
-        specs = {
-            "read": KeySpec("bench read", frozenset({READ}), UNLIMITED_RATE, UNLIMITED_QUOTA),
-            "envoy": KeySpec("bench envoy", frozenset({READ, WRITE}), UNLIMITED_RATE, UNLIMITED_QUOTA),
-            "rate": KeySpec("bench rate limit", frozenset({READ}), limit, UNLIMITED_QUOTA),
-            "quota": KeySpec("bench quota", frozenset({READ}), UNLIMITED_RATE, limit),
-            "crash": KeySpec("bench crash", frozenset({READ}), UNLIMITED_RATE, UNLIMITED_QUOTA),
-        }
-        keys: dict[str, tuple[str, uuid.UUID]] = {}
-        for name, spec in specs.items():
-            issued = await manager.create(Principal.service(), spec, user_id=user_id)
-            keys[name] = (issued.secret, issued.record.id)
-        return keys
-    finally:
-        await pool.close()
-
-
-@contextlib.contextmanager
-def running_stack(
-    options: AuthBenchOptions, echo: Echo
-) -> Iterator[tuple[Stack, dict[str, tuple[str, uuid.UUID]]]]:
-    """running_stack starts Postgres, two auth processes, search and two Envoys; stops them after."""
-    workdir = Path(tempfile.mkdtemp(prefix="kotadb-bench-auth-", dir=options.work_dir))
-    # The unprivileged user Postgres runs as (when we are root) must traverse into the cluster.
-    workdir.chmod(0o711)
-    cluster = EmbeddedPostgres(workdir / "postgres", durable=False)
-    try:
-        dsn = cluster.start()
-        echo(f"postgres up in {workdir}")
-        migrate.apply_bootstrap(dsn)
-        migrate.apply_migrations(dsn)
-        keys = asyncio.run(_create_keys(dsn, options.burst_limit))
-        env = dict(os.environ, KOTADB_DATABASE_URL=dsn, PYTHONUNBUFFERED="1")
-        env["KOTADB_IDENTITY_KEY"] = secrets.token_hex(32)
-        env["KOTADB_LOG_LEVEL"] = options.log_level
-        env["KOTADB_SEARCH_DATA_DIR"] = str(workdir / "search")
-        with Supervisor(grace=20) as supervisor:
-            auth_a, auth_a_child = _spawn_service(supervisor, "auth-a", "auth", workdir, env)
-            auth_b, _ = _spawn_service(supervisor, "auth-b", "auth", workdir, env)
-            search, _ = _spawn_service(supervisor, "search", "search", workdir, env)
-            # The ingest cluster must be healthy for Envoy's /health; a search process stands in.
-            addresses = {"auth": auth_a, "ingest": search, "search": search}
-            envoy_on = _spawn_envoy(supervisor, "envoy-authz-on", workdir, addresses, ext_authz=True)
-            envoy_off = _spawn_envoy(supervisor, "envoy-authz-off", workdir, addresses, ext_authz=False)
-            echo(f"auth {auth_a} and {auth_b}, search {search}, envoy on {envoy_on} / off {envoy_off}")
-            auth_crash, crash_child = _spawn_service(supervisor, "auth-crash", "auth", workdir, env)
-            crash_addresses = dict(addresses, auth=auth_crash)
-            envoy_crash = _spawn_envoy(supervisor, "envoy-crash", workdir, crash_addresses, ext_authz=True)
-            children = {"auth-crash": crash_child}
-
-            def kill_and_restart() -> float:
-                killed = time.monotonic()
-                os.kill(children["auth-crash"].pid, signal.SIGKILL)
-                children["auth-crash"].stop(grace=5)  # reaps it; the process is already gone
-                port = int(auth_crash.rsplit(":", 1)[1])
-                _, children["auth-crash"] = _spawn_service(
-                    supervisor, "auth-crash", "auth", workdir, env, port=port
-                )
-                return time.monotonic() - killed
-
-            crash = CrashRig(envoy_crash, keys["crash"][0], keys["crash"][1], kill_and_restart)
-            yield (
-                Stack(
-                    database_url=dsn,
-                    auth=(auth_a, auth_b),
-                    envoy_on=envoy_on,
-                    envoy_off=envoy_off,
-                    read_key=keys["read"][0],
-                    read_key_id=keys["read"][1],
-                    envoy_key=keys["envoy"][0],
-                    envoy_key_id=keys["envoy"][1],
-                    crash=crash,
-                    auth_pid=auth_a_child.pid,
-                    postgres_pid=cluster.postmaster_pid,
-                ),
-                keys,
-            )
-    finally:
-        cluster.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 # --- Check load ---------------------------------------------------------------------------------
@@ -653,7 +454,10 @@ def targets(report: dict[str, Any]) -> list[Target]:
 def run_auth_bench(options: AuthBenchOptions, echo: Echo) -> dict[str, Any]:
     """run_auth_bench runs every step and returns the JSON-ready report."""
     started = datetime.datetime.now(datetime.UTC)
-    with running_stack(options, echo) as (stack, keys):
+    stack_parts = running_stack(
+        echo, burst_limit=options.burst_limit, log_level=options.log_level, work_dir=options.work_dir
+    )
+    with stack_parts as (stack, keys):
         report: dict[str, Any] = {
             "benchmark": "auth",
             "started_at": started.isoformat(timespec="seconds"),
