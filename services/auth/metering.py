@@ -17,7 +17,7 @@ request into a `UsageRecord`), because only Envoy knows the final status and the
 * `close()` (on SIGTERM, after the gRPC server stopped taking access-log entries and before the
   pool closes) writes everything still queued. A crash (SIGKILL, OOM) loses what was queued:
   at most one flush window of traffic, plus what Envoy had buffered but not yet delivered
-  (its gRPC access logger flushes every `buffer_flush_interval`, 1 s by default).
+  (its gRPC access logger sends every `buffer_flush_interval`, 0.2 s in the gateway config).
 
 Invariant with the Check path: `Check` increments `api_keys.usage_count` and sets
 `last_used_at` atomically when it admits a request (`public.admit_api_key_requests`, migration
