@@ -24,12 +24,13 @@ for one). Measured with `SymbolExtractor.map` on this 2-core machine, which othe
 sharing (load average in brackets), so wall-clock figures are lower bounds; CPU cost is the
 steadier figure (MB extracted per CPU-second, all processes included):
 
-    corpus                                 workers  wall MB/s      MB per CPU-second
-    Linux 6.1 kernel/ mm/ fs/ net/ (C,     1        17.5 [0.8]     16.5
-      90.7 MB, 149k symbols)               2        20.0 [1.2]     14.5 (IPC, rebuilding)
-    Python 3.11 stdlib (31.7 MB, 86k)      1        6.9  [1.9]     6.8
-                                           2        10.3 [2.3]     5.7
+    corpus                              workers  wall MB/s [load]         MB per CPU-second
+    Linux 6.1 kernel/ mm/ fs/ net/      1        17.5 [0.8]  11.9 [3.8]   15.4 - 16.5
+      (C, 90.7 MB, 149k symbols)        2        20.0 [1.2]  13.7 [3.7]   13.8 - 14.5
+    Python 3.11 stdlib                  1         6.9 [1.9]   4.0 [3.8]    6.2 - 6.8
+      (31.7 MB, 86k symbols)            2        10.3 [2.3]   4.4 [3.8]    5.6 - 5.7
 
+Two workers cost ~10% more CPU than one (pickling documents and symbols, rebuilding them).
 Before C function bodies were skipped (see `_outside_bodies`), one core managed 6.4 MB/s on
 kernel/ and mm/: parsing took 76% of the time, the query 22%, Python the rest. With both
 cores free, 2 workers should reach about 2 x 14.5 = 29 MB/s on kernel C, over the 14 MB/s
