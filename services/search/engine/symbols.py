@@ -97,66 +97,47 @@ class _Spec:
     skip_bodies: bool = False
 
 
-_TS_CONTAINERS = frozenset(
-    {"class", "function", "method", "variable", "constant", "interface", "namespace", "module"}
-)
+def _spec(
+    module: str,
+    query: str,
+    separator: str,
+    containers: str,
+    method_parents: str,
+    *,
+    attribute: str = "language",
+    skip_bodies: bool = False,
+) -> _Spec:
+    """_spec builds a _Spec from space-separated kind lists, keeping the table below compact."""
+    return _Spec(
+        _grammar(module, attribute),
+        query,
+        separator,
+        frozenset(containers.split()),
+        frozenset(method_parents.split()),
+        skip_bodies,
+    )
 
+
+_JS = "class function method variable constant"
+_TS = _JS + " interface namespace module"
+
+# Per language: grammar wheel, query file, separator, container kinds, kinds making methods.
+# Ruby has only methods; a top-level `def` becomes a function in `_nest`.
 _SPECS: dict[str, _Spec] = {
-    "python": _Spec(
-        _grammar("tree_sitter_python"),
-        "python",
-        ".",
-        frozenset({"class", "function", "method"}),
-        frozenset({"class"}),
-    ),
-    "javascript": _Spec(
-        _grammar("tree_sitter_javascript"),
-        "javascript",
-        ".",
-        frozenset({"class", "function", "method", "variable", "constant"}),
-        frozenset({"class"}),
-    ),
-    "typescript": _Spec(
-        _grammar("tree_sitter_typescript", "language_typescript"),
-        "typescript",
-        ".",
-        _TS_CONTAINERS,
-        frozenset({"class", "interface"}),
-    ),
-    "tsx": _Spec(
-        _grammar("tree_sitter_typescript", "language_tsx"),
-        "typescript",
-        ".",
-        _TS_CONTAINERS,
-        frozenset({"class", "interface"}),
-    ),
-    "go": _Spec(_grammar("tree_sitter_go"), "go", ".", frozenset({"interface", "struct"}), frozenset()),
-    "rust": _Spec(
-        _grammar("tree_sitter_rust"),
-        "rust",
-        "::",
-        frozenset({"scope", "trait", "module", "function", "method"}),
-        frozenset({"scope", "trait"}),
-    ),
-    "java": _Spec(
-        _grammar("tree_sitter_java"),
-        "java",
-        ".",
-        frozenset({"class", "interface", "enum", "method"}),
-        frozenset(),
-    ),
-    "c": _Spec(_grammar("tree_sitter_c"), "c", "::", frozenset(), frozenset(), skip_bodies=True),
-    "cpp": _Spec(
-        _grammar("tree_sitter_cpp"),
-        "cpp",
-        "::",
-        frozenset({"class", "struct", "namespace", "enum"}),
-        frozenset({"class", "struct"}),
-        skip_bodies=True,
-    ),
-    # Ruby has only methods; a top-level `def` becomes a function in `_nest`.
-    "ruby": _Spec(_grammar("tree_sitter_ruby"), "ruby", ".", frozenset({"class", "module"}), frozenset()),
-}
+    "python": _spec("tree_sitter_python", "python", ".", "class function method", "class"),
+    "javascript": _spec("tree_sitter_javascript", "javascript", ".", _JS, "class"),
+    "typescript": _spec("tree_sitter_typescript", "typescript", ".", _TS, "class interface",
+                        attribute="language_typescript"),
+    "tsx": _spec("tree_sitter_typescript", "typescript", ".", _TS, "class interface",
+                 attribute="language_tsx"),
+    "go": _spec("tree_sitter_go", "go", ".", "interface struct", ""),
+    "rust": _spec("tree_sitter_rust", "rust", "::", "scope trait module function method", "scope trait"),
+    "java": _spec("tree_sitter_java", "java", ".", "class interface enum method", ""),
+    "c": _spec("tree_sitter_c", "c", "::", "", "", skip_bodies=True),
+    "cpp": _spec("tree_sitter_cpp", "cpp", "::", "class struct namespace enum", "class struct",
+                 skip_bodies=True),
+    "ruby": _spec("tree_sitter_ruby", "ruby", ".", "class module", ""),
+}  # fmt: skip
 
 SYMBOL_LANGUAGES: frozenset[str] = frozenset(_SPECS)
 """SYMBOL_LANGUAGES names the languages `extract_symbols` understands (as `detect_language` names them)."""
