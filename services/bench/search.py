@@ -83,7 +83,7 @@ class BenchOptions:
     with_ripgrep: bool = True
     with_codesearch: bool = True
     symbol_sample_bytes: int = 100 * MIB
-    processes: int = 1
+    processes: int = 2
     keep: bool = False
 
 

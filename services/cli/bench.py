@@ -46,7 +46,7 @@ def register(subparsers: Any) -> None:
         "--symbol-sample-mb", type=int, default=100, help="MiB of source for the symbol-extraction figure"
     )
     search.add_argument(
-        "--processes", type=int, default=1, help="processes our exhaustive searches may use (default 1)"
+        "--processes", type=int, default=2, help="processes our exhaustive searches may use (default 2)"
     )
     search.set_defaults(func=_search)
     auth = commands.add_parser("auth", help="auth Check throughput, exact limits, ext_authz overhead")
