@@ -136,6 +136,75 @@ def _load_process(target: str, key: str, concurrency: int, start_at: float, seco
     return asyncio.run(_closed_loop(target, key, concurrency, start_at, seconds))
 
 
+# xds-protos ships no type stubs for its grpc modules, so the base class is Any to mypy.
+class BareAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
+    """BareAuthorization allows everything at once: the cost of a grpc.aio call and nothing else."""
+
+    async def Check(
+        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> external_auth_pb2.CheckResponse:
+        """Check answers OK without looking at the request."""
+        return external_auth_pb2.CheckResponse()
+
+
+def _serve_bare(ports: Any) -> None:
+    """_serve_bare runs a BareAuthorization server until killed, reporting its port on `ports`."""
+
+    async def serve() -> None:
+        server = grpc.aio.server()
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(BareAuthorization(), server)
+        ports.put(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+def measure_floor(options: AuthBenchOptions, echo: Echo) -> dict[str, Any]:
+    """measure_floor is step 0: the same load against a bare grpc.aio server, the Python floor.
+
+    Whatever Check does is added to this; when the floor's CPU per call is near the target's
+    budget (1 / 5,000 s = 200 us), no Check written on grpc.aio can reach the target per process.
+    """
+    context = multiprocessing.get_context("spawn")
+    ports = context.Queue()
+    server = context.Process(target=_serve_bare, args=(ports,), daemon=True)
+    server.start()
+    try:
+        target = f"127.0.0.1:{ports.get(timeout=60)}"
+        concurrency = max(options.concurrencies)
+        processes = min(options.client_processes, concurrency)
+        shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
+        with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context) as pool:
+            start_at = time.time() + 3.0
+            futures = [
+                pool.submit(_load_process, target, "unused", share, start_at, options.seconds_per_level)
+                for share in shares
+            ]
+            time.sleep(max(0.0, start_at - time.time()))
+            assert server.pid is not None
+            cpu = _cpu_seconds([server.pid])
+            time.sleep(options.seconds_per_level)
+            cpu = _cpu_seconds([server.pid]) - cpu
+            results = [future.result() for future in futures]
+    finally:
+        server.kill()
+        server.join(timeout=10)
+    completed = sum(result["completed"] for result in results)
+    floor = {
+        "concurrency": concurrency,
+        "client_processes": processes,
+        "calls_per_s": completed / options.seconds_per_level,
+        "server_cpu_us_per_call": cpu / completed * 1e6 if completed else None,
+        **_latency_ms([value for result in results for value in result["latencies"]]),
+    }
+    echo(
+        f"bare grpc.aio floor: {floor['calls_per_s']:.0f}/s,"
+        f" {_us(floor['server_cpu_us_per_call'])} us CPU/call"
+    )
+    return floor
+
+
 def measure_levels(stack: Stack, options: AuthBenchOptions, echo: Echo) -> list[dict[str, Any]]:
     """measure_levels is step 1: closed-loop Check throughput and latency per concurrency level."""
     levels: list[dict[str, Any]] = []
@@ -467,6 +536,7 @@ def run_auth_bench(options: AuthBenchOptions, echo: Echo) -> dict[str, Any]:
             },
             "auth_processes": len(stack.auth),
         }
+        report["floor"] = measure_floor(options, echo)
         report["check_levels"] = measure_levels(stack, options, echo)
         report["offered_rate"] = measure_offered_rate(stack, options, echo)
         report["over_admission"] = measure_over_admission(stack, keys, options, echo)
@@ -501,6 +571,11 @@ def render_auth_table(report: dict[str, Any]) -> str:
             f"auth CPU per Check (best level): {cheapest:.0f} us, i.e. at most {1e6 / cheapest:.0f}"
             " checks/s per core given to the auth process alone"
         )
+    floor = report["floor"]
+    lines.append(
+        f"floor: a bare grpc.aio server (answers OK, no interceptors) under c={floor['concurrency']}:"
+        f" {floor['calls_per_s']:.0f} calls/s, {_us(floor['server_cpu_us_per_call'])} us CPU per call"
+    )
     rate = report["offered_rate"]
     lines += [
         "",
