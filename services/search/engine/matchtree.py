@@ -86,11 +86,18 @@ class _Compiled:
 
 @dataclass(slots=True)
 class _DocState:
-    facts: DocFacts
+    facts_of: Callable[[], DocFacts]
     content: bytes
     symbols: Callable[[], Sequence[Symbol]]
     cache: dict[int, object] = field(default_factory=dict)
     _symbols: Sequence[Symbol] | None = None
+    _facts: DocFacts | None = None
+
+    @property
+    def facts(self) -> DocFacts:
+        if self._facts is None:
+            self._facts = self.facts_of()
+        return self._facts
 
     def all_symbols(self) -> Sequence[Symbol]:
         if self._symbols is None:
@@ -170,12 +177,24 @@ class MatchTree:
         return compiled.regex.search(subject.encode("utf-8")) is not None
 
     def evaluate(
-        self, facts: DocFacts, content: bytes, symbols: Callable[[], Sequence[Symbol]]
+        self,
+        facts: DocFacts | Callable[[], DocFacts],
+        content: bytes,
+        symbols: Callable[[], Sequence[Symbol]],
     ) -> Outcome | None:
-        """evaluate returns the document's Outcome if it matches the query, else None."""
-        state = _DocState(facts, content, symbols)
+        """evaluate returns the document's Outcome if it matches the query, else None.
+
+        `facts` may be a function: a pure content query then never decodes the metadata of
+        a candidate that does not match (most candidates of a selective first page).
+        """
+        if isinstance(facts, DocFacts):
+            known = facts
+            state = _DocState(lambda: known, content, symbols)
+        else:
+            state = _DocState(facts, content, symbols)
         if not self._eval(self.query.expr, state):
             return None
+        facts = state.facts  # the match needs the path (filename signal, path ranges)
         lines: list[LineMatch] = []
         found_symbols: list[Symbol] = []
         path_ranges: list[tuple[int, int]] = []

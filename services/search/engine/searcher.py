@@ -65,7 +65,7 @@ from services.search.engine.matchtree import DocFacts, MatchTree, compile_query,
 from services.search.engine.model import Symbol
 from services.search.engine.plan import All, And, Empty, Or, Plan, Tri
 from services.search.engine.query import Query
-from services.search.engine.reader import SegmentReader
+from services.search.engine.reader import DocRecord, SegmentReader
 from services.search.engine.results import (
     ContextLine,
     FileMatch,
@@ -689,12 +689,17 @@ class _Run:
     def _check(self, seg_index: int, ordinal: int) -> _Found | None:
         """_check verifies one candidate and scores it; it touches no shared state (threads)."""
         segment = self.snap.segments[seg_index]
-        doc = segment.doc(ordinal)
-        facts = DocFacts(path=doc.path, language=doc.language, repository=doc.repository)
         content = bytes(segment.content(ordinal))
+        record: list[DocRecord] = []
+
+        def facts() -> DocFacts:
+            record.append(segment.doc(ordinal))
+            return DocFacts(path=record[0].path, language=record[0].language, repository=record[0].repository)
+
         outcome = self.tree.evaluate(facts, content, lambda: segment.symbols(ordinal))
         if outcome is None:
             return None
+        doc = record[0] if record else segment.doc(ordinal)
         lines = outcome.lines
         table = _symbol_table(segment, ordinal)
         flags = int(self.searcher.path_flags(segment)[ordinal])
