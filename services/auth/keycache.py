@@ -16,6 +16,10 @@ within a second. So:
   notifications could be missed, so the cache is bypassed and every check reads the row; when
   the listener (re)connects the whole cache is dropped, since changes may have been missed.
 
+LISTEN needs a session: through Supabase's transaction pooler (port 6543) the listener connects
+but never hears anything, so point KOTADB_DATABASE_URL at the direct port (5432) or, if only the
+pooler is reachable, set KOTADB_AUTH_KEY_CACHE_TTL to the lag you accept (e.g. 1).
+
 Revocation does not depend on the cache at all: the admission function that counts every
 admitted request refuses revoked keys under the row lock (see services/auth/ratelimit.py).
 """
