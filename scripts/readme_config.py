@@ -26,11 +26,12 @@ SERVICERS = {
 def config_table() -> str:
     """config_table renders every settings class as one markdown table."""
     from services.auth.config import AuthSettings
+    from services.common.identity import IdentitySettings
     from services.common.settings import CommonSettings, describe_markdown
     from services.ingest.config import IngestSettings
     from services.search.config import SearchSettings
 
-    return describe_markdown([CommonSettings, AuthSettings, IngestSettings, SearchSettings])
+    return describe_markdown([CommonSettings, IdentitySettings, AuthSettings, IngestSettings, SearchSettings])
 
 
 def _raises_unimplemented(func: ast.AsyncFunctionDef | ast.FunctionDef) -> str | None:

@@ -44,7 +44,14 @@ REQUEST_ID_KEY = "x-request-id"
 # Ids longer than this or with other characters are replaced, so a caller cannot inject log noise.
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # Probes and tooling that would drown the access log at INFO (Envoy checks health every few seconds).
-_QUIET_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Successful calls on these log at DEBUG: health and reflection are noise, and Envoy's per-request
+# Check and access-log calls would otherwise double the log volume of every request through the gateway.
+_QUIET_PREFIXES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.",
+    "/envoy.service.auth.v3.Authorization/",
+    "/envoy.service.accesslog.v3.",
+)
 
 access_log = logging.getLogger("kotadb.access")
 error_log = logging.getLogger("kotadb.errors")
