@@ -7,7 +7,8 @@ request into a `UsageRecord`), because only Envoy knows the final status and the
 * A batch is written every `flush_interval` seconds (default 0.2 s) or as soon as `batch_size`
   records (default 500) are queued, whichever comes first, as one `insert ... select from
   unnest(...)` (one round trip for up to 500 rows) plus one `update` of `api_keys.last_used_at`,
-  in one transaction as `service_role`. Measured on the 2-core dev machine (embedded Postgres,
+  in one transaction as `service_role`, after locking the batch's keys in uuid order (the order
+  Check's admission uses; anything else deadlocks against it). Measured on the 2-core dev machine (embedded Postgres,
   fsync off): 500 rows in 13 ms (39,000 rows/s), 50 rows in 2.6 ms, so one writer keeps up with
   several times the 5,000 requests/s an auth process is meant to admit.
 * A failed batch goes back to the front of the queue and is retried with backoff (0.2 s doubling
@@ -62,6 +63,15 @@ log = logging.getLogger("kotadb.auth.metering")
 # Backoff after a failed batch: starts at the flush interval and doubles up to this ceiling.
 MAX_RETRY_DELAY = 5.0
 
+# The insert's foreign key takes KEY SHARE on every key it names, in the batch's row order;
+# Check's admission takes FOR UPDATE on many keys in uuid order (services/auth/ratelimit.py).
+# Two lock orders over the same rows deadlock (tests/auth/test_metering.py reproduced it), so
+# the batch first takes its KEY SHARE locks itself, in uuid order; the foreign-key checks then
+# find them held.
+_LOCK_KEYS = """
+select 1 from public.api_keys where id = any($1::uuid[]) order by id for key share
+"""
+
 _INSERT = """
 with incoming as (
   select * from unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::int[], $6::smallint[],
@@ -84,12 +94,10 @@ select key_id, max(occurred_at) as last_used, count(*) as rows
 from inserted group by key_id
 """
 
-# Rows are locked in id order first, so two replicas flushing batches that share keys cannot
-# deadlock; Check's own update of usage_count touches one row per transaction. The mode is
-# NO KEY UPDATE (what an update of last_used_at takes anyway), not UPDATE: the insert above
-# already holds KEY SHARE on every key it references (its foreign key), which FOR UPDATE
-# conflicts with, so two replicas each holding KEY SHARE and asking FOR UPDATE deadlocked
-# (tests/auth/test_metering.py, two replicas).
+# Rows are locked in id order, so two replicas flushing batches that share keys cannot
+# deadlock. The mode is NO KEY UPDATE (what an update of last_used_at takes anyway), not
+# UPDATE: each batch already holds KEY SHARE on its keys, which FOR UPDATE conflicts with, so
+# two replicas each holding KEY SHARE and asking FOR UPDATE deadlocked (same test).
 _TOUCH = """
 with wanted as (
   select u.id, u.last_used from unnest($1::uuid[], $2::timestamptz[]) as u(id, last_used)
@@ -338,7 +346,10 @@ async def write_usage(pool: asyncpg.Pool, batch: Sequence[UsageRecord]) -> int:
         )
         for column, value in zip(columns, values, strict=True):
             column.append(value)
+    key_ids = sorted({record.key_id for record in batch if record.key_id is not None})
     async with db.as_service(pool) as conn:
+        if key_ids:
+            await conn.execute(_LOCK_KEYS, key_ids)
         per_key = await conn.fetch(_INSERT, *columns)
         touched = [(row["key_id"], row["last_used"]) for row in per_key if row["key_id"] is not None]
         if touched:

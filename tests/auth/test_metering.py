@@ -273,14 +273,14 @@ async def test_a_full_queue_drops_the_oldest(
     ]
 
 
-async def _admit(pool: asyncpg.Pool, key_id: uuid.UUID) -> None:
-    """_admit runs Check's admission function for one request of `key_id`, as Check does."""
+async def _admit(pool: asyncpg.Pool, key_ids: list[uuid.UUID]) -> None:
+    """_admit grants one request to each key in one statement, keys in uuid order, as Check does."""
     now = datetime.datetime.now(datetime.UTC)
-    window = now.replace(second=0, microsecond=0)
-    await pool.fetchrow(
-        "select * from public.admit_api_key_requests($1, 1, $2, $3, $4)",
-        key_id,
-        window,
+    await pool.fetch(
+        "select a.* from unnest($1::uuid[]) as k(id)"
+        " cross join lateral public.admit_api_key_requests(k.id, 1, $2, $3, $4) a",
+        sorted(key_ids),
+        now.replace(second=0, microsecond=0),
         now.date().replace(day=1),
         now,
     )
@@ -329,8 +329,8 @@ async def test_two_replicas_flushing_the_same_keys_write_everything(
                 order = keyed if index == 0 else list(reversed(keyed))
                 for user_id, key_id in order:
                     recorder.submit(_record(user_id, key_id, seconds=round_ * 10 + index))
-            # Check's admissions lock the same key rows meanwhile (FOR UPDATE, one per statement).
-            admissions = [_admit(pool, key_id) for _, key_id in keyed[round_ % 6 :] + keyed[: round_ % 6]]
+            # Check's admissions lock the same key rows meanwhile: FOR UPDATE, many keys per statement.
+            admissions = [_admit(pool, [key_id for _, key_id in keyed]) for _ in range(3)]
             results = await asyncio.gather(*(recorder.flush() for recorder in replicas), *admissions)
             assert results[:2] == [6, 6]
         for user_id, key_id in keyed:
