@@ -8,9 +8,9 @@ request into a `UsageRecord`), because only Envoy knows the final status and the
   records (default 500) are queued, whichever comes first, as one `insert ... select from
   unnest(...)` (one round trip for up to 500 rows) plus one `update` of `api_keys.last_used_at`,
   in one transaction as `service_role`, after locking the batch's keys in uuid order (the order
-  Check's admission uses; anything else deadlocks against it). Measured on the 2-core dev machine (embedded Postgres,
-  fsync off): 500 rows in 13 ms (39,000 rows/s), 50 rows in 2.6 ms, so one writer keeps up with
-  several times the 5,000 requests/s an auth process is meant to admit.
+  Check's admission uses; anything else deadlocks against it). Measured on the 2-core dev
+  machine (embedded Postgres, fsync off): 500 rows in 13 ms (39,000 rows/s), 50 rows in 2.6 ms,
+  so one writer keeps up with several times the 5,000 requests/s an auth process should admit.
 * A failed batch goes back to the front of the queue and is retried with backoff (0.2 s doubling
   to 5 s), so a database outage delays rows instead of losing them, up to `max_queued` records;
   beyond that the oldest are dropped and counted in `UsageStats.dropped`.
