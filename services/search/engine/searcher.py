@@ -51,7 +51,6 @@ from services.search.engine import rank
 from services.search.engine.cursor import (
     Cursor,
     Position,
-    RankKey,
     decode_cursor,
     encode_cursor,
     exclusion_digests,
@@ -59,23 +58,17 @@ from services.search.engine.cursor import (
     query_fingerprint,
     rank_key,
 )
-from services.search.engine.format import HEADER_SIZE, SYMBOL_RECORD
+from services.search.engine.hits import Hit, HitRow, file_match, hit_from_row, hit_to_row, symbol_table
 from services.search.engine.index import Index, Snapshot
 from services.search.engine.matchtree import DocFacts, MatchTree, compile_query, compile_regex_query
-from services.search.engine.model import Symbol
 from services.search.engine.plan import All, And, Empty, Or, Plan, Tri
 from services.search.engine.query import Query
 from services.search.engine.reader import DocRecord, SegmentReader
 from services.search.engine.results import (
-    ContextLine,
-    FileMatch,
     LimitReason,
-    LineMatch,
-    MatchRange,
     SearchMode,
     SearchResult,
     SearchStats,
-    match_range,
 )
 from services.search.engine.symsearch import SymbolCandidate, SymbolSearchResult, search_symbols
 from services.search.engine.verify import LineMatch as RawLineMatch
@@ -133,28 +126,6 @@ class SearchBackend(Protocol):
     def run(self, request: SearchRequest) -> SearchResult:
         """run executes one search request."""
         ...
-
-
-@dataclass(slots=True)
-class _Found:
-    """_Found is one verified, matching file before its page entry is built."""
-
-    key: RankKey
-    segment: int
-    ordinal: int
-    path: str
-    repository: str
-    language: str
-    external_id: str
-    score: float
-    lines: list[RawLineMatch]
-    symbols: tuple[Symbol, ...] = ()
-    path_ranges: tuple[tuple[int, int], ...] = ()
-    table: rank.SymbolTable | None = None
-
-    def __lt__(self, other: _Found) -> bool:
-        # heapq keeps the worst page entry on top: invert the rank order.
-        return self.key > other.key
 
 
 def evaluate_plan(plan: Plan, segment: SegmentReader) -> BitMap | None:
@@ -424,7 +395,7 @@ class _Run:
         self.fingerprint = fingerprint
         self.exact = cursor is not None or request.mode is SearchMode.EXHAUSTIVE
         self.page_size = request.limit_files
-        self.heap: list[_Found] = []
+        self.heap: list[Hit] = []
         self.file_count = 0
         self.match_count = 0
         self.good = 0  # matching files at whole-word rank or better (first-page stop rule)
@@ -530,7 +501,7 @@ class _Run:
                     done, rows, timed_out = self._check_here(chunk, index_of)
                 self.verified += done
                 for row in rows:
-                    self._accept(_found_from_row(row, index_of))
+                    self._accept(hit_from_row(row, index_of))
                     if self._match_limited():
                         break
                 if timed_out and self.limit_reason is None:
@@ -541,16 +512,16 @@ class _Run:
 
     def _check_here(
         self, chunk: list[tuple[str, int]], index_of: dict[str, int]
-    ) -> tuple[int, list[_Row], bool]:
+    ) -> tuple[int, list[HitRow], bool]:
         done = 0
-        rows: list[_Row] = []
+        rows: list[HitRow] = []
         for name, ordinal in chunk:
             if self._interrupted():
                 return done, rows, True
             done += 1
             found = self._check(index_of[name], ordinal)
             if found is not None:
-                rows.append(_row_from_found(found, name))
+                rows.append(hit_to_row(found, name))
         return done, rows, False
 
     def _verify_in_order(
@@ -602,9 +573,9 @@ class _Run:
         size = CHUNK if self.exact else FIRST_PAGE_CHUNK
         starts = range(0, len(pairs), size)
 
-        def work(chunk: list[tuple[int, int]]) -> tuple[int, list[_Found]]:
+        def work(chunk: list[tuple[int, int]]) -> tuple[int, list[Hit]]:
             done = 0
-            out: list[_Found] = []
+            out: list[Hit] = []
             for seg_index, ordinal in chunk:
                 if stop.is_set() or self._interrupted():
                     break
@@ -616,7 +587,7 @@ class _Run:
 
         pool = self.searcher.pool()
         window = 2 * self.searcher.workers
-        pending: collections.deque[tuple[int, Future[tuple[int, list[_Found]]]]] = collections.deque()
+        pending: collections.deque[tuple[int, Future[tuple[int, list[Hit]]]]] = collections.deque()
         next_start = iter(starts)
         stopped_early = False
         try:
@@ -686,7 +657,7 @@ class _Run:
             keep[i] = self.tree.prefilter(facts) is not False
         return ordinals[keep]
 
-    def _check(self, seg_index: int, ordinal: int) -> _Found | None:
+    def _check(self, seg_index: int, ordinal: int) -> Hit | None:
         """_check verifies one candidate and scores it; it touches no shared state (threads)."""
         segment = self.snap.segments[seg_index]
         content = bytes(segment.content(ordinal))
@@ -701,7 +672,7 @@ class _Run:
             return None
         doc = record[0] if record else segment.doc(ordinal)
         lines = outcome.lines
-        table = _symbol_table(segment, ordinal)
+        table = symbol_table(segment, ordinal)
         flags = int(self.searcher.path_flags(segment)[ordinal])
         weight = rank.path_weight(
             test=bool(flags & 1),
@@ -713,7 +684,7 @@ class _Run:
             # A sym: or type:symbol match is a definition by construction.
             signals = replace(signals, definition=True)
         score = rank.score(signals, weight)
-        return _Found(
+        return Hit(
             key=rank_key(score, doc.path, doc.repository, doc.external_id),
             segment=seg_index,
             ordinal=ordinal,
@@ -728,7 +699,7 @@ class _Run:
             table=table,
         )
 
-    def _accept(self, found: _Found) -> None:
+    def _accept(self, found: Hit) -> None:
         """_accept counts a matching file and offers it to the page (main thread only)."""
         self.file_count += 1
         self.match_count += len(found.lines)
@@ -777,7 +748,15 @@ class _Run:
 
     def _result(self, candidates: int, scan: bool, stopped_early: bool) -> SearchResult:
         ordered = sorted(self.heap, key=lambda f: f.key)
-        files = tuple(self._file_match(f) for f in ordered)
+        files = tuple(
+            file_match(
+                self.snap.segments[f.segment],
+                f,
+                context_lines=self.request.context_lines,
+                with_symbols=self.request.with_symbols,
+            )
+            for f in ordered
+        )
         # Every match after the cursor competed for the page; more exist if some did not fit,
         # or if verification stopped early with candidates left.
         more = self.eligible > len(ordered) or stopped_early
@@ -820,106 +799,9 @@ class _Run:
             generation=self.snap.generation,
         )
 
-    def _file_match(self, found: _Found) -> FileMatch:
-        segment = self.snap.segments[found.segment]
-        view = segment.content(found.ordinal)
-        context = self.request.context_lines
-        content = bytes(view) if context and found.lines else b""
-        table = None
-        if found.lines and self.request.with_symbols:
-            table = found.table if found.table is not None else _symbol_table(segment, found.ordinal)
-        line_starts: list[int] | None = None
-        line_matches: list[LineMatch] = []
-        for raw in found.lines:
-            line = bytes(view[raw.line_start : raw.line_end])
-            if line.isascii():
-                # One byte per column: no need to count characters.
-                ranges = tuple(MatchRange(s, e, s + 1, e + 1) for s, e in raw.ranges)
-                text = line.decode("ascii")
-            else:
-                ranges = tuple(match_range(line, s, e) for s, e in raw.ranges)
-                text = line.decode("utf-8", "replace")
-            before: tuple[ContextLine, ...] = ()
-            after: tuple[ContextLine, ...] = ()
-            if context:
-                if line_starts is None:
-                    line_starts = _line_starts(content)
-                before, after = _context(content, line_starts, raw.line_number, context)
-            line_matches.append(
-                LineMatch(
-                    line_number=raw.line_number,
-                    line_start=raw.line_start,
-                    text=text,
-                    ranges=ranges,
-                    before=before,
-                    after=after,
-                    symbol=table.enclosing(raw.line_number) if table else None,
-                )
-            )
-        return FileMatch(
-            path=found.path,
-            repository=found.repository,
-            language=found.language,
-            external_id=found.external_id,
-            score=found.score,
-            match_count=len(found.lines),
-            line_matches=tuple(line_matches),
-            path_ranges=found.path_ranges,
-            symbols=found.symbols,
-        )
-
-
-# A verified match as it crosses a process boundary: segment name, ordinal, document
-# strings, score, raw lines (line number, start, end, ranges), symbols, path ranges.
-_Row = tuple[
-    str,
-    int,
-    str,
-    str,
-    str,
-    str,
-    float,
-    list[tuple[int, int, int, tuple[tuple[int, int], ...]]],
-    tuple[Symbol, ...],
-    tuple[tuple[int, int], ...],
-]
-
 
 class _SegmentGone(Exception):
     """_SegmentGone tells the parent that a worker could not find a segment by name."""
-
-
-def _row_from_found(found: _Found, name: str) -> _Row:
-    lines = [(m.line_number, m.line_start, m.line_end, m.ranges) for m in found.lines]
-    return (
-        name,
-        found.ordinal,
-        found.path,
-        found.repository,
-        found.language,
-        found.external_id,
-        found.score,
-        lines,
-        found.symbols,
-        found.path_ranges,
-    )
-
-
-def _found_from_row(row: _Row, index_of: dict[str, int]) -> _Found:
-    name, ordinal, path, repository, language, external_id, score, lines, symbols, path_ranges = row
-    return _Found(
-        key=rank_key(score, path, repository, external_id),
-        segment=index_of[name],
-        ordinal=ordinal,
-        path=path,
-        repository=repository,
-        language=language,
-        external_id=external_id,
-        score=score,
-        lines=[RawLineMatch(n, start, end, ranges) for n, start, end, ranges in lines],
-        symbols=symbols,
-        path_ranges=path_ranges,
-    )
 
 
 # One open index and searcher per index directory, per worker process.
@@ -928,7 +810,7 @@ _WORKER_STATE: dict[str, tuple[Index, Searcher]] = {}
 
 def _process_check(
     index_path: str, query: str | Query, regex: bool, deadline: float | None, chunk: list[tuple[str, int]]
-) -> tuple[int, list[_Row], bool]:
+) -> tuple[int, list[HitRow], bool]:
     """_process_check verifies a part of a search's candidates in a worker process.
 
     Returns (files verified, matching rows, whether the deadline stopped it).
@@ -946,7 +828,7 @@ def _process_check(
             raise _SegmentGone(index_path)
         request = SearchRequest(query=query, regex=regex, mode=SearchMode.EXHAUSTIVE, limit_files=None)
         run = _Run(searcher, snap, tree, request, None, b"")
-        rows: list[_Row] = []
+        rows: list[HitRow] = []
         done = 0
         for name, ordinal in chunk:
             if deadline is not None and time.monotonic() >= deadline:
@@ -954,65 +836,5 @@ def _process_check(
             done += 1
             found = run._check(index_of[name], ordinal)
             if found is not None:
-                rows.append(_row_from_found(found, name))
+                rows.append(hit_to_row(found, name))
         return done, rows, False
-
-
-def _symbol_table(segment: SegmentReader, ordinal: int) -> rank.SymbolTable:
-    """_symbol_table reads a document's symbol spans without decoding names (see rank.SymbolTable).
-
-    It reads the symbols.bin records of the document (layout in format.py) through the
-    segment's mapped part: the fixed-size records give spans at numpy speed, and one symbol's
-    strings are decoded only when it is reported as a match's enclosing definition.
-    """
-    data = segment.data
-    record = data.records[ordinal]
-    count = int(record["symbol_count"])
-    if count == 0:
-        return rank.SymbolTable(np.zeros((0, 4), dtype=np.int64), _no_symbol)
-    start = HEADER_SIZE + int(record["symbols_off"])
-    raw = data.parts["symbols.bin"].region(start, start + int(record["symbols_len"]))
-    width = SYMBOL_RECORD.size // 4
-    fields = np.frombuffer(raw, dtype="<u4", count=count * width).reshape(count, width)
-
-    def symbol(i: int) -> Symbol:
-        lengths = fields[:, 4:8].astype(np.int64)
-        at = count * SYMBOL_RECORD.size + int(lengths[:i].sum())
-        texts: list[str] = []
-        for length in lengths[i].tolist():
-            texts.append(bytes(raw[at : at + length]).decode("utf-8", "replace"))
-            at += length
-        name, kind, qualified, parent = texts
-        start_line, end_line, start_byte, end_byte = (int(v) for v in fields[i, :4])
-        return Symbol(name, kind, qualified, start_line, end_line, start_byte, end_byte, parent)
-
-    return rank.SymbolTable(fields[:, :4], symbol)
-
-
-def _no_symbol(i: int) -> Symbol:
-    raise IndexError(i)
-
-
-def _line_starts(content: bytes) -> list[int]:
-    starts = [0]
-    at = content.find(b"\n")
-    while at >= 0:
-        starts.append(at + 1)
-        at = content.find(b"\n", at + 1)
-    return starts
-
-
-def _context(
-    content: bytes, starts: Sequence[int], line_number: int, count: int
-) -> tuple[tuple[ContextLine, ...], tuple[ContextLine, ...]]:
-    """_context returns up to `count` lines before and after a 1-based line."""
-    last_line = len(starts) if starts[-1] < len(content) else len(starts) - 1
-
-    def text(n: int) -> ContextLine:
-        begin = starts[n - 1]
-        end = starts[n] - 1 if n < len(starts) else len(content)
-        return ContextLine(n, content[begin:end].decode("utf-8", "replace"))
-
-    before = tuple(text(n) for n in range(max(1, line_number - count), line_number))
-    after = tuple(text(n) for n in range(line_number + 1, min(last_line, line_number + count) + 1))
-    return before, after
