@@ -17,16 +17,12 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import datetime
-import functools
 import json
-import os
-import socket
-import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +32,19 @@ import pytest
 from kotadb.v1 import auth_pb2, auth_pb2_grpc, ingest_pb2, ingest_pb2_grpc, search_pb2, search_pb2_grpc
 
 from services.auth import keys
-from services.cli import gateway, status
 from services.common import migrate
 from services.common.pgembed import EmbeddedPostgres
 from services.common.supervisor import Supervisor
 from tests.auth.test_ratelimit import insert_key
+from tests.harness import (
+    seed_key,
+    service_env,
+    spawn_service,
+    start_envoy,
+    wait_gateway_healthy,
+    wait_healthy,
+)
 
-READY_LIMIT = 180.0
 IDENTITY_KEY = "gateway-auth-tests-identity-key-0123456789"
 UTC = datetime.UTC
 
@@ -56,84 +58,27 @@ class Stack:
     auth: list[str]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _wait(
-    what: str, probe: Callable[[], tuple[bool, str]], supervisor: Supervisor, limit: float = READY_LIMIT
-) -> None:
-    deadline = time.monotonic() + limit
-    detail = ""
-    while time.monotonic() < deadline:
-        for child in supervisor.children:
-            if not child.alive():
-                pytest.fail(f"{child.name} exited ({child.returncode}):\n{child.log_tail()}")
-        ok, detail = probe()
-        if ok:
-            return
-        time.sleep(0.2)
-    pytest.fail(f"{what} not ready after {limit}s: {detail}")
-
-
-def _spawn_service(
-    supervisor: Supervisor, workdir: Path, name: str, service: str, env: dict[str, str]
-) -> str:
-    port_file = workdir / f"{name}.port"
-    argv = [
-        sys.executable,
-        "-m",
-        "services.cli",
-        "serve",
-        service,
-        "--port",
-        "0",
-        "--port-file",
-        str(port_file),
-    ]
-    supervisor.spawn(name, argv, log_path=workdir / f"{name}.log", env=env)
-
-    def written() -> tuple[bool, str]:
-        return port_file.exists() and port_file.read_text().strip().isdigit(), f"waiting for {port_file}"
-
-    _wait(f"{name} port", written, supervisor)
-    return f"127.0.0.1:{port_file.read_text().strip()}"
-
-
 def _start_stack(
     supervisor: Supervisor, workdir: Path, database_url: str, auth_replicas: int = 2, **env_extra: str
 ) -> Stack:
-    env = dict(
-        os.environ, KOTADB_DATABASE_URL=database_url, PYTHONUNBUFFERED="1", KOTADB_IDENTITY_KEY=IDENTITY_KEY
-    )
-    env["KOTADB_SEARCH_DATA_DIR"] = str(workdir / "search-data")
-    env["KOTADB_AUTH_READINESS_INTERVAL"] = "0.5"
-    env.update(env_extra)
-    auth = [_spawn_service(supervisor, workdir, f"auth{i}", "auth", env) for i in range(auth_replicas)]
+    env = service_env(database_url, workdir, IDENTITY_KEY, KOTADB_AUTH_READINESS_INTERVAL="0.5", **env_extra)
+    auth = [spawn_service(supervisor, workdir, f"auth{i}", "auth", env)[0] for i in range(auth_replicas)]
     env["KOTADB_AUTH_ADDRESS"] = auth[0]
-    addresses = {name: _spawn_service(supervisor, workdir, name, name, env) for name in ("ingest", "search")}
+    addresses = {
+        name: spawn_service(supervisor, workdir, name, name, env)[0] for name in ("ingest", "search")
+    }
     for address in [*auth, *addresses.values()]:
-        _wait(address, functools.partial(status.probe_grpc_health, address), supervisor)
-    port, admin = _free_port(), _free_port()
-    config = gateway.GatewayConfig(
-        gateway_port=port,
-        admin_port=admin,
+        wait_healthy(address, supervisor)
+    envoy = start_envoy(
+        supervisor,
+        workdir,
+        "envoy",
         auth=",".join(auth),
         ingest=addresses["ingest"],
         search=addresses["search"],
     )
-    assert config.ext_authz, "ext_authz is on by default"
-    config_path = workdir / "envoy.yaml"
-    config_path.write_text(gateway.render(config))
-    argv = [gateway.find_envoy(), "-c", str(config_path), "--disable-hot-restart", "--log-level", "warn"]
-    supervisor.spawn("envoy", argv, log_path=workdir / "envoy.log")
-    url = f"http://127.0.0.1:{port}"
-    _wait("envoy", functools.partial(status.probe_http, f"http://127.0.0.1:{admin}/ready"), supervisor)
-    _wait("gateway /health", functools.partial(status.probe_http, f"{url}/health"), supervisor)
-    return Stack(url=url, target=f"127.0.0.1:{port}", auth=auth)
+    wait_gateway_healthy(envoy, supervisor)
+    return Stack(url=envoy.url, target=envoy.target, auth=auth)
 
 
 @pytest.fixture(scope="module")
@@ -369,7 +314,7 @@ def test_postgres_outage_fails_closed_with_503_and_recovers(tmp_path_factory: py
         dsn = cluster.start()
         migrate.apply_bootstrap(dsn)
         migrate.apply_migrations(dsn)
-        secret = _seed_key(dsn)
+        secret = seed_key(dsn, email_prefix="outage")
         with Supervisor(grace=20) as supervisor:
             # One auth replica; its cache is off so every check needs the database.
             outage = _start_stack(supervisor, workdir, dsn, auth_replicas=1, KOTADB_AUTH_KEY_CACHE_TTL="0")
@@ -392,25 +337,3 @@ def test_postgres_outage_fails_closed_with_503_and_recovers(tmp_path_factory: py
             assert reply.reached_service, (reply.status, reply.raw)
     finally:
         cluster.stop()
-
-
-def _seed_key(dsn: str) -> str:
-    async def seed() -> str:
-        connection = await asyncpg.connect(dsn)
-        try:
-            user = await connection.fetchval(
-                "insert into auth.users (id, aud, role, email) values (gen_random_uuid(), 'authenticated',"
-                " 'authenticated', 'outage@example.test') returning id"
-            )
-            generated = keys.generate_key()
-            await connection.execute(
-                "insert into public.api_keys (user_id, name, key_prefix, key_hash) values ($1, 'k', $2, $3)",
-                user,
-                generated.display_prefix,
-                generated.key_hash,
-            )
-            return generated.plaintext
-        finally:
-            await connection.close()
-
-    return asyncio.run(seed())

@@ -13,75 +13,27 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import secrets
-import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
 import grpc
-import pytest
 from kotadb.v1 import search_pb2, search_pb2_grpc
 
 from services.auth.config import AuthSettings
 from services.auth.management import KeyManager, KeySpec
 from services.auth.principal import READ, Principal
 from services.auth.store import AuthStore
-from services.cli import gateway, status
-from services.common.pgembed import free_port
 from services.common.settings import env_settings
-from services.common.supervisor import ChildProcess, Supervisor
+from services.common.supervisor import Supervisor
 from tests.conftest import UserFactory
+from tests.harness import serve, service_env, start_envoy, wait_gateway_healthy, wait_until
 
-READY_LIMIT = 180.0
 INDEX_METHOD = "/kotadb.v1.SearchService/GetIndexStatus"
-
-
-def _wait(what: str, probe: Callable[[], tuple[bool, str]], children: list[ChildProcess]) -> None:
-    deadline = time.monotonic() + READY_LIMIT
-    detail = ""
-    while time.monotonic() < deadline:
-        for child in children:
-            if not child.alive():
-                pytest.fail(f"{child.name} exited ({child.returncode}):\n{child.log_tail()}")
-        ok, detail = probe()
-        if ok:
-            return
-        time.sleep(0.1)
-    pytest.fail(f"{what} not ready after {READY_LIMIT}s: {detail}")
-
-
-def _port_probe(path: Path) -> tuple[bool, str]:
-    text = path.read_text().strip() if path.exists() else ""
-    return text.isdigit(), f"waiting for {path}"
-
-
-def _serve(
-    supervisor: Supervisor, service: str, workdir: Path, env: dict[str, str]
-) -> tuple[str, ChildProcess]:
-    port_file = workdir / f"{service}.port"
-    argv = [
-        sys.executable,
-        "-m",
-        "services.cli",
-        "serve",
-        service,
-        "--port",
-        "0",
-        "--port-file",
-        str(port_file),
-    ]
-    child = supervisor.spawn(service, argv, log_path=workdir / f"{service}.log", env=env)
-    _wait(f"{service} port", functools.partial(_port_probe, port_file), [child])
-    address = f"127.0.0.1:{port_file.read_text().strip()}"
-    _wait(service, functools.partial(status.probe_grpc_health, address), [child])
-    return address, child
 
 
 def _http(url: str, key: str | None) -> int:
@@ -123,10 +75,10 @@ async def test_sigterm_writes_every_queued_usage_row(
     # One key for REST and one for native gRPC, so each side's rows can be told apart.
     key, key_id = await _issue_key(pool, user_id)
     grpc_key, grpc_key_id = await _issue_key(pool, user_id)
-    env = dict(os.environ, KOTADB_DATABASE_URL=database_url, PYTHONUNBUFFERED="1")
-    env.update(
-        KOTADB_IDENTITY_KEY=secrets.token_hex(32),
-        KOTADB_SEARCH_DATA_DIR=str(tmp_path / "search"),
+    env = service_env(
+        database_url,
+        tmp_path,
+        secrets.token_hex(32),
         # Nothing is written until shutdown: the whole run stays queued in the auth process.
         KOTADB_AUTH_USAGE_FLUSH_INTERVAL="3600",
         KOTADB_AUTH_USAGE_BATCH_SIZE="100000",
@@ -135,25 +87,18 @@ async def test_sigterm_writes_every_queued_usage_row(
         KOTADB_LOG_LEVEL="DEBUG",
     )
     with Supervisor(grace=20) as supervisor:
-        auth, auth_child = _serve(supervisor, "auth", tmp_path, env)
-        search, _ = _serve(supervisor, "search", tmp_path, env)
-        port, admin_port = free_port(), free_port()
-        config = gateway.GatewayConfig(
-            gateway_port=port, admin_port=admin_port, auth=auth, ingest=search, search=search, ext_authz=True
-        )
-        config_path = tmp_path / "envoy.yaml"
-        config_path.write_text(gateway.render(config))
-        argv = [gateway.find_envoy(), "-c", str(config_path), "--disable-hot-restart", "--log-level", "warn"]
-        envoy = supervisor.spawn("envoy", argv, log_path=tmp_path / "envoy.log")
-        url = f"http://127.0.0.1:{port}"
-        _wait("gateway /health", functools.partial(status.probe_http, f"{url}/health"), [envoy])
+        auth, auth_child = serve(supervisor, tmp_path, "auth", "auth", env)
+        search, _ = serve(supervisor, tmp_path, "search", "search", env)
+        envoy = start_envoy(supervisor, tmp_path, "envoy", auth=auth, ingest=search, search=search)
+        wait_gateway_healthy(envoy, supervisor)
+        url, config_path = envoy.url, envoy.config_path
 
         rest_statuses = Counter(_http(f"{url}/v1/index", key) for _ in range(12))
         refused = [_http(f"{url}/v1/index", None) for _ in range(3)]
         refused += [_http(f"{url}/v1/index", "kdb_live_not-a-key") for _ in range(3)]
         assert refused == [401] * 6
         grpc_codes: Counter[int] = Counter()
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with grpc.insecure_channel(envoy.target) as channel:
             stub = search_pb2_grpc.SearchServiceStub(channel)
             for _ in range(8):
                 try:
@@ -167,7 +112,7 @@ async def test_sigterm_writes_every_queued_usage_row(
                 else:
                     grpc_codes[0] += 1
         delivered = functools.partial(_metered, tmp_path / "auth.log")
-        _wait("access-log delivery", lambda: (delivered() >= 20, f"{delivered()} metered"), [envoy])
+        wait_until("access-log delivery", lambda: (delivered() >= 20, f"{delivered()} metered"), supervisor)
 
         written = "select count(*) from public.usage_metrics where key_id = any($1::uuid[])"
         assert await pool.fetchval(written, [key_id, grpc_key_id]) == 0

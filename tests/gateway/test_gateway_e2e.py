@@ -10,145 +10,64 @@ cases themselves are in tests/auth/test_gateway_auth.py.
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import json
-import os
-import socket
-import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import asyncpg
 import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from kotadb.v1 import search_pb2, search_pb2_grpc
 
-from services.auth import keys
-from services.cli import gateway, status
+from services.cli import status
 from services.common.errors import Unimplemented
-from services.common.supervisor import ChildProcess, Supervisor
+from services.common.supervisor import Supervisor
+from tests.harness import (
+    Envoy,
+    free_port,
+    seed_key,
+    service_env,
+    spawn_service,
+    start_envoy,
+    wait_gateway_healthy,
+    wait_healthy,
+)
 
-READY_LIMIT = 180.0
 IDENTITY_KEY = "gateway-e2e-tests-identity-key-0123456789"
-
-
-@dataclass(frozen=True)
-class Gateway:
-    """Gateway is one running Envoy: its base URL, gRPC target and admin URL."""
-
-    url: str
-    target: str
-    admin: str
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _wait(what: str, probe: Callable[[], tuple[bool, str]], supervisor: Supervisor) -> None:
-    deadline = time.monotonic() + READY_LIMIT
-    detail = ""
-    while time.monotonic() < deadline:
-        for child in supervisor.children:
-            if not child.alive():
-                pytest.fail(f"{child.name} exited ({child.returncode}):\n{child.log_tail()}")
-        ok, detail = probe()
-        if ok:
-            return
-        time.sleep(0.2)
-    pytest.fail(f"{what} not ready after {READY_LIMIT}s: {detail}")
-
-
-def _port_file_probe(path: Path) -> Callable[[], tuple[bool, str]]:
-    def probe() -> tuple[bool, str]:
-        return path.exists() and path.read_text().strip().isdigit(), f"waiting for {path}"
-
-    return probe
-
-
-def _start_envoy(
-    supervisor: Supervisor, workdir: Path, name: str, addresses: dict[str, str], **overrides: Any
-) -> tuple[Gateway, ChildProcess]:
-    port, admin = _free_port(), _free_port()
-    config = gateway.GatewayConfig(gateway_port=port, admin_port=admin, **{**addresses, **overrides})
-    config_path = workdir / f"{name}.yaml"
-    config_path.write_text(gateway.render(config))
-    argv = [gateway.find_envoy(), "-c", str(config_path), "--disable-hot-restart", "--log-level", "warn"]
-    child = supervisor.spawn(name, argv, log_path=workdir / f"{name}.log")
-    found = Gateway(f"http://127.0.0.1:{port}", f"127.0.0.1:{port}", f"http://127.0.0.1:{admin}")
-    _wait(f"{name} admin", functools.partial(status.probe_http, f"{found.admin}/ready"), supervisor)
-    return found, child
 
 
 @dataclass(frozen=True)
 class Gateways:
     """Gateways are the two Envoys of this module, sharing one set of services, and an API key."""
 
-    main: Gateway
-    degraded: Gateway
+    main: Envoy
+    degraded: Envoy
     key: str
-
-
-def _issue_key(database_url: str) -> str:
-    """_issue_key writes a read+write key with a generous rate limit and returns its secret."""
-
-    async def issue() -> str:
-        connection = await asyncpg.connect(database_url)
-        try:
-            user = await connection.fetchval(
-                "insert into auth.users (id, aud, role, email) values (gen_random_uuid(), 'authenticated',"
-                " 'authenticated', 'gateway-e2e-' || gen_random_uuid() || '@example.test') returning id"
-            )
-            generated = keys.generate_key()
-            await connection.execute(
-                "insert into public.api_keys (user_id, name, key_prefix, key_hash, permissions, rate_limit)"
-                " values ($1, 'gateway e2e', $2, $3, '{read,write}', 6000)",
-                user,
-                generated.display_prefix,
-                generated.key_hash,
-            )
-            return generated.plaintext
-        finally:
-            await connection.close()
-
-    return asyncio.run(issue())
 
 
 @pytest.fixture(scope="module")
 def gateways(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateways]:
     workdir = tmp_path_factory.mktemp("gateway-e2e")
-    env = dict(os.environ, KOTADB_DATABASE_URL=database_url, PYTHONUNBUFFERED="1")
-    env["KOTADB_SEARCH_DATA_DIR"] = str(workdir / "search-data")
-    env["KOTADB_IDENTITY_KEY"] = IDENTITY_KEY
+    env = service_env(database_url, workdir, IDENTITY_KEY)
     with Supervisor(grace=20) as supervisor:
-        addresses: dict[str, str] = {}
-        for name in status.SERVICES:
-            port_file = workdir / f"{name}.port"
-            argv = [sys.executable, "-m", "services.cli", "serve", name, "--port", "0"]
-            supervisor.spawn(
-                name, [*argv, "--port-file", str(port_file)], log_path=workdir / f"{name}.log", env=env
-            )
-            _wait(f"{name} port", _port_file_probe(port_file), supervisor)
-            addresses[name] = f"127.0.0.1:{port_file.read_text().strip()}"
-        for name, address in addresses.items():
-            _wait(name, functools.partial(status.probe_grpc_health, address), supervisor)
-
-        main, _ = _start_envoy(supervisor, workdir, "envoy-main", addresses)
-        dead_search = dict(addresses, search=f"127.0.0.1:{_free_port()}")
-        degraded, _ = _start_envoy(supervisor, workdir, "envoy-degraded", dead_search)
-        _wait("gateway /health", functools.partial(status.probe_http, f"{main.url}/health"), supervisor)
-        yield Gateways(main=main, degraded=degraded, key=_issue_key(database_url))
+        addresses = {name: spawn_service(supervisor, workdir, name, name, env)[0] for name in status.SERVICES}
+        for address in addresses.values():
+            wait_healthy(address, supervisor)
+        auth, ingest, search = addresses["auth"], addresses["ingest"], addresses["search"]
+        main = start_envoy(supervisor, workdir, "envoy-main", auth=auth, ingest=ingest, search=search)
+        dead_search = f"127.0.0.1:{free_port()}"
+        degraded = start_envoy(
+            supervisor, workdir, "envoy-degraded", auth=auth, ingest=ingest, search=dead_search
+        )
+        wait_gateway_healthy(main, supervisor)
+        key = seed_key(
+            database_url, email_prefix="gateway-e2e", permissions=("read", "write"), rate_limit=6000
+        )
+        yield Gateways(main=main, degraded=degraded, key=key)
 
 
 @dataclass(frozen=True)

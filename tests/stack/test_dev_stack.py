@@ -23,6 +23,7 @@ import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.cli import gateway
+from tests.harness import free_port
 
 STARTUP_LIMIT = 240.0  # seconds; the first run creates a cluster and imports every service
 STOP_LIMIT = 90.0
@@ -224,11 +225,7 @@ def test_taken_gateway_port_is_a_clear_error(data_dir: Path) -> None:
 
 
 def test_status_reports_down_components(tmp_path: Path) -> None:
-    closed = []
-    for _ in range(5):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            closed.append(sock.getsockname()[1])
+    closed = [free_port() for _ in range(5)]
     stack = {
         "gateway": f"http://127.0.0.1:{closed[0]}",
         "envoy_admin": f"http://127.0.0.1:{closed[1]}",
