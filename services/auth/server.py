@@ -9,16 +9,12 @@
 Life of the background parts: the key-change listener and the usage writer start with the
 server; on SIGTERM the gRPC server drains first (so Envoy's access-log streams end and their
 last entries are queued), then the usage writer flushes everything queued, then the listener
-stops and the pool closes. The order is enforced by `_AuthPool.close`, which ServiceServer
-calls last.
+stops and the pool closes. ServiceServer's lifecycle hooks give that order: the stop hooks run
+after the drain and before the pool closes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
-
-import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from kotadb.v1 import auth_pb2, auth_pb2_grpc
 
@@ -35,58 +31,8 @@ from services.auth.sessions import SessionVerifier
 from services.auth.store import ApiKeyRecord, AuthStore
 from services.common.errors import Unauthenticated
 from services.common.identity import Identity, IdentityInterceptor, IdentitySettings
-from services.common.server import LazyPool, Probe, ServiceBinding, ServiceServer, bind
+from services.common.server import LazyPool, Probe, ServiceServer, bind
 from services.common.settings import env_settings
-
-Hook = Callable[[], Awaitable[None]]
-
-
-class _AuthPool(LazyPool):
-    """_AuthPool is the auth process's pool; closing it first runs the shutdown hooks, in order.
-
-    ServiceServer closes the pool after the gRPC server has drained, which is exactly when the
-    usage writer must flush and the listener may stop: the hooks still have a database.
-    """
-
-    def __init__(self, settings: AuthSettings) -> None:
-        super().__init__(settings)
-        self.before_close: list[Callable[[float], Awaitable[None]]] = []
-
-    async def close(self, wait: float) -> None:
-        """close runs every shutdown hook (each gets `wait` seconds), then closes the pool."""
-        for hook in self.before_close:
-            await hook(wait)
-        await super().close(wait)
-
-
-class AuthServer(ServiceServer):
-    """AuthServer is ServiceServer plus the auth process's background parts, started with it."""
-
-    def __init__(
-        self,
-        settings: AuthSettings,
-        *,
-        pool: LazyPool,
-        bindings: Sequence[ServiceBinding],
-        probes: Sequence[Probe],
-        identity: Sequence[grpc.aio.ServerInterceptor],  # type: ignore[type-arg]
-        on_start: Sequence[Hook],
-    ) -> None:
-        super().__init__(
-            AuthSettings.service_name,
-            settings,
-            pool=pool,
-            bindings=bindings,
-            probes=probes,
-            identity=identity,
-        )
-        self._on_start = list(on_start)
-
-    async def start(self, *, port_file: Path | None = None) -> int:
-        """start launches the background parts, then the gRPC server; returns the bound port."""
-        for hook in self._on_start:
-            await hook()
-        return await super().start(port_file=port_file)
 
 
 class KeyMeter:
@@ -151,7 +97,7 @@ def build(
     settings = settings if settings is not None else env_settings(AuthSettings)
     identity = identity if identity is not None else env_settings(IdentitySettings)
     clock = clock if clock is not None else quota.SystemClock(settings.check_clock_offset)
-    pool = _AuthPool(settings)
+    pool = LazyPool(settings)
     store = AuthStore(pool)
 
     admitter = Admitter(pool, clock, batch_max=settings.admission_batch_max)
@@ -181,8 +127,8 @@ def build(
         await admitter.close()
         await cache.close()
 
-    pool.before_close.extend([flush_usage, stop_checks])
-    return AuthServer(
+    return ServiceServer(
+        AuthSettings.service_name,
         settings,
         pool=pool,
         bindings=[
@@ -200,4 +146,5 @@ def build(
         probes=[Probe("schema", store.check_ready), Probe("usage_queue", recorder.check_ready)],
         identity=[IdentityInterceptor(codec, _InProcessValidator(servicer))],
         on_start=[start_background],
+        on_stop=[flush_usage, stop_checks],
     )

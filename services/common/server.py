@@ -12,6 +12,12 @@ chain (services/common/interceptors.py). Its life:
   so health flips back when the database becomes unreachable.
 * `stop()` (or SIGTERM/SIGINT under `run`) sets health NOT_SERVING for good, stops accepting
   calls, lets in-flight calls finish within `shutdown_grace` seconds, then closes the pool.
+* Lifecycle hooks let a service run background parts alongside the server without subclassing
+  it: `on_start` hooks run in order at the beginning of `start()`, before the port is bound, so
+  they are running when the first call arrives; `on_stop` hooks run in order inside `stop()`,
+  after the gRPC server has drained and before the pool closes, so they still have a database
+  (a usage writer flushes its queue there). Start hooks cannot wait for the database: the
+  server starts without one by design, so they launch tasks that tolerate its absence.
 
 Tests use the async API (`await server.start()`, `await server.stop()`); `kotadb serve` and
 `python -m services.<name>` use the blocking `run`.
@@ -49,6 +55,9 @@ from services.common.settings import CommonSettings, ServiceSettings
 log = logging.getLogger("kotadb.server")
 
 ProbeRun = Callable[[], Awaitable[None]]
+StartHook = Callable[[], Awaitable[None]]
+# A stop hook receives the seconds it may take: the shutdown grace, at least one second.
+StopHook = Callable[[float], Awaitable[None]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +177,10 @@ class ServiceServer:
 
     `pool` is the LazyPool the service's stores were built with (the server connects and closes
     it); `probes` are the service's readiness checks, run after the built-in database probe;
-    `identity` fills the interceptor chain's identity slot (see services/common/interceptors.py).
+    `identity` fills the interceptor chain's identity slot (see services/common/interceptors.py);
+    `on_start` and `on_stop` are the lifecycle hooks described in this module's docstring. A
+    start hook that raises fails `start()`; a stop hook that raises is logged and the remaining
+    hooks still run, so the pool is always closed.
     """
 
     def __init__(
@@ -180,6 +192,8 @@ class ServiceServer:
         bindings: Sequence[ServiceBinding],
         probes: Sequence[Probe] = (),
         identity: Sequence[grpc.aio.ServerInterceptor] = (),  # type: ignore[type-arg]
+        on_start: Sequence[StartHook] = (),
+        on_stop: Sequence[StopHook] = (),
     ) -> None:
         self.name = name
         self.settings = settings
@@ -187,6 +201,8 @@ class ServiceServer:
         self._bindings = list(bindings)
         self._probes = [Probe("database", self._probe_database), *probes]
         self._identity = list(identity)
+        self._on_start = list(on_start)
+        self._on_stop = list(on_stop)
         self._health = health_async.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._readiness: asyncio.Task[None] | None = None
@@ -206,13 +222,17 @@ class ServiceServer:
         return [*own, health_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
 
     async def start(self, *, port_file: Path | None = None) -> int:
-        """start binds and starts the server with health NOT_SERVING, and returns the bound port.
+        """start runs the start hooks, then binds and starts the server with health NOT_SERVING.
+
+        It returns the bound port.
 
         `port_file`, when given, receives the bound port before the "listening" log line, so a
         supervisor that started the process with port 0 can find it.
         """
         if self._server is not None:
             raise RuntimeError(f"{self.name} server already started")
+        for hook in self._on_start:
+            await hook()
         limit = self.settings.max_message_bytes
         server = grpc.aio.server(
             interceptors=server_interceptors(self._identity),
@@ -267,6 +287,11 @@ class ServiceServer:
                 await self._readiness
         if self._server is not None:
             await self._server.stop(grace)
+        for hook in self._on_stop:
+            try:
+                await hook(max(1.0, grace))
+            except Exception:
+                log.exception("stop hook failed", extra={"fields": {"service": self.name}})
         await self.pool.close(wait=max(1.0, grace))
         log.info(
             "stopped",
