@@ -92,7 +92,8 @@ def build(
     """build assembles the auth server from `settings` (default: the environment); it is not started.
 
     `identity` defaults to the environment (KOTADB_IDENTITY_KEY); `clock` defaults to the system
-    clock shifted by `check_clock_offset`.
+    clock shifted by `check_clock_offset`. Check and AuthService read the same clock, so key
+    states and usage reports agree with what Check enforces.
     """
     settings = settings if settings is not None else env_settings(AuthSettings)
     identity = identity if identity is not None else env_settings(IdentitySettings)
@@ -113,7 +114,7 @@ def build(
     authorizer = Authorizer(
         routes=RouteTable(), cache=cache, admitter=admitter, sessions=sessions, codec=codec, clock=clock
     )
-    servicer = AuthServicer(store, settings, meter=KeyMeter(admitter), verifier=sessions)
+    servicer = AuthServicer(store, settings, now=clock.now, meter=KeyMeter(admitter), verifier=sessions)
     recorder = recorder_from_settings(pool, settings)
 
     async def start_background() -> None:
