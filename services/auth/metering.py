@@ -21,6 +21,8 @@ request into a `UsageRecord`), because only Envoy knows the final status and the
   pool closes) writes everything still queued. A crash (SIGKILL, OOM) loses what was queued:
   at most one flush window of traffic, plus what Envoy had buffered but not yet delivered
   (its gRPC access logger sends every `buffer_flush_interval`, 0.2 s in the gateway config).
+  Measured by `kotadb bench auth` (step 6): a SIGKILL under 400 admitted requests/s lost the
+  rows of 66 requests, about 165 ms of traffic.
 
 Invariant with the Check path: `Check` increments `api_keys.usage_count` and sets
 `last_used_at` atomically when it admits a request (`public.admit_api_key_requests`, migration
