@@ -24,199 +24,75 @@ key is managed. Decisions worth knowing:
 * Validation (`validate`) applies exactly Check's rules — shape, checksum, hash lookup, revocation,
   rotation grace, expiry, permission — and counts the request against the rate limit and quota
   only when the caller asks for it and a `RequestMeter` is configured.
+
+The request and result types, and the checks of single fields, are in keyrequests.py; their
+public names are importable from here too.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import dataclasses
 import datetime as dt
-import json
 import uuid
-from collections.abc import Callable, Sequence
-from typing import Protocol
 
-from services.auth.keys import generate_key, parse_key
-from services.auth.principal import ADMIN, PERMISSIONS, Principal
-from services.auth.store import (
-    REQUEST_ID_INDEX,
-    ApiKeyRecord,
-    AuthStore,
-    EndpointTotals,
-    NewKey,
-    PageCursor,
-    month_start,
+from services.auth.keyrequests import (
+    DEFAULT_PAGE_SIZE,
+    HARD_MAX_MONTHLY_QUOTA,
+    HARD_MAX_RATE_LIMIT,
+    MAX_NAME_LENGTH,
+    MAX_PAGE_SIZE,
+    MAX_REQUEST_ID_LENGTH,
+    Admission,
+    Clock,
+    IssuedKey,
+    KeyPolicy,
+    KeySpec,
+    KeyUpdate,
+    RequestMeter,
+    UsageReport,
+    ValidatedKey,
+    check_name,
+    check_permissions,
+    check_request_id,
+    decode_page_token,
+    encode_page_token,
+    invalid_field,
+    minute_start,
+    raise_violations,
+    utcnow,
 )
+from services.auth.keys import generate_key, parse_key
+from services.auth.principal import ADMIN, Principal
+from services.auth.store import REQUEST_ID_INDEX, ApiKeyRecord, AuthStore, NewKey, PageCursor, month_start
 from services.common.errors import (
     AlreadyExists,
     FailedPrecondition,
     FieldViolation,
-    InvalidArgument,
     PermissionDenied,
     Unauthenticated,
     Unimplemented,
 )
 
-Clock = Callable[[], dt.datetime]
-
-MAX_NAME_LENGTH = 200
-MAX_REQUEST_ID_LENGTH = 128
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 1000
-# The service role is exempt from the plan maxima but not from sanity: rate_limit is an int32
-# in the proto and a per-minute count; 10 million a minute is far beyond any real client.
-HARD_MAX_RATE_LIMIT = 10_000_000
-HARD_MAX_MONTHLY_QUOTA = 10**15
-
-
-def utcnow() -> dt.datetime:
-    """utcnow is the real clock: the current time as an aware UTC datetime."""
-    return dt.datetime.now(dt.UTC)
-
-
-class KeyPolicy(Protocol):
-    """KeyPolicy is the part of AuthSettings that governs keys."""
-
-    @property
-    def rotation_grace(self) -> float: ...
-
-    @property
-    def default_rate_limit(self) -> int: ...
-
-    @property
-    def default_monthly_quota(self) -> int: ...
-
-    @property
-    def max_rate_limit(self) -> int: ...
-
-    @property
-    def max_monthly_quota(self) -> int: ...
-
-
-@dataclasses.dataclass(frozen=True)
-class Admission:
-    """Admission is a metered request's outcome: what is left of the window and when it resets."""
-
-    window_remaining: int
-    window_reset: dt.datetime
-
-
-class RequestMeter(Protocol):
-    """RequestMeter counts one request against a key's rate limit and quota (Check's limiter).
-
-    It raises ResourceExhausted when the window or the month is spent.
-    """
-
-    async def admit(self, record: ApiKeyRecord, endpoint: str) -> Admission: ...
-
-
-@dataclasses.dataclass(frozen=True)
-class KeySpec:
-    """KeySpec is what a caller asks for when creating a key; 0 limits mean the server default."""
-
-    name: str
-    permissions: frozenset[str]
-    rate_limit: int = 0
-    monthly_quota: int = 0
-    expires_at: dt.datetime | None = None
-    environment: str = "live"
-
-
-@dataclasses.dataclass(frozen=True)
-class KeyUpdate:
-    """KeyUpdate names the fields to change (`fields`) and carries their new values."""
-
-    fields: frozenset[str]
-    name: str = ""
-    permissions: frozenset[str] = frozenset()
-    rate_limit: int = 0
-    monthly_quota: int = 0
-    expires_at: dt.datetime | None = None
-
-    UPDATABLE = frozenset({"name", "permissions", "rate_limit", "monthly_quota", "expire_time"})
-
-
-@dataclasses.dataclass(frozen=True)
-class IssuedKey:
-    """IssuedKey is a created or rotated key with its secret ("" when the call was a replay)."""
-
-    record: ApiKeyRecord
-    secret: str
-    replayed: bool = False
-    previous: ApiKeyRecord | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class UsageReport:
-    """UsageReport is one key's current window, month and per-endpoint totals (GetUsage)."""
-
-    key_id: uuid.UUID
-    window_start: dt.datetime
-    window_count: int
-    window_remaining: int
-    rate_limit: int
-    month_start: dt.datetime
-    month_usage: int
-    monthly_quota: int
-    start: dt.datetime
-    end: dt.datetime
-    endpoints: Sequence[EndpointTotals]
-
-
-@dataclasses.dataclass(frozen=True)
-class ValidatedKey:
-    """ValidatedKey is a key that passed validation, the principal it carries and its window."""
-
-    record: ApiKeyRecord
-    principal: Principal
-    window_remaining: int
-    window_reset: dt.datetime
-
-
-def minute_start(now: dt.datetime) -> dt.datetime:
-    """minute_start is the start of `now`'s UTC minute: the current rate-limit window."""
-    return now.astimezone(dt.UTC).replace(second=0, microsecond=0)
-
-
-def _invalid(field: str, description: str) -> InvalidArgument:
-    return InvalidArgument(
-        f"{field}: {description}", field_violations=[FieldViolation(field=field, description=description)]
-    )
-
-
-def _raise_violations(violations: list[FieldViolation]) -> None:
-    if violations:
-        summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
-        raise InvalidArgument(f"the request is invalid: {summary}", field_violations=violations)
-
-
-def _check_name(name: str, violations: list[FieldViolation]) -> None:
-    stripped = name.strip()
-    if not stripped:
-        violations.append(FieldViolation("api_key.name", "a key needs a non-blank name"))
-    elif len(name) > MAX_NAME_LENGTH:
-        violations.append(FieldViolation("api_key.name", f"at most {MAX_NAME_LENGTH} characters"))
-    elif any(ord(char) < 32 or ord(char) == 127 for char in name):
-        violations.append(FieldViolation("api_key.name", "control characters are not allowed"))
-
-
-def _check_permissions(permissions: frozenset[str], violations: list[FieldViolation]) -> None:
-    if not permissions:
-        violations.append(FieldViolation("api_key.permissions", "name at least one of read, write, admin"))
-    elif not permissions <= frozenset(PERMISSIONS):
-        violations.append(FieldViolation("api_key.permissions", "only read, write and admin exist"))
-
-
-def _check_request_id(request_id: str | None, violations: list[FieldViolation]) -> None:
-    if request_id is not None and not (
-        0 < len(request_id) <= MAX_REQUEST_ID_LENGTH and request_id.isprintable()
-    ):
-        violations.append(
-            FieldViolation(
-                "request_id", f"1 to {MAX_REQUEST_ID_LENGTH} printable characters (a UUID is best)"
-            )
-        )
+__all__ = [
+    "DEFAULT_PAGE_SIZE",
+    "HARD_MAX_MONTHLY_QUOTA",
+    "HARD_MAX_RATE_LIMIT",
+    "MAX_NAME_LENGTH",
+    "MAX_PAGE_SIZE",
+    "MAX_REQUEST_ID_LENGTH",
+    "Admission",
+    "Clock",
+    "IssuedKey",
+    "KeyManager",
+    "KeyPolicy",
+    "KeySpec",
+    "KeyUpdate",
+    "RequestMeter",
+    "UsageReport",
+    "ValidatedKey",
+    "check_usable",
+    "minute_start",
+    "utcnow",
+]
 
 
 class KeyManager:
@@ -281,7 +157,7 @@ class KeyManager:
     def _owner_for_create(self, principal: Principal, user_id: uuid.UUID | None) -> uuid.UUID:
         if principal.is_service:
             if user_id is None:
-                raise _invalid("user_id", "the service role must name the user the key is for")
+                raise invalid_field("user_id", "the service role must name the user the key is for")
             return user_id
         assert principal.user_id is not None
         if user_id is not None and user_id != principal.user_id:
@@ -303,14 +179,14 @@ class KeyManager:
         """create issues a key for the caller (or, for the service role, for `user_id`)."""
         self.require_manager(principal)
         violations: list[FieldViolation] = []
-        _check_name(spec.name, violations)
-        _check_permissions(spec.permissions, violations)
+        check_name(spec.name, violations)
+        check_permissions(spec.permissions, violations)
         self._check_limits(principal, spec.rate_limit, spec.monthly_quota, violations)
         self._check_expiry(spec.expires_at, violations)
-        _check_request_id(request_id, violations)
+        check_request_id(request_id, violations)
         if spec.environment not in ("live", "test"):
             violations.append(FieldViolation("environment", "live or test"))
-        _raise_violations(violations)
+        raise_violations(violations)
         self._check_grant(principal, spec.permissions)
         owner = self._owner_for_create(principal, user_id)
         acting = principal if not principal.is_service else Principal.service(owner)
@@ -393,10 +269,10 @@ class KeyManager:
         """
         self.require_manager(principal)
         if page_size < 0 or page_size > MAX_PAGE_SIZE:
-            raise _invalid("page_size", f"0 (default {DEFAULT_PAGE_SIZE}) to {MAX_PAGE_SIZE}")
+            raise invalid_field("page_size", f"0 (default {DEFAULT_PAGE_SIZE}) to {MAX_PAGE_SIZE}")
         size = page_size or DEFAULT_PAGE_SIZE
         owner = user_id if principal.is_service else principal.user_id
-        after = _decode_page_token(page_token, include_inactive, owner) if page_token else None
+        after = decode_page_token(page_token, include_inactive, owner) if page_token else None
         async with self._store.transaction(principal) as conn:
             records = await self._store.list(
                 conn,
@@ -410,7 +286,7 @@ class KeyManager:
             return records, ""
         page = records[:size]
         last = page[-1]
-        return page, _encode_page_token(PageCursor(last.created_at, last.id), include_inactive, owner)
+        return page, encode_page_token(PageCursor(last.created_at, last.id), include_inactive, owner)
 
     async def update(self, principal: Principal, key_id: uuid.UUID, update: KeyUpdate) -> ApiKeyRecord:
         """update changes the fields `update.fields` names (see the module docstring for who may)."""
@@ -425,10 +301,10 @@ class KeyManager:
             violations.append(FieldViolation("update_mask", f"{field} cannot be updated"))
         changes: dict[str, object] = {}
         if "name" in update.fields:
-            _check_name(update.name, violations)
+            check_name(update.name, violations)
             changes["name"] = update.name.strip()
         if "permissions" in update.fields:
-            _check_permissions(update.permissions, violations)
+            check_permissions(update.permissions, violations)
             changes["permissions"] = update.permissions
         limits = {"rate_limit", "monthly_quota"} & update.fields
         if limits:
@@ -445,7 +321,7 @@ class KeyManager:
         if "expire_time" in update.fields:
             self._check_expiry(update.expires_at, violations)
             changes["expires_at"] = update.expires_at
-        _raise_violations(violations)
+        raise_violations(violations)
         if limits and principal.kind == "user":
             raise PermissionDenied(
                 "changing a key's limits needs a key with the admin permission or the service role",
@@ -480,7 +356,7 @@ class KeyManager:
         """rotate issues a new secret replacing key `key_id`, which keeps working for the grace period."""
         self.require_manager(principal)
         violations: list[FieldViolation] = []
-        _check_request_id(request_id, violations)
+        check_request_id(request_id, violations)
         default_grace = dt.timedelta(seconds=self._policy.rotation_grace)
         if grace is not None and (grace < dt.timedelta(0) or grace > default_grace):
             violations.append(
@@ -488,7 +364,7 @@ class KeyManager:
                     "grace_period", f"0 to {int(default_grace.total_seconds())} seconds (the default)"
                 )
             )
-        _raise_violations(violations)
+        raise_violations(violations)
         async with self._store.transaction(principal) as conn:
             old = await self._store.get(conn, key_id)
         if request_id is not None:
@@ -564,7 +440,7 @@ class KeyManager:
         """
         if key_id is None:
             if principal.key_id is None:
-                raise _invalid("api_key_id", "name the key (the caller did not authenticate with one)")
+                raise invalid_field("api_key_id", "name the key (the caller did not authenticate with one)")
             key_id = principal.key_id
         if key_id != principal.key_id:
             self.require_manager(principal)
@@ -573,7 +449,7 @@ class KeyManager:
         range_start = start if start is not None else month
         range_end = end if end is not None else now
         if range_start >= range_end:
-            raise _invalid("start_time", "must be before end_time")
+            raise invalid_field("start_time", "must be before end_time")
         window = minute_start(now)
         async with self._store.transaction(principal) as conn:
             record = await self._store.get(conn, key_id)
@@ -636,26 +512,3 @@ def check_usable(record: ApiKeyRecord, now: dt.datetime) -> None:
         )
     if record.expires_at is not None and record.expires_at <= now:
         raise Unauthenticated("the API key has expired", reason="API_KEY_EXPIRED")
-
-
-def _encode_page_token(cursor: PageCursor, include_inactive: bool, owner: uuid.UUID | None) -> str:
-    payload = {
-        "t": cursor.created_at.isoformat(),
-        "i": str(cursor.id),
-        "r": include_inactive,
-        "u": str(owner) if owner else "",
-    }
-    return base64.urlsafe_b64encode(json.dumps(payload, separators=(",", ":")).encode()).decode().rstrip("=")
-
-
-def _decode_page_token(token: str, include_inactive: bool, owner: uuid.UUID | None) -> PageCursor:
-    try:
-        padded = token + "=" * (-len(token) % 4)
-        payload = json.loads(base64.urlsafe_b64decode(padded.encode()))
-        cursor = PageCursor(dt.datetime.fromisoformat(payload["t"]), uuid.UUID(payload["i"]))
-        same_query = payload["r"] == include_inactive and payload["u"] == (str(owner) if owner else "")
-    except (binascii.Error, ValueError, KeyError, TypeError):
-        raise _invalid("page_token", "not a token returned by this list") from None
-    if not same_query:
-        raise _invalid("page_token", "the token belongs to a list with other parameters")
-    return cursor
