@@ -11,11 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from services.search.engine import rank
 from services.search.engine.cursor import RankKey, rank_key
-from services.search.engine.format import HEADER_SIZE, SYMBOL_RECORD
 from services.search.engine.model import Symbol
 from services.search.engine.reader import SegmentReader
 from services.search.engine.results import ContextLine, FileMatch, LineMatch, MatchRange, match_range
@@ -147,36 +144,12 @@ def file_match(segment: SegmentReader, found: Hit, *, context_lines: int, with_s
 def symbol_table(segment: SegmentReader, ordinal: int) -> rank.SymbolTable:
     """symbol_table reads a document's symbol spans without decoding names (see rank.SymbolTable).
 
-    It reads the symbols.bin records of the document (layout in format.py) through the
-    segment's mapped part: the fixed-size records give spans at numpy speed, and one symbol's
-    strings are decoded only when it is reported as a match's enclosing definition.
+    The spans come from the segment's mapped symbols.bin at numpy speed
+    (`SegmentReader.symbol_spans`); one symbol's strings are decoded only when it is reported
+    as a match's enclosing definition.
     """
-    data = segment.data
-    record = data.records[ordinal]
-    count = int(record["symbol_count"])
-    if count == 0:
-        return rank.SymbolTable(np.zeros((0, 4), dtype=np.int64), _no_symbol)
-    start = HEADER_SIZE + int(record["symbols_off"])
-    raw = data.parts["symbols.bin"].region(start, start + int(record["symbols_len"]))
-    width = SYMBOL_RECORD.size // 4
-    fields = np.frombuffer(raw, dtype="<u4", count=count * width).reshape(count, width)
-
-    def symbol(i: int) -> Symbol:
-        lengths = fields[:, 4:8].astype(np.int64)
-        at = count * SYMBOL_RECORD.size + int(lengths[:i].sum())
-        texts: list[str] = []
-        for length in lengths[i].tolist():
-            texts.append(bytes(raw[at : at + length]).decode("utf-8", "replace"))
-            at += length
-        name, kind, qualified, parent = texts
-        start_line, end_line, start_byte, end_byte = (int(v) for v in fields[i, :4])
-        return Symbol(name, kind, qualified, start_line, end_line, start_byte, end_byte, parent)
-
-    return rank.SymbolTable(fields[:, :4], symbol)
-
-
-def _no_symbol(i: int) -> Symbol:
-    raise IndexError(i)
+    spans = segment.symbol_spans(ordinal)
+    return rank.SymbolTable(spans.spans, spans.symbol)
 
 
 def _line_starts(content: bytes) -> list[int]:

@@ -57,6 +57,41 @@ class DocRecord:
     content_hash: str
 
 
+class SymbolSpans:
+    """SymbolSpans is one document's symbols.bin block, read without decoding any string.
+
+    `spans` is an (n, 4) array of `start_line, end_line, start_byte, end_byte` per symbol, a
+    view of the mapped file (the fixed-size records of format.py's symbols.bin layout), which
+    is what ranking needs for every matching file; `symbol(i)` decodes the i-th full record,
+    which only a reported enclosing definition needs.
+    """
+
+    __slots__ = ("_fields", "_raw", "count", "spans")
+
+    def __init__(self, raw: memoryview, count: int) -> None:
+        width = SYMBOL_RECORD.size // 4
+        self._raw = raw
+        self._fields: NDArray[np.uint32] = np.frombuffer(raw, dtype="<u4", count=count * width).reshape(
+            count, width
+        )
+        self.count = count
+        self.spans: NDArray[np.uint32] = self._fields[:, :4]
+
+    def symbol(self, i: int) -> Symbol:
+        """symbol decodes the i-th symbol record with its strings (IndexError when out of range)."""
+        if not 0 <= i < self.count:
+            raise IndexError(i)
+        lengths = self._fields[:, 4:8].astype(np.int64)
+        at = self.count * SYMBOL_RECORD.size + int(lengths[:i].sum())
+        texts: list[str] = []
+        for length in lengths[i].tolist():
+            texts.append(bytes(self._raw[at : at + length]).decode("utf-8", "replace"))
+            at += length
+        name, kind, qualified, parent = texts
+        start_line, end_line, start_byte, end_byte = (int(v) for v in self._fields[i, :4])
+        return Symbol(name, kind, qualified, start_line, end_line, start_byte, end_byte, parent)
+
+
 class SegmentData:
     """SegmentData is an opened segment directory: checked metadata and memory-mapped parts.
 
@@ -229,6 +264,17 @@ class SegmentData:
         except (ValueError, IndexError) as exc:
             raise IndexCorruptError(self._symbols.path, f"malformed symbols of document {ordinal}") from exc
 
+    def symbol_spans(self, ordinal: int) -> SymbolSpans:
+        """symbol_spans returns the symbols stored for `ordinal` as spans, strings decoded on demand."""
+        self._check_ordinal(ordinal)
+        rec = self.records[ordinal]
+        count = int(rec["symbol_count"])
+        start = HEADER_SIZE + int(rec["symbols_off"])
+        end = start + int(rec["symbols_len"]) if count else start
+        if count * SYMBOL_RECORD.size > end - start:
+            raise IndexCorruptError(self._symbols.path, f"symbol records of document {ordinal} are truncated")
+        return SymbolSpans(self._symbols.region(start, end), count)
+
     @functools.cached_property
     def external_ids(self) -> tuple[str, ...]:
         """external_ids lists every document's external id by ordinal (decoded once, on first use)."""
@@ -323,6 +369,10 @@ class SegmentReader:
     def symbols(self, ordinal: int) -> tuple[Symbol, ...]:
         """symbols returns the symbols stored with `ordinal`."""
         return self.data.symbols(ordinal)
+
+    def symbol_spans(self, ordinal: int) -> SymbolSpans:
+        """symbol_spans returns `ordinal`'s symbol spans, decoding a symbol's strings only on demand."""
+        return self.data.symbol_spans(ordinal)
 
     @property
     def paths(self) -> Sequence[str]:

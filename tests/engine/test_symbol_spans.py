@@ -1,0 +1,66 @@
+"""SegmentReader.symbol_spans: the undecoded view of a document's symbols agrees with `symbols`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pyroaring import FrozenBitMap
+
+from services.search.engine.format import IndexCorruptError
+from services.search.engine.index import Index
+from services.search.engine.model import SourceDocument, Symbol
+from services.search.engine.reader import SegmentData, SegmentReader
+from services.search.engine.writer import IndexWriter
+
+PARSER = (
+    Symbol("Parser", "class", "Parser", 1, 9, 6, 12),
+    Symbol("parse", "method", "Parser.parse", 2, 4, 25, 30, "Parser"),
+    Symbol("ünïcode", "method", "Parser.ünïcode", 5, 9, 60, 69, "Parser"),
+)
+
+
+def _segment(root: Path) -> SegmentReader:
+    index = Index.create(root)
+    with IndexWriter(index) as writer:
+        content = b"class Parser:\n    def parse(self): ...\n"
+        assert writer.add(SourceDocument("with", "parser.py", content, symbols=PARSER)) is None
+        assert writer.add(SourceDocument("without", "notes.txt", b"no definitions here")) is None
+        writer.commit()
+    data = SegmentData(root / index.manifest.segments[0].name)
+    return SegmentReader(data, FrozenBitMap(range(data.doc_count)))
+
+
+def _ordinal(segment: SegmentReader, external_id: str) -> int:
+    return next(i for i in range(segment.doc_count) if segment.doc(i).external_id == external_id)
+
+
+def test_spans_and_decoded_symbols_match_the_stored_records(tmp_path: Path) -> None:
+    segment = _segment(tmp_path / "idx")
+    ordinal = _ordinal(segment, "with")
+    spans = segment.symbol_spans(ordinal)
+    assert spans.count == 3
+    assert spans.spans.tolist() == [[s.start_line, s.end_line, s.start_byte, s.end_byte] for s in PARSER]
+    assert tuple(spans.symbol(i) for i in range(spans.count)) == segment.symbols(ordinal) == PARSER
+    with pytest.raises(IndexError):
+        spans.symbol(3)
+
+
+def test_a_document_without_symbols_has_no_spans(tmp_path: Path) -> None:
+    segment = _segment(tmp_path / "idx")
+    spans = segment.symbol_spans(_ordinal(segment, "without"))
+    assert spans.count == 0 and spans.spans.shape == (0, 4)
+    with pytest.raises(IndexError):
+        spans.symbol(0)
+    with pytest.raises(IndexError):
+        segment.symbol_spans(segment.doc_count)
+
+
+def test_truncated_records_are_corruption(tmp_path: Path) -> None:
+    segment = _segment(tmp_path / "idx")
+    ordinal = _ordinal(segment, "with")
+    # A symbols_len shorter than the fixed-size records it must hold.
+    segment.data.records = segment.data.records.copy()
+    segment.data.records[ordinal]["symbols_len"] = 8
+    with pytest.raises(IndexCorruptError):
+        segment.symbol_spans(ordinal)
