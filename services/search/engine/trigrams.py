@@ -1,17 +1,19 @@
 """trigrams holds trigram extraction: ASCII case folding, trigram ids and distinct-trigram sets.
 
 A trigram is three bytes of UTF-8 content, ASCII-case-folded, identified by the uint32
-``b0<<16 | b1<<8 | b2`` (see format.py). Extraction works on whole buffers with numpy: per-byte
-Python loops would run at about 2 MB/s, the vectorised path below at about 70 MB/s per core.
+``b0<<16 | b1<<8 | b2`` (see format.py). Extraction for indexing runs in the C
+extension `_fastscan` (see `distinct_trigrams`); the numpy helpers below serve planning and
+tests, where per-byte Python loops would run at about 2 MB/s.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable
 
 import numpy as np
 from numpy.typing import NDArray
+
+from services.search.engine import _fastscan
 
 TRIGRAM_SPACE = 1 << 24
 """TRIGRAM_SPACE is the number of possible trigram ids."""
@@ -66,41 +68,17 @@ def without_newlines(ids: NDArray[np.uint32]) -> NDArray[np.uint32]:
     return kept
 
 
-class _Stamps(threading.local):
-    """_Stamps is a per-thread scratch table for deduplication (64 MiB of int32, zero-filled lazily)."""
-
-    def __init__(self) -> None:
-        # np.zeros maps untouched pages to the shared zero page, so only touched trigrams cost RSS.
-        self.table = np.zeros(TRIGRAM_SPACE, dtype=np.int32)
-        self.positions = np.arange(1 << 16, dtype=np.int32)
-
-    def arange(self, n: int) -> NDArray[np.int32]:
-        """arange returns 0..n-1 as a view of a cached array (allocating it per document cost 10%)."""
-        if n > len(self.positions):
-            self.positions = np.arange(max(n, 2 * len(self.positions)), dtype=np.int32)
-        return self.positions[:n]
-
-
-_stamps = _Stamps()
-
-
 def distinct_trigrams(content: bytes | memoryview) -> NDArray[np.uint32]:
     """distinct_trigrams returns the distinct folded trigram ids of `content`, in no particular order.
 
-    Deduplication stamps each id's last position into a 2^24 table and keeps positions whose
-    stamp survived: linear time and no clearing between documents, 1.8x faster than
-    ``np.unique`` (sort-based) on the stdlib corpus (72 vs 39 MB/s including extraction).
+    Trigrams containing a newline are left out (they are never indexed). The loop is
+    `_fastscan.distinct_trigrams`: one pass with a rolling 24-bit window and a per-thread
+    2^24-bit "seen" table cleared afterwards through the ids it set, without the GIL. Over
+    Linux's `fs/` (42 MB) it runs at 403 MB/s on one core, against 115 MB/s for the numpy
+    version it replaced (ids at every offset, last-position stamps in a 2^24 int32 table).
+    The result is a read-only view of the returned bytes.
     """
-    ids = trigram_id_array(content)
-    if len(ids) == 0:
-        return ids
-    table = _stamps.table
-    positions = _stamps.arange(len(ids))
-    # With repeated indices numpy keeps the last assignment, so each id ends up stamped with
-    # the position of its last occurrence; stale stamps from earlier documents are never read.
-    table[ids] = positions
-    # Newline trigrams are dropped after deduplication, on thousands of ids instead of millions.
-    return without_newlines(ids[table[ids] == positions])
+    return np.frombuffer(_fastscan.distinct_trigrams(content), dtype=np.uint32)
 
 
 def sorted_trigrams(content: bytes | memoryview) -> NDArray[np.uint32]:

@@ -1,0 +1,20 @@
+"""_fastscan is the engine's C extension (services/search/engine/_fastscan.c); these are its types."""
+
+from typing import TypeVar
+
+Buffer = bytes | bytearray | memoryview
+
+_Line = TypeVar("_Line", bound=tuple[int, int, int, tuple[tuple[int, int], ...]])
+
+def find_literal(
+    data: Buffer, needle: bytes, folded: bool, guard: bool, limit: int, line_type: type[_Line], /
+) -> list[_Line] | None:
+    """find_literal lists the lines of data holding needle (None: guard found KELVIN SIGN/LONG S)."""
+
+def needle_lines(
+    data: Buffer, needle: bytes, folded: bool, guard: bool, /
+) -> list[tuple[int, int, int]] | None:
+    """needle_lines lists (line_number, line_start, line_end) of each line holding needle."""
+
+def distinct_trigrams(data: Buffer, /) -> bytes:
+    """distinct_trigrams returns the distinct folded trigram ids without newlines, as uint32 bytes."""

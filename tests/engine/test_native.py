@@ -1,0 +1,116 @@
+"""Tests of the C extension `_fastscan` against plain-Python references of the same loops."""
+
+from __future__ import annotations
+
+import threading
+from importlib.machinery import EXTENSION_SUFFIXES
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.search.engine import _fastscan, trigrams, verify
+from services.search.engine.verify import LineMatch, LineMatcher
+
+ALPHABET = st.sampled_from([b"a", b"b", b"A", b"B", b"\n", b" ", b"_", "\u212a".encode(), "\u017f".encode()])
+
+
+def _reference_lines(data: bytes, needle: bytes, folded: bool) -> list[LineMatch]:
+    """_reference_lines splits the document into lines and finds the needle in each."""
+    hay = data.lower() if folded else data
+    out: list[LineMatch] = []
+    start = 0
+    for number, line in enumerate(hay.split(b"\n"), 1):
+        ranges: list[tuple[int, int]] = []
+        at = line.find(needle)
+        while at >= 0:
+            ranges.append((at, at + len(needle)))
+            at = line.find(needle, at + len(needle))
+        if ranges:
+            out.append(LineMatch(number, start, start + len(line), tuple(ranges)))
+        start += len(line) + 1
+    return out
+
+
+def test_the_native_extension_is_in_use() -> None:
+    # No silent fallback: the engine imports the compiled module on this kind of machine.
+    assert _fastscan.__file__ is not None
+    assert _fastscan.__file__.endswith(tuple(EXTENSION_SUFFIXES))
+    assert vars(verify)["_fastscan"] is _fastscan
+    assert vars(trigrams)["_fastscan"] is _fastscan
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.lists(ALPHABET, max_size=60).map(b"".join),
+    needle=st.lists(st.sampled_from([b"a", b"b", b"_", b" "]), min_size=1, max_size=3).map(b"".join),
+    folded=st.booleans(),
+)
+def test_find_literal_matches_a_line_by_line_reference(data: bytes, needle: bytes, folded: bool) -> None:
+    found = _fastscan.find_literal(data, needle, folded, False, -1, LineMatch)
+    assert found == _reference_lines(data, needle, folded)
+    assert all(type(line) is LineMatch for line in found or [])
+    limited = _fastscan.find_literal(data, needle, folded, False, 1, LineMatch)
+    assert limited == _reference_lines(data, needle, folded)[:1]
+    lines = _fastscan.needle_lines(memoryview(data), needle, folded, False)
+    assert lines == [
+        (m.line_number, m.line_start, m.line_end) for m in _reference_lines(data, needle, folded)
+    ]
+
+
+def test_guard_defers_to_re2_when_kelvin_sign_or_long_s_is_present() -> None:
+    kelvin = "x \u212aey\n".encode()
+    long_s = "\u017fay\n".encode()
+    assert _fastscan.find_literal(kelvin, b"key", True, True, -1, LineMatch) is None
+    assert _fastscan.needle_lines(long_s, b"say", True, True) is None
+    # Without those characters the guarded scan answers itself.
+    assert _fastscan.find_literal(b"KEY\n", b"key", True, True, -1, LineMatch) == [
+        LineMatch(1, 0, 3, ((0, 3),))
+    ]
+    # The matcher falls back to RE2, whose (?i) matches KELVIN SIGN to k and LONG S to s.
+    assert [m.ranges for m in LineMatcher("key", case_sensitive=False).find(kelvin)] == [((2, 7),)]
+    assert [m.line_number for m in LineMatcher("(?i)say", case_sensitive=True).find(long_s)] == [1]
+
+
+def test_bad_arguments_are_rejected() -> None:
+    with pytest.raises(ValueError):
+        _fastscan.find_literal(b"abc", b"", False, False, -1, LineMatch)
+    with pytest.raises(ValueError):
+        _fastscan.needle_lines(b"abc", b"a\nb", False, False)
+    with pytest.raises(TypeError):
+        _fastscan.find_literal(b"abc", b"a", False, False, -1, dict)  # type: ignore[type-var]
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.lists(ALPHABET, max_size=80).map(b"".join))
+def test_distinct_trigrams_match_the_numpy_reference(data: bytes) -> None:
+    ids = np.frombuffer(_fastscan.distinct_trigrams(data), dtype=np.uint32)
+    assert len(set(ids.tolist())) == len(ids)
+    reference = trigrams.without_newlines(np.unique(trigrams.trigram_id_array(data)))
+    assert sorted(ids.tolist()) == reference.tolist()
+
+
+def test_scans_from_several_threads_agree() -> None:
+    # The scans run without the GIL on per-thread scratch tables: concurrent calls must not mix.
+    docs = [(b"Alpha beta\n" * (200 + i)) + bytes([65 + i]) * 50 for i in range(8)]
+    expected = [
+        (_fastscan.distinct_trigrams(d), _fastscan.find_literal(d, b"beta", True, False, -1, LineMatch))
+        for d in docs
+    ]
+    results: dict[int, list[object]] = {}
+
+    def work(slot: int) -> None:
+        results[slot] = [
+            (_fastscan.distinct_trigrams(d), _fastscan.find_literal(d, b"beta", True, False, -1, LineMatch))
+            for _ in range(20)
+            for d in docs
+        ]
+
+    threads = [threading.Thread(target=work, args=(slot,)) for slot in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for slot in range(2):
+        assert results[slot] == expected * 20
