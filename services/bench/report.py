@@ -134,6 +134,11 @@ def render_table(report: Mapping[str, Any]) -> str:
             f"{name:<16} {build.get('seconds', 0):>7.2f} {('-' if mbps is None else f'{mbps:.1f}'):>6} "
             f"{_mib(build.get('peak_rss_bytes') or None):>14} {_mib(build.get('index_bytes')):>11}"
         )
+    if "kotadb-index" in report.get("build", {}):
+        lines.append(
+            "(kotadb-index: --no-symbols, what cindex builds; kotadb-symbols: the extra time and "
+            "bytes symbols cost; kotadb: the full index the queries use)"
+        )
     parts = report.get("build", {}).get("kotadb", {}).get("parts", {})
     if parts:
         lines.append(

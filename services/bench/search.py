@@ -3,8 +3,12 @@
 Order of work, so that every figure is taken on the same machine state:
 
 1. Build: our index in a child process (`kotadb index build`, so its peak RSS is the
-   child's own), codesearch's index with `cindex`, and, unless disabled, the pg_trgm table
-   and GIN index in a throwaway Postgres.
+   child's own) twice: first with `--no-symbols` ("kotadb-index": trigrams, postings and
+   stored content, what cindex does, so the throughput comparison is like for like), then
+   the real index with symbols ("kotadb", the honest total, which the queries use);
+   "kotadb-symbols" is the difference, the cost tree-sitter adds. Then codesearch's index
+   with `cindex` and, unless disabled, the pg_trgm table and GIN index in a throwaway
+   Postgres.
 2. Symbol extraction throughput over both cores on a sample of the corpus's files in
    languages with symbols (tree-sitter dominates build cost, so it is reported apart).
 3. Queries: for every pattern, one untimed warm-up of each side, then `runs` timed runs of
@@ -93,11 +97,15 @@ def read_queries(path: Path) -> list[str]:
     return [line for line in lines if line.strip() and not line.startswith("#")]
 
 
-def build_ours(corpus: Path, out: Path, log: Path) -> tuple[PeerBuild, dict[str, int]]:
+def build_ours(
+    corpus: Path, out: Path, log: Path, *, symbols: bool = True
+) -> tuple[PeerBuild, dict[str, int]]:
     """build_ours runs `kotadb index build` as a child and measures time, size and peak RSS."""
     if out.exists():
         shutil.rmtree(out)
     argv = [sys.executable, "-m", "services.cli", "index", "build", str(corpus), "--out", str(out)]
+    if not symbols:
+        argv.append("--no-symbols")
     run = run_process(argv, measure_rss=True, stderr_path=log)
     with Index.open(out) as index:
         parts = index.stats().bytes_by_part
@@ -179,8 +187,26 @@ def run_bench(options: BenchOptions, *, echo: Callable[[str], None] = print) -> 
     peers: list[Peer] = []
     pg: PgTrgmPeer | None = None
     try:
-        echo(f"building kotadb index of {corpus} ...")
+        echo(f"building kotadb index of {corpus} without symbols ...")
+        plain, plain_parts = build_ours(
+            corpus, work / "kotadb-index-nosym", work / "kotadb-build-nosym.log", symbols=False
+        )
+        shutil.rmtree(work / "kotadb-index-nosym", ignore_errors=True)
+        report["build"]["kotadb-index"] = {
+            "seconds": plain.seconds,
+            "throughput_mb_s": corpus_bytes / plain.seconds / 1e6,
+            "peak_rss_bytes": plain.peak_rss_bytes,
+            "index_bytes": plain.index_bytes,
+            "parts": plain_parts,
+        }
+        echo(f"building kotadb index of {corpus} with symbols ...")
         ours, parts = build_ours(corpus, work / "kotadb-index", work / "kotadb-build.log")
+        report["build"]["kotadb-symbols"] = {
+            "seconds": max(0.0, ours.seconds - plain.seconds),
+            "throughput_mb_s": None,
+            "peak_rss_bytes": None,
+            "index_bytes": parts.get("symbols", 0),
+        }
         report["build"]["kotadb"] = {
             "seconds": ours.seconds,
             "throughput_mb_s": corpus_bytes / ours.seconds / 1e6,
@@ -313,7 +339,16 @@ def _summarise(report: dict[str, Any], corpus_bytes: int) -> None:
         Target("first page (50 files): p50 over all runs", 10.0, medians["first_page_p50_ms"], "ms"),
         Target("first page (50 files): p99 over all runs", 50.0, medians["first_page_p99_ms"], "ms"),
         Target(
-            "build: throughput relative to cindex",
+            "build without symbols (trigrams, postings, content): throughput relative to cindex",
+            1.0,
+            ratio(build["kotadb-index"]["throughput_mb_s"], cs["throughput_mb_s"])
+            if cs and "kotadb-index" in build
+            else None,
+            "x",
+            lower_is_better=False,
+        ),
+        Target(
+            "build with symbols (total): throughput relative to cindex",
             1.0,
             ratio(ours["throughput_mb_s"], cs["throughput_mb_s"]) if cs else None,
             "x",
