@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.search.engine import _fastscan, trigrams, verify
+from services.search.engine import _fastscan, rank, trigrams, verify
 from services.search.engine.verify import LineMatch, LineMatcher
 
 ALPHABET = st.sampled_from([b"a", b"b", b"A", b"B", b"\n", b" ", b"_", "\u212a".encode(), "\u017f".encode()])
@@ -73,6 +73,27 @@ def test_guard_defers_to_re2_when_kelvin_sign_or_long_s_is_present() -> None:
     assert [m.line_number for m in LineMatcher("(?i)say", case_sensitive=True).find(long_s)] == [1]
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.lists(st.sampled_from([b"a", b"_", b"1", b" ", b"(", b"\n", "\u00e9".encode()]), max_size=30).map(
+        b"".join
+    ),
+    picks=st.lists(st.tuples(st.integers(0, 30), st.integers(0, 30)), max_size=4),
+)
+def test_any_whole_word_agrees_with_rank(data: bytes, picks: list[tuple[int, int]]) -> None:
+    lines: list[LineMatch] = []
+    start = 0
+    for number, line in enumerate(data.split(b"\n"), 1):
+        ranges = tuple((s, e) for s, e in picks if s <= e <= len(line))
+        if ranges:
+            lines.append(LineMatch(number, start, start + len(line), ranges))
+        start += len(line) + 1
+    expected = any(
+        rank.is_whole_word(data[m.line_start : m.line_end], s, e) for m in lines for s, e in m.ranges
+    )
+    assert _fastscan.any_whole_word(data, lines) is expected
+
+
 def test_bad_arguments_are_rejected() -> None:
     with pytest.raises(ValueError):
         _fastscan.find_literal(b"abc", b"", False, False, -1, LineMatch)
@@ -80,6 +101,8 @@ def test_bad_arguments_are_rejected() -> None:
         _fastscan.needle_lines(b"abc", b"a\nb", False, False)
     with pytest.raises(TypeError):
         _fastscan.find_literal(b"abc", b"a", False, False, -1, dict)  # type: ignore[type-var]
+    with pytest.raises(ValueError):
+        _fastscan.any_whole_word(b"abc", [LineMatch(1, 0, 9, ((0, 1),))])
 
 
 @settings(max_examples=200, deadline=None)

@@ -13,6 +13,13 @@
  *   needle_lines(data, needle, folded, guard) -> list[tuple[int, int, int]] | None
  *       (line_number, line_start, line_end) of every distinct line containing `needle`: the
  *       candidate lines a regex prefilter hands to RE2; None as above.
+ *   any_whole_word(data, lines) -> bool
+ *       Whether any range of any (line_number, line_start, line_end, ranges) line is a whole
+ *       word by rank.is_whole_word's rule (ASCII word bytes, as RE2's \b).
+ *   invert_postings(docs) -> tuple[bytes, bytes, bytes]
+ *       The posting lists of documents 0..n-1 given each one's distinct trigram ids (uint32
+ *       buffers): ascending trigram ids (uint32), run starts with a final end (int64) and
+ *       the ordinals grouped by trigram, ascending within each (uint32), by counting sort.
  *   distinct_trigrams(data) -> bytes
  *       The distinct ASCII-folded trigram ids of `data` (uint32, native byte order, first
  *       occurrence order), leaving out trigrams that contain a newline byte.
@@ -392,6 +399,205 @@ static PyObject *fastscan_distinct_trigrams(PyObject *self, PyObject *args) {
     return result;
 }
 
+static int is_word_byte(unsigned char b) {
+    return (b >= '0' && b <= '9') || (b >= 'A' && b <= 'Z') || (b >= 'a' && b <= 'z') || b == '_';
+}
+
+/* The same test as rank.is_whole_word on line = data[line_start:line_end]. */
+static int whole_word(const unsigned char *line, Py_ssize_t len, Py_ssize_t start, Py_ssize_t end) {
+    if (end <= start || start < 0 || end > len) {
+        return 0;
+    }
+    int left_ok = start == 0 || !is_word_byte(line[start - 1]) || !is_word_byte(line[start]);
+    int right_ok = end == len || !is_word_byte(line[end]) || !is_word_byte(line[end - 1]);
+    return left_ok && right_ok;
+}
+
+static PyObject *fastscan_any_whole_word(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer data;
+    PyObject *lines;
+    if (!PyArg_ParseTuple(args, "y*O", &data, &lines)) {
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(lines, "lines must be a sequence");
+    if (seq == NULL) {
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    int found = 0;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    for (Py_ssize_t i = 0; i < n && !found; i++) {
+        Py_ssize_t line_start, line_end;
+        PyObject *ranges;
+        PyObject *line = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyTuple_Check(line) || PyTuple_GET_SIZE(line) != 4) {
+            PyErr_SetString(PyExc_TypeError, "lines must hold (line_number, start, end, ranges) tuples");
+            goto fail;
+        }
+        line_start = PyLong_AsSsize_t(PyTuple_GET_ITEM(line, 1));
+        line_end = PyLong_AsSsize_t(PyTuple_GET_ITEM(line, 2));
+        if (PyErr_Occurred()) {
+            goto fail;
+        }
+        if (line_start < 0 || line_end < line_start || line_end > data.len) {
+            PyErr_SetString(PyExc_ValueError, "line outside the data");
+            goto fail;
+        }
+        ranges = PyTuple_GET_ITEM(line, 3);
+        if (!PyTuple_Check(ranges)) {
+            PyErr_SetString(PyExc_TypeError, "ranges must be a tuple");
+            goto fail;
+        }
+        for (Py_ssize_t r = 0; r < PyTuple_GET_SIZE(ranges) && !found; r++) {
+            PyObject *pair = PyTuple_GET_ITEM(ranges, r);
+            if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
+                PyErr_SetString(PyExc_TypeError, "a range must be a (start, end) tuple");
+                goto fail;
+            }
+            Py_ssize_t start = PyLong_AsSsize_t(PyTuple_GET_ITEM(pair, 0));
+            Py_ssize_t end = PyLong_AsSsize_t(PyTuple_GET_ITEM(pair, 1));
+            if (PyErr_Occurred()) {
+                goto fail;
+            }
+            found = whole_word((const unsigned char *)data.buf + line_start, line_end - line_start, start, end);
+        }
+    }
+    Py_DECREF(seq);
+    PyBuffer_Release(&data);
+    return PyBool_FromLong(found);
+fail:
+    Py_DECREF(seq);
+    PyBuffer_Release(&data);
+    return NULL;
+}
+
+/* Per-thread counting table for invert_postings: one int32 per trigram id (64 MiB, zero pages
+   until touched), reset through the ids a call touched so it is reused without re-zeroing. */
+static _Thread_local int32_t *invert_counts;
+
+static PyObject *fastscan_invert_postings(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *docs;
+    if (!PyArg_ParseTuple(args, "O", &docs)) {
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(docs, "docs must be a sequence of uint32 buffers");
+    if (seq == NULL) {
+        return NULL;
+    }
+    Py_ssize_t ndocs = PySequence_Fast_GET_SIZE(seq);
+    Py_buffer *views = PyMem_Calloc((size_t)(ndocs > 0 ? ndocs : 1), sizeof(Py_buffer));
+    PyObject *result = NULL;
+    Py_ssize_t held = 0;
+    size_t pairs = 0;
+    if (views == NULL) {
+        Py_DECREF(seq);
+        return PyErr_NoMemory();
+    }
+    for (; held < ndocs; held++) {
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seq, held), &views[held], PyBUF_C_CONTIGUOUS) < 0) {
+            goto done;
+        }
+        if (views[held].len % 4 != 0) {
+            PyBuffer_Release(&views[held]);
+            PyErr_SetString(PyExc_ValueError, "a document's ids must be uint32");
+            goto done;
+        }
+        pairs += (size_t)views[held].len / 4;
+    }
+    if (ndocs > INT32_MAX || pairs > INT32_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "too many documents or pairs for int32 counting");
+        goto done;
+    }
+    uint32_t *present = NULL;
+    int64_t *starts = NULL;
+    uint32_t *ordinals = malloc((pairs ? pairs : 1) * sizeof(uint32_t));
+    size_t distinct = 0;
+    int failed = ordinals == NULL;
+    Py_BEGIN_ALLOW_THREADS;
+    if (!failed && invert_counts == NULL) {
+        invert_counts = calloc(TRIGRAM_SPACE, sizeof(int32_t));
+    }
+    if (!failed && invert_counts != NULL) {
+        int32_t *counts = invert_counts;
+        /* Counting: ids are distinct within a document and below 2^24 (checked here). */
+        for (Py_ssize_t d = 0; d < ndocs && !failed; d++) {
+            const uint32_t *ids = views[d].buf;
+            size_t n = (size_t)views[d].len / 4;
+            for (size_t i = 0; i < n; i++) {
+                if (ids[i] >= TRIGRAM_SPACE) {
+                    failed = 2;
+                    break;
+                }
+                if (counts[ids[i]]++ == 0) {
+                    distinct++;
+                }
+            }
+        }
+        if (!failed) {
+            present = malloc((distinct ? distinct : 1) * sizeof(uint32_t));
+            starts = malloc((distinct + 1) * sizeof(int64_t));
+            failed = present == NULL || starts == NULL;
+        }
+        if (!failed) {
+            /* Ascending ids with their run starts; counts become each run's write cursor. */
+            size_t k = 0;
+            int64_t at = 0;
+            for (uint32_t id = 0; id < TRIGRAM_SPACE && k < distinct; id++) {
+                int32_t c = counts[id];
+                if (c == 0) {
+                    continue;
+                }
+                present[k] = id;
+                starts[k++] = at;
+                counts[id] = (int32_t)at;
+                at += c;
+            }
+            starts[distinct] = at;
+            for (Py_ssize_t d = 0; d < ndocs; d++) {
+                const uint32_t *ids = views[d].buf;
+                size_t n = (size_t)views[d].len / 4;
+                for (size_t i = 0; i < n; i++) {
+                    ordinals[counts[ids[i]]++] = (uint32_t)d;
+                }
+            }
+        }
+        /* Leave the table zeroed for the next call, whatever happened above. */
+        for (Py_ssize_t d = 0; d < ndocs; d++) {
+            const uint32_t *ids = views[d].buf;
+            size_t n = (size_t)views[d].len / 4;
+            for (size_t i = 0; i < n; i++) {
+                if (ids[i] < TRIGRAM_SPACE) {
+                    counts[ids[i]] = 0;
+                }
+            }
+        }
+    } else {
+        failed = 1;
+    }
+    Py_END_ALLOW_THREADS;
+    if (failed == 2) {
+        PyErr_SetString(PyExc_ValueError, "trigram id out of range");
+    } else if (failed) {
+        PyErr_NoMemory();
+    } else {
+        result = Py_BuildValue("(y#y#y#)", (const char *)present, (Py_ssize_t)(distinct * sizeof(uint32_t)),
+                               (const char *)starts, (Py_ssize_t)((distinct + 1) * sizeof(int64_t)),
+                               (const char *)ordinals, (Py_ssize_t)(pairs * sizeof(uint32_t)));
+    }
+    free(present);
+    free(starts);
+    free(ordinals);
+done:
+    for (Py_ssize_t d = 0; d < held; d++) {
+        PyBuffer_Release(&views[d]);
+    }
+    PyMem_Free(views);
+    Py_DECREF(seq);
+    return result;
+}
+
 static PyMethodDef fastscan_methods[] = {
     {"find_literal", fastscan_find_literal, METH_VARARGS,
      "find_literal(data, needle, folded, guard, limit, line_type) lists the lines holding needle."},
@@ -399,6 +605,10 @@ static PyMethodDef fastscan_methods[] = {
      "needle_lines(data, needle, folded, guard) lists (line_number, start, end) of lines holding needle."},
     {"distinct_trigrams", fastscan_distinct_trigrams, METH_VARARGS,
      "distinct_trigrams(data) returns the distinct folded trigram ids without newlines as uint32 bytes."},
+    {"any_whole_word", fastscan_any_whole_word, METH_VARARGS,
+     "any_whole_word(data, lines) says whether any range of any line is a whole word (rank.is_whole_word)."},
+    {"invert_postings", fastscan_invert_postings, METH_VARARGS,
+     "invert_postings(docs) inverts per-document trigram ids into (ids, starts, ordinals) as bytes."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,5 +1,6 @@
 """_fastscan is the engine's C extension (services/search/engine/_fastscan.c); these are its types."""
 
+from collections.abc import Sequence
 from typing import TypeVar
 
 Buffer = bytes | bytearray | memoryview
@@ -18,3 +19,11 @@ def needle_lines(
 
 def distinct_trigrams(data: Buffer, /) -> bytes:
     """distinct_trigrams returns the distinct folded trigram ids without newlines, as uint32 bytes."""
+
+def any_whole_word(
+    data: Buffer, lines: Sequence[tuple[int, int, int, tuple[tuple[int, int], ...]]], /
+) -> bool:
+    """any_whole_word says whether any range of any line is a whole word (rank.is_whole_word)."""
+
+def invert_postings(docs: Sequence[Buffer], /) -> tuple[bytes, bytes, bytes]:
+    """invert_postings inverts per-document trigram ids into (ids, starts, ordinals) bytes."""

@@ -106,7 +106,7 @@ def file_match(segment: SegmentReader, found: Hit, *, context_lines: int, with_s
         line = bytes(view[raw.line_start : raw.line_end])
         if line.isascii():
             # One byte per column: no need to count characters.
-            ranges = tuple(MatchRange(s, e, s + 1, e + 1) for s, e in raw.ranges)
+            ranges = _ascii_ranges(raw.ranges)
             text = line.decode("ascii")
         else:
             ranges = tuple(match_range(line, s, e) for s, e in raw.ranges)
@@ -139,6 +139,23 @@ def file_match(segment: SegmentReader, found: Hit, *, context_lines: int, with_s
         path_ranges=found.path_ranges,
         symbols=found.symbols,
     )
+
+
+# MatchRanges are immutable, so ASCII lines with the same byte ranges share one tuple of them:
+# an exhaustive `spin_lock_irqsave` over Linux builds 17,848 lines with few distinct ranges.
+_ASCII_RANGES: dict[tuple[tuple[int, int], ...], tuple[MatchRange, ...]] = {}
+_ASCII_RANGES_MAX = 1 << 16
+
+
+def _ascii_ranges(ranges: tuple[tuple[int, int], ...]) -> tuple[MatchRange, ...]:
+    """_ascii_ranges returns the MatchRanges of byte ranges in an ASCII line (column = byte + 1)."""
+    found = _ASCII_RANGES.get(ranges)
+    if found is None:
+        found = tuple(MatchRange(s, e, s + 1, e + 1) for s, e in ranges)
+        if len(_ASCII_RANGES) >= _ASCII_RANGES_MAX:
+            _ASCII_RANGES.clear()
+        _ASCII_RANGES[ranges] = found
+    return found
 
 
 def symbol_table(segment: SegmentReader, ordinal: int) -> rank.SymbolTable:
