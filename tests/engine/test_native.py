@@ -114,6 +114,33 @@ def test_distinct_trigrams_match_the_numpy_reference(data: bytes) -> None:
     assert sorted(ids.tolist()) == reference.tolist()
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sets(st.integers(0, (1 << 24) - 1), max_size=30), max_size=20))
+def test_invert_postings_matches_a_sorting_reference(docs: list[set[int]]) -> None:
+    arrays = [np.array(sorted(d, reverse=True), dtype=np.uint32) for d in docs]
+    present, starts, ordinals = (
+        np.frombuffer(b, dtype=t)
+        for b, t in zip(_fastscan.invert_postings(arrays), (np.uint32, np.int64, np.uint32), strict=True)
+    )
+    expected = sorted(set().union(*docs))
+    assert present.tolist() == expected
+    assert len(starts) == len(expected) + 1
+    for i, tid in enumerate(expected):
+        assert ordinals[starts[i] : starts[i + 1]].tolist() == [n for n, d in enumerate(docs) if tid in d]
+
+
+def test_invert_postings_rejects_bad_ids_and_stays_clean() -> None:
+    with pytest.raises(ValueError):
+        _fastscan.invert_postings([np.array([5, 1 << 24], dtype=np.uint32)])
+    with pytest.raises(ValueError):
+        _fastscan.invert_postings([b"abc"])
+    # The counting table was reset: a later call counts from zero.
+    present, starts, ordinals = _fastscan.invert_postings([np.array([5], dtype=np.uint32)])
+    assert np.frombuffer(present, dtype=np.uint32).tolist() == [5]
+    assert np.frombuffer(starts, dtype=np.int64).tolist() == [0, 1]
+    assert np.frombuffer(ordinals, dtype=np.uint32).tolist() == [0]
+
+
 def test_scans_from_several_threads_agree() -> None:
     # The scans run without the GIL on per-thread scratch tables: concurrent calls must not mix.
     docs = [(b"Alpha beta\n" * (200 + i)) + bytes([65 + i]) * 50 for i in range(8)]

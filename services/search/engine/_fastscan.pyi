@@ -1,9 +1,10 @@
 """_fastscan is the engine's C extension (services/search/engine/_fastscan.c); these are its types."""
 
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
-Buffer = bytes | bytearray | memoryview
+from numpy.typing import NDArray
+from typing_extensions import Buffer
 
 _Line = TypeVar("_Line", bound=tuple[int, int, int, tuple[tuple[int, int], ...]])
 
@@ -25,5 +26,5 @@ def any_whole_word(
 ) -> bool:
     """any_whole_word says whether any range of any line is a whole word (rank.is_whole_word)."""
 
-def invert_postings(docs: Sequence[Buffer], /) -> tuple[bytes, bytes, bytes]:
+def invert_postings(docs: Sequence[Buffer | NDArray[Any]], /) -> tuple[bytes, bytes, bytes]:
     """invert_postings inverts per-document trigram ids into (ids, starts, ordinals) bytes."""

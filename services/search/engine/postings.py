@@ -2,22 +2,20 @@
 
 A posting list is the set of document ordinals containing a trigram, stored as a portable
 roaring bitmap (format.py). The builder collects each document's distinct trigram ids and
-inverts them with a counting sort over the 2^24 trigram space: ids within one document are
-distinct, so ``cursor[ids] += 1`` is a valid vectorised scatter. On the stdlib corpus (3.35 M
-pairs) this takes 0.1 s against 0.45 s for sorting packed (trigram, ordinal) uint64 keys.
+inverts them with a counting sort over the 2^24 trigram space, in C (`_fastscan`): one pass
+counts each id, a scan of the table assigns every id its run, a second pass writes ordinals.
 """
 
 from __future__ import annotations
 
 import array
 import struct
-import threading
 
 import numpy as np
 from numpy.typing import NDArray
 from pyroaring import BitMap
 
-from services.search.engine.trigrams import TRIGRAM_SPACE
+from services.search.engine import _fastscan
 
 COUNTING_SORT_PAIRS = 1 << 20
 """COUNTING_SORT_PAIRS is the segment size (in pairs) from which inversion uses the counting sort."""
@@ -45,27 +43,6 @@ def decode_postings(buf: bytes | memoryview) -> BitMap:
     return BitMap.deserialize(buf)  # type: ignore[arg-type]  # accepts any buffer
 
 
-class _Scratch(threading.local):
-    """_Scratch holds per-thread 2^24 counting tables (64 MiB each, int32), allocated on first use.
-
-    Allocating and zeroing them per segment cost 0.5 s in page faults on the stdlib corpus;
-    reusing them costs only the entries a segment touches.
-    """
-
-    def __init__(self) -> None:
-        self._counts: NDArray[np.int32] | None = None
-        self._cursor: NDArray[np.int32] | None = None
-
-    def tables(self) -> tuple[NDArray[np.int32], NDArray[np.int32]]:
-        if self._counts is None or self._cursor is None:
-            self._counts = np.zeros(TRIGRAM_SPACE, dtype=np.int32)
-            self._cursor = np.zeros(TRIGRAM_SPACE, dtype=np.int32)
-        return self._counts, self._cursor
-
-
-_scratch = _Scratch()
-
-
 class PostingsBuilder:
     """PostingsBuilder accumulates documents' trigram sets and emits the sorted dictionary and postings.
 
@@ -88,7 +65,7 @@ class PostingsBuilder:
 
     def add(self, trigram_ids: NDArray[np.uint32]) -> int:
         """add records the distinct trigram ids of the next document and returns its ordinal."""
-        self._per_doc.append(trigram_ids)
+        self._per_doc.append(np.ascontiguousarray(trigram_ids, dtype=np.uint32))
         self._pairs += len(trigram_ids)
         return len(self._per_doc) - 1
 
@@ -100,27 +77,21 @@ class PostingsBuilder:
         Ordinals for trigram ``ids[i]`` are ``ordinals[starts[i]:starts[i+1]]``, ascending.
         `counting` forces the counting sort (True) or the comparison sort (False); by default
         the counting sort is used from COUNTING_SORT_PAIRS pairs up, where scanning its 2^24
-        tables (about 30 ms) costs less than sorting.
+        table costs less than sorting. The counting sort is `_fastscan.invert_postings` (C,
+        without the GIL): on a 64 MB slice of Linux's drivers/net it takes 0.05 s against
+        0.21 s for the numpy version it replaced (two Python loops of fancy indexing). The
+        arrays are read-only views of the bytes it returns.
         """
         if counting is None:
             counting = self._pairs >= COUNTING_SORT_PAIRS
         if not counting or self._pairs >= 1 << 31:  # the counting tables are int32
             return self._invert_by_sorting()
-        counts, cursor = _scratch.tables()
-        for ids in self._per_doc:
-            counts[ids] += 1
-        present = np.flatnonzero(counts).astype(np.uint32)
-        starts = np.zeros(len(present) + 1, dtype=np.int64)
-        np.cumsum(counts[present], out=starts[1:])
-        # Reset only the touched counters so the 2^24 tables are reused without re-zeroing.
-        counts[present] = 0
-        cursor[present] = starts[:-1]
-        ordinals = np.empty(self._pairs, dtype=np.uint32)
-        for ordinal, ids in enumerate(self._per_doc):
-            slots = cursor[ids]
-            ordinals[slots] = ordinal
-            cursor[ids] = slots + 1
-        return present, starts, ordinals
+        present, starts, ordinals = _fastscan.invert_postings(self._per_doc)
+        return (
+            np.frombuffer(present, dtype=np.uint32),
+            np.frombuffer(starts, dtype=np.int64),
+            np.frombuffer(ordinals, dtype=np.uint32),
+        )
 
     def _invert_by_sorting(self) -> tuple[NDArray[np.uint32], NDArray[np.int64], NDArray[np.uint32]]:
         if not self._per_doc:
