@@ -94,6 +94,21 @@ def test_any_whole_word_agrees_with_rank(data: bytes, picks: list[tuple[int, int
     assert _fastscan.any_whole_word(data, lines) is expected
 
 
+def test_required_literal_screen_keeps_re2_results() -> None:
+    # A regex starting with a literal runs RE2 over the document only if every required
+    # literal is present; the answers must be RE2's either way.
+    matcher = LineMatcher(r"struct task \*\w+ = current", case_sensitive=True)
+    assert matcher.strategy == "regex"
+    assert matcher.find(b"struct task *p = other;\nx = current;\n") == []
+    content = b"struct task *p = current;\nstruct task *q = current;\n"
+    assert [m.line_number for m in matcher.find(content)] == [1, 2]
+    # Folded screens defer to RE2 when the document holds KELVIN SIGN (RE2's (?i) k).
+    folded = LineMatcher(r"(?i)mark\w+ kelvin", case_sensitive=True)
+    assert folded.strategy == "regex"
+    assert [m.line_number for m in folded.find("MARKs \u212aELVIN\n".encode())] == [1]
+    assert folded.find(b"marks celsius\n") == []
+
+
 def test_bad_arguments_are_rejected() -> None:
     with pytest.raises(ValueError):
         _fastscan.find_literal(b"abc", b"", False, False, -1, LineMatch)
