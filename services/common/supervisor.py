@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,6 +62,8 @@ class ChildExited(RuntimeError):
 # (other threads of the parent, e.g. gRPC's, may hold locks that dlopen would need).
 _prctl: Callable[..., int] | None = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None
 
+_SETPRIV = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+
 
 def _die_with_parent() -> None:
     """_die_with_parent runs in the forked child before exec: SIGTERM it if the parent dies."""
@@ -84,15 +87,24 @@ class ChildProcess:
         """start launches the process with stdout and stderr appended to log_path."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
+        # The death signal is set by util-linux's `setpriv` exec'ing the real command rather than by a
+        # `preexec_fn`: a preexec_fn forces a plain fork() of this process, and forking a process with
+        # gRPC threads running makes the child abort now and then in gRPC's poller (grpc/grpc#43055).
+        # Without a preexec_fn, subprocess uses vfork/posix_spawn, which gRPC tolerates.
+        argv, preexec = list(self.argv), None
+        if _SETPRIV is not None:
+            argv = [_SETPRIV, "--pdeathsig", "TERM", "--", *argv]
+        else:
+            preexec = _die_with_parent
         self.popen = subprocess.Popen(
-            list(self.argv),
+            argv,
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=dict(self.env) if self.env is not None else None,
             cwd=self.cwd,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=preexec,
         )
 
     @property
