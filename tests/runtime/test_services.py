@@ -1,14 +1,14 @@
-"""The three real services, in-process on port 0 against the test database.
+"""The three real services, each a `kotadb serve` process on port 0 against the test database.
 
-Each must report SERVING only once its database and schema are ready, expose reflection for
-its own API and the health service, and answer every business RPC with UNIMPLEMENTED naming the
-missing capability (never a made-up result), while GetHealth works for real.
+Each must report SERVING only once its database and schema are ready, expose reflection for its
+own API and the health service, and answer exactly the RPCs the README lists as not built with
+UNIMPLEMENTED naming the missing capability (never a made-up result), while GetHealth works.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +19,9 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from grpc_reflection.v1alpha import reflection_pb2
 from kotadb.v1 import auth_pb2, health_pb2, health_pb2_grpc, ingest_pb2, search_pb2
 
-from services.auth.config import AuthSettings
-from services.auth.server import build as build_auth
-from services.common.identity import IDENTITY_HEADER, IdentityCodec, IdentitySettings
-from services.common.server import ServiceServer
-from services.common.settings import ServiceSettings
-from services.ingest.config import IngestSettings
-from services.ingest.server import build as build_ingest
-from services.search.config import SearchSettings
-from services.search.server import build as build_search
+from services.common.identity import IDENTITY_HEADER, IdentityCodec
+from services.common.supervisor import Supervisor
+from tests.harness import serve, service_env
 from tests.runtime.rpc import (
     SERVING,
     file_descriptors,
@@ -39,43 +33,40 @@ from tests.runtime.rpc import (
 )
 
 # Business RPCs need a caller: the tests sign one the way the gateway's Check does.
-IDENTITY = IdentitySettings(identity_key="runtime-tests-identity-key-0123456789abcdef")
-IDENTITY_CODEC = IdentityCodec(IDENTITY.identity_key)
+IDENTITY_KEY = "runtime-tests-identity-key-0123456789abcdef"
+IDENTITY_CODEC = IdentityCodec(IDENTITY_KEY)
 
-Case = tuple[str, Callable[[Any], ServiceServer], ServiceDescriptor, Callable[..., ServiceSettings]]
+Case = tuple[str, ServiceDescriptor]
 
 CASES: list[Case] = [
-    ("auth", build_auth, auth_pb2.DESCRIPTOR.services_by_name["AuthService"], AuthSettings),
-    ("ingest", build_ingest, ingest_pb2.DESCRIPTOR.services_by_name["IngestService"], IngestSettings),
-    ("search", build_search, search_pb2.DESCRIPTOR.services_by_name["SearchService"], SearchSettings),
+    ("auth", auth_pb2.DESCRIPTOR.services_by_name["AuthService"]),
+    ("ingest", ingest_pb2.DESCRIPTOR.services_by_name["IngestService"]),
+    ("search", search_pb2.DESCRIPTOR.services_by_name["SearchService"]),
 ]
 
 
-def _settings(factory: Callable[..., ServiceSettings], database_url: str, tmp_path: Path) -> ServiceSettings:
-    extra: dict[str, Any] = {"data_dir": tmp_path / "index"} if factory is SearchSettings else {}
-    return factory(
-        database_url=database_url,
-        host="127.0.0.1",
-        port=0,
-        readiness_interval=0.1,
-        shutdown_grace=5.0,
-        db_pool_max=2,
-        **extra,
-    )
+@pytest.fixture(scope="module")
+def services(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """services runs each service as a real `kotadb serve` process (what a container runs).
+
+    Separate processes, not in-process servers: grpc.aio servers started and stopped many times in
+    one event loop occasionally never finish stopping, which would wedge the test process itself.
+    """
+    workdir = tmp_path_factory.mktemp("services")
+    env = service_env(database_url, workdir, IDENTITY_KEY, KOTADB_LOG_LEVEL="WARNING")
+    with Supervisor() as supervisor:
+        running = {name: serve(supervisor, workdir, name, name, env)[0] for name, _ in CASES}
+        yield {"addresses": running, "data_dir": workdir / "search-data"}
 
 
 @pytest.fixture(params=CASES, ids=[case[0] for case in CASES])
-async def running(request: pytest.FixtureRequest, database_url: str, tmp_path: Path) -> AsyncIterator[Any]:
-    name, build, descriptor, factory = request.param
-    server = build(_settings(factory, database_url, tmp_path), identity=IDENTITY)
-    port = await server.start()
-    assert port > 0
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+async def running(request: pytest.FixtureRequest, services: dict[str, Any]) -> AsyncIterator[Any]:
+    name, descriptor = request.param
+    channel = grpc.aio.insecure_channel(services["addresses"][name])
     try:
-        yield name, server, descriptor, channel
+        yield name, services["data_dir"], descriptor, channel
     finally:
         await channel.close(None)
-        await server.stop()
 
 
 def _call(channel: grpc.aio.Channel, method: MethodDescriptor) -> Any:
@@ -98,7 +89,7 @@ def _call(channel: grpc.aio.Channel, method: MethodDescriptor) -> Any:
 
 
 async def test_serving_once_database_and_schema_are_ready(running: Any) -> None:
-    name, server, descriptor, channel = running
+    name, data_dir, descriptor, channel = running
     await wait_for_health(channel, SERVING, "")
     await wait_for_health(channel, SERVING, descriptor.full_name)
     assert await health_status(channel, "kotadb.v1.HealthService") == SERVING
@@ -114,7 +105,7 @@ async def test_serving_once_database_and_schema_are_ready(running: Any) -> None:
     assert parts["schema"].status == health_pb2.GetHealthResponse.SERVING
     if name == "search":
         assert parts["index_volume"].status == health_pb2.GetHealthResponse.SERVING
-        assert (server.settings.data_dir).is_dir()
+        assert data_dir.is_dir()
 
 
 def _unimplemented_methods() -> dict[str, dict[str, str]]:
@@ -135,16 +126,22 @@ async def test_unimplemented_rpcs_are_exactly_the_readme_list(running: Any) -> N
     assert len(descriptor.methods) >= 5
     for method in descriptor.methods:
         call = _call(channel, method)
+        if method.name not in listed:
+            # A built RPC may accept or refuse an empty service-role request, but never as "not built".
+            try:
+                if method.server_streaming:
+                    _ = [item async for item in call]
+                else:
+                    await call
+            except grpc.aio.AioRpcError as refused:
+                assert refused.code() != grpc.StatusCode.UNIMPLEMENTED, method.full_name
+            continue
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             if method.server_streaming:
                 _ = [item async for item in call]
             else:
                 await call
         error = caught.value
-        if method.name not in listed:
-            # Built RPCs refuse an empty, unauthenticated request, but never as "not built".
-            assert error.code() != grpc.StatusCode.UNIMPLEMENTED, method.full_name
-            continue
         assert error.code() == grpc.StatusCode.UNIMPLEMENTED, method.full_name
         assert f"({method.name})" in (error.details() or "")
         assert "issue" in (error.details() or "")
