@@ -6,6 +6,12 @@ processes, one `kotadb serve search` (the cheap upstream; it also stands in for 
 gateway's /health is green), two Envoys rendered from the real gateway template (ext_authz on
 and off), and a third auth process behind its own Envoy for the crash step. Keys are issued with
 the auth service's own rules (services/auth/management.py) as the service role.
+
+Every auth process has two ports: the grpc.aio one (all three services, Check included) and the
+lean Check listener (services/common/h2unary.py) that Envoy's ext_authz calls. Started with
+`--port 0`, a process picks a free Check port too and writes it to `<port file>.check`; the
+Envoys are rendered with `auth_check=` those addresses. The crash rig's replacement process gets
+its predecessor's Check port through KOTADB_AUTH_CHECK_PORT so its Envoy's config still matches.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ READY_LIMIT = 180.0
 # The highest limits the service role may give a key (management.HARD_MAX_*): "unlimited" here.
 UNLIMITED_RATE = 10_000_000
 UNLIMITED_QUOTA = 10**15
+# Where a `kotadb serve auth` process puts its lean Check listener (services/auth/config.py).
+CHECK_PORT_VARIABLE = "KOTADB_AUTH_CHECK_PORT"
 
 Echo = Callable[[str], None]
 
@@ -49,6 +57,7 @@ class Stack:
 
     database_url: str
     auth: tuple[str, ...]
+    check: tuple[str, ...]
     envoy_on: str
     envoy_off: str
     read_key: str
@@ -65,13 +74,15 @@ class CrashRig:
     """CrashRig is an auth process of its own behind its own Envoy, there to be killed (step 6).
 
     `kill_and_restart` SIGKILLs the process, starts a new one on the same port and returns the
-    seconds until it was SERVING again.
+    seconds until it was SERVING again (on both its ports).
     """
 
     envoy: str
     key: str
     key_id: uuid.UUID
     kill_and_restart: Callable[[], float]
+    auth: str
+    check: str
 
 
 def _wait(what: str, probe: Callable[[], tuple[bool, str]], children: Sequence[ChildProcess]) -> None:
@@ -93,11 +104,22 @@ def _port_file(path: Path) -> tuple[bool, str]:
     return text.isdigit(), f"waiting for {path}"
 
 
+@dataclasses.dataclass(frozen=True)
+class Spawned:
+    """Spawned is a started service process: its gRPC address and, for auth, its Check listener's."""
+
+    address: str
+    check: str
+    child: ChildProcess
+
+
 def _spawn_service(
     supervisor: Supervisor, name: str, service: str, workdir: Path, env: dict[str, str], port: int = 0
-) -> tuple[str, ChildProcess]:
+) -> Spawned:
     port_file = workdir / f"{name}.port"
+    check_file = port_file.with_name(port_file.name + ".check")
     port_file.unlink(missing_ok=True)
+    check_file.unlink(missing_ok=True)
     argv = [sys.executable, "-m", "services.cli", "serve", service, "--port", str(port)]
     child = supervisor.spawn(
         name, [*argv, "--port-file", str(port_file)], log_path=workdir / f"{name}.log", env=env
@@ -105,7 +127,14 @@ def _spawn_service(
     _wait(f"{name} port", functools.partial(_port_file, port_file), [child])
     address = f"127.0.0.1:{port_file.read_text().strip()}"
     _wait(name, functools.partial(status.probe_grpc_health, address), [child])
-    return address, child
+    check = ""
+    if service == "auth":
+        # Written before the main port file, so it is there by now.
+        if not _port_file(check_file)[0]:
+            raise RuntimeError(f"{name} wrote no Check listener port ({check_file}):\n{child.log_tail()}")
+        check = f"127.0.0.1:{check_file.read_text().strip()}"
+        _wait(f"{name} Check listener", functools.partial(status.probe_grpc_health, check), [child])
+    return Spawned(address, check, child)
 
 
 def _spawn_envoy(
@@ -116,6 +145,7 @@ def _spawn_envoy(
         gateway_port=port,
         admin_port=admin,
         auth=addresses["auth"],
+        auth_check=addresses["auth_check"],
         ingest=addresses["ingest"],
         search=addresses["search"],
         ext_authz=ext_authz,
@@ -157,7 +187,11 @@ async def _create_keys(database_url: str, limit: int) -> dict[str, tuple[str, uu
 def running_stack(
     echo: Echo, *, burst_limit: int, log_level: str, work_dir: Path | None
 ) -> Iterator[tuple[Stack, dict[str, tuple[str, uuid.UUID]]]]:
-    """running_stack starts Postgres, two auth processes, search and two Envoys; stops them after."""
+    """running_stack starts Postgres, two auth processes, search and two Envoys; stops them after.
+
+    The temporary directory is removed afterwards, unless it was made under `work_dir`: then
+    only the database goes and the logs stay.
+    """
     workdir = Path(tempfile.mkdtemp(prefix="kotadb-bench-auth-", dir=work_dir))
     # The unprivileged user Postgres runs as (when we are root) must traverse into the cluster.
     workdir.chmod(0o711)
@@ -169,38 +203,61 @@ def running_stack(
         migrate.apply_migrations(dsn)
         keys = asyncio.run(_create_keys(dsn, burst_limit))
         env = dict(os.environ, KOTADB_DATABASE_URL=dsn, PYTHONUNBUFFERED="1")
+        # Each auth process picks a free Check port; a fixed one from our caller would collide.
+        env.pop(CHECK_PORT_VARIABLE, None)
         env["KOTADB_IDENTITY_KEY"] = secrets.token_hex(32)
         env["KOTADB_LOG_LEVEL"] = log_level
         env["KOTADB_SEARCH_DATA_DIR"] = str(workdir / "search")
         with Supervisor(grace=20) as supervisor:
-            auth_a, auth_a_child = _spawn_service(supervisor, "auth-a", "auth", workdir, env)
-            auth_b, _ = _spawn_service(supervisor, "auth-b", "auth", workdir, env)
-            search, _ = _spawn_service(supervisor, "search", "search", workdir, env)
+            auth_a = _spawn_service(supervisor, "auth-a", "auth", workdir, env)
+            auth_b = _spawn_service(supervisor, "auth-b", "auth", workdir, env)
+            search = _spawn_service(supervisor, "search", "search", workdir, env).address
             # The ingest cluster must be healthy for Envoy's /health; a search process stands in.
-            addresses = {"auth": auth_a, "ingest": search, "search": search}
+            addresses = {
+                "auth": auth_a.address,
+                "auth_check": auth_a.check,
+                "ingest": search,
+                "search": search,
+            }
             envoy_on = _spawn_envoy(supervisor, "envoy-authz-on", workdir, addresses, ext_authz=True)
             envoy_off = _spawn_envoy(supervisor, "envoy-authz-off", workdir, addresses, ext_authz=False)
-            echo(f"auth {auth_a} and {auth_b}, search {search}, envoy on {envoy_on} / off {envoy_off}")
-            auth_crash, crash_child = _spawn_service(supervisor, "auth-crash", "auth", workdir, env)
-            crash_addresses = dict(addresses, auth=auth_crash)
+            echo(
+                f"auth {auth_a.address} (Check {auth_a.check}) and {auth_b.address} (Check {auth_b.check}),"
+                f" search {search}, envoy on {envoy_on} / off {envoy_off}"
+            )
+            auth_crash = _spawn_service(supervisor, "auth-crash", "auth", workdir, env)
+            crash_addresses = dict(addresses, auth=auth_crash.address, auth_check=auth_crash.check)
             envoy_crash = _spawn_envoy(supervisor, "envoy-crash", workdir, crash_addresses, ext_authz=True)
-            children = {"auth-crash": crash_child}
+            children = {"auth-crash": auth_crash.child}
+            # The replacement listens where the old process did, on both ports.
+            crash_env = dict(env, **{CHECK_PORT_VARIABLE: auth_crash.check.rsplit(":", 1)[1]})
 
             def kill_and_restart() -> float:
                 killed = time.monotonic()
                 os.kill(children["auth-crash"].pid, signal.SIGKILL)
                 children["auth-crash"].stop(grace=5)  # reaps it; the process is already gone
-                port = int(auth_crash.rsplit(":", 1)[1])
-                _, children["auth-crash"] = _spawn_service(
-                    supervisor, "auth-crash", "auth", workdir, env, port=port
-                )
+                port = int(auth_crash.address.rsplit(":", 1)[1])
+                restarted = _spawn_service(supervisor, "auth-crash", "auth", workdir, crash_env, port=port)
+                if restarted.check != auth_crash.check:
+                    raise RuntimeError(
+                        f"auth-crash came back on Check {restarted.check}, not {auth_crash.check}"
+                    )
+                children["auth-crash"] = restarted.child
                 return time.monotonic() - killed
 
-            crash = CrashRig(envoy_crash, keys["crash"][0], keys["crash"][1], kill_and_restart)
+            crash = CrashRig(
+                envoy_crash,
+                keys["crash"][0],
+                keys["crash"][1],
+                kill_and_restart,
+                auth=auth_crash.address,
+                check=auth_crash.check,
+            )
             yield (
                 Stack(
                     database_url=dsn,
-                    auth=(auth_a, auth_b),
+                    auth=(auth_a.address, auth_b.address),
+                    check=(auth_a.check, auth_b.check),
                     envoy_on=envoy_on,
                     envoy_off=envoy_off,
                     read_key=keys["read"][0],
@@ -208,11 +265,16 @@ def running_stack(
                     envoy_key=keys["envoy"][0],
                     envoy_key_id=keys["envoy"][1],
                     crash=crash,
-                    auth_pid=auth_a_child.pid,
+                    auth_pid=auth_a.child.pid,
                     postgres_pid=cluster.postmaster_pid,
                 ),
                 keys,
             )
     finally:
         cluster.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if work_dir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            # Asked for a place: keep the processes' logs and configs there, not the database.
+            shutil.rmtree(workdir / "postgres", ignore_errors=True)
+            echo(f"logs kept in {workdir}")
