@@ -105,6 +105,10 @@ def service_env(database_url: str, workdir: Path, identity_key: str, **extra: st
     return env
 
 
+# Auth gRPC address -> the same process's Check listener, as spawn_service found them.
+CHECK_LISTENERS: dict[str, str] = {}
+
+
 def spawn_service(
     supervisor: Supervisor, workdir: Path, name: str, service: str, env: dict[str, str]
 ) -> tuple[str, ChildProcess]:
@@ -120,7 +124,12 @@ def spawn_service(
         name, [*argv, "--port-file", str(port_file)], log_path=workdir / f"{name}.log", env=env
     )
     wait_until(f"{name} port", port_file_probe(port_file), supervisor)
-    return f"127.0.0.1:{port_file.read_text().strip()}", child
+    address = f"127.0.0.1:{port_file.read_text().strip()}"
+    check_file = port_file.with_name(port_file.name + ".check")
+    if check_file.exists():
+        # The auth service's lean Check listener: start_envoy points ext_authz at it.
+        CHECK_LISTENERS[address] = f"127.0.0.1:{check_file.read_text().strip()}"
+    return address, child
 
 
 def wait_healthy(address: str, supervisor: Supervisor) -> None:
@@ -166,8 +175,18 @@ def start_envoy(
     gateway's `/health` when a test needs them.
     """
     port, admin = free_port(), free_port()
+    replicas = auth.split(",")
+    auth_check = (
+        ",".join(CHECK_LISTENERS[a] for a in replicas) if all(a in CHECK_LISTENERS for a in replicas) else ""
+    )
     config = gateway.GatewayConfig(
-        gateway_port=port, admin_port=admin, auth=auth, ingest=ingest, search=search, ext_authz=ext_authz
+        gateway_port=port,
+        admin_port=admin,
+        auth=auth,
+        auth_check=auth_check,
+        ingest=ingest,
+        search=search,
+        ext_authz=ext_authz,
     )
     config_path = workdir / f"{name}.yaml"
     config_path.write_text(gateway.render(config))

@@ -34,13 +34,14 @@ import json
 import logging
 import math
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any
 
 import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, status_pb2
 
 from services.auth import keys, quota
@@ -58,6 +59,7 @@ from services.common.errors import (
     Unauthenticated,
     Unavailable,
 )
+from services.common.h2unary import RpcError
 from services.common.identity import (
     IDENTITY_HEADER,
     KEY_ID_HEADER,
@@ -94,6 +96,13 @@ class _CheckFailed(KotaError):
     default_reason = "AUTHORIZATION_FAILED"
 
 
+class Later:
+    """Later is Authorizer.authorize_now's answer when the decision needs the database."""
+
+
+LATER = Later()
+
+
 @dataclasses.dataclass(frozen=True)
 class Grant:
     """Grant is an allowed request: the identity to forward and the rate headers to return."""
@@ -127,6 +136,35 @@ class Authorizer:
         self.sessions = sessions
         self.codec = codec
         self.clock = clock
+
+    def authorize_now(self, http_method: str, path: str, headers: Mapping[str, str]) -> Grant | Later | None:
+        """authorize_now decides from memory alone, or returns LATER when only `authorize` can.
+
+        Memory suffices for a cached key whose block of leased tokens has one left (or whose
+        window is known to be spent), and for every refusal that needs no lookup. Session JWTs,
+        cache misses and empty blocks go the asynchronous way.
+        """
+        route = self.routes.resolve(http_method, path)
+        if route is None:
+            raise NotFound(f"no route for {http_method} {_plain_path(path)}", reason=ROUTE_NOT_FOUND)
+        if route.permission == "":
+            return None
+        credential = bearer_credential(headers)
+        if self.codec is None or credential is None or looks_like_jwt(credential):
+            return LATER
+        parsed = keys.parse_key(credential)
+        hit, record = self.cache.peek(parsed.key_hash)
+        if not hit:
+            return LATER
+        if record is None:
+            raise Unauthenticated("the API key is not known", reason="UNKNOWN_API_KEY")
+        identity = self._key_identity(route, record)
+        admission = self.admitter.try_admit(record.id)
+        if admission is None:
+            return LATER
+        if not admission.admitted:
+            raise limit_error(admission, record)
+        return Grant(identity=identity, token=self._sign(identity), admission=admission)
 
     async def authorize(self, http_method: str, path: str, headers: Mapping[str, str]) -> Grant | None:
         """authorize returns the Grant for an allowed request, or None for a credential-free route."""
@@ -177,16 +215,7 @@ class Authorizer:
         record = await self.cache.lookup(parsed.key_hash)
         if record is None:
             raise Unauthenticated("the API key is not known", reason="UNKNOWN_API_KEY")
-        self._check_state(record)
-        identity = Identity(
-            user_id=record.user_id, kind="api_key", permissions=record.permissions, key_id=record.id
-        )
-        if route.permission == SERVICE_ONLY or not identity.has(route.permission):
-            raise PermissionDenied(
-                f"this API key lacks the {route.permission} permission this call needs",
-                reason="MISSING_PERMISSION",
-                metadata={"permission": route.permission, "method": route.grpc_method},
-            )
+        identity = self._key_identity(route, record)
         admission = await self.admitter.admit(record.id)
         if not admission.found:
             self.cache.evict(record.id)
@@ -197,6 +226,20 @@ class Authorizer:
         if not admission.admitted:
             raise limit_error(admission, record)
         return Grant(identity=identity, token=self._sign(identity), admission=admission)
+
+    def _key_identity(self, route: Route, record: KeyRecord) -> Identity:
+        """_key_identity refuses an unusable key or one without the route's permission."""
+        self._check_state(record)
+        identity = Identity(
+            user_id=record.user_id, kind="api_key", permissions=record.permissions, key_id=record.id
+        )
+        if route.permission == SERVICE_ONLY or not identity.has(route.permission):
+            raise PermissionDenied(
+                f"this API key lacks the {route.permission} permission this call needs",
+                reason="MISSING_PERMISSION",
+                metadata={"permission": route.permission, "method": route.grpc_method},
+            )
+        return identity
 
     def _check_state(self, record: KeyRecord) -> None:
         now = self.clock.now()
@@ -242,7 +285,12 @@ def _plain_path(path: str) -> str:
 
 
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
-    """AuthorizationServicer answers Envoy's `Check` from an Authorizer's decision."""
+    """AuthorizationServicer answers Envoy's `Check` from an Authorizer's decision.
+
+    It serves two transports: the grpc.aio server (`Check`) and the lean HTTP/2 listener Envoy's
+    ext_authz uses (`check_bytes`, services/common/h2unary.py). Both try the in-memory decision
+    first and await the database only when it cannot decide.
+    """
 
     def __init__(self, authorizer: Authorizer) -> None:
         self.authorizer = authorizer
@@ -251,10 +299,48 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> external_auth_pb2.CheckResponse:
         """Check allows or denies one HTTP request Envoy is about to route."""
+        response = self.decide_now(request)
+        if response is None:
+            response = await self.decide_later(request)
+        return response
+
+    def check_bytes(self, message: bytes, metadata: Mapping[str, str]) -> bytes | Awaitable[bytes]:
+        """check_bytes is Check on serialized messages: bytes now, or an awaitable of them."""
+        try:
+            request = external_auth_pb2.CheckRequest.FromString(message)
+        except DecodeError as exc:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "the CheckRequest could not be parsed") from exc
+        response = self.decide_now(request)
+        if response is not None:
+            return bytes(response.SerializeToString())
+        return self._later_bytes(request)
+
+    async def _later_bytes(self, request: external_auth_pb2.CheckRequest) -> bytes:
+        response = await self.decide_later(request)
+        return bytes(response.SerializeToString())
+
+    def decide_now(self, request: external_auth_pb2.CheckRequest) -> external_auth_pb2.CheckResponse | None:
+        """decide_now answers from memory, or returns None when the database must be asked."""
+        http = request.attributes.request.http
+        headers = {key.lower(): value for key, value in http.headers.items()}
+        try:
+            grant = self.authorizer.authorize_now(http.method, http.path, headers)
+        except KotaError as exc:
+            return denied(exc, request_id=headers.get("x-request-id", ""), grpc_client=_is_grpc(headers))
+        except Exception as exc:
+            log.error("Check failed unexpectedly", exc_info=exc)
+            failure = _CheckFailed("the request could not be authorized")
+            return denied(failure, request_id=headers.get("x-request-id", ""), grpc_client=_is_grpc(headers))
+        if isinstance(grant, Later):
+            return None
+        return allowed(grant)
+
+    async def decide_later(self, request: external_auth_pb2.CheckRequest) -> external_auth_pb2.CheckResponse:
+        """decide_later answers with every lookup and admission the decision needs."""
         http = request.attributes.request.http
         headers = {key.lower(): value for key, value in http.headers.items()}
         request_id = headers.get("x-request-id", "")
-        grpc_client = headers.get("content-type", "").startswith("application/grpc")
+        grpc_client = _is_grpc(headers)
         try:
             grant = await self.authorizer.authorize(http.method, http.path, headers)
         except KotaError as exc:
@@ -265,6 +351,10 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             failure = _CheckFailed("the request could not be authorized")
             return denied(failure, request_id=request_id, grpc_client=grpc_client)
         return allowed(grant)
+
+
+def _is_grpc(headers: Mapping[str, str]) -> bool:
+    return headers.get("content-type", "").startswith("application/grpc")
 
 
 def _header(key: str, value: str) -> Any:

@@ -16,6 +16,11 @@ class AuthSettings(ServiceSettings):
     service_name: ClassVar[str] = "auth"
 
     port: int = setting(50051, minimum=0, help="gRPC port of the auth service; 0 picks a free one.")
+    check_port: int = setting(
+        50055,
+        minimum=0,
+        help="Port of the lean HTTP/2 listener serving only Check (Envoy's ext_authz); 0 picks a free one.",
+    )
 
     # Keys and sessions (A-keys): session JWT verification, rotation grace, limits users may pick.
     jwt_secret: str = setting(
@@ -59,8 +64,17 @@ class AuthSettings(ServiceSettings):
         2.0, minimum=0.0, help="Seconds Check remembers that a well-formed key does not exist."
     )
     key_cache_size: int = setting(100_000, minimum=1, help="Most keys Check keeps cached.")
-    admission_batch_max: int = setting(
-        256, minimum=1, help="Most concurrent checks of one key granted by one database call."
+    lease_ttl: float = setting(
+        1.0,
+        minimum=0.2,
+        help="Seconds a block of leased admission tokens lives (a crashed replica's block stays counted).",
+    )
+    lease_span: float = setting(
+        0.1, minimum=0.0, help="Seconds of a key's recent demand one lease asks for (block size)."
+    )
+    lease_max: int = setting(1000, minimum=1, help="Most tokens one lease may reserve for a key.")
+    lease_idle_return: float = setting(
+        0.2, minimum=0.01, help="Seconds a key may sit idle before its unused leased tokens are returned."
     )
     check_clock_offset: float = setting(
         0.0,

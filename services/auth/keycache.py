@@ -34,7 +34,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import asyncpg
@@ -85,8 +85,14 @@ class KeyCache:
         negative_ttl: float = 2.0,
         max_entries: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[uuid.UUID | None], None] | None = None,
+        channels: Mapping[str, Callable[[str], None]] | None = None,
     ) -> None:
         self._pool = pool
+        # on_change hears every changed key id, and None when changes may have been missed;
+        # channels are further NOTIFY channels heard on the same connection (payload only).
+        self._on_change = on_change
+        self._channels = dict(channels or {})
         self._database_url = database_url
         self.ttl = ttl
         self.negative_ttl = negative_ttl
@@ -139,6 +145,15 @@ class KeyCache:
         if key_hash is not None:
             self._entries.pop(key_hash, None)
             self.evictions += 1
+
+    def peek(self, key_hash: str) -> tuple[bool, KeyRecord | None]:
+        """peek answers from memory only: (True, record or None) on a live entry, else (False, None)."""
+        if self.listening:
+            cached = self._entries.get(key_hash)
+            if cached is not None and cached[0] > self._clock():
+                self._entries.move_to_end(key_hash)
+                return True, cached[1]
+        return False, None
 
     async def lookup(self, key_hash: str) -> KeyRecord | None:
         """lookup returns the key stored under `key_hash`, or None when there is none.
@@ -193,13 +208,26 @@ class KeyCache:
             key_id = uuid.UUID(str(payload))
         except ValueError:
             # Not one of ours; drop everything rather than guess what changed.
-            self.clear()
+            self._changed(None)
             return
         self.evict(key_id)
+        if self._on_change is not None:
+            self._on_change(key_id)
+
+    def _changed(self, key_id: uuid.UUID | None) -> None:
+        if key_id is None:
+            self.clear()
+        if self._on_change is not None:
+            self._on_change(key_id)
+
+    def _on_channel(self, connection: Any, pid: int, channel: str, payload: object) -> None:
+        handler = self._channels.get(channel)
+        if handler is not None:
+            handler(str(payload))
 
     def _on_terminate(self, connection: Any) -> None:
         self._listening.clear()
-        self.clear()
+        self._changed(None)
 
     async def _listen_forever(self) -> None:
         while not self._closed:
@@ -208,8 +236,10 @@ class KeyCache:
                 self._connection = connection
                 connection.add_termination_listener(self._on_terminate)
                 await connection.add_listener(CHANNEL, self._on_notify)
+                for channel in self._channels:
+                    await connection.add_listener(channel, self._on_channel)
                 # Anything cached before this point may have missed a notification.
-                self.clear()
+                self._changed(None)
                 self._listening.set()
                 log.info("listening for API key changes", extra={"fields": {"channel": CHANNEL}})
                 while not connection.is_closed():
@@ -224,7 +254,7 @@ class KeyCache:
             finally:
                 self._listening.clear()
                 await self._drop_connection()
-            self.clear()
+            self._changed(None)
             await asyncio.sleep(LISTEN_RETRY)
 
     async def _drop_connection(self) -> None:

@@ -1,35 +1,56 @@
-"""Admission: the exact per-minute rate limit and monthly quota of every API key.
+"""Admission: the exact per-minute rate limit and monthly quota of every API key, mostly in memory.
 
-The database decides. `public.admit_api_key_requests` (migration 20261124100000) locks the
-key's row, reads the current minute's count and the month's usage, grants
-`min(n, rate_limit - window_count, monthly_quota - usage_count)` requests and records them, all
-in one statement. The row lock serializes every grant for a key across any number of auth
-replicas, so admitted requests never exceed either limit and, when demand exceeds it, exactly
-the limit is admitted.
+The database decides; this module decides how rarely it has to ask. The guarantee: with any
+number of auth replicas and any concurrency, the requests admitted in a key's UTC minute never
+exceed its `rate_limit` (nor the month's `monthly_quota`), and when demand exceeds the limit
+exactly the limit is admitted.
 
-One statement per request would already be exact; what this module adds is batching. Checks
-that arrive while a batch is in the database wait for it, then go together in the next one:
-one statement for all keys with waiters, asking each key for as many grants as it has
-waiters; for each key the first `granted` waiters are admitted in arrival order, the rest are
-refused. So a burst costs one round trip per batch instead of one per request, and the
-guarantee is unchanged because every grant still comes from the key's locked row. Keys are
-locked in uuid order (as the usage writer does), so concurrent batches cannot deadlock.
+Leases (migration 20261205000100_admission_leases.sql). A replica asks
+`public.lease_api_key_requests` for a block of tokens of a key's current window; the function
+grants from what is left under the key's row lock and counts the block into the window and the
+month at once. Checks are then admitted from the block in memory, synchronously, with no
+round trip: `try_admit` is what Check's fast path calls. The block is sized from the key's
+recent demand (`lease_span` seconds of it, at most `lease_max`), and the function shrinks it
+to the waiting checks once less than four blocks' worth is left.
 
-Measured on the shared 2-core development machine with a Python gRPC client on the same cores
-(indicative only; `kotadb bench auth` is the real measurement): with one statement per request,
-100 keys and 64 concurrent callers peaked near 700 checks/s and the database round trips were
-the limit; batched, the same load ran at 1,700/s, no slower than Checks that never touch the
-database, and a profile of the server showed it idle in epoll 45 % of the time, the Check
-handler itself costing about 0.1 ms of CPU per call. The client was the limit.
+Returning what is not used keeps "exactly the limit". A lease lives `lease_ttl` seconds; a
+replica hands back a block's unused tokens (`public.settle_api_key_lease`) when the key has
+been idle for `idle_return`, when the window or month turns, when the key changes (NOTIFY
+api_key_changes), when another replica asks for them, and at shutdown. A replica that finds
+nothing left to grant refuses only if no other live holder has unused tokens; otherwise the
+function sends NOTIFY api_key_lease_reclaim, the holders hand their tokens back within
+milliseconds, and the asking replica retries (1, 2, 4 ... 50 ms apart, for at most
+`reclaim_wait`). Once refused with nothing held anywhere, the window (or month, for the quota)
+stays spent until it turns or the key's limits change, so later refusals are answered from
+memory too. A holder that dies keeps its tokens until its lease expires on the database clock;
+they then count as used. That, and a holder stalled past `reclaim_wait`, are the only ways
+admissions can fall short of the limit; neither can make them exceed it.
+
+A replica uses a block only before its deadline: the monotonic time it sent the request, plus
+`lease_ttl`, minus `lease_margin`. The database starts the TTL later, when it grants, so a
+replica never spends tokens whose lease the database may already have expired.
+
+All database work of one process (grants and returns) runs in one task, one statement at a
+time, for every key with waiting checks at once; keys are locked in uuid order, as the usage
+writer does, so statements cannot deadlock each other.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import logging
+import math
+import os
+import secrets
+import socket
+import time
 import uuid
+from collections.abc import Callable
+
+import asyncpg
 
 from services.auth import quota
 from services.common import db
@@ -39,18 +60,35 @@ from services.common.server import LazyPool
 
 log = logging.getLogger("kotadb.auth.ratelimit")
 
-# One statement admits a whole batch: the admission function once per key, in the given order.
-# Each call locks its key's row until the statement's transaction ends, which is why the keys
-# arrive sorted. Keys that do not exist yield no row.
-_ADMIT_MANY = """
-select k.key_id, a.granted, a.window_count, a.rate_limit, a.usage_count, a.monthly_quota, a.revoked
-from unnest($1::uuid[], $2::integer[]) with ordinality as k(key_id, requested, position)
-cross join lateral public.admit_api_key_requests(k.key_id, k.requested, $3, $4, $5) a
+RECLAIM_CHANNEL = "api_key_lease_reclaim"
+
+_LEASE_MANY = """
+select k.key_id, l.granted, l.window_count, l.rate_limit, l.usage_count, l.monthly_quota, l.revoked,
+       l.held_elsewhere
+from unnest($1::uuid[], $2::integer[], $3::integer[], $4::integer[]) with ordinality
+  as k(key_id, keep, need, want, position)
+cross join lateral public.lease_api_key_requests(
+  k.key_id, $5, k.keep, k.need, k.want, $6, $7, $8, $9) l
 order by k.position
+"""
+_SETTLE_MANY = """
+select count(*) from (
+  select public.settle_api_key_lease(s.key_id, $1, s.window_start, s.month, s.unused)
+  from unnest($2::uuid[], $3::timestamptz[], $4::date[], $5::integer[]) with ordinality
+    as s(key_id, window_start, month, unused, position)
+  order by s.position
+) settled
 """
 # Windows older than this are deleted now and then; GetUsage reads only the current one.
 WINDOW_RETENTION = datetime.timedelta(hours=1)
 _PRUNE = "delete from public.rate_limit_windows where window_start < $1"
+# Delays between retries while other replicas hand tokens back (seconds).
+_RECLAIM_BACKOFF = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.05)
+
+
+def holder_name() -> str:
+    """holder_name names this auth process in lease rows: host, pid and a random suffix."""
+    return f"{socket.gethostname()[:120]}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,29 +128,143 @@ class Admission:
         return quota.seconds_until(self.now, until)
 
 
-class Admitter:
-    """Admitter grants requests to keys through the admission function, in batches.
+@dataclasses.dataclass
+class _Lease:
+    """_Lease is the block of one key's window a replica holds: unused tokens and their positions."""
 
-    Checks arriving while a batch is in the database wait for it and then go together in the
-    next one: one statement for every key with waiters, asking each key for as many grants as
-    it has waiters (at most `batch_max` per key and `batch_keys` keys per statement). One batch
-    is in flight at a time per process. `clock` gives the time windows and months are computed
-    from.
+    window_start: datetime.datetime
+    month: datetime.date
+    deadline: float
+    rate_limit: int
+    monthly_quota: int
+    # Window positions (1-based counts) of the unused tokens, as [next, last] ranges in order.
+    ranges: list[list[int]]
+    unused: int
+    # usage_count the next admitted request brings the month to.
+    usage_next: int
+    granted_at: float
+    used_since_grant: int = 0
+    last_used: float = 0.0
+
+    def usable(self, window: datetime.datetime, month: datetime.date, now: float) -> bool:
+        """usable tells whether the block's tokens may be spent now, in this window and month."""
+        return now < self.deadline and self.window_start == window and self.month == month
+
+    def take(self) -> int:
+        """take spends one unused token and returns its window position."""
+        first = self.ranges[0]
+        position = first[0]
+        if position >= first[1]:
+            self.ranges.pop(0)
+        else:
+            first[0] = position + 1
+        self.unused -= 1
+        self.used_since_grant += 1
+        return position
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spent:
+    """_Spent remembers that a key's window (or month, for the quota) has nothing left anywhere."""
+
+    window_start: datetime.datetime
+    month: datetime.date
+    rate_limit: int
+    window_count: int
+    monthly_quota: int
+    usage_count: int
+
+    @property
+    def quota(self) -> bool:
+        return self.usage_count >= self.monthly_quota
+
+    def holds(self, window: datetime.datetime, month: datetime.date) -> bool:
+        """holds tells whether the refusal still applies in this window and month."""
+        if self.quota:
+            return self.month == month
+        return self.window_start == window and self.month == month
+
+
+@dataclasses.dataclass
+class _Retry:
+    """_Retry holds a key's checks waiting for other replicas to hand tokens back."""
+
+    give_up_at: float
+    waiters: list[asyncio.Future[Admission]] = dataclasses.field(default_factory=list)
+    attempt: int = 0
+    scheduled: bool = False
+
+
+class Admitter:
+    """Admitter admits checks against their keys' limits: from leased blocks, else the database.
+
+    `try_admit` answers from memory when it can (a live block with tokens, or a window known to
+    be spent) and returns None otherwise; `admit` always answers, asking the database if needed.
+    `clock` gives the time windows and months are computed from; `monotonic` times leases.
     """
 
     def __init__(
-        self, pool: LazyPool, clock: quota.Clock, *, batch_max: int = 256, batch_keys: int = 512
+        self,
+        pool: LazyPool,
+        clock: quota.Clock,
+        *,
+        holder: str | None = None,
+        lease_ttl: float = 1.0,
+        lease_margin: float = 0.1,
+        lease_span: float = 0.1,
+        lease_max: int = 1000,
+        idle_return: float = 0.2,
+        reclaim_wait: float = 2.0,
+        batch_keys: int = 512,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._pool = pool
         self.clock = clock
-        self.batch_max = batch_max
+        self.holder = holder or holder_name()
+        self.lease_ttl = lease_ttl
+        self.lease_margin = min(lease_margin, lease_ttl / 2)
+        self.lease_span = lease_span
+        self.lease_max = lease_max
+        self.idle_return = idle_return
+        self.reclaim_wait = reclaim_wait
         self.batch_keys = batch_keys
+        self._monotonic = monotonic
+        self._leases: dict[uuid.UUID, _Lease] = {}
+        self._spent: dict[uuid.UUID, _Spent] = {}
         # Insertion-ordered: keys are served in the order their first waiter arrived.
         self._pending: dict[uuid.UUID, list[asyncio.Future[Admission]]] = {}
+        self._retrying: dict[uuid.UUID, _Retry] = {}
+        self._to_settle: dict[tuple[uuid.UUID, datetime.datetime], tuple[_Lease, uuid.UUID]] = {}
+        # Keys whose grant is in the database now, and those to release once it has answered.
+        self._in_flight: set[uuid.UUID] = set()
+        self._release_after: set[uuid.UUID] = set()
         self._worker: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._closed = False
         self.calls = 0
+        self.settles = 0
+        self.fast = 0
         self._last_prune: datetime.datetime | None = None
         self._prune: asyncio.Task[None] | None = None
+
+    # --- answering checks -------------------------------------------------------------------
+
+    def try_admit(self, key_id: uuid.UUID) -> Admission | None:
+        """try_admit answers from memory, or returns None when only the database can decide."""
+        lease = self._leases.get(key_id)
+        spent = self._spent.get(key_id)
+        if lease is None and spent is None:
+            return None
+        now = self.clock.now()
+        window, month = quota.window_start(now), quota.month_start(now)
+        if lease is not None and lease.unused > 0 and lease.usable(window, month, self._monotonic()):
+            self.fast += 1
+            return self._admitted(lease, now)
+        if spent is not None:
+            if spent.holds(window, month):
+                return self._refused(spent, now)
+            del self._spent[key_id]
+        return None
 
     async def admit(self, key_id: uuid.UUID) -> Admission:
         """admit counts one request against `key_id`'s limits and says whether it may proceed.
@@ -120,113 +272,337 @@ class Admitter:
         Raises Unavailable (or another KotaError) when the database cannot decide; the caller
         must then refuse the request (fail closed).
         """
+        answer = self.try_admit(key_id)
+        if answer is not None:
+            return answer
         waiter: asyncio.Future[Admission] = asyncio.get_running_loop().create_future()
         self._pending.setdefault(key_id, []).append(waiter)
-        if self._worker is None or self._worker.done():
-            self._worker = asyncio.create_task(self._run(), name="admission")
+        self._kick()
         return await waiter
 
+    def _admitted(self, lease: _Lease, now: datetime.datetime) -> Admission:
+        position = lease.take()
+        lease.last_used = self._monotonic()
+        usage = lease.usage_next
+        lease.usage_next += 1
+        return Admission(
+            admitted=True,
+            found=True,
+            revoked=False,
+            rate_limit=lease.rate_limit,
+            window_count=position,
+            monthly_quota=lease.monthly_quota,
+            usage_count=usage,
+            now=now,
+            window_reset=quota.window_end(now),
+            month_reset=quota.next_month_start(now),
+        )
+
+    @staticmethod
+    def _refused(spent: _Spent, now: datetime.datetime) -> Admission:
+        return Admission(
+            admitted=False,
+            found=True,
+            revoked=False,
+            rate_limit=spent.rate_limit,
+            window_count=spent.window_count,
+            monthly_quota=spent.monthly_quota,
+            usage_count=spent.usage_count,
+            now=now,
+            window_reset=quota.window_end(now),
+            month_reset=quota.next_month_start(now),
+        )
+
+    # --- lifecycle and notifications ---------------------------------------------------------
+
+    def drop(self, key_id: uuid.UUID) -> None:
+        """drop forgets what is known of a changed key and hands its unused tokens back."""
+        self._spent.pop(key_id, None)
+        self._release(key_id)
+
+    def drop_all(self) -> None:
+        """drop_all forgets every spent window (limits may have changed unseen); leases stay valid."""
+        self._spent.clear()
+
+    def reclaim(self, key_id: uuid.UUID) -> None:
+        """reclaim hands `key_id`'s unused tokens back because another replica is waiting for them."""
+        self._release(key_id)
+
+    def _release(self, key_id: uuid.UUID) -> None:
+        if key_id in self._in_flight:
+            # The grant in flight reports this block's unused tokens as kept: release the
+            # block as it stands after the answer, or the returned tokens would be kept too.
+            self._release_after.add(key_id)
+            return
+        lease = self._leases.pop(key_id, None)
+        if lease is not None:
+            self._to_settle[(key_id, lease.window_start)] = (lease, key_id)
+            self._kick()
+
+    async def close(self) -> None:
+        """close hands every unused token back and waits for the database work in flight."""
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        for key_id in list(self._leases):
+            self._release(key_id)
+        for key_id, retry in list(self._retrying.items()):
+            self._pending.setdefault(key_id, []).extend(retry.waiters)
+        self._retrying.clear()
+        for _ in range(3):
+            if self._worker is not None:
+                await asyncio.gather(self._worker, return_exceptions=True)
+            if not self._to_settle and not self._pending:
+                break
+            self._kick()
+        if self._prune is not None:
+            await asyncio.gather(self._prune, return_exceptions=True)
+
+    def _kick(self) -> None:
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._run(), name="admission")
+        if self._sweeper is None and not self._closed:
+            self._sweeper = asyncio.create_task(self._sweep_forever(), name="admission-sweeper")
+
+    async def _sweep_forever(self) -> None:
+        """_sweep_forever hands back blocks of idle keys and of windows that have turned."""
+        while True:
+            await asyncio.sleep(max(self.idle_return / 2, 0.01))
+            now_mono = self._monotonic()
+            now = self.clock.now()
+            window, month = quota.window_start(now), quota.month_start(now)
+            for key_id, lease in list(self._leases.items()):
+                idle = now_mono - max(lease.last_used, lease.granted_at) >= self.idle_return
+                if idle or not lease.usable(window, month, now_mono):
+                    self._release(key_id)
+
+    # --- the database task ------------------------------------------------------------------
+
     async def _run(self) -> None:
-        while self._pending:
+        while self._pending or self._to_settle:
+            if self._to_settle:
+                settling, self._to_settle = self._to_settle, {}
+                await self._settle(list(settling.values()))
+                continue
             batch = self._take_batch()
             if not batch:
                 continue
             try:
-                outcomes = await self._grant({key_id: len(waiters) for key_id, waiters in batch.items()})
+                await self._grant(batch)
             except Exception as exc:  # every waiter of the batch gets the same failure
                 for waiters in batch.values():
                     for waiter in waiters:
                         if not waiter.done():
                             waiter.set_exception(exc)
-                continue
-            for key_id, waiters in batch.items():
-                for waiter, outcome in zip(waiters, outcomes[key_id], strict=True):
-                    if not waiter.done():
-                        waiter.set_result(outcome)
-        # No await between the loop's last check and the end of this task: a waiter added now
+        # No await between the loop's last check and the end of this task: work added now
         # finds the worker done and starts a new one. Pruning therefore runs in its own task.
         self._start_prune()
 
     def _take_batch(self) -> dict[uuid.UUID, list[asyncio.Future[Admission]]]:
-        """_take_batch moves up to batch_keys keys' first batch_max live waiters out of pending."""
+        """_take_batch moves up to batch_keys keys' live waiters out of pending.
+
+        Waiters a block can serve now (it grew while they queued) are answered here.
+        """
         batch: dict[uuid.UUID, list[asyncio.Future[Admission]]] = {}
         for key_id in list(self._pending):
             if len(batch) >= self.batch_keys:
                 break
-            waiters = self._pending.pop(key_id)
-            taken, rest = waiters[: self.batch_max], waiters[self.batch_max :]
+            waiters = [waiter for waiter in self._pending.pop(key_id) if not waiter.done()]
+            rest: list[asyncio.Future[Admission]] = []
+            for waiter in waiters:
+                answer = self.try_admit(key_id)
+                if answer is None or not answer.admitted:
+                    rest.append(waiter)
+                else:
+                    waiter.set_result(answer)
             if rest:
-                self._pending[key_id] = rest
-            # A waiter whose caller went away (Envoy's timeout) asks for nothing.
-            live = [waiter for waiter in taken if not waiter.done()]
-            if live:
-                batch[key_id] = live
+                batch[key_id] = rest
         return batch
 
-    async def _grant(self, requested: dict[uuid.UUID, int]) -> dict[uuid.UUID, list[Admission]]:
-        """_grant asks the database for grants for every key of a batch and splits the answers."""
+    async def _grant(self, batch: dict[uuid.UUID, list[asyncio.Future[Admission]]]) -> None:
+        """_grant leases tokens for every key of a batch and answers its waiters."""
         now = self.clock.now()
-        # Keys go to the database in uuid order, the order every writer of api_keys locks in
-        # (services/auth/metering.py too), so two batches can never deadlock each other.
-        ordered = sorted(requested)
-        args = (
-            ordered,
-            [requested[k] for k in ordered],
-            quota.window_start(now),
-            quota.month_start(now),
-            now,
-        )
+        window, month = quota.window_start(now), quota.month_start(now)
+        sent_at = self._monotonic()
+        stale = []
+        for key_id in batch:
+            lease = self._leases.get(key_id)
+            if lease is not None and not lease.usable(window, month, sent_at):
+                stale.append((self._leases.pop(key_id), key_id))
+        if stale:
+            await self._settle(stale)
+        # Keys go to the database in uuid order, the order every writer of api_keys locks in.
+        ordered = sorted(batch)
+        keep, need, want = [], [], []
+        for key_id in ordered:
+            lease = self._leases.get(key_id)
+            needed = len(batch[key_id])
+            predicted = 0
+            if lease is not None:
+                elapsed = max(sent_at - lease.granted_at, 1e-3)
+                predicted = math.ceil(lease.used_since_grant / elapsed * self.lease_span)
+            keep.append(lease.unused if lease is not None else 0)
+            need.append(needed)
+            want.append(max(needed, min(predicted, self.lease_max)))
+        args = (ordered, keep, need, want, self.holder, window, month, now, int(self.lease_ttl * 1000))
         self.calls += 1
+        self._in_flight.update(ordered)
         try:
-            with translated_errors():
-                rows = await self._pool.get().fetch(_ADMIT_MANY, *args)
-        except Aborted:
-            # A deadlock with a writer locking in another order; the batch rolled back whole.
-            with translated_errors():
-                rows = await self._pool.get().fetch(_ADMIT_MANY, *args)
+            try:
+                with translated_errors():
+                    rows = await self._pool.get().fetch(_LEASE_MANY, *args)
+            except Aborted:
+                # A deadlock with a writer locking in another order; the batch rolled back whole.
+                with translated_errors():
+                    rows = await self._pool.get().fetch(_LEASE_MANY, *args)
+            found = {row["key_id"]: row for row in rows}
+            now = self.clock.now()
+            for key_id in ordered:
+                self._answer(key_id, batch[key_id], found.get(key_id), window, month, sent_at, now)
+        finally:
+            self._in_flight.clear()
+            release, self._release_after = self._release_after, set()
+            for key_id in release:
+                self._release(key_id)
+
+    def _answer(
+        self,
+        key_id: uuid.UUID,
+        waiters: list[asyncio.Future[Admission]],
+        row: asyncpg.Record | None,
+        window: datetime.datetime,
+        month: datetime.date,
+        sent_at: float,
+        now: datetime.datetime,
+    ) -> None:
         common = {
             "now": now,
             "window_reset": quota.window_end(now),
             "month_reset": quota.next_month_start(now),
         }
-        found = {row["key_id"]: row for row in rows}
-        outcomes: dict[uuid.UUID, list[Admission]] = {}
-        for key_id, count in requested.items():
-            row = found.get(key_id)
-            if row is None:
-                refused = Admission(
-                    admitted=False,
-                    found=False,
-                    revoked=False,
-                    rate_limit=0,
-                    window_count=0,
-                    monthly_quota=0,
-                    usage_count=0,
-                    **common,
-                )
-                outcomes[key_id] = [refused] * count
+        if row is None or row["revoked"]:
+            self._leases.pop(key_id, None)
+            refused = Admission(
+                admitted=False,
+                found=row is not None,
+                revoked=row is not None,
+                rate_limit=0 if row is None else int(row["rate_limit"]),
+                window_count=0 if row is None else int(row["window_count"]),
+                monthly_quota=0 if row is None else int(row["monthly_quota"]),
+                usage_count=0 if row is None else int(row["usage_count"]),
+                **common,
+            )
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(refused)
+            return
+        granted = int(row["granted"])
+        count, usage = int(row["window_count"]), int(row["usage_count"])
+        lease = self._leases.get(key_id)
+        if lease is None or not lease.usable(window, month, sent_at):
+            lease = _Lease(
+                window_start=window,
+                month=month,
+                deadline=0.0,
+                rate_limit=0,
+                monthly_quota=0,
+                ranges=[],
+                unused=0,
+                usage_next=0,
+                granted_at=sent_at,
+            )
+            self._leases[key_id] = lease
+        lease.deadline = sent_at + self.lease_ttl - self.lease_margin
+        lease.rate_limit = int(row["rate_limit"])
+        lease.monthly_quota = int(row["monthly_quota"])
+        lease.granted_at = sent_at
+        lease.used_since_grant = 0
+        if granted > 0:
+            lease.ranges.append([count - granted + 1, count])
+            lease.unused += granted
+        lease.usage_next = usage - lease.unused + 1
+        leftover: list[asyncio.Future[Admission]] = []
+        for waiter in waiters:
+            if waiter.done():
                 continue
-            granted = int(row["granted"])
-            final_count, final_usage = int(row["window_count"]), int(row["usage_count"])
-            split: list[Admission] = []
-            for index in range(count):
-                admitted = index < granted
-                # Admitted waiters see the count as it stood after their own grant.
-                offset = granted - index - 1 if admitted else 0
-                split.append(
-                    Admission(
-                        admitted=admitted,
-                        found=True,
-                        revoked=bool(row["revoked"]),
-                        rate_limit=int(row["rate_limit"]),
-                        window_count=final_count - offset,
-                        monthly_quota=int(row["monthly_quota"]),
-                        usage_count=final_usage - offset,
-                        **common,
-                    )
+            if lease.unused > 0:
+                waiter.set_result(self._admitted(lease, now))
+            else:
+                leftover.append(waiter)
+        if lease.unused == 0 and granted == 0:
+            # Nothing of this window is ours: keep no lease row alive for it.
+            self._leases.pop(key_id, None)
+        retry = self._retrying.get(key_id)
+        if leftover:
+            held_elsewhere = int(row["held_elsewhere"])
+            now_mono = self._monotonic()
+            if held_elsewhere > 0 and not self._closed:
+                if retry is None:
+                    retry = self._retrying[key_id] = _Retry(give_up_at=now_mono + self.reclaim_wait)
+                if now_mono < retry.give_up_at:
+                    # Several batches of one key may wait at once: one timer serves them all.
+                    retry.waiters.extend(leftover)
+                    if not retry.scheduled:
+                        delay = _RECLAIM_BACKOFF[min(retry.attempt, len(_RECLAIM_BACKOFF) - 1)]
+                        retry.attempt += 1
+                        retry.scheduled = True
+                        asyncio.get_running_loop().call_later(delay, self._requeue, key_id)
+                    return
+                log.warning(
+                    "gave up waiting for other auth replicas to hand tokens back",
+                    extra={"fields": {"key_id": str(key_id), "held_elsewhere": held_elsewhere}},
                 )
-            outcomes[key_id] = split
-        return outcomes
+            spent = _Spent(
+                window_start=window,
+                month=month,
+                rate_limit=int(row["rate_limit"]),
+                window_count=count,
+                monthly_quota=int(row["monthly_quota"]),
+                usage_count=usage,
+            )
+            if held_elsewhere == 0:
+                self._spent[key_id] = spent
+            refused = self._refused(spent, now)
+            for waiter in leftover:
+                waiter.set_result(refused)
+        if retry is not None and not retry.waiters and not retry.scheduled:
+            del self._retrying[key_id]
+
+    def _requeue(self, key_id: uuid.UUID) -> None:
+        retry = self._retrying.get(key_id)
+        if retry is None:
+            return
+        retry.scheduled = False
+        live = [waiter for waiter in retry.waiters if not waiter.done()]
+        retry.waiters = []
+        if not live:
+            del self._retrying[key_id]
+            return
+        self._pending.setdefault(key_id, [])[:0] = live
+        self._kick()
+
+    async def _settle(self, leases: list[tuple[_Lease, uuid.UUID]]) -> None:
+        """_settle hands the unused tokens of `leases` back and ends their lease rows."""
+        ordered = sorted(leases, key=lambda item: (item[1], item[0].window_start))
+        args = (
+            self.holder,
+            [key_id for _, key_id in ordered],
+            [lease.window_start for lease, _ in ordered],
+            [lease.month for lease, _ in ordered],
+            [lease.unused for lease, _ in ordered],
+        )
+        self.settles += 1
+        try:
+            with translated_errors():
+                await self._pool.get().fetchval(_SETTLE_MANY, *args)
+        except Exception as exc:
+            # The tokens stay counted as used: fewer admissions, never more.
+            log.warning(
+                "returning unused admission tokens failed",
+                extra={"fields": {"keys": len(ordered), "error": str(exc)[:200]}},
+            )
 
     def _start_prune(self) -> None:
         """_start_prune deletes old windows, at most once a minute per process, in the background."""
@@ -242,9 +618,3 @@ class Admitter:
                 await connection.execute(_PRUNE, quota.window_start(now) - WINDOW_RETENTION)
         except Exception:  # housekeeping only: a database hiccup here must not fail a check
             log.debug("pruning rate-limit windows failed", exc_info=True)
-
-    async def close(self) -> None:
-        """close waits for the batch in flight, if any, and for pruning to finish."""
-        for task in (self._worker, self._prune):
-            if task is not None:
-                await asyncio.gather(task, return_exceptions=True)

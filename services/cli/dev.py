@@ -57,6 +57,7 @@ DEFAULT_PORTS: dict[str, int] = {
     "gateway": 8080,
     "admin": 9901,
     "auth": 50051,
+    "auth_check": 50055,
     "ingest": 50052,
     "search": 50053,
 }
@@ -85,6 +86,8 @@ class Ports:
     auth: int
     ingest: int
     search: int
+    # The auth process's lean Check listener (KOTADB_AUTH_CHECK_PORT), what Envoy's ext_authz calls.
+    auth_check: int = 0
 
 
 def choose_ports(gateway_port: int, admin_port: int | None) -> Ports:
@@ -98,7 +101,9 @@ def choose_ports(gateway_port: int, admin_port: int | None) -> Ports:
     if gateway_port == 0:
         # Services bind port 0 themselves and report it (`--port-file`), so only Envoy's two
         # ports are picked here, just before it starts.
-        return Ports(gateway=free_port(), admin=admin_port or free_port(), auth=0, ingest=0, search=0)
+        return Ports(
+            gateway=free_port(), admin=admin_port or free_port(), auth=0, ingest=0, search=0, auth_check=0
+        )
     wanted = dict(DEFAULT_PORTS, gateway=gateway_port)
     if admin_port is not None:
         wanted["admin"] = admin_port
@@ -361,6 +366,8 @@ def _start_services(
         port_files[name].unlink(missing_ok=True)
         argv = [sys.executable, "-m", "services.cli", "serve", name]
         argv += ["--port", str(getattr(ports, name)), "--port-file", str(port_files[name])]
+        if name == "auth":
+            env["KOTADB_AUTH_CHECK_PORT"] = str(ports.auth_check)
         children[name] = supervisor.spawn(name, argv, log_path=logs / f"{name}.log", env=dict(env))
         log(f"started {name} (pid {children[name].pid})")
         if name == "auth" and "KOTADB_AUTH_ADDRESS" not in os.environ:
@@ -378,6 +385,8 @@ def _start_services(
         address = f"127.0.0.1:{bound[name]}"
         _wait_until(name, functools.partial(status.probe_grpc_health, address), supervisor, child)
         log(f"{name} is SERVING on {address}")
+    check_file = port_files["auth"].with_name(port_files["auth"].name + ".check")
+    bound["auth_check"] = int(check_file.read_text().strip())
     return dataclasses.replace(ports, **bound), children
 
 
@@ -387,6 +396,7 @@ def _start_envoy(data_dir: Path, ports: Ports, supervisor: Supervisor, logs: Pat
         gateway_port=ports.gateway,
         admin_port=ports.admin,
         auth=f"127.0.0.1:{ports.auth}",
+        auth_check=f"127.0.0.1:{ports.auth_check}",
         ingest=f"127.0.0.1:{ports.ingest}",
         search=f"127.0.0.1:{ports.search}",
     )

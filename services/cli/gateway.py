@@ -74,7 +74,9 @@ ERROR_DOMAIN = "kotadb.dev"
 class GatewayConfig:
     """GatewayConfig holds every value the Envoy template needs.
 
-    Addresses are `host:port`; `auth` may list several replicas separated by commas. The
+    Addresses are `host:port`; `auth` may list several replicas separated by commas, and
+    `auth_check` lists the same replicas' lean Check listeners (KOTADB_AUTH_CHECK_PORT), which
+    ext_authz calls; empty means ext_authz calls Check on the gRPC ports in `auth`. The
     descriptor path is made absolute when rendering because Envoy resolves relative paths
     against its own working directory. `ext_authz` (on by default) puts auth's Check in front
     of every route but the GitHub webhook; turning it off is for benchmarks only.
@@ -84,6 +86,7 @@ class GatewayConfig:
     admin_port: int = 9901
     listen_address: str = "127.0.0.1"
     auth: str = "127.0.0.1:50051"
+    auth_check: str = ""
     ingest: str = "127.0.0.1:50052"
     search: str = "127.0.0.1:50053"
     descriptor: Path = DEFAULT_DESCRIPTOR
@@ -281,6 +284,9 @@ def render(config: GatewayConfig, template_path: Path = TEMPLATE_PATH) -> str:
     auth = _endpoints(config.auth)
     values["auth_endpoints"] = json.dumps(_lb_endpoints(auth))
     values["auth_cluster_type"] = _cluster_type(*(host for host, _ in auth))
+    check = _endpoints(config.auth_check) if config.auth_check else auth
+    values["auth_check_endpoints"] = json.dumps(_lb_endpoints(check))
+    values["auth_check_cluster_type"] = _cluster_type(*(host for host, _ in check))
     for name in ("ingest", "search"):
         host, port = split_address(getattr(config, name))
         values[f"{name}_host"] = json.dumps(host)
@@ -349,6 +355,11 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--auth", default=defaults.auth, help="auth service host:port (comma-separated for several replicas)"
     )
+    parser.add_argument(
+        "--auth-check",
+        default=defaults.auth_check,
+        help="auth replicas' Check listeners host:port, comma-separated; empty: Check on the --auth ports",
+    )
     parser.add_argument("--ingest", default=defaults.ingest, help="ingest service host:port")
     parser.add_argument("--search", default=defaults.search, help="search service host:port")
     parser.add_argument("--descriptor", type=Path, default=defaults.descriptor, help="descriptor set (.pb)")
@@ -367,6 +378,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         admin_port=args.admin_port,
         listen_address=args.listen_address,
         auth=args.auth,
+        auth_check=args.auth_check,
         ingest=args.ingest,
         search=args.search,
         descriptor=args.descriptor,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -55,6 +56,11 @@ def load_settings(service: str, *, host: str | None = None, port: int | None = N
         overrides["host"] = host
     if port is not None:
         overrides["port"] = port
+        # Port 0 means free ports for every listener of the process (the auth service's Check
+        # listener too), unless that listener's port is configured explicitly.
+        check_variable = f"{settings_class.env_prefix}CHECK_PORT"
+        if port == 0 and hasattr(settings, "check_port") and check_variable not in os.environ:
+            overrides["check_port"] = 0
     return dataclasses.replace(settings, **overrides) if overrides else settings
 
 
@@ -68,7 +74,11 @@ def build_server(service: str, settings: ServiceSettings) -> ServiceServer:
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("service", choices=sorted(SERVICES), help="which service to run")
     parser.add_argument("--host", help="bind address (default: KOTADB_<SERVICE>_HOST)")
-    parser.add_argument("--port", type=int, help="port; 0 picks a free one (default: KOTADB_<SERVICE>_PORT)")
+    parser.add_argument(
+        "--port",
+        type=int,
+        help="port; 0 picks a free one, for the auth Check listener too (default: KOTADB_<SERVICE>_PORT)",
+    )
     parser.add_argument("--port-file", type=Path, help="write the bound port to this file once listening")
 
 

@@ -35,7 +35,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 import grpc
@@ -77,6 +77,30 @@ def bind(
     """bind describes `servicer` for generated `add` (e.g. `add_AuthServiceServicer_to_server`)."""
     full_name = file.services_by_name[service].full_name
     return ServiceBinding(name=full_name, register=lambda server: add(servicer, server))
+
+
+class ListenerServer(Protocol):
+    """ListenerServer is a second, non-grpc.aio server a service runs next to its gRPC port."""
+
+    async def start(self, host: str, port: int) -> int:
+        """start binds `host:port` (0: a free port) and returns the bound port."""
+        ...
+
+    async def stop(self, grace: float) -> None:
+        """stop refuses new calls and gives in-flight ones `grace` seconds."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class SideListener:
+    """SideListener is a named extra port of a service (the auth service's lean Check port).
+
+    Its bound port is written next to the main port file as `<port file>.<name>`.
+    """
+
+    name: str
+    server: ListenerServer
+    port: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,8 +221,11 @@ class ServiceServer:
         identity: Sequence[grpc.aio.ServerInterceptor] = (),  # type: ignore[type-arg]
         on_start: Sequence[StartHook] = (),
         on_stop: Sequence[StopHook] = (),
+        listeners: Sequence[SideListener] = (),
     ) -> None:
         self.name = name
+        self._listeners = list(listeners)
+        self.listener_ports: dict[str, int] = {}
         self.settings = settings
         self.pool = pool
         self._bindings = list(bindings)
@@ -258,12 +285,18 @@ class ServiceServer:
             raise OSError(f"{self.name}: could not bind {self.settings.host}:{self.settings.port}")
         await server.start()
         self._server = server
+        for listener in self._listeners:
+            bound = await listener.server.start(self.settings.host, listener.port)
+            self.listener_ports[listener.name] = bound
+            if port_file is not None:
+                _write_port(port_file.with_name(f"{port_file.name}.{listener.name}"), bound)
+            log.info(
+                "side listener bound",
+                extra={"fields": {"service": self.name, "listener": listener.name, "port": bound}},
+            )
         self._readiness = asyncio.create_task(self._readiness_loop(), name=f"{self.name}-readiness")
         if port_file is not None:
-            # Write then rename, so a reader never sees a half-written number.
-            partial = port_file.with_name(port_file.name + ".tmp")
-            partial.write_text(f"{self.port}\n")
-            partial.replace(port_file)
+            _write_port(port_file, self.port)
         log.info(
             "listening",
             extra={"fields": {"service": self.name, "host": self.settings.host, "port": self.port}},
@@ -288,6 +321,11 @@ class ServiceServer:
             self._readiness.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._readiness
+        for listener in self._listeners:
+            try:
+                await listener.server.stop(grace)
+            except Exception:
+                log.exception("listener stop failed", extra={"fields": {"listener": listener.name}})
         if self._server is not None:
             # grpc.aio's stop has been seen to never return (about 1 in 20 test runs with several
             # servers in one event loop); a SIGTERM must still end the process, so bound it.
@@ -372,6 +410,13 @@ class ServiceServer:
     async def _set_health(self, status: Any) -> None:
         for name in ("", *self.service_names):
             await self._health.set(name, status)
+
+
+def _write_port(path: Path, port: int) -> None:
+    # Write then rename, so a reader never sees a half-written number.
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(f"{port}\n")
+    partial.replace(path)
 
 
 async def missing_tables(pool: LazyPool, tables: Sequence[str]) -> list[str]:

@@ -17,7 +17,8 @@ import asyncpg
 import pytest
 
 from services.auth import keys, quota
-from services.auth.ratelimit import Admitter
+from services.auth.keycache import KeyCache
+from services.auth.ratelimit import RECLAIM_CHANNEL, Admitter
 from services.common.errors import Unavailable
 from services.common.server import LazyPool
 from services.common.settings import CommonSettings
@@ -148,3 +149,154 @@ async def test_an_unreachable_database_refuses_instead_of_admitting() -> None:
     with pytest.raises(Unavailable) as raised:
         await admitter.admit(uuid.uuid4())
     assert raised.value.reason == "DATABASE_UNAVAILABLE"
+
+
+# --- leases: blocks admitted from memory, unused tokens handed back ------------------------------
+
+
+async def _window_count(pool: asyncpg.Pool, key_id: uuid.UUID) -> int:
+    value = await pool.fetchval(
+        "select coalesce(sum(count), 0) from public.rate_limit_windows where key_id = $1", key_id
+    )
+    return int(value)
+
+
+async def _wait_for(predicate: Callable[[], Any], limit: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + limit
+    while not await predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_busy_key_is_admitted_from_memory_after_its_first_block(
+    pool: asyncpg.Pool, user_factory: Any, database_url: str
+) -> None:
+    user = await user_factory()
+    _, key_id = await insert_key(pool, user, rate_limit=100_000)
+    lazy = await open_lazy_pool(database_url)
+    admitter = Admitter(lazy, quota.SystemClock(), idle_return=30.0)
+    try:
+        outcomes = []
+        for _ in range(20):
+            outcomes.extend(await asyncio.gather(*(admitter.admit(key_id) for _ in range(50))))
+        assert all(outcome.admitted for outcome in outcomes)
+        # Blocks grow with the demand: most of the 1,000 checks never reached the database.
+        assert admitter.fast > 500
+        assert admitter.calls < 100
+        # Positions are distinct, so RateLimit-Remaining never repeats a value.
+        assert len({outcome.window_count for outcome in outcomes}) == 1000
+        # The block may hold more than was used; closing hands the rest back.
+        await admitter.close()
+        assert await _window_count(pool, key_id) == 1000
+        assert await pool.fetchval("select usage_count from public.api_keys where id = $1", key_id) == 1000
+        assert (
+            await pool.fetchval("select count(*) from public.admission_leases where key_id = $1", key_id) == 0
+        )
+    finally:
+        await lazy.close(wait=5)
+
+
+async def test_an_idle_block_is_handed_back(pool: asyncpg.Pool, user_factory: Any, database_url: str) -> None:
+    user = await user_factory()
+    _, key_id = await insert_key(pool, user, rate_limit=100_000)
+    lazy = await open_lazy_pool(database_url)
+    admitter = Admitter(lazy, quota.SystemClock(), idle_return=0.05)
+    try:
+        for _ in range(5):
+            await asyncio.gather(*(admitter.admit(key_id) for _ in range(40)))
+
+        async def settled() -> bool:
+            return await _window_count(pool, key_id) == 200
+
+        await _wait_for(settled)
+        assert admitter.settles >= 1
+    finally:
+        await admitter.close()
+        await lazy.close(wait=5)
+
+
+async def test_demand_moving_to_another_replica_still_gets_exactly_the_limit(
+    pool: asyncpg.Pool, user_factory: Any, database_url: str
+) -> None:
+    # Replica A builds up a large block, then all demand goes to replica B. B must not refuse
+    # while A sits on unused tokens: A is asked for them (NOTIFY api_key_lease_reclaim, heard
+    # through the key cache's listener, as in the auth process) and B gets exactly the rest.
+    user = await user_factory()
+    _, key_id = await insert_key(pool, user, rate_limit=400)
+    pools = [await open_lazy_pool(database_url), await open_lazy_pool(database_url)]
+    first = Admitter(pools[0], quota.SystemClock(), idle_return=60.0, lease_span=1.0)
+    second = Admitter(pools[1], quota.SystemClock(), idle_return=60.0)
+    listener = KeyCache(
+        pools[0], database_url, channels={RECLAIM_CHANNEL: lambda p: first.reclaim(uuid.UUID(p))}
+    )
+    listener.start()
+    try:
+        assert await listener.wait_listening(10.0)
+        for _ in range(6):
+            assert all(o.admitted for o in await asyncio.gather(*(first.admit(key_id) for _ in range(20))))
+        held = await pool.fetchval(
+            "select sum(tokens) from public.admission_leases where key_id = $1", key_id
+        )
+        assert held > 0  # A holds unused tokens B will need
+        outcomes = await asyncio.gather(*(second.admit(key_id) for _ in range(600)))
+        assert sum(o.admitted for o in outcomes) == 400 - 120
+        await first.close()
+        await second.close()
+        assert await _window_count(pool, key_id) == 400
+    finally:
+        await listener.close()
+        for lazy in pools:
+            await lazy.close(wait=5)
+
+
+async def test_a_crashed_holders_block_expires_and_is_never_exceeded(
+    pool: asyncpg.Pool, user_factory: Any, database_url: str
+) -> None:
+    # A holder that vanishes without handing its block back: its tokens count as used once its
+    # lease expires, and the other replica is refused then rather than waiting forever.
+    user = await user_factory()
+    _, key_id = await insert_key(pool, user, rate_limit=60)
+    pools = [await open_lazy_pool(database_url), await open_lazy_pool(database_url)]
+    crashed = Admitter(pools[0], quota.SystemClock(), idle_return=60.0, lease_ttl=0.4, lease_span=1.0)
+    survivor = Admitter(pools[1], quota.SystemClock(), idle_return=60.0, reclaim_wait=5.0)
+    try:
+        for _ in range(4):
+            await asyncio.gather(*(crashed.admit(key_id) for _ in range(5)))
+        # What the crashed holder had reserved and not used: lost for this window, never lent out.
+        lost = crashed._leases[key_id].unused
+        assert lost > 0
+        # Crash: the process is gone, nothing is handed back (its sweeper stops too).
+        if crashed._sweeper is not None:
+            crashed._sweeper.cancel()
+        outcomes = await asyncio.gather(*(survivor.admit(key_id) for _ in range(100)))
+        admitted = sum(o.admitted for o in outcomes)
+        assert admitted == 60 - 20 - lost
+        assert await _window_count(pool, key_id) == 60
+        await survivor.close()
+    finally:
+        for lazy in pools:
+            await lazy.close(wait=5)
+
+
+async def test_a_spent_window_is_refused_from_memory(
+    pool: asyncpg.Pool, user_factory: Any, database_url: str
+) -> None:
+    user = await user_factory()
+    _, key_id = await insert_key(pool, user, rate_limit=5)
+    lazy = await open_lazy_pool(database_url)
+    admitter = Admitter(lazy, quota.SystemClock())
+    try:
+        outcomes = await asyncio.gather(*(admitter.admit(key_id) for _ in range(8)))
+        assert sum(o.admitted for o in outcomes) == 5
+        calls = admitter.calls
+        refused = [await admitter.admit(key_id) for _ in range(10)]
+        assert not any(o.admitted for o in refused)
+        assert admitter.calls == calls
+        # A change to the key (here: a higher limit) forgets the spent window.
+        await pool.execute("update public.api_keys set rate_limit = 7 where id = $1", key_id)
+        admitter.drop(key_id)
+        more = await asyncio.gather(*(admitter.admit(key_id) for _ in range(4)))
+        assert sum(o.admitted for o in more) == 2
+    finally:
+        await admitter.close()
+        await lazy.close(wait=5)

@@ -77,6 +77,7 @@ async def test_migrations_apply_on_fresh_database_then_nothing(fresh_database: D
         "token_usage",
         "document_changes",
         "rate_limit_windows",
+        "admission_leases",
         "symbols",
     } <= tables
 

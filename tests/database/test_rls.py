@@ -82,6 +82,13 @@ USER_TABLES: dict[str, TableSpec] = {
         "count = count",
         READ,
     ),
+    "admission_leases": TableSpec(
+        "insert into public.admission_leases (user_id, key_id, window_start, holder, tokens, expires_at)"
+        " values ($1, $2, date_trunc('minute', now()), $3, 5, now() + interval '1 second')",
+        lambda t: [t.key_id, f"test-holder-{_rand()}"],
+        "tokens = tokens",
+        READ,
+    ),
     "repositories": TableSpec(
         "insert into public.repositories (user_id, full_name, url) values ($1, $2, 'https://example.test/r')",
         lambda t: [f"org/repo-{_rand()}"],

@@ -48,7 +48,28 @@ def test_access_log_streams_to_the_auth_cluster() -> None:
     text = gateway.render(gateway.GatewayConfig())
     assert "envoy.access_loggers.http_grpc" in text
     assert "log_name: kotadb" in text
-    assert "additional_request_headers_to_log: [x-kotadb-key-id, x-kotadb-tenant, x-request-id]" in text
+    assert (
+        "additional_request_headers_to_log:\n"
+        "                [x-kotadb-key-id, x-kotadb-tenant, x-request-id, x-envoy-original-method]"
+    ) in text
+
+
+def test_ext_authz_calls_the_check_listeners_when_given() -> None:
+    # Without --auth-check, Check is asked on the auth gRPC ports; with it, on the lean listeners.
+    plain = gateway.render(gateway.GatewayConfig(auth="127.0.0.1:50051"))
+    assert "envoy_grpc: { cluster_name: auth_check }" in plain
+    check_cluster = plain[plain.index("- name: auth_check") :]
+    check_cluster = check_cluster[: check_cluster.index("- name: ingest")]
+    assert '"port_value": 50051' in check_cluster
+    lean = gateway.render(
+        gateway.GatewayConfig(
+            auth="127.0.0.1:50051,127.0.0.1:50061", auth_check="127.0.0.1:50055,127.0.0.1:50065"
+        )
+    )
+    check_cluster = lean[lean.index("- name: auth_check") :]
+    check_cluster = check_cluster[: check_cluster.index("- name: ingest")]
+    assert '"port_value": 50055' in check_cluster and '"port_value": 50065' in check_cluster
+    assert '"port_value": 50051' not in check_cluster
 
 
 def test_hostnames_and_custom_ports_validate(tmp_path: Path) -> None:
