@@ -77,6 +77,8 @@ log = logging.getLogger("kotadb.auth.check")
 CREDENTIAL_HEADERS: tuple[str, ...] = ("authorization", "x-api-key")
 
 ROUTE_NOT_FOUND = "ROUTE_NOT_FOUND"
+# Most identities (and well-formed key hashes) Check remembers between clears.
+_TOKEN_CACHE_SIZE = 100_000
 
 # HTTP status of a denial for each gRPC code Check may refuse with.
 _HTTP_STATUS: dict[grpc.StatusCode, int] = {
@@ -136,6 +138,12 @@ class Authorizer:
         self.sessions = sessions
         self.codec = codec
         self.clock = clock
+        # Signed tokens carry whole-second times, so one identity's token is the same all
+        # second long: sign it once per second (bounded; cleared when it grows).
+        self._tokens: dict[Identity, tuple[int, str]] = {}
+        # SHA-256 of credentials whose shape and checksum already passed (hashes only, never
+        # the secrets themselves).
+        self._well_formed: set[str] = set()
 
     def authorize_now(self, http_method: str, path: str, headers: Mapping[str, str]) -> Grant | Later | None:
         """authorize_now decides from memory alone, or returns LATER when only `authorize` can.
@@ -152,8 +160,7 @@ class Authorizer:
         credential = bearer_credential(headers)
         if self.codec is None or credential is None or looks_like_jwt(credential):
             return LATER
-        parsed = keys.parse_key(credential)
-        hit, record = self.cache.peek(parsed.key_hash)
+        hit, record = self.cache.peek(self._key_hash(credential))
         if not hit:
             return LATER
         if record is None:
@@ -255,12 +262,30 @@ class Authorizer:
 
     def _sign(self, identity: Identity) -> str:
         assert self.codec is not None  # authorize refuses earlier without one
-        return self.codec.sign(
+        second = int(self.codec.clock())
+        cached = self._tokens.get(identity)
+        if cached is not None and cached[0] == second:
+            return cached[1]
+        token = self.codec.sign(
             user_id=identity.user_id,
             kind=identity.kind,
             permissions=identity.permissions,
             key_id=identity.key_id,
         )
+        if len(self._tokens) >= _TOKEN_CACHE_SIZE:
+            self._tokens.clear()
+        self._tokens[identity] = (second, token)
+        return token
+
+    def _key_hash(self, credential: str) -> str:
+        """_key_hash is the stored hash of a presented key, after checking its shape and checksum."""
+        key_hash = keys.hash_key(credential)
+        if key_hash not in self._well_formed:
+            keys.parse_key(credential)  # MalformedKey / BadChecksum: 401 without a lookup
+            if len(self._well_formed) >= _TOKEN_CACHE_SIZE:
+                self._well_formed.clear()
+            self._well_formed.add(key_hash)
+        return key_hash
 
 
 def limit_error(admission: Admission, record: KeyRecord) -> ResourceExhausted:
@@ -294,6 +319,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
 
     def __init__(self, authorizer: Authorizer) -> None:
         self.authorizer = authorizer
+        self._prefixes: dict[str, bytes] = {}
 
     async def Check(
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -310,10 +336,45 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             request = external_auth_pb2.CheckRequest.FromString(message)
         except DecodeError as exc:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "the CheckRequest could not be parsed") from exc
-        response = self.decide_now(request)
-        if response is not None:
-            return bytes(response.SerializeToString())
-        return self._later_bytes(request)
+        http = request.attributes.request.http
+        headers = {key.lower(): value for key, value in http.headers.items()}
+        try:
+            grant = self.authorizer.authorize_now(http.method, http.path, headers)
+        except KotaError as exc:
+            refusal = denied(exc, request_id=headers.get("x-request-id", ""), grpc_client=_is_grpc(headers))
+            return bytes(refusal.SerializeToString())
+        except Exception as exc:
+            log.error("Check failed unexpectedly", exc_info=exc)
+            failure = _CheckFailed("the request could not be authorized")
+            refusal = denied(
+                failure, request_id=headers.get("x-request-id", ""), grpc_client=_is_grpc(headers)
+            )
+            return bytes(refusal.SerializeToString())
+        if isinstance(grant, Later):
+            return self._later_bytes(request)
+        if grant is None:
+            return bytes(allowed(None).SerializeToString())
+        return self._allowed_bytes(grant)
+
+    def _allowed_bytes(self, grant: Grant) -> bytes:
+        """_allowed_bytes is `allowed(grant)` serialized, built from a per-token cached prefix.
+
+        Everything but the RateLimit headers depends only on the signed token, so that part is
+        serialized once per token; the rate headers are appended as a second serialized
+        CheckResponse, which protobuf parsers merge into the first (repeated fields append).
+        """
+        prefix = self._prefixes.get(grant.token)
+        if prefix is None:
+            if len(self._prefixes) >= _TOKEN_CACHE_SIZE:
+                self._prefixes.clear()
+            bare = Grant(identity=grant.identity, token=grant.token, admission=None)
+            prefix = self._prefixes[grant.token] = bytes(allowed(bare).SerializeToString())
+        if grant.admission is None:
+            return prefix
+        rates = external_auth_pb2.OkHttpResponse(
+            response_headers_to_add=[header_option(k, v) for k, v in rate_headers(grant.admission)]
+        )
+        return prefix + bytes(external_auth_pb2.CheckResponse(ok_response=rates).SerializeToString())
 
     async def _later_bytes(self, request: external_auth_pb2.CheckRequest) -> bytes:
         response = await self.decide_later(request)
@@ -357,7 +418,8 @@ def _is_grpc(headers: Mapping[str, str]) -> bool:
     return headers.get("content-type", "").startswith("application/grpc")
 
 
-def _header(key: str, value: str) -> Any:
+def header_option(key: str, value: str) -> Any:
+    """header_option is one header for Envoy to set, replacing any value already there."""
     return base_pb2.HeaderValueOption(
         header=base_pb2.HeaderValue(key=key, value=value),
         append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
@@ -381,17 +443,17 @@ def allowed(grant: Grant | None) -> external_auth_pb2.CheckResponse:
         remove.extend(TRUSTED_HEADERS)
     else:
         identity = grant.identity
-        ok.headers.append(_header(IDENTITY_HEADER, grant.token))
+        ok.headers.append(header_option(IDENTITY_HEADER, grant.token))
         if identity.user_id is not None:
-            ok.headers.append(_header(TENANT_HEADER, str(identity.user_id)))
+            ok.headers.append(header_option(TENANT_HEADER, str(identity.user_id)))
         else:
             remove.append(TENANT_HEADER)
         if identity.key_id is not None:
-            ok.headers.append(_header(KEY_ID_HEADER, str(identity.key_id)))
+            ok.headers.append(header_option(KEY_ID_HEADER, str(identity.key_id)))
         else:
             remove.append(KEY_ID_HEADER)
         if grant.admission is not None:
-            ok.response_headers_to_add.extend(_header(k, v) for k, v in rate_headers(grant.admission))
+            ok.response_headers_to_add.extend(header_option(k, v) for k, v in rate_headers(grant.admission))
     ok.headers_to_remove.extend(remove)
     return external_auth_pb2.CheckResponse(status=status_pb2.Status(code=code_pb2.OK), ok_response=ok)
 
@@ -454,7 +516,7 @@ def denied(
         status=http_status_pb2.HttpStatus(code=http_status),
         body="" if grpc_client else json.dumps(body, separators=(",", ":")),
     )
-    response.headers.extend(_header(k, v) for k, v in headers)
+    response.headers.extend(header_option(k, v) for k, v in headers)
     return external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=grpc_code, message=error.message), denied_response=response
     )

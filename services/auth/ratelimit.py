@@ -128,6 +128,30 @@ class Admission:
         return quota.seconds_until(self.now, until)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Calendar:
+    """_Calendar is the minute a check falls in and the boundaries its answer mentions."""
+
+    window: datetime.datetime
+    window_end: datetime.datetime
+    month: datetime.date
+    month_end: datetime.datetime
+
+    @classmethod
+    def at(cls, now: datetime.datetime) -> _Calendar:
+        """at computes the calendar of `now` (once a minute on the hot path)."""
+        return cls(
+            window=quota.window_start(now),
+            window_end=quota.window_end(now),
+            month=quota.month_start(now),
+            month_end=quota.next_month_start(now),
+        )
+
+    def holds(self, now: datetime.datetime) -> bool:
+        """holds tells whether `now` is still in this calendar's minute."""
+        return self.window <= now < self.window_end
+
+
 @dataclasses.dataclass
 class _Lease:
     """_Lease is the block of one key's window a replica holds: unused tokens and their positions."""
@@ -145,6 +169,8 @@ class _Lease:
     granted_at: float
     used_since_grant: int = 0
     last_used: float = 0.0
+    # Size of the last grant; a block that falls to a quarter of it is refilled ahead of need.
+    last_grant: int = 0
 
     def usable(self, window: datetime.datetime, month: datetime.date, now: float) -> bool:
         """usable tells whether the block's tokens may be spent now, in this window and month."""
@@ -235,6 +261,8 @@ class Admitter:
         self._pending: dict[uuid.UUID, list[asyncio.Future[Admission]]] = {}
         self._retrying: dict[uuid.UUID, _Retry] = {}
         self._to_settle: dict[tuple[uuid.UUID, datetime.datetime], tuple[_Lease, uuid.UUID]] = {}
+        # Busy keys whose block is running low: leased again before checks have to wait.
+        self._refill: set[uuid.UUID] = set()
         # Keys whose grant is in the database now, and those to release once it has answered.
         self._in_flight: set[uuid.UUID] = set()
         self._release_after: set[uuid.UUID] = set()
@@ -246,6 +274,7 @@ class Admitter:
         self.fast = 0
         self._last_prune: datetime.datetime | None = None
         self._prune: asyncio.Task[None] | None = None
+        self._calendar: _Calendar | None = None
 
     # --- answering checks -------------------------------------------------------------------
 
@@ -256,15 +285,22 @@ class Admitter:
         if lease is None and spent is None:
             return None
         now = self.clock.now()
-        window, month = quota.window_start(now), quota.month_start(now)
+        calendar = self._calendar_at(now)
+        window, month = calendar.window, calendar.month
         if lease is not None and lease.unused > 0 and lease.usable(window, month, self._monotonic()):
             self.fast += 1
-            return self._admitted(lease, now)
+            return self._admitted(lease, now, key_id)
         if spent is not None:
             if spent.holds(window, month):
                 return self._refused(spent, now)
             del self._spent[key_id]
         return None
+
+    def _calendar_at(self, now: datetime.datetime) -> _Calendar:
+        calendar = self._calendar
+        if calendar is None or not calendar.holds(now):
+            calendar = self._calendar = _Calendar.at(now)
+        return calendar
 
     async def admit(self, key_id: uuid.UUID) -> Admission:
         """admit counts one request against `key_id`'s limits and says whether it may proceed.
@@ -280,11 +316,16 @@ class Admitter:
         self._kick()
         return await waiter
 
-    def _admitted(self, lease: _Lease, now: datetime.datetime) -> Admission:
+    def _admitted(self, lease: _Lease, now: datetime.datetime, key_id: uuid.UUID | None = None) -> Admission:
         position = lease.take()
+        low = lease.last_grant >= 4 and lease.unused <= lease.last_grant // 4
+        if low and key_id is not None and key_id not in self._refill:
+            self._refill.add(key_id)
+            self._kick()
         lease.last_used = self._monotonic()
         usage = lease.usage_next
         lease.usage_next += 1
+        calendar = self._calendar_at(now)
         return Admission(
             admitted=True,
             found=True,
@@ -294,8 +335,8 @@ class Admitter:
             monthly_quota=lease.monthly_quota,
             usage_count=usage,
             now=now,
-            window_reset=quota.window_end(now),
-            month_reset=quota.next_month_start(now),
+            window_reset=calendar.window_end,
+            month_reset=calendar.month_end,
         )
 
     @staticmethod
@@ -381,7 +422,7 @@ class Admitter:
     # --- the database task ------------------------------------------------------------------
 
     async def _run(self) -> None:
-        while self._pending or self._to_settle:
+        while self._pending or self._to_settle or self._refill:
             if self._to_settle:
                 settling, self._to_settle = self._to_settle, {}
                 await self._settle(list(settling.values()))
@@ -419,6 +460,10 @@ class Admitter:
                     waiter.set_result(answer)
             if rest:
                 batch[key_id] = rest
+        refill, self._refill = self._refill, set()
+        for key_id in refill:
+            if key_id not in batch and key_id in self._leases and len(batch) < self.batch_keys:
+                batch[key_id] = []  # no check waits: lease ahead of the demand
         return batch
 
     async def _grant(self, batch: dict[uuid.UUID, list[asyncio.Future[Admission]]]) -> None:
@@ -444,7 +489,7 @@ class Admitter:
                 elapsed = max(sent_at - lease.granted_at, 1e-3)
                 predicted = math.ceil(lease.used_since_grant / elapsed * self.lease_span)
             keep.append(lease.unused if lease is not None else 0)
-            need.append(needed)
+            need.append(max(needed, 1))
             want.append(max(needed, min(predicted, self.lease_max)))
         args = (ordered, keep, need, want, self.holder, window, month, now, int(self.lease_ttl * 1000))
         self.calls += 1
@@ -519,6 +564,7 @@ class Admitter:
         lease.monthly_quota = int(row["monthly_quota"])
         lease.granted_at = sent_at
         lease.used_since_grant = 0
+        lease.last_grant = granted
         if granted > 0:
             lease.ranges.append([count - granted + 1, count])
             lease.unused += granted

@@ -27,10 +27,12 @@ order:
 4. The latency a cheap request gains through Envoy with ext_authz on versus off: the same
    REST `GET /v1/index` to the search service over one keep-alive connection, alternating rounds
    between the two Envoys to cancel drift, twice: from Python's http.client and from h2load
-   (`--h1 -c 1 -m 1`). The search service answers it at once either way (without an identity it
-   refuses the call; with one it answers the status call), so the difference is Envoy's
-   ext_authz round trip plus `Check`. The Python client's own time per request dilutes the
-   ratio; the target line uses h2load's.
+   (`--h1 -c 1 -m 1`). The ext_authz-off Envoy adds a valid signed identity itself (a
+   long-lived token for the same key, made with the stack's identity key), so the search
+   service does the same work on both sides: it verifies the identity and answers the call
+   (501 while GetIndexStatus is unbuilt). The difference is Envoy's ext_authz round trip plus
+   `Check`. The Python client's own time per request dilutes the ratio; the target line uses
+   h2load's.
 5. Metering consistency: after the traffic of step 4 settles, the usage rows of the key equal
    its `usage_count` (services/auth/metering.py states the invariant). Admission leases count a
    block of tokens into usage_count when granted and hand unused ones back after the key has
@@ -493,10 +495,14 @@ def _h2load_gets(target: str, key: str, count: int, work_dir: Path | None) -> h2
 
 
 def _envoy_sides(samples: dict[str, list[float]], statuses: dict[str, dict[str, int]]) -> dict[str, Any]:
-    """_envoy_sides summarizes the off and on samples of one client and the latency ext_authz adds."""
+    """_envoy_sides summarizes the samples of one client and the latency ext_authz adds.
+
+    "on" is the real Check; "instant" (when measured) a Check server that allows at once, so
+    its figure is the part of "added" that is Envoy's ext_authz round trip itself.
+    """
     off, on = _latency_ms(samples["off"]), _latency_ms(samples["on"])
     added = (on["p50_ms"] - off["p50_ms"]) / off["p50_ms"] * 100 if off["p50_ms"] > 0 else None
-    return {
+    summary: dict[str, Any] = {
         "requests_per_side": len(samples["on"]),
         "off": {**off, "statuses": dict(sorted(statuses["off"].items()))},
         "on": {**on, "statuses": dict(sorted(statuses["on"].items()))},
@@ -504,13 +510,22 @@ def _envoy_sides(samples: dict[str, list[float]], statuses: dict[str, dict[str, 
         "added_p50_percent": added,
         "added_p99_ms": on["p99_ms"] - off["p99_ms"],
     }
+    if samples.get("instant"):
+        instant = _latency_ms(samples["instant"])
+        summary["instant"] = {**instant, "statuses": dict(sorted(statuses["instant"].items()))}
+        summary["instant_added_p50_ms"] = instant["p50_ms"] - off["p50_ms"]
+        summary["instant_added_p50_percent"] = (
+            (instant["p50_ms"] - off["p50_ms"]) / off["p50_ms"] * 100 if off["p50_ms"] > 0 else None
+        )
+    return summary
 
 
 def measure_envoy_overhead(stack: Stack, options: AuthBenchOptions, echo: Echo) -> dict[str, Any]:
     """measure_envoy_overhead is step 4: a cheap request's latency with ext_authz on and off.
 
-    Rounds alternate between the two Envoys, first with Python's http.client, then with
-    h2load; both use one keep-alive connection and one request at a time.
+    Rounds alternate between the Envoys, first with Python's http.client, then with h2load;
+    both use one keep-alive connection and one request at a time. The h2load rounds also time
+    an Envoy whose ext_authz asks a Check server that allows at once (the floor).
     """
     sides = (("off", stack.envoy_off), ("on", stack.envoy_on))
     samples: dict[str, list[float]] = {"off": [], "on": []}
@@ -524,11 +539,12 @@ def measure_envoy_overhead(stack: Stack, options: AuthBenchOptions, echo: Echo) 
             for code, count in seen.items():
                 statuses[side][str(code)] = statuses[side].get(str(code), 0) + count
     python = _envoy_sides(samples, statuses)
-    samples = {"off": [], "on": []}
-    statuses = {"off": {}, "on": {}}
+    h2_sides = (*sides, ("instant", stack.envoy_instant))
+    samples = {side: [] for side, _ in h2_sides}
+    statuses = {side: {} for side, _ in h2_sides}
     command = ""
     for _ in range(options.envoy_rounds):
-        for side, target in sides:
+        for side, target in h2_sides:
             run = _h2load_gets(
                 target, stack.envoy_key, options.envoy_h2load_requests_per_round, options.work_dir
             )
@@ -781,6 +797,16 @@ def render_auth_table(report: dict[str, Any]) -> str:
             + ("" if percent is None else f" ({percent:+.0f} %)")
             + f"  p99 {part['added_p99_ms']:+.3f} ms",
         ]
+        if "instant" in part:
+            floor = part["instant_added_p50_percent"]
+            instant = part["instant"]
+            lines += [
+                f"    instant Check  p50 {instant['p50_ms']:.3f} ms  p99 {instant['p99_ms']:.3f} ms"
+                f"  statuses {instant['statuses']}",
+                f"    floor added    p50 {part['instant_added_p50_ms']:+.3f} ms"
+                + ("" if floor is None else f" ({floor:+.0f} %)")
+                + "  (ext_authz to a server that allows at once: Envoy's own round trip)",
+            ]
     lines += [
         "",
         f"Metering: usage_count {report['metering']['usage_count']}, "

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import json
 import os
 import secrets
 import shutil
@@ -35,8 +36,10 @@ from services.auth.config import AuthSettings
 from services.auth.management import KeyManager, KeySpec
 from services.auth.principal import READ, WRITE, Principal
 from services.auth.store import AuthStore
+from services.bench.instantcheck import TOKEN_VARIABLE
 from services.cli import gateway, status
 from services.common import db, migrate
+from services.common.identity import IDENTITY_HEADER, IdentityCodec
 from services.common.pgembed import EmbeddedPostgres, free_port
 from services.common.settings import env_settings
 from services.common.supervisor import ChildProcess, Supervisor
@@ -60,6 +63,8 @@ class Stack:
     check: tuple[str, ...]
     envoy_on: str
     envoy_off: str
+    # ext_authz on, pointed at a Check server that allows at once (services/bench/instantcheck.py).
+    envoy_instant: str
     read_key: str
     read_key_id: uuid.UUID
     envoy_key: str
@@ -137,8 +142,42 @@ def _spawn_service(
     return Spawned(address, check, child)
 
 
+def _spawn_instant_check(supervisor: Supervisor, workdir: Path, env: dict[str, str]) -> str:
+    """_spawn_instant_check starts the allow-everything Check server; returns its address."""
+    port_file = workdir / "instant-check.port"
+    port_file.unlink(missing_ok=True)
+    argv = [sys.executable, "-m", "services.bench.instantcheck", "--port-file", str(port_file)]
+    child = supervisor.spawn("instant-check", argv, log_path=workdir / "instant-check.log", env=env)
+    _wait("instant-check port", functools.partial(_port_file, port_file), [child])
+    address = f"127.0.0.1:{port_file.read_text().strip()}"
+    _wait("instant-check", functools.partial(status.probe_grpc_health, address), [child])
+    return address
+
+
+def _with_static_identity(config: str, token: str) -> str:
+    """_with_static_identity makes the virtual host add a fixed signed identity to every request.
+
+    The ext_authz-off Envoy uses it, so the search service receives the same valid identity
+    (and does the same work) on both sides of the comparison; only ext_authz differs.
+    """
+    anchor = '              domains: ["*"]\n'
+    if anchor not in config:
+        raise RuntimeError("the gateway template has no virtual host to add the identity to")
+    addition = (
+        "              request_headers_to_add:\n"
+        f"              - header: {{ key: {IDENTITY_HEADER}, value: {json.dumps(token)} }}\n"
+        "                append_action: OVERWRITE_IF_EXISTS_OR_ADD\n"
+    )
+    return config.replace(anchor, anchor + addition, 1)
+
+
 def _spawn_envoy(
-    supervisor: Supervisor, name: str, workdir: Path, addresses: dict[str, str], ext_authz: bool
+    supervisor: Supervisor,
+    name: str,
+    workdir: Path,
+    addresses: dict[str, str],
+    ext_authz: bool,
+    static_identity: str = "",
 ) -> str:
     port, admin = free_port(), free_port()
     config = gateway.GatewayConfig(
@@ -151,7 +190,8 @@ def _spawn_envoy(
         ext_authz=ext_authz,
     )
     path = workdir / f"{name}.yaml"
-    path.write_text(gateway.render(config))
+    rendered = gateway.render(config)
+    path.write_text(_with_static_identity(rendered, static_identity) if static_identity else rendered)
     argv = [gateway.find_envoy(), "-c", str(path), "--disable-hot-restart", "--log-level", "warn"]
     child = supervisor.spawn(name, argv, log_path=workdir / f"{name}.log")
     url = f"http://127.0.0.1:{port}"
@@ -160,8 +200,11 @@ def _spawn_envoy(
     return f"127.0.0.1:{port}"
 
 
-async def _create_keys(database_url: str, limit: int) -> dict[str, tuple[str, uuid.UUID]]:
-    """_create_keys issues the benchmark's keys to a fresh user, with the service role's rules."""
+async def _create_keys(database_url: str, limit: int) -> tuple[dict[str, tuple[str, uuid.UUID]], uuid.UUID]:
+    """_create_keys issues the benchmark's keys to a fresh user, with the service role's rules.
+
+    It returns the keys by name (secret, id) and the user's id.
+    """
     pool = await db.create_pool(database_url, min_size=1, max_size=2, statement_cache_size=0)
     try:
         manager = KeyManager(AuthStore(pool), env_settings(AuthSettings))
@@ -178,7 +221,7 @@ async def _create_keys(database_url: str, limit: int) -> dict[str, tuple[str, uu
         for name, spec in specs.items():
             issued = await manager.create(Principal.service(), spec, user_id=user_id)
             keys[name] = (issued.secret, issued.record.id)
-        return keys
+        return keys, user_id
     finally:
         await pool.close()
 
@@ -201,7 +244,7 @@ def running_stack(
         echo(f"postgres up in {workdir}")
         migrate.apply_bootstrap(dsn)
         migrate.apply_migrations(dsn)
-        keys = asyncio.run(_create_keys(dsn, burst_limit))
+        keys, user_id = asyncio.run(_create_keys(dsn, burst_limit))
         env = dict(os.environ, KOTADB_DATABASE_URL=dsn, PYTHONUNBUFFERED="1")
         # Each auth process picks a free Check port; a fixed one from our caller would collide.
         env.pop(CHECK_PORT_VARIABLE, None)
@@ -220,7 +263,23 @@ def running_stack(
                 "search": search,
             }
             envoy_on = _spawn_envoy(supervisor, "envoy-authz-on", workdir, addresses, ext_authz=True)
-            envoy_off = _spawn_envoy(supervisor, "envoy-authz-off", workdir, addresses, ext_authz=False)
+            # The off side gets the identity Check would have signed, from Envoy itself, so the
+            # search service does the same work on both sides (verify it, answer the call).
+            codec = IdentityCodec(env["KOTADB_IDENTITY_KEY"], ttl=6 * 3600)
+            token = codec.sign(
+                user_id=user_id, kind="api_key", permissions=frozenset({READ, WRITE}), key_id=keys["envoy"][1]
+            )
+            envoy_off = _spawn_envoy(
+                supervisor, "envoy-authz-off", workdir, addresses, ext_authz=False, static_identity=token
+            )
+            instant = _spawn_instant_check(supervisor, workdir, dict(env, **{TOKEN_VARIABLE: token}))
+            envoy_instant = _spawn_envoy(
+                supervisor,
+                "envoy-authz-instant",
+                workdir,
+                dict(addresses, auth_check=instant),
+                ext_authz=True,
+            )
             echo(
                 f"auth {auth_a.address} (Check {auth_a.check}) and {auth_b.address} (Check {auth_b.check}),"
                 f" search {search}, envoy on {envoy_on} / off {envoy_off}"
@@ -260,6 +319,7 @@ def running_stack(
                     check=(auth_a.check, auth_b.check),
                     envoy_on=envoy_on,
                     envoy_off=envoy_off,
+                    envoy_instant=envoy_instant,
                     read_key=keys["read"][0],
                     read_key_id=keys["read"][1],
                     envoy_key=keys["envoy"][0],

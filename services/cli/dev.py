@@ -287,6 +287,8 @@ def run_stack(data_dir: Path, gateway_port: int, admin_port: int | None) -> int:
         stack = {
             "gateway": gateway_url,
             "grpc": {name: f"127.0.0.1:{getattr(ports, name)}" for name in status.SERVICES},
+            # The auth process's Check-only listener, which Envoy's ext_authz calls.
+            "auth_check": f"127.0.0.1:{ports.auth_check}",
             "database_url": database_url,
             "envoy_admin": admin_url,
             "pid": os.getpid(),

@@ -9,15 +9,22 @@ admits exactly the key's limit, and the listener answers gRPC health for Envoy's
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import grpc
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.auth import quota
+from services.auth.check import AuthorizationServicer, Authorizer, Grant, allowed
+from services.auth.ratelimit import Admission
 from services.bench.auth import check_request
+from services.common.identity import Identity
 from services.common.supervisor import Supervisor
 from tests.harness import CHECK_LISTENERS, seed_key, service_env, spawn_service, wait_healthy
 
@@ -103,3 +110,31 @@ def test_the_listener_answers_health_and_refuses_garbage(replicas: Replicas) -> 
         with pytest.raises(grpc.RpcError) as raised:
             other(b"", timeout=10)
         assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_the_serialized_fast_answer_equals_the_message_answer() -> None:
+    # check_bytes appends the RateLimit headers to a per-token cached prefix as a second
+    # serialized CheckResponse; parsed, it must be exactly the answer Check builds as a message.
+    clock = quota.FixedClock(datetime.datetime(2031, 3, 4, 5, 6, 7, tzinfo=datetime.UTC))
+    identity = Identity(
+        user_id=uuid.uuid4(), kind="api_key", permissions=frozenset({"read"}), key_id=uuid.uuid4()
+    )
+    servicer = AuthorizationServicer(cast(Authorizer, None))
+    for remaining in (41, 40):
+        admission = Admission(
+            admitted=True,
+            found=True,
+            revoked=False,
+            rate_limit=60,
+            window_count=60 - remaining,
+            monthly_quota=1000,
+            usage_count=7,
+            now=clock.now(),
+            window_reset=quota.window_end(clock.now()),
+            month_reset=quota.next_month_start(clock.now()),
+        )
+        grant = Grant(identity=identity, token="signed.token", admission=admission)
+        fast = external_auth_pb2.CheckResponse.FromString(servicer._allowed_bytes(grant))
+        assert fast == allowed(grant)
+        rates = {h.header.key: h.header.value for h in fast.ok_response.response_headers_to_add}
+        assert rates["ratelimit-remaining"] == str(remaining)

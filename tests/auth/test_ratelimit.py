@@ -82,7 +82,7 @@ async def test_concurrent_demand_across_replicas_admits_exactly_the_limit(
 ) -> None:
     user = await user_factory()
     _, key_id = await insert_key(pool, user, rate_limit=50)
-    first, second = replicas(quota.SystemClock())
+    first, second = replicas(quota.FixedClock(datetime.datetime(2031, 5, 17, 10, 41, 30, tzinfo=UTC)))
     outcomes = await asyncio.gather(*(admitter.admit(key_id) for admitter in [first, second] * 100))
     admitted = [outcome for outcome in outcomes if outcome.admitted]
     assert len(outcomes) == 200
@@ -154,6 +154,11 @@ async def test_an_unreachable_database_refuses_instead_of_admitting() -> None:
 # --- leases: blocks admitted from memory, unused tokens handed back ------------------------------
 
 
+def _mid_minute() -> quota.FixedClock:
+    """_mid_minute is a clock that stays in one minute, so a test's window cannot turn under it."""
+    return quota.FixedClock(datetime.datetime(2031, 5, 17, 10, 41, 30, tzinfo=UTC))
+
+
 async def _window_count(pool: asyncpg.Pool, key_id: uuid.UUID) -> int:
     value = await pool.fetchval(
         "select coalesce(sum(count), 0) from public.rate_limit_windows where key_id = $1", key_id
@@ -174,7 +179,7 @@ async def test_a_busy_key_is_admitted_from_memory_after_its_first_block(
     user = await user_factory()
     _, key_id = await insert_key(pool, user, rate_limit=100_000)
     lazy = await open_lazy_pool(database_url)
-    admitter = Admitter(lazy, quota.SystemClock(), idle_return=30.0)
+    admitter = Admitter(lazy, _mid_minute(), idle_return=30.0)
     try:
         outcomes = []
         for _ in range(20):
@@ -200,7 +205,7 @@ async def test_an_idle_block_is_handed_back(pool: asyncpg.Pool, user_factory: An
     user = await user_factory()
     _, key_id = await insert_key(pool, user, rate_limit=100_000)
     lazy = await open_lazy_pool(database_url)
-    admitter = Admitter(lazy, quota.SystemClock(), idle_return=0.05)
+    admitter = Admitter(lazy, _mid_minute(), idle_return=0.05)
     try:
         for _ in range(5):
             await asyncio.gather(*(admitter.admit(key_id) for _ in range(40)))
@@ -224,8 +229,8 @@ async def test_demand_moving_to_another_replica_still_gets_exactly_the_limit(
     user = await user_factory()
     _, key_id = await insert_key(pool, user, rate_limit=400)
     pools = [await open_lazy_pool(database_url), await open_lazy_pool(database_url)]
-    first = Admitter(pools[0], quota.SystemClock(), idle_return=60.0, lease_span=1.0)
-    second = Admitter(pools[1], quota.SystemClock(), idle_return=60.0)
+    first = Admitter(pools[0], _mid_minute(), idle_return=60.0, lease_span=1.0)
+    second = Admitter(pools[1], _mid_minute(), idle_return=60.0)
     listener = KeyCache(
         pools[0], database_url, channels={RECLAIM_CHANNEL: lambda p: first.reclaim(uuid.UUID(p))}
     )
@@ -257,17 +262,19 @@ async def test_a_crashed_holders_block_expires_and_is_never_exceeded(
     user = await user_factory()
     _, key_id = await insert_key(pool, user, rate_limit=60)
     pools = [await open_lazy_pool(database_url), await open_lazy_pool(database_url)]
-    crashed = Admitter(pools[0], quota.SystemClock(), idle_return=60.0, lease_ttl=0.4, lease_span=1.0)
-    survivor = Admitter(pools[1], quota.SystemClock(), idle_return=60.0, reclaim_wait=5.0)
+    crashed = Admitter(pools[0], _mid_minute(), idle_return=60.0, lease_ttl=0.4, lease_span=1.0)
+    survivor = Admitter(pools[1], _mid_minute(), idle_return=60.0, reclaim_wait=5.0)
     try:
         for _ in range(4):
             await asyncio.gather(*(crashed.admit(key_id) for _ in range(5)))
+        # Crash: the process stops (after any lease already in flight), handing nothing back.
+        if crashed._worker is not None:
+            await asyncio.gather(crashed._worker, return_exceptions=True)
+        if crashed._sweeper is not None:
+            crashed._sweeper.cancel()
         # What the crashed holder had reserved and not used: lost for this window, never lent out.
         lost = crashed._leases[key_id].unused
         assert lost > 0
-        # Crash: the process is gone, nothing is handed back (its sweeper stops too).
-        if crashed._sweeper is not None:
-            crashed._sweeper.cancel()
         outcomes = await asyncio.gather(*(survivor.admit(key_id) for _ in range(100)))
         admitted = sum(o.admitted for o in outcomes)
         assert admitted == 60 - 20 - lost
@@ -284,7 +291,7 @@ async def test_a_spent_window_is_refused_from_memory(
     user = await user_factory()
     _, key_id = await insert_key(pool, user, rate_limit=5)
     lazy = await open_lazy_pool(database_url)
-    admitter = Admitter(lazy, quota.SystemClock())
+    admitter = Admitter(lazy, _mid_minute())
     try:
         outcomes = await asyncio.gather(*(admitter.admit(key_id) for _ in range(8)))
         assert sum(o.admitted for o in outcomes) == 5

@@ -145,7 +145,7 @@ def test_dev_stack_starts_reports_stops_and_restarts(data_dir: Path) -> None:
         # stack.json names every endpoint, on real (non-zero) ports.
         assert set(stack) >= {"gateway", "grpc", "database_url", "envoy_admin", "pid", "started_at"}
         assert stack["pid"] == first.process.pid
-        addresses = [stack["gateway"], stack["envoy_admin"], *stack["grpc"].values()]
+        addresses = [stack["gateway"], stack["envoy_admin"], stack["auth_check"], *stack["grpc"].values()]
         ports = [int(address.rsplit(":", 1)[1]) for address in addresses]
         assert all(port > 0 for port in ports) and len(set(ports)) == len(ports)
         assert stack["database_url"].startswith("postgresql://")
