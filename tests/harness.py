@@ -32,6 +32,7 @@ import pytest
 
 from services.auth import keys
 from services.cli import gateway, status
+from services.common.identity import access_log_token
 from services.common.pgembed import free_port
 from services.common.supervisor import ChildProcess, Supervisor
 
@@ -166,13 +167,15 @@ def start_envoy(
     ingest: str,
     search: str,
     ext_authz: bool = True,
+    identity_key: str = "",
 ) -> Envoy:
     """start_envoy runs Envoy with the rendered gateway config in front of the given services.
 
-    `auth` may list several replicas separated by commas. Gateway and admin ports are free
-    ports; the config is `workdir/<name>.yaml`, the log `workdir/<name>.log`. It returns once
-    the admin `/ready` answers, which is before the upstream clusters are healthy: wait on the
-    gateway's `/health` when a test needs them.
+    `auth` may list several replicas separated by commas. `identity_key` is the services'
+    (service_env); without it Envoy's access log carries no token and auth meters nothing.
+    Gateway and admin ports are free ports; the config is `workdir/<name>.yaml`, the log
+    `workdir/<name>.log`. It returns once the admin `/ready` answers, which is before the
+    upstream clusters are healthy: wait on the gateway's `/health` when a test needs them.
     """
     port, admin = free_port(), free_port()
     replicas = auth.split(",")
@@ -187,6 +190,7 @@ def start_envoy(
         ingest=ingest,
         search=search,
         ext_authz=ext_authz,
+        access_log_token=access_log_token(identity_key),
     )
     config_path = workdir / f"{name}.yaml"
     config_path.write_text(gateway.render(config))

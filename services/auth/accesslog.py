@@ -25,6 +25,7 @@ auth cluster was down are lost. See metering.py for what that means for `usage_c
 from __future__ import annotations
 
 import datetime
+import hmac
 import logging
 import math
 import uuid
@@ -36,7 +37,7 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from services.auth.metering import UsageRecord, UsageRecorder
-from services.common.identity import KEY_ID_HEADER, TENANT_HEADER, method_permission
+from services.common.identity import ACCESS_LOG_TOKEN_HEADER, KEY_ID_HEADER, TENANT_HEADER, method_permission
 from services.common.server import ServiceBinding, bind
 
 log = logging.getLogger("kotadb.auth.accesslog")
@@ -100,17 +101,35 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
     servicer never answers until Envoy closes the stream (the protocol has no replies).
     """
 
-    def __init__(self, recorder: UsageRecorder) -> None:
+    def __init__(self, recorder: UsageRecorder, token: str) -> None:
         self._recorder = recorder
+        # The gateway's access-log token (services/common/identity.py); empty refuses every stream.
+        self._token = token.encode("utf-8")
         self.entries = 0
         self.metered = 0
+        self.refused = 0
 
     async def StreamAccessLogs(
         self,
         request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> als_pb2.StreamAccessLogsResponse:
-        """StreamAccessLogs meters every admitted request in the stream until Envoy ends it."""
+        """StreamAccessLogs meters every admitted request in the stream until Envoy ends it.
+
+        Only the gateway may write usage: a stream without its access-log token is refused
+        before any entry is read, so nobody who merely reaches this port can bill a tenant.
+        """
+        presented = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == ACCESS_LOG_TOKEN_HEADER and isinstance(value, str):
+                presented = value
+        if not self._token or not hmac.compare_digest(presented.encode("utf-8"), self._token):
+            self.refused += 1
+            log.warning("access-log stream without the gateway's token refused")
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"access-log streams must carry the gateway's {ACCESS_LOG_TOKEN_HEADER}",
+            )
         async for message in request_iterator:
             for entry in message.http_logs.log_entry:
                 self.entries += 1

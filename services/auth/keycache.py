@@ -20,8 +20,11 @@ LISTEN needs a session: through Supabase's transaction pooler (port 6543) the li
 but never hears anything, so point KOTADB_DATABASE_URL at the direct port (5432) or, if only the
 pooler is reachable, set KOTADB_AUTH_KEY_CACHE_TTL to the lag you accept (e.g. 1).
 
-Revocation does not depend on the cache at all: the admission function that counts every
-admitted request refuses revoked keys under the row lock (see services/auth/ratelimit.py).
+Revocation rides on the same notification: the eviction also tells the admitter (`on_change`)
+to hand back the key's leased tokens, so the next check reads the row and is refused. While the
+listener is down nothing is answered from the cache, and a lease grant refuses a revoked key
+under the row lock anyway (services/auth/ratelimit.py). The listener also carries the
+admitter's `api_key_lease_reclaim` channel (`channels`).
 """
 
 from __future__ import annotations

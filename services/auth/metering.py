@@ -24,9 +24,10 @@ request into a `UsageRecord`), because only Envoy knows the final status and the
   Measured by `kotadb bench auth` (step 6): a SIGKILL under 400 admitted requests/s lost the
   rows of 66 requests, about 165 ms of traffic.
 
-Invariant with the Check path: `Check` increments `api_keys.usage_count` and sets
-`last_used_at` atomically when it admits a request (`public.admit_api_key_requests`, migration
-20261124100000; the quota needs the count at admission time). This module writes the request's
+Invariant with the Check path: `Check`'s admission increments `api_keys.usage_count` and sets
+`last_used_at` atomically when it leases tokens for a key (`public.lease_api_key_requests`,
+migration 20261205000100; the quota needs the count at admission time), and subtracts the tokens
+it hands back unused. This module writes the request's
 row once the response is known, and moves `last_used_at` forward only if a row is newer than
 what Check wrote (a replica whose clock runs behind Envoy's); normally that update matches no row
 and takes no lock. Once traffic has settled (no request in flight, the queue flushed), the rows of

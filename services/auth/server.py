@@ -44,7 +44,7 @@ from services.auth.sessions import SessionVerifier
 from services.auth.store import ApiKeyRecord, AuthStore
 from services.common.errors import Unauthenticated
 from services.common.h2unary import H2UnaryServer
-from services.common.identity import Identity, IdentityInterceptor, IdentitySettings
+from services.common.identity import Identity, IdentityInterceptor, IdentitySettings, access_log_token
 from services.common.server import LazyPool, Probe, ServiceServer, SideListener, bind
 from services.common.settings import env_settings
 
@@ -211,7 +211,7 @@ def build(
                 external_auth_pb2_grpc.add_AuthorizationServicer_to_server,
                 check,
             ),
-            access_log_binding(AccessLogServicer(recorder)),
+            access_log_binding(AccessLogServicer(recorder, access_log_token(identity.identity_key))),
         ],
         probes=[Probe("schema", store.check_ready), Probe("usage_queue", recorder.check_ready)],
         identity=[IdentityInterceptor(codec, _InProcessValidator(servicer))],

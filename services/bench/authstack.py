@@ -39,7 +39,7 @@ from services.auth.store import AuthStore
 from services.bench.instantcheck import TOKEN_VARIABLE
 from services.cli import gateway, status
 from services.common import db, migrate
-from services.common.identity import IDENTITY_HEADER, IdentityCodec
+from services.common.identity import IDENTITY_HEADER, IdentityCodec, access_log_token
 from services.common.pgembed import EmbeddedPostgres, free_port
 from services.common.settings import env_settings
 from services.common.supervisor import ChildProcess, Supervisor
@@ -179,6 +179,8 @@ def _spawn_envoy(
     ext_authz: bool,
     static_identity: str = "",
 ) -> str:
+    # Auth meters only an access-log stream carrying the token derived from the identity key.
+    token = access_log_token(addresses.get("identity_key", ""))
     port, admin = free_port(), free_port()
     config = gateway.GatewayConfig(
         gateway_port=port,
@@ -188,6 +190,7 @@ def _spawn_envoy(
         ingest=addresses["ingest"],
         search=addresses["search"],
         ext_authz=ext_authz,
+        access_log_token=token,
     )
     path = workdir / f"{name}.yaml"
     rendered = gateway.render(config)
@@ -261,6 +264,8 @@ def running_stack(
                 "auth_check": auth_a.check,
                 "ingest": search,
                 "search": search,
+                # Not an address: _spawn_envoy derives the access-log token from it.
+                "identity_key": env["KOTADB_IDENTITY_KEY"],
             }
             envoy_on = _spawn_envoy(supervisor, "envoy-authz-on", workdir, addresses, ext_authz=True)
             # The off side gets the identity Check would have signed, from Envoy itself, so the

@@ -49,6 +49,7 @@ from services.auth.store import AuthStore
 from services.cli import gateway, status
 from services.cli.keys import DEMO_USER_ID
 from services.common import db, migrate
+from services.common.identity import access_log_token
 from services.common.pgembed import EmbeddedPostgres, free_port, port_is_free
 from services.common.settings import env_settings
 from services.common.supervisor import ChildExited, ChildProcess, StopRequested, Supervisor
@@ -399,6 +400,8 @@ def _start_envoy(data_dir: Path, ports: Ports, supervisor: Supervisor, logs: Pat
         admin_port=ports.admin,
         auth=f"127.0.0.1:{ports.auth}",
         auth_check=f"127.0.0.1:{ports.auth_check}",
+        # The same key the services get (_child_env), so auth accepts Envoy's access log.
+        access_log_token=access_log_token(os.environ.get("KOTADB_IDENTITY_KEY") or identity_key(data_dir)),
         ingest=f"127.0.0.1:{ports.ingest}",
         search=f"127.0.0.1:{ports.search}",
     )

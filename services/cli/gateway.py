@@ -25,6 +25,8 @@ from typing import Any
 from google.protobuf import descriptor_pb2
 from google.protobuf.message import DecodeError
 
+from services.common.identity import ACCESS_LOG_TOKEN_HEADER, access_log_token
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE_PATH = REPO_ROOT / "deploy" / "envoy" / "envoy.yaml.tmpl"
 DEFAULT_DESCRIPTOR = REPO_ROOT / "deploy" / "envoy" / "kotadb.pb"
@@ -91,6 +93,8 @@ class GatewayConfig:
     search: str = "127.0.0.1:50053"
     descriptor: Path = DEFAULT_DESCRIPTOR
     ext_authz: bool = True
+    # Credential of Envoy's access-log stream to auth (identity.access_log_token); empty sends none.
+    access_log_token: str = ""
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -282,6 +286,10 @@ def render(config: GatewayConfig, template_path: Path = TEMPLATE_PATH) -> str:
         "streaming_routes": _streaming_routes(streaming),
     }
     auth = _endpoints(config.auth)
+    token = config.access_log_token
+    values["access_log_metadata"] = json.dumps(
+        [{"key": ACCESS_LOG_TOKEN_HEADER, "value": token}] if token else []
+    )
     values["auth_endpoints"] = json.dumps(_lb_endpoints(auth))
     values["auth_cluster_type"] = _cluster_type(*(host for host, _ in auth))
     check = _endpoints(config.auth_check) if config.auth_check else auth
@@ -364,6 +372,11 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--search", default=defaults.search, help="search service host:port")
     parser.add_argument("--descriptor", type=Path, default=defaults.descriptor, help="descriptor set (.pb)")
     parser.add_argument(
+        "--access-log-token",
+        default=access_log_token(os.environ.get("KOTADB_IDENTITY_KEY", "")),
+        help="credential for Envoy's access-log stream to auth (default: derived from KOTADB_IDENTITY_KEY)",
+    )
+    parser.add_argument(
         "--ext-authz",
         action=argparse.BooleanOptionalAction,
         default=defaults.ext_authz,
@@ -379,6 +392,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         listen_address=args.listen_address,
         auth=args.auth,
         auth_check=args.auth_check,
+        access_log_token=args.access_log_token,
         ingest=args.ingest,
         search=args.search,
         descriptor=args.descriptor,

@@ -259,6 +259,22 @@ def _b64decode(text: str) -> bytes:
         raise ValueError("not base64url") from exc
 
 
+# Envoy sends this on its access-log stream to the auth service (deploy/envoy/envoy.yaml.tmpl).
+ACCESS_LOG_TOKEN_HEADER = "x-kotadb-access-log-token"
+
+
+def access_log_token(identity_key: str) -> str:
+    """access_log_token is the credential Envoy's access-log stream presents to the auth service.
+
+    It is derived from the identity key (HMAC-SHA256 of a fixed label), so the gateway config
+    carries a secret that is good for nothing but metering, never the key itself. An empty key
+    gives an empty token, which the auth service never accepts.
+    """
+    if not identity_key:
+        return ""
+    return hmac.new(identity_key.encode("utf-8"), b"kotadb access log v1", hashlib.sha256).hexdigest()
+
+
 @dataclasses.dataclass(frozen=True)
 class IdentitySettings:
     """IdentitySettings is what every service reads to verify callers (shared, unprefixed names)."""

@@ -10,6 +10,7 @@ The full gateway with `Check` is exercised in test_usage_shutdown.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import functools
 import json
@@ -24,12 +25,14 @@ import grpc
 import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from google.protobuf import duration_pb2, timestamp_pb2, wrappers_pb2
 from kotadb.v1 import health_pb2, health_pb2_grpc
 
 from services.auth.accesslog import AccessLogServicer, access_log_binding, usage_from_entry
 from services.auth.metering import UsageRecorder
 from services.cli import gateway, status
+from services.common.identity import ACCESS_LOG_TOKEN_HEADER, access_log_token
 from services.common.server import LazyPool, ServiceServer
 from services.common.settings import ServiceSettings
 from services.common.supervisor import Supervisor
@@ -138,6 +141,9 @@ def test_entries_that_are_not_metered(why: str, entry: accesslog_pb2.HTTPAccessL
 # --- through a real Envoy ------------------------------------------------------------------------
 
 
+TOKEN = access_log_token("accesslog-tests-identity-key-0123456789abcdef")
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -179,7 +185,10 @@ def _envoy_config(listen: int, admin: int, backend: int) -> str:
             "common_config": {
                 "log_name": "kotadb-usage",
                 "transport_api_version": "V3",
-                "grpc_service": {"envoy_grpc": {"cluster_name": "backend"}},
+                "grpc_service": {
+                    "envoy_grpc": {"cluster_name": "backend"},
+                    "initial_metadata": [{"key": ACCESS_LOG_TOKEN_HEADER, "value": TOKEN}],
+                },
                 "buffer_flush_interval": "0.05s",
             },
             "additional_request_headers_to_log": ["x-kotadb-key-id", "x-kotadb-tenant", "x-request-id"],
@@ -243,6 +252,7 @@ class Metered:
     target: str
     servicer: AccessLogServicer
     recorder: UsageRecorder
+    backend: int
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +261,7 @@ async def metered(database_url: str, tmp_path_factory: pytest.TempPathFactory) -
     settings = ServiceSettings(database_url=database_url, port=0, shutdown_grace=1.0)
     pool = LazyPool(settings)
     recorder = UsageRecorder(pool, flush_interval=3600)  # the tests flush explicitly
-    servicer = AccessLogServicer(recorder)
+    servicer = AccessLogServicer(recorder, TOKEN)
     server = ServiceServer("metering-test", settings, pool=pool, bindings=[access_log_binding(servicer)])
     backend = await server.start()
     await pool.connect()
@@ -270,7 +280,7 @@ async def metered(database_url: str, tmp_path_factory: pytest.TempPathFactory) -
                 await asyncio.sleep(0.1)
             else:
                 pytest.fail(f"envoy not ready:\n{envoy.log_tail()}")
-            yield Metered(f"127.0.0.1:{listen}", servicer, recorder)
+            yield Metered(f"127.0.0.1:{listen}", servicer, recorder, backend)
     finally:
         await recorder.close()
         await server.stop(grace=1.0)
@@ -358,3 +368,31 @@ async def test_headers_naming_someone_elses_key_charge_nobody(
         "select count(*) from public.usage_metrics where key_id = $1 or user_id = $2", victim_key, forger
     )
     assert count == 0
+
+
+async def test_a_stream_without_the_gateway_token_is_refused(
+    metered: Metered, pool: asyncpg.Pool, user_factory: UserFactory
+) -> None:
+    # Whoever reaches auth's port directly must not be able to write usage rows for a tenant.
+    user_id = await user_factory()
+    key_id = await _new_key(pool, user_id)
+    entry = accesslog_pb2.HTTPAccessLogEntry()
+    entry.request.request_headers.update({"x-kotadb-tenant": str(user_id), "x-kotadb-key-id": str(key_id)})
+    entry.request.path = "/kotadb.v1.SearchService/SearchCode"
+    message = als_pb2.StreamAccessLogsMessage()
+    message.http_logs.log_entry.append(entry)
+    refused_before = metered.servicer.refused
+    for metadata in ((), ((ACCESS_LOG_TOKEN_HEADER, "not-the-token"),)):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{metered.backend}") as channel:
+            stream = als_pb2_grpc.AccessLogServiceStub(channel).StreamAccessLogs(
+                metadata=metadata, timeout=10
+            )
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await stream.write(message)
+                await stream.done_writing()
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await stream
+            assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert metered.servicer.refused == refused_before + 2
+    await metered.recorder.flush()
+    assert await pool.fetchval("select count(*) from public.usage_metrics where key_id = $1", key_id) == 0

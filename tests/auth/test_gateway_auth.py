@@ -76,6 +76,7 @@ def _start_stack(
         auth=",".join(auth),
         ingest=addresses["ingest"],
         search=addresses["search"],
+        identity_key=IDENTITY_KEY,
     )
     wait_gateway_healthy(envoy, supervisor)
     return Stack(url=envoy.url, target=envoy.target, auth=auth)

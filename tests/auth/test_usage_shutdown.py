@@ -75,10 +75,11 @@ async def test_sigterm_writes_every_queued_usage_row(
     # One key for REST and one for native gRPC, so each side's rows can be told apart.
     key, key_id = await _issue_key(pool, user_id)
     grpc_key, grpc_key_id = await _issue_key(pool, user_id)
+    identity_key = secrets.token_hex(32)
     env = service_env(
         database_url,
         tmp_path,
-        secrets.token_hex(32),
+        identity_key,
         # Nothing is written until shutdown: the whole run stays queued in the auth process.
         KOTADB_AUTH_USAGE_FLUSH_INTERVAL="3600",
         KOTADB_AUTH_USAGE_BATCH_SIZE="100000",
@@ -89,7 +90,9 @@ async def test_sigterm_writes_every_queued_usage_row(
     with Supervisor(grace=20) as supervisor:
         auth, auth_child = serve(supervisor, tmp_path, "auth", "auth", env)
         search, _ = serve(supervisor, tmp_path, "search", "search", env)
-        envoy = start_envoy(supervisor, tmp_path, "envoy", auth=auth, ingest=search, search=search)
+        envoy = start_envoy(
+            supervisor, tmp_path, "envoy", auth=auth, ingest=search, search=search, identity_key=identity_key
+        )
         wait_gateway_healthy(envoy, supervisor)
         url = envoy.url
 

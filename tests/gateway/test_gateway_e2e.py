@@ -58,10 +58,24 @@ def gateways(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         for address in addresses.values():
             wait_healthy(address, supervisor)
         auth, ingest, search = addresses["auth"], addresses["ingest"], addresses["search"]
-        main = start_envoy(supervisor, workdir, "envoy-main", auth=auth, ingest=ingest, search=search)
+        main = start_envoy(
+            supervisor,
+            workdir,
+            "envoy-main",
+            auth=auth,
+            ingest=ingest,
+            search=search,
+            identity_key=IDENTITY_KEY,
+        )
         dead_search = f"127.0.0.1:{free_port()}"
         degraded = start_envoy(
-            supervisor, workdir, "envoy-degraded", auth=auth, ingest=ingest, search=dead_search
+            supervisor,
+            workdir,
+            "envoy-degraded",
+            auth=auth,
+            ingest=ingest,
+            search=dead_search,
+            identity_key=IDENTITY_KEY,
         )
         wait_gateway_healthy(main, supervisor)
         key = seed_key(
