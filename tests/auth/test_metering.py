@@ -274,11 +274,12 @@ async def test_a_full_queue_drops_the_oldest(
 
 
 async def _admit(pool: asyncpg.Pool, key_ids: list[uuid.UUID]) -> None:
-    """_admit grants one request to each key in one statement, keys in uuid order, as Check does."""
+    """_admit leases one token of each key in one statement, keys in uuid order, as Check does."""
     now = datetime.datetime.now(datetime.UTC)
     await pool.fetch(
         "select a.* from unnest($1::uuid[]) as k(id)"
-        " cross join lateral public.admit_api_key_requests(k.id, 1, $2, $3, $4) a",
+        " cross join lateral"
+        " public.lease_api_key_requests(k.id, 'metering-test', 0, 1, 1, $2, $3, $4, 1000) a",
         sorted(key_ids),
         now.replace(second=0, microsecond=0),
         now.date().replace(day=1),
