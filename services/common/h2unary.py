@@ -445,13 +445,17 @@ class _Connection(asyncio.Protocol):
         if self.server.stopping:
             self.goaway()
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def _teardown(self) -> None:
+        """_teardown marks the connection closed and cancels every stream's pending handler."""
         self.closed = True
         for stream in self.streams.values():
             if stream.task is not None:
                 stream.task.cancel()
         self.streams.clear()
         self.blocked.clear()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._teardown()
         self.server._connections.discard(self)
         if not self.done.done():
             self.done.set_result(None)
@@ -971,12 +975,7 @@ class _Connection(asyncio.Protocol):
         log.info("%s: closing connection: %s", self.server.name, debug)
         self.out.append(_frame(GOAWAY, 0, 0, struct.pack(">LL", self.last_sid, code) + debug.encode()))
         self._flush()
-        self.closed = True
-        for stream in self.streams.values():
-            if stream.task is not None:
-                stream.task.cancel()
-        self.streams.clear()
-        self.blocked.clear()
+        self._teardown()
         if self.transport is not None:
             self.transport.close()
 

@@ -159,6 +159,17 @@ def _mid_minute() -> quota.FixedClock:
     return quota.FixedClock(datetime.datetime(2031, 5, 17, 10, 41, 30, tzinfo=UTC))
 
 
+@pytest.fixture
+async def two_pools(database_url: str) -> AsyncIterator[tuple[LazyPool, LazyPool]]:
+    """two_pools are two connected pools, one per stand-in replica, closed after the test."""
+    pools = (await open_lazy_pool(database_url), await open_lazy_pool(database_url))
+    try:
+        yield pools
+    finally:
+        for lazy in pools:
+            await lazy.close(wait=5)
+
+
 async def _window_count(pool: asyncpg.Pool, key_id: uuid.UUID) -> int:
     value = await pool.fetchval(
         "select coalesce(sum(count), 0) from public.rate_limit_windows where key_id = $1", key_id
@@ -221,18 +232,17 @@ async def test_an_idle_block_is_handed_back(pool: asyncpg.Pool, user_factory: An
 
 
 async def test_demand_moving_to_another_replica_still_gets_exactly_the_limit(
-    pool: asyncpg.Pool, user_factory: Any, database_url: str
+    pool: asyncpg.Pool, user_factory: Any, database_url: str, two_pools: tuple[LazyPool, LazyPool]
 ) -> None:
     # Replica A builds up a large block, then all demand goes to replica B. B must not refuse
     # while A sits on unused tokens: A is asked for them (NOTIFY api_key_lease_reclaim, heard
     # through the key cache's listener, as in the auth process) and B gets exactly the rest.
     user = await user_factory()
     _, key_id = await insert_key(pool, user, rate_limit=400)
-    pools = [await open_lazy_pool(database_url), await open_lazy_pool(database_url)]
-    first = Admitter(pools[0], _mid_minute(), idle_return=60.0, lease_span=1.0)
-    second = Admitter(pools[1], _mid_minute(), idle_return=60.0)
+    first = Admitter(two_pools[0], _mid_minute(), idle_return=60.0, lease_span=1.0)
+    second = Admitter(two_pools[1], _mid_minute(), idle_return=60.0)
     listener = KeyCache(
-        pools[0], database_url, channels={RECLAIM_CHANNEL: lambda p: first.reclaim(uuid.UUID(p))}
+        two_pools[0], database_url, channels={RECLAIM_CHANNEL: lambda p: first.reclaim(uuid.UUID(p))}
     )
     listener.start()
     try:
@@ -250,39 +260,32 @@ async def test_demand_moving_to_another_replica_still_gets_exactly_the_limit(
         assert await _window_count(pool, key_id) == 400
     finally:
         await listener.close()
-        for lazy in pools:
-            await lazy.close(wait=5)
 
 
 async def test_a_crashed_holders_block_expires_and_is_never_exceeded(
-    pool: asyncpg.Pool, user_factory: Any, database_url: str
+    pool: asyncpg.Pool, user_factory: Any, two_pools: tuple[LazyPool, LazyPool]
 ) -> None:
     # A holder that vanishes without handing its block back: its tokens count as used once its
     # lease expires, and the other replica is refused then rather than waiting forever.
     user = await user_factory()
     _, key_id = await insert_key(pool, user, rate_limit=60)
-    pools = [await open_lazy_pool(database_url), await open_lazy_pool(database_url)]
-    crashed = Admitter(pools[0], _mid_minute(), idle_return=60.0, lease_ttl=0.4, lease_span=1.0)
-    survivor = Admitter(pools[1], _mid_minute(), idle_return=60.0, reclaim_wait=5.0)
-    try:
-        for _ in range(4):
-            await asyncio.gather(*(crashed.admit(key_id) for _ in range(5)))
-        # Crash: the process stops (after any lease already in flight), handing nothing back.
-        if crashed._worker is not None:
-            await asyncio.gather(crashed._worker, return_exceptions=True)
-        if crashed._sweeper is not None:
-            crashed._sweeper.cancel()
-        # What the crashed holder had reserved and not used: lost for this window, never lent out.
-        lost = crashed._leases[key_id].unused
-        assert lost > 0
-        outcomes = await asyncio.gather(*(survivor.admit(key_id) for _ in range(100)))
-        admitted = sum(o.admitted for o in outcomes)
-        assert admitted == 60 - 20 - lost
-        assert await _window_count(pool, key_id) == 60
-        await survivor.close()
-    finally:
-        for lazy in pools:
-            await lazy.close(wait=5)
+    crashed = Admitter(two_pools[0], _mid_minute(), idle_return=60.0, lease_ttl=0.4, lease_span=1.0)
+    survivor = Admitter(two_pools[1], _mid_minute(), idle_return=60.0, reclaim_wait=5.0)
+    for _ in range(4):
+        await asyncio.gather(*(crashed.admit(key_id) for _ in range(5)))
+    # Crash: the process stops (after any lease already in flight), handing nothing back.
+    if crashed._worker is not None:
+        await asyncio.gather(crashed._worker, return_exceptions=True)
+    if crashed._sweeper is not None:
+        crashed._sweeper.cancel()
+    # What the crashed holder had reserved and not used: lost for this window, never lent out.
+    lost = crashed._leases[key_id].unused
+    assert lost > 0
+    outcomes = await asyncio.gather(*(survivor.admit(key_id) for _ in range(100)))
+    admitted = sum(o.admitted for o in outcomes)
+    assert admitted == 60 - 20 - lost
+    assert await _window_count(pool, key_id) == 60
+    await survivor.close()
 
 
 async def test_a_spent_window_is_refused_from_memory(
