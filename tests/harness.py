@@ -34,6 +34,7 @@ from services.auth import keys
 from services.cli import gateway, status
 from services.common.identity import access_log_token
 from services.common.pgembed import free_port
+from services.common.server import listener_port_file
 from services.common.supervisor import ChildProcess, Supervisor
 
 __all__ = [
@@ -126,7 +127,7 @@ def spawn_service(
     )
     wait_until(f"{name} port", port_file_probe(port_file), supervisor)
     address = f"127.0.0.1:{port_file.read_text().strip()}"
-    check_file = port_file.with_name(port_file.name + ".check")
+    check_file = listener_port_file(port_file, "check")
     if check_file.exists():
         # The auth service's lean Check listener: start_envoy points ext_authz at it.
         CHECK_LISTENERS[address] = f"127.0.0.1:{check_file.read_text().strip()}"

@@ -336,25 +336,13 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             request = external_auth_pb2.CheckRequest.FromString(message)
         except DecodeError as exc:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "the CheckRequest could not be parsed") from exc
-        http = request.attributes.request.http
-        headers = {key.lower(): value for key, value in http.headers.items()}
-        try:
-            grant = self.authorizer.authorize_now(http.method, http.path, headers)
-        except KotaError as exc:
-            refusal = denied(exc, request_id=headers.get("x-request-id", ""), grpc_client=_is_grpc(headers))
-            return bytes(refusal.SerializeToString())
-        except Exception as exc:
-            log.error("Check failed unexpectedly", exc_info=exc)
-            failure = _CheckFailed("the request could not be authorized")
-            refusal = denied(
-                failure, request_id=headers.get("x-request-id", ""), grpc_client=_is_grpc(headers)
-            )
-            return bytes(refusal.SerializeToString())
-        if isinstance(grant, Later):
+        decision = self._decide_from_memory(request)
+        if isinstance(decision, Later):
             return self._later_bytes(request)
-        if grant is None:
-            return bytes(allowed(None).SerializeToString())
-        return self._allowed_bytes(grant)
+        if isinstance(decision, Grant):
+            return self._allowed_bytes(decision)
+        response = decision if decision is not None else allowed(None)
+        return bytes(response.SerializeToString())
 
     def _allowed_bytes(self, grant: Grant) -> bytes:
         """_allowed_bytes is `allowed(grant)` serialized, built from a per-token cached prefix.
@@ -382,36 +370,49 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
 
     def decide_now(self, request: external_auth_pb2.CheckRequest) -> external_auth_pb2.CheckResponse | None:
         """decide_now answers from memory, or returns None when the database must be asked."""
-        http = request.attributes.request.http
-        headers = {key.lower(): value for key, value in http.headers.items()}
-        try:
-            grant = self.authorizer.authorize_now(http.method, http.path, headers)
-        except KotaError as exc:
-            return denied(exc, request_id=headers.get("x-request-id", ""), grpc_client=_is_grpc(headers))
-        except Exception as exc:
-            log.error("Check failed unexpectedly", exc_info=exc)
-            failure = _CheckFailed("the request could not be authorized")
-            return denied(failure, request_id=headers.get("x-request-id", ""), grpc_client=_is_grpc(headers))
-        if isinstance(grant, Later):
+        decision = self._decide_from_memory(request)
+        if isinstance(decision, Later):
             return None
-        return allowed(grant)
+        if isinstance(decision, external_auth_pb2.CheckResponse):
+            return decision
+        return allowed(decision)
+
+    def _decide_from_memory(
+        self, request: external_auth_pb2.CheckRequest
+    ) -> Grant | Later | external_auth_pb2.CheckResponse | None:
+        """_decide_from_memory is a Grant, None (no credential needed), LATER, or a refusal."""
+        http = request.attributes.request.http
+        headers = _headers(http)
+        try:
+            return self.authorizer.authorize_now(http.method, http.path, headers)
+        except Exception as exc:
+            return _refusal(exc, headers)
 
     async def decide_later(self, request: external_auth_pb2.CheckRequest) -> external_auth_pb2.CheckResponse:
         """decide_later answers with every lookup and admission the decision needs."""
         http = request.attributes.request.http
-        headers = {key.lower(): value for key, value in http.headers.items()}
-        request_id = headers.get("x-request-id", "")
-        grpc_client = _is_grpc(headers)
+        headers = _headers(http)
         try:
             grant = await self.authorizer.authorize(http.method, http.path, headers)
-        except KotaError as exc:
-            return denied(exc, request_id=request_id, grpc_client=grpc_client)
         except Exception as exc:
-            # Fail closed: an unexpected error must never let a request through.
-            log.error("Check failed unexpectedly", exc_info=exc)
-            failure = _CheckFailed("the request could not be authorized")
-            return denied(failure, request_id=request_id, grpc_client=grpc_client)
+            return _refusal(exc, headers)
         return allowed(grant)
+
+
+def _headers(http: Any) -> dict[str, str]:
+    """_headers are the request's headers with lower-case names, as Check reads them."""
+    return {key.lower(): value for key, value in http.headers.items()}
+
+
+def _refusal(exc: Exception, headers: Mapping[str, str]) -> external_auth_pb2.CheckResponse:
+    """_refusal answers a failed decision: the error's denial, or 500 for an unexpected one.
+
+    Fail closed: an unexpected error is logged and must never let a request through.
+    """
+    if not isinstance(exc, KotaError):
+        log.error("Check failed unexpectedly", exc_info=exc)
+        exc = _CheckFailed("the request could not be authorized")
+    return denied(exc, request_id=headers.get("x-request-id", ""), grpc_client=_is_grpc(headers))
 
 
 def _is_grpc(headers: Mapping[str, str]) -> bool:

@@ -214,10 +214,10 @@ class KeyCache:
             self._changed(None)
             return
         self.evict(key_id)
-        if self._on_change is not None:
-            self._on_change(key_id)
+        self._changed(key_id)
 
     def _changed(self, key_id: uuid.UUID | None) -> None:
+        """_changed forgets what changed (everything, when `key_id` is None) and tells on_change."""
         if key_id is None:
             self.clear()
         if self._on_change is not None:

@@ -260,7 +260,7 @@ class Admitter:
         # Insertion-ordered: keys are served in the order their first waiter arrived.
         self._pending: dict[uuid.UUID, list[asyncio.Future[Admission]]] = {}
         self._retrying: dict[uuid.UUID, _Retry] = {}
-        self._to_settle: dict[tuple[uuid.UUID, datetime.datetime], tuple[_Lease, uuid.UUID]] = {}
+        self._to_settle: list[tuple[uuid.UUID, _Lease]] = []
         # Busy keys whose block is running low: leased again before checks have to wait.
         self._refill: set[uuid.UUID] = set()
         # Keys whose grant is in the database now, and those to release once it has answered.
@@ -339,8 +339,8 @@ class Admitter:
             month_reset=calendar.month_end,
         )
 
-    @staticmethod
-    def _refused(spent: _Spent, now: datetime.datetime) -> Admission:
+    def _refused(self, spent: _Spent, now: datetime.datetime) -> Admission:
+        calendar = self._calendar_at(now)
         return Admission(
             admitted=False,
             found=True,
@@ -350,8 +350,8 @@ class Admitter:
             monthly_quota=spent.monthly_quota,
             usage_count=spent.usage_count,
             now=now,
-            window_reset=quota.window_end(now),
-            month_reset=quota.next_month_start(now),
+            window_reset=calendar.window_end,
+            month_reset=calendar.month_end,
         )
 
     # --- lifecycle and notifications ---------------------------------------------------------
@@ -377,7 +377,7 @@ class Admitter:
             return
         lease = self._leases.pop(key_id, None)
         if lease is not None:
-            self._to_settle[(key_id, lease.window_start)] = (lease, key_id)
+            self._to_settle.append((key_id, lease))
             self._kick()
 
     async def close(self) -> None:
@@ -412,11 +412,10 @@ class Admitter:
         while True:
             await asyncio.sleep(max(self.idle_return / 2, 0.01))
             now_mono = self._monotonic()
-            now = self.clock.now()
-            window, month = quota.window_start(now), quota.month_start(now)
+            calendar = self._calendar_at(self.clock.now())
             for key_id, lease in list(self._leases.items()):
                 idle = now_mono - max(lease.last_used, lease.granted_at) >= self.idle_return
-                if idle or not lease.usable(window, month, now_mono):
+                if idle or not lease.usable(calendar.window, calendar.month, now_mono):
                     self._release(key_id)
 
     # --- the database task ------------------------------------------------------------------
@@ -424,8 +423,8 @@ class Admitter:
     async def _run(self) -> None:
         while self._pending or self._to_settle or self._refill:
             if self._to_settle:
-                settling, self._to_settle = self._to_settle, {}
-                await self._settle(list(settling.values()))
+                settling, self._to_settle = self._to_settle, []
+                await self._settle(settling)
                 continue
             batch = self._take_batch()
             if not batch:
@@ -469,13 +468,14 @@ class Admitter:
     async def _grant(self, batch: dict[uuid.UUID, list[asyncio.Future[Admission]]]) -> None:
         """_grant leases tokens for every key of a batch and answers its waiters."""
         now = self.clock.now()
-        window, month = quota.window_start(now), quota.month_start(now)
+        calendar = self._calendar_at(now)
+        window, month = calendar.window, calendar.month
         sent_at = self._monotonic()
         stale = []
         for key_id in batch:
             lease = self._leases.get(key_id)
             if lease is not None and not lease.usable(window, month, sent_at):
-                stale.append((self._leases.pop(key_id), key_id))
+                stale.append((key_id, self._leases.pop(key_id)))
         if stale:
             await self._settle(stale)
         # Keys go to the database in uuid order, the order every writer of api_keys locks in.
@@ -522,11 +522,8 @@ class Admitter:
         sent_at: float,
         now: datetime.datetime,
     ) -> None:
-        common = {
-            "now": now,
-            "window_reset": quota.window_end(now),
-            "month_reset": quota.next_month_start(now),
-        }
+        calendar = self._calendar_at(now)
+        common = {"now": now, "window_reset": calendar.window_end, "month_reset": calendar.month_end}
         if row is None or row["revoked"]:
             self._leases.pop(key_id, None)
             refused = Admission(
@@ -545,8 +542,10 @@ class Admitter:
             return
         granted = int(row["granted"])
         count, usage = int(row["window_count"]), int(row["usage_count"])
+        # A block whose deadline passed while this grant was in flight is still ours: the grant
+        # renewed the whole lease row, kept tokens included, so the new deadline covers it.
         lease = self._leases.get(key_id)
-        if lease is None or not lease.usable(window, month, sent_at):
+        if lease is None or lease.window_start != window or lease.month != month:
             lease = _Lease(
                 window_start=window,
                 month=month,
@@ -629,15 +628,15 @@ class Admitter:
         self._pending.setdefault(key_id, [])[:0] = live
         self._kick()
 
-    async def _settle(self, leases: list[tuple[_Lease, uuid.UUID]]) -> None:
+    async def _settle(self, leases: list[tuple[uuid.UUID, _Lease]]) -> None:
         """_settle hands the unused tokens of `leases` back and ends their lease rows."""
-        ordered = sorted(leases, key=lambda item: (item[1], item[0].window_start))
+        ordered = sorted(leases, key=lambda item: (item[0], item[1].window_start))
         args = (
             self.holder,
-            [key_id for _, key_id in ordered],
-            [lease.window_start for lease, _ in ordered],
-            [lease.month for lease, _ in ordered],
-            [lease.unused for lease, _ in ordered],
+            [key_id for key_id, _ in ordered],
+            [lease.window_start for _, lease in ordered],
+            [lease.month for _, lease in ordered],
+            [lease.unused for _, lease in ordered],
         )
         self.settles += 1
         try:

@@ -41,6 +41,7 @@ from services.cli import gateway, status
 from services.common import db, migrate
 from services.common.identity import IDENTITY_HEADER, IdentityCodec, access_log_token
 from services.common.pgembed import EmbeddedPostgres, free_port
+from services.common.server import listener_port_file
 from services.common.settings import env_settings
 from services.common.supervisor import ChildProcess, Supervisor
 
@@ -122,7 +123,7 @@ def _spawn_service(
     supervisor: Supervisor, name: str, service: str, workdir: Path, env: dict[str, str], port: int = 0
 ) -> Spawned:
     port_file = workdir / f"{name}.port"
-    check_file = port_file.with_name(port_file.name + ".check")
+    check_file = listener_port_file(port_file, "check")
     port_file.unlink(missing_ok=True)
     check_file.unlink(missing_ok=True)
     argv = [sys.executable, "-m", "services.cli", "serve", service, "--port", str(port)]
@@ -176,11 +177,11 @@ def _spawn_envoy(
     name: str,
     workdir: Path,
     addresses: dict[str, str],
+    *,
     ext_authz: bool,
+    identity_key: str,
     static_identity: str = "",
 ) -> str:
-    # Auth meters only an access-log stream carrying the token derived from the identity key.
-    token = access_log_token(addresses.get("identity_key", ""))
     port, admin = free_port(), free_port()
     config = gateway.GatewayConfig(
         gateway_port=port,
@@ -190,7 +191,8 @@ def _spawn_envoy(
         ingest=addresses["ingest"],
         search=addresses["search"],
         ext_authz=ext_authz,
-        access_log_token=token,
+        # Auth meters only an access-log stream carrying the token derived from the identity key.
+        access_log_token=access_log_token(identity_key),
     )
     path = workdir / f"{name}.yaml"
     rendered = gateway.render(config)
@@ -219,6 +221,8 @@ async def _create_keys(database_url: str, limit: int) -> tuple[dict[str, tuple[s
             "rate": KeySpec("bench rate limit", frozenset({READ}), limit, UNLIMITED_QUOTA),
             "quota": KeySpec("bench quota", frozenset({READ}), UNLIMITED_RATE, limit),
             "crash": KeySpec("bench crash", frozenset({READ}), UNLIMITED_RATE, UNLIMITED_QUOTA),
+            # Named by the instant Check's answers, so their usage rows land on a key of their own.
+            "instant": KeySpec("bench instant", frozenset({READ, WRITE}), UNLIMITED_RATE, UNLIMITED_QUOTA),
         }
         keys: dict[str, tuple[str, uuid.UUID]] = {}
         for name, spec in specs.items():
@@ -264,26 +268,42 @@ def running_stack(
                 "auth_check": auth_a.check,
                 "ingest": search,
                 "search": search,
-                # Not an address: _spawn_envoy derives the access-log token from it.
-                "identity_key": env["KOTADB_IDENTITY_KEY"],
             }
-            envoy_on = _spawn_envoy(supervisor, "envoy-authz-on", workdir, addresses, ext_authz=True)
+            key = env["KOTADB_IDENTITY_KEY"]
+            envoy_on = _spawn_envoy(
+                supervisor, "envoy-authz-on", workdir, addresses, ext_authz=True, identity_key=key
+            )
             # The off side gets the identity Check would have signed, from Envoy itself, so the
             # search service does the same work on both sides (verify it, answer the call).
-            codec = IdentityCodec(env["KOTADB_IDENTITY_KEY"], ttl=6 * 3600)
+            codec = IdentityCodec(key, ttl=6 * 3600)
             token = codec.sign(
                 user_id=user_id, kind="api_key", permissions=frozenset({READ, WRITE}), key_id=keys["envoy"][1]
             )
             envoy_off = _spawn_envoy(
-                supervisor, "envoy-authz-off", workdir, addresses, ext_authz=False, static_identity=token
+                supervisor,
+                "envoy-authz-off",
+                workdir,
+                addresses,
+                ext_authz=False,
+                identity_key=key,
+                static_identity=token,
             )
-            instant = _spawn_instant_check(supervisor, workdir, dict(env, **{TOKEN_VARIABLE: token}))
+            # The instant Check answers as Check would for a key of its own: the same headers,
+            # and its metered rows stay off the envoy key, whose rows step 5 compares.
+            instant_token = codec.sign(
+                user_id=user_id,
+                kind="api_key",
+                permissions=frozenset({READ, WRITE}),
+                key_id=keys["instant"][1],
+            )
+            instant = _spawn_instant_check(supervisor, workdir, dict(env, **{TOKEN_VARIABLE: instant_token}))
             envoy_instant = _spawn_envoy(
                 supervisor,
                 "envoy-authz-instant",
                 workdir,
                 dict(addresses, auth_check=instant),
                 ext_authz=True,
+                identity_key=key,
             )
             echo(
                 f"auth {auth_a.address} (Check {auth_a.check}) and {auth_b.address} (Check {auth_b.check}),"
@@ -291,7 +311,9 @@ def running_stack(
             )
             auth_crash = _spawn_service(supervisor, "auth-crash", "auth", workdir, env)
             crash_addresses = dict(addresses, auth=auth_crash.address, auth_check=auth_crash.check)
-            envoy_crash = _spawn_envoy(supervisor, "envoy-crash", workdir, crash_addresses, ext_authz=True)
+            envoy_crash = _spawn_envoy(
+                supervisor, "envoy-crash", workdir, crash_addresses, ext_authz=True, identity_key=key
+            )
             children = {"auth-crash": auth_crash.child}
             # The replacement listens where the old process did, on both ports.
             crash_env = dict(env, **{CHECK_PORT_VARIABLE: auth_crash.check.rsplit(":", 1)[1]})

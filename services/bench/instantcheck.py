@@ -1,12 +1,14 @@
 """instantcheck: an ext_authz Check server that allows everything at once, for `kotadb bench auth`.
 
 It runs the same lean HTTP/2 listener as the auth service (services/common/h2unary.py) but
-answers every Check with one precomputed OK that adds a fixed signed identity, with no lookup,
-no admission and no signing per request. An Envoy with ext_authz pointed at it shows what
+answers every Check with one precomputed OK: Check's own answer for a fixed signed identity
+(the same headers, minus the RateLimit ones), with no lookup, no admission and no signing per
+request. An Envoy with ext_authz pointed at it shows what
 ext_authz costs through Envoy when the authorization server takes no time at all: the floor
 under the real Check's figure on the same machine.
 
-    python -m services.bench.instantcheck --port-file F   (KOTADB_IDENTITY_TOKEN: the identity)
+    python -m services.bench.instantcheck --port-file F
+    (KOTADB_IDENTITY_TOKEN: the identity, signed with KOTADB_IDENTITY_KEY)
 """
 
 from __future__ import annotations
@@ -19,39 +21,30 @@ from pathlib import Path
 
 from grpc_health.v1 import health_pb2
 
-from services.auth.check import CREDENTIAL_HEADERS, header_option
+from services.auth.check import Grant, allowed
 from services.auth.server import CHECK_PATH, HEALTH_PATH
 from services.common.h2unary import H2UnaryServer
-from services.common.identity import IDENTITY_HEADER
+from services.common.identity import IdentityCodec
+from services.common.server import write_port_file
 
 TOKEN_VARIABLE = "KOTADB_IDENTITY_TOKEN"
 
 
-def answer(token: str) -> bytes:
-    """answer is the serialized OK CheckResponse adding `token` as the signed identity."""
-    from envoy.service.auth.v3 import external_auth_pb2
-    from google.rpc import code_pb2, status_pb2
-
-    ok = external_auth_pb2.OkHttpResponse()
-    ok.headers.append(header_option(IDENTITY_HEADER, token))
-    ok.headers_to_remove.extend(CREDENTIAL_HEADERS)
-    response = external_auth_pb2.CheckResponse(status=status_pb2.Status(code=code_pb2.OK), ok_response=ok)
-    return bytes(response.SerializeToString())
+def answer(token: str, identity_key: str) -> bytes:
+    """answer is Check's serialized OK for the identity `token` carries (verified with the key)."""
+    identity = IdentityCodec(identity_key).verify(token)
+    return bytes(allowed(Grant(identity=identity, token=token)).SerializeToString())
 
 
-async def serve(port_file: Path, token: str) -> None:
-    """serve answers Check and health on a free port until SIGTERM or SIGINT."""
-    ok = answer(token)
+async def serve(port_file: Path, ok: bytes) -> None:
+    """serve answers every Check with `ok`, and health, on a free port until SIGTERM or SIGINT."""
     health = bytes(
         health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING).SerializeToString()
     )
     server = H2UnaryServer(
         {CHECK_PATH: lambda message, headers: ok, HEALTH_PATH: lambda message, headers: health}
     )
-    port = await server.start("127.0.0.1", 0)
-    partial = port_file.with_name(port_file.name + ".tmp")
-    partial.write_text(f"{port}\n")
-    partial.replace(port_file)
+    write_port_file(port_file, await server.start("127.0.0.1", 0))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -65,7 +58,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m services.bench.instantcheck")
     parser.add_argument("--port-file", type=Path, required=True)
     args = parser.parse_args()
-    asyncio.run(serve(args.port_file, os.environ.get(TOKEN_VARIABLE, "")))
+    ok = answer(os.environ.get(TOKEN_VARIABLE, ""), os.environ.get("KOTADB_IDENTITY_KEY", ""))
+    asyncio.run(serve(args.port_file, ok))
 
 
 if __name__ == "__main__":

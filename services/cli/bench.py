@@ -101,7 +101,13 @@ def _search(args: argparse.Namespace) -> int:
 def _auth(args: argparse.Namespace) -> int:
     # Imported here so other `kotadb` commands do not load the Envoy stubs and the auth service.
     from services.bench.auth import AuthBenchOptions, render_auth_table, run_auth_bench
+    from services.bench.h2load import H2loadMissing, find_h2load
 
+    try:
+        find_h2load()  # before the minute it takes to build the stack
+    except H2loadMissing as exc:
+        print(f"kotadb bench auth: {exc}", file=sys.stderr)
+        return 2
     options = AuthBenchOptions(work_dir=args.work_dir)
     if args.quick:
         options = AuthBenchOptions(

@@ -51,6 +51,7 @@ from services.cli.keys import DEMO_USER_ID
 from services.common import db, migrate
 from services.common.identity import access_log_token
 from services.common.pgembed import EmbeddedPostgres, free_port, port_is_free
+from services.common.server import listener_port_file
 from services.common.settings import env_settings
 from services.common.supervisor import ChildExited, ChildProcess, StopRequested, Supervisor
 
@@ -210,11 +211,16 @@ def identity_key(data_dir: Path) -> str:
     return created
 
 
+def _stack_identity_key(data_dir: Path) -> str:
+    """_stack_identity_key is KOTADB_IDENTITY_KEY when set, else the data dir's own key."""
+    return os.environ.get("KOTADB_IDENTITY_KEY") or identity_key(data_dir)
+
+
 def _child_env(database_url: str, data_dir: Path) -> dict[str, str]:
     """_child_env is the environment every service process gets."""
     env = dict(os.environ)
     env["KOTADB_DATABASE_URL"] = database_url
-    env.setdefault("KOTADB_IDENTITY_KEY", identity_key(data_dir))
+    env["KOTADB_IDENTITY_KEY"] = _stack_identity_key(data_dir)
     env.setdefault("KOTADB_SEARCH_DATA_DIR", str(data_dir / "search"))
     # Unbuffered, so a crash's last log lines are in the log file when we print them.
     env["PYTHONUNBUFFERED"] = "1"
@@ -369,9 +375,10 @@ def _start_services(
         port_files[name].unlink(missing_ok=True)
         argv = [sys.executable, "-m", "services.cli", "serve", name]
         argv += ["--port", str(getattr(ports, name)), "--port-file", str(port_files[name])]
+        child_env = dict(env)
         if name == "auth":
-            env["KOTADB_AUTH_CHECK_PORT"] = str(ports.auth_check)
-        children[name] = supervisor.spawn(name, argv, log_path=logs / f"{name}.log", env=dict(env))
+            child_env["KOTADB_AUTH_CHECK_PORT"] = str(ports.auth_check)
+        children[name] = supervisor.spawn(name, argv, log_path=logs / f"{name}.log", env=child_env)
         log(f"started {name} (pid {children[name].pid})")
         if name == "auth" and "KOTADB_AUTH_ADDRESS" not in os.environ:
             # Ingest and search check API keys presented to them directly through auth, so they
@@ -388,8 +395,7 @@ def _start_services(
         address = f"127.0.0.1:{bound[name]}"
         _wait_until(name, functools.partial(status.probe_grpc_health, address), supervisor, child)
         log(f"{name} is SERVING on {address}")
-    check_file = port_files["auth"].with_name(port_files["auth"].name + ".check")
-    bound["auth_check"] = int(check_file.read_text().strip())
+    bound["auth_check"] = int(listener_port_file(port_files["auth"], "check").read_text().strip())
     return dataclasses.replace(ports, **bound), children
 
 
@@ -401,7 +407,7 @@ def _start_envoy(data_dir: Path, ports: Ports, supervisor: Supervisor, logs: Pat
         auth=f"127.0.0.1:{ports.auth}",
         auth_check=f"127.0.0.1:{ports.auth_check}",
         # The same key the services get (_child_env), so auth accepts Envoy's access log.
-        access_log_token=access_log_token(os.environ.get("KOTADB_IDENTITY_KEY") or identity_key(data_dir)),
+        access_log_token=access_log_token(_stack_identity_key(data_dir)),
         ingest=f"127.0.0.1:{ports.ingest}",
         search=f"127.0.0.1:{ports.search}",
     )

@@ -225,7 +225,6 @@ class ServiceServer:
     ) -> None:
         self.name = name
         self._listeners = list(listeners)
-        self.listener_ports: dict[str, int] = {}
         self.settings = settings
         self.pool = pool
         self._bindings = list(bindings)
@@ -287,16 +286,15 @@ class ServiceServer:
         self._server = server
         for listener in self._listeners:
             bound = await listener.server.start(self.settings.host, listener.port)
-            self.listener_ports[listener.name] = bound
             if port_file is not None:
-                _write_port(port_file.with_name(f"{port_file.name}.{listener.name}"), bound)
+                write_port_file(listener_port_file(port_file, listener.name), bound)
             log.info(
                 "side listener bound",
                 extra={"fields": {"service": self.name, "listener": listener.name, "port": bound}},
             )
         self._readiness = asyncio.create_task(self._readiness_loop(), name=f"{self.name}-readiness")
         if port_file is not None:
-            _write_port(port_file, self.port)
+            write_port_file(port_file, self.port)
         log.info(
             "listening",
             extra={"fields": {"service": self.name, "host": self.settings.host, "port": self.port}},
@@ -412,8 +410,13 @@ class ServiceServer:
             await self._health.set(name, status)
 
 
-def _write_port(path: Path, port: int) -> None:
-    # Write then rename, so a reader never sees a half-written number.
+def listener_port_file(port_file: Path, name: str) -> Path:
+    """listener_port_file is where side listener `name` writes its port, next to `port_file`."""
+    return port_file.with_name(f"{port_file.name}.{name}")
+
+
+def write_port_file(path: Path, port: int) -> None:
+    """write_port_file writes `port` to `path`, then renames, so a reader never sees half a number."""
     partial = path.with_name(path.name + ".tmp")
     partial.write_text(f"{port}\n")
     partial.replace(path)

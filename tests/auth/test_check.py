@@ -32,7 +32,8 @@ from services.auth.routes import RouteTable
 from services.auth.sessions import SessionVerifier
 from services.common.identity import IDENTITY_HEADER, KEY_ID_HEADER, TENANT_HEADER, IdentityCodec
 from services.common.server import LazyPool
-from tests.auth.test_ratelimit import insert_key, open_lazy_pool
+from tests.auth.conftest import open_lazy_pool
+from tests.auth.test_ratelimit import insert_key
 
 UTC = datetime.UTC
 IDENTITY_KEY = "check-tests-identity-key-0123456789abcdef"
@@ -140,15 +141,6 @@ class CheckRig:
         assert self.channel is not None
         stub = external_auth_pb2_grpc.AuthorizationStub(self.channel)
         return Answer(await stub.Check(request, timeout=10))
-
-
-@pytest.fixture
-async def lazy(database_url: str) -> AsyncIterator[LazyPool]:
-    opened = await open_lazy_pool(database_url)
-    try:
-        yield opened
-    finally:
-        await opened.close(wait=5)
 
 
 @pytest.fixture

@@ -94,22 +94,14 @@ def test_the_listener_answers_health_and_refuses_garbage(replicas: Replicas) -> 
     with grpc.insecure_channel(replicas.check[0]) as channel:
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
-        garbage = channel.unary_unary(
-            "/envoy.service.auth.v3.Authorization/Check",
-            request_serializer=lambda raw: raw,
-            response_deserializer=lambda raw: raw,
-        )
-        with pytest.raises(grpc.RpcError) as raised:
-            garbage(b"\xff\xff\xff", timeout=10)
-        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        other = channel.unary_unary(
-            "/kotadb.v1.AuthService/ListApiKeys",
-            request_serializer=lambda raw: raw,
-            response_deserializer=lambda raw: raw,
-        )
-        with pytest.raises(grpc.RpcError) as raised:
-            other(b"", timeout=10)
-        assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        for path, body, code in (
+            ("/envoy.service.auth.v3.Authorization/Check", b"\xff\xff\xff", grpc.StatusCode.INVALID_ARGUMENT),
+            ("/kotadb.v1.AuthService/ListApiKeys", b"", grpc.StatusCode.UNIMPLEMENTED),
+        ):
+            raw = channel.unary_unary(path, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+            with pytest.raises(grpc.RpcError) as raised:
+                raw(body, timeout=10)
+            assert raised.value.code() == code, path
 
 
 def test_the_serialized_fast_answer_equals_the_message_answer() -> None:

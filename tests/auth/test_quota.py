@@ -7,7 +7,6 @@ CheckRig) against real Postgres.
 from __future__ import annotations
 
 import datetime
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -16,7 +15,7 @@ import pytest
 from services.auth import quota
 from services.common.server import LazyPool
 from tests.auth.test_check import SEARCH_REST, CheckRig
-from tests.auth.test_ratelimit import insert_key, open_lazy_pool
+from tests.auth.test_ratelimit import insert_key
 
 UTC = datetime.UTC
 
@@ -48,15 +47,6 @@ def test_windows_are_utc_minutes_and_retry_after_rounds_up() -> None:
     assert quota.window_end(now) == datetime.datetime(2031, 6, 1, 8, 16, tzinfo=UTC)
     assert quota.seconds_until(now, quota.window_end(now)) == 18
     assert quota.seconds_until(now, now) == 1  # never tell a client to retry "now"
-
-
-@pytest.fixture
-async def lazy(database_url: str) -> AsyncIterator[LazyPool]:
-    opened = await open_lazy_pool(database_url)
-    try:
-        yield opened
-    finally:
-        await opened.close(wait=5)
 
 
 async def test_quota_exhaustion_and_reset_at_the_month_boundary(

@@ -1,4 +1,4 @@
-"""Exact admission against real Postgres: rate windows, coalescing, replicas, revocation.
+"""Exact admission against real Postgres: rate windows, leased blocks, reclaim, replicas, revocation.
 
 Two `Admitter`s on two separate pools stand in for two auth replicas: they share nothing but
 the database, as real replicas do. `insert_key` is the helper the other auth tests use to
@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import asyncpg
@@ -56,25 +56,14 @@ async def insert_key(
     return generated.plaintext, key_id
 
 
-async def open_lazy_pool(database_url: str, size: int = 4) -> LazyPool:
-    """open_lazy_pool is a connected LazyPool on `database_url`, as a service would hold."""
-    lazy = LazyPool(CommonSettings(database_url=database_url, db_pool_min=1, db_pool_max=size))
-    await lazy.connect()
-    return lazy
-
-
 @pytest.fixture
-async def replicas(database_url: str) -> AsyncIterator[Callable[[quota.Clock], tuple[Admitter, Admitter]]]:
-    pools: list[LazyPool] = [await open_lazy_pool(database_url), await open_lazy_pool(database_url)]
+def replicas(two_pools: tuple[LazyPool, LazyPool]) -> Callable[[quota.Clock], tuple[Admitter, Admitter]]:
+    """replicas makes two Admitters on separate pools, as two auth processes would be."""
 
     def make(clock: quota.Clock) -> tuple[Admitter, Admitter]:
-        return Admitter(pools[0], clock), Admitter(pools[1], clock)
+        return Admitter(two_pools[0], clock), Admitter(two_pools[1], clock)
 
-    try:
-        yield make
-    finally:
-        for lazy in pools:
-            await lazy.close(wait=5)
+    return make
 
 
 async def test_concurrent_demand_across_replicas_admits_exactly_the_limit(
@@ -159,17 +148,6 @@ def _mid_minute() -> quota.FixedClock:
     return quota.FixedClock(datetime.datetime(2031, 5, 17, 10, 41, 30, tzinfo=UTC))
 
 
-@pytest.fixture
-async def two_pools(database_url: str) -> AsyncIterator[tuple[LazyPool, LazyPool]]:
-    """two_pools are two connected pools, one per stand-in replica, closed after the test."""
-    pools = (await open_lazy_pool(database_url), await open_lazy_pool(database_url))
-    try:
-        yield pools
-    finally:
-        for lazy in pools:
-            await lazy.close(wait=5)
-
-
 async def _window_count(pool: asyncpg.Pool, key_id: uuid.UUID) -> int:
     value = await pool.fetchval(
         "select coalesce(sum(count), 0) from public.rate_limit_windows where key_id = $1", key_id
@@ -185,11 +163,10 @@ async def _wait_for(predicate: Callable[[], Any], limit: float = 10.0) -> None:
 
 
 async def test_a_busy_key_is_admitted_from_memory_after_its_first_block(
-    pool: asyncpg.Pool, user_factory: Any, database_url: str
+    pool: asyncpg.Pool, user_factory: Any, lazy: LazyPool
 ) -> None:
     user = await user_factory()
     _, key_id = await insert_key(pool, user, rate_limit=100_000)
-    lazy = await open_lazy_pool(database_url)
     admitter = Admitter(lazy, _mid_minute(), idle_return=30.0)
     try:
         outcomes = []
@@ -209,13 +186,12 @@ async def test_a_busy_key_is_admitted_from_memory_after_its_first_block(
             await pool.fetchval("select count(*) from public.admission_leases where key_id = $1", key_id) == 0
         )
     finally:
-        await lazy.close(wait=5)
+        await admitter.close()
 
 
-async def test_an_idle_block_is_handed_back(pool: asyncpg.Pool, user_factory: Any, database_url: str) -> None:
+async def test_an_idle_block_is_handed_back(pool: asyncpg.Pool, user_factory: Any, lazy: LazyPool) -> None:
     user = await user_factory()
     _, key_id = await insert_key(pool, user, rate_limit=100_000)
-    lazy = await open_lazy_pool(database_url)
     admitter = Admitter(lazy, _mid_minute(), idle_return=0.05)
     try:
         for _ in range(5):
@@ -228,7 +204,6 @@ async def test_an_idle_block_is_handed_back(pool: asyncpg.Pool, user_factory: An
         assert admitter.settles >= 1
     finally:
         await admitter.close()
-        await lazy.close(wait=5)
 
 
 async def test_demand_moving_to_another_replica_still_gets_exactly_the_limit(
@@ -289,11 +264,10 @@ async def test_a_crashed_holders_block_expires_and_is_never_exceeded(
 
 
 async def test_a_spent_window_is_refused_from_memory(
-    pool: asyncpg.Pool, user_factory: Any, database_url: str
+    pool: asyncpg.Pool, user_factory: Any, lazy: LazyPool
 ) -> None:
     user = await user_factory()
     _, key_id = await insert_key(pool, user, rate_limit=5)
-    lazy = await open_lazy_pool(database_url)
     admitter = Admitter(lazy, _mid_minute())
     try:
         outcomes = await asyncio.gather(*(admitter.admit(key_id) for _ in range(8)))
@@ -309,4 +283,3 @@ async def test_a_spent_window_is_refused_from_memory(
         assert sum(o.admitted for o in more) == 2
     finally:
         await admitter.close()
-        await lazy.close(wait=5)
