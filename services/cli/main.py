@@ -17,17 +17,20 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-# Command group → one-line help, in the order `kotadb --help` lists them. Each module's own
-# `register` repeats its line as the parser's help (tests/foundation/test_cli_main.py keeps them equal).
-COMMANDS: dict[str, str] = {
-    "dev": "run Postgres, the three services and Envoy locally until Ctrl-C",
-    "status": "health of each component of the running `kotadb dev` stack",
-    "serve": "run one gRPC service (auth, ingest or search) in the foreground",
-    "migrate": "apply the Supabase compat bootstrap and pending migrations",
-    "gateway": "render and validate the Envoy gateway configuration",
-    "index": "build, inspect and search an offline index",
-    "bench": "benchmarks against peer tools",
-    "keys": "manage API keys as the service role (database from KOTADB_DATABASE_URL)",
+# Command group → (module under services.cli, one-line help), in the order `kotadb --help` lists
+# them. Each module's own `register` repeats the line as the parser's help
+# (tests/foundation/test_cli_main.py keeps them equal).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "dev": ("dev", "run Postgres, the three services and Envoy locally until Ctrl-C"),
+    "status": ("status", "health of each component of the running `kotadb dev` stack"),
+    "serve": ("serve", "run one gRPC service (auth, ingest or search) in the foreground"),
+    "migrate": ("migrate", "apply the Supabase compat bootstrap and pending migrations"),
+    "gateway": ("gateway", "render and validate the Envoy gateway configuration"),
+    "index": ("index", "build, inspect and search an offline index"),
+    "bench": ("bench", "benchmarks against peer tools"),
+    "keys": ("keys", "manage API keys as the service role (database from KOTADB_DATABASE_URL)"),
+    "repos": ("repos", "register, list, sync and remove repositories"),
+    "jobs": ("repos", "list indexing jobs and watch their progress"),
 }
 
 
@@ -47,10 +50,11 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kotadb", description="KotaDB code search: services and tools.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
-    for name, help_text in COMMANDS.items():
-        if chosen is None or name == chosen:
-            importlib.import_module(f"services.cli.{name}").register(subparsers)
-        else:
+    modules = [module for name, (module, _) in COMMANDS.items() if chosen is None or name == chosen]
+    for module in dict.fromkeys(modules):  # one module may register several groups
+        importlib.import_module(f"services.cli.{module}").register(subparsers)
+    for name, (_, help_text) in COMMANDS.items():
+        if name not in subparsers.choices:
             subparsers.add_parser(name, help=help_text)
     return parser
 
