@@ -370,13 +370,14 @@ class _Connection(asyncio.Protocol):
     def _idle_check(self) -> None:
         """_idle_check closes a connection that opened no stream since the last check and runs no call.
 
-        A stream whose request is still arriving does not count as work: a client trickling a
-        request slower than one stream per idle period loses the connection.
+        Neither a stream whose request is still arriving nor a response waiting for the
+        client's flow control windows counts as work: a client trickling a request, or holding
+        its windows shut, slower than one new stream per idle period loses the connection.
         """
         self.timer = None
         if self.closed:
             return
-        busy = any(stream.remote_closed for stream in self.streams.values())
+        busy = any(s.task is not None and not s.task.done() for s in self.streams.values())
         if self.opened == self.opened_seen and not busy:
             self.server.refusals.refuse(IDLE_TIMEOUT, "no stream opened within the idle timeout")
             self._fail(NO_ERROR, "idle timeout", quiet=True)
@@ -851,6 +852,10 @@ class _Connection(asyncio.Protocol):
             self._closed(stream)
             return
         stream.pending = memoryview(b"\x00" + _U32.pack(n - 5) + message)
+        # A response waiting for the client's windows is held for the client: charge it.
+        stream.charged += n
+        self.buffered += n
+        self.server.buffered += n
         self.blocked[sid] = stream
         self._drain()
 

@@ -24,6 +24,7 @@ import grpc
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from hpack import Encoder
@@ -332,6 +333,25 @@ def test_an_idle_connection_and_a_trickled_request_are_closed() -> None:
         assert closed_by_server(idle.sock)
         assert s.refused("IDLE_TIMEOUT") == 1
         wait_for("the charge to go", lambda: s.server.buffered == 0)
+
+
+def test_a_response_held_back_by_shut_windows_is_charged_and_the_connection_closed() -> None:
+    with serving(idle_timeout=0.3) as s:
+        client = H2Client(s.port)
+        # The client grants no window at all for responses, and never opens it.
+        client.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+        sid = client.conn.get_next_available_stream_id()
+        body = external_auth_pb2.CheckRequest().SerializeToString()
+        client.conn.send_headers(sid, request_headers())
+        client.conn.send_data(sid, grpc_prefix(len(body)) + body, end_stream=True)
+        client.flush()
+        client.read_until(lambda: any(isinstance(e, h2.events.ResponseReceived) for e in client.events))
+        assert s.server.buffered > 0
+        terminated = client.terminated()
+        assert terminated is not None and terminated.error_code == NO_ERROR
+        assert s.refused("IDLE_TIMEOUT") == 1
+        wait_for("the charge to go", lambda: s.server.buffered == 0)
+        client.close()
 
 
 def test_the_connection_cap_refuses_the_excess_quietly_and_check_still_works(
