@@ -5,21 +5,17 @@ Why this exists: Envoy's ext_authz filter calls the auth service's
 250-280 us of CPU per call before any handler code runs, which caps one auth process near 3,500
 checks/s. This module answers unary calls from an `asyncio.Protocol` with no task, no
 per-call context object and one socket write per read, so the framework's own cost per call
-is small and the handler's cost dominates. It serves a fixed table of methods on its own port,
-next to the normal grpc.aio server in the same event loop.
+is small and the handler's cost dominates. The python-hyper `h2` package as the framing layer
+costs 15-20x more per call (BENCHMARKS.md, "Check framing"): Check would fall below 5,000/s.
 
 Measured on the 2-core dev machine (indicative), a method doing nothing, h2load
 `-n 50000 -c 4 -m 32` with a 222-byte gRPC body, h2load on the same 2 cores, server CPU per call
 as process_time delta / calls:
 
-* 107,000-163,000 req/s, about 7 us per call, when request header blocks hit the
-  per-connection request cache (nghttp2, like Envoy, indexes its repeated request headers, so
-  every call after a connection's first sends the same table-neutral block; see
-  `_Connection._decode`);
-* 14,000-22,000 req/s, about 49-55 us per call, with the cache disabled: decoding every header
-  block with the pure-Python `hpack` package is then most of the cost.
-
-`H2UnaryServer.hpack_decodes` against `calls` shows which of the two a real client gets.
+* about 7 us per call when request header blocks hit the per-connection request cache
+  (nghttp2, like Envoy, sends the same table-neutral block for every call after a connection's
+  first; see `_Connection._decode`); `hpack_decodes` against `calls` shows whether they do;
+* about 49-55 us per call with the cache disabled: pure-Python HPACK is then most of the cost.
 
 What it implements (RFC 9113 and the gRPC over HTTP/2 protocol), as a server for clients that
 start with the HTTP/2 connection preface (Envoy, grpcio):
@@ -962,8 +958,7 @@ class _Connection(asyncio.Protocol):
         if (self.goaway_sent or self.peer_goaway) and not self.streams and not self.closed:
             self._flush()
             self.closed = True
-            if self.transport is not None:
-                self.transport.close()
+            self._close_transport()
 
     def _fail(self, code: int, debug: str, *, quiet: bool = False) -> None:
         """_fail is a connection error: GOAWAY(code), then the connection closes.
@@ -976,8 +971,20 @@ class _Connection(asyncio.Protocol):
         self.out.append(_frame(GOAWAY, 0, 0, struct.pack(">LL", self.last_sid, code) + debug.encode()))
         self._flush()
         self._teardown()
-        if self.transport is not None:
-            self.transport.close()
+        self._close_transport()
+
+    def _close_transport(self) -> None:
+        """_close_transport closes after the last write drains, or aborts if the client will not read it.
+
+        `close` waits for the write buffer to drain; a client that reads nothing would keep the
+        socket open forever, so what is still unwritten after the handshake timeout is dropped.
+        """
+        transport = self.transport
+        if transport is None:
+            return
+        transport.close()
+        if transport.get_write_buffer_size():
+            asyncio.get_running_loop().call_later(self.server.limits.handshake_timeout, transport.abort)
 
     def goaway(self) -> None:
         """goaway starts a graceful close: no new streams; the connection closes once calls finish."""

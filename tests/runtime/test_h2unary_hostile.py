@@ -40,6 +40,7 @@ from services.common.h2unary import (
     GOAWAY,
     HEADERS,
     NO_ERROR,
+    PING,
     PREFACE,
     SETTINGS,
     H2UnaryServer,
@@ -112,6 +113,12 @@ def real_check(channel: grpc.Channel, path: str = "/v1/ok") -> None:
     answer = external_auth_pb2_grpc.AuthorizationStub(channel).Check(request, timeout=20)
     assert answer.status.code == 0
     assert answer.ok_response.headers[0].header.value == path
+
+
+def refusals_metric(reason: str) -> float:
+    """refusals_metric is kotadb_refusals_total for this module's server and `reason`."""
+    value = metrics.REGISTRY.get_sample_value("kotadb_refusals_total", {"service": SERVICE, "reason": reason})
+    return value or 0.0
 
 
 def frame(ftype: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
@@ -274,6 +281,7 @@ def test_a_flood_of_two_byte_data_frames_is_charged_per_frame_and_refused() -> N
             client.close()
         wait_for("the connections to go", lambda: s.server.open_connections == 1)
         wait_for("the charge to go", lambda: s.server.buffered == 0)
+        assert metrics.REGISTRY.get_sample_value("kotadb_h2_buffered_bytes", {"service": SERVICE}) == 0
         real_check(channel, "/v1/after")
 
 
@@ -354,11 +362,40 @@ def test_a_response_held_back_by_shut_windows_is_charged_and_the_connection_clos
         client.close()
 
 
+def test_a_client_that_reads_nothing_is_cut_off() -> None:
+    with serving(idle_timeout=0.3, handshake_timeout=0.3) as s, grpc.insecure_channel(s.target) as channel:
+        real_check(channel)
+        sock = socket.create_connection(("127.0.0.1", s.port))
+        sock.settimeout(60)
+        ended: list[str] = []
+
+        def ping_forever() -> None:
+            pings = frame(PING, 0, 0, b"pingpong") * 4096
+            try:
+                sock.sendall(PREFACE + frame(SETTINGS, 0, 0))
+                for _ in range(10_000):  # 700 MB: never reached unless the server keeps answering
+                    sock.sendall(pings)
+                ended.append("all sent")
+            except OSError as err:
+                ended.append(type(err).__name__)
+
+        sender = threading.Thread(target=ping_forever, daemon=True)
+        sender.start()
+        # Each PING asks for a 17-byte answer; the server stops reading once a batch of answers
+        # is not read, then drops the connection when it goes idle.
+        sender.join(120)
+        assert ended and ended[0] != "all sent", ended
+        real_check(channel, "/v1/during")
+        wait_for("the connection to go", lambda: s.server.open_connections == 1)
+        assert s.refused("IDLE_TIMEOUT") == 1
+        sock.close()
+
+
 def test_the_connection_cap_refuses_the_excess_quietly_and_check_still_works(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="kotadb.h2unary")
-    before = metrics.REFUSALS.labels(service=SERVICE, reason="CONNECTION_LIMIT")._value.get()
+    before = refusals_metric("CONNECTION_LIMIT")
     with (
         serving(max_connections=8, handshake_timeout=60, log_interval=3600) as s,
         grpc.insecure_channel(s.target) as channel,
@@ -380,6 +417,7 @@ def test_the_connection_cap_refuses_the_excess_quietly_and_check_still_works(
         extra = [socket.create_connection(("127.0.0.1", s.port)) for _ in range(100)]
         assert all(closed_by_server(sock) for sock in extra)
         assert s.refused("CONNECTION_LIMIT") == refused_before + 100
+        assert metrics.REGISTRY.get_sample_value("kotadb_h2_open_connections", {"service": SERVICE}) == 8
         real_check(channel, "/v1/during-full")
         for sock in extra:
             sock.close()
@@ -388,8 +426,7 @@ def test_the_connection_cap_refuses_the_excess_quietly_and_check_still_works(
         wait_for("the held ones to go", lambda: s.server.open_connections == 1)
         with grpc.insecure_channel(s.target) as fresh:
             real_check(fresh, "/v1/after")
-    after = metrics.REFUSALS.labels(service=SERVICE, reason="CONNECTION_LIMIT")._value.get()
-    assert after - before == s.refused("CONNECTION_LIMIT")
+    assert refusals_metric("CONNECTION_LIMIT") - before == s.refused("CONNECTION_LIMIT")
     # 133 refusals, one log line: the first (then at most one per log_interval).
     lines = [r for r in caplog.records if "refused" in r.getMessage()]
     assert len(lines) == 1, [r.getMessage() for r in lines]
