@@ -3,8 +3,11 @@
 Responses are encoded here with static table indices and literals without indexing, never
 touching the dynamic table, so the peer's SETTINGS_HEADER_TABLE_SIZE is honoured whatever its
 value. Requests are decoded by the `hpack` package in h2unary.py; `parse_request` checks the
-decoded fields against the gRPC over HTTP/2 protocol and picks the handler, and `table_neutral`
-tells whether a block may be cached (see `_Connection._decode` in h2unary.py).
+decoded fields against the gRPC over HTTP/2 protocol and picks the handler: `:method` must be
+POST (else HTTP 405), content-type must start with application/grpc (else HTTP 415), an unknown
+`:path` or a grpc-encoding other than identity is UNIMPLEMENTED, a header list over the limit is
+RESOURCE_EXHAUSTED (HTTP 431). `table_neutral` tells whether a block may be cached (see
+`_Connection._decode` in h2unary.py).
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ import logging
 import resource
 import time
 from collections import Counter
+from typing import Generic, Protocol, TypeVar
 
 from services.common import metrics
 
@@ -156,3 +157,52 @@ class Refusals:
                 self.interval,
                 self._latest,
             )
+
+
+class Evictable(Protocol):
+    """Evictable is a connection Slots can drop to make room."""
+
+    def evict(self, reason: str, detail: str) -> None:
+        """evict drops the connection at once and counts it as a refusal of `reason`."""
+        ...
+
+
+C = TypeVar("C", bound=Evictable)
+
+
+class Slots(Generic[C]):
+    """Slots holds a listener's open connections under its cap, the ones in their handshake first in line.
+
+    At the cap, the oldest connection still in its handshake is dropped to make room: a real
+    client finishes its handshake within a round trip, so the slots that go are the ones held
+    by clients that never finish it. With every slot past its handshake, a new connection is
+    refused.
+    """
+
+    def __init__(self, cap: int, refusals: Refusals) -> None:
+        self.cap = cap
+        self.refusals = refusals
+        self.open: set[C] = set()
+        # Connections still in their handshake, oldest first.
+        self.handshaking: dict[C, None] = {}
+
+    def admit(self, connection: C) -> bool:
+        """admit takes a slot for a new connection, or refuses it (False)."""
+        if len(self.open) >= self.cap:
+            victim = next(iter(self.handshaking), None)
+            if victim is None:
+                self.refusals.refuse(CONNECTION_LIMIT, f"{self.cap} connections open")
+                return False
+            victim.evict(CONNECTION_LIMIT, "dropped a connection still in its handshake to make room")
+        self.open.add(connection)
+        self.handshaking[connection] = None
+        return True
+
+    def handshake_done(self, connection: C) -> None:
+        """handshake_done takes a connection out of the line of those that may be dropped."""
+        self.handshaking.pop(connection, None)
+
+    def release(self, connection: C) -> None:
+        """release gives back a closed connection's slot (any number of times)."""
+        self.open.discard(connection)
+        self.handshaking.pop(connection, None)

@@ -28,26 +28,21 @@ start with the HTTP/2 connection preface (Envoy, grpcio):
   task cancelled), GOAWAY (in-flight calls finish, then the connection closes), WINDOW_UPDATE,
   unknown types (ignored). PUSH_PROMISE from a client is a protocol error.
 * Errors: connection errors send GOAWAY with the RFC's error code and close; stream errors send
-  RST_STREAM. Request header blocks are always decoded (even for refused streams) so the HPACK
-  state stays in step with the client.
+  RST_STREAM. Header blocks are always decoded (even for refused streams): HPACK stays in step.
 * Flow control: received DATA counts against our connection and stream windows (a peer that
   overruns them gets FLOW_CONTROL_ERROR) and both are replenished as data arrives. Sent DATA never
   exceeds the peer's connection and stream windows or its MAX_FRAME_SIZE; what does not fit waits
   for WINDOW_UPDATE (or a larger INITIAL_WINDOW_SIZE, which also adjusts open streams).
 * HPACK: requests are decoded with the `hpack` package. Responses are encoded (h2headers.py)
   with static table indices and literals without indexing, never touching the dynamic table.
-* gRPC: `:method` must be POST (else HTTP 405), content-type must start with application/grpc
-  (else HTTP 415), an unknown `:path` is UNIMPLEMENTED, a compressed message or a grpc-encoding
-  other than identity is UNIMPLEMENTED, zero or several request messages are UNIMPLEMENTED
-  (cardinality violation), a truncated message is INTERNAL, a message over `max_message` is
-  RESOURCE_EXHAUSTED (decided as soon as its length prefix arrives; none of it is kept).
-  A reply is HEADERS(:status 200) + DATA(message) + HEADERS(grpc-status 0, END_STREAM); errors
-  are trailers-only. grpc-timeout is not enforced (Envoy enforces its own deadline).
-* Limits (h2limits.py): MAX_CONCURRENT_STREAMS is enforced with REFUSED_STREAM; the connection
-  count, handshake and idle time, header blocks and the request bytes held per connection and in
-  total (frame and stream overhead included) are bounded, and every refusal is counted and
-  logged at a bounded rate; when the transport's write buffer is full the connection stops
-  reading (and processing what it has read) until it drains.
+* gRPC: request headers are checked in h2headers.py (`parse_request`); a compressed message,
+  zero or several messages are UNIMPLEMENTED, a truncated one INTERNAL, one over `max_message`
+  RESOURCE_EXHAUSTED as soon as its length prefix arrives (none of it is kept). A reply is
+  HEADERS(:status 200) + DATA(message) + HEADERS(grpc-status 0, END_STREAM); errors are
+  trailers-only. grpc-timeout is not enforced (Envoy enforces its own deadline).
+* Limits (h2limits.py): MAX_CONCURRENT_STREAMS (REFUSED_STREAM), the connection count,
+  handshake and idle time, header blocks, the request bytes held per connection and in total;
+  a full write buffer stops reading (and processing what was read) until it drains.
 
 Handlers are called synchronously while the frames are processed. A handler that returns bytes
 is answered at once; one that returns an awaitable runs as a task and is answered when done.
@@ -89,7 +84,6 @@ from services.common.h2headers import UnaryResult as UnaryResult
 from services.common.h2limits import (
     BUFFER_LIMIT,
     BUFFERED_BYTES,
-    CONNECTION_LIMIT,
     FRAME_COST,
     HANDSHAKE_TIMEOUT,
     HEADER_LIST_TOO_LARGE,
@@ -100,6 +94,7 @@ from services.common.h2limits import (
     STREAM_COST,
     H2Limits,
     Refusals,
+    Slots,
 )
 
 log = logging.getLogger("kotadb.h2unary")
@@ -258,6 +253,7 @@ class _Connection(asyncio.Protocol):
         self.settings_seen = False
         self.decoder = Decoder(max_header_list_size=2 * limits.max_header_list)
         self.request_cache: dict[bytes, Request | None] = {}
+        self.cache_cost = 0
         self.streams: dict[int, _Stream] = {}
         self.blocked: dict[int, _Stream] = {}
         self.last_sid = 0
@@ -296,7 +292,7 @@ class _Connection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         server = self.server
-        if not server.admit(self):
+        if not server.slots.admit(self):
             self.closed = True
             transport.abort()
             return
@@ -331,12 +327,13 @@ class _Connection(asyncio.Protocol):
         self.blocked.clear()
         self.cont_block = []
         self.buf = b""
+        self._clear_cache()
         self.server.buffered -= self.buffered
         self.buffered = 0
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        self.server.release(self)
+        self.server.slots.release(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._teardown()
@@ -358,7 +355,7 @@ class _Connection(asyncio.Protocol):
 
     def _handshake_done(self) -> None:
         """_handshake_done starts the idle checks once the preface and the client's SETTINGS are in."""
-        self.server.handshaking.pop(self, None)
+        self.server.slots.handshake_done(self)
         if self.timer is not None:
             self.timer.cancel()
         self.timer = asyncio.get_running_loop().call_later(self.server.limits.idle_timeout, self._idle_check)
@@ -638,7 +635,7 @@ class _Connection(asyncio.Protocol):
         except HPACKError as err:
             raise _ConnectionError(COMPRESSION_ERROR, "invalid header block") from err
         if not table_neutral(block):
-            self.request_cache.clear()
+            self._clear_cache()
         return fields
 
     def _request(self, block: bytes, fields: list[tuple[str, str]] | None) -> Request | None:
@@ -647,10 +644,35 @@ class _Connection(asyncio.Protocol):
             return self.request_cache[block]
         request = parse_request(fields, self.methods, self.max_header_list)
         if len(block) <= CACHED_BLOCK_MAX and table_neutral(block):
-            if len(self.request_cache) >= REQUEST_CACHE_SIZE:
-                self.request_cache.clear()
-            self.request_cache[block] = request
+            self._cache(block, request)
         return request
+
+    def _cache(self, block: bytes, request: Request | None) -> None:
+        """_cache remembers what a block asked for, charged like a stream (not at all if there is no room).
+
+        A small block may decode to a large header list (indexed references to a full dynamic
+        table), so the entries are charged by their decoded size.
+        """
+        if len(self.request_cache) >= REQUEST_CACHE_SIZE:
+            self._clear_cache()
+        cost = STREAM_COST + len(block) + (request[3] if request is not None else 0)
+        server = self.server
+        if self.buffered + cost > self.max_buffered or server.buffered + cost > server.max_total:
+            return
+        self.request_cache[block] = request
+        self.cache_cost += cost
+        self.buffered += cost
+        server.buffered += cost
+        server.cached += cost
+
+    def _clear_cache(self) -> None:
+        self.request_cache.clear()
+        cost = self.cache_cost
+        if cost:
+            self.cache_cost = 0
+            self.buffered -= cost
+            self.server.buffered -= cost
+            self.server.cached -= cost
 
     def _header_block(self, sid: int, flags: int, block: bytes) -> None:
         """_header_block decodes a complete header block and opens (or ends) its stream."""
@@ -1009,7 +1031,8 @@ class H2UnaryServer:
     `service` in kotadb_refusals_total and in `refusals.counts`. `calls` (handler invocations),
     `errors` (non-OK responses), `connections` (accepted connections) and `hpack_decodes`
     (header blocks that missed the per-connection request cache) are plain counters for
-    benchmarks; `buffered` is the bytes charged across all connections right now.
+    benchmarks; `buffered` is the bytes charged across all connections right now, `cached` the
+    part of it charged for the connections' request caches.
     """
 
     def __init__(
@@ -1026,7 +1049,6 @@ class H2UnaryServer:
         self.methods: dict[str, UnaryMethod] = dict(methods)
         self.limits = limits if limits is not None else H2Limits()
         self.max_total = self.limits.max_total_bytes
-        self.connection_cap = self.limits.connection_cap()
         self.name = name
         self.service = service or name
         self.refusals = Refusals(name, self.service, self.limits.log_interval)
@@ -1035,49 +1057,24 @@ class H2UnaryServer:
         self.connections = 0
         self.hpack_decodes = 0
         self.buffered = 0
+        self.cached = 0
         self.stopping = False
         self._server: asyncio.Server | None = None
-        self._connections: set[_Connection] = set()
-        # Connections still in their handshake, oldest first: the first to go at the cap.
-        self.handshaking: dict[_Connection, None] = {}
-        OPEN_CONNECTIONS.labels(service=self.service).set_function(lambda: len(self._connections))
+        self.slots: Slots[_Connection] = Slots(self.limits.connection_cap(), self.refusals)
+        OPEN_CONNECTIONS.labels(service=self.service).set_function(lambda: len(self.slots.open))
         BUFFERED_BYTES.labels(service=self.service).set_function(lambda: self.buffered)
 
     @property
     def open_connections(self) -> int:
         """open_connections is the number of client connections open right now."""
-        return len(self._connections)
-
-    def admit(self, connection: _Connection) -> bool:
-        """admit registers a new connection, or refuses it (False) when the cap is reached.
-
-        At the cap, the oldest connection still in its handshake is dropped to make room: a
-        real client finishes its handshake within a round trip, so the slots that go are the
-        ones held by clients that never finish it.
-        """
-        if len(self._connections) >= self.connection_cap:
-            victim = next(iter(self.handshaking), None)
-            if victim is None:
-                self.refusals.refuse(CONNECTION_LIMIT, f"{self.connection_cap} connections open")
-                return False
-            victim.evict(CONNECTION_LIMIT, "dropped a connection still in its handshake to make room")
-        self._connections.add(connection)
-        self.handshaking[connection] = None
-        return True
-
-    def release(self, connection: _Connection) -> None:
-        """release forgets a closed connection (any number of times)."""
-        self._connections.discard(connection)
-        self.handshaking.pop(connection, None)
+        return len(self.slots.open)
 
     async def start(self, host: str, port: int) -> int:
         """start listens on host:port (0 picks a free port) and returns the bound port."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _Connection(self), host, port)
         bound: int = self._server.sockets[0].getsockname()[1]
-        log.info(
-            "%s: listening on %s:%d (at most %d connections)", self.name, host, bound, self.connection_cap
-        )
+        log.info("%s: listening on %s:%d (at most %d connections)", self.name, host, bound, self.slots.cap)
         return bound
 
     async def stop(self, grace: float) -> None:
@@ -1085,13 +1082,13 @@ class H2UnaryServer:
         self.stopping = True
         if self._server is not None:
             self._server.close()
-        connections = list(self._connections)
+        connections = list(self.slots.open)
         for connection in connections:
             connection.goaway()
         pending = [c.done for c in connections if not c.done.done()]
         if pending:
             await asyncio.wait(pending, timeout=grace)
-        for connection in list(self._connections):
+        for connection in list(self.slots.open):
             connection.abort()
         if self._server is not None:
             with contextlib.suppress(Exception):
