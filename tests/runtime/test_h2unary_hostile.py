@@ -472,6 +472,39 @@ def test_an_oversized_header_block_ends_the_connection() -> None:
         client.close()
 
 
+def _literal(raw: bytes) -> bytes:
+    assert len(raw) < 127
+    return bytes((len(raw),)) + raw
+
+
+def test_small_blocks_that_decode_large_are_charged_in_the_request_cache() -> None:
+    cap = 128 << 10
+    with serving(max_connection_bytes=cap) as s:
+        sock = socket.create_connection(("127.0.0.1", s.port))
+        # One 4 KB entry in the dynamic table, then blocks that name it four times in a byte each
+        # (index 62, the newest entry): about 40 bytes that decode to some 16 KB, each made
+        # distinct by a literal without indexing, so each is a new entry of the request cache.
+        table = Encoder().encode([("x-pad", "v" * 4000)])
+        fixed = b"\x83\x86\x04" + _literal(CHECK_PATH.encode()) + b"\x0f\x10" + _literal(b"application/grpc")
+        named = fixed + b"\xbe" * 4 + b"\x00" + _literal(b"x-i")
+        blocks = [named + _literal(str(i).encode()) for i in range(64)]
+        data = PREFACE + frame(SETTINGS, 0, 0) + frame(HEADERS, 0x4 | 0x1, 1, fixed + table)
+        data += b"".join(frame(HEADERS, 0x4 | 0x1, 3 + 2 * i, block) for i, block in enumerate(blocks))
+        sock.sendall(data + frame(PING, 0, 0, b"barrier!"))
+        seen = b""
+        sock.settimeout(20)
+        while b"barrier!" not in seen:
+            chunk = sock.recv(65536)
+            assert chunk, "closed before the PING answer"
+            seen += chunk
+        # Every one refused (header list over 16 KiB), and what the cache holds stays within the
+        # connection's cap although 64 entries of 16 KB would be 1 MB.
+        assert s.refused("HEADER_LIST_TOO_LARGE") == 64
+        assert 0 < s.server.cached <= s.server.buffered <= cap
+        sock.close()
+        wait_for("the charge to go", lambda: s.server.buffered == 0 and s.server.cached == 0)
+
+
 def test_a_flood_of_empty_continuation_frames_ends_the_connection() -> None:
     with serving() as s:
         sock = socket.create_connection(("127.0.0.1", s.port))
