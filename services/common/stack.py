@@ -48,6 +48,8 @@ SERVICES: tuple[str, ...] = ("auth", "ingest", "search")
 # Per-probe limit: long enough for a loaded CI machine, short enough that `status` stays snappy.
 PROBE_TIMEOUT = 3.0
 POLL_INTERVAL = 0.1
+# Seconds a restart waits for a killed postmaster to be reaped before pg_ctl can start anew.
+REAP_WAIT = 5.0
 
 Probe = Callable[[], tuple[bool, str]]
 
@@ -423,7 +425,9 @@ class EmbeddedDatabase:
     name = "postgres"
 
     def __init__(self, directory: Path) -> None:
-        self.directory = directory
+        # Only the port is kept here (the cluster itself is the unprivileged user's 0700 `pg/`),
+        # but nothing in it is anyone else's business either.
+        self.directory = private_dir(directory)
         self.cluster = EmbeddedPostgres(directory)
         self._port = 0
 
@@ -459,7 +463,16 @@ class EmbeddedDatabase:
             return False
 
     def restart(self) -> None:
-        """restart starts the cluster again on the port it had (after its postmaster died)."""
+        """restart starts the cluster again on the port it had (after its postmaster died).
+
+        pg_ctl takes a postmaster that has died but is not yet reaped (a zombie) for a running
+        server, so the restart first waits a little for it to go; if it does not, this attempt
+        fails and the supervisor tries again later.
+        """
+        old = self.cluster.postmaster_pid
+        deadline = time.monotonic() + REAP_WAIT
+        while old is not None and psutil.pid_exists(old) and time.monotonic() < deadline:
+            time.sleep(POLL_INTERVAL)
         # The dead cluster object's exit hook would otherwise `pg_ctl stop` its successor.
         atexit.unregister(self.cluster.stop)
         self.cluster = EmbeddedPostgres(self.directory, port=self._port)
