@@ -315,14 +315,19 @@ def run_stack(data_dir: Path, gateway_port: int, admin_port: int | None) -> int:
             wait_until(what, functools.partial(probe_http, url), supervisor, READY_TIMEOUT, envoy)
 
         running = _Running(data_dir, ports, database_url, database, services, envoy, demo_key, demo_key_id)
-        running.info().save(stack_path)
+        saved = running.info()
+        saved.save(stack_path)
         owns_stack_file = True
-        _print_endpoints(running.info(), stack_path)
+        _print_endpoints(saved, stack_path)
         while True:
             # Parts that die are restarted here (backoff, bounded attempts); their peers
-            # reconnect to the same addresses by themselves.
-            if supervisor.check():
-                running.info().save(stack_path)
+            # reconnect to the same addresses by themselves. stack.json follows new pids (and
+            # metrics listeners that report their port late).
+            supervisor.check()
+            current = running.info()
+            if current != saved:
+                current.save(stack_path)
+                saved = current
             time.sleep(POLL_INTERVAL)
     except StopRequested as stop:
         log(f"{stop} received, stopping")

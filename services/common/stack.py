@@ -333,16 +333,20 @@ class ServiceProcess:
     def pin_ports(self) -> None:
         """pin_ports makes a restart bind the ports this process bound, so its peers still find it.
 
-        Envoy's clusters and the other services hold these addresses; a restarted service on a
-        fresh port 0 would be unreachable to them.
+        Envoy's clusters and the other services hold these addresses (and stack.json the metrics
+        URL); a restarted service on a fresh port 0 would be unreachable to them.
         """
         argv = list(self.child.argv)
         argv[argv.index("--port") + 1] = str(int(self.address.rsplit(":", 1)[1]))
         self.child.argv = argv
+        env = dict(self.child.env or os.environ)
         check = self.check_address
         if check:
-            port = check.rsplit(":", 1)[1]
-            self.child.env = dict(self.child.env or os.environ, KOTADB_AUTH_CHECK_PORT=port)
+            env["KOTADB_AUTH_CHECK_PORT"] = check.rsplit(":", 1)[1]
+        metrics = read_port(listener_port_file(self.port_file, "metrics"))
+        if metrics is not None:
+            env[f"KOTADB_{self.service.upper()}_METRICS_PORT"] = str(metrics)
+        self.child.env = env
 
 
 def serve_argv(service: str, port: int, port_file: Path) -> list[str]:
