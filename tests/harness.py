@@ -99,6 +99,8 @@ def service_env(database_url: str, workdir: Path, identity_key: str, **extra: st
     env["KOTADB_DATABASE_URL"] = database_url
     env["KOTADB_IDENTITY_KEY"] = identity_key
     env["KOTADB_SEARCH_DATA_DIR"] = str(workdir / "search-data")
+    # Tests run many processes of one service at once: fixed metrics ports would collide.
+    stack.metrics_on_free_ports(env)
     env.update(extra)
     return env
 

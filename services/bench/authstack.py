@@ -250,6 +250,7 @@ def running_stack(
         env = dict(os.environ, KOTADB_DATABASE_URL=dsn, PYTHONUNBUFFERED="1")
         # Each auth process picks a free Check port; a fixed one from our caller would collide.
         env.pop(CHECK_PORT_VARIABLE, None)
+        stack.metrics_on_free_ports(env)  # likewise for their metrics listeners
         env["KOTADB_IDENTITY_KEY"] = secrets.token_hex(32)
         env["KOTADB_LOG_LEVEL"] = log_level
         env["KOTADB_SEARCH_DATA_DIR"] = str(workdir / "search")

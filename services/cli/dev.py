@@ -65,6 +65,7 @@ from services.common.stack import (
     ServiceProcess,
     StackError,
     StackInfo,
+    metrics_on_free_ports,
     metrics_urls,
     port_file_probe,
     private_dir,
@@ -208,10 +209,8 @@ def _child_env(database_url: str, data_dir: Path, free_ports: bool) -> dict[str,
     env["KOTADB_IDENTITY_KEY"] = _stack_identity_key(data_dir)
     env.setdefault("KOTADB_SEARCH_DATA_DIR", str(private_dir(data_dir / "search")))
     if free_ports:
-        # Every component on a free port means the metrics listeners too (0 = pick one; each
-        # reports its port in `<port file>.metrics`).
-        for name in SERVICES:
-            env.setdefault(f"KOTADB_{name.upper()}_METRICS_PORT", "0")
+        # Every component on a free port means the metrics listeners too.
+        metrics_on_free_ports(env, keep=True)
     # Unbuffered, so a crash's last log lines are in the log file when we print them.
     env["PYTHONUNBUFFERED"] = "1"
     return env

@@ -154,6 +154,19 @@ def metrics_urls(port_files: Mapping[str, Path], envoy_admin: str | None) -> dic
     return urls
 
 
+def metrics_on_free_ports(env: dict[str, str], *, keep: bool = False) -> dict[str, str]:
+    """metrics_on_free_ports puts every service's metrics listener on a free port (0) in env.
+
+    Each listener then reports its port in `<port file>.metrics`. With `keep`, ports the
+    environment already fixes stay; without it (several processes of one service) they go.
+    """
+    for name in SERVICES:
+        variable = f"KOTADB_{name.upper()}_METRICS_PORT"
+        if not (keep and variable in env):
+            env[variable] = "0"
+    return env
+
+
 # -- private files -------------------------------------------------------------------------
 
 

@@ -388,6 +388,7 @@ class Supervisor:
         self._say(f"{watch.target.name} {detail}; restarting in {delay:.1f}s")
 
     def _say(self, message: str) -> None:
+        """_say reports a restart decision to the supervisor's log callback, if it has one."""
         if self.log is not None:
             self.log(message)
 
