@@ -312,6 +312,7 @@ def run_stack(data_dir: Path, gateway_port: int, admin_port: int | None) -> int:
         gateway_url = f"http://127.0.0.1:{ports.gateway}"
         for what, url in (("envoy", f"{admin_url}/ready"), ("gateway /health", f"{gateway_url}/health")):
             wait_until(what, functools.partial(probe_http, url), supervisor, READY_TIMEOUT, envoy)
+        supervisor.watch(envoy)
 
         running = _Running(data_dir, ports, database_url, database, services, envoy, demo_key, demo_key_id)
         saved = running.info()
@@ -402,7 +403,6 @@ def _start_services(
             log_path=logs / f"{name}.log",
             env=child_env,
             port=getattr(ports, name),
-            restart=True,
         )
         log(f"started {name} (pid {services[name].child.pid})")
         if name == "auth" and "KOTADB_AUTH_ADDRESS" not in os.environ:
@@ -417,6 +417,8 @@ def _start_services(
         probe = functools.partial(probe_grpc_health, address)
         wait_until(name, probe, supervisor, READY_TIMEOUT, service.child)
         service.pin_ports()
+        # Restarted from now on: a service that fails to start at all is an error right away.
+        supervisor.watch(service.child)
         bound[name] = int(address.rsplit(":", 1)[1])
         log(f"{name} is SERVING on {address}")
     bound["auth_check"] = int(services["auth"].check_address.rsplit(":", 1)[1])
@@ -452,7 +454,6 @@ def _start_envoy(data_dir: Path, ports: Ports, supervisor: Supervisor, logs: Pat
         config_text=gateway.render(config),
         config_path=private_dir(data_dir / "envoy") / "envoy.yaml",
         log_path=logs / "envoy.log",
-        restart=True,
     )
 
 

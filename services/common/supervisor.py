@@ -318,11 +318,15 @@ class Supervisor:
         """spawn starts a child process and adds it to the shutdown order.
 
         With `restart`, `check()` restarts it when it dies (see RestartPolicy) instead of
-        raising ChildExited. A child spawned again under the same name replaces the old one.
+        raising ChildExited. A child spawned under the name of one that has exited replaces it.
         """
         child = ChildProcess(name=name, argv=argv, log_path=log_path, env=env, cwd=cwd)
         child.start()
-        self._entries = [e for e in self._entries if not (isinstance(e, ChildProcess) and e.name == name)]
+        self._entries = [
+            entry
+            for entry in self._entries
+            if not (isinstance(entry, ChildProcess) and entry.name == name and not entry.alive())
+        ]
         self._entries.append(child)
         self._watches.pop(name, None)
         if restart:

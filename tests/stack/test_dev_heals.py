@@ -1,7 +1,7 @@
 """`kotadb dev` heals: a part killed with SIGKILL comes back on its ports, the rest reconnect.
 
 One stack runs for the whole module, as a user runs it (a subprocess on free ports with its own
-embedded Postgres). The tests run in order: the Postgres postmaster is killed, then a service;
+embedded Postgres). The tests run in order: the Postgres postmaster is killed, then a service, then Envoy;
 each time `kotadb status` must turn healthy again and a request through the gateway must work.
 The last test makes a service unable to start again (its port taken) and checks that the command
 gives up after its bounded attempts, naming the service's log file.
@@ -94,6 +94,17 @@ def test_a_killed_service_is_restarted_on_its_ports(dev: DevStack) -> None:
     assert after.grpc == before.grpc and after.auth_check == before.auth_check
     assert "auth exited with status -9; restarting in" in dev.output
     assert "auth restarted (attempt 1 of 5)" in dev.output
+
+
+def test_a_killed_envoy_is_restarted_on_its_config(dev: DevStack) -> None:
+    before = dev.info()
+    old = before.pids["envoy"]
+    assert old is not None
+    os.kill(old, signal.SIGKILL)
+
+    after = _wait_healed(dev, "envoy", old)
+    assert after.gateway == before.gateway and after.envoy_admin == before.envoy_admin
+    assert "envoy restarted (attempt 1 of 5)" in dev.output
 
 
 def _occupy(port: int, limit: float = 10.0) -> socket.socket:
