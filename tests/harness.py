@@ -167,14 +167,16 @@ def start_envoy(
     search: str,
     ext_authz: bool = True,
     identity_key: str = "",
+    limits: dict[str, Any] | None = None,
 ) -> Envoy:
     """start_envoy runs Envoy with the rendered gateway config in front of the given services.
 
     `auth` may list several replicas separated by commas. `identity_key` is the services'
     (service_env); without it Envoy's access log carries no token and auth meters nothing.
-    Gateway and admin ports are free ports; the config is `workdir/<name>.yaml`, the log
-    `workdir/<name>.log`. It returns once the admin `/ready` answers, which is before the
-    upstream clusters are healthy: wait on the gateway's `/health` when a test needs them.
+    Gateway and admin ports are free ports; the config is `workdir/<name>.yaml` (0600), the log
+    `workdir/<name>.log`; `limits` overrides GatewayConfig's limit fields (`max_heap_mib`, …).
+    It returns once the admin `/ready` answers, which is before the upstream clusters are
+    healthy: wait on the gateway's `/health` when a test needs them.
     """
     port, admin = free_port(), free_port()
     replicas = auth.split(",")
@@ -191,6 +193,7 @@ def start_envoy(
         ext_authz=ext_authz,
         access_log_token=access_log_token(identity_key),
     )
+    config = dataclasses.replace(config, **(limits or {}))
     config_path = workdir / f"{name}.yaml"
     child = stack.start_envoy(
         supervisor,
