@@ -19,6 +19,7 @@ from services.common.stack import (
     redact,
     write_private,
 )
+from tests.harness import kotadb
 
 
 def _info(tmp_path: Path, **changes: object) -> StackInfo:
@@ -119,3 +120,12 @@ def test_read_port_and_redact(tmp_path: Path) -> None:
         == "postgresql://postgres:***@127.0.0.1:5432/kotadb"
     )
     assert redact("postgresql://postgres@127.0.0.1/kotadb") == "postgresql://postgres@127.0.0.1/kotadb"
+
+
+def test_keys_without_a_database_name_the_stack_json_they_looked_for(tmp_path: Path) -> None:
+    env = dict(os.environ)
+    env.pop("KOTADB_DATABASE_URL", None)
+    done = kotadb("keys", "list", "--data-dir", str(tmp_path), env=env)
+    assert done.returncode == 1
+    assert f"start `kotadb dev` ({tmp_path / 'stack.json'} does not exist)" in done.stderr
+    assert "(NO_DATABASE_URL)" in done.stderr
