@@ -19,12 +19,13 @@ import sys
 import urllib.parse
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
 from services.cli import status
+from services.common.stack import StackInfo
 
 # gRPC messages a push sends can be large (one document up to the server's 10 MiB hard limit).
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
@@ -61,8 +62,9 @@ def resolve_target(args: argparse.Namespace) -> Target:
     key = args.api_key or os.environ.get("KOTADB_API_KEY", "")
     if not url or not key:
         stack = _dev_stack(args.data_dir)
-        url = url or str(stack.get("gateway", ""))
-        key = key or str(stack.get("demo_api_key", ""))
+        if stack is not None:
+            url = url or stack.gateway
+            key = key or stack.demo_api_key
     if not url:
         raise ClientError("no gateway: set KOTADB_URL or --url (or start one with `kotadb dev`)")
     if not key:
@@ -70,11 +72,11 @@ def resolve_target(args: argparse.Namespace) -> Target:
     return _target_from_url(url, key)
 
 
-def _dev_stack(data_dir: Path | None) -> dict[str, Any]:
+def _dev_stack(data_dir: Path | None) -> StackInfo | None:
     try:
         return status.load_stack(data_dir or status.default_data_dir())
     except (OSError, ValueError):
-        return {}
+        return None
 
 
 def _target_from_url(url: str, key: str) -> Target:
