@@ -71,7 +71,11 @@ class DocumentInput:
 
     def content_size(self) -> int:
         """content_size is the content's length in bytes (UTF-8 for text)."""
-        return len(self.content) if isinstance(self.content, bytes) else len(self.content.encode("utf-8"))
+        return (
+            len(self.content)
+            if isinstance(self.content, bytes)
+            else len(self.content.encode("utf-8", "surrogatepass"))
+        )
 
 
 @dataclass(frozen=True)
@@ -210,8 +214,18 @@ def check_item(index: int, item: DocumentInput, limits: DocumentLimits) -> _Vali
             )
         )
     else:
-        if isinstance(item.content, bytes):
-            raw = item.content
+        raw = (
+            item.content if isinstance(item.content, bytes) else item.content.encode("utf-8", "surrogatepass")
+        )
+        nul = raw.find(b"\0")
+        if nul >= 0:
+            # A NUL byte marks binary content, whatever else is wrong with it.
+            violations.append(
+                _violation(
+                    index, content_field, f"the content has a NUL byte at {nul} (binary)", "CONTENT_BINARY"
+                )
+            )
+        else:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -223,21 +237,6 @@ def check_item(index: int, item: DocumentInput, limits: DocumentLimits) -> _Vali
                         "CONTENT_NOT_UTF8",
                     )
                 )
-        else:
-            text = item.content
-            try:
-                raw = text.encode("utf-8")
-            except UnicodeEncodeError:
-                violations.append(
-                    _violation(index, content_field, "the text is not UTF-8", "CONTENT_NOT_UTF8")
-                )
-        nul = raw.find(b"\0")
-        if nul >= 0:
-            violations.append(
-                _violation(
-                    index, content_field, f"the content has a NUL byte at {nul} (binary)", "CONTENT_BINARY"
-                )
-            )
     language = _check_language(index, item, raw, violations)
     title = _check_title(index, item.title, violations)
     tags = _check_tags(index, item.tags, limits, violations)
