@@ -261,7 +261,7 @@ class DocumentService:
             raise _not_found(document_id)
         return row
 
-    async def list(
+    async def list_page(
         self,
         user_id: uuid.UUID,
         filters: store.ListFilter,
@@ -270,7 +270,7 @@ class DocumentService:
         page_token: str,
         with_content: bool,
     ) -> tuple[list[store.DocumentRow], str]:
-        """list returns one page of the caller's documents by (path, id) and the next page's token."""
+        """list_page returns one page of the caller's documents by (path, id) and the next page's token."""
         if page_size < 0:
             raise InvalidArgument(
                 "page_size must not be negative",

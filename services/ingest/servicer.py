@@ -105,7 +105,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             tag=request.tag,
             show_deleted=request.show_deleted,
         )
-        rows, token = await self._documents.list(
+        rows, token = await self._documents.list_page(
             user_id,
             filters,
             page_size=request.page_size,
