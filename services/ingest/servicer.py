@@ -64,6 +64,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         user_id = _tenant()
 
         async def items() -> AsyncIterator[tuple[DocumentInput, str]]:
+            """items converts the stream's messages to (document, request id) pairs as they arrive."""
             async for message in request_iterator:
                 yield convert.document_input_from_proto(message.document), message.request_id
 
