@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -169,14 +170,16 @@ def start_envoy(
     search: str,
     ext_authz: bool = True,
     identity_key: str = "",
+    limits: dict[str, Any] | None = None,
 ) -> Envoy:
     """start_envoy runs Envoy with the rendered gateway config in front of the given services.
 
     `auth` may list several replicas separated by commas. `identity_key` is the services'
     (service_env); without it Envoy's access log carries no token and auth meters nothing.
     Gateway and admin ports are free ports; the config is `workdir/<name>.yaml`, the log
-    `workdir/<name>.log`. It returns once the admin `/ready` answers, which is before the
-    upstream clusters are healthy: wait on the gateway's `/health` when a test needs them.
+    `workdir/<name>.log`; `limits` overrides GatewayConfig's limit fields (`max_heap_mib`, …).
+    It returns once the admin `/ready` answers, which is before the upstream clusters are
+    healthy: wait on the gateway's `/health` when a test needs them.
     """
     port, admin = free_port(), free_port()
     replicas = auth.split(",")
@@ -193,8 +196,9 @@ def start_envoy(
         ext_authz=ext_authz,
         access_log_token=access_log_token(identity_key),
     )
+    config = dataclasses.replace(config, **(limits or {}))
     config_path = workdir / f"{name}.yaml"
-    config_path.write_text(gateway.render(config))
+    gateway.write_config(config_path, gateway.render(config))
     argv = [gateway.find_envoy(), "-c", str(config_path), "--disable-hot-restart", "--log-level", "warn"]
     child = supervisor.spawn(name, argv, log_path=workdir / f"{name}.log")
     found = Envoy(

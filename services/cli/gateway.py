@@ -45,31 +45,72 @@ FALLBACK_STREAMING_METHODS: tuple[str, ...] = (
     "/kotadb.v1.IngestService/WatchJob",
     "/kotadb.v1.SearchService/StreamSearchCode",
 )
+FALLBACK_CLIENT_STREAMING_METHODS: tuple[str, ...] = ("/kotadb.v1.IngestService/StreamUpsertDocuments",)
 
 # Longest a streaming call may stay open through the gateway; clients reconnect after it.
 STREAM_MAX_DURATION = "3600s"
 
 # HTTP status of a reply Envoy writes itself → (gRPC code, reason) for its JSON body. The codes
 # follow the HTTP↔gRPC mapping in google/rpc/code.proto, so REST clients see one error shape
-# whether the error came from a service (via convert_grpc_status) or from the gateway.
+# whether the error came from a service (via convert_grpc_status), Check or the gateway. Where
+# the status alone names the cause the reason says it; otherwise it is GATEWAY_<code name> and
+# the ErrorInfo's `envoy_details` metadata carries Envoy's own account.
 LOCAL_REPLY_CODES: tuple[tuple[int, int, str], ...] = (
-    (400, 3, "INVALID_ARGUMENT"),
-    (401, 16, "UNAUTHENTICATED"),
-    (403, 7, "PERMISSION_DENIED"),
-    (404, 5, "NOT_FOUND"),
-    (405, 12, "UNIMPLEMENTED"),
-    (408, 4, "DEADLINE_EXCEEDED"),
-    (413, 3, "INVALID_ARGUMENT"),
-    (429, 8, "RESOURCE_EXHAUSTED"),
-    (431, 3, "INVALID_ARGUMENT"),
-    (500, 13, "INTERNAL"),
-    (501, 12, "UNIMPLEMENTED"),
-    (502, 14, "UNAVAILABLE"),
-    (503, 14, "UNAVAILABLE"),
-    (504, 4, "DEADLINE_EXCEEDED"),
+    (400, 3, "GATEWAY_INVALID_ARGUMENT"),
+    (401, 16, "GATEWAY_UNAUTHENTICATED"),
+    (403, 7, "GATEWAY_PERMISSION_DENIED"),
+    (404, 5, "GATEWAY_NOT_FOUND"),
+    (405, 12, "GATEWAY_UNIMPLEMENTED"),
+    (408, 4, "GATEWAY_DEADLINE_EXCEEDED"),
+    # Google's APIs answer an oversize payload with INVALID_ARGUMENT; the HTTP status is 413.
+    (413, 3, "REQUEST_TOO_LARGE"),
+    (429, 8, "GATEWAY_RESOURCE_EXHAUSTED"),
+    (431, 3, "HEADERS_TOO_LARGE"),
+    (500, 13, "GATEWAY_INTERNAL"),
+    (501, 12, "GATEWAY_UNIMPLEMENTED"),
+    (502, 14, "GATEWAY_UNAVAILABLE"),
+    (503, 14, "GATEWAY_UNAVAILABLE"),
+    (504, 4, "GATEWAY_DEADLINE_EXCEEDED"),
 )
 
+MIB = 1024 * 1024
+
+# Batch-upsert methods (gRPC path → REST path), which take the batch body limit. The REST
+# path is the method's google.api.http binding (tests/gateway/test_envoy_config.py checks it).
+BATCH_METHODS: dict[str, str] = {
+    "/kotadb.v1.IngestService/UpsertDocuments": "/v1/documents:batchUpsert",
+}
+
+# Largest unary response the transcoder holds to turn into JSON: the services' default
+# max_message_bytes (services/common/settings.py), which is the most they send.
+TRANSCODER_RESPONSE_BYTES = 16 * MIB
+
 ERROR_DOMAIN = "kotadb.dev"
+# Reasons of gateway errors that no HTTP status names: Check could not be asked (503), the
+# overload manager shed the request (503), and /health's 503 when a backend is not serving.
+AUTH_UNAVAILABLE = "AUTH_UNAVAILABLE"
+GATEWAY_OVERLOADED = "GATEWAY_OVERLOADED"
+CEL_FILTER_TYPE = "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter"
+BACKENDS_NOT_SERVING = "BACKENDS_NOT_SERVING"
+
+# Query parameters the gateway deletes before anything reads the request: names clients use to
+# put a credential in a URL. KotaDB accepts keys only in headers, so nothing is lost, and the
+# secret never reaches a log line (Envoy's own error lines print the path with its query).
+SECRET_QUERY_PARAMETERS: tuple[str, ...] = (
+    "key",
+    "api_key",
+    "apikey",
+    "apiKey",
+    "api-key",
+    "x-api-key",
+    "access_token",
+    "accessToken",
+    "token",
+    "authorization",
+    "auth",
+    "secret",
+    "password",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +123,12 @@ class GatewayConfig:
     descriptor path is made absolute when rendering because Envoy resolves relative paths
     against its own working directory. `ext_authz` (on by default) puts auth's Check in front
     of every route but the GitHub webhook; turning it off is for benchmarks only.
+
+    Limits (README, "Gateway limits"): `body_limit_bytes` bounds request bodies on every route
+    but batch upserts (`batch_body_limit_bytes`), the GitHub webhook (`webhook_body_limit_bytes`)
+    and client-streaming gRPC methods (none; each message is bounded by the service).
+    `max_request_headers_kb` bounds a request's headers. `max_heap_mib` is the heap budget the
+    overload manager defends; `connection_buffer_bytes` is what one connection may queue.
     """
 
     gateway_port: int = 8080
@@ -95,6 +142,13 @@ class GatewayConfig:
     ext_authz: bool = True
     # Credential of Envoy's access-log stream to auth (identity.access_log_token); empty sends none.
     access_log_token: str = ""
+    body_limit_bytes: int = 1 * MIB
+    batch_body_limit_bytes: int = 16 * MIB
+    webhook_body_limit_bytes: int = 25 * MIB
+    max_request_headers_kb: int = 32
+    max_heap_mib: int = 512
+    connection_buffer_bytes: int = 32 * 1024
+    max_connections: int = 10000
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -137,9 +191,23 @@ def streaming_methods(descriptor: Path) -> list[str]:
     Only services the gateway routes (SERVICE_CLUSTERS) are considered. Raises OSError or
     google.protobuf's DecodeError when the file is missing or not a FileDescriptorSet.
     """
+    return sorted(path for path, _ in _streaming(descriptor))
+
+
+def client_streaming_methods(descriptor: Path) -> list[str]:
+    """client_streaming_methods lists the streaming RPCs whose client sends a stream of messages.
+
+    They get no body limit at the gateway: the stream's total is unbounded by design, and each
+    message is bounded by the service's max message size. Raises as `streaming_methods` does.
+    """
+    return sorted(path for path, client in _streaming(descriptor) if client)
+
+
+def _streaming(descriptor: Path) -> list[tuple[str, bool]]:
+    """_streaming reads (path, client_streaming) for every streaming RPC the gateway routes."""
     descriptor_set = descriptor_pb2.FileDescriptorSet()
     descriptor_set.ParseFromString(descriptor.read_bytes())
-    paths: list[str] = []
+    found: list[tuple[str, bool]] = []
     for proto_file in descriptor_set.file:
         for service in proto_file.service:
             full_name = f"{proto_file.package}.{service.name}"
@@ -147,16 +215,29 @@ def streaming_methods(descriptor: Path) -> list[str]:
                 continue
             for method in service.method:
                 if method.client_streaming or method.server_streaming:
-                    paths.append(f"/{full_name}/{method.name}")
-    return sorted(paths)
+                    found.append((f"/{full_name}/{method.name}", method.client_streaming))
+    return found
 
 
-def _streaming_routes(paths: Sequence[str]) -> str:
+def _filter_switch(**enabled: bool) -> dict[str, Any]:
+    """_filter_switch is a route's typed_per_filter_config turning named HTTP filters on or off.
+
+    Envoy enables a filter that is off by default only when the route gives it a config; an
+    empty one (`config: {}`) means "on, with the filter's own settings".
+    """
+    kind = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
+    return {
+        name: {"@type": kind, "config": {}} if on else {"@type": kind, "disabled": True}
+        for name, on in enabled.items()
+    }
+
+
+def _streaming_routes(paths: Sequence[str], client_streaming: Sequence[str]) -> str:
     """_streaming_routes renders one route per streaming method, indented for the template."""
     lines: list[str] = []
     for path in paths:
         service = path.split("/")[1]
-        route = {
+        route: dict[str, Any] = {
             "name": path.strip("/").replace("/", "."),
             "match": {"path": path},
             "route": {
@@ -169,7 +250,41 @@ def _streaming_routes(paths: Sequence[str]) -> str:
                 },
             },
         }
+        if path in client_streaming:
+            route["typed_per_filter_config"] = _filter_switch(body_limit=False)
         lines.append("              - " + json.dumps(route))
+    return "\n".join(lines)
+
+
+def _batch_routes() -> str:
+    """_batch_routes renders the batch-upsert routes (gRPC and REST paths), indented for the template.
+
+    Both swap the default body limit for the batch one. The REST route only selects filters on
+    the first routing pass; the transcoder then re-routes on the gRPC path, so its own action
+    is the catch-all's 404 (reached only when the transcoder does not take the request).
+    """
+    switch = _filter_switch(body_limit=False, body_limit_batch=True)
+    lines: list[str] = []
+    for grpc_path, rest_path in sorted(BATCH_METHODS.items()):
+        service = grpc_path.split("/")[1]
+        grpc_route = {
+            "name": grpc_path.strip("/").replace("/", "."),
+            "match": {"path": grpc_path},
+            "route": {
+                "cluster": SERVICE_CLUSTERS[service],
+                "timeout": "60s",
+                "max_stream_duration": {"grpc_timeout_header_max": "60s"},
+            },
+            "typed_per_filter_config": switch,
+        }
+        rest_route = {
+            "name": "rest" + rest_path.replace("/", "."),
+            "match": {"path": rest_path},
+            "direct_response": {"status": 404, "body": {"inline_string": "no route for this path"}},
+            "typed_per_filter_config": switch,
+        }
+        lines.append("              - " + json.dumps(grpc_route))
+        lines.append("              - " + json.dumps(rest_route))
     return "\n".join(lines)
 
 
@@ -181,32 +296,14 @@ def _header_is(name: str, value: str) -> dict[str, Any]:
 def _local_reply_mappers() -> list[dict[str, Any]]:
     """_local_reply_mappers builds the JSON bodies for replies Envoy writes itself.
 
-    The first two mappers give /health its JSON body. The rest apply to REST requests only:
-    gRPC clients already get grpc-status/grpc-message from Envoy, and a JSON grpc-message would
-    only make their errors harder to read. A request is gRPC when it arrived with a gRPC content
-    type; transcoded REST requests carry x-envoy-original-path, which the transcoder sets.
+    Order matters: the first matching mapper wins. ext_authz's own failure (Check unreachable
+    or erring) gets the error shape; Check's denials pass unchanged (Check wrote them); /health
+    gets its status bodies. The rest rewrite bodies for REST requests only: gRPC clients
+    already get grpc-status/grpc-message from Envoy, and a JSON grpc-message would only make
+    their errors harder to read, so they get just the reason header. A request is gRPC when it
+    arrived with a gRPC content type; transcoded REST requests carry x-envoy-original-path,
+    which the transcoder sets.
     """
-    health_path = _header_is(":path", "/health")
-    mappers: list[dict[str, Any]] = [
-        # Denials written by auth's Check (response flag UAEX) already carry the services' JSON
-        # error shape with the denial's reason; the first matching mapper wins, and this one
-        # changes nothing, so they reach the client as Check wrote them.
-        {"filter": {"response_flag_filter": {"flags": ["UAEX"]}}},
-        {
-            "filter": {"and_filter": {"filters": [health_path, _status_is(200)]}},
-            "body_format_override": _json_body({"status": "SERVING"}),
-        },
-        {
-            "filter": {"and_filter": {"filters": [health_path, _status_is(503)]}},
-            "body_format_override": _json_body(
-                {
-                    "status": "NOT_SERVING",
-                    "code": 14,
-                    "message": "one or more backend services are not healthy",
-                }
-            ),
-        },
-    ]
     # Access-log filters have no "not", so "not a native gRPC request" is spelled out:
     # the content type is not gRPC, or the transcoder rewrote the request.
     not_grpc = {
@@ -226,14 +323,88 @@ def _local_reply_mappers() -> list[dict[str, Any]]:
             ]
         }
     }
+    health_path = _header_is(":path", "/health")
+    check_failed = _details_are("ext_authz_error")
+    # Streams the overload manager reset (Envoy says 500) and requests it refused (503).
+    overloaded = _details_are("overload")
+    retry = _header("retry-after", "1")
+    mappers: list[dict[str, Any]] = [
+        {
+            "filter": {"and_filter": {"filters": [overloaded, not_grpc]}},
+            "status_code": 503,
+            "body_format_override": _error_body(
+                14,
+                GATEWAY_OVERLOADED,
+                "the gateway is shedding load to stay within its memory; retry shortly",
+            ),
+            "headers_to_add": [_reason_header(GATEWAY_OVERLOADED), retry],
+        },
+        {
+            "filter": overloaded,
+            "status_code": 503,
+            "headers_to_add": [_reason_header(GATEWAY_OVERLOADED), retry],
+        },
+        {
+            "filter": {"and_filter": {"filters": [check_failed, not_grpc]}},
+            "body_format_override": _error_body(
+                14, AUTH_UNAVAILABLE, "the authorization service could not be reached; retry shortly"
+            ),
+            "headers_to_add": [_reason_header(AUTH_UNAVAILABLE), retry],
+        },
+        {"filter": check_failed, "headers_to_add": [_reason_header(AUTH_UNAVAILABLE), retry]},
+        # Denials written by auth's Check (response flag UAEX) already carry the API's error
+        # shape with the denial's reason; this mapper changes nothing, so they reach the client
+        # as Check wrote them.
+        {"filter": {"response_flag_filter": {"flags": ["UAEX"]}}},
+        {
+            "filter": {"and_filter": {"filters": [health_path, _status_is(200)]}},
+            "body_format_override": _json_body({"status": "SERVING"}),
+        },
+        {
+            "filter": {"and_filter": {"filters": [health_path, _status_is(503)]}},
+            "body_format_override": _json_body(
+                {
+                    "status": "NOT_SERVING",
+                    "code": 14,
+                    "message": "one or more backend services are not healthy",
+                    "reason": BACKENDS_NOT_SERVING,
+                    "details": [_error_info(BACKENDS_NOT_SERVING)],
+                }
+            ),
+        },
+    ]
     for http_status, grpc_code, reason in LOCAL_REPLY_CODES:
         mappers.append(
             {
                 "filter": {"and_filter": {"filters": [_status_is(http_status), not_grpc]}},
                 "body_format_override": _error_body(grpc_code, reason),
+                "headers_to_add": [_reason_header(reason)],
             }
         )
+    # gRPC clients keep Envoy's plain grpc-message; the reason travels in the header Check uses.
+    for http_status, _, reason in LOCAL_REPLY_CODES:
+        mappers.append({"filter": _status_is(http_status), "headers_to_add": [_reason_header(reason)]})
     return mappers
+
+
+def _details_are(details: str) -> dict[str, Any]:
+    """_details_are is an access-log filter matching one response-code-details value (a CEL test)."""
+    return {
+        "extension_filter": {
+            "name": "envoy.access_loggers.extension_filters.cel",
+            "typed_config": {"@type": CEL_FILTER_TYPE, "expression": f"response.code_details == '{details}'"},
+        }
+    }
+
+
+def _header(name: str, value: str) -> dict[str, Any]:
+    """_header is one response header a local-reply mapper sets, replacing any of that name."""
+    return {"header": {"key": name, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+
+
+def _reason_header(reason: str) -> dict[str, Any]:
+    """_reason_header is the x-kotadb-error-reason response header (as Check sets it) for a mapper."""
+    return _header("x-kotadb-error-reason", reason)
 
 
 def _status_is(code: int) -> dict[str, Any]:
@@ -250,22 +421,30 @@ def _json_body(fields: dict[str, Any]) -> dict[str, Any]:
     return {"json_format": fields, "content_type": "application/json"}
 
 
-def _error_body(grpc_code: int, reason: str) -> dict[str, Any]:
-    """_error_body is the google.rpc.Status-shaped JSON for one gateway-generated error."""
+def _error_body(grpc_code: int, reason: str, message: str = "%LOCAL_REPLY_BODY%") -> dict[str, Any]:
+    """_error_body is the API's error JSON for one gateway-generated error.
+
+    It has the shape Check and the services use (`code`, `message`, `reason`, `details` with an
+    ErrorInfo), so a client reads every error the same way whoever produced it.
+    """
     return _json_body(
         {
             "code": grpc_code,
-            "message": "%LOCAL_REPLY_BODY%",
-            "details": [
-                {
-                    "@type": "type.googleapis.com/google.rpc.ErrorInfo",
-                    "reason": f"GATEWAY_{reason}",
-                    "domain": ERROR_DOMAIN,
-                    "metadata": {"envoy_details": "%RESPONSE_CODE_DETAILS%"},
-                }
-            ],
+            "message": message,
+            "reason": reason,
+            "details": [_error_info(reason)],
         }
     )
+
+
+def _error_info(reason: str) -> dict[str, Any]:
+    """_error_info is the google.rpc.ErrorInfo detail of a gateway error, in its JSON form."""
+    return {
+        "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+        "reason": reason,
+        "domain": ERROR_DOMAIN,
+        "metadata": {"request_id": "%REQ(X-REQUEST-ID)%", "envoy_details": "%RESPONSE_CODE_DETAILS%"},
+    }
 
 
 def render(config: GatewayConfig, template_path: Path = TEMPLATE_PATH) -> str:
@@ -273,8 +452,11 @@ def render(config: GatewayConfig, template_path: Path = TEMPLATE_PATH) -> str:
     descriptor = config.descriptor.expanduser().resolve()
     try:
         streaming = streaming_methods(descriptor)
+        client_streaming = client_streaming_methods(descriptor)
     except (OSError, DecodeError):  # missing or unreadable: Envoy's validation reports it precisely
         streaming = list(FALLBACK_STREAMING_METHODS)
+        client_streaming = list(FALLBACK_CLIENT_STREAMING_METHODS)
+    limits = (config.body_limit_bytes, config.batch_body_limit_bytes, config.webhook_body_limit_bytes)
     values: dict[str, object] = {
         "gateway_port": config.gateway_port,
         "admin_port": config.admin_port,
@@ -283,7 +465,18 @@ def render(config: GatewayConfig, template_path: Path = TEMPLATE_PATH) -> str:
         "services": json.dumps(sorted(SERVICE_CLUSTERS)),
         "ext_authz_disabled": json.dumps(not config.ext_authz),
         "local_reply_mappers": json.dumps(_local_reply_mappers()),
-        "streaming_routes": _streaming_routes(streaming),
+        "streaming_routes": _streaming_routes(streaming, client_streaming),
+        "batch_routes": _batch_routes(),
+        "secret_query_removals": json.dumps([{"remove": name} for name in SECRET_QUERY_PARAMETERS]),
+        "body_limit_bytes": config.body_limit_bytes,
+        "batch_body_limit_bytes": config.batch_body_limit_bytes,
+        "webhook_body_limit_bytes": config.webhook_body_limit_bytes,
+        "transcoder_request_bytes": max(limits),
+        "transcoder_response_bytes": TRANSCODER_RESPONSE_BYTES,
+        "max_request_headers_kb": config.max_request_headers_kb,
+        "max_heap_bytes": config.max_heap_mib * MIB,
+        "connection_buffer_bytes": config.connection_buffer_bytes,
+        "max_connections": config.max_connections,
     }
     auth = _endpoints(config.auth)
     token = config.access_log_token
@@ -301,6 +494,22 @@ def render(config: GatewayConfig, template_path: Path = TEMPLATE_PATH) -> str:
         values[f"{name}_port"] = port
         values[f"{name}_cluster_type"] = _cluster_type(host)
     return string.Template(template_path.read_text()).substitute(values)
+
+
+def write_config(path: Path, text: str) -> None:
+    """write_config writes a rendered config readable by its owner only (0600).
+
+    The config holds the access-log token, a credential. A missing parent directory is created
+    0700. The file is written beside its final name and renamed into place, so neither a reader
+    nor a crash ever sees a partial or wider-moded file, even when one existed before.
+    """
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.unlink(missing_ok=True)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(partial, path)
 
 
 def find_envoy() -> str:
@@ -382,6 +591,25 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         default=defaults.ext_authz,
         help="auth.Check on every route but the webhook (default on; --no-ext-authz for benchmarks only)",
     )
+    limits = parser.add_argument_group("limits (README: Gateway limits)")
+    for flag, field, unit in (
+        ("--body-limit", "body_limit_bytes", "bytes: request bodies on every route but those below"),
+        ("--batch-body-limit", "batch_body_limit_bytes", "bytes: batch upserts (REST and gRPC)"),
+        ("--webhook-body-limit", "webhook_body_limit_bytes", "bytes: GitHub webhook deliveries"),
+        ("--max-request-headers-kb", "max_request_headers_kb", "KiB: one request's headers"),
+        ("--max-heap-mib", "max_heap_mib", "MiB: heap budget the overload manager defends"),
+        ("--connection-buffer-bytes", "connection_buffer_bytes", "bytes: queued per connection"),
+        ("--max-connections", "max_connections", "concurrent downstream connections"),
+    ):
+        limits.add_argument(flag, dest=field, type=_positive, default=getattr(defaults, field), help=unit)
+
+
+def _positive(text: str) -> int:
+    """_positive parses a limit flag: a whole number above zero."""
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
+    return value
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
@@ -397,6 +625,13 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         search=args.search,
         descriptor=args.descriptor,
         ext_authz=args.ext_authz,
+        body_limit_bytes=args.body_limit_bytes,
+        batch_body_limit_bytes=args.batch_body_limit_bytes,
+        webhook_body_limit_bytes=args.webhook_body_limit_bytes,
+        max_request_headers_kb=args.max_request_headers_kb,
+        max_heap_mib=args.max_heap_mib,
+        connection_buffer_bytes=args.connection_buffer_bytes,
+        max_connections=args.max_connections,
     )
 
 
@@ -409,8 +644,7 @@ def _render_command(args: argparse.Namespace) -> int:
             return 2
         sys.stdout.write(text)
         return 0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_config(args.out, text)
     if args.validate:
         return _report_validation(args.out)
     return 0
