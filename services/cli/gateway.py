@@ -288,6 +288,9 @@ def render(config: GatewayConfig, template_path: Path = TEMPLATE_PATH) -> str:
         "max_heap_bytes": config.max_heap_mib * MIB,
         "connection_buffer_bytes": config.connection_buffer_bytes,
         "max_connections": config.max_connections,
+        "upstream_http2_options": json.dumps(
+            {"initial_stream_window_size": 65536, "initial_connection_window_size": 1048576}
+        ),
     }
     auth = _endpoints(config.auth)
     token = config.access_log_token
