@@ -43,6 +43,10 @@ LOCAL_REPLY_CODES: tuple[tuple[int, int, str], ...] = (
     (504, 4, "GATEWAY_DEADLINE_EXCEEDED"),
 )
 
+# Statuses whose gRPC code for native gRPC clients comes from the table above rather than from
+# Envoy's HTTP-to-gRPC mapping (which has no entry for them and says UNKNOWN).
+GRPC_CODE_FROM_TABLE: frozenset[int] = frozenset({413, 431})
+
 # Reasons of gateway errors that no HTTP status names: Check could not be asked (503), the
 # overload manager shed the request (503), and /health's 503 when a backend is not serving.
 AUTH_UNAVAILABLE = "AUTH_UNAVAILABLE"
@@ -146,8 +150,12 @@ def local_reply_mappers() -> list[dict[str, Any]]:
             }
         )
     # gRPC clients keep Envoy's plain grpc-message; the reason travels in the header Check uses.
-    for http_status, _, reason in LOCAL_REPLY_CODES:
-        mappers.append({"filter": _status_is(http_status), "headers_to_add": [_reason_header(reason)]})
+    # Envoy would turn a 413 or 431 into UNKNOWN; they get the code REST clients see instead.
+    for http_status, grpc_code, reason in LOCAL_REPLY_CODES:
+        headers = [_reason_header(reason)]
+        if http_status in GRPC_CODE_FROM_TABLE:
+            headers.append(_header("grpc-status", str(grpc_code)))
+        mappers.append({"filter": _status_is(http_status), "headers_to_add": headers})
     return mappers
 
 
