@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import socket
 import threading
 import time
 import urllib.request
@@ -16,6 +17,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 from kotadb.v1 import document_pb2, ingest_pb2, ingest_pb2_grpc, search_pb2, search_pb2_grpc
 
@@ -205,6 +209,34 @@ def test_oversize_headers_are_431_with_the_reason(gateways: Gateways) -> None:
     # Headers within the limit pass.
     fine = request("GET", url, key=gateways.key, headers={"x-filler": "h" * 8192})
     assert fine.reached_service
+
+
+def test_oversize_headers_over_http2_reset_the_stream(gateways: Gateways) -> None:
+    # HTTP/2 has no room for a 431: Envoy advertises its limit in SETTINGS and resets a stream
+    # whose header block exceeds it. The connection survives for the client's other streams.
+    host, port = gateways.main.target.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        connection.sendall(client.data_to_send())
+        base = [(":method", "GET"), (":scheme", "http"), (":authority", "gateway"), (":path", "/health")]
+        filler = ("x-filler", "h" * (LIMITS.max_request_headers_kb * 1024))
+        client.send_headers(1, [*base, filler], end_stream=True)
+        client.send_headers(3, base, end_stream=True)
+        connection.sendall(client.data_to_send())
+        outcome: dict[int, str] = {}
+        while len(outcome) < 2:
+            data = connection.recv(65536)
+            assert data, f"connection closed after {outcome}"
+            for event in client.receive_data(data):
+                if isinstance(event, h2.events.StreamReset):
+                    outcome[event.stream_id] = "reset"
+                elif isinstance(event, h2.events.ResponseReceived):
+                    outcome[event.stream_id] = dict(event.headers)[b":status"].decode()
+                elif isinstance(event, h2.events.ConnectionTerminated):
+                    pytest.fail(f"connection terminated: {event}")
+            connection.sendall(client.data_to_send())
+    assert outcome[1] == "reset" and outcome[3].isdigit(), outcome
 
 
 def test_unknown_json_fields_are_dropped_not_refused(gateways: Gateways) -> None:
