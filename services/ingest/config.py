@@ -16,3 +16,64 @@ class IngestSettings(ServiceSettings):
     service_name: ClassVar[str] = "ingest"
 
     port: int = setting(50052, minimum=0, help="gRPC port of the ingest service; 0 picks a free one.")
+
+    # --- Jobs and workers (services/ingest/queue.py, worker.py, events.py, gitfetch.py, walk.py) ---
+    workers: int = setting(
+        1,
+        minimum=0,
+        help="Indexing workers run inside the ingest service; 0 leaves jobs to `kotadb serve ingest-worker`.",
+    )
+    listen_database_url: str = setting(
+        "",
+        help="Direct or session-mode PostgreSQL URL for LISTEN (job wake-ups, WatchJob); empty: poll only"
+        " (Supabase's 6543 pooler cannot LISTEN).",
+    )
+    poll_interval: float = setting(
+        1.0, minimum=0.01, help="Seconds between queue and job-event polls when no notification arrives."
+    )
+    job_lease: float = setting(
+        30.0,
+        minimum=0.5,
+        help="Seconds a claimed job stays leased; its worker renews it every third of that.",
+    )
+    job_max_attempts: int = setting(5, minimum=1, help="Attempts of a job before it fails for good.")
+    retry_base: float = setting(
+        2.0, minimum=0.0, help="Seconds before the first retry; doubled per attempt, with jitter."
+    )
+    retry_max: float = setting(300.0, minimum=0.0, help="Upper bound on one retry's backoff, in seconds.")
+    retention: float = setting(
+        7 * 24 * 3600.0,
+        minimum=60.0,
+        help="Seconds finished jobs, their events and webhook deliveries are kept before pruning.",
+    )
+    work_dir: str = setting(
+        "", help="Directory for the workers' git checkouts; empty: `kotadb-ingest` in the system temp dir."
+    )
+    git_timeout: float = setting(
+        600.0, minimum=1.0, help="Seconds one git command may run before it is killed."
+    )
+    skip_dirs: str = setting(
+        ".git,.hg,.svn,node_modules,vendor,third_party,bower_components,dist,build,target,__pycache__,.venv,venv",
+        help="Comma-separated directory names a sync never enters (vendored and generated trees).",
+    )
+    sync_max_file_bytes: int = setting(
+        1024 * 1024,
+        minimum=1,
+        help="Files larger than this are skipped by syncs, unless a repository sets its own limit.",
+    )
+    sync_batch_files: int = setting(200, minimum=1, help="Files written per sync transaction.")
+    sync_batch_bytes: int = setting(
+        8 * 1024 * 1024, minimum=1024, help="Content bytes written per sync transaction (upper bound)."
+    )
+    max_recorded_skips: int = setting(
+        1000, minimum=0, help="Skipped files recorded with their reason on one job (counts cover the rest)."
+    )
+    watch_max_seconds: float = setting(
+        3600.0,
+        minimum=1.0,
+        help="Longest one WatchJob stream stays open; the client resumes with after_sequence.",
+    )
+    allow_local_urls: bool = setting(
+        False,
+        help="Allow file:// and local repository URLs, loopback and private hosts (tests, `kotadb dev`).",
+    )
