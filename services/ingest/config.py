@@ -17,6 +17,46 @@ class IngestSettings(ServiceSettings):
 
     port: int = setting(50052, minimum=0, help="gRPC port of the ingest service; 0 picks a free one.")
 
+    # --- Documents (ingest-docs): limits on what one request may carry, symbols, idempotency ---
+    max_document_bytes: int = setting(
+        10 * 1024 * 1024,
+        minimum=1,
+        help="Hard limit on one document's content in bytes; larger documents are refused per item.",
+    )
+    max_batch_items: int = setting(
+        1000, minimum=1, help="Most documents one UpsertDocuments request (or one stream batch) may carry."
+    )
+    max_batch_bytes: int = setting(
+        14 * 1024 * 1024,
+        minimum=1,
+        help="Most content bytes one UpsertDocuments request may carry (gRPC message limits apply too).",
+    )
+    max_metadata_bytes: int = setting(
+        16 * 1024, minimum=0, help="Most bytes of metadata keys and values one document may carry."
+    )
+    max_tags: int = setting(32, minimum=0, help="Most tags one document may carry.")
+    stream_batch_items: int = setting(
+        500, minimum=1, help="Documents StreamUpsertDocuments commits per transaction."
+    )
+    stream_batch_bytes: int = setting(
+        8 * 1024 * 1024,
+        minimum=1,
+        help="Content bytes after which StreamUpsertDocuments commits a batch (bounds its memory).",
+    )
+    stream_max_results: int = setting(
+        10_000,
+        minimum=1,
+        help="Per-document results a StreamUpsertDocuments answer lists (rejected ones are kept first).",
+    )
+    symbol_workers: int = setting(
+        2, minimum=1, help="Worker processes extracting tree-sitter symbols (started on first use)."
+    )
+    request_retention: float = setting(
+        86400.0,
+        minimum=60.0,
+        help="Seconds a request_id's first answer is kept for retries of an ingest write.",
+    )
+
     # --- repositories and webhooks (ingest-repos) ---------------------------------------------
     # repr=False: the keys must never reach a log line or a traceback that prints the settings.
     secret_keys: str = dataclasses.field(

@@ -1,4 +1,159 @@
 """Conversions between ingest protos and domain values, as paired `x_from_proto` / `x_to_proto` functions.
 
-Empty until the ingest RPCs are built: the servicer has no domain call to convert for yet.
+Document part: `document_input_from_proto`, `write_result_to_proto`, `document_to_proto`
+(honouring a read mask) and `read_mask_fields` (which refuses unknown mask paths).
 """
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+
+from google.protobuf import field_mask_pb2
+from google.rpc import error_details_pb2
+from kotadb.v1 import document_pb2, ingest_pb2
+
+from services.common.errors import FieldViolation, InvalidArgument
+from services.ingest.documents import DocumentInput, ItemResult
+from services.ingest.documentstore import DocumentRow
+
+_SKIP_CODES: dict[str, document_pb2.SkipReason.Code.ValueType] = {
+    "empty": document_pb2.SkipReason.EMPTY,
+    "too_large": document_pb2.SkipReason.TOO_LARGE,
+    "too_many_trigrams": document_pb2.SkipReason.TOO_MANY_TRIGRAMS,
+}
+_SKIP_MESSAGES = {
+    "empty": "the document is empty",
+    "too_large": "the content is over the search engine's size limit",
+    "too_many_trigrams": "the content has too many distinct trigrams (minified or data)",
+}
+# Document fields a read mask may name (the proto's own field names).
+DOCUMENT_FIELDS = frozenset(document_pb2.Document.DESCRIPTOR.fields_by_name)
+# Mask paths that need the content column read.
+CONTENT_FIELDS = frozenset({"text", "content_bytes"})
+
+
+# An id no repository has (gen_random_uuid never makes it): a repository_id that is not a UUID
+# becomes this one, which the writer answers per item as an unknown repository.
+NO_REPOSITORY = uuid.UUID(int=0)
+
+
+def document_input_from_proto(document: document_pb2.Document) -> DocumentInput:
+    """document_input_from_proto reads one Document of a write request (content as text or bytes)."""
+    repository_id: uuid.UUID | None = None
+    if document.repository_id:
+        try:
+            repository_id = uuid.UUID(document.repository_id)
+        except ValueError:
+            repository_id = NO_REPOSITORY
+    body = document.WhichOneof("body")
+    content: bytes | str = document.content_bytes if body == "content_bytes" else document.text
+    return DocumentInput(
+        path=document.path,
+        content=content,
+        repository_id=repository_id,
+        language=document.language or None,
+        title=document.title or None,
+        tags=tuple(document.tags),
+        metadata=dict(document.metadata),
+    )
+
+
+def _skip_reason(code: str | None, detail: str) -> document_pb2.SkipReason | None:
+    if code is None:
+        return None
+    message = _SKIP_MESSAGES.get(code, code)
+    return document_pb2.SkipReason(
+        code=_SKIP_CODES.get(code, document_pb2.SkipReason.CODE_UNSPECIFIED),
+        message=f"{message} ({detail})" if detail else message,
+    )
+
+
+def write_result_to_proto(result: ItemResult) -> ingest_pb2.DocumentWriteResult:
+    """write_result_to_proto converts one item's outcome (violations included)."""
+    message = ingest_pb2.DocumentWriteResult(
+        id=str(result.id) if result.id else "",
+        path=result.path,
+        revision=result.revision,
+        created=result.created,
+        unchanged=result.unchanged,
+        content_hash=result.content_hash,
+        repository_id=str(result.repository_id) if result.repository_id else "",
+        index=result.index,
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(
+                field=v.field, description=v.description, reason=v.reason
+            )
+            for v in result.violations
+        ],
+    )
+    if not result.rejected:
+        skip = _skip_reason(result.index_skip, result.index_skip_detail)
+        message.index_state = document_pb2.Document.SKIPPED if skip else document_pb2.Document.INDEXABLE
+        if skip is not None:
+            message.skip_reason.CopyFrom(skip)
+    return message
+
+
+def write_results_to_proto(results: Iterable[ItemResult]) -> list[ingest_pb2.DocumentWriteResult]:
+    """write_results_to_proto converts a batch's outcomes, in order."""
+    return [write_result_to_proto(r) for r in results]
+
+
+def read_mask_fields(mask: field_mask_pb2.FieldMask) -> frozenset[str] | None:
+    """read_mask_fields is the set of Document fields a read mask asks for (None: no mask).
+
+    Unknown paths are refused with a `read_mask` field violation.
+    """
+    if not mask.paths:
+        return None
+    unknown = [p for p in mask.paths if p not in DOCUMENT_FIELDS]
+    if unknown:
+        raise InvalidArgument(
+            f"read_mask names unknown Document fields: {', '.join(sorted(unknown))}",
+            reason="READ_MASK_INVALID",
+            field_violations=[
+                FieldViolation("read_mask", f"unknown field {p!r}", "READ_MASK_INVALID")
+                for p in sorted(unknown)
+            ],
+        )
+    return frozenset(mask.paths)
+
+
+def document_to_proto(row: DocumentRow, fields: frozenset[str] | None = None) -> document_pb2.Document:
+    """document_to_proto converts a stored document; `fields` (a read mask) keeps only those fields.
+
+    The content goes out as `text` when it was read (the row's content is not None).
+    """
+    full = document_pb2.Document(
+        id=str(row.id),
+        repository_id=str(row.repository_id) if row.repository_id else "",
+        path=row.path,
+        language=row.language or "",
+        size=row.size,
+        content_hash=row.content_hash,
+        revision=row.revision,
+        metadata=row.metadata,
+        repository_name=row.repository_name,
+        title=row.title or "",
+        tags=list(row.tags),
+    )
+    full.create_time.FromDatetime(row.created_at)
+    full.update_time.FromDatetime(row.updated_at)
+    if row.content is not None:
+        full.text = row.content
+    if row.deleted_at is not None:
+        full.index_state = document_pb2.Document.DELETED
+        full.delete_time.FromDatetime(row.deleted_at)
+    else:
+        skip = _skip_reason(row.index_skip, row.index_skip_detail)
+        full.index_state = document_pb2.Document.SKIPPED if skip else document_pb2.Document.INDEXABLE
+        if skip is not None:
+            full.skip_reason.CopyFrom(skip)
+    if fields is None:
+        return full
+    if row.content is not None and "content_bytes" in fields and "text" not in fields:
+        full.content_bytes = row.content.encode("utf-8")
+    masked = document_pb2.Document()
+    field_mask_pb2.FieldMask(paths=sorted(fields)).MergeMessage(full, masked)
+    return masked

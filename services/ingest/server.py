@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from kotadb.v1 import ingest_pb2, ingest_pb2_grpc
 
 from services.common.identity import IdentitySettings, identity_interceptors
 from services.common.server import LazyPool, Probe, ServiceServer, bind
 from services.common.settings import env_settings
 from services.ingest.config import IngestSettings
+from services.ingest.documentservice import DocumentService
 from services.ingest.servicer import IngestServicer
 from services.ingest.store import IngestStore
 
@@ -24,7 +27,12 @@ def build(
     identity = identity if identity is not None else env_settings(IdentitySettings)
     pool = LazyPool(settings)
     store = IngestStore(pool)
-    servicer = IngestServicer(store)
+    documents = DocumentService(pool, settings)
+    servicer = IngestServicer(store, documents=documents)
+
+    async def stop_documents(grace: float) -> None:
+        await asyncio.to_thread(documents.close)
+
     add = ingest_pb2_grpc.add_IngestServiceServicer_to_server
     return ServiceServer(
         IngestSettings.service_name,
@@ -33,4 +41,5 @@ def build(
         bindings=[bind(ingest_pb2.DESCRIPTOR, "IngestService", add, servicer)],
         identity=identity_interceptors(identity),
         probes=[Probe("schema", store.check_ready)],
+        on_stop=[stop_documents],
     )

@@ -1,12 +1,14 @@
 """IngestServicer: the thin gRPC layer of the ingest service (proto in, domain call, proto out).
 
-No ingest RPC is built yet. Each one raises `Unimplemented` naming its capability and the
-ingest service issue that delivers it, so callers get UNIMPLEMENTED with an `ErrorInfo`, never a
-made-up result.
+The document RPCs delegate to DocumentService (services/ingest/documentservice.py), always for
+the verified caller's tenant. RPCs not built yet raise `Unimplemented` naming their capability and
+the ingest service issue that delivers it, so callers get UNIMPLEMENTED with an `ErrorInfo`, never
+a made-up result.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,49 +16,112 @@ import grpc
 from google.protobuf import empty_pb2
 from kotadb.v1 import document_pb2, ingest_pb2, ingest_pb2_grpc, job_pb2, repository_pb2
 
-from services.common.errors import Unimplemented
+from services.common.errors import PermissionDenied, Unimplemented
+from services.common.identity import require_identity
+from services.ingest import convert
+from services.ingest.documents import DocumentInput
+from services.ingest.documentservice import DocumentService, parse_id
+from services.ingest.documentstore import ListFilter
 from services.ingest.store import IngestStore
+from services.search.engine.languages import normalize_language
 
 DELIVERED_BY = "delivered by the ingest service issue"
+
+
+def _tenant() -> uuid.UUID:
+    """_tenant is the verified caller's user id: documents always belong to one tenant."""
+    identity = require_identity()
+    if identity.user_id is None:
+        raise PermissionDenied(
+            "document calls act for one user; this caller has none", reason="TENANT_REQUIRED"
+        )
+    return identity.user_id
 
 
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     """IngestServicer answers `kotadb.v1.IngestService`; it translates and delegates, nothing more."""
 
-    def __init__(self, store: IngestStore) -> None:
+    def __init__(self, store: IngestStore, *, documents: DocumentService) -> None:
         self._store = store
+        self._documents = documents
 
     async def UpsertDocuments(
         self, request: ingest_pb2.UpsertDocumentsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> ingest_pb2.UpsertDocumentsResponse:
-        """UpsertDocuments writes a batch of documents in one transaction. Not built yet."""
-        raise Unimplemented(f"document upserts (UpsertDocuments), {DELIVERED_BY}")
+        """UpsertDocuments writes a batch of documents in one transaction; bad items are answered per item."""
+        items = [convert.document_input_from_proto(d) for d in request.documents]
+        outcome = await self._documents.upsert(_tenant(), items, request.request_id)
+        return ingest_pb2.UpsertDocumentsResponse(
+            results=convert.write_results_to_proto(outcome.results), revision=outcome.revision
+        )
 
     async def StreamUpsertDocuments(
         self,
         request_iterator: AsyncIterator[ingest_pb2.StreamUpsertDocumentsRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> ingest_pb2.StreamUpsertDocumentsResponse:
-        """StreamUpsertDocuments upserts a client stream of documents in batches. Not built yet."""
-        raise Unimplemented(f"streamed document upserts (StreamUpsertDocuments), {DELIVERED_BY}")
+        """StreamUpsertDocuments upserts a client stream of documents, committing in batches."""
+        user_id = _tenant()
+
+        async def items() -> AsyncIterator[tuple[DocumentInput, str]]:
+            async for message in request_iterator:
+                yield convert.document_input_from_proto(message.document), message.request_id
+
+        summary = await self._documents.upsert_stream(user_id, items())
+        return ingest_pb2.StreamUpsertDocumentsResponse(
+            results=convert.write_results_to_proto(summary.results),
+            revision=summary.revision,
+            document_count=summary.document_count,
+            created_count=summary.created,
+            updated_count=summary.updated,
+            unchanged_count=summary.unchanged,
+            rejected_count=summary.rejected,
+            results_truncated=summary.truncated,
+            batch_count=summary.batches,
+        )
 
     async def GetDocument(
         self, request: ingest_pb2.GetDocumentRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> document_pb2.Document:
-        """GetDocument returns one document. Not built yet."""
-        raise Unimplemented(f"document reads (GetDocument), {DELIVERED_BY}")
+        """GetDocument returns one of the caller's documents, with its content unless the view is BASIC."""
+        with_content = request.view != ingest_pb2.DOCUMENT_VIEW_BASIC
+        row = await self._documents.get(_tenant(), request.id, with_content=with_content)
+        return convert.document_to_proto(row)
 
     async def ListDocuments(
         self, request: ingest_pb2.ListDocumentsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> ingest_pb2.ListDocumentsResponse:
-        """ListDocuments pages through the caller's documents. Not built yet."""
-        raise Unimplemented(f"document listing (ListDocuments), {DELIVERED_BY}")
+        """ListDocuments pages through the caller's documents by path, filtered, masked."""
+        user_id = _tenant()
+        fields = convert.read_mask_fields(request.read_mask)
+        if fields is None:
+            with_content = request.view == ingest_pb2.DOCUMENT_VIEW_FULL
+        else:
+            with_content = bool(fields & convert.CONTENT_FIELDS)
+        filters = ListFilter(
+            repository_id=parse_id(request.repository_id, "repository_id") if request.repository_id else None,
+            path_prefix=request.path_prefix,
+            language=(normalize_language(request.language) or request.language) if request.language else "",
+            tag=request.tag,
+            show_deleted=request.show_deleted,
+        )
+        rows, token = await self._documents.list(
+            user_id,
+            filters,
+            page_size=request.page_size,
+            page_token=request.page_token,
+            with_content=with_content,
+        )
+        return ingest_pb2.ListDocumentsResponse(
+            documents=[convert.document_to_proto(row, fields) for row in rows], next_page_token=token
+        )
 
     async def DeleteDocument(
         self, request: ingest_pb2.DeleteDocumentRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> ingest_pb2.DeleteDocumentResponse:
-        """DeleteDocument removes a document and records its tombstone. Not built yet."""
-        raise Unimplemented(f"document deletion (DeleteDocument), {DELIVERED_BY}")
+        """DeleteDocument tombstones a document; the change feed carries the deletion."""
+        revision = await self._documents.delete(_tenant(), request.id)
+        return ingest_pb2.DeleteDocumentResponse(id=request.id, revision=revision)
 
     async def CreateRepository(
         self, request: ingest_pb2.CreateRepositoryRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -128,6 +128,13 @@ USER_TABLES: dict[str, TableSpec] = {
         "path = path",
         READ,
     ),
+    "ingest_requests": TableSpec(
+        "insert into public.ingest_requests (user_id, method, request_id, fingerprint, response)"
+        " values ($1, 'UpsertDocuments', $2, 'f', '{}')",
+        lambda t: [_rand()],
+        "fingerprint = fingerprint",
+        ALL,
+    ),
     "symbols": TableSpec(
         "insert into public.symbols (user_id, document_id, name, kind, start_line, end_line)"
         " values ($1, $2, 'main', 'function', 1, 3)",

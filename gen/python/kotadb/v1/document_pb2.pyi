@@ -89,6 +89,8 @@ class Document(_message.Message):
     SKIP_REASON_FIELD_NUMBER: _builtins.int
     DELETE_TIME_FIELD_NUMBER: _builtins.int
     REPOSITORY_NAME_FIELD_NUMBER: _builtins.int
+    TITLE_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """id is the document's identifier (a UUID)."""
     repository_id: _builtins.str
@@ -111,6 +113,8 @@ class Document(_message.Message):
     """index_state says whether search covers the document."""
     repository_name: _builtins.str
     """repository_name is the repository's full name (e.g. "octo/hello"), for display."""
+    title: _builtins.str
+    """title is an optional display title (at most 512 characters)."""
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """metadata holds client-defined string pairs (e.g. commit, author)."""
@@ -131,6 +135,10 @@ class Document(_message.Message):
     def delete_time(self) -> _timestamp_pb2.Timestamp:
         """delete_time is when a DELETED document was deleted."""
 
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """tags are client labels (ListDocuments filters on one); stored sorted and without duplicates."""
+
     def __init__(
         self,
         *,
@@ -150,10 +158,12 @@ class Document(_message.Message):
         skip_reason: Global___SkipReason | None = ...,
         delete_time: _timestamp_pb2.Timestamp | None = ...,
         repository_name: _builtins.str = ...,
+        title: _builtins.str = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "content_bytes", b"content_bytes", "create_time", b"create_time", "delete_time", b"delete_time", "skip_reason", b"skip_reason", "text", b"text", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "content_bytes", b"content_bytes", "content_hash", b"content_hash", "create_time", b"create_time", "delete_time", b"delete_time", "id", b"id", "index_state", b"index_state", "language", b"language", "metadata", b"metadata", "path", b"path", "repository_id", b"repository_id", "repository_name", b"repository_name", "revision", b"revision", "size", b"size", "skip_reason", b"skip_reason", "text", b"text", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "content_bytes", b"content_bytes", "content_hash", b"content_hash", "create_time", b"create_time", "delete_time", b"delete_time", "id", b"id", "index_state", b"index_state", "language", b"language", "metadata", b"metadata", "path", b"path", "repository_id", b"repository_id", "repository_name", b"repository_name", "revision", b"revision", "size", b"size", "skip_reason", b"skip_reason", "tags", b"tags", "text", b"text", "title", b"title", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["text", "content_bytes"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015

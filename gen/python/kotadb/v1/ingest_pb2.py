@@ -27,12 +27,13 @@ from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior_
 from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
+from google.rpc import error_details_pb2 as google_dot_rpc_dot_error__details__pb2
 from kotadb.v1 import document_pb2 as kotadb_dot_v1_dot_document__pb2
 from kotadb.v1 import job_pb2 as kotadb_dot_v1_dot_job__pb2
 from kotadb.v1 import repository_pb2 as kotadb_dot_v1_dot_repository__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kotadb/v1/ingest.proto\x12\tkotadb.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/httpbody.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x18kotadb/v1/document.proto\x1a\x13kotadb/v1/job.proto\x1a\x1akotadb/v1/repository.proto\"Z\n\x16UpsertDocumentsRequest\x12,\n\tdocuments\x18\x01 \x03(\x0b\x32\x13.kotadb.v1.DocumentB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\xf3\x01\n\x13\x44ocumentWriteResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12\x0f\n\x07\x63reated\x18\x04 \x01(\x08\x12\x11\n\tunchanged\x18\x05 \x01(\x08\x12\x33\n\x0bindex_state\x18\x06 \x01(\x0e\x32\x1e.kotadb.v1.Document.IndexState\x12*\n\x0bskip_reason\x18\x07 \x01(\x0b\x32\x15.kotadb.v1.SkipReason\x12\x14\n\x0c\x63ontent_hash\x18\x08 \x01(\t\x12\x15\n\rrepository_id\x18\t \x01(\t\"\\\n\x17UpsertDocumentsResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.kotadb.v1.DocumentWriteResult\x12\x10\n\x08revision\x18\x02 \x01(\x03\"Y\n\x1cStreamUpsertDocumentsRequest\x12%\n\x08\x64ocument\x18\x01 \x01(\x0b\x32\x13.kotadb.v1.Document\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"z\n\x1dStreamUpsertDocumentsResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.kotadb.v1.DocumentWriteResult\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x16\n\x0e\x64ocument_count\x18\x03 \x01(\x03\"M\n\x12GetDocumentRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12%\n\x04view\x18\x02 \x01(\x0e\x32\x17.kotadb.v1.DocumentView\"\xb8\x01\n\x14ListDocumentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x15\n\rrepository_id\x18\x03 \x01(\t\x12\x13\n\x0bpath_prefix\x18\x04 \x01(\t\x12\x10\n\x08language\x18\x05 \x01(\t\x12\x14\n\x0cshow_deleted\x18\x06 \x01(\x08\x12%\n\x04view\x18\x07 \x01(\x0e\x32\x17.kotadb.v1.DocumentView\"X\n\x15ListDocumentsResponse\x12&\n\tdocuments\x18\x01 \x03(\x0b\x32\x13.kotadb.v1.Document\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\")\n\x15\x44\x65leteDocumentRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"6\n\x16\x44\x65leteDocumentResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\"\x88\x01\n\x17\x43reateRepositoryRequest\x12/\n\nrepository\x18\x01 \x01(\x0b\x32\x15.kotadb.v1.RepositoryB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x1a\n\x0c\x61\x63\x63\x65ss_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x04\x12\x0c\n\x04sync\x18\x04 \x01(\x08\"z\n\x18\x43reateRepositoryResponse\x12)\n\nrepository\x18\x01 \x01(\x0b\x32\x15.kotadb.v1.Repository\x12\x16\n\x0ewebhook_secret\x18\x02 \x01(\t\x12\x1b\n\x03job\x18\x03 \x01(\x0b\x32\x0e.kotadb.v1.Job\"(\n\x14GetRepositoryRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"@\n\x17ListRepositoriesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"`\n\x18ListRepositoriesResponse\x12+\n\x0crepositories\x18\x01 \x03(\x0b\x32\x15.kotadb.v1.Repository\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"{\n\x17UpdateRepositoryRequest\x12/\n\nrepository\x18\x01 \x01(\x0b\x32\x15.kotadb.v1.RepositoryB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\".\n\x1aRotateWebhookSecretRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"`\n\x1bRotateWebhookSecretResponse\x12)\n\nrepository\x18\x01 \x01(\x0b\x32\x15.kotadb.v1.Repository\x12\x16\n\x0ewebhook_secret\x18\x02 \x01(\t\"+\n\x17\x44\x65leteRepositoryRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"_\n\x15SyncRepositoryRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0c\n\x04\x66ull\x18\x02 \x01(\x08\x12\x12\n\ncommit_sha\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"!\n\rGetJobRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"u\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x15\n\rrepository_id\x18\x03 \x01(\t\x12$\n\x06states\x18\x04 \x03(\x0e\x32\x14.kotadb.v1.Job.State\"I\n\x10ListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.kotadb.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"$\n\x10\x43\x61ncelJobRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\";\n\x0fWatchJobRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"^\n\x1bReceiveGithubWebhookRequest\x12\x1b\n\rrepository_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\"\n\x04\x62ody\x18\x02 \x01(\x0b\x32\x14.google.api.HttpBody\"\x8a\x01\n\x1cReceiveGithubWebhookResponse\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\r\n\x05\x65vent\x18\x02 \x01(\t\x12\x11\n\tduplicate\x18\x03 \x01(\x08\x12\x1b\n\x03job\x18\x04 \x01(\x0b\x32\x0e.kotadb.v1.Job\x12\x16\n\x0eignored_reason\x18\x05 \x01(\t*^\n\x0c\x44ocumentView\x12\x1d\n\x19\x44OCUMENT_VIEW_UNSPECIFIED\x10\x00\x12\x17\n\x13\x44OCUMENT_VIEW_BASIC\x10\x01\x12\x16\n\x12\x44OCUMENT_VIEW_FULL\x10\x02\x32\x86\x0f\n\rIngestService\x12~\n\x0fUpsertDocuments\x12!.kotadb.v1.UpsertDocumentsRequest\x1a\".kotadb.v1.UpsertDocumentsResponse\"$\x82\xd3\xe4\x93\x02\x1e\"\x19/v1/documents:batchUpsert:\x01*\x12l\n\x15StreamUpsertDocuments\x12\'.kotadb.v1.StreamUpsertDocumentsRequest\x1a(.kotadb.v1.StreamUpsertDocumentsResponse(\x01\x12]\n\x0bGetDocument\x12\x1d.kotadb.v1.GetDocumentRequest\x1a\x13.kotadb.v1.Document\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/documents/{id}\x12i\n\rListDocuments\x12\x1f.kotadb.v1.ListDocumentsRequest\x1a .kotadb.v1.ListDocumentsResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\x12\r/v1/documents\x12q\n\x0e\x44\x65leteDocument\x12 .kotadb.v1.DeleteDocumentRequest\x1a!.kotadb.v1.DeleteDocumentResponse\"\x1a\x82\xd3\xe4\x93\x02\x14*\x12/v1/documents/{id}\x12x\n\x10\x43reateRepository\x12\".kotadb.v1.CreateRepositoryRequest\x1a#.kotadb.v1.CreateRepositoryResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\"\x10/v1/repositories:\x01*\x12\x66\n\rGetRepository\x12\x1f.kotadb.v1.GetRepositoryRequest\x1a\x15.kotadb.v1.Repository\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/repositories/{id}\x12u\n\x10ListRepositories\x12\".kotadb.v1.ListRepositoriesRequest\x1a#.kotadb.v1.ListRepositoriesResponse\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/v1/repositories\x12\x83\x01\n\x10UpdateRepository\x12\".kotadb.v1.UpdateRepositoryRequest\x1a\x15.kotadb.v1.Repository\"4\x82\xd3\xe4\x93\x02.2 /v1/repositories/{repository.id}:\nrepository\x12\x9a\x01\n\x13RotateWebhookSecret\x12%.kotadb.v1.RotateWebhookSecretRequest\x1a&.kotadb.v1.RotateWebhookSecretResponse\"4\x82\xd3\xe4\x93\x02.\")/v1/repositories/{id}:rotateWebhookSecret:\x01*\x12m\n\x10\x44\x65leteRepository\x12\".kotadb.v1.DeleteRepositoryRequest\x1a\x16.google.protobuf.Empty\"\x1d\x82\xd3\xe4\x93\x02\x17*\x15/v1/repositories/{id}\x12i\n\x0eSyncRepository\x12 .kotadb.v1.SyncRepositoryRequest\x1a\x0e.kotadb.v1.Job\"%\x82\xd3\xe4\x93\x02\x1f\"\x1a/v1/repositories/{id}:sync:\x01*\x12I\n\x06GetJob\x12\x18.kotadb.v1.GetJobRequest\x1a\x0e.kotadb.v1.Job\"\x15\x82\xd3\xe4\x93\x02\x0f\x12\r/v1/jobs/{id}\x12U\n\x08ListJobs\x12\x1a.kotadb.v1.ListJobsRequest\x1a\x1b.kotadb.v1.ListJobsResponse\"\x10\x82\xd3\xe4\x93\x02\n\x12\x08/v1/jobs\x12Y\n\tCancelJob\x12\x1b.kotadb.v1.CancelJobRequest\x1a\x0e.kotadb.v1.Job\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/v1/jobs/{id}:cancel:\x01*\x12Z\n\x08WatchJob\x12\x1a.kotadb.v1.WatchJobRequest\x1a\x13.kotadb.v1.JobEvent\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/jobs/{id}:watch0\x01\x12\x9a\x01\n\x14ReceiveGithubWebhook\x12&.kotadb.v1.ReceiveGithubWebhookRequest\x1a\'.kotadb.v1.ReceiveGithubWebhookResponse\"1\x82\xd3\xe4\x93\x02+\"#/v1/webhooks/github/{repository_id}:\x04\x62odyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kotadb/v1/ingest.proto\x12\tkotadb.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/httpbody.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1egoogle/rpc/error_details.proto\x1a\x18kotadb/v1/document.proto\x1a\x13kotadb/v1/job.proto\x1a\x1akotadb/v1/repository.proto\"Z\n\x16UpsertDocumentsRequest\x12,\n\tdocuments\x18\x01 \x03(\x0b\x32\x13.kotadb.v1.DocumentB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\xc3\x02\n\x13\x44ocumentWriteResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12\x0f\n\x07\x63reated\x18\x04 \x01(\x08\x12\x11\n\tunchanged\x18\x05 \x01(\x08\x12\x33\n\x0bindex_state\x18\x06 \x01(\x0e\x32\x1e.kotadb.v1.Document.IndexState\x12*\n\x0bskip_reason\x18\x07 \x01(\x0b\x32\x15.kotadb.v1.SkipReason\x12\x14\n\x0c\x63ontent_hash\x18\x08 \x01(\t\x12\x15\n\rrepository_id\x18\t \x01(\t\x12?\n\x10\x66ield_violations\x18\n \x03(\x0b\x32%.google.rpc.BadRequest.FieldViolation\x12\r\n\x05index\x18\x0b \x01(\x03\"\\\n\x17UpsertDocumentsResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.kotadb.v1.DocumentWriteResult\x12\x10\n\x08revision\x18\x02 \x01(\x03\"Y\n\x1cStreamUpsertDocumentsRequest\x12%\n\x08\x64ocument\x18\x01 \x01(\x0b\x32\x13.kotadb.v1.Document\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x89\x02\n\x1dStreamUpsertDocumentsResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.kotadb.v1.DocumentWriteResult\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x16\n\x0e\x64ocument_count\x18\x03 \x01(\x03\x12\x15\n\rcreated_count\x18\x04 \x01(\x03\x12\x15\n\rupdated_count\x18\x05 \x01(\x03\x12\x17\n\x0funchanged_count\x18\x06 \x01(\x03\x12\x16\n\x0erejected_count\x18\x07 \x01(\x03\x12\x19\n\x11results_truncated\x18\x08 \x01(\x08\x12\x13\n\x0b\x62\x61tch_count\x18\t \x01(\x03\"M\n\x12GetDocumentRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12%\n\x04view\x18\x02 \x01(\x0e\x32\x17.kotadb.v1.DocumentView\"\xf4\x01\n\x14ListDocumentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x15\n\rrepository_id\x18\x03 \x01(\t\x12\x13\n\x0bpath_prefix\x18\x04 \x01(\t\x12\x10\n\x08language\x18\x05 \x01(\t\x12\x14\n\x0cshow_deleted\x18\x06 \x01(\x08\x12%\n\x04view\x18\x07 \x01(\x0e\x32\x17.kotadb.v1.DocumentView\x12\x0b\n\x03tag\x18\x08 \x01(\t\x12-\n\tread_mask\x18\t \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"X\n\x15ListDocumentsResponse\x12&\n\tdocuments\x18\x01 \x03(\x0b\x32\x13.kotadb.v1.Document\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\")\n\x15\x44\x65leteDocumentRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"6\n\x16\x44\x65leteDocumentResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\"\x88\x01\n\x17\x43reateRepositoryRequest\x12/\n\nrepository\x18\x01 \x01(\x0b\x32\x15.kotadb.v1.RepositoryB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x1a\n\x0c\x61\x63\x63\x65ss_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x04\x12\x0c\n\x04sync\x18\x04 \x01(\x08\"z\n\x18\x43reateRepositoryResponse\x12)\n\nrepository\x18\x01 \x01(\x0b\x32\x15.kotadb.v1.Repository\x12\x16\n\x0ewebhook_secret\x18\x02 \x01(\t\x12\x1b\n\x03job\x18\x03 \x01(\x0b\x32\x0e.kotadb.v1.Job\"(\n\x14GetRepositoryRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"@\n\x17ListRepositoriesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"`\n\x18ListRepositoriesResponse\x12+\n\x0crepositories\x18\x01 \x03(\x0b\x32\x15.kotadb.v1.Repository\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"{\n\x17UpdateRepositoryRequest\x12/\n\nrepository\x18\x01 \x01(\x0b\x32\x15.kotadb.v1.RepositoryB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\".\n\x1aRotateWebhookSecretRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"`\n\x1bRotateWebhookSecretResponse\x12)\n\nrepository\x18\x01 \x01(\x0b\x32\x15.kotadb.v1.Repository\x12\x16\n\x0ewebhook_secret\x18\x02 \x01(\t\"+\n\x17\x44\x65leteRepositoryRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"_\n\x15SyncRepositoryRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0c\n\x04\x66ull\x18\x02 \x01(\x08\x12\x12\n\ncommit_sha\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"!\n\rGetJobRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"u\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x15\n\rrepository_id\x18\x03 \x01(\t\x12$\n\x06states\x18\x04 \x03(\x0e\x32\x14.kotadb.v1.Job.State\"I\n\x10ListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.kotadb.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"$\n\x10\x43\x61ncelJobRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\";\n\x0fWatchJobRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"^\n\x1bReceiveGithubWebhookRequest\x12\x1b\n\rrepository_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\"\n\x04\x62ody\x18\x02 \x01(\x0b\x32\x14.google.api.HttpBody\"\x8a\x01\n\x1cReceiveGithubWebhookResponse\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\r\n\x05\x65vent\x18\x02 \x01(\t\x12\x11\n\tduplicate\x18\x03 \x01(\x08\x12\x1b\n\x03job\x18\x04 \x01(\x0b\x32\x0e.kotadb.v1.Job\x12\x16\n\x0eignored_reason\x18\x05 \x01(\t*^\n\x0c\x44ocumentView\x12\x1d\n\x19\x44OCUMENT_VIEW_UNSPECIFIED\x10\x00\x12\x17\n\x13\x44OCUMENT_VIEW_BASIC\x10\x01\x12\x16\n\x12\x44OCUMENT_VIEW_FULL\x10\x02\x32\x86\x0f\n\rIngestService\x12~\n\x0fUpsertDocuments\x12!.kotadb.v1.UpsertDocumentsRequest\x1a\".kotadb.v1.UpsertDocumentsResponse\"$\x82\xd3\xe4\x93\x02\x1e\"\x19/v1/documents:batchUpsert:\x01*\x12l\n\x15StreamUpsertDocuments\x12\'.kotadb.v1.StreamUpsertDocumentsRequest\x1a(.kotadb.v1.StreamUpsertDocumentsResponse(\x01\x12]\n\x0bGetDocument\x12\x1d.kotadb.v1.GetDocumentRequest\x1a\x13.kotadb.v1.Document\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/documents/{id}\x12i\n\rListDocuments\x12\x1f.kotadb.v1.ListDocumentsRequest\x1a .kotadb.v1.ListDocumentsResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\x12\r/v1/documents\x12q\n\x0e\x44\x65leteDocument\x12 .kotadb.v1.DeleteDocumentRequest\x1a!.kotadb.v1.DeleteDocumentResponse\"\x1a\x82\xd3\xe4\x93\x02\x14*\x12/v1/documents/{id}\x12x\n\x10\x43reateRepository\x12\".kotadb.v1.CreateRepositoryRequest\x1a#.kotadb.v1.CreateRepositoryResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\"\x10/v1/repositories:\x01*\x12\x66\n\rGetRepository\x12\x1f.kotadb.v1.GetRepositoryRequest\x1a\x15.kotadb.v1.Repository\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/repositories/{id}\x12u\n\x10ListRepositories\x12\".kotadb.v1.ListRepositoriesRequest\x1a#.kotadb.v1.ListRepositoriesResponse\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/v1/repositories\x12\x83\x01\n\x10UpdateRepository\x12\".kotadb.v1.UpdateRepositoryRequest\x1a\x15.kotadb.v1.Repository\"4\x82\xd3\xe4\x93\x02.2 /v1/repositories/{repository.id}:\nrepository\x12\x9a\x01\n\x13RotateWebhookSecret\x12%.kotadb.v1.RotateWebhookSecretRequest\x1a&.kotadb.v1.RotateWebhookSecretResponse\"4\x82\xd3\xe4\x93\x02.\")/v1/repositories/{id}:rotateWebhookSecret:\x01*\x12m\n\x10\x44\x65leteRepository\x12\".kotadb.v1.DeleteRepositoryRequest\x1a\x16.google.protobuf.Empty\"\x1d\x82\xd3\xe4\x93\x02\x17*\x15/v1/repositories/{id}\x12i\n\x0eSyncRepository\x12 .kotadb.v1.SyncRepositoryRequest\x1a\x0e.kotadb.v1.Job\"%\x82\xd3\xe4\x93\x02\x1f\"\x1a/v1/repositories/{id}:sync:\x01*\x12I\n\x06GetJob\x12\x18.kotadb.v1.GetJobRequest\x1a\x0e.kotadb.v1.Job\"\x15\x82\xd3\xe4\x93\x02\x0f\x12\r/v1/jobs/{id}\x12U\n\x08ListJobs\x12\x1a.kotadb.v1.ListJobsRequest\x1a\x1b.kotadb.v1.ListJobsResponse\"\x10\x82\xd3\xe4\x93\x02\n\x12\x08/v1/jobs\x12Y\n\tCancelJob\x12\x1b.kotadb.v1.CancelJobRequest\x1a\x0e.kotadb.v1.Job\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/v1/jobs/{id}:cancel:\x01*\x12Z\n\x08WatchJob\x12\x1a.kotadb.v1.WatchJobRequest\x1a\x13.kotadb.v1.JobEvent\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/jobs/{id}:watch0\x01\x12\x9a\x01\n\x14ReceiveGithubWebhook\x12&.kotadb.v1.ReceiveGithubWebhookRequest\x1a\'.kotadb.v1.ReceiveGithubWebhookResponse\"1\x82\xd3\xe4\x93\x02+\"#/v1/webhooks/github/{repository_id}:\x04\x62odyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -99,62 +100,62 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INGESTSERVICE'].methods_by_name['WatchJob']._serialized_options = b'\202\323\344\223\002\025\022\023/v1/jobs/{id}:watch'
   _globals['_INGESTSERVICE'].methods_by_name['ReceiveGithubWebhook']._loaded_options = None
   _globals['_INGESTSERVICE'].methods_by_name['ReceiveGithubWebhook']._serialized_options = b'\202\323\344\223\002+\"#/v1/webhooks/github/{repository_id}:\004body'
-  _globals['_DOCUMENTVIEW']._serialized_start=2814
-  _globals['_DOCUMENTVIEW']._serialized_end=2908
-  _globals['_UPSERTDOCUMENTSREQUEST']._serialized_start=265
-  _globals['_UPSERTDOCUMENTSREQUEST']._serialized_end=355
-  _globals['_DOCUMENTWRITERESULT']._serialized_start=358
-  _globals['_DOCUMENTWRITERESULT']._serialized_end=601
-  _globals['_UPSERTDOCUMENTSRESPONSE']._serialized_start=603
-  _globals['_UPSERTDOCUMENTSRESPONSE']._serialized_end=695
-  _globals['_STREAMUPSERTDOCUMENTSREQUEST']._serialized_start=697
-  _globals['_STREAMUPSERTDOCUMENTSREQUEST']._serialized_end=786
-  _globals['_STREAMUPSERTDOCUMENTSRESPONSE']._serialized_start=788
-  _globals['_STREAMUPSERTDOCUMENTSRESPONSE']._serialized_end=910
-  _globals['_GETDOCUMENTREQUEST']._serialized_start=912
-  _globals['_GETDOCUMENTREQUEST']._serialized_end=989
-  _globals['_LISTDOCUMENTSREQUEST']._serialized_start=992
-  _globals['_LISTDOCUMENTSREQUEST']._serialized_end=1176
-  _globals['_LISTDOCUMENTSRESPONSE']._serialized_start=1178
-  _globals['_LISTDOCUMENTSRESPONSE']._serialized_end=1266
-  _globals['_DELETEDOCUMENTREQUEST']._serialized_start=1268
-  _globals['_DELETEDOCUMENTREQUEST']._serialized_end=1309
-  _globals['_DELETEDOCUMENTRESPONSE']._serialized_start=1311
-  _globals['_DELETEDOCUMENTRESPONSE']._serialized_end=1365
-  _globals['_CREATEREPOSITORYREQUEST']._serialized_start=1368
-  _globals['_CREATEREPOSITORYREQUEST']._serialized_end=1504
-  _globals['_CREATEREPOSITORYRESPONSE']._serialized_start=1506
-  _globals['_CREATEREPOSITORYRESPONSE']._serialized_end=1628
-  _globals['_GETREPOSITORYREQUEST']._serialized_start=1630
-  _globals['_GETREPOSITORYREQUEST']._serialized_end=1670
-  _globals['_LISTREPOSITORIESREQUEST']._serialized_start=1672
-  _globals['_LISTREPOSITORIESREQUEST']._serialized_end=1736
-  _globals['_LISTREPOSITORIESRESPONSE']._serialized_start=1738
-  _globals['_LISTREPOSITORIESRESPONSE']._serialized_end=1834
-  _globals['_UPDATEREPOSITORYREQUEST']._serialized_start=1836
-  _globals['_UPDATEREPOSITORYREQUEST']._serialized_end=1959
-  _globals['_ROTATEWEBHOOKSECRETREQUEST']._serialized_start=1961
-  _globals['_ROTATEWEBHOOKSECRETREQUEST']._serialized_end=2007
-  _globals['_ROTATEWEBHOOKSECRETRESPONSE']._serialized_start=2009
-  _globals['_ROTATEWEBHOOKSECRETRESPONSE']._serialized_end=2105
-  _globals['_DELETEREPOSITORYREQUEST']._serialized_start=2107
-  _globals['_DELETEREPOSITORYREQUEST']._serialized_end=2150
-  _globals['_SYNCREPOSITORYREQUEST']._serialized_start=2152
-  _globals['_SYNCREPOSITORYREQUEST']._serialized_end=2247
-  _globals['_GETJOBREQUEST']._serialized_start=2249
-  _globals['_GETJOBREQUEST']._serialized_end=2282
-  _globals['_LISTJOBSREQUEST']._serialized_start=2284
-  _globals['_LISTJOBSREQUEST']._serialized_end=2401
-  _globals['_LISTJOBSRESPONSE']._serialized_start=2403
-  _globals['_LISTJOBSRESPONSE']._serialized_end=2476
-  _globals['_CANCELJOBREQUEST']._serialized_start=2478
-  _globals['_CANCELJOBREQUEST']._serialized_end=2514
-  _globals['_WATCHJOBREQUEST']._serialized_start=2516
-  _globals['_WATCHJOBREQUEST']._serialized_end=2575
-  _globals['_RECEIVEGITHUBWEBHOOKREQUEST']._serialized_start=2577
-  _globals['_RECEIVEGITHUBWEBHOOKREQUEST']._serialized_end=2671
-  _globals['_RECEIVEGITHUBWEBHOOKRESPONSE']._serialized_start=2674
-  _globals['_RECEIVEGITHUBWEBHOOKRESPONSE']._serialized_end=2812
-  _globals['_INGESTSERVICE']._serialized_start=2911
-  _globals['_INGESTSERVICE']._serialized_end=4837
+  _globals['_DOCUMENTVIEW']._serialized_start=3130
+  _globals['_DOCUMENTVIEW']._serialized_end=3224
+  _globals['_UPSERTDOCUMENTSREQUEST']._serialized_start=297
+  _globals['_UPSERTDOCUMENTSREQUEST']._serialized_end=387
+  _globals['_DOCUMENTWRITERESULT']._serialized_start=390
+  _globals['_DOCUMENTWRITERESULT']._serialized_end=713
+  _globals['_UPSERTDOCUMENTSRESPONSE']._serialized_start=715
+  _globals['_UPSERTDOCUMENTSRESPONSE']._serialized_end=807
+  _globals['_STREAMUPSERTDOCUMENTSREQUEST']._serialized_start=809
+  _globals['_STREAMUPSERTDOCUMENTSREQUEST']._serialized_end=898
+  _globals['_STREAMUPSERTDOCUMENTSRESPONSE']._serialized_start=901
+  _globals['_STREAMUPSERTDOCUMENTSRESPONSE']._serialized_end=1166
+  _globals['_GETDOCUMENTREQUEST']._serialized_start=1168
+  _globals['_GETDOCUMENTREQUEST']._serialized_end=1245
+  _globals['_LISTDOCUMENTSREQUEST']._serialized_start=1248
+  _globals['_LISTDOCUMENTSREQUEST']._serialized_end=1492
+  _globals['_LISTDOCUMENTSRESPONSE']._serialized_start=1494
+  _globals['_LISTDOCUMENTSRESPONSE']._serialized_end=1582
+  _globals['_DELETEDOCUMENTREQUEST']._serialized_start=1584
+  _globals['_DELETEDOCUMENTREQUEST']._serialized_end=1625
+  _globals['_DELETEDOCUMENTRESPONSE']._serialized_start=1627
+  _globals['_DELETEDOCUMENTRESPONSE']._serialized_end=1681
+  _globals['_CREATEREPOSITORYREQUEST']._serialized_start=1684
+  _globals['_CREATEREPOSITORYREQUEST']._serialized_end=1820
+  _globals['_CREATEREPOSITORYRESPONSE']._serialized_start=1822
+  _globals['_CREATEREPOSITORYRESPONSE']._serialized_end=1944
+  _globals['_GETREPOSITORYREQUEST']._serialized_start=1946
+  _globals['_GETREPOSITORYREQUEST']._serialized_end=1986
+  _globals['_LISTREPOSITORIESREQUEST']._serialized_start=1988
+  _globals['_LISTREPOSITORIESREQUEST']._serialized_end=2052
+  _globals['_LISTREPOSITORIESRESPONSE']._serialized_start=2054
+  _globals['_LISTREPOSITORIESRESPONSE']._serialized_end=2150
+  _globals['_UPDATEREPOSITORYREQUEST']._serialized_start=2152
+  _globals['_UPDATEREPOSITORYREQUEST']._serialized_end=2275
+  _globals['_ROTATEWEBHOOKSECRETREQUEST']._serialized_start=2277
+  _globals['_ROTATEWEBHOOKSECRETREQUEST']._serialized_end=2323
+  _globals['_ROTATEWEBHOOKSECRETRESPONSE']._serialized_start=2325
+  _globals['_ROTATEWEBHOOKSECRETRESPONSE']._serialized_end=2421
+  _globals['_DELETEREPOSITORYREQUEST']._serialized_start=2423
+  _globals['_DELETEREPOSITORYREQUEST']._serialized_end=2466
+  _globals['_SYNCREPOSITORYREQUEST']._serialized_start=2468
+  _globals['_SYNCREPOSITORYREQUEST']._serialized_end=2563
+  _globals['_GETJOBREQUEST']._serialized_start=2565
+  _globals['_GETJOBREQUEST']._serialized_end=2598
+  _globals['_LISTJOBSREQUEST']._serialized_start=2600
+  _globals['_LISTJOBSREQUEST']._serialized_end=2717
+  _globals['_LISTJOBSRESPONSE']._serialized_start=2719
+  _globals['_LISTJOBSRESPONSE']._serialized_end=2792
+  _globals['_CANCELJOBREQUEST']._serialized_start=2794
+  _globals['_CANCELJOBREQUEST']._serialized_end=2830
+  _globals['_WATCHJOBREQUEST']._serialized_start=2832
+  _globals['_WATCHJOBREQUEST']._serialized_end=2891
+  _globals['_RECEIVEGITHUBWEBHOOKREQUEST']._serialized_start=2893
+  _globals['_RECEIVEGITHUBWEBHOOKREQUEST']._serialized_end=2987
+  _globals['_RECEIVEGITHUBWEBHOOKRESPONSE']._serialized_start=2990
+  _globals['_RECEIVEGITHUBWEBHOOKRESPONSE']._serialized_end=3128
+  _globals['_INGESTSERVICE']._serialized_start=3227
+  _globals['_INGESTSERVICE']._serialized_end=5153
 # @@protoc_insertion_point(module_scope)

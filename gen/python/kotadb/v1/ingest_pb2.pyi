@@ -10,6 +10,7 @@ from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.rpc import error_details_pb2 as _error_details_pb2
 from kotadb.v1 import document_pb2 as _document_pb2
 from kotadb.v1 import job_pb2 as _job_pb2
 from kotadb.v1 import repository_pb2 as _repository_pb2
@@ -91,6 +92,8 @@ class DocumentWriteResult(_message.Message):
     SKIP_REASON_FIELD_NUMBER: _builtins.int
     CONTENT_HASH_FIELD_NUMBER: _builtins.int
     REPOSITORY_ID_FIELD_NUMBER: _builtins.int
+    FIELD_VIOLATIONS_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """id is the document's id."""
     path: _builtins.str
@@ -107,9 +110,15 @@ class DocumentWriteResult(_message.Message):
     """content_hash is the lowercase hex SHA-256 of the content bytes."""
     repository_id: _builtins.str
     """repository_id is the document's repository, echoing the request."""
+    index: _builtins.int
+    """index is the document's position in the request (or in the stream), counting from 0."""
     @_builtins.property
     def skip_reason(self) -> _document_pb2.SkipReason:
         """skip_reason says why a SKIPPED document is not searchable."""
+
+    @_builtins.property
+    def field_violations(self) -> _containers.RepeatedCompositeFieldContainer[_error_details_pb2.BadRequest.FieldViolation]:
+        """field_violations say why the document was refused; nothing was written for it then."""
 
     def __init__(
         self,
@@ -123,10 +132,12 @@ class DocumentWriteResult(_message.Message):
         skip_reason: _document_pb2.SkipReason | None = ...,
         content_hash: _builtins.str = ...,
         repository_id: _builtins.str = ...,
+        field_violations: _abc.Iterable[_error_details_pb2.BadRequest.FieldViolation] | None = ...,
+        index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["skip_reason", b"skip_reason"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_hash", b"content_hash", "created", b"created", "id", b"id", "index_state", b"index_state", "path", b"path", "repository_id", b"repository_id", "revision", b"revision", "skip_reason", b"skip_reason", "unchanged", b"unchanged"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_hash", b"content_hash", "created", b"created", "field_violations", b"field_violations", "id", b"id", "index", b"index", "index_state", b"index_state", "path", b"path", "repository_id", b"repository_id", "revision", b"revision", "skip_reason", b"skip_reason", "unchanged", b"unchanged"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -141,7 +152,7 @@ class UpsertDocumentsResponse(_message.Message):
     RESULTS_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
-    """revision is the highest revision committed; pass it as min_revision to search."""
+    """revision is the highest revision of the batch's documents; pass it as min_revision to search."""
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___DocumentWriteResult]:
         """results is one entry per requested document, in order."""
@@ -197,13 +208,33 @@ class StreamUpsertDocumentsResponse(_message.Message):
     RESULTS_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     DOCUMENT_COUNT_FIELD_NUMBER: _builtins.int
+    CREATED_COUNT_FIELD_NUMBER: _builtins.int
+    UPDATED_COUNT_FIELD_NUMBER: _builtins.int
+    UNCHANGED_COUNT_FIELD_NUMBER: _builtins.int
+    REJECTED_COUNT_FIELD_NUMBER: _builtins.int
+    RESULTS_TRUNCATED_FIELD_NUMBER: _builtins.int
+    BATCH_COUNT_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
-    """revision is the highest revision committed."""
+    """revision is the highest revision of the stream's documents."""
     document_count: _builtins.int
     """document_count is the number of documents received."""
+    created_count: _builtins.int
+    """created_count counts documents that did not exist before."""
+    updated_count: _builtins.int
+    """updated_count counts existing documents written with a new revision."""
+    unchanged_count: _builtins.int
+    """unchanged_count counts documents identical to the stored ones (no new revision)."""
+    rejected_count: _builtins.int
+    """rejected_count counts documents refused with field violations."""
+    results_truncated: _builtins.bool
+    """results_truncated is true when some outcomes were left out of results."""
+    batch_count: _builtins.int
+    """batch_count is the number of transactions the stream was committed in."""
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___DocumentWriteResult]:
-        """results is one entry per streamed document, in order."""
+        """results lists documents' outcomes in stream order (each with its index), up to the server's
+        limit; past it, only refused documents are listed, and results_truncated is set.
+        """
 
     def __init__(
         self,
@@ -211,10 +242,16 @@ class StreamUpsertDocumentsResponse(_message.Message):
         results: _abc.Iterable[Global___DocumentWriteResult] | None = ...,
         revision: _builtins.int = ...,
         document_count: _builtins.int = ...,
+        created_count: _builtins.int = ...,
+        updated_count: _builtins.int = ...,
+        unchanged_count: _builtins.int = ...,
+        rejected_count: _builtins.int = ...,
+        results_truncated: _builtins.bool = ...,
+        batch_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["document_count", b"document_count", "results", b"results", "revision", b"revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_count", b"batch_count", "created_count", b"created_count", "document_count", b"document_count", "rejected_count", b"rejected_count", "results", b"results", "results_truncated", b"results_truncated", "revision", b"revision", "unchanged_count", b"unchanged_count", "updated_count", b"updated_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -259,6 +296,8 @@ class ListDocumentsRequest(_message.Message):
     LANGUAGE_FIELD_NUMBER: _builtins.int
     SHOW_DELETED_FIELD_NUMBER: _builtins.int
     VIEW_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    READ_MASK_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """page_size is the maximum number of documents to return; 0 means the server default (100), max 1000."""
     page_token: _builtins.str
@@ -273,6 +312,14 @@ class ListDocumentsRequest(_message.Message):
     """show_deleted includes tombstones."""
     view: Global___DocumentView.ValueType
     """view selects whether content is returned; default BASIC."""
+    tag: _builtins.str
+    """tag keeps documents carrying this tag."""
+    @_builtins.property
+    def read_mask(self) -> _field_mask_pb2.FieldMask:
+        """read_mask names the Document fields to return (e.g. "path,content_hash"); empty returns
+        every field the view allows. Unknown field names are refused.
+        """
+
     def __init__(
         self,
         *,
@@ -283,10 +330,12 @@ class ListDocumentsRequest(_message.Message):
         language: _builtins.str = ...,
         show_deleted: _builtins.bool = ...,
         view: Global___DocumentView.ValueType = ...,
+        tag: _builtins.str = ...,
+        read_mask: _field_mask_pb2.FieldMask | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["read_mask", b"read_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["language", b"language", "page_size", b"page_size", "page_token", b"page_token", "path_prefix", b"path_prefix", "repository_id", b"repository_id", "show_deleted", b"show_deleted", "view", b"view"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["language", b"language", "page_size", b"page_size", "page_token", b"page_token", "path_prefix", b"path_prefix", "read_mask", b"read_mask", "repository_id", b"repository_id", "show_deleted", b"show_deleted", "tag", b"tag", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -158,7 +158,7 @@ class IngestServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListDocuments(self, request, context):
-        """ListDocuments lists documents, filtered by repository and path prefix, without content.
+        """ListDocuments lists documents by path, filtered by repository, path prefix, language and tag.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

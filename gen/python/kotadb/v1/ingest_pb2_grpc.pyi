@@ -48,7 +48,7 @@ class IngestServiceStub:
     GetDocument: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.GetDocumentRequest, _document_pb2.Document]
     """GetDocument returns one document, with its content unless view is BASIC."""
     ListDocuments: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.ListDocumentsRequest, _ingest_pb2.ListDocumentsResponse]
-    """ListDocuments lists documents, filtered by repository and path prefix, without content."""
+    """ListDocuments lists documents by path, filtered by repository, path prefix, language and tag."""
     DeleteDocument: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.DeleteDocumentRequest, _ingest_pb2.DeleteDocumentResponse]
     """DeleteDocument deletes a document and returns the tombstone's revision."""
     CreateRepository: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.CreateRepositoryRequest, _ingest_pb2.CreateRepositoryResponse]
@@ -97,7 +97,7 @@ class IngestServiceAsyncStub(IngestServiceStub):
     GetDocument: _aio.UnaryUnaryMultiCallable[_ingest_pb2.GetDocumentRequest, _document_pb2.Document]  # type: ignore[assignment]
     """GetDocument returns one document, with its content unless view is BASIC."""
     ListDocuments: _aio.UnaryUnaryMultiCallable[_ingest_pb2.ListDocumentsRequest, _ingest_pb2.ListDocumentsResponse]  # type: ignore[assignment]
-    """ListDocuments lists documents, filtered by repository and path prefix, without content."""
+    """ListDocuments lists documents by path, filtered by repository, path prefix, language and tag."""
     DeleteDocument: _aio.UnaryUnaryMultiCallable[_ingest_pb2.DeleteDocumentRequest, _ingest_pb2.DeleteDocumentResponse]  # type: ignore[assignment]
     """DeleteDocument deletes a document and returns the tombstone's revision."""
     CreateRepository: _aio.UnaryUnaryMultiCallable[_ingest_pb2.CreateRepositoryRequest, _ingest_pb2.CreateRepositoryResponse]  # type: ignore[assignment]
@@ -167,7 +167,7 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ingest_pb2.ListDocumentsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ingest_pb2.ListDocumentsResponse, _abc.Awaitable[_ingest_pb2.ListDocumentsResponse]]:
-        """ListDocuments lists documents, filtered by repository and path prefix, without content."""
+        """ListDocuments lists documents by path, filtered by repository, path prefix, language and tag."""
 
     @_abc_1.abstractmethod
     def DeleteDocument(
