@@ -57,6 +57,38 @@ class IngestSettings(ServiceSettings):
         help="Seconds a request_id's first answer is kept for retries of an ingest write.",
     )
 
+    # --- repositories and webhooks (ingest-repos) ---------------------------------------------
+    # repr=False: the keys must never reach a log line or a traceback that prints the settings.
+    secret_keys: str = dataclasses.field(
+        default="",
+        repr=False,
+        metadata={
+            "help": "AES-GCM keys for webhook secrets and access tokens, `kid:<base64 32 bytes>` separated "
+            "by commas; the first encrypts, all decrypt (rotation). Empty refuses to store secrets. "
+            "`kotadb dev` generates one per data dir."
+        },
+    )
+    allow_local_urls: bool = setting(
+        False,
+        help="Accept `file://` URLs, local paths and hosts resolving to loopback, private, link-local "
+        "or metadata addresses as repository URLs (tests and the dev stack only: SSRF otherwise).",
+    )
+    public_url: str = setting(
+        "",
+        help="Public base URL of the gateway (e.g. `https://kotadb.example.com`), prefixed to each "
+        "repository's webhook_url; empty gives the relative path.",
+    )
+    # GitHub webhook bodies reach 25 MiB and arrive as one gRPC message (HttpBody), so the ingest
+    # service's message limit sits above the shared 16 MiB default.
+    max_message_bytes: int = setting(
+        32 * 1024 * 1024, minimum=1024, help="Largest gRPC message received or sent, in bytes."
+    )
+    max_webhook_bytes: int = setting(
+        25 * 1024 * 1024,
+        minimum=1024,
+        help="Largest GitHub webhook body accepted, in bytes (GitHub caps payloads at 25 MiB).",
+    )
+
     # --- Jobs and workers (services/ingest/queue.py, worker.py, events.py, gitfetch.py, walk.py) ---
     workers: int = setting(
         1,
@@ -112,8 +144,4 @@ class IngestSettings(ServiceSettings):
         3600.0,
         minimum=1.0,
         help="Longest one WatchJob stream stays open; the client resumes with after_sequence.",
-    )
-    allow_local_urls: bool = setting(
-        False,
-        help="Allow file:// and local repository URLs, loopback and private hosts (tests, `kotadb dev`).",
     )

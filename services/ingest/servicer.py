@@ -141,6 +141,18 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         """ListRepositories pages through the caller's repositories. Not built yet."""
         raise Unimplemented(f"repository listing (ListRepositories), {DELIVERED_BY}")
 
+    async def UpdateRepository(
+        self, request: ingest_pb2.UpdateRepositoryRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> repository_pb2.Repository:
+        """UpdateRepository changes a repository's branch, globs and limits. Not built yet."""
+        raise Unimplemented(f"repository updates (UpdateRepository), {DELIVERED_BY}")
+
+    async def RotateWebhookSecret(
+        self, request: ingest_pb2.RotateWebhookSecretRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> ingest_pb2.RotateWebhookSecretResponse:
+        """RotateWebhookSecret replaces a repository's webhook secret. Not built yet."""
+        raise Unimplemented(f"webhook secret rotation (RotateWebhookSecret), {DELIVERED_BY}")
+
     async def DeleteRepository(
         self, request: ingest_pb2.DeleteRepositoryRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> empty_pb2.Empty:
