@@ -1,0 +1,68 @@
+"""What workers read of a repository: `repository_for_worker` and `decrypt_access_token`.
+
+The worker runs as the service role, so it sees any tenant's repository; the sealed token opens
+only with the key and the row it was sealed for.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import asyncpg
+import pytest
+
+from services.common import db
+from services.common.errors import FailedPrecondition, NotFound
+from services.ingest.repositories import decrypt_access_token, repository_for_worker, secret_context
+from services.ingest.secretbox import SecretBox, generate_key_spec
+from tests.conftest import UserFactory
+
+
+async def test_worker_reads_settings_and_opens_the_token(
+    pool: asyncpg.Pool, user_factory: UserFactory
+) -> None:
+    user = await user_factory()
+    box = SecretBox.parse(generate_key_spec("w1"))
+    repository_id = uuid.uuid4()
+    sealed = box.encrypt(b"glpat-worker-token", context=secret_context(repository_id, "access_token"))
+    await pool.execute(
+        "insert into public.repositories (id, user_id, full_name, url, provider, default_branch, settings,"
+        " access_token_encrypted, last_synced_commit) values ($1, $2, 'o/w', 'https://gitlab.com/o/w.git',"
+        " 'gitlab', 'trunk', $3::jsonb, $4, $5)",
+        repository_id,
+        user,
+        json.dumps({"include_globs": ["src/**"], "exclude_globs": ["*.lock"], "max_file_bytes": 4096}),
+        sealed,
+        "c" * 40,
+    )
+    async with db.as_service(pool) as conn:
+        record = await repository_for_worker(conn, repository_id)
+    assert (record.url, record.branch, record.provider) == ("https://gitlab.com/o/w.git", "trunk", "gitlab")
+    assert (record.include_globs, record.exclude_globs, record.max_file_bytes) == (
+        ("src/**",),
+        ("*.lock",),
+        4096,
+    )
+    assert record.last_synced_commit == "c" * 40 and record.user_id == user
+    assert "glpat" not in repr(record) and "access_token_encrypted" not in repr(record)
+    assert decrypt_access_token(record, box=box) == "glpat-worker-token"
+    with pytest.raises(FailedPrecondition) as unreadable:
+        decrypt_access_token(record, box=SecretBox.parse(generate_key_spec("other")))
+    assert unreadable.value.reason == "ACCESS_TOKEN_UNREADABLE"
+    async with db.as_service(pool) as conn:
+        with pytest.raises(NotFound):
+            await repository_for_worker(conn, uuid.uuid4())
+
+
+async def test_a_repository_without_a_token_has_none(pool: asyncpg.Pool, user_factory: UserFactory) -> None:
+    user = await user_factory()
+    repository_id = await pool.fetchval(
+        "insert into public.repositories (user_id, full_name, url) values ($1, 'o/n', 'https://github.com/o/n')"
+        " returning id",
+        user,
+    )
+    async with db.as_service(pool) as conn:
+        record = await repository_for_worker(conn, repository_id)
+    assert decrypt_access_token(record, box=SecretBox.parse(generate_key_spec())) is None
+    assert (record.branch, record.include_globs, record.max_file_bytes) == ("main", (), 0)
