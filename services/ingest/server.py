@@ -11,8 +11,10 @@ from services.common.server import LazyPool, Probe, ServiceServer, bind
 from services.common.settings import env_settings
 from services.ingest.config import IngestSettings
 from services.ingest.documentservice import DocumentService
+from services.ingest.repositories import RepositoryManager
 from services.ingest.servicer import IngestServicer
 from services.ingest.store import IngestStore
+from services.ingest.webhooks import WebhookReceiver
 
 
 def build(
@@ -28,7 +30,9 @@ def build(
     pool = LazyPool(settings)
     store = IngestStore(pool)
     documents = DocumentService(pool, settings)
-    servicer = IngestServicer(store, documents=documents)
+    repositories = RepositoryManager(pool, settings)
+    webhooks = WebhookReceiver(pool, repositories)
+    servicer = IngestServicer(store, documents=documents, repositories=repositories, webhooks=webhooks)
 
     async def stop_documents(grace: float) -> None:
         await asyncio.to_thread(documents.close)
