@@ -10,7 +10,9 @@ Secrets. The webhook secret (32 random bytes, URL-safe base64) is returned once,
 CreateRepository and RotateWebhookSecret; both it and the optional access token are stored
 sealed by SecretBox with the repository id and field name as associated data. Neither is ever
 put in a log, an error message or a URL; the worker gets the token through
-`decrypt_access_token` and hands it to git through its environment.
+`decrypt_access_token` and hands it to git through its environment. To rotate the sealing key,
+put a new key first in KOTADB_INGEST_SECRET_KEYS and run `reseal_secrets`; the old key can go
+once it reports nothing unreadable.
 
 Deletion. DeleteRepository first marks the row `deleting` as the caller (a quick update that does
 not block workers' or webhooks' foreign-key checks), then, as the service role, deletes the
@@ -31,10 +33,13 @@ import base64
 import binascii
 import dataclasses
 import json
+import logging
 import re
 import secrets
 import uuid
 from collections.abc import Sequence
+
+import asyncpg
 
 from services.common import db
 from services.common.errors import (
@@ -52,6 +57,8 @@ from services.ingest.queue import JobRecord
 from services.ingest.repostore import RepositoryRecord
 from services.ingest.secretbox import SecretBox, SecretBoxError
 from services.ingest.urlpolicy import Resolver, check_url, system_resolver
+
+logger = logging.getLogger("kotadb.ingest.repositories")
 
 PROVIDERS: tuple[str, ...] = ("github", "gitlab", "git")
 UPDATABLE_FIELDS: tuple[str, ...] = ("default_branch", "include_globs", "exclude_globs", "max_file_bytes")
@@ -396,20 +403,11 @@ class RepositoryManager:
     async def delete(self, user_id: uuid.UUID, repository_id: uuid.UUID) -> None:
         """delete removes the caller's repository, its jobs and (as tombstones) its documents."""
         async with db.as_user(self._pool.get(), user_id) as conn:
-            marked = await conn.fetchval(
-                "update public.repositories set state = 'deleting' where id = $1 returning id", repository_id
-            )
-        if marked is None:
+            marked = await repostore.mark_deleting(conn, repository_id)
+        if not marked:
             raise not_found(repository_id)
         async with db.as_service(self._pool.get()) as conn:
-            await conn.execute(
-                "delete from public.indexing_jobs where repository_id = $1 and user_id = $2",
-                repository_id,
-                user_id,
-            )
-            await conn.execute(
-                "delete from public.repositories where id = $1 and user_id = $2", repository_id, user_id
-            )
+            await repostore.delete(conn, repository_id, user_id)
 
     async def sync(
         self,
@@ -518,3 +516,51 @@ def decrypt_access_token(record: RepositoryRecord, *, box: SecretBox | None = No
             f"the repository's access token cannot be opened: {exc}", reason="ACCESS_TOKEN_UNREADABLE"
         ) from None
     return plain.decode("utf-8")
+
+
+@dataclasses.dataclass(frozen=True)
+class Resealed:
+    """Resealed counts what `reseal_secrets` did: blobs re-sealed, and blobs no configured key opens."""
+
+    resealed: int
+    unreadable: int
+
+
+async def reseal_secrets(pool: asyncpg.Pool, box: SecretBox, *, batch: int = 500) -> Resealed:
+    """reseal_secrets re-encrypts every repository secret not sealed by `box`'s primary key.
+
+    It is the second half of a key rotation: put the new key first in KOTADB_INGEST_SECRET_KEYS,
+    restart, run this, then drop the old key once `unreadable` is 0. It works in batches of
+    `batch` repositories, one transaction each (rows locked while re-sealed). A blob that no key
+    of `box` opens is left as it is, counted and logged by repository id.
+    """
+    resealed = unreadable = 0
+    after: uuid.UUID | None = None
+    while True:
+        async with db.as_service(pool) as conn:
+            page = await repostore.sealed_page(conn, after=after, limit=batch)
+            for repository_id, secret, token in page:
+                fresh: list[bytes | None] = []
+                for blob, field in ((secret, "webhook_secret"), (token, "access_token")):
+                    try:
+                        fresh.append(_reseal(box, blob, secret_context(repository_id, field)))
+                    except SecretBoxError:
+                        unreadable += 1
+                        logger.warning(
+                            "a repository secret opens with no configured key",
+                            extra={"fields": {"repository_id": str(repository_id), "field": field}},
+                        )
+                        fresh.append(None)
+                if fresh != [None, None]:
+                    await repostore.set_sealed(conn, repository_id, fresh[0], fresh[1])
+                    resealed += sum(blob is not None for blob in fresh)
+        if len(page) < batch:
+            return Resealed(resealed, unreadable)
+        after = page[-1][0]
+
+
+def _reseal(box: SecretBox, blob: bytes | None, context: bytes) -> bytes | None:
+    """_reseal is `blob` sealed again under the primary key, or None when it already is (or is absent)."""
+    if blob is None or box.key_id(blob) == box.primary:
+        return None
+    return box.encrypt(box.decrypt(blob, context=context), context=context)

@@ -28,6 +28,7 @@ GitHub's 10 s; the worker fetches and diffs (the webhook is a trigger, not the t
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import hmac
@@ -40,7 +41,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from services.common import db, metrics
-from services.common.errors import FieldViolation, InvalidArgument, NotFound, Unauthenticated
+from services.common.errors import FieldViolation, InvalidArgument, NotFound, Unauthenticated, Unavailable
 from services.common.server import LazyPool
 from services.ingest import queue, repostore
 from services.ingest.queue import JobRecord
@@ -97,7 +98,39 @@ class WebhookReceiver:
         self._repositories = repositories
 
     async def receive(self, delivery: Delivery) -> Outcome:
-        """receive handles one delivery (see the module docstring for the steps and errors)."""
+        """receive handles one delivery (see the module docstring for the steps and errors).
+
+        It answers within `webhook_deadline` seconds: past it (the database is slow or the pool
+        exhausted) the transaction in flight rolls back and the caller gets UNAVAILABLE, which
+        GitHub shows as a failed delivery to redeliver, instead of a timeout after 10 s.
+        """
+        deadline = self._repositories.settings.webhook_deadline
+        try:
+            async with asyncio.timeout(deadline):
+                outcome = await self._receive(delivery)
+        except TimeoutError:
+            metrics.refused("ingest", "WEBHOOK_DEADLINE")
+            raise Unavailable(
+                f"the delivery could not be recorded within {deadline:g} s; redeliver it",
+                reason="WEBHOOK_DEADLINE",
+                retry_after=1.0,
+            ) from None
+        logger.info(
+            "webhook delivery %s",
+            "queued a job" if outcome.job else "duplicate" if outcome.duplicate else "recorded",
+            extra={
+                "fields": {
+                    "repository_id": delivery.repository_id,
+                    "event": outcome.event,
+                    "delivery_id": outcome.delivery_id,
+                    "job_id": str(outcome.job.id) if outcome.job else "",
+                    "ignored_reason": outcome.ignored_reason,
+                }
+            },
+        )
+        return outcome
+
+    async def _receive(self, delivery: Delivery) -> Outcome:
         try:
             repository_id = uuid.UUID(delivery.repository_id)
         except ValueError:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import grpc
 import pytest
 from kotadb.v1 import ingest_pb2, repository_pb2
 
@@ -322,3 +323,38 @@ async def test_invalid_payload_is_recorded_as_failed(
     rows = await _deliveries(pool, repo.id)
     assert [(r["delivery_id"], r["status"]) for r in rows] == [("bad-1", "failed")]
     assert json.loads(rows[0]["error"])["reason"] == "PAYLOAD_INVALID"
+
+
+async def test_a_delivery_stuck_on_the_database_is_answered_unavailable_before_its_deadline(
+    database_url: str, pool: asyncpg.Pool, user_factory: UserFactory
+) -> None:
+    built, server = await start_ingest_server(
+        database_url, secret_keys=SECRET_KEYS, allow_local_urls=True, webhook_deadline=0.5
+    )
+    try:
+        repo = await _register(server, await user_factory())
+        body = json.dumps(push()).encode()
+        metadata = (
+            ("x-github-event", "push"),
+            ("x-github-delivery", "stuck-1"),
+            ("x-hub-signature-256", _sign(repo.secret, body)),
+        )
+        request = ingest_pb2.ReceiveGithubWebhookRequest(repository_id=repo.id)
+        request.body.content_type = "application/json"
+        request.body.data = body
+        async with pool.acquire() as holder, holder.transaction():
+            # The delivery's foreign-key check waits for this row lock until the deadline passes.
+            await holder.execute(
+                "select 1 from public.repositories where id = $1 for update", uuid.UUID(repo.id)
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await server.stub().ReceiveGithubWebhook(request, metadata=metadata, timeout=30)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert await _deliveries(pool, repo.id) == []
+        # Once the database answers again, GitHub's redelivery goes through.
+        answer = await server.stub().ReceiveGithubWebhook(request, metadata=metadata, timeout=30)
+        assert answer.delivery_id == "stuck-1" and answer.job.id
+    finally:
+        for channel in server.channels:
+            await channel.close(None)
+        await built.stop(0)
