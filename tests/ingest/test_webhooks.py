@@ -358,3 +358,20 @@ async def test_a_delivery_stuck_on_the_database_is_answered_unavailable_before_i
         for channel in server.channels:
             await channel.close(None)
         await built.stop(0)
+
+
+async def test_bodies_over_25_mib_are_refused_by_the_gateway(
+    gateway: Envoy, hook_server: IngestServer, pool: asyncpg.Pool, user_factory: UserFactory
+) -> None:
+    repo = await _register(hook_server, await user_factory())
+    limit = 25 * 1024 * 1024
+    # A push payload padded to exactly the limit still goes through.
+    padded = json.dumps(push(padding="")).encode()
+    at_limit = json.dumps(push(padding="x" * (limit - len(padded)))).encode()
+    assert len(at_limit) == limit
+    status, answer = await deliver(gateway, repo.id, at_limit, secret=repo.secret, delivery="big-ok")
+    assert status == 200 and answer["job"]["kind"] == "INCREMENTAL_SYNC", answer
+    over = at_limit[:-1] + b" }"
+    status, answer = await deliver(gateway, repo.id, over, secret=repo.secret, delivery="too-big")
+    assert status == 413, answer
+    assert [r["delivery_id"] for r in await _deliveries(pool, repo.id)] == ["big-ok"]
