@@ -18,6 +18,8 @@ import pytest
 from google.protobuf import field_mask_pb2
 from kotadb.v1 import ingest_pb2, job_pb2, repository_pb2
 
+from services.common import db
+from services.ingest import queue
 from services.ingest.repositories import secret_context
 from services.ingest.secretbox import SecretBox, generate_key_spec
 from tests.conftest import UserFactory
@@ -423,3 +425,26 @@ async def test_secrets_never_reach_logs_or_errors(
     )
     for secret in (TOKEN, created.webhook_secret, rotated.webhook_secret, SECRET_KEYS.split(":", 1)[1]):
         assert secret not in caplog.text
+
+
+async def test_deleting_a_repository_takes_the_running_job_from_its_worker(
+    local: IngestServer, pool: asyncpg.Pool, user_factory: UserFactory
+) -> None:
+    user = await user_factory()
+    created = await _create(local, user, sync=True)
+    job_id = uuid.UUID(created.job.id)
+    # A worker holds the job (as queue.claim leaves it).
+    await pool.execute(
+        "update public.indexing_jobs set state = 'running', locked_by = 'worker-x',"
+        " locked_until = now() + interval '1 minute', attempt = 1 where id = $1",
+        job_id,
+    )
+    async with db.as_service(pool) as conn:
+        assert (await queue.fence(conn, job_id, "worker-x", lease=60)).held
+    await local.stub().DeleteRepository(
+        ingest_pb2.DeleteRepositoryRequest(id=created.repository.id), metadata=local.caller(user)
+    )
+    # The worker's next checkpoint finds the job gone and rolls its batch back.
+    with pytest.raises(queue.LeaseLost):
+        async with db.as_service(pool) as conn:
+            await queue.fence(conn, job_id, "worker-x", lease=60)
