@@ -22,6 +22,7 @@ from services.ingest import convert
 from services.ingest.documents import DocumentInput
 from services.ingest.documentservice import DocumentService, parse_id
 from services.ingest.documentstore import ListFilter
+from services.ingest.jobs import JobService
 from services.ingest.store import IngestStore
 from services.search.engine.languages import normalize_language
 
@@ -41,9 +42,10 @@ def _tenant() -> uuid.UUID:
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     """IngestServicer answers `kotadb.v1.IngestService`; it translates and delegates, nothing more."""
 
-    def __init__(self, store: IngestStore, *, documents: DocumentService) -> None:
+    def __init__(self, store: IngestStore, *, documents: DocumentService, jobs: JobService) -> None:
         self._store = store
         self._documents = documents
+        self._jobs = jobs
 
     async def UpsertDocuments(
         self, request: ingest_pb2.UpsertDocumentsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -162,34 +164,51 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     async def SyncRepository(
         self, request: ingest_pb2.SyncRepositoryRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> job_pb2.Job:
-        """SyncRepository queues a job that clones and indexes a repository. Not built yet."""
-        raise Unimplemented(f"repository sync jobs (SyncRepository), {DELIVERED_BY}")
+        """SyncRepository queues a sync of one of the caller's repositories and returns the job."""
+        identity = require_identity()
+        job = await self._jobs.sync_repository(
+            _tenant(),
+            request.id,
+            full=request.full,
+            commit_sha=request.commit_sha,
+            request_id=request.request_id,
+            key_id=identity.key_id,
+        )
+        return convert.job_to_proto(job)
 
     async def GetJob(
         self, request: ingest_pb2.GetJobRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> job_pb2.Job:
-        """GetJob returns one indexing job. Not built yet."""
-        raise Unimplemented(f"job reads (GetJob), {DELIVERED_BY}")
+        """GetJob returns one of the caller's indexing jobs."""
+        return convert.job_to_proto(await self._jobs.get(_tenant(), request.id))
 
     async def ListJobs(
         self, request: ingest_pb2.ListJobsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> ingest_pb2.ListJobsResponse:
-        """ListJobs pages through the caller's indexing jobs. Not built yet."""
-        raise Unimplemented(f"job listing (ListJobs), {DELIVERED_BY}")
+        """ListJobs pages through the caller's indexing jobs, newest first."""
+        jobs, token = await self._jobs.list(
+            _tenant(),
+            page_size=request.page_size,
+            page_token=request.page_token,
+            repository=request.repository_id,
+            states=[convert.job_state_from_proto(state) for state in request.states],
+        )
+        return ingest_pb2.ListJobsResponse(
+            jobs=[convert.job_to_proto(j) for j in jobs], next_page_token=token
+        )
 
     async def CancelJob(
         self, request: ingest_pb2.CancelJobRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> job_pb2.Job:
-        """CancelJob stops a queued or running job. Not built yet."""
-        raise Unimplemented(f"job cancellation (CancelJob), {DELIVERED_BY}")
+        """CancelJob cancels a queued job, or asks a running one to stop at its next checkpoint."""
+        return convert.job_to_proto(await self._jobs.cancel(_tenant(), request.id))
 
     async def WatchJob(
         self, request: ingest_pb2.WatchJobRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[job_pb2.JobEvent]:
-        """WatchJob streams a job's events until it finishes. Not built yet."""
-        raise Unimplemented(f"job event streaming (WatchJob), {DELIVERED_BY}")
-        # Unreachable, but it makes this an async generator: the shape grpc.aio streams from.
-        yield
+        """WatchJob streams a job's events from after_sequence until the job has ended."""
+        async for event in self._jobs.watch(_tenant(), request.id, after=request.after_sequence):
+            yield convert.job_event_to_proto(event)
 
     async def ReceiveGithubWebhook(
         self, request: ingest_pb2.ReceiveGithubWebhookRequest, context: grpc.aio.ServicerContext[Any, Any]
