@@ -118,7 +118,9 @@ class GitRepository:
         ]  # fmt: skip
         return options
 
-    async def run(self, *args: str, token: str | None = None, check: bool = True) -> tuple[int, bytes]:
+    async def run(
+        self, *args: str, token: str | None = None, check: bool = True, stdin: bytes | None = None
+    ) -> tuple[int, bytes]:
         """run executes `git <args>` in the working directory; returns (exit status, stdout).
 
         With `check`, a non-zero status raises GitError. A command over the timeout is killed
@@ -130,13 +132,13 @@ class GitRepository:
             *args,
             cwd=self.directory,
             env=self._environment(token),
-            stdin=asyncio.subprocess.DEVNULL,
+            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
         )
         try:
-            stdout, stderr = await asyncio.wait_for(process.communicate(), self.timeout)
+            stdout, stderr = await asyncio.wait_for(process.communicate(stdin), self.timeout)
         except TimeoutError:
             _kill(process)
             await process.wait()
