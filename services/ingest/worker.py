@@ -50,6 +50,7 @@ from services.ingest.config import IngestSettings
 from services.ingest.documents import DocumentInput, DocumentWriter
 from services.ingest.repositories import decrypt_access_token, repository_for_worker
 from services.ingest.secretbox import SecretBox
+from services.ingest.urlpolicy import check_url
 
 log = logging.getLogger("kotadb.ingest.worker")
 
@@ -340,6 +341,8 @@ class Sync:
             allow_local=self.settings.allow_local_urls,
         )
         await self._event("fetching", f"fetching branch {source.branch or '(the remote default)'}")
+        # Checked again at every fetch: a host's DNS may point somewhere else since it was registered.
+        await check_url(source.url, allow_local=self.settings.allow_local_urls)
         async with gitfetch.locked(directory):
             branch = source.branch or await repo.remote_default_branch(token=source.token)
             head = await repo.fetch(branch, token=source.token)
