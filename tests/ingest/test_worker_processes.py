@@ -77,7 +77,8 @@ async def test_two_worker_processes_run_each_of_twenty_jobs_once(
     claimers = {
         row["message"].split(" ")[2]
         for row in await pool.fetch(
-            "select message from public.indexing_job_events where kind = 'claimed' and job_id = any($1::uuid[])",
+            "select message from public.indexing_job_events"
+            " where kind = 'claimed' and job_id = any($1::uuid[])",
             [job.id for job in finished],
         )
     }
@@ -120,7 +121,8 @@ async def test_a_killed_worker_s_job_is_claimed_again_after_its_lease(
     messages = [
         row["message"]
         for row in await pool.fetch(
-            "select message from public.indexing_job_events where job_id = $1 and kind = 'claimed' order by seq",
+            "select message from public.indexing_job_events"
+            " where job_id = $1 and kind = 'claimed' order by seq",
             job.id,
         )
     ]
