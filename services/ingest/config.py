@@ -151,3 +151,17 @@ class IngestSettings(ServiceSettings):
         minimum=1.0,
         help="Longest one WatchJob stream stays open; the client resumes with after_sequence.",
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestWorkerSettings(IngestSettings):
+    """IngestWorkerSettings configures `kotadb serve ingest-worker`: the ingest settings, its own port."""
+
+    service_name: ClassVar[str] = "ingest-worker"
+
+    port: int = setting(
+        0,
+        env="KOTADB_INGEST_WORKER_PORT",
+        minimum=0,
+        help="gRPC health port of `kotadb serve ingest-worker`; 0 picks a free one.",
+    )

@@ -3,7 +3,8 @@
 Document part: `document_input_from_proto`, `write_result_to_proto`, `document_to_proto`
 (honouring a read mask) and `read_mask_fields` (which refuses unknown mask paths).
 Repository part: `repository_spec_from_proto`, `filter_change_from_proto` (UpdateRepository's
-field mask) and `repository_to_proto` (never any secret). Job part: `job_to_proto`.
+field mask) and `repository_to_proto` (never any secret).
+Job part: `job_to_proto`, `job_event_to_proto`, `job_state_from_proto`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import grpc
 from google.protobuf import field_mask_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from kotadb.v1 import document_pb2, ingest_pb2, job_pb2, repository_pb2
@@ -19,6 +21,7 @@ from kotadb.v1 import document_pb2, ingest_pb2, job_pb2, repository_pb2
 from services.common.errors import ERROR_DOMAIN, FieldViolation, InvalidArgument
 from services.ingest.documents import DocumentInput, ItemResult
 from services.ingest.documentstore import DocumentRow
+from services.ingest.events import JobEventRecord
 from services.ingest.queue import JobRecord
 from services.ingest.repositories import UPDATABLE_FIELDS, FilterChange, RepositorySpec
 from services.ingest.repostore import RepositoryRecord
@@ -259,7 +262,7 @@ def repository_to_proto(record: RepositoryRecord, webhook_url: str) -> repositor
     return proto
 
 
-# --- Jobs (shared with ingest-jobs) ------------------------------------------------------------
+# --- Jobs (ingest-jobs): JobRecord / JobEventRecord → job_pb2 -----------------------------------
 
 _JOB_KINDS: dict[str, job_pb2.Job.Kind.ValueType] = {
     "sync": job_pb2.Job.FULL_SYNC,
@@ -274,31 +277,55 @@ _JOB_STATES: dict[str, job_pb2.Job.State.ValueType] = {
     "failed": job_pb2.Job.FAILED,
     "cancelled": job_pb2.Job.CANCELLED,
 }
-_PROGRESS_FIELDS = tuple(job_pb2.Job.Progress.DESCRIPTOR.fields_by_name)
+JOB_STATE_NAMES: dict[job_pb2.Job.State.ValueType, str] = {v: k for k, v in _JOB_STATES.items()}
+_PROGRESS_FIELDS = (
+    "files_total",
+    "files_processed",
+    "files_indexed",
+    "files_skipped",
+    "files_deleted",
+    "bytes_processed",
+    "symbols_extracted",
+)
+
+
+def job_state_from_proto(state: job_pb2.Job.State.ValueType) -> str:
+    """job_state_from_proto is the table's name of a Job.State (InvalidArgument for UNSPECIFIED)."""
+    name = JOB_STATE_NAMES.get(state)
+    if name is None:
+        raise InvalidArgument(
+            "states must name job states",
+            reason="JOB_STATE_INVALID",
+            field_violations=[
+                FieldViolation("states", "STATE_UNSPECIFIED is not a job state", "JOB_STATE_INVALID")
+            ],
+        )
+    return name
 
 
 def progress_to_proto(progress: Mapping[str, Any]) -> job_pb2.Job.Progress:
-    """progress_to_proto takes the counters Job.Progress knows from a job's progress document."""
-    return job_pb2.Job.Progress(
-        **{name: int(progress[name]) for name in _PROGRESS_FIELDS if isinstance(progress.get(name), int)}
-    )
+    """progress_to_proto converts a job's progress document (unknown keys are ignored)."""
+    message = job_pb2.Job.Progress()
+    for name in _PROGRESS_FIELDS:
+        setattr(message, name, int(progress.get(name) or 0))
+    for reason, count in dict(progress.get("skipped_by_reason") or {}).items():
+        message.skipped_by_reason[str(reason)] = int(count)
+    return message
 
 
 def job_error_to_proto(error: Mapping[str, Any]) -> status_pb2.Status:
-    """job_error_to_proto renders a stored job error ({code, reason, message}) as a google.rpc.Status."""
-    known = code_pb2.Code.DESCRIPTOR.values_by_name.get(str(error.get("code", "INTERNAL")))
-    status = status_pb2.Status(
-        code=known.number if known is not None else code_pb2.INTERNAL, message=str(error.get("message", ""))
-    )
-    status.details.add().Pack(
-        error_details_pb2.ErrorInfo(reason=str(error.get("reason", "INTERNAL")), domain=ERROR_DOMAIN)
-    )
+    """job_error_to_proto turns a stored error document into a google.rpc.Status with its ErrorInfo."""
+    code_name = str(error.get("code") or "UNKNOWN")
+    code = getattr(grpc.StatusCode, code_name, grpc.StatusCode.UNKNOWN)
+    status = status_pb2.Status(code=code.value[0], message=str(error.get("message") or ""))
+    info = error_details_pb2.ErrorInfo(reason=str(error.get("reason") or code_name), domain=ERROR_DOMAIN)
+    status.details.add().Pack(info)
     return status
 
 
 def job_to_proto(job: JobRecord) -> job_pb2.Job:
-    """job_to_proto renders an indexing job: kind, state, attempts, progress, error, times, commit."""
-    proto = job_pb2.Job(
+    """job_to_proto converts a queue row into the API's Job."""
+    message = job_pb2.Job(
         id=str(job.id),
         repository_id=str(job.repository_id) if job.repository_id else "",
         kind=_JOB_KINDS.get(job.kind, job_pb2.Job.KIND_UNSPECIFIED),
@@ -308,13 +335,36 @@ def job_to_proto(job: JobRecord) -> job_pb2.Job:
         progress=progress_to_proto(job.progress),
         commit_sha=str(job.progress.get("commit_sha") or job.params.get("commit_sha") or ""),
         cancel_requested=job.cancel_requested_at is not None,
+        skipped_files=[
+            job_pb2.Job.SkippedFile(
+                path=str(s.get("path", "")), reason=str(s.get("reason", "")), detail=str(s.get("detail", ""))
+            )
+            for s in job.skips
+        ],
     )
     if job.error:
-        proto.error.CopyFrom(job_error_to_proto(job.error))
-    proto.create_time.FromDatetime(job.created_at)
-    proto.update_time.FromDatetime(job.updated_at)
+        message.error.CopyFrom(job_error_to_proto(job.error))
+    message.create_time.FromDatetime(job.created_at)
+    message.update_time.FromDatetime(job.updated_at)
     if job.started_at is not None:
-        proto.start_time.FromDatetime(job.started_at)
+        message.start_time.FromDatetime(job.started_at)
     if job.finished_at is not None:
-        proto.end_time.FromDatetime(job.finished_at)
-    return proto
+        message.end_time.FromDatetime(job.finished_at)
+    return message
+
+
+def job_event_to_proto(event: JobEventRecord) -> job_pb2.JobEvent:
+    """job_event_to_proto converts one logged job event."""
+    message = job_pb2.JobEvent(
+        job_id=str(event.job_id),
+        sequence=event.sequence,
+        state=_JOB_STATES.get(event.state, job_pb2.Job.STATE_UNSPECIFIED),
+        message=event.message,
+        kind=event.kind,
+        progress=progress_to_proto(event.data.get("progress") or {}),
+    )
+    message.create_time.FromDatetime(event.created_at)
+    error = event.data.get("error")
+    if error:
+        message.error.CopyFrom(job_error_to_proto(error))
+    return message

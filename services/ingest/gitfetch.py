@@ -27,7 +27,7 @@ import fcntl
 import os
 import re
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from services.common.errors import FailedPrecondition, Unavailable
@@ -35,7 +35,7 @@ from services.common.errors import FailedPrecondition, Unavailable
 TOKEN_VARIABLE = "KOTADB_GIT_TOKEN"
 # The helper prints the token only for `get`; git runs `!` helpers through its own shell.
 _HELPER = (
-    "!f() { test \"$1\" = get || exit 0; echo username=x-access-token; "
+    '!f() { test "$1" = get || exit 0; echo username=x-access-token; '
     f'echo "password=${TOKEN_VARIABLE}"; }}; f'
 )
 _SHA = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
@@ -118,7 +118,9 @@ class GitRepository:
         ]  # fmt: skip
         return options
 
-    async def run(self, *args: str, token: str | None = None, check: bool = True) -> tuple[int, bytes]:
+    async def run(
+        self, *args: str, token: str | None = None, check: bool = True, stdin: bytes | None = None
+    ) -> tuple[int, bytes]:
         """run executes `git <args>` in the working directory; returns (exit status, stdout).
 
         With `check`, a non-zero status raises GitError. A command over the timeout is killed
@@ -130,17 +132,19 @@ class GitRepository:
             *args,
             cwd=self.directory,
             env=self._environment(token),
-            stdin=asyncio.subprocess.DEVNULL,
+            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
         )
         try:
-            stdout, stderr = await asyncio.wait_for(process.communicate(), self.timeout)
+            stdout, stderr = await asyncio.wait_for(process.communicate(stdin), self.timeout)
         except TimeoutError:
             _kill(process)
             await process.wait()
-            raise GitError(f"git {args[0]} did not finish within {self.timeout:.0f}s", reason="GIT_TIMEOUT") from None
+            raise GitError(
+                f"git {args[0]} did not finish within {self.timeout:.0f}s", reason="GIT_TIMEOUT"
+            ) from None
         except asyncio.CancelledError:
             _kill(process)
             with contextlib.suppress(Exception):
@@ -156,16 +160,30 @@ class GitRepository:
         if token:
             text = text.replace(token, "***")
         lines = [line.strip() for line in text.splitlines() if line.strip()]
-        first = next((line for line in lines if line.startswith(("fatal:", "error:"))), lines[0] if lines else "")
+        first = next(
+            (line for line in lines if line.startswith(("fatal:", "error:"))), lines[0] if lines else ""
+        )
         return first[:300]
 
-    async def fetch(self, branch: str, *, token: str | None) -> str:
-        """fetch brings the branch's head (commits and trees) into the working directory; returns its sha."""
+    async def _prepare(self) -> None:
         if not (self.directory / ".git").is_dir():
             self.directory.mkdir(parents=True, exist_ok=True)
             await self.run("init", "--quiet")
         status, _ = await self.run("remote", "get-url", "origin", check=False)
         await self.run("remote", "set-url" if status == 0 else "add", "origin", self.url)
+
+    async def remote_default_branch(self, *, token: str | None) -> str:
+        """remote_default_branch asks the remote which branch its HEAD points at."""
+        await self._prepare()
+        _, output = await self.run("ls-remote", "--symref", "origin", "HEAD", token=token)
+        for line in output.decode("utf-8", "replace").splitlines():
+            if line.startswith("ref: refs/heads/") and line.endswith("\tHEAD"):
+                return line[len("ref: refs/heads/") : -len("\tHEAD")]
+        raise GitError("the remote has no default branch (empty repository?)", reason="GIT_NO_DEFAULT_BRANCH")
+
+    async def fetch(self, branch: str, *, token: str | None) -> str:
+        """fetch brings the branch's head (commits and trees) into the working directory; returns its sha."""
+        await self._prepare()
         status, _ = await self.run("check-ref-format", f"refs/heads/{branch}", check=False)
         if status != 0 or branch.startswith("-"):
             raise FailedPrecondition(f"branch {branch!r} is not a valid branch name", reason="BRANCH_INVALID")
@@ -217,7 +235,9 @@ async def locked(directory: Path) -> AsyncIterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise GitError("another worker on this machine is using the repository's checkout", reason="CHECKOUT_BUSY") from None
+            raise GitError(
+                "another worker on this machine is using the repository's checkout", reason="CHECKOUT_BUSY"
+            ) from None
         yield
     finally:
         os.close(fd)
@@ -234,4 +254,3 @@ def _kill(process: asyncio.subprocess.Process) -> None:
     # git runs helpers (remote-https, ssh, the credential helper) as children in its session.
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, 9)
-

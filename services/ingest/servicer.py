@@ -18,12 +18,13 @@ import grpc
 from google.protobuf import empty_pb2
 from kotadb.v1 import document_pb2, ingest_pb2, ingest_pb2_grpc, job_pb2, repository_pb2
 
-from services.common.errors import PermissionDenied, Unimplemented
+from services.common.errors import PermissionDenied
 from services.common.identity import require_identity
 from services.ingest import convert
 from services.ingest.documents import DocumentInput
 from services.ingest.documentservice import DocumentService, parse_id
 from services.ingest.documentstore import ListFilter
+from services.ingest.jobs import JobService
 from services.ingest.repositories import RepositoryManager
 from services.ingest.repostore import RepositoryRecord
 from services.ingest.store import IngestStore
@@ -61,11 +62,13 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         documents: DocumentService,
         repositories: RepositoryManager,
         webhooks: WebhookReceiver,
+        jobs: JobService,
     ) -> None:
         self._store = store
         self._documents = documents
         self._repositories = repositories
         self._webhooks = webhooks
+        self._jobs = jobs
 
     async def UpsertDocuments(
         self, request: ingest_pb2.UpsertDocumentsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -209,14 +212,15 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     async def SyncRepository(
         self, request: ingest_pb2.SyncRepositoryRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> job_pb2.Job:
-        """SyncRepository queues a full or incremental sync and returns the job (folded if one is queued)."""
-        job = await self._repositories.sync(
+        """SyncRepository queues a sync of one of the caller's repositories and returns the job."""
+        identity = require_identity()
+        job = await self._jobs.sync_repository(
             _tenant(),
-            parse_id(request.id, "id"),
+            request.id,
             full=request.full,
             commit_sha=request.commit_sha,
             request_id=request.request_id,
-            key_id=require_identity().key_id,
+            key_id=identity.key_id,
         )
         return convert.job_to_proto(job)
 
@@ -226,28 +230,36 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     async def GetJob(
         self, request: ingest_pb2.GetJobRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> job_pb2.Job:
-        """GetJob returns one indexing job. Not built yet."""
-        raise Unimplemented(f"job reads (GetJob), {DELIVERED_BY}")
+        """GetJob returns one of the caller's indexing jobs."""
+        return convert.job_to_proto(await self._jobs.get(_tenant(), request.id))
 
     async def ListJobs(
         self, request: ingest_pb2.ListJobsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> ingest_pb2.ListJobsResponse:
-        """ListJobs pages through the caller's indexing jobs. Not built yet."""
-        raise Unimplemented(f"job listing (ListJobs), {DELIVERED_BY}")
+        """ListJobs pages through the caller's indexing jobs, newest first."""
+        jobs, token = await self._jobs.list(
+            _tenant(),
+            page_size=request.page_size,
+            page_token=request.page_token,
+            repository=request.repository_id,
+            states=[convert.job_state_from_proto(state) for state in request.states],
+        )
+        return ingest_pb2.ListJobsResponse(
+            jobs=[convert.job_to_proto(j) for j in jobs], next_page_token=token
+        )
 
     async def CancelJob(
         self, request: ingest_pb2.CancelJobRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> job_pb2.Job:
-        """CancelJob stops a queued or running job. Not built yet."""
-        raise Unimplemented(f"job cancellation (CancelJob), {DELIVERED_BY}")
+        """CancelJob cancels a queued job, or asks a running one to stop at its next checkpoint."""
+        return convert.job_to_proto(await self._jobs.cancel(_tenant(), request.id))
 
     async def WatchJob(
         self, request: ingest_pb2.WatchJobRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[job_pb2.JobEvent]:
-        """WatchJob streams a job's events until it finishes. Not built yet."""
-        raise Unimplemented(f"job event streaming (WatchJob), {DELIVERED_BY}")
-        # Unreachable, but it makes this an async generator: the shape grpc.aio streams from.
-        yield
+        """WatchJob streams a job's events from after_sequence until the job has ended."""
+        async for event in self._jobs.watch(_tenant(), request.id, after=request.after_sequence):
+            yield convert.job_event_to_proto(event)
 
     async def ReceiveGithubWebhook(
         self, request: ingest_pb2.ReceiveGithubWebhookRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -6,8 +6,9 @@ filesystem work with no database or network: the path and content checks are pur
 
 Rules, in the order they are applied:
 
-* Directories named in `WalkRules.skip_dirs` (`.git`, vendored and generated trees such as
-  `node_modules`, `vendor`, `dist`) are never entered; each is recorded once (`skipped_dir`).
+* `.git` is never entered (silently). Directories named in `WalkRules.skip_dirs` (vendored and
+  generated trees such as `node_modules`, `vendor`, `dist`) are never entered either; each is
+  recorded once (`skipped_dir`).
 * Symbolic links are never followed, whether they point inside the tree or out of it
   (`symlink`); nor are sockets, FIFOs or devices read (`not_regular`). Files are opened with
   O_NOFOLLOW one path component at a time, so a directory replaced by a link between the walk
@@ -136,6 +137,8 @@ def walk(root: Path, rules: WalkRules) -> Iterator[FileEntry | Skip]:
             if entry.is_symlink():
                 yield Skip(_printable(path), "symlink", "symbolic links are not followed")
             elif entry.is_dir(follow_symlinks=False):
+                if name == ".git":
+                    continue  # the checkout's own metadata: never content, not worth a record
                 if name in rules.skip_dirs:
                     yield Skip(_printable(path) + "/", "skipped_dir", f"{name}/ is never indexed")
                 else:

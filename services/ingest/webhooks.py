@@ -43,7 +43,7 @@ from urllib.parse import parse_qs
 from services.common import db, metrics
 from services.common.errors import FieldViolation, InvalidArgument, NotFound, Unauthenticated, Unavailable
 from services.common.server import LazyPool
-from services.ingest import queue, repostore
+from services.ingest import events, queue, repostore
 from services.ingest.queue import JobRecord
 from services.ingest.repositories import RepositoryManager, not_found
 
@@ -93,9 +93,10 @@ def signature_for(secret: bytes, body: bytes) -> str:
 class WebhookReceiver:
     """WebhookReceiver verifies and records GitHub deliveries for the servicer."""
 
-    def __init__(self, pool: LazyPool, repositories: RepositoryManager) -> None:
+    def __init__(self, pool: LazyPool, repositories: RepositoryManager, wakeups: events.Wakeups) -> None:
         self._pool = pool
         self._repositories = repositories
+        self._wakeups = wakeups
 
     async def receive(self, delivery: Delivery) -> Outcome:
         """receive handles one delivery (see the module docstring for the steps and errors).
@@ -199,6 +200,9 @@ class WebhookReceiver:
             DELIVERIES.labels(event=event, outcome="invalid").inc()
             message = f"the delivery's payload is not valid: {payload_error}"
             raise InvalidArgument(message, reason="PAYLOAD_INVALID")
+        if outcome.job is not None:
+            # This process's workers pick the job up now rather than at their next poll.
+            self._wakeups.nudge()
         DELIVERIES.labels(event=event, outcome="queued" if outcome.job else "ignored").inc()
         return outcome
 
@@ -280,6 +284,7 @@ class WebhookReceiver:
                 "delivery_id": stored.delivery_id,
                 "trigger": "webhook",
             },
+            max_attempts=self._repositories.settings.job_max_attempts,
         )
         await repostore.finish_delivery(conn, stored.id, status="queued", job_id=job.id)
         return Outcome(delivery_id=stored.delivery_id, event=event, job=job)

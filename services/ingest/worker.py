@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -47,6 +48,9 @@ from services.common.errors import Aborted, DeadlineExceeded, KotaError, Unavail
 from services.ingest import events, gitfetch, queue, walk
 from services.ingest.config import IngestSettings
 from services.ingest.documents import DocumentInput, DocumentWriter
+from services.ingest.repositories import decrypt_access_token, repository_for_worker
+from services.ingest.secretbox import SecretBox
+from services.ingest.urlpolicy import check_url
 
 log = logging.getLogger("kotadb.ingest.worker")
 
@@ -73,6 +77,29 @@ class SyncSource:
 
 
 SourceLoader = Callable[[Connection, uuid.UUID], Awaitable[SyncSource]]
+
+
+def source_loader(settings: IngestSettings) -> SourceLoader:
+    """source_loader reads a repository for a sync (services/ingest/repositories.py), token opened."""
+
+    async def load(conn: Connection, repository_id: uuid.UUID) -> SyncSource:
+        record = await repository_for_worker(conn, repository_id)
+        token = None
+        if record.has_access_token:
+            token = decrypt_access_token(record, box=SecretBox.from_settings(settings))
+        return SyncSource(
+            repository_id=record.id,
+            user_id=record.user_id,
+            url=record.url,
+            branch=record.branch,
+            last_synced_commit=record.last_synced_commit,
+            include=tuple(record.include_globs),
+            exclude=tuple(record.exclude_globs),
+            max_file_bytes=record.max_file_bytes or None,
+            token=token,
+        )
+
+    return load
 
 
 class JobCancelled(Exception):
@@ -236,7 +263,7 @@ class Sync:
                         await conn.execute(
                             "update public.repositories set state = 'error', error = $2::jsonb where id = $1",
                             self.job.repository_id,
-                            queue.json.dumps(failed.error),
+                            json.dumps(failed.error),
                         )
         finally:
             beat.cancel()
@@ -249,7 +276,9 @@ class Sync:
             await asyncio.sleep(interval)
             try:
                 async with db.as_service(self.pool) as conn:
-                    lease = await queue.heartbeat(conn, self.job.id, self.worker.worker_id, lease=self.settings.job_lease)
+                    lease = await queue.heartbeat(
+                        conn, self.job.id, self.worker.worker_id, lease=self.settings.job_lease
+                    )
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -262,9 +291,17 @@ class Sync:
 
     async def _event(self, kind: str, message: str) -> None:
         async with db.as_service(self.pool) as conn:
-            lease = await queue.fence(conn, self.job.id, self.worker.worker_id, lease=self.settings.job_lease, progress=self.progress)
+            lease = await queue.fence(
+                conn,
+                self.job.id,
+                self.worker.worker_id,
+                lease=self.settings.job_lease,
+                progress=self.progress,
+            )
             self._checkpoint(lease)
-            await events.append_event(conn, self.job.id, kind, "running", message, progress=self._public_progress())
+            await events.append_event(
+                conn, self.job.id, kind, "running", message, progress=self._public_progress()
+            )
 
     def _checkpoint(self, lease: queue.Lease) -> None:
         if lease.cancel_requested or self.cancel_requested:
@@ -276,31 +313,46 @@ class Sync:
     async def _process(self) -> None:
         job = self.job
         if job.repository_id is None:
-            raise KotaError(f"job kind {job.kind!r} without a repository is not supported", reason="JOB_KIND_UNSUPPORTED")
+            raise KotaError(
+                f"job kind {job.kind!r} without a repository is not supported", reason="JOB_KIND_UNSUPPORTED"
+            )
         async with db.as_service(self.pool) as conn:
             source = await self.worker.load_source(conn, job.repository_id)
-            await conn.execute("update public.repositories set state = 'syncing' where id = $1 and state <> 'deleting'", source.repository_id)
+            await conn.execute(
+                "update public.repositories set state = 'syncing' where id = $1 and state <> 'deleting'",
+                source.repository_id,
+            )
         if job.kind == "delete":
             await self._delete_everything(source)
             return
         rules = walk.rules_for(
-            max_file_bytes=min(source.max_file_bytes or self.settings.sync_max_file_bytes, self.settings.max_document_bytes),
+            max_file_bytes=min(
+                source.max_file_bytes or self.settings.sync_max_file_bytes, self.settings.max_document_bytes
+            ),
             skip_dirs=walk.split_dirs(self.settings.skip_dirs),
             include=source.include,
             exclude=source.exclude,
         )
         directory = gitfetch.work_dir(self.settings.work_dir) / str(source.repository_id)
         repo = gitfetch.GitRepository(
-            directory, url=source.url, timeout=self.settings.git_timeout, allow_local=self.settings.allow_local_urls
+            directory,
+            url=source.url,
+            timeout=self.settings.git_timeout,
+            allow_local=self.settings.allow_local_urls,
         )
-        await self._event("fetching", f"fetching branch {source.branch}")
+        await self._event("fetching", f"fetching branch {source.branch or '(the remote default)'}")
+        # Checked again at every fetch: a host's DNS may point somewhere else since it was registered.
+        await check_url(source.url, allow_local=self.settings.allow_local_urls)
         async with gitfetch.locked(directory):
-            head = await repo.fetch(source.branch, token=source.token)
+            branch = source.branch or await repo.remote_default_branch(token=source.token)
+            head = await repo.fetch(branch, token=source.token)
             target = head
             wanted = str(job.params.get("commit_sha") or "")
             if job.kind in ("sync", "reindex") and wanted:
                 if not await repo.has_commit(wanted):
-                    raise KotaError(f"commit {wanted[:12]} is not on branch {source.branch}", reason="COMMIT_NOT_FOUND")
+                    raise KotaError(
+                        f"commit {wanted[:12]} is not on branch {branch}", reason="COMMIT_NOT_FOUND"
+                    )
                 target = wanted
             old = source.last_synced_commit
             full = job.kind in ("sync", "reindex") or not old
@@ -314,7 +366,7 @@ class Sync:
             else:
                 assert old is not None
                 await self._incremental(source, directory, rules, await repo.diff(old, target))
-        await self._finish(source, target, mode)
+        await self._finish(source, branch, target, mode)
 
     async def _full(self, source: SyncSource, directory: Path, rules: walk.WalkRules) -> None:
         found = await asyncio.to_thread(lambda: list(walk.walk(directory, rules)))
@@ -331,13 +383,20 @@ class Sync:
         self, source: SyncSource, directory: Path, rules: walk.WalkRules, changes: Sequence[gitfetch.Change]
     ) -> None:
         upserts = sorted({c.path for c in changes if c.status != "D"})
-        removed = {c.path for c in changes if c.status == "D"} | {c.old_path for c in changes if c.status == "R" and c.old_path}
+        removed = {c.path for c in changes if c.status == "D"} | {
+            c.old_path for c in changes if c.status == "R" and c.old_path
+        }
         kept = await self._write(source, directory, rules, upserts, {})
         # A changed path that is now skipped (became binary, too large, excluded) goes too.
         await self._delete(source, sorted((removed | set(upserts)) - kept))
 
     async def _write(
-        self, source: SyncSource, directory: Path, rules: walk.WalkRules, paths: Sequence[str], existing: dict[str, str]
+        self,
+        source: SyncSource,
+        directory: Path,
+        rules: walk.WalkRules,
+        paths: Sequence[str],
+        existing: dict[str, str],
     ) -> set[str]:
         """_write reads and writes `paths` in batches; returns the paths that are now documents."""
         self.progress["files_total"] += len(paths)
@@ -380,7 +439,13 @@ class Sync:
                     if not result.unchanged:
                         self.bytes_written += item.content_size()
             await self._flush_skips(conn)
-            await queue.fence(conn, self.job.id, self.worker.worker_id, lease=self.settings.job_lease, progress=self.progress)
+            await queue.fence(
+                conn,
+                self.job.id,
+                self.worker.worker_id,
+                lease=self.settings.job_lease,
+                progress=self.progress,
+            )
             await events.append_event(
                 conn,
                 self.job.id,
@@ -396,7 +461,9 @@ class Sync:
         for start in range(0, len(paths), step):
             chunk = paths[start : start + step]
             async with db.as_service(self.pool) as conn:
-                lease = await queue.fence(conn, self.job.id, self.worker.worker_id, lease=self.settings.job_lease)
+                lease = await queue.fence(
+                    conn, self.job.id, self.worker.worker_id, lease=self.settings.job_lease
+                )
                 self._checkpoint(lease)
                 before = await conn.fetchval(
                     "select count(*) from public.documents where user_id = $1 and repository_id = $2"
@@ -407,14 +474,26 @@ class Sync:
                 )
                 await self.worker.writer.delete_paths(conn, source.user_id, source.repository_id, chunk)
                 self.progress["files_deleted"] += int(before)
-                await queue.fence(conn, self.job.id, self.worker.worker_id, lease=self.settings.job_lease, progress=self.progress)
+                await queue.fence(
+                    conn,
+                    self.job.id,
+                    self.worker.worker_id,
+                    lease=self.settings.job_lease,
+                    progress=self.progress,
+                )
 
     async def _delete_everything(self, source: SyncSource) -> None:
         async with db.as_service(self.pool) as conn:
             existing = await self.worker.writer.existing_hashes(conn, source.user_id, source.repository_id)
         await self._delete(source, sorted(existing))
         async with db.as_service(self.pool) as conn:
-            await queue.succeed(conn, self.job, self.worker.worker_id, progress=self._public_progress(), message="repository documents deleted")
+            await queue.succeed(
+                conn,
+                self.job,
+                self.worker.worker_id,
+                progress=self._public_progress(),
+                message="repository documents deleted",
+            )
 
     def _skip(self, skip: walk.Skip) -> None:
         self.progress["files_skipped"] += 1
@@ -425,25 +504,30 @@ class Sync:
 
     async def _flush_skips(self, conn: Connection) -> None:
         if self.pending_skips:
-            await queue.record_skips(conn, self.job.id, self.pending_skips, cap=self.settings.max_recorded_skips)
+            await queue.record_skips(
+                conn, self.job.id, self.pending_skips, cap=self.settings.max_recorded_skips
+            )
             self.recorded_skips += len(self.pending_skips)
             self.pending_skips = []
 
-    async def _finish(self, source: SyncSource, commit: str, mode: str) -> None:
+    async def _finish(self, source: SyncSource, branch: str, commit: str, mode: str) -> None:
         async with db.as_service(self.pool) as conn:
             lease = await queue.fence(conn, self.job.id, self.worker.worker_id, lease=self.settings.job_lease)
             self._checkpoint(lease)
             await self._flush_skips(conn)
             await conn.execute(
                 "update public.repositories set last_synced_commit = $2, last_synced_at = now(),"
-                " state = case when state = 'deleting' then state else 'ready' end, error = null where id = $1",
+                " default_branch = $3, state = case when state = 'deleting' then state else 'ready' end,"
+                " error = null where id = $1",
                 source.repository_id,
                 commit,
+                branch,
             )
             tokens = -(-self.bytes_written // TOKEN_BYTES)
             if tokens:
                 await conn.execute(
-                    "insert into public.token_usage (user_id, key_id, tokens, purpose) values ($1, $2, $3, 'indexing')",
+                    "insert into public.token_usage (user_id, key_id, tokens, purpose)"
+                    " values ($1, $2, $3, 'indexing')",
                     source.user_id,
                     self.job.key_id,
                     tokens,
