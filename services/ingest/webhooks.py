@@ -23,7 +23,13 @@ handles one delivery, in this order:
    branch puts the repository in state `error` (reason BRANCH_DELETED) and queues nothing.
 
 The handler only records and enqueues — two short transactions — so it answers well within
-GitHub's 10 s; the worker fetches and diffs (the webhook is a trigger, not the truth).
+GitHub's 10 s, and past `webhook_deadline` it answers UNAVAILABLE rather than hang; the worker
+fetches and diffs (the webhook is a trigger, not the truth).
+
+Anyone can call this route, so what a stranger can make it spend is bounded: bodies by the
+gateway (413 over 25 MiB) and `max_webhook_bytes`; deliveries in progress by
+`webhook_concurrency`; large-body HMACs run off the event loop; refusal log lines by a token
+bucket (the refusal metric still counts every one); and nothing unsigned is ever stored.
 """
 
 from __future__ import annotations
@@ -35,8 +41,9 @@ import hmac
 import json
 import logging
 import re
+import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -56,6 +63,9 @@ _DELIVERY_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _EVENT = re.compile(r"^[a-z_]{1,64}$")
 _SHA = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
 _ZERO_SHA = re.compile(r"^0+$")
+# Bodies hashed on the event loop; larger ones are hashed in a thread.
+INLINE_HMAC_BYTES = 256 * 1024
+REFUSAL_LOGS_PER_SECOND = 10.0
 
 DELIVERIES = metrics.counter(
     "kotadb_ingest_webhook_deliveries_total",
@@ -85,6 +95,32 @@ class Outcome:
     ignored_reason: str = ""
 
 
+class LogBudget:
+    """LogBudget allows up to `per_second` log lines a second, refilled continuously (a token bucket)."""
+
+    def __init__(self, per_second: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_second = per_second
+        self._clock = clock
+        self._tokens = per_second
+        self._at = clock()
+
+    def allow(self) -> bool:
+        """allow takes one token if there is one."""
+        now = self._clock()
+        self._tokens = min(self.per_second, self._tokens + (now - self._at) * self.per_second)
+        self._at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+
+def _unsigned(reason: str) -> Unauthenticated:
+    return Unauthenticated(
+        "the webhook signature (X-Hub-Signature-256) is missing or does not match the secret", reason=reason
+    )
+
+
 def signature_for(secret: bytes, body: bytes) -> str:
     """signature_for is the `X-Hub-Signature-256` value GitHub sends for `body` under `secret`."""
     return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
@@ -97,6 +133,10 @@ class WebhookReceiver:
         self._pool = pool
         self._repositories = repositories
         self._wakeups = wakeups
+        # Deliveries handled at once: each may hold a 25 MiB body and a database connection.
+        self._slots = asyncio.Semaphore(repositories.settings.webhook_concurrency)
+        # Refusals are counted always but logged at most this often: strangers choose their rate.
+        self._refusal_log = LogBudget(per_second=REFUSAL_LOGS_PER_SECOND)
 
     async def receive(self, delivery: Delivery) -> Outcome:
         """receive handles one delivery (see the module docstring for the steps and errors).
@@ -107,7 +147,7 @@ class WebhookReceiver:
         """
         deadline = self._repositories.settings.webhook_deadline
         try:
-            async with asyncio.timeout(deadline):
+            async with asyncio.timeout(deadline), self._slots:
                 outcome = await self._receive(delivery)
         except TimeoutError:
             metrics.refused("ingest", "WEBHOOK_DEADLINE")
@@ -147,7 +187,7 @@ class WebhookReceiver:
         if len(delivery.body) > limit:
             metrics.refused("ingest", "WEBHOOK_TOO_LARGE")
             raise InvalidArgument(f"the webhook body exceeds {limit} bytes", reason="PAYLOAD_TOO_LARGE")
-        self._verify(record.id, self._repositories.webhook_secret(record), delivery)
+        await self._verify(record.id, self._repositories.webhook_secret(record), delivery)
 
         event = delivery.headers.get(EVENT_HEADER, "")
         delivery_id = delivery.headers.get(DELIVERY_HEADER, "")
@@ -206,13 +246,20 @@ class WebhookReceiver:
         DELIVERIES.labels(event=event, outcome="queued" if outcome.job else "ignored").inc()
         return outcome
 
-    def _verify(self, repository_id: uuid.UUID, secret: bytes, delivery: Delivery) -> None:
+    async def _verify(self, repository_id: uuid.UUID, secret: bytes, delivery: Delivery) -> None:
         presented = delivery.headers.get(SIGNATURE_HEADER, "")
-        expected = signature_for(secret, delivery.body)
+        if len(delivery.body) > INLINE_HMAC_BYTES:
+            # hashlib releases the GIL on large inputs: a 25 MiB body hashes in a thread (~50 ms)
+            # while the event loop keeps serving other calls.
+            expected = await asyncio.to_thread(signature_for, secret, delivery.body)
+        else:
+            expected = signature_for(secret, delivery.body)
         if presented and hmac.compare_digest(presented.encode("utf-8", "replace"), expected.encode("ascii")):
             return
         reason = "WEBHOOK_SIGNATURE_INVALID" if presented else "WEBHOOK_SIGNATURE_MISSING"
         metrics.refused("ingest", "WEBHOOK_SIGNATURE")
+        if not self._refusal_log.allow():
+            raise _unsigned(reason)
         # Never the body nor the signature: either could help someone forge the next one.
         logger.warning(
             "webhook delivery refused: %s",
@@ -227,10 +274,7 @@ class WebhookReceiver:
                 }
             },
         )
-        raise Unauthenticated(
-            "the webhook signature (X-Hub-Signature-256) is missing or does not match the secret",
-            reason=reason,
-        )
+        raise _unsigned(reason)
 
     async def _duplicate(
         self, conn: db.Connection, repository_id: uuid.UUID, delivery_id: str, event: str
