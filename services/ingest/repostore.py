@@ -151,10 +151,13 @@ async def insert(
 async def get(
     conn: Connection, repository_id: uuid.UUID, *, count: bool = True, lock: bool = False
 ) -> RepositoryRecord | None:
-    """get returns one repository visible on `conn`, or None; `lock` takes a row lock for update."""
+    """get returns one repository visible on `conn`, or None; `lock` locks the row (no key update).
+
+    `for no key update` does not wait for workers' and webhooks' foreign-key checks (key share).
+    """
     row = await conn.fetchrow(
         f"select {_COLUMNS}{_COUNT if count else ''} from public.repositories r where r.id = $1"
-        + (" for update of r" if lock else ""),
+        + (" for no key update of r" if lock else ""),
         repository_id,
     )
     return record_from_row(row) if row is not None else None
