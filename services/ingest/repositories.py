@@ -32,6 +32,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import hashlib
 import json
 import logging
 import re
@@ -69,8 +70,6 @@ MAX_TOKEN_LENGTH = 4096
 MAX_REQUEST_ID_LENGTH = 128
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
-# The document hard limit (KOTADB_INGEST_MAX_DOCUMENT_BYTES) when the settings do not say.
-DEFAULT_MAX_FILE_BYTES = 10 * 1024 * 1024
 WEBHOOK_SECRET_BYTES = 32
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -182,7 +181,7 @@ class RepositoryManager:
 
     def max_file_limit(self) -> int:
         """max_file_limit is the largest max_file_bytes a repository may ask for."""
-        return int(getattr(self.settings, "max_document_bytes", DEFAULT_MAX_FILE_BYTES))
+        return self.settings.max_document_bytes
 
     def webhook_url(self, repository_id: uuid.UUID) -> str:
         """webhook_url is the repository's webhook address as users configure it on GitHub."""
@@ -316,7 +315,8 @@ class RepositoryManager:
             user_id,
             str(repository_id),
             full=True,
-            request_id=f"create:{request_id}" if request_id else "",
+            # Derived, so a retried create finds its job; hashed, so it fits the jobs' id limit.
+            request_id=f"create:{hashlib.sha256(request_id.encode()).hexdigest()[:40]}" if request_id else "",
             key_id=key_id,
         )
 
