@@ -371,6 +371,15 @@ async def get_delivery(conn: Connection, repository_id: uuid.UUID, delivery_id: 
     return _delivery(row) if row is not None else None
 
 
+async def fail_delivery(conn: Connection, delivery: uuid.UUID, *, reason: str, message: str) -> None:
+    """fail_delivery marks a delivery `failed` with `{reason, message}` as its error."""
+    await conn.execute(
+        "update public.webhook_deliveries set status = 'failed', error = $2::jsonb where id = $1",
+        delivery,
+        json.dumps({"reason": reason, "message": message}),
+    )
+
+
 async def finish_delivery(
     conn: Connection,
     delivery: uuid.UUID,
