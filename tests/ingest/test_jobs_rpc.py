@@ -8,7 +8,7 @@ server polls (no listen URL); one test runs a second server that LISTENs.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 import asyncpg
@@ -160,7 +160,7 @@ async def test_another_tenant_sees_nothing(
     )
     await _watch(jobs_server, owner, job.id)
     as_stranger = jobs_server.caller(stranger)
-    calls = [
+    calls: list[Awaitable[object]] = [
         stub.GetJob(ingest_pb2.GetJobRequest(id=job.id), metadata=as_stranger),
         stub.CancelJob(ingest_pb2.CancelJobRequest(id=job.id), metadata=as_stranger),
         stub.SyncRepository(ingest_pb2.SyncRepositoryRequest(id=str(repository_id)), metadata=as_stranger),
@@ -197,7 +197,7 @@ async def test_bad_sync_requests_are_refused(
         await jobs_server.stub().SyncRepository(request_, metadata=jobs_server.caller(user))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     details = unpack_details(status_details(caught.value))
-    assert [v.field for v in details["BadRequest"].field_violations] == [field]  # type: ignore[attr-defined]
+    assert [v.field for v in details["BadRequest"].field_violations] == [field]
 
 
 async def test_health_reports_the_queue_depth(jobs_server: IngestServer) -> None:
