@@ -95,6 +95,12 @@ async def test_full_sync_indexes_the_tree_and_records_every_skip(
     }
     assert done.progress["files_skipped"] == 8 and done.progress["files_indexed"] == 5
     assert done.progress["skipped_by_reason"]["symlink"] == 2
+    assert done.progress["symbols_extracted"] == await pool.fetchval(
+        "select count(*) from public.symbols s join public.documents d on d.id = s.document_id"
+        " where d.repository_id = $1",
+        repository_id,
+    )
+    assert done.progress["symbols_extracted"] >= 4
     assert done.progress["commit_sha"] == head
     row = await pool.fetchrow(
         "select last_synced_commit, state from public.repositories where id = $1", repository_id
