@@ -88,6 +88,12 @@ class IngestSettings(ServiceSettings):
         minimum=1024,
         help="Largest GitHub webhook body accepted, in bytes (GitHub caps payloads at 25 MiB).",
     )
+    webhook_deadline: float = setting(
+        8.0,
+        minimum=0.1,
+        help="Seconds a webhook delivery may take (database waits included) before it is answered "
+        "UNAVAILABLE; GitHub gives up after 10 s.",
+    )
 
     # --- Jobs and workers (services/ingest/queue.py, worker.py, events.py, gitfetch.py, walk.py) ---
     workers: int = setting(

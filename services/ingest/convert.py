@@ -2,7 +2,9 @@
 
 Document part: `document_input_from_proto`, `write_result_to_proto`, `document_to_proto`
 (honouring a read mask) and `read_mask_fields` (which refuses unknown mask paths).
-Job part: `job_to_proto`, `job_event_to_proto`, `job_state_from_proto`.
+Repository part: `repository_spec_from_proto`, `filter_change_from_proto` (UpdateRepository's
+field mask) and `repository_to_proto` (never any secret). Job part: `job_to_proto`, `job_event_to_proto`,
+`job_state_from_proto`.
 """
 
 from __future__ import annotations
@@ -13,14 +15,16 @@ from typing import Any
 
 import grpc
 from google.protobuf import field_mask_pb2
-from google.rpc import error_details_pb2, status_pb2
-from kotadb.v1 import document_pb2, ingest_pb2, job_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from kotadb.v1 import document_pb2, ingest_pb2, job_pb2, repository_pb2
 
 from services.common.errors import ERROR_DOMAIN, FieldViolation, InvalidArgument
 from services.ingest.documents import DocumentInput, ItemResult
 from services.ingest.documentstore import DocumentRow
 from services.ingest.events import JobEventRecord
 from services.ingest.queue import JobRecord
+from services.ingest.repositories import UPDATABLE_FIELDS, FilterChange, RepositorySpec
+from services.ingest.repostore import RepositoryRecord
 
 _SKIP_CODES: dict[str, document_pb2.SkipReason.Code.ValueType] = {
     "empty": document_pb2.SkipReason.EMPTY,
@@ -164,7 +168,101 @@ def document_to_proto(row: DocumentRow, fields: frozenset[str] | None = None) ->
     return masked
 
 
-# --- Jobs (ingest-jobs): JobRecord / JobEventRecord → job_pb2 -----------------------------------
+# --- Repositories (ingest-repos) ---------------------------------------------------------------
+
+_PROVIDER_TO_PROTO: dict[str, repository_pb2.Repository.Provider.ValueType] = {
+    "github": repository_pb2.Repository.GITHUB,
+    "gitlab": repository_pb2.Repository.GITLAB,
+    "git": repository_pb2.Repository.GIT,
+}
+_PROVIDER_FROM_PROTO = {value: name for name, value in _PROVIDER_TO_PROTO.items()}
+_REPOSITORY_STATES: dict[str, repository_pb2.Repository.State.ValueType] = {
+    "pending": repository_pb2.Repository.PENDING,
+    "syncing": repository_pb2.Repository.SYNCING,
+    "ready": repository_pb2.Repository.READY,
+    "error": repository_pb2.Repository.ERROR,
+    "deleting": repository_pb2.Repository.DELETING,
+}
+
+
+def repository_spec_from_proto(repository: repository_pb2.Repository) -> RepositorySpec:
+    """repository_spec_from_proto takes CreateRepository's fields; output-only ones are ignored."""
+    return RepositorySpec(
+        full_name=repository.full_name,
+        url=repository.url,
+        provider=_PROVIDER_FROM_PROTO.get(repository.provider, ""),
+        branch=repository.default_branch,
+        include_globs=tuple(repository.include_globs),
+        exclude_globs=tuple(repository.exclude_globs),
+        max_file_bytes=repository.max_file_bytes,
+    )
+
+
+def filter_change_from_proto(request: ingest_pb2.UpdateRepositoryRequest) -> FilterChange:
+    """filter_change_from_proto reads UpdateRepository's mask (AIP-134); an empty mask means the set fields.
+
+    A path outside UPDATABLE_FIELDS is refused with a field violation on `update_mask`.
+    """
+    repository = request.repository
+    paths = list(request.update_mask.paths)
+    if not paths:
+        paths = [name for name in UPDATABLE_FIELDS if _is_set(repository, name)]
+    unknown = [path for path in paths if path not in UPDATABLE_FIELDS]
+    if unknown:
+        message = f"only {', '.join(UPDATABLE_FIELDS)} can be updated"
+        raise InvalidArgument(
+            message,
+            field_violations=[
+                FieldViolation("update_mask", f"{path}: {message}", "NOT_UPDATABLE") for path in unknown
+            ],
+        )
+    chosen = set(paths)
+    return FilterChange(
+        branch=repository.default_branch if "default_branch" in chosen else None,
+        include_globs=tuple(repository.include_globs) if "include_globs" in chosen else None,
+        exclude_globs=tuple(repository.exclude_globs) if "exclude_globs" in chosen else None,
+        max_file_bytes=repository.max_file_bytes if "max_file_bytes" in chosen else None,
+    )
+
+
+def _is_set(repository: repository_pb2.Repository, name: str) -> bool:
+    value = getattr(repository, name)
+    return bool(len(value)) if not isinstance(value, str | int) else bool(value)
+
+
+def repository_to_proto(record: RepositoryRecord, webhook_url: str) -> repository_pb2.Repository:
+    """repository_to_proto renders a repository without its secrets (has_access_token says if one is set)."""
+    proto = repository_pb2.Repository(
+        id=str(record.id),
+        full_name=record.full_name,
+        url=record.url,
+        default_branch=record.branch,
+        provider=_PROVIDER_TO_PROTO.get(record.provider, repository_pb2.Repository.PROVIDER_UNSPECIFIED),
+        state=_REPOSITORY_STATES.get(record.state, repository_pb2.Repository.STATE_UNSPECIFIED),
+        last_synced_commit=record.last_synced_commit or "",
+        document_count=max(record.document_count, 0),
+        webhook_url=webhook_url,
+        has_access_token=record.has_access_token,
+        include_globs=list(record.include_globs),
+        exclude_globs=list(record.exclude_globs),
+        max_file_bytes=record.max_file_bytes,
+    )
+    proto.create_time.FromDatetime(record.created_at)
+    proto.update_time.FromDatetime(record.updated_at)
+    if record.last_synced_at is not None:
+        proto.last_sync_time.FromDatetime(record.last_synced_at)
+    if record.state == "error" and record.error:
+        proto.error.code = code_pb2.FAILED_PRECONDITION
+        proto.error.message = str(record.error.get("message", ""))
+        proto.error.details.add().Pack(
+            error_details_pb2.ErrorInfo(
+                reason=str(record.error.get("reason", "SYNC_FAILED")), domain=ERROR_DOMAIN
+            )
+        )
+    return proto
+
+
+# --- Jobs (shared with ingest-jobs) ------------------------------------------------------------
 
 _JOB_KINDS: dict[str, job_pb2.Job.Kind.ValueType] = {
     "sync": job_pb2.Job.FULL_SYNC,

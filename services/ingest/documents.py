@@ -449,7 +449,8 @@ class DocumentWriter:
         results: dict[int, ItemResult] = {}
         states = await store.current_states(conn, user_id, repository_id, list(by_path))
         changed: list[_Valid] = []
-        for path, v in by_path.items():
+        # Path order: two batches touching the same paths lock them in the same order (no deadlock).
+        for path, v in sorted(by_path.items()):
             state = states.get(path)
             if state is not None and _same(state, v):
                 results[v.index] = _unchanged(v, state)

@@ -243,14 +243,57 @@ async def mark_error(conn: Connection, repository_id: uuid.UUID, reason: str, me
     )
 
 
-async def delete(conn: Connection, repository_id: uuid.UUID) -> bool:
-    """delete removes a repository row; its documents, jobs and deliveries go with it (cascades).
+async def mark_deleting(conn: Connection, repository_id: uuid.UUID) -> bool:
+    """mark_deleting puts a repository visible on `conn` in state `deleting`; False if there is none.
+
+    A plain row update takes no lock that a worker's or webhook's foreign-key check waits for.
+    """
+    marked = await conn.fetchval(
+        "update public.repositories set state = 'deleting' where id = $1 returning id", repository_id
+    )
+    return marked is not None
+
+
+async def delete(conn: Connection, repository_id: uuid.UUID, user_id: uuid.UUID) -> bool:
+    """delete removes a repository's jobs, then the repository; documents and deliveries cascade.
 
     Each cascaded document delete fires documents_record_change, which writes the tombstone
-    into the change feed, in this same transaction.
+    into the change feed, in this same transaction. Jobs go first, so a worker holding one
+    finishes its batch before this proceeds and loses its lease at its next checkpoint.
     """
-    deleted = await conn.fetchval("delete from public.repositories where id = $1 returning id", repository_id)
+    await conn.execute(
+        "delete from public.indexing_jobs where repository_id = $1 and user_id = $2", repository_id, user_id
+    )
+    deleted = await conn.fetchval(
+        "delete from public.repositories where id = $1 and user_id = $2 returning id", repository_id, user_id
+    )
     return deleted is not None
+
+
+async def sealed_page(
+    conn: Connection, *, after: uuid.UUID | None, limit: int
+) -> list[tuple[uuid.UUID, bytes | None, bytes | None]]:
+    """sealed_page locks and returns (id, secret blob, token blob) of up to `limit` repositories by id."""
+    rows = await conn.fetch(
+        "select id, webhook_secret_encrypted, access_token_encrypted from public.repositories"
+        " where ($1::uuid is null or id > $1) order by id limit $2 for update",
+        after,
+        limit,
+    )
+    return [(row[0], row[1], row[2]) for row in rows]
+
+
+async def set_sealed(
+    conn: Connection, repository_id: uuid.UUID, secret: bytes | None, token: bytes | None
+) -> None:
+    """set_sealed stores re-sealed blobs for one repository (None keeps what is there)."""
+    await conn.execute(
+        "update public.repositories set webhook_secret_encrypted = coalesce($2, webhook_secret_encrypted),"
+        " access_token_encrypted = coalesce($3, access_token_encrypted) where id = $1",
+        repository_id,
+        secret,
+        token,
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,8 +16,10 @@ from services.ingest.config import IngestSettings
 from services.ingest.documents import DocumentWriter
 from services.ingest.documentservice import DocumentService
 from services.ingest.jobs import JobService
+from services.ingest.repositories import RepositoryManager
 from services.ingest.servicer import IngestServicer
 from services.ingest.store import IngestStore
+from services.ingest.webhooks import WebhookReceiver
 from services.ingest.worker import Worker, source_loader
 
 
@@ -34,9 +36,13 @@ def build(
     pool = LazyPool(settings)
     store = IngestStore(pool)
     documents = DocumentService(pool, settings)
+    repositories = RepositoryManager(pool, settings)
+    webhooks = WebhookReceiver(pool, repositories)
     wakeups = events.Wakeups(settings.listen_database_url, poll_interval=settings.poll_interval)
     jobs = JobService(pool, settings, wakeups)
-    servicer = IngestServicer(store, documents=documents, jobs=jobs)
+    servicer = IngestServicer(
+        store, documents=documents, repositories=repositories, webhooks=webhooks, jobs=jobs
+    )
     start_workers, stop_workers = worker_hooks(pool, settings, documents.writer, wakeups, settings.workers)
 
     async def stop_documents(grace: float) -> None:
