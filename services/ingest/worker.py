@@ -338,16 +338,18 @@ class Sync:
             include=source.include,
             exclude=source.exclude,
         )
+        await self._event("fetching", f"fetching branch {source.branch or '(the remote default)'}")
+        # Checked again at every fetch: a host's DNS may point somewhere else since it was registered.
+        checked = await check_url(source.url, allow_local=self.settings.allow_local_urls)
+        https = checked.kind == "https" and checked.addresses
         directory = gitfetch.work_dir(self.settings.work_dir) / str(source.repository_id)
         repo = gitfetch.GitRepository(
             directory,
             url=source.url,
             timeout=self.settings.git_timeout,
             allow_local=self.settings.allow_local_urls,
+            pinned=(checked.host, checked.port, checked.addresses) if https else None,
         )
-        await self._event("fetching", f"fetching branch {source.branch or '(the remote default)'}")
-        # Checked again at every fetch: a host's DNS may point somewhere else since it was registered.
-        await check_url(source.url, allow_local=self.settings.allow_local_urls)
         async with gitfetch.locked(directory):
             branch = source.branch or await repo.remote_default_branch(token=source.token)
             head = await repo.fetch(branch, token=source.token)
