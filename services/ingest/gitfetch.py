@@ -11,6 +11,10 @@ and a credential helper given with `-c` prints it when git asks. The helper's te
 variable, not its value, so `/proc/<pid>/cmdline` of git and of its children shows no secret.
 Error messages carry git's exit status and a scrubbed first line of its stderr.
 
+For https URLs, git connects only to the addresses the URL policy resolved and checked just
+before (`http.curloptResolve`), so a host cannot rebind its DNS to a private address between
+the check and the fetch.
+
 Each repository has one working directory under the work dir (`<work_dir>/<repository id>`),
 reused between syncs so incremental fetches are small; an exclusive `flock` on a lock file
 beside it keeps two workers of one machine out of it at once. Fetches are partial
@@ -27,7 +31,7 @@ import fcntl
 import os
 import re
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from services.common.errors import FailedPrecondition, Unavailable
@@ -80,11 +84,20 @@ def parse_name_status(output: bytes) -> list[Change]:
 class GitRepository:
     """GitRepository is one repository's working directory, driven by git subprocesses."""
 
-    def __init__(self, directory: Path, *, url: str, timeout: float, allow_local: bool) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        url: str,
+        timeout: float,
+        allow_local: bool,
+        pinned: tuple[str, int, Sequence[str]] | None = None,
+    ) -> None:
         self.directory = directory
         self.url = url
         self.timeout = timeout
         self.allow_local = allow_local
+        self.pinned = pinned
 
     def _environment(self, token: str | None) -> dict[str, str]:
         env = {
@@ -116,6 +129,12 @@ class GitRepository:
             "-c", "advice.detachedHead=false",
             "-c", "gc.auto=0",
         ]  # fmt: skip
+        if self.pinned is not None:
+            # https connects only to the addresses the URL policy checked (no DNS rebinding between
+            # the check and git's own lookup); curl wants IPv6 addresses in brackets.
+            host, port, addresses = self.pinned
+            shown = ",".join(f"[{a}]" if ":" in a else a for a in addresses)
+            options += ["-c", f"http.curloptResolve={host}:{port}:{shown}"]
         return options
 
     async def run(

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 
 from services.common import db
-from services.common.errors import FieldViolation, InvalidArgument, NotFound
+from services.common.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from services.common.server import LazyPool
 from services.ingest import events, queue
 from services.ingest.config import IngestSettings
@@ -89,6 +89,10 @@ class JobService:
             state = await conn.fetchval("select state from public.repositories where id = $1", repository_id)
         if state is None:
             raise NotFound(f"repository {repository_id} not found", reason="REPOSITORY_NOT_FOUND")
+        if state == "deleting":
+            raise FailedPrecondition(
+                f"repository {repository_id} is being deleted", reason="REPOSITORY_DELETING"
+            )
         kind = "sync" if full or commit_sha else "webhook_push"
         params = {"requested_by": "api", **({"commit_sha": commit_sha} if commit_sha else {})}
         async with db.as_service(pool) as conn:

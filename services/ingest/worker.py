@@ -137,6 +137,11 @@ class Worker:
         self._stopping = False
         self.processed = 0
 
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """pool is the database pool (Unavailable until the service has connected it)."""
+        return self._pool()
+
     def start(self) -> None:
         """start launches the claim loop (idempotent); it waits for the database by itself."""
         if self._loop_task is None and self.concurrency > 0:
@@ -167,7 +172,7 @@ class Worker:
             free = self.concurrency - len(self._running)
             claimed: list[queue.JobRecord] = []
             try:
-                pool = self._pool()
+                pool = self.pool
                 if free > 0:
                     async with db.as_service(pool) as conn:
                         claimed = await queue.claim(
@@ -224,7 +229,7 @@ class Sync:
     @property
     def pool(self) -> asyncpg.Pool:
         """pool is the worker's database pool."""
-        return self.worker._pool()
+        return self.worker.pool
 
     async def run(self) -> None:
         """run processes the job and records how it ended: succeeded, retrying, failed or cancelled."""
@@ -333,16 +338,18 @@ class Sync:
             include=source.include,
             exclude=source.exclude,
         )
+        await self._event("fetching", f"fetching branch {source.branch or '(the remote default)'}")
+        # Checked again at every fetch: a host's DNS may point somewhere else since it was registered.
+        checked = await check_url(source.url, allow_local=self.settings.allow_local_urls)
+        https = checked.kind == "https" and checked.addresses
         directory = gitfetch.work_dir(self.settings.work_dir) / str(source.repository_id)
         repo = gitfetch.GitRepository(
             directory,
             url=source.url,
             timeout=self.settings.git_timeout,
             allow_local=self.settings.allow_local_urls,
+            pinned=(checked.host, checked.port, checked.addresses) if https else None,
         )
-        await self._event("fetching", f"fetching branch {source.branch or '(the remote default)'}")
-        # Checked again at every fetch: a host's DNS may point somewhere else since it was registered.
-        await check_url(source.url, allow_local=self.settings.allow_local_urls)
         async with gitfetch.locked(directory):
             branch = source.branch or await repo.remote_default_branch(token=source.token)
             head = await repo.fetch(branch, token=source.token)
@@ -429,6 +436,7 @@ class Sync:
             lease = await queue.fence(conn, self.job.id, self.worker.worker_id, lease=self.settings.job_lease)
             self._checkpoint(lease)
             outcome = await self.worker.writer.upsert(conn, source.user_id, batch)
+            written: list[uuid.UUID] = []
             for item, result in zip(batch, outcome.results, strict=True):
                 if result.rejected:
                     refused.add(item.path)
@@ -436,8 +444,13 @@ class Sync:
                     self._skip(walk.Skip(item.path, "rejected", detail))
                 else:
                     self.progress["files_indexed"] += 1
-                    if not result.unchanged:
+                    if not result.unchanged and result.id is not None:
                         self.bytes_written += item.content_size()
+                        written.append(result.id)
+            if written:
+                self.progress["symbols_extracted"] += await conn.fetchval(
+                    "select count(*) from public.symbols where document_id = any($1::uuid[])", written
+                )
             await self._flush_skips(conn)
             await queue.fence(
                 conn,

@@ -296,9 +296,25 @@ async def test_prune_removes_only_old_finished_jobs_with_their_events(
     await pool.execute(
         "update public.indexing_jobs set finished_at = now() - interval '2 days' where id = $1", old.id
     )
+    old_delivery = await pool.fetchval(
+        "insert into public.webhook_deliveries (repository_id, user_id, delivery_id, event, signature_valid,"
+        " received_at) values ($1, $2, 'old', 'push', true, now() - interval '2 days') returning id",
+        repo,
+        user,
+    )
+    new_delivery = await pool.fetchval(
+        "insert into public.webhook_deliveries (repository_id, user_id, delivery_id, event, signature_valid)"
+        " values ($1, $2, 'new', 'push', true) returning id",
+        repo,
+        user,
+    )
     async with db.as_service(pool) as conn:
-        pruned, _ = await queue.prune(conn, retention=24 * 3600.0)
-    assert pruned >= 1
+        pruned, deliveries = await queue.prune(conn, retention=24 * 3600.0)
+    assert pruned >= 1 and deliveries >= 1
+    remaining = await pool.fetch(
+        "select id from public.webhook_deliveries where id = any($1::uuid[])", [old_delivery, new_delivery]
+    )
+    assert [row["id"] for row in remaining] == [new_delivery]
     assert await pool.fetchval("select count(*) from public.indexing_jobs where id = $1", old.id) == 0
     assert (
         await pool.fetchval("select count(*) from public.indexing_job_events where job_id = $1", old.id) == 0

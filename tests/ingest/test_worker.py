@@ -95,6 +95,12 @@ async def test_full_sync_indexes_the_tree_and_records_every_skip(
     }
     assert done.progress["files_skipped"] == 8 and done.progress["files_indexed"] == 5
     assert done.progress["skipped_by_reason"]["symlink"] == 2
+    assert done.progress["symbols_extracted"] == await pool.fetchval(
+        "select count(*) from public.symbols s join public.documents d on d.id = s.document_id"
+        " where d.repository_id = $1",
+        repository_id,
+    )
+    assert done.progress["symbols_extracted"] >= 4
     assert done.progress["commit_sha"] == head
     row = await pool.fetchrow(
         "select last_synced_commit, state from public.repositories where id = $1", repository_id
@@ -355,3 +361,29 @@ async def test_an_access_token_never_shows_in_command_lines_events_errors_or_log
     )
     assert stored and not [row for row in stored if token in str(dict(row))]
     assert token not in caplog.text
+
+
+async def test_https_fetches_connect_only_to_the_checked_addresses(tmp_path: Path) -> None:
+    connections: list[str] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer.get_extra_info("peername")[0])
+        writer.close()
+
+    listener = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        # The name does not resolve; git reaches the listener only through the pinned address.
+        repo = gitfetch.GitRepository(
+            tmp_path / "pinned",
+            url=f"https://git.invalid.example:{port}/org/repo.git",
+            timeout=30,
+            allow_local=False,
+            pinned=("git.invalid.example", port, ["127.0.0.1"]),
+        )
+        with pytest.raises(gitfetch.GitError):
+            await repo.fetch("main", token=None)
+    finally:
+        listener.close()
+        await listener.wait_closed()
+    assert connections and set(connections) == {"127.0.0.1"}
