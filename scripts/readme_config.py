@@ -28,10 +28,12 @@ def config_table() -> str:
     from services.auth.config import AuthSettings
     from services.common.identity import IdentitySettings
     from services.common.settings import CommonSettings, describe_markdown
-    from services.ingest.config import IngestSettings
+    from services.ingest.config import IngestSettings, IngestWorkerSettings
     from services.search.config import SearchSettings
 
-    return describe_markdown([CommonSettings, IdentitySettings, AuthSettings, IngestSettings, SearchSettings])
+    return describe_markdown(
+        [CommonSettings, IdentitySettings, AuthSettings, IngestSettings, IngestWorkerSettings, SearchSettings]
+    )
 
 
 def _raises_unimplemented(func: ast.AsyncFunctionDef | ast.FunctionDef) -> str | None:

@@ -25,6 +25,8 @@ from services.common.settings import ServiceSettings, SettingsError, env_setting
 SERVICES: dict[str, tuple[str, str]] = {
     "auth": ("services.auth.config:AuthSettings", "services.auth.server"),
     "ingest": ("services.ingest.config:IngestSettings", "services.ingest.server"),
+    # Indexing workers alone (services/ingest/worker.py), health only.
+    "ingest-worker": ("services.ingest.config:IngestWorkerSettings", "services.ingest.workerserver"),
     "search": ("services.search.config:SearchSettings", "services.search.server"),
 }
 

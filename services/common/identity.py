@@ -84,9 +84,11 @@ _METHOD_PERMISSIONS: dict[str, str] = {
     "/kotadb.v1.SearchService/RebuildIndex": ADMIN,
     "/kotadb.v1.AuthService/GetUsage": READ,
     "/kotadb.v1.AuthService/ValidateApiKey": SERVICE_ONLY,
-    # Reading documents is a read (auth.proto: READ allows search and reading documents).
+    # Reading documents and repositories is a read (auth.proto: READ allows search and reading documents).
     "/kotadb.v1.IngestService/GetDocument": READ,
     "/kotadb.v1.IngestService/ListDocuments": READ,
+    "/kotadb.v1.IngestService/GetRepository": READ,
+    "/kotadb.v1.IngestService/ListRepositories": READ,
     # GitHub signs webhooks with the repository's secret; the ingest service checks that HMAC.
     "/kotadb.v1.IngestService/ReceiveGithubWebhook": "",
 }

@@ -57,7 +57,8 @@ _STOP_SLACK = 5.0
 
 log = logging.getLogger("kotadb.server")
 
-ProbeRun = Callable[[], Awaitable[None]]
+# A probe may return a short status line for a ready component (e.g. the ingest queue's depth).
+ProbeRun = Callable[[], Awaitable[str | None]]
 StartHook = Callable[[], Awaitable[None]]
 # A stop hook receives the seconds it may take: the shutdown grace, at least one second.
 StopHook = Callable[[float], Awaitable[None]]
@@ -367,15 +368,16 @@ class ServiceServer:
         results: list[ComponentHealth] = []
         for probe in self._probes:
             try:
-                await asyncio.wait_for(probe.run(), timeout=self.settings.db_connect_timeout * 2)
+                note = await asyncio.wait_for(probe.run(), timeout=self.settings.db_connect_timeout * 2)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 results.append(ComponentHealth(probe.name, False, _describe(exc)))
             else:
-                results.append(ComponentHealth(probe.name, True))
+                results.append(ComponentHealth(probe.name, True, note or ""))
         ready = all(part.ready for part in results)
-        if ready != self.serving or results != self.components:
+        # A ready component's note (a queue depth) changes all the time; only failures are news.
+        if ready != self.serving or _failures(results) != _failures(self.components):
             failing = {part.name: part.message for part in results if not part.ready}
             log.log(
                 logging.INFO if ready else logging.WARNING,
@@ -410,6 +412,10 @@ class ServiceServer:
     async def _set_health(self, status: Any) -> None:
         for name in ("", *self.service_names):
             await self._health.set(name, status)
+
+
+def _failures(parts: Sequence[ComponentHealth]) -> list[tuple[str, str]]:
+    return [(part.name, part.message) for part in parts if not part.ready]
 
 
 def listener_port_file(port_file: Path, name: str) -> Path:

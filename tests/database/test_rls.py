@@ -96,8 +96,9 @@ USER_TABLES: dict[str, TableSpec] = {
         ALL,
     ),
     "indexing_jobs": TableSpec(
-        "insert into public.indexing_jobs (user_id, repository_id, kind) values ($1, $2, 'sync')",
-        lambda t: [t.repository_id],
+        # Not the seeded repository: it already has its one queued job (20261207000300_ingest_jobs.sql).
+        "insert into public.indexing_jobs (user_id, kind, params) values ($1, 'reindex', $2::jsonb)",
+        lambda t: ["{}"],
         "cancel_requested_at = cancel_requested_at",
         frozenset({"select", "insert", "update"}),
     ),

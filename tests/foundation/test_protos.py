@@ -81,6 +81,8 @@ EXPECTED_BINDINGS = {
     ("kotadb.v1.IngestService.CreateRepository", "post", "/v1/repositories", "*"),
     ("kotadb.v1.IngestService.GetRepository", "get", "/v1/repositories/{id}", ""),
     ("kotadb.v1.IngestService.ListRepositories", "get", "/v1/repositories", ""),
+    ("kotadb.v1.IngestService.UpdateRepository", "patch", "/v1/repositories/{repository.id}", "repository"),
+    ("kotadb.v1.IngestService.RotateWebhookSecret", "post", "/v1/repositories/{id}:rotateWebhookSecret", "*"),
     ("kotadb.v1.IngestService.DeleteRepository", "delete", "/v1/repositories/{id}", ""),
     ("kotadb.v1.IngestService.SyncRepository", "post", "/v1/repositories/{id}:sync", "*"),
     ("kotadb.v1.IngestService.GetJob", "get", "/v1/jobs/{id}", ""),

@@ -36,6 +36,8 @@ INGEST_TEST_SETTINGS: dict[str, Any] = {
     "stream_batch_items": 3,
     "symbol_workers": 1,
     "readiness_interval": 0.2,
+    # No job workers: tests of the job RPCs start servers with their own (tests/ingest/test_jobs_rpc.py).
+    "workers": 0,
 }
 
 

@@ -82,6 +82,16 @@ class IngestServiceStub:
                 request_serializer=kotadb_dot_v1_dot_ingest__pb2.ListRepositoriesRequest.SerializeToString,
                 response_deserializer=kotadb_dot_v1_dot_ingest__pb2.ListRepositoriesResponse.FromString,
                 _registered_method=True)
+        self.UpdateRepository = channel.unary_unary(
+                '/kotadb.v1.IngestService/UpdateRepository',
+                request_serializer=kotadb_dot_v1_dot_ingest__pb2.UpdateRepositoryRequest.SerializeToString,
+                response_deserializer=kotadb_dot_v1_dot_repository__pb2.Repository.FromString,
+                _registered_method=True)
+        self.RotateWebhookSecret = channel.unary_unary(
+                '/kotadb.v1.IngestService/RotateWebhookSecret',
+                request_serializer=kotadb_dot_v1_dot_ingest__pb2.RotateWebhookSecretRequest.SerializeToString,
+                response_deserializer=kotadb_dot_v1_dot_ingest__pb2.RotateWebhookSecretResponse.FromString,
+                _registered_method=True)
         self.DeleteRepository = channel.unary_unary(
                 '/kotadb.v1.IngestService/DeleteRepository',
                 request_serializer=kotadb_dot_v1_dot_ingest__pb2.DeleteRepositoryRequest.SerializeToString,
@@ -182,8 +192,22 @@ class IngestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateRepository(self, request, context):
+        """UpdateRepository changes a repository's branch, globs and limits (the fields in update_mask).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateWebhookSecret(self, request, context):
+        """RotateWebhookSecret replaces a repository's webhook secret and returns the new one, once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteRepository(self, request, context):
-        """DeleteRepository deletes a repository and (through a job) its documents.
+        """DeleteRepository deletes a repository, cancels its jobs and tombstones its documents.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -277,6 +301,16 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     servicer.ListRepositories,
                     request_deserializer=kotadb_dot_v1_dot_ingest__pb2.ListRepositoriesRequest.FromString,
                     response_serializer=kotadb_dot_v1_dot_ingest__pb2.ListRepositoriesResponse.SerializeToString,
+            ),
+            'UpdateRepository': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateRepository,
+                    request_deserializer=kotadb_dot_v1_dot_ingest__pb2.UpdateRepositoryRequest.FromString,
+                    response_serializer=kotadb_dot_v1_dot_repository__pb2.Repository.SerializeToString,
+            ),
+            'RotateWebhookSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateWebhookSecret,
+                    request_deserializer=kotadb_dot_v1_dot_ingest__pb2.RotateWebhookSecretRequest.FromString,
+                    response_serializer=kotadb_dot_v1_dot_ingest__pb2.RotateWebhookSecretResponse.SerializeToString,
             ),
             'DeleteRepository': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteRepository,
@@ -534,6 +568,60 @@ class IngestService:
             '/kotadb.v1.IngestService/ListRepositories',
             kotadb_dot_v1_dot_ingest__pb2.ListRepositoriesRequest.SerializeToString,
             kotadb_dot_v1_dot_ingest__pb2.ListRepositoriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateRepository(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kotadb.v1.IngestService/UpdateRepository',
+            kotadb_dot_v1_dot_ingest__pb2.UpdateRepositoryRequest.SerializeToString,
+            kotadb_dot_v1_dot_repository__pb2.Repository.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateWebhookSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kotadb.v1.IngestService/RotateWebhookSecret',
+            kotadb_dot_v1_dot_ingest__pb2.RotateWebhookSecretRequest.SerializeToString,
+            kotadb_dot_v1_dot_ingest__pb2.RotateWebhookSecretResponse.FromString,
             options,
             channel_credentials,
             insecure,

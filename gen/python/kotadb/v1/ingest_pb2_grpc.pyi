@@ -57,8 +57,12 @@ class IngestServiceStub:
     """GetRepository returns one repository."""
     ListRepositories: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.ListRepositoriesRequest, _ingest_pb2.ListRepositoriesResponse]
     """ListRepositories lists the caller's repositories."""
+    UpdateRepository: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.UpdateRepositoryRequest, _repository_pb2.Repository]
+    """UpdateRepository changes a repository's branch, globs and limits (the fields in update_mask)."""
+    RotateWebhookSecret: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.RotateWebhookSecretRequest, _ingest_pb2.RotateWebhookSecretResponse]
+    """RotateWebhookSecret replaces a repository's webhook secret and returns the new one, once."""
     DeleteRepository: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.DeleteRepositoryRequest, _empty_pb2.Empty]
-    """DeleteRepository deletes a repository and (through a job) its documents."""
+    """DeleteRepository deletes a repository, cancels its jobs and tombstones its documents."""
     SyncRepository: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.SyncRepositoryRequest, _job_pb2.Job]
     """SyncRepository queues a sync job for a repository and returns it."""
     GetJob: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.GetJobRequest, _job_pb2.Job]
@@ -102,8 +106,12 @@ class IngestServiceAsyncStub(IngestServiceStub):
     """GetRepository returns one repository."""
     ListRepositories: _aio.UnaryUnaryMultiCallable[_ingest_pb2.ListRepositoriesRequest, _ingest_pb2.ListRepositoriesResponse]  # type: ignore[assignment]
     """ListRepositories lists the caller's repositories."""
+    UpdateRepository: _aio.UnaryUnaryMultiCallable[_ingest_pb2.UpdateRepositoryRequest, _repository_pb2.Repository]  # type: ignore[assignment]
+    """UpdateRepository changes a repository's branch, globs and limits (the fields in update_mask)."""
+    RotateWebhookSecret: _aio.UnaryUnaryMultiCallable[_ingest_pb2.RotateWebhookSecretRequest, _ingest_pb2.RotateWebhookSecretResponse]  # type: ignore[assignment]
+    """RotateWebhookSecret replaces a repository's webhook secret and returns the new one, once."""
     DeleteRepository: _aio.UnaryUnaryMultiCallable[_ingest_pb2.DeleteRepositoryRequest, _empty_pb2.Empty]  # type: ignore[assignment]
-    """DeleteRepository deletes a repository and (through a job) its documents."""
+    """DeleteRepository deletes a repository, cancels its jobs and tombstones its documents."""
     SyncRepository: _aio.UnaryUnaryMultiCallable[_ingest_pb2.SyncRepositoryRequest, _job_pb2.Job]  # type: ignore[assignment]
     """SyncRepository queues a sync job for a repository and returns it."""
     GetJob: _aio.UnaryUnaryMultiCallable[_ingest_pb2.GetJobRequest, _job_pb2.Job]  # type: ignore[assignment]
@@ -194,12 +202,28 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         """ListRepositories lists the caller's repositories."""
 
     @_abc_1.abstractmethod
+    def UpdateRepository(
+        self,
+        request: _ingest_pb2.UpdateRepositoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_repository_pb2.Repository, _abc.Awaitable[_repository_pb2.Repository]]:
+        """UpdateRepository changes a repository's branch, globs and limits (the fields in update_mask)."""
+
+    @_abc_1.abstractmethod
+    def RotateWebhookSecret(
+        self,
+        request: _ingest_pb2.RotateWebhookSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingest_pb2.RotateWebhookSecretResponse, _abc.Awaitable[_ingest_pb2.RotateWebhookSecretResponse]]:
+        """RotateWebhookSecret replaces a repository's webhook secret and returns the new one, once."""
+
+    @_abc_1.abstractmethod
     def DeleteRepository(
         self,
         request: _ingest_pb2.DeleteRepositoryRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
-        """DeleteRepository deletes a repository and (through a job) its documents."""
+        """DeleteRepository deletes a repository, cancels its jobs and tombstones its documents."""
 
     @_abc_1.abstractmethod
     def SyncRepository(

@@ -27,13 +27,15 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13kotadb/v1/job.proto\x12\tkotadb.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\x9f\x07\n\x03Job\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x15\n\rrepository_id\x18\x02 \x01(\t\x12!\n\x04kind\x18\x03 \x01(\x0e\x32\x13.kotadb.v1.Job.Kind\x12)\n\x05state\x18\x04 \x01(\x0e\x32\x14.kotadb.v1.Job.StateB\x04\xe2\x41\x01\x03\x12\x15\n\x07\x61ttempt\x18\x05 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1a\n\x0cmax_attempts\x18\x06 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12/\n\x08progress\x18\x07 \x01(\x0b\x32\x17.kotadb.v1.Job.ProgressB\x04\xe2\x41\x01\x03\x12\'\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x12.google.rpc.StatusB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x34\n\nstart_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x32\n\x08\x65nd_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x18\n\ncommit_sha\x18\r \x01(\tB\x04\xe2\x41\x01\x03\x12\x1e\n\x10\x63\x61ncel_requested\x18\x0e \x01(\x08\x42\x04\xe2\x41\x01\x03\x1a\xb1\x01\n\x08Progress\x12\x13\n\x0b\x66iles_total\x18\x01 \x01(\x03\x12\x17\n\x0f\x66iles_processed\x18\x02 \x01(\x03\x12\x15\n\rfiles_indexed\x18\x03 \x01(\x03\x12\x15\n\rfiles_skipped\x18\x04 \x01(\x03\x12\x15\n\rfiles_deleted\x18\x05 \x01(\x03\x12\x17\n\x0f\x62ytes_processed\x18\x06 \x01(\x03\x12\x19\n\x11symbols_extracted\x18\x07 \x01(\x03\"k\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\r\n\tFULL_SYNC\x10\x01\x12\x14\n\x10INCREMENTAL_SYNC\x10\x02\x12\x15\n\x11\x44\x45LETE_REPOSITORY\x10\x03\x12\x11\n\rREBUILD_INDEX\x10\x04\"a\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\"\xe1\x01\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.kotadb.v1.Job.State\x12\x0f\n\x07message\x18\x04 \x01(\t\x12)\n\x08progress\x18\x05 \x01(\x0b\x32\x17.kotadb.v1.Job.Progress\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12!\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x12.google.rpc.Statusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13kotadb/v1/job.proto\x12\tkotadb.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\x96\t\n\x03Job\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x15\n\rrepository_id\x18\x02 \x01(\t\x12!\n\x04kind\x18\x03 \x01(\x0e\x32\x13.kotadb.v1.Job.Kind\x12)\n\x05state\x18\x04 \x01(\x0e\x32\x14.kotadb.v1.Job.StateB\x04\xe2\x41\x01\x03\x12\x15\n\x07\x61ttempt\x18\x05 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1a\n\x0cmax_attempts\x18\x06 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12/\n\x08progress\x18\x07 \x01(\x0b\x32\x17.kotadb.v1.Job.ProgressB\x04\xe2\x41\x01\x03\x12\'\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x12.google.rpc.StatusB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x34\n\nstart_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x32\n\x08\x65nd_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x18\n\ncommit_sha\x18\r \x01(\tB\x04\xe2\x41\x01\x03\x12\x1e\n\x10\x63\x61ncel_requested\x18\x0e \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x37\n\rskipped_files\x18\x0f \x03(\x0b\x32\x1a.kotadb.v1.Job.SkippedFileB\x04\xe2\x41\x01\x03\x1a\xb2\x02\n\x08Progress\x12\x13\n\x0b\x66iles_total\x18\x01 \x01(\x03\x12\x17\n\x0f\x66iles_processed\x18\x02 \x01(\x03\x12\x15\n\rfiles_indexed\x18\x03 \x01(\x03\x12\x15\n\rfiles_skipped\x18\x04 \x01(\x03\x12\x15\n\rfiles_deleted\x18\x05 \x01(\x03\x12\x17\n\x0f\x62ytes_processed\x18\x06 \x01(\x03\x12\x19\n\x11symbols_extracted\x18\x07 \x01(\x03\x12G\n\x11skipped_by_reason\x18\x08 \x03(\x0b\x32,.kotadb.v1.Job.Progress.SkippedByReasonEntry\x1a\x36\n\x14SkippedByReasonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a;\n\x0bSkippedFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"k\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\r\n\tFULL_SYNC\x10\x01\x12\x14\n\x10INCREMENTAL_SYNC\x10\x02\x12\x15\n\x11\x44\x45LETE_REPOSITORY\x10\x03\x12\x11\n\rREBUILD_INDEX\x10\x04\"a\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\"\xef\x01\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.kotadb.v1.Job.State\x12\x0f\n\x07message\x18\x04 \x01(\t\x12)\n\x08progress\x18\x05 \x01(\x0b\x32\x17.kotadb.v1.Job.Progress\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12!\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x12.google.rpc.Status\x12\x0c\n\x04kind\x18\x08 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kotadb.v1.job_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_JOB_PROGRESS_SKIPPEDBYREASONENTRY']._loaded_options = None
+  _globals['_JOB_PROGRESS_SKIPPEDBYREASONENTRY']._serialized_options = b'8\001'
   _globals['_JOB'].fields_by_name['id']._loaded_options = None
   _globals['_JOB'].fields_by_name['id']._serialized_options = b'\342A\001\003'
   _globals['_JOB'].fields_by_name['state']._loaded_options = None
@@ -58,14 +60,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOB'].fields_by_name['commit_sha']._serialized_options = b'\342A\001\003'
   _globals['_JOB'].fields_by_name['cancel_requested']._loaded_options = None
   _globals['_JOB'].fields_by_name['cancel_requested']._serialized_options = b'\342A\001\003'
+  _globals['_JOB'].fields_by_name['skipped_files']._loaded_options = None
+  _globals['_JOB'].fields_by_name['skipped_files']._serialized_options = b'\342A\001\003'
   _globals['_JOB']._serialized_start=126
-  _globals['_JOB']._serialized_end=1053
-  _globals['_JOB_PROGRESS']._serialized_start=668
-  _globals['_JOB_PROGRESS']._serialized_end=845
-  _globals['_JOB_KIND']._serialized_start=847
-  _globals['_JOB_KIND']._serialized_end=954
-  _globals['_JOB_STATE']._serialized_start=956
-  _globals['_JOB_STATE']._serialized_end=1053
-  _globals['_JOBEVENT']._serialized_start=1056
-  _globals['_JOBEVENT']._serialized_end=1281
+  _globals['_JOB']._serialized_end=1300
+  _globals['_JOB_PROGRESS']._serialized_start=725
+  _globals['_JOB_PROGRESS']._serialized_end=1031
+  _globals['_JOB_PROGRESS_SKIPPEDBYREASONENTRY']._serialized_start=977
+  _globals['_JOB_PROGRESS_SKIPPEDBYREASONENTRY']._serialized_end=1031
+  _globals['_JOB_SKIPPEDFILE']._serialized_start=1033
+  _globals['_JOB_SKIPPEDFILE']._serialized_end=1092
+  _globals['_JOB_KIND']._serialized_start=1094
+  _globals['_JOB_KIND']._serialized_end=1201
+  _globals['_JOB_STATE']._serialized_start=1203
+  _globals['_JOB_STATE']._serialized_end=1300
+  _globals['_JOBEVENT']._serialized_start=1303
+  _globals['_JOBEVENT']._serialized_end=1542
 # @@protoc_insertion_point(module_scope)

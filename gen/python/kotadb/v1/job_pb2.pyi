@@ -3,9 +3,11 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.rpc import status_pb2 as _status_pb2
 import builtins as _builtins
@@ -97,6 +99,26 @@ class Job(_message.Message):
 
         DESCRIPTOR: _descriptor.Descriptor
 
+        @_typing.final
+        class SkippedByReasonEntry(_message.Message):
+            DESCRIPTOR: _descriptor.Descriptor
+
+            KEY_FIELD_NUMBER: _builtins.int
+            VALUE_FIELD_NUMBER: _builtins.int
+            key: _builtins.str
+            value: _builtins.int
+            def __init__(
+                self,
+                *,
+                key: _builtins.str = ...,
+                value: _builtins.int = ...,
+            ) -> None: ...
+            _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+            def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+            _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+            def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+            def WhichOneof(self, oneof_group: _Never) -> None: ...
+
         FILES_TOTAL_FIELD_NUMBER: _builtins.int
         FILES_PROCESSED_FIELD_NUMBER: _builtins.int
         FILES_INDEXED_FIELD_NUMBER: _builtins.int
@@ -104,6 +126,7 @@ class Job(_message.Message):
         FILES_DELETED_FIELD_NUMBER: _builtins.int
         BYTES_PROCESSED_FIELD_NUMBER: _builtins.int
         SYMBOLS_EXTRACTED_FIELD_NUMBER: _builtins.int
+        SKIPPED_BY_REASON_FIELD_NUMBER: _builtins.int
         files_total: _builtins.int
         """files_total is the number of files to handle, when known."""
         files_processed: _builtins.int
@@ -118,6 +141,10 @@ class Job(_message.Message):
         """bytes_processed is the number of content bytes handled."""
         symbols_extracted: _builtins.int
         """symbols_extracted is the number of symbol definitions extracted."""
+        @_builtins.property
+        def skipped_by_reason(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+            """skipped_by_reason counts the skipped files per reason (see SkippedFile.reason)."""
+
         def __init__(
             self,
             *,
@@ -128,10 +155,41 @@ class Job(_message.Message):
             files_deleted: _builtins.int = ...,
             bytes_processed: _builtins.int = ...,
             symbols_extracted: _builtins.int = ...,
+            skipped_by_reason: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         ) -> None: ...
         _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_processed", b"bytes_processed", "files_deleted", b"files_deleted", "files_indexed", b"files_indexed", "files_processed", b"files_processed", "files_skipped", b"files_skipped", "files_total", b"files_total", "symbols_extracted", b"symbols_extracted"]  # noqa: Y015
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_processed", b"bytes_processed", "files_deleted", b"files_deleted", "files_indexed", b"files_indexed", "files_processed", b"files_processed", "files_skipped", b"files_skipped", "files_total", b"files_total", "skipped_by_reason", b"skipped_by_reason", "symbols_extracted", b"symbols_extracted"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class SkippedFile(_message.Message):
+        """SkippedFile is a file or directory a sync left out, and why."""
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        PATH_FIELD_NUMBER: _builtins.int
+        REASON_FIELD_NUMBER: _builtins.int
+        DETAIL_FIELD_NUMBER: _builtins.int
+        path: _builtins.str
+        """path is the file's path in the repository (a directory's ends with "/")."""
+        reason: _builtins.str
+        """reason is one of skipped_dir, symlink, not_regular, bad_path, excluded, generated,
+        too_large, binary, not_utf8, rejected, missing, unreadable.
+        """
+        detail: _builtins.str
+        """detail explains the reason for people."""
+        def __init__(
+            self,
+            *,
+            path: _builtins.str = ...,
+            reason: _builtins.str = ...,
+            detail: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "path", b"path", "reason", b"reason"]  # noqa: Y015
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -149,6 +207,7 @@ class Job(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     COMMIT_SHA_FIELD_NUMBER: _builtins.int
     CANCEL_REQUESTED_FIELD_NUMBER: _builtins.int
+    SKIPPED_FILES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """id is the job's identifier (a UUID)."""
     repository_id: _builtins.str
@@ -189,6 +248,12 @@ class Job(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """update_time is when the job last changed."""
 
+    @_builtins.property
+    def skipped_files(self) -> _containers.RepeatedCompositeFieldContainer[Global___Job.SkippedFile]:
+        """skipped_files lists files the job left out with their reasons (the first ones, up to a
+        server limit; progress.skipped_by_reason counts them all).
+        """
+
     def __init__(
         self,
         *,
@@ -206,10 +271,11 @@ class Job(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         commit_sha: _builtins.str = ...,
         cancel_requested: _builtins.bool = ...,
+        skipped_files: _abc.Iterable[Global___Job.SkippedFile] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "progress", b"progress", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cancel_requested", b"cancel_requested", "commit_sha", b"commit_sha", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "id", b"id", "kind", b"kind", "max_attempts", b"max_attempts", "progress", b"progress", "repository_id", b"repository_id", "start_time", b"start_time", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cancel_requested", b"cancel_requested", "commit_sha", b"commit_sha", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "id", b"id", "kind", b"kind", "max_attempts", b"max_attempts", "progress", b"progress", "repository_id", b"repository_id", "skipped_files", b"skipped_files", "start_time", b"start_time", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -228,6 +294,7 @@ class JobEvent(_message.Message):
     PROGRESS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """job_id is the job the event belongs to."""
     sequence: _builtins.int
@@ -236,6 +303,10 @@ class JobEvent(_message.Message):
     """state is the job's state after the event."""
     message: _builtins.str
     """message describes the event for people."""
+    kind: _builtins.str
+    """kind names the event: queued, coalesced, claimed, fetching, diffing, progress, finished,
+    failed, retrying, cancel_requested, cancelled.
+    """
     @_builtins.property
     def progress(self) -> Global___Job.Progress:
         """progress is the job's progress after the event."""
@@ -258,10 +329,11 @@ class JobEvent(_message.Message):
         progress: Global___Job.Progress | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         error: _status_pb2.Status | None = ...,
+        kind: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "error", b"error", "progress", b"progress"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "error", b"error", "job_id", b"job_id", "message", b"message", "progress", b"progress", "sequence", b"sequence", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "error", b"error", "job_id", b"job_id", "kind", b"kind", "message", b"message", "progress", b"progress", "sequence", b"sequence", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

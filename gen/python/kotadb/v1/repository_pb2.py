@@ -24,9 +24,10 @@ _sym_db = _symbol_database.Default()
 
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1akotadb/v1/repository.proto\x12\tkotadb.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xfc\x04\n\nRepository\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x17\n\tfull_name\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0b\n\x03url\x18\x03 \x01(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_branch\x18\x04 \x01(\t\x12\x30\n\x08provider\x18\x05 \x01(\x0e\x32\x1e.kotadb.v1.Repository.Provider\x12\x30\n\x05state\x18\x06 \x01(\x0e\x32\x1b.kotadb.v1.Repository.StateB\x04\xe2\x41\x01\x03\x12 \n\x12last_synced_commit\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03\x12\x38\n\x0elast_sync_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x1c\n\x0e\x64ocument_count\x18\x0b \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x19\n\x0bwebhook_url\x18\x0c \x01(\tB\x04\xe2\x41\x01\x03\x12\x1e\n\x10has_access_token\x18\r \x01(\x08\x42\x04\xe2\x41\x01\x03\"9\n\x08Provider\x12\x18\n\x14PROVIDER_UNSPECIFIED\x10\x00\x12\n\n\x06GITHUB\x10\x01\x12\x07\n\x03GIT\x10\x02\"\\\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\x0b\n\x07SYNCING\x10\x02\x12\t\n\x05READY\x10\x03\x12\t\n\x05\x45RROR\x10\x04\x12\x0c\n\x08\x44\x45LETING\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1akotadb/v1/repository.proto\x12\tkotadb.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xf7\x05\n\nRepository\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x17\n\tfull_name\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0b\n\x03url\x18\x03 \x01(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_branch\x18\x04 \x01(\t\x12\x30\n\x08provider\x18\x05 \x01(\x0e\x32\x1e.kotadb.v1.Repository.Provider\x12\x30\n\x05state\x18\x06 \x01(\x0e\x32\x1b.kotadb.v1.Repository.StateB\x04\xe2\x41\x01\x03\x12 \n\x12last_synced_commit\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03\x12\x38\n\x0elast_sync_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x1c\n\x0e\x64ocument_count\x18\x0b \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x19\n\x0bwebhook_url\x18\x0c \x01(\tB\x04\xe2\x41\x01\x03\x12\x1e\n\x10has_access_token\x18\r \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x15\n\rinclude_globs\x18\x0e \x03(\t\x12\x15\n\rexclude_globs\x18\x0f \x03(\t\x12\x16\n\x0emax_file_bytes\x18\x10 \x01(\x03\x12\'\n\x05\x65rror\x18\x11 \x01(\x0b\x32\x12.google.rpc.StatusB\x04\xe2\x41\x01\x03\"E\n\x08Provider\x12\x18\n\x14PROVIDER_UNSPECIFIED\x10\x00\x12\n\n\x06GITHUB\x10\x01\x12\x07\n\x03GIT\x10\x02\x12\n\n\x06GITLAB\x10\x03\"\\\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\x0b\n\x07SYNCING\x10\x02\x12\t\n\x05READY\x10\x03\x12\t\n\x05\x45RROR\x10\x04\x12\x0c\n\x08\x44\x45LETING\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -53,10 +54,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPOSITORY'].fields_by_name['webhook_url']._serialized_options = b'\342A\001\003'
   _globals['_REPOSITORY'].fields_by_name['has_access_token']._loaded_options = None
   _globals['_REPOSITORY'].fields_by_name['has_access_token']._serialized_options = b'\342A\001\003'
-  _globals['_REPOSITORY']._serialized_start=108
-  _globals['_REPOSITORY']._serialized_end=744
-  _globals['_REPOSITORY_PROVIDER']._serialized_start=593
-  _globals['_REPOSITORY_PROVIDER']._serialized_end=650
-  _globals['_REPOSITORY_STATE']._serialized_start=652
-  _globals['_REPOSITORY_STATE']._serialized_end=744
+  _globals['_REPOSITORY'].fields_by_name['error']._loaded_options = None
+  _globals['_REPOSITORY'].fields_by_name['error']._serialized_options = b'\342A\001\003'
+  _globals['_REPOSITORY']._serialized_start=133
+  _globals['_REPOSITORY']._serialized_end=892
+  _globals['_REPOSITORY_PROVIDER']._serialized_start=729
+  _globals['_REPOSITORY_PROVIDER']._serialized_end=798
+  _globals['_REPOSITORY_STATE']._serialized_start=800
+  _globals['_REPOSITORY_STATE']._serialized_end=892
 # @@protoc_insertion_point(module_scope)

@@ -3,10 +3,13 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.rpc import status_pb2 as _status_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -36,6 +39,8 @@ class Repository(_message.Message):
         """GITHUB repositories are cloned from GitHub and can push webhooks."""
         GIT: Repository._Provider.ValueType  # 2
         """GIT repositories are cloned from any git URL."""
+        GITLAB: Repository._Provider.ValueType  # 3
+        """GITLAB repositories are cloned from GitLab."""
 
     class Provider(_Provider, metaclass=_ProviderEnumTypeWrapper):
         """Provider is where the repository is hosted."""
@@ -46,6 +51,8 @@ class Repository(_message.Message):
     """GITHUB repositories are cloned from GitHub and can push webhooks."""
     GIT: Repository.Provider.ValueType  # 2
     """GIT repositories are cloned from any git URL."""
+    GITLAB: Repository.Provider.ValueType  # 3
+    """GITLAB repositories are cloned from GitLab."""
 
     class _State:
         ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -62,7 +69,7 @@ class Repository(_message.Message):
         READY: Repository._State.ValueType  # 3
         """READY repositories are indexed at last_synced_commit."""
         ERROR: Repository._State.ValueType  # 4
-        """ERROR repositories failed their last sync; see the job for details."""
+        """ERROR repositories failed their last sync, or their tracked branch was deleted; see error."""
         DELETING: Repository._State.ValueType  # 5
         """DELETING repositories are being deleted along with their documents."""
 
@@ -78,7 +85,7 @@ class Repository(_message.Message):
     READY: Repository.State.ValueType  # 3
     """READY repositories are indexed at last_synced_commit."""
     ERROR: Repository.State.ValueType  # 4
-    """ERROR repositories failed their last sync; see the job for details."""
+    """ERROR repositories failed their last sync, or their tracked branch was deleted; see error."""
     DELETING: Repository.State.ValueType  # 5
     """DELETING repositories are being deleted along with their documents."""
 
@@ -95,6 +102,10 @@ class Repository(_message.Message):
     DOCUMENT_COUNT_FIELD_NUMBER: _builtins.int
     WEBHOOK_URL_FIELD_NUMBER: _builtins.int
     HAS_ACCESS_TOKEN_FIELD_NUMBER: _builtins.int
+    INCLUDE_GLOBS_FIELD_NUMBER: _builtins.int
+    EXCLUDE_GLOBS_FIELD_NUMBER: _builtins.int
+    MAX_FILE_BYTES_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """id is the repository's identifier (a UUID)."""
     full_name: _builtins.str
@@ -115,6 +126,8 @@ class Repository(_message.Message):
     """webhook_url is the path GitHub should deliver push events to."""
     has_access_token: _builtins.bool
     """has_access_token says whether a clone token is stored (the token itself is never returned)."""
+    max_file_bytes: _builtins.int
+    """max_file_bytes skips files larger than this; 0 means the server's limit."""
     @_builtins.property
     def last_sync_time(self) -> _timestamp_pb2.Timestamp:
         """last_sync_time is when the last successful sync finished."""
@@ -126,6 +139,20 @@ class Repository(_message.Message):
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """update_time is when the repository was last changed."""
+
+    @_builtins.property
+    def include_globs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """include_globs keeps only files whose path matches one of these globs; empty keeps all.
+        `*` and `**` match across `/`, `dir/` means everything below dir, a bare name matches at any depth.
+        """
+
+    @_builtins.property
+    def exclude_globs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """exclude_globs drops files matching any of these globs (same syntax), after include_globs."""
+
+    @_builtins.property
+    def error(self) -> _status_pb2.Status:
+        """error says why the repository is in state ERROR (e.g. reason BRANCH_DELETED)."""
 
     def __init__(
         self,
@@ -143,10 +170,14 @@ class Repository(_message.Message):
         document_count: _builtins.int = ...,
         webhook_url: _builtins.str = ...,
         has_access_token: _builtins.bool = ...,
+        include_globs: _abc.Iterable[_builtins.str] | None = ...,
+        exclude_globs: _abc.Iterable[_builtins.str] | None = ...,
+        max_file_bytes: _builtins.int = ...,
+        error: _status_pb2.Status | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "last_sync_time", b"last_sync_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "error", b"error", "last_sync_time", b"last_sync_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "default_branch", b"default_branch", "document_count", b"document_count", "full_name", b"full_name", "has_access_token", b"has_access_token", "id", b"id", "last_sync_time", b"last_sync_time", "last_synced_commit", b"last_synced_commit", "provider", b"provider", "state", b"state", "update_time", b"update_time", "url", b"url", "webhook_url", b"webhook_url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "default_branch", b"default_branch", "document_count", b"document_count", "error", b"error", "exclude_globs", b"exclude_globs", "full_name", b"full_name", "has_access_token", b"has_access_token", "id", b"id", "include_globs", b"include_globs", "last_sync_time", b"last_sync_time", "last_synced_commit", b"last_synced_commit", "max_file_bytes", b"max_file_bytes", "provider", b"provider", "state", b"state", "update_time", b"update_time", "url", b"url", "webhook_url", b"webhook_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
