@@ -217,7 +217,8 @@ def test_limit_flags_reach_the_config(tmp_path: Path) -> None:
         "max_request_bytes: 2048",
         "max_request_bytes: 4096",
         "max_request_bytes: 8192",
-        "max_request_body_size: 8192",  # the transcoder holds at most the largest limit
+        # The transcoder holds at most the largest limit plus the message's own framing.
+        f"max_request_body_size: {8192 + gateway.TRANSCODER_MESSAGE_OVERHEAD}",
         "max_request_headers_kb: 16",
         f"max_heap_size_bytes: {64 * 1024 * 1024}",
         "per_connection_buffer_limit_bytes: 65536",
