@@ -16,3 +16,8 @@ class IngestSettings(ServiceSettings):
     service_name: ClassVar[str] = "ingest"
 
     port: int = setting(50052, minimum=0, help="gRPC port of the ingest service; 0 picks a free one.")
+    metrics_port: int = setting(
+        9462,
+        minimum=0,
+        help="Prometheus `GET /metrics` port of the ingest service; 0 picks a free one.",
+    )

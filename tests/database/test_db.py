@@ -14,7 +14,6 @@ from services.common import db
 from services.common.errors import (
     Aborted,
     AlreadyExists,
-    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     PermissionDenied,
@@ -174,11 +173,14 @@ async def test_row_level_security_violation_becomes_permission_denied(
     assert denied.value.reason == "DATABASE_PERMISSION_DENIED"
 
 
-async def test_statement_timeout_becomes_deadline_exceeded(pool: asyncpg.Pool) -> None:
-    with pytest.raises(DeadlineExceeded):
+async def test_server_statement_timeout_becomes_unavailable(pool: asyncpg.Pool) -> None:
+    with pytest.raises(Unavailable) as caught:
         async with db.as_service(pool) as conn:
             await conn.execute("select set_config('statement_timeout', '20', true)")
             await conn.execute("select pg_sleep(5)")
+    assert caught.value.reason == "DATABASE_UNAVAILABLE"
+    assert caught.value.metadata == {"cause": "timeout"}
+    assert caught.value.retry_after == db.UNAVAILABLE_RETRY_AFTER
 
 
 async def test_lock_timeout_becomes_aborted(pool: asyncpg.Pool, user_factory: UserFactory) -> None:
