@@ -106,8 +106,9 @@ class BoundedPool(asyncpg.Pool):
     """BoundedPool is an asyncpg pool whose `acquire()` waits at most `acquire_timeout` by default.
 
     asyncpg's own pool waits forever for a free connection unless each caller passes a timeout,
-    and `pool.fetch(...)` passes none; here the default covers every path. It also counts its
-    timeouts (acquire, and statement through a query logger on each connection) for `service`.
+    and `pool.fetch(...)` passes none; here the default covers every path. It also counts, for
+    `service`, the acquires that timed out and the `async with pool.acquire()` blocks (which
+    `pool.fetch`, `as_user` and `as_service` are) that ended in a statement timeout.
     """
 
     def __init__(
@@ -126,11 +127,6 @@ class BoundedPool(asyncpg.Pool):
         """count_timeout records one timeout of `kind` for this pool's service."""
         DB_TIMEOUTS.labels(service=self.service, kind=kind).inc()
 
-    def log_query(self, record: Any) -> None:
-        """log_query is each connection's query logger: it counts queries that timed out."""
-        if isinstance(record.exception, TimeoutError | asyncpg.QueryCanceledError):
-            self.count_timeout("statement")
-
 
 class _CountedAcquire(_AcquireContext):
     """_CountedAcquire is asyncpg's acquire context: it counts acquires that timed out and drops
@@ -146,8 +142,12 @@ class _CountedAcquire(_AcquireContext):
             raise
 
     async def __aexit__(self, *exc: object) -> None:
-        if len(exc) > 1 and isinstance(exc[1], TimeoutError) and self.connection is not None:
-            drop_on_timeout(self.connection)
+        error = exc[1] if len(exc) > 1 else None
+        if isinstance(error, TimeoutError | asyncpg.QueryCanceledError):
+            # Counted here rather than by a query logger: no cost on calls that succeed.
+            _count(self.pool, "statement")
+            if isinstance(error, TimeoutError) and self.connection is not None:
+                drop_on_timeout(self.connection)
         await super().__aexit__(*exc)
 
     def __await__(self) -> Generator[Any, None, Connection]:
@@ -204,9 +204,6 @@ async def create_pool(
         raise ValueError("no database URL: set KOTADB_DATABASE_URL")
     connect = timeouts[0] if connect_timeout is None else connect_timeout
 
-    async def init(connection: asyncpg.Connection) -> None:
-        connection.add_query_logger(pool.log_query)
-
     pool = BoundedPool(
         url,
         acquire_timeout=timeouts[2] if acquire_timeout is None else acquire_timeout,
@@ -216,7 +213,7 @@ async def create_pool(
         max_size=defaults[1] if max_size is None else max_size,
         max_queries=50000,
         max_inactive_connection_lifetime=300.0,
-        init=init,
+        init=None,
         loop=None,
         connection_class=asyncpg.Connection,
         record_class=asyncpg.Record,
