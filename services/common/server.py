@@ -324,7 +324,14 @@ class ServiceServer:
         await server.start()
         self._server = server
         for listener in self._listeners:
-            bound = await listener.server.start(listener.host or self.settings.host, listener.port)
+            host = listener.host or self.settings.host
+            try:
+                bound = await listener.server.start(host, listener.port)
+            except OSError as exc:
+                where = f"{host}:{listener.port}"
+                raise OSError(
+                    f"{self.name}: could not bind its {listener.name} listener on {where}: {exc}"
+                ) from exc
             if port_file is not None:
                 write_port_file(listener_port_file(port_file, listener.name), bound)
             log.info(
