@@ -10,11 +10,13 @@ in-process listener.
 from __future__ import annotations
 
 import asyncio
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -24,8 +26,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from services.common import metrics
-from services.common.server import listener_port_file
+from services.common.pgembed import free_port
+from services.common.server import LazyPool, ServiceServer, bind, listener_port_file
 from services.common.supervisor import Supervisor
+from services.search.config import SearchSettings
+from services.search.servicer import SearchServicer
+from services.search.store import SearchStore
 from tests.harness import service_env, spawn_service, wait_healthy
 
 IDENTITY_KEY = "metrics-tests-identity-key-0123456789abcdef"
@@ -161,3 +167,48 @@ async def test_metrics_listener_drops_an_oversized_or_garbled_request() -> None:
         assert listener.scrapes == 0
     finally:
         await listener.stop(1.0)
+
+
+def _search_server(tmp_path: Path, **overrides: Any) -> ServiceServer:
+    settings = SearchSettings(
+        database_url=f"postgresql://kotadb@127.0.0.1:{free_port()}/kotadb",
+        port=0,
+        shutdown_grace=0.5,
+        data_dir=tmp_path / "index",
+        **overrides,
+    )
+    pool = LazyPool(settings)
+    add = search_pb2_grpc.add_SearchServiceServicer_to_server
+    servicer = SearchServicer(SearchStore(pool))
+    return ServiceServer(
+        "metrics-test",
+        settings,
+        pool=pool,
+        bindings=[bind(search_pb2.DESCRIPTOR, "SearchService", add, servicer)],
+    )
+
+
+async def test_metrics_listener_binds_its_own_host(tmp_path: Path) -> None:
+    # Any 127/8 address is loopback on Linux: the listener must be on 127.0.0.2 and only there.
+    server = _search_server(tmp_path, metrics_host="127.0.0.2", metrics_port=0)
+    port_file = tmp_path / "search.port"
+    await server.start(port_file=port_file)
+    try:
+        port = int(listener_port_file(port_file, "metrics").read_text())
+        assert await asyncio.to_thread(_http, f"http://127.0.0.2:{port}/metrics") == 200
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", port)
+    finally:
+        await server.stop(grace=0)
+
+
+async def test_a_taken_metrics_port_fails_start_naming_the_listener(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        server = _search_server(tmp_path, metrics_port=taken.getsockname()[1])
+        try:
+            with pytest.raises(OSError, match="metrics listener"):
+                await server.start()
+        finally:
+            await server.stop(grace=0)
