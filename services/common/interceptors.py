@@ -5,7 +5,8 @@ The chain, outermost first, is what `server_interceptors` returns:
 1. `RequestContextInterceptor` takes `x-request-id` from the call's metadata (Envoy sets one on
    every request) or makes one, exposes it to logs through context variables, returns it in the
    trailing metadata of every call and in the initial metadata of successful unary calls and
-   async-generator streams, and writes one access-log line per call (code, reason, duration).
+   async-generator streams, writes one access-log line per call (code, reason, duration) and
+   records the call in the Prometheus metrics (method, code, duration; services/common/metrics.py).
 2. `ErrorInterceptor` turns `KotaError` into its `google.rpc.Status` (`grpc-status-details-bin`)
    and any other exception into INTERNAL with the request id; the traceback is logged, never sent.
 3. The identity slot: interceptors passed as `identity` (`ServiceServer(..., identity=[...])`)
