@@ -265,6 +265,22 @@ def test_gateway_health_turns_503_while_the_database_hangs(
         )
         wait_gateway_healthy(envoy, supervisor)
         health = f"{envoy.url}/health"
+        stats = f"{envoy.admin}/stats/prometheus"
+        assert _healthy_hosts(stats) == {name: 1.0 for name in status.SERVICES}
         with frozen(cluster, everything=True):
             wait_until("gateway /health 503", lambda: _gateway_health(health, 503), supervisor, FLIP_LIMIT)
+            # Envoy's own metrics show why: every service answers its health checks NOT_SERVING.
+            wait_until("every cluster unhealthy", lambda: _unhealthy(stats), supervisor, FLIP_LIMIT)
         wait_until("gateway /health 200", lambda: _gateway_health(health, 200), supervisor, FLIP_LIMIT)
+
+
+def _healthy_hosts(stats: str) -> dict[str, float]:
+    return {
+        name: _metric(stats, "envoy_cluster_membership_healthy", envoy_cluster_name=name)
+        for name in status.SERVICES
+    }
+
+
+def _unhealthy(stats: str) -> tuple[bool, str]:
+    healthy = _healthy_hosts(stats)
+    return not any(healthy.values()), f"healthy hosts per cluster: {healthy}"
