@@ -164,9 +164,11 @@ def drop_on_timeout(connection: Connection) -> None:
     asyncpg would first wait for its cancel request to reach the server, then reset the connection
     (and a transaction would first roll back), each bounded only by the timeouts again: against a
     hung server that turned one 1.5 s statement timeout into 2.5 s and more for the caller. A
-    new connection costs a few milliseconds once the database answers again.
+    new connection costs a few milliseconds once the database answers again. A connection
+    already dropped (and so released) is left alone.
     """
-    connection.terminate()
+    with contextlib.suppress(asyncpg.InterfaceError):
+        connection.terminate()
 
 
 def _count(pool: object, kind: str) -> None:

@@ -270,3 +270,23 @@ async def test_server_statement_timeout_stops_a_transaction(database_url: str) -
         assert await pool.fetchval("select 1") == 1
     finally:
         await pool.close()
+
+
+async def test_a_transaction_whose_query_times_out_is_dropped_not_rolled_back(database_url: str) -> None:
+    pool = await db.create_pool(
+        database_url, min_size=1, max_size=1, statement_timeout=0.2, service="dbtest-drop"
+    )
+    try:
+        before = _timeouts("statement", "dbtest-drop")
+        first = await pool.fetchval("select pg_backend_pid()")
+        with pytest.raises(Unavailable) as caught:
+            # The server would wait 10 s: the client's command timeout fires inside the transaction.
+            async with db.as_service(pool, statement_timeout=10) as conn:
+                await conn.execute("select pg_sleep(5)")
+        assert caught.value.reason == "DATABASE_UNAVAILABLE"
+        assert isinstance(caught.value.__cause__, TimeoutError)
+        assert _timeouts("statement", "dbtest-drop") == before + 1
+        # The only connection was closed rather than reused; the pool opens a new backend.
+        assert await pool.fetchval("select pg_backend_pid()") != first
+    finally:
+        await pool.close()
