@@ -16,6 +16,11 @@ class AuthSettings(ServiceSettings):
     service_name: ClassVar[str] = "auth"
 
     port: int = setting(50051, minimum=0, help="gRPC port of the auth service; 0 picks a free one.")
+    metrics_port: int = setting(
+        9461,
+        minimum=0,
+        help="Prometheus `GET /metrics` port of the auth service; 0 picks a free one.",
+    )
     check_port: int = setting(
         50055,
         minimum=0,

@@ -59,10 +59,11 @@ def load_settings(service: str, *, host: str | None = None, port: int | None = N
     if port is not None:
         overrides["port"] = port
         # Port 0 means free ports for every listener of the process (the auth service's Check
-        # listener too), unless that listener's port is configured explicitly.
-        check_variable = f"{settings_class.env_prefix}CHECK_PORT"
-        if port == 0 and hasattr(settings, "check_port") and check_variable not in os.environ:
-            overrides["check_port"] = 0
+        # listener, the metrics listener), unless that listener's port is configured explicitly.
+        for field in ("check_port", "metrics_port"):
+            variable = f"{settings_class.env_prefix}{field.upper()}"
+            if port == 0 and hasattr(settings, field) and variable not in os.environ:
+                overrides[field] = 0
     return dataclasses.replace(settings, **overrides) if overrides else settings
 
 
@@ -79,7 +80,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--port",
         type=int,
-        help="port; 0 picks a free one, for the auth Check listener too (default: KOTADB_<SERVICE>_PORT)",
+        help="port; 0 picks a free one, for the Check and metrics listeners too"
+        " (default: KOTADB_<SERVICE>_PORT)",
     )
     parser.add_argument("--port-file", type=Path, help="write the bound port to this file once listening")
 

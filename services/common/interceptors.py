@@ -5,7 +5,8 @@ The chain, outermost first, is what `server_interceptors` returns:
 1. `RequestContextInterceptor` takes `x-request-id` from the call's metadata (Envoy sets one on
    every request) or makes one, exposes it to logs through context variables, returns it in the
    trailing metadata of every call and in the initial metadata of successful unary calls and
-   async-generator streams, and writes one access-log line per call (code, reason, duration).
+   async-generator streams, writes one access-log line per call (code, reason, duration) and
+   records the call in the Prometheus metrics (method, code, duration; services/common/metrics.py).
 2. `ErrorInterceptor` turns `KotaError` into its `google.rpc.Status` (`grpc-status-details-bin`)
    and any other exception into INTERNAL with the request id; the traceback is logged, never sent.
 3. The identity slot: interceptors passed as `identity` (`ServiceServer(..., identity=[...])`)
@@ -37,6 +38,7 @@ from typing import Any, TypeAlias
 import grpc
 from grpc_status import rpc_status
 
+from services.common import metrics
 from services.common.errors import KotaError, to_rpc_status
 from services.common.logs import log_context
 
@@ -163,7 +165,15 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
 
 class RequestContextInterceptor(CallInterceptor):
-    """RequestContextInterceptor assigns the request id, returns it to the caller and logs the call."""
+    """RequestContextInterceptor assigns the request id, returns it to the caller and logs the call.
+
+    It also records every call in the Prometheus metrics of `service` (services/common/metrics.py):
+    `kotadb_rpc_handled_total` by method and code, `kotadb_rpc_duration_seconds` by method. Only
+    registered methods reach an interceptor, so the method label cannot grow without bound.
+    """
+
+    def __init__(self, service: str = "kotadb") -> None:
+        self.service = service
 
     async def around_unary(
         self, invoke: UnaryInvoke, context: grpc.aio.ServicerContext[Any, Any], method: str
@@ -184,7 +194,7 @@ class RequestContextInterceptor(CallInterceptor):
                 _settle(record, exc, context)
                 raise
             finally:
-                _log_call(record, context, started)
+                _finish(self.service, record, context, started)
                 _call_var.reset(token)
 
     async def around_stream(
@@ -207,7 +217,7 @@ class RequestContextInterceptor(CallInterceptor):
                 _settle(record, exc, context)
                 raise
             finally:
-                _log_call(record, context, started)
+                _finish(self.service, record, context, started)
                 _call_var.reset(token)
 
     def _begin(self, context: grpc.aio.ServicerContext[Any, Any], method: str) -> CallRecord:
@@ -246,9 +256,14 @@ class ErrorInterceptor(CallInterceptor):
 
 def server_interceptors(
     identity: Sequence[grpc.aio.ServerInterceptor] = (),  # type: ignore[type-arg]
+    *,
+    service: str = "kotadb",
 ) -> list[grpc.aio.ServerInterceptor]:  # type: ignore[type-arg]
-    """server_interceptors is the chain every service installs; `identity` fills the auth slot."""
-    return [RequestContextInterceptor(), ErrorInterceptor(), *identity]
+    """server_interceptors is the chain every service installs; `identity` fills the auth slot.
+
+    `service` labels the calls' metrics.
+    """
+    return [RequestContextInterceptor(service), ErrorInterceptor(), *identity]
 
 
 async def _abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: Exception, method: str) -> None:
@@ -307,7 +322,16 @@ def _context_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCod
     return None
 
 
-def _log_call(record: CallRecord, context: grpc.aio.ServicerContext[Any, Any], started: float) -> None:
+def _finish(
+    service: str, record: CallRecord, context: grpc.aio.ServicerContext[Any, Any], started: float
+) -> None:
+    """_finish records a finished call in the metrics and the access log."""
+    elapsed = time.monotonic() - started
+    metrics.observe_rpc(service, record.method, record.code.name, elapsed)
+    _log_call(record, context, elapsed)
+
+
+def _log_call(record: CallRecord, context: grpc.aio.ServicerContext[Any, Any], elapsed: float) -> None:
     # A cancelled health Watch is how watchers normally leave, so it stays quiet too.
     quiet = record.method.startswith(_QUIET_PREFIXES) and record.code in (
         grpc.StatusCode.OK,
@@ -320,7 +344,7 @@ def _log_call(record: CallRecord, context: grpc.aio.ServicerContext[Any, Any], s
         return
     fields: dict[str, Any] = {
         "code": record.code.name,
-        "duration_ms": round((time.monotonic() - started) * 1000, 3),
+        "duration_ms": round(elapsed * 1000, 3),
         "peer": context.peer(),
     }
     if record.reason:

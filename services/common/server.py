@@ -8,8 +8,15 @@ chain (services/common/interceptors.py). Its life:
   NOT_SERVING for `""` and every service name until the readiness probes pass.
 * A readiness task runs every `readiness_interval` seconds: it connects the asyncpg pool if it
   has none yet (so a process started before its database comes up does not crash), runs
-  `select 1`, then the service's own probes. All passing → SERVING; any failing → NOT_SERVING,
-  so health flips back when the database becomes unreachable.
+  `select 1` on a pooled connection and on a new one, then the service's own probes. All
+  passing → SERVING; any failing → NOT_SERVING, so health flips back when the database becomes
+  unreachable. Every probe is bounded by `readiness_timeout`, and the service's probes are not
+  run while the database probe fails, so a database that hangs rather than refuses turns health
+  NOT_SERVING within `readiness_interval + readiness_timeout` (3.5 s by default) and back once it
+  answers. The new connection is what notices a hung postmaster: pooled connections talk to their
+  own backends, which keep answering while the postmaster accepts no one.
+* Every service has a Prometheus metrics port (services/common/metrics.py), run as the side
+  listener "metrics" on `metrics_host:metrics_port`; its port file is `<port file>.metrics`.
 * `stop()` (or SIGTERM/SIGINT under `run`) sets health NOT_SERVING for good, stops accepting
   calls, lets in-flight calls finish within `shutdown_grace` seconds, then closes the pool.
 * Lifecycle hooks let a service run background parts alongside the server without subclassing
@@ -28,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import importlib.metadata
 import logging
 import signal
@@ -46,7 +54,7 @@ from grpc_reflection.v1alpha import reflection
 from kotadb.v1 import health_pb2 as kota_health_pb2
 from kotadb.v1 import health_pb2_grpc as kota_health_pb2_grpc
 
-from services.common import db
+from services.common import db, metrics
 from services.common.errors import Unavailable
 from services.common.interceptors import server_interceptors
 from services.common.logs import configure_logging
@@ -131,8 +139,10 @@ class LazyPool:
     retryable UNAVAILABLE rather than a crash at start-up.
     """
 
-    def __init__(self, settings: CommonSettings) -> None:
+    def __init__(self, settings: CommonSettings, *, service: str | None = None) -> None:
         self.settings = settings
+        # Labels the pool's metrics; ServiceSettings subclasses name their service.
+        self.service = service or str(getattr(settings, "service_name", "kotadb"))
         self._pool: asyncpg.Pool | None = None
         self._lock = asyncio.Lock()
         self._closed = False
@@ -150,6 +160,19 @@ class LazyPool:
         """connected tells whether a pool exists."""
         return self._pool is not None
 
+    def connections(self, state: str) -> float:
+        """connections counts the pool's connections in `state` (open, in_use, idle, max), 0 if none."""
+        pool = self._pool
+        if pool is None:
+            return 0.0
+        if state == "max":
+            return float(pool.get_max_size())
+        idle = pool.get_idle_size()
+        if state == "idle":
+            return float(idle)
+        size = pool.get_size()
+        return float(size if state == "open" else size - idle)
+
     async def connect(self) -> asyncpg.Pool:
         """connect creates the pool on first use; later calls return the same pool."""
         async with self._lock:
@@ -157,9 +180,14 @@ class LazyPool:
                 raise Unavailable("the service is shutting down", reason="SHUTTING_DOWN")
             if self._pool is not None:
                 return self._pool
-            created: asyncpg.Pool = await asyncio.wait_for(
-                db.create_pool(self.settings), timeout=self.settings.db_connect_timeout * 2
-            )
+            try:
+                created: asyncpg.Pool = await asyncio.wait_for(
+                    db.create_pool(self.settings, service=self.service),
+                    timeout=self.settings.db_connect_timeout * 2,
+                )
+            except TimeoutError:
+                db.DB_TIMEOUTS.labels(service=self.service, kind="connect").inc()
+                raise
             self._pool = created
             return created
 
@@ -227,7 +255,11 @@ class ServiceServer:
         listeners: Sequence[SideListener] = (),
     ) -> None:
         self.name = name
-        self._listeners = list(listeners)
+        self.metrics = metrics.MetricsListener()
+        self._listeners = [
+            *listeners,
+            SideListener("metrics", self.metrics, settings.metrics_port, host=settings.metrics_host),
+        ]
         self.settings = settings
         self.pool = pool
         self._bindings = list(bindings)
@@ -245,6 +277,12 @@ class ServiceServer:
         self.components: list[ComponentHealth] = [
             ComponentHealth(p.name, False, "not checked yet") for p in self._probes
         ]
+        # Read at scrape time, on this loop: the pool of the server built last for this name wins.
+        for state in metrics.POOL_STATES:
+            metrics.POOL_CONNECTIONS.labels(service=name, state=state).set_function(
+                functools.partial(pool.connections, state)
+            )
+        metrics.READY.labels(service=name).set(0)
 
     @property
     def service_names(self) -> list[str]:
@@ -267,7 +305,7 @@ class ServiceServer:
             await hook()
         limit = self.settings.max_message_bytes
         server = grpc.aio.server(
-            interceptors=server_interceptors(self._identity),
+            interceptors=server_interceptors(self._identity, service=self.name),
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -288,7 +326,14 @@ class ServiceServer:
         await server.start()
         self._server = server
         for listener in self._listeners:
-            bound = await listener.server.start(listener.host or self.settings.host, listener.port)
+            host = listener.host or self.settings.host
+            try:
+                bound = await listener.server.start(host, listener.port)
+            except OSError as exc:
+                where = f"{host}:{listener.port}"
+                raise OSError(
+                    f"{self.name}: could not bind its {listener.name} listener on {where}: {exc}"
+                ) from exc
             if port_file is not None:
                 write_port_file(listener_port_file(port_file, listener.name), bound)
             log.info(
@@ -317,6 +362,7 @@ class ServiceServer:
         started = time.monotonic()
         log.info("stopping", extra={"fields": {"service": self.name, "grace_s": grace}})
         self.serving = False
+        metrics.READY.labels(service=self.name).set(0)
         await self._health.enter_graceful_shutdown()
         if self._readiness is not None:
             self._readiness.cancel()
@@ -364,17 +410,27 @@ class ServiceServer:
         await self.stop()
 
     async def check_ready(self) -> bool:
-        """check_ready runs every probe once, updates health, and tells whether all passed."""
+        """check_ready runs every probe once, updates health, and tells whether all passed.
+
+        Each probe gets `readiness_timeout` seconds. The first probe is the database's; while it
+        fails the others are reported as not checked rather than run, so a hung database costs
+        one timeout per round, not one per probe.
+        """
         results: list[ComponentHealth] = []
         for probe in self._probes:
+            if results and not results[0].ready:
+                results.append(ComponentHealth(probe.name, False, "not checked: the database is not ready"))
+                continue
             try:
-                note = await asyncio.wait_for(probe.run(), timeout=self.settings.db_connect_timeout * 2)
+                note = await asyncio.wait_for(probe.run(), timeout=self.settings.readiness_timeout)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 results.append(ComponentHealth(probe.name, False, _describe(exc)))
             else:
                 results.append(ComponentHealth(probe.name, True, note or ""))
+        for part in results:
+            metrics.COMPONENT_READY.labels(service=self.name, component=part.name).set(int(part.ready))
         ready = all(part.ready for part in results)
         # A ready component's note (a queue depth) changes all the time; only failures are news.
         if ready != self.serving or _failures(results) != _failures(self.components):
@@ -387,6 +443,7 @@ class ServiceServer:
         self.components = results
         if not self._stopping:
             self.serving = ready
+            metrics.READY.labels(service=self.name).set(int(ready))
             await self._set_health(
                 health_pb2.HealthCheckResponse.SERVING
                 if ready
@@ -407,7 +464,26 @@ class ServiceServer:
 
     async def _probe_database(self) -> None:
         pool = await self.pool.connect()
-        await pool.fetchval("select 1", timeout=self.settings.db_connect_timeout)
+        await pool.fetchval("select 1")
+        # A pooled connection keeps answering while the postmaster accepts no one (hung or out of
+        # connection slots), and calls that need a new connection would then hang: open one too.
+        try:
+            fresh = await asyncpg.connect(
+                self.settings.database_url,
+                timeout=self.settings.db_connect_timeout,
+                command_timeout=self.settings.db_statement_timeout,
+                statement_cache_size=0,
+                server_settings={"application_name": "kotadb-readiness"},
+            )
+        except TimeoutError:
+            db.DB_TIMEOUTS.labels(service=self.pool.service, kind="connect").inc()
+            raise
+        try:
+            await fresh.fetchval("select 1")
+        finally:
+            # close() says goodbye (no "unexpected EOF" in the server log) and aborts on timeout.
+            with contextlib.suppress(Exception):
+                await fresh.close(timeout=self.settings.db_connect_timeout)
 
     async def _set_health(self, status: Any) -> None:
         for name in ("", *self.service_names):

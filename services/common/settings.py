@@ -193,11 +193,30 @@ class CommonSettings:
         minimum=0,
         help="asyncpg prepared-statement cache per connection; set 0 behind Supabase's port-6543 pooler.",
     )
+    # The database timeouts stay under Envoy's 2 s ext_authz timeout (deploy/envoy/envoy.yaml.tmpl)
+    # so that a hung database fails a call with our JSON 503 rather than Envoy's empty one. They
+    # are the backstop for every query; Check bounds its own waits tighter still.
     db_connect_timeout: float = setting(
-        5.0,
+        1.5,
         env="KOTADB_DB_CONNECT_TIMEOUT",
         minimum=0.1,
-        help="Seconds to wait for one database connection or readiness query.",
+        help="Seconds to open one database connection; under Envoy's 2 s ext_authz timeout, so a"
+        " hung database fails a call before the gateway gives up on it.",
+    )
+    db_statement_timeout: float = setting(
+        1.5,
+        env="KOTADB_DB_STATEMENT_TIMEOUT",
+        minimum=0.01,
+        help="Seconds one query may run: asyncpg's command timeout on every query, and the server's"
+        " `statement_timeout` set per transaction (pooler-safe); under Envoy's 2 s ext_authz timeout."
+        " Past it the call fails UNAVAILABLE (DATABASE_UNAVAILABLE) with a retry delay.",
+    )
+    db_acquire_timeout: float = setting(
+        1.0,
+        env="KOTADB_DB_ACQUIRE_TIMEOUT",
+        minimum=0.01,
+        help="Seconds a call waits for a pooled connection (opening one included) before failing"
+        " UNAVAILABLE (DATABASE_UNAVAILABLE); it also bounds returning the connection to the pool.",
     )
     log_level: str = setting(
         "INFO", env="KOTADB_LOG_LEVEL", choices=LOG_LEVELS, help="Lowest level written to the JSON log."
@@ -226,6 +245,19 @@ class ServiceSettings(CommonSettings):
     )
     readiness_interval: float = setting(
         2.0, minimum=0.05, help="Seconds between readiness checks that drive the gRPC health status."
+    )
+    readiness_timeout: float = setting(
+        1.5,
+        minimum=0.05,
+        help="Seconds one readiness probe may take before it counts as failed; with the interval it"
+        " bounds how long a hung database keeps health SERVING (interval + timeout, 3.5 s by default).",
+    )
+    metrics_host: str = setting(
+        "127.0.0.1",
+        help="Address the Prometheus metrics listener binds; loopback unless scraped from outside.",
+    )
+    metrics_port: int = setting(
+        0, minimum=0, help="Port of the Prometheus metrics listener (`GET /metrics`); 0 picks a free one."
     )
     max_message_bytes: int = setting(
         16 * 1024 * 1024, minimum=1024, help="Largest gRPC message received or sent, in bytes."

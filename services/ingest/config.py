@@ -16,6 +16,11 @@ class IngestSettings(ServiceSettings):
     service_name: ClassVar[str] = "ingest"
 
     port: int = setting(50052, minimum=0, help="gRPC port of the ingest service; 0 picks a free one.")
+    metrics_port: int = setting(
+        9462,
+        minimum=0,
+        help="Prometheus `GET /metrics` port of the ingest service; 0 picks a free one.",
+    )
 
     # --- Documents (ingest-docs): limits on what one request may carry, symbols, idempotency ---
     max_document_bytes: int = setting(
@@ -169,4 +174,10 @@ class IngestWorkerSettings(IngestSettings):
         env="KOTADB_INGEST_WORKER_PORT",
         minimum=0,
         help="gRPC health port of `kotadb serve ingest-worker`; 0 picks a free one.",
+    )
+    metrics_port: int = setting(
+        0,
+        env="KOTADB_INGEST_WORKER_METRICS_PORT",
+        minimum=0,
+        help="Prometheus port of `kotadb serve ingest-worker`; 0 picks a free one (many run per machine).",
     )

@@ -17,6 +17,11 @@ class SearchSettings(ServiceSettings):
     service_name: ClassVar[str] = "search"
 
     port: int = setting(50053, minimum=0, help="gRPC port of the search service; 0 picks a free one.")
+    metrics_port: int = setting(
+        9463,
+        minimum=0,
+        help="Prometheus `GET /metrics` port of the search service; 0 picks a free one.",
+    )
     # `setting` returns a dataclasses.Field, which ruff cannot see through for non-builtin types.
     data_dir: Path = setting(  # noqa: RUF009
         Path("data/search"),

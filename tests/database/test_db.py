@@ -10,11 +10,10 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from services.common import db
+from services.common import db, metrics
 from services.common.errors import (
     Aborted,
     AlreadyExists,
-    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     PermissionDenied,
@@ -174,11 +173,14 @@ async def test_row_level_security_violation_becomes_permission_denied(
     assert denied.value.reason == "DATABASE_PERMISSION_DENIED"
 
 
-async def test_statement_timeout_becomes_deadline_exceeded(pool: asyncpg.Pool) -> None:
-    with pytest.raises(DeadlineExceeded):
+async def test_server_statement_timeout_becomes_unavailable(pool: asyncpg.Pool) -> None:
+    with pytest.raises(Unavailable) as caught:
         async with db.as_service(pool) as conn:
             await conn.execute("select set_config('statement_timeout', '20', true)")
             await conn.execute("select pg_sleep(5)")
+    assert caught.value.reason == "DATABASE_UNAVAILABLE"
+    assert caught.value.metadata == {"cause": "timeout"}
+    assert caught.value.retry_after == db.UNAVAILABLE_RETRY_AFTER
 
 
 async def test_lock_timeout_becomes_aborted(pool: asyncpg.Pool, user_factory: UserFactory) -> None:
@@ -204,3 +206,87 @@ async def test_unexpected_errors_pass_through_untranslated(pool: asyncpg.Pool) -
     with pytest.raises(asyncpg.UndefinedTableError):
         async with db.as_service(pool) as conn:
             await conn.execute("select * from public.no_such_table")
+
+
+def _timeouts(kind: str, service: str) -> float:
+    value = metrics.REGISTRY.get_sample_value("kotadb_db_timeouts_total", {"service": service, "kind": kind})
+    return value or 0.0
+
+
+async def test_settings_bound_every_query_and_acquire(database_url: str) -> None:
+    settings = CommonSettings(
+        database_url=database_url,
+        db_pool_min=1,
+        db_pool_max=1,
+        db_statement_timeout=0.2,
+        db_acquire_timeout=0.1,
+    )
+    pool = await db.create_pool(settings, service="dbtest-bounds")
+    try:
+        assert isinstance(pool, db.BoundedPool)
+        before = _timeouts("statement", "dbtest-bounds")
+        # The client-side command timeout: no server setting involved, as for a hung server.
+        with pytest.raises(Unavailable) as slow, db.translated_errors():
+            await pool.fetchval("select pg_sleep(5)")
+        assert slow.value.reason == "DATABASE_UNAVAILABLE"
+        assert slow.value.metadata == {"cause": "timeout"}
+        assert _timeouts("statement", "dbtest-bounds") == before + 1
+        # The one connection is taken: the next caller waits the acquire timeout, then gives up.
+        acquires = _timeouts("acquire", "dbtest-bounds")
+        async with pool.acquire():
+            with pytest.raises(Unavailable) as busy, db.translated_errors():
+                await pool.fetchval("select 1")
+        assert busy.value.reason == "DATABASE_UNAVAILABLE"
+        assert _timeouts("acquire", "dbtest-bounds") == acquires + 1
+        # An explicit timeout still wins over the pool's defaults.
+        assert await pool.fetchval("select pg_sleep(0.3) is not null", timeout=10) is True
+    finally:
+        await pool.close()
+
+
+async def test_transactions_set_the_statement_timeout_only_for_themselves(database_url: str) -> None:
+    pool = await db.create_pool(database_url, min_size=1, max_size=1, statement_timeout=2.5)
+    try:
+        outside = await pool.fetchval("select current_setting('statement_timeout')")
+        async with db.as_service(pool) as conn:
+            assert await conn.fetchval("select current_setting('statement_timeout')") == "2500ms"
+        user = await pool.fetchval("select gen_random_uuid()")
+        async with db.as_user(pool, user, statement_timeout=0.25) as conn:
+            assert await conn.fetchval("select current_setting('statement_timeout')") == "250ms"
+        # Transaction-local, like the role: the same (only) connection is back to its own value.
+        assert await pool.fetchval("select current_setting('statement_timeout')") == outside
+    finally:
+        await pool.close()
+
+
+async def test_server_statement_timeout_stops_a_transaction(database_url: str) -> None:
+    pool = await db.create_pool(database_url, min_size=1, max_size=1)
+    try:
+        with pytest.raises(Unavailable) as caught:
+            async with db.as_service(pool, statement_timeout=0.05) as conn:
+                await conn.execute("select pg_sleep(5)")
+        assert caught.value.reason == "DATABASE_UNAVAILABLE"
+        assert isinstance(caught.value.__cause__, asyncpg.QueryCanceledError)
+        assert await pool.fetchval("select 1") == 1
+    finally:
+        await pool.close()
+
+
+async def test_a_transaction_whose_query_times_out_is_dropped_not_rolled_back(database_url: str) -> None:
+    pool = await db.create_pool(
+        database_url, min_size=1, max_size=1, statement_timeout=0.2, service="dbtest-drop"
+    )
+    try:
+        before = _timeouts("statement", "dbtest-drop")
+        first = await pool.fetchval("select pg_backend_pid()")
+        with pytest.raises(Unavailable) as caught:
+            # The server would wait 10 s: the client's command timeout fires inside the transaction.
+            async with db.as_service(pool, statement_timeout=10) as conn:
+                await conn.execute("select pg_sleep(5)")
+        assert caught.value.reason == "DATABASE_UNAVAILABLE"
+        assert isinstance(caught.value.__cause__, TimeoutError)
+        assert _timeouts("statement", "dbtest-drop") == before + 1
+        # The only connection was closed rather than reused; the pool opens a new backend.
+        assert await pool.fetchval("select pg_backend_pid()") != first
+    finally:
+        await pool.close()
