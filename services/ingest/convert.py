@@ -69,6 +69,7 @@ def document_input_from_proto(document: document_pb2.Document) -> DocumentInput:
 
 
 def _skip_reason(code: str | None, detail: str) -> document_pb2.SkipReason | None:
+    """_skip_reason is the SkipReason message for a stored index skip, or None."""
     if code is None:
         return None
     message = _SKIP_MESSAGES.get(code, code)

@@ -166,6 +166,7 @@ class _Valid:
 
 
 def _violation(index: int, name: str, description: str, reason: str) -> FieldViolation:
+    """_violation is a field violation on field `name` of the item at `index`."""
     return FieldViolation(f"documents[{index}].{name}", description, reason)
 
 
@@ -259,6 +260,7 @@ def check_item(index: int, item: DocumentInput, limits: DocumentLimits) -> _Vali
 def _check_language(
     index: int, item: DocumentInput, raw: bytes, violations: list[FieldViolation]
 ) -> str | None:
+    """_check_language is the item's language: the given one normalised, or detected when absent."""
     if item.language is None or item.language == "":
         return detect_language(item.path, raw) or None
     known = normalize_language(item.language)
@@ -275,6 +277,7 @@ def _check_language(
 
 
 def _check_title(index: int, title: str | None, violations: list[FieldViolation]) -> str | None:
+    """_check_title is the item's title (None when empty); too long or unprintable is a violation."""
     if not title:
         return None
     if len(title) > MAX_TITLE_CHARS or _has_control(title):
@@ -292,6 +295,7 @@ def _check_title(index: int, title: str | None, violations: list[FieldViolation]
 def _check_tags(
     index: int, tags: Sequence[str], limits: DocumentLimits, violations: list[FieldViolation]
 ) -> tuple[str, ...]:
+    """_check_tags is the item's tags sorted and distinct, with violations for too many or malformed ones."""
     distinct = tuple(sorted(set(tags)))
     if len(distinct) > limits.max_tags:
         violations.append(
@@ -316,6 +320,7 @@ def _check_tags(
 def _check_metadata(
     index: int, metadata: Mapping[str, str], limits: DocumentLimits, violations: list[FieldViolation]
 ) -> None:
+    """_check_metadata adds violations for oversize metadata and keys or values Postgres cannot store."""
     size = sum(len(k.encode("utf-8")) + len(v.encode("utf-8")) for k, v in metadata.items())
     if size > limits.max_metadata_bytes:
         violations.append(
@@ -377,6 +382,7 @@ def _same(state: store.StoredState, valid: _Valid) -> bool:
 
 
 def _unchanged(valid: _Valid, state: store.StoredState) -> ItemResult:
+    """_unchanged answers an item identical to the stored document with the stored revision."""
     return ItemResult(
         index=valid.index,
         path=valid.row.path,

@@ -72,6 +72,7 @@ def check_request_id(request_id: str) -> None:
 
 
 def _reused(request_id: str) -> InvalidArgument:
+    """_reused is the refusal of a request id already used for a different request."""
     return InvalidArgument(
         "this request_id was used for a different request",
         reason="REQUEST_ID_REUSED",
@@ -131,6 +132,7 @@ class PageCursor:
 
 
 def _filter_digest(filters: store.ListFilter) -> str:
+    """_filter_digest is a short digest of a listing's filters, which page tokens carry."""
     parts = [
         str(filters.repository_id or ""),
         filters.path_prefix,
@@ -162,6 +164,7 @@ def decode_page_token(token: str, filters: store.ListFilter) -> PageCursor:
 
 
 def _bad_token(description: str) -> InvalidArgument:
+    """_bad_token is the refusal of a page token that this listing did not make."""
     return InvalidArgument(
         f"page_token: {description}",
         reason="PAGE_TOKEN_INVALID",
@@ -197,6 +200,7 @@ class DocumentService:
         *,
         first_index: int,
     ) -> BatchOutcome:
+        """_batch runs one batch in one transaction as the user, claiming and recording its request id."""
         pool = await self._pool.get()
         async with db.as_user(pool, user_id) as conn:
             if request_id:
@@ -248,6 +252,7 @@ class DocumentService:
         first_index: int,
         summary: StreamOutcome,
     ) -> None:
+        """_stream_batch commits one stream batch under the stream's request id and the batch's number."""
         method = f"{STREAM_METHOD}#{summary.batches}"
         summary.add(await self._batch(user_id, batch, method, request_id, first_index=first_index))
 
@@ -261,7 +266,7 @@ class DocumentService:
             raise _not_found(document_id)
         return row
 
-    async def list(
+    async def list_page(
         self,
         user_id: uuid.UUID,
         filters: store.ListFilter,
@@ -270,7 +275,7 @@ class DocumentService:
         page_token: str,
         with_content: bool,
     ) -> tuple[list[store.DocumentRow], str]:
-        """list returns one page of the caller's documents by (path, id) and the next page's token."""
+        """list_page returns one page of the caller's documents by (path, id) and the next page's token."""
         if page_size < 0:
             raise InvalidArgument(
                 "page_size must not be negative",
@@ -322,4 +327,5 @@ def parse_id(value: str, name: str) -> uuid.UUID:
 
 
 def _not_found(document_id: str) -> NotFound:
+    """_not_found is the answer for a document that does not exist or is another tenant's."""
     return NotFound("no such document", resource_type="kotadb.v1.Document", resource_name=document_id)

@@ -71,6 +71,7 @@ def _repository_clause(repository_id: uuid.UUID | None, position: int) -> str:
 
 
 def _repository_args(repository_id: uuid.UUID | None) -> list[Any]:
+    """_repository_args is the parameter `_repository_clause` needs (none for pushed documents)."""
     return [] if repository_id is None else [repository_id]
 
 
@@ -243,6 +244,7 @@ async def tombstone_paths(
 
 
 async def _drop_symbols(conn: Connection, user_id: uuid.UUID, rows: Sequence[Any]) -> dict[uuid.UUID, int]:
+    """_drop_symbols deletes the symbols of tombstoned documents; returns their id → revision."""
     deleted = {row["id"]: row["revision"] for row in rows}
     if deleted:
         await conn.execute(
@@ -374,6 +376,7 @@ _FROM = (
 
 
 def _document(row: Any) -> DocumentRow:
+    """_document reads one documents row into a DocumentRow."""
     return DocumentRow(
         id=row["id"],
         repository_id=row["repository_id"],
@@ -431,6 +434,7 @@ async def list_documents(
     where = ["d.user_id = $1"]
 
     def arg(value: Any) -> str:
+        """arg appends a query parameter and returns its placeholder."""
         args.append(value)
         return f"${len(args)}"
 

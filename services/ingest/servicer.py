@@ -89,6 +89,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         user_id = _tenant()
 
         async def items() -> AsyncIterator[tuple[DocumentInput, str]]:
+            """items converts the stream's messages to (document, request id) pairs as they arrive."""
             async for message in request_iterator:
                 yield convert.document_input_from_proto(message.document), message.request_id
 
@@ -130,7 +131,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             tag=request.tag,
             show_deleted=request.show_deleted,
         )
-        rows, token = await self._documents.list(
+        rows, token = await self._documents.list_page(
             user_id,
             filters,
             page_size=request.page_size,

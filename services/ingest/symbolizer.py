@@ -139,6 +139,7 @@ class Symbolizer:
         self._context = multiprocessing.get_context("forkserver")
 
     def _executor(self) -> ProcessPoolExecutor:
+        """_executor is the worker pool, started on first use (and again after a worker died)."""
         if self._pool is None:
             self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=self._context)
         return self._pool

@@ -8,13 +8,21 @@ must not take a new revision.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import os
+import signal
 import uuid
 
 import asyncpg
 
 from services.common import db
-from services.ingest.documents import DocumentInput, DocumentWriter
+from services.common.server import LazyPool
+from services.common.settings import CommonSettings
+from services.ingest.config import IngestSettings
+from services.ingest.documents import DocumentInput, DocumentWriter, ItemResult
+from services.ingest.documentservice import DocumentService
+from services.ingest.symbolizer import Symbolizer
 from tests.conftest import UserFactory
 from tests.ingest.conftest import RepositoryFactory
 
@@ -228,3 +236,66 @@ async def test_repository_documents_delete_paths_and_existing_hashes(
     async with db.as_service(pool) as conn:
         revived = await document_writer.upsert(conn, user, [items[0]])
     assert not revived.results[0].unchanged and revived.results[0].revision > revision
+
+
+async def test_concurrent_identical_writes_take_one_revision(
+    pool: asyncpg.Pool, user_factory: UserFactory, document_writer: DocumentWriter
+) -> None:
+    """Two transactions racing to write the same new document: one writes, the other is unchanged."""
+    user = await user_factory()
+    item = DocumentInput("race.py", "def race():\n    pass\n")
+
+    async def write() -> ItemResult:
+        async with db.as_user(pool, user) as conn:
+            return (await document_writer.upsert(conn, user, [item])).results[0]
+
+    first, second = await asyncio.gather(write(), write())
+    assert first.id == second.id and first.revision == second.revision
+    assert sorted([first.unchanged, second.unchanged]) == [False, True]
+    assert len(await _changes(pool, user)) == 1
+    assert await pool.fetchval("select count(*) from public.symbols where document_id = $1", first.id) == 1
+
+
+async def test_a_dead_symbol_worker_is_replaced(pool: asyncpg.Pool) -> None:
+    """Killing the worker process breaks the pool; the next batch runs on a new one, symbols intact."""
+    symbolizer = Symbolizer(1)
+    try:
+        before = await symbolizer.analyze_many([(PYTHON, "python")])
+        assert {s.name for s in before[0].symbols} == {"Greeter", "greet", "main"}
+        executor = symbolizer._pool
+        assert executor is not None
+        for process in list(executor._processes.values()):
+            assert process.pid is not None
+            os.kill(process.pid, signal.SIGKILL)
+            process.join()
+        after = await symbolizer.analyze_many([(PYTHON, "python"), (b"", "text")])
+        assert after[0] == before[0] and after[1].index_skip == "empty"
+        assert symbolizer.restarts == 1
+    finally:
+        symbolizer.close()
+
+
+async def test_request_ids_expire_after_the_retention(
+    pool: asyncpg.Pool, user_factory: UserFactory, database_url: str
+) -> None:
+    """A request id older than the retention is forgotten: the same id is then a new request."""
+    user = await user_factory()
+    lazy = LazyPool(CommonSettings(database_url=database_url, db_pool_min=1, db_pool_max=2))
+    await lazy.connect()
+    service = DocumentService(lazy, IngestSettings(database_url=database_url, symbol_workers=1))
+    try:
+        first = await service.upsert(user, [DocumentInput("r.py", "r = 1\n")], request_id="keep-1")
+        await service.upsert(user, [DocumentInput("r.py", "r = 2\n")])
+        replay = await service.upsert(user, [DocumentInput("r.py", "r = 1\n")], request_id="keep-1")
+        assert replay == first
+        await pool.execute(
+            "update public.ingest_requests set created_at = now() - interval '2 days' where user_id = $1",
+            user,
+        )
+        fresh = await service.upsert(user, [DocumentInput("r.py", "r = 1\n")], request_id="keep-1")
+        assert fresh.results[0].revision > first.results[0].revision and not fresh.results[0].unchanged
+        rows = await pool.fetchval("select count(*) from public.ingest_requests where user_id = $1", user)
+        assert rows == 1
+    finally:
+        await asyncio.to_thread(service.close)
+        await lazy.close(wait=5)
