@@ -88,6 +88,11 @@ class IngestSettings(ServiceSettings):
         minimum=1024,
         help="Largest GitHub webhook body accepted, in bytes (GitHub caps payloads at 25 MiB).",
     )
+    webhook_concurrency: int = setting(
+        16,
+        minimum=1,
+        help="Webhook deliveries one ingest process handles at once; others wait within the deadline.",
+    )
     webhook_deadline: float = setting(
         8.0,
         minimum=0.1,

@@ -3,8 +3,8 @@
 Document part: `document_input_from_proto`, `write_result_to_proto`, `document_to_proto`
 (honouring a read mask) and `read_mask_fields` (which refuses unknown mask paths).
 Repository part: `repository_spec_from_proto`, `filter_change_from_proto` (UpdateRepository's
-field mask) and `repository_to_proto` (never any secret). Job part: `job_to_proto`, `job_event_to_proto`,
-`job_state_from_proto`.
+field mask) and `repository_to_proto` (never any secret).
+Job part: `job_to_proto`, `job_event_to_proto`, `job_state_from_proto`.
 """
 
 from __future__ import annotations
@@ -263,7 +263,7 @@ def repository_to_proto(record: RepositoryRecord, webhook_url: str) -> repositor
     return proto
 
 
-# --- Jobs (shared with ingest-jobs) ------------------------------------------------------------
+# --- Jobs (ingest-jobs): JobRecord / JobEventRecord → job_pb2 -----------------------------------
 
 _JOB_KINDS: dict[str, job_pb2.Job.Kind.ValueType] = {
     "sync": job_pb2.Job.FULL_SYNC,

@@ -21,7 +21,7 @@ document leaves a tombstone in the change feed (documents_record_change), in tha
 webhook deliveries go with it. A worker running one of the jobs loses its lease at its next
 checkpoint (`queue.fence` finds no row) and its uncommitted batch rolls back. If the second step
 fails (a deadlock with a worker's batch is possible and retryable) the repository stays
-`deleting`: webhooks and syncs refuse it and a repeated DeleteRepository finishes the job.
+`deleting`: webhooks and updates refuse it and a repeated DeleteRepository finishes the job.
 
 Filters. A changed branch, glob list or size limit forgets `last_synced_commit`, so the next sync
 is a full one: an incremental sync only looks at the paths that changed between two commits.
@@ -32,6 +32,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import hashlib
 import json
 import logging
 import re
@@ -51,8 +52,9 @@ from services.common.errors import (
 )
 from services.common.server import LazyPool
 from services.common.settings import env_settings
-from services.ingest import queue, repostore
+from services.ingest import repostore
 from services.ingest.config import IngestSettings
+from services.ingest.jobs import JobService
 from services.ingest.queue import JobRecord
 from services.ingest.repostore import RepositoryRecord
 from services.ingest.secretbox import SecretBox, SecretBoxError
@@ -68,8 +70,6 @@ MAX_TOKEN_LENGTH = 4096
 MAX_REQUEST_ID_LENGTH = 128
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
-# The document hard limit (KOTADB_INGEST_MAX_DOCUMENT_BYTES) when the settings do not say.
-DEFAULT_MAX_FILE_BYTES = 10 * 1024 * 1024
 WEBHOOK_SECRET_BYTES = 32
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -159,10 +159,16 @@ class RepositoryManager:
     """RepositoryManager applies the repository rules on the shared pool for the servicer."""
 
     def __init__(
-        self, pool: LazyPool, settings: IngestSettings, *, resolver: Resolver = system_resolver
+        self,
+        pool: LazyPool,
+        settings: IngestSettings,
+        jobs: JobService,
+        *,
+        resolver: Resolver = system_resolver,
     ) -> None:
         self._pool = pool
         self.settings = settings
+        self._jobs = jobs
         self._resolver = resolver
         self._box: SecretBox | None = None
 
@@ -175,7 +181,7 @@ class RepositoryManager:
 
     def max_file_limit(self) -> int:
         """max_file_limit is the largest max_file_bytes a repository may ask for."""
-        return int(getattr(self.settings, "max_document_bytes", DEFAULT_MAX_FILE_BYTES))
+        return self.settings.max_document_bytes
 
     def webhook_url(self, repository_id: uuid.UUID) -> str:
         """webhook_url is the repository's webhook address as users configure it on GitHub."""
@@ -305,16 +311,14 @@ class RepositoryManager:
     async def _enqueue_full(
         self, user_id: uuid.UUID, repository_id: uuid.UUID, request_id: str, key_id: uuid.UUID | None
     ) -> JobRecord:
-        async with db.as_service(self._pool.get()) as conn:
-            return await queue.enqueue(
-                conn,
-                user_id=user_id,
-                repository_id=repository_id,
-                kind="sync",
-                params={"full": True, "trigger": "create"},
-                request_id=f"create:{request_id}" if request_id else None,
-                key_id=key_id,
-            )
+        return await self._jobs.sync_repository(
+            user_id,
+            str(repository_id),
+            full=True,
+            # Derived, so a retried create finds its job; hashed, so it fits the jobs' id limit.
+            request_id=f"create:{hashlib.sha256(request_id.encode()).hexdigest()[:40]}" if request_id else "",
+            key_id=key_id,
+        )
 
     async def get(self, user_id: uuid.UUID, repository_id: uuid.UUID) -> RepositoryRecord:
         """get returns the caller's repository, or NotFound (also for another user's)."""
@@ -408,46 +412,6 @@ class RepositoryManager:
             raise not_found(repository_id)
         async with db.as_service(self._pool.get()) as conn:
             await repostore.delete(conn, repository_id, user_id)
-
-    async def sync(
-        self,
-        user_id: uuid.UUID,
-        repository_id: uuid.UUID,
-        *,
-        full: bool,
-        commit_sha: str = "",
-        request_id: str = "",
-        key_id: uuid.UUID | None = None,
-    ) -> JobRecord:
-        """sync queues a full or incremental sync of the caller's repository and returns the job.
-
-        A request folds into the repository's queued job when there is one (services/ingest/queue.py).
-        """
-        if commit_sha and not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", commit_sha):
-            message = "commit_sha is a full lowercase hex commit id"
-            raise InvalidArgument(
-                message, field_violations=[FieldViolation("commit_sha", message, "INVALID_COMMIT")]
-            )
-        if len(request_id) > MAX_REQUEST_ID_LENGTH:
-            raise InvalidArgument(
-                f"request_id is at most {MAX_REQUEST_ID_LENGTH} characters",
-                field_violations=[FieldViolation("request_id", "too long", "TOO_LONG")],
-            )
-        record = await self.get(user_id, repository_id)
-        _refuse_deleting(record)
-        params: dict[str, object] = {"full": full, "trigger": "api"}
-        if commit_sha:
-            params["commit_sha"] = commit_sha
-        async with db.as_service(self._pool.get()) as conn:
-            return await queue.enqueue(
-                conn,
-                user_id=user_id,
-                repository_id=repository_id,
-                kind="sync" if full else "webhook_push",
-                params=params,
-                request_id=request_id or None,
-                key_id=key_id,
-            )
 
     def webhook_secret(self, record: RepositoryRecord) -> bytes:
         """webhook_secret opens a repository's webhook secret (HMAC key), or raises FailedPrecondition."""

@@ -151,10 +151,13 @@ async def insert(
 async def get(
     conn: Connection, repository_id: uuid.UUID, *, count: bool = True, lock: bool = False
 ) -> RepositoryRecord | None:
-    """get returns one repository visible on `conn`, or None; `lock` takes a row lock for update."""
+    """get returns one repository visible on `conn`, or None; `lock` locks the row (no key update).
+
+    `for no key update` does not wait for workers' and webhooks' foreign-key checks (key share).
+    """
     row = await conn.fetchrow(
         f"select {_COLUMNS}{_COUNT if count else ''} from public.repositories r where r.id = $1"
-        + (" for update of r" if lock else ""),
+        + (" for no key update of r" if lock else ""),
         repository_id,
     )
     return record_from_row(row) if row is not None else None
@@ -366,6 +369,15 @@ async def get_delivery(conn: Connection, repository_id: uuid.UUID, delivery_id: 
         delivery_id,
     )
     return _delivery(row) if row is not None else None
+
+
+async def fail_delivery(conn: Connection, delivery: uuid.UUID, *, reason: str, message: str) -> None:
+    """fail_delivery marks a delivery `failed` with `{reason, message}` as its error."""
+    await conn.execute(
+        "update public.webhook_deliveries set status = 'failed', error = $2::jsonb where id = $1",
+        delivery,
+        json.dumps({"reason": reason, "message": message}),
+    )
 
 
 async def finish_delivery(

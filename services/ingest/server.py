@@ -36,10 +36,10 @@ def build(
     pool = LazyPool(settings)
     store = IngestStore(pool)
     documents = DocumentService(pool, settings)
-    repositories = RepositoryManager(pool, settings)
-    webhooks = WebhookReceiver(pool, repositories)
     wakeups = events.Wakeups(settings.listen_database_url, poll_interval=settings.poll_interval)
     jobs = JobService(pool, settings, wakeups)
+    repositories = RepositoryManager(pool, settings, jobs)
+    webhooks = WebhookReceiver(pool, repositories, wakeups)
     servicer = IngestServicer(
         store, documents=documents, repositories=repositories, webhooks=webhooks, jobs=jobs
     )

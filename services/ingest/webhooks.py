@@ -23,7 +23,13 @@ handles one delivery, in this order:
    branch puts the repository in state `error` (reason BRANCH_DELETED) and queues nothing.
 
 The handler only records and enqueues — two short transactions — so it answers well within
-GitHub's 10 s; the worker fetches and diffs (the webhook is a trigger, not the truth).
+GitHub's 10 s, and past `webhook_deadline` it answers UNAVAILABLE rather than hang; the worker
+fetches and diffs (the webhook is a trigger, not the truth).
+
+Anyone can call this route, so what a stranger can make it spend is bounded: bodies by the
+gateway (413 over 25 MiB) and `max_webhook_bytes`; deliveries in progress by
+`webhook_concurrency`; large bodies are hashed and parsed off the event loop; refusal log lines by a token
+bucket (the refusal metric still counts every one); and nothing unsigned is ever stored.
 """
 
 from __future__ import annotations
@@ -35,19 +41,21 @@ import hmac
 import json
 import logging
 import re
+import time
 import uuid
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 from urllib.parse import parse_qs
 
 from services.common import db, metrics
 from services.common.errors import FieldViolation, InvalidArgument, NotFound, Unauthenticated, Unavailable
 from services.common.server import LazyPool
-from services.ingest import queue, repostore
+from services.ingest import events, queue, repostore
 from services.ingest.queue import JobRecord
 from services.ingest.repositories import RepositoryManager, not_found
 
 logger = logging.getLogger("kotadb.ingest.webhooks")
+T = TypeVar("T")
 
 EVENT_HEADER = "x-github-event"
 DELIVERY_HEADER = "x-github-delivery"
@@ -56,6 +64,9 @@ _DELIVERY_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _EVENT = re.compile(r"^[a-z_]{1,64}$")
 _SHA = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
 _ZERO_SHA = re.compile(r"^0+$")
+# Bodies hashed and parsed on the event loop; larger ones are handled in a thread.
+INLINE_BODY_BYTES = 256 * 1024
+REFUSAL_LOGS_PER_SECOND = 10.0
 
 DELIVERIES = metrics.counter(
     "kotadb_ingest_webhook_deliveries_total",
@@ -85,6 +96,32 @@ class Outcome:
     ignored_reason: str = ""
 
 
+class LogBudget:
+    """LogBudget allows up to `per_second` log lines a second, refilled continuously (a token bucket)."""
+
+    def __init__(self, per_second: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_second = per_second
+        self._clock = clock
+        self._tokens = per_second
+        self._at = clock()
+
+    def allow(self) -> bool:
+        """allow takes one token if there is one."""
+        now = self._clock()
+        self._tokens = min(self.per_second, self._tokens + (now - self._at) * self.per_second)
+        self._at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+
+def _unsigned(reason: str) -> Unauthenticated:
+    return Unauthenticated(
+        "the webhook signature (X-Hub-Signature-256) is missing or does not match the secret", reason=reason
+    )
+
+
 def signature_for(secret: bytes, body: bytes) -> str:
     """signature_for is the `X-Hub-Signature-256` value GitHub sends for `body` under `secret`."""
     return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
@@ -93,9 +130,14 @@ def signature_for(secret: bytes, body: bytes) -> str:
 class WebhookReceiver:
     """WebhookReceiver verifies and records GitHub deliveries for the servicer."""
 
-    def __init__(self, pool: LazyPool, repositories: RepositoryManager) -> None:
+    def __init__(self, pool: LazyPool, repositories: RepositoryManager, wakeups: events.Wakeups) -> None:
         self._pool = pool
         self._repositories = repositories
+        self._wakeups = wakeups
+        # Deliveries handled at once: each may hold a 25 MiB body and a database connection.
+        self._slots = asyncio.Semaphore(repositories.settings.webhook_concurrency)
+        # Refusals are counted always but logged at most this often: strangers choose their rate.
+        self._refusal_log = LogBudget(per_second=REFUSAL_LOGS_PER_SECOND)
 
     async def receive(self, delivery: Delivery) -> Outcome:
         """receive handles one delivery (see the module docstring for the steps and errors).
@@ -106,7 +148,7 @@ class WebhookReceiver:
         """
         deadline = self._repositories.settings.webhook_deadline
         try:
-            async with asyncio.timeout(deadline):
+            async with asyncio.timeout(deadline), self._slots:
                 outcome = await self._receive(delivery)
         except TimeoutError:
             metrics.refused("ingest", "WEBHOOK_DEADLINE")
@@ -146,7 +188,7 @@ class WebhookReceiver:
         if len(delivery.body) > limit:
             metrics.refused("ingest", "WEBHOOK_TOO_LARGE")
             raise InvalidArgument(f"the webhook body exceeds {limit} bytes", reason="PAYLOAD_TOO_LARGE")
-        self._verify(record.id, self._repositories.webhook_secret(record), delivery)
+        await self._verify(record.id, self._repositories.webhook_secret(record), delivery)
 
         event = delivery.headers.get(EVENT_HEADER, "")
         delivery_id = delivery.headers.get(DELIVERY_HEADER, "")
@@ -164,7 +206,7 @@ class WebhookReceiver:
                 "the delivery's GitHub headers are missing or malformed", field_violations=violations
             )
         try:
-            payload = _payload(delivery)
+            payload = await _large_off_loop(delivery.body, _payload, delivery)
         except ValueError as exc:
             payload_error: str | None = str(exc)
             payload = {}
@@ -180,17 +222,15 @@ class WebhookReceiver:
                 user_id=record.user_id,
                 delivery_id=delivery_id,
                 event=event,
-                payload_sha256=hashlib.sha256(delivery.body).hexdigest(),
+                payload_sha256=await _large_off_loop(delivery.body, _sha256, delivery.body),
                 ref=ref[:1024] if ref else None,
                 after=after[:128] if after else None,
             )
             if stored is None:
                 return await self._duplicate(conn, record.id, delivery_id, event)
             if payload_error is not None:
-                await conn.execute(
-                    "update public.webhook_deliveries set status = 'failed', error = $2::jsonb where id = $1",
-                    stored.id,
-                    json.dumps({"reason": "PAYLOAD_INVALID", "message": payload_error}),
+                await repostore.fail_delivery(
+                    conn, stored.id, reason="PAYLOAD_INVALID", message=payload_error
                 )
                 outcome = None
             else:
@@ -199,16 +239,21 @@ class WebhookReceiver:
             DELIVERIES.labels(event=event, outcome="invalid").inc()
             message = f"the delivery's payload is not valid: {payload_error}"
             raise InvalidArgument(message, reason="PAYLOAD_INVALID")
+        if outcome.job is not None:
+            # This process's workers pick the job up now rather than at their next poll.
+            self._wakeups.nudge()
         DELIVERIES.labels(event=event, outcome="queued" if outcome.job else "ignored").inc()
         return outcome
 
-    def _verify(self, repository_id: uuid.UUID, secret: bytes, delivery: Delivery) -> None:
+    async def _verify(self, repository_id: uuid.UUID, secret: bytes, delivery: Delivery) -> None:
         presented = delivery.headers.get(SIGNATURE_HEADER, "")
-        expected = signature_for(secret, delivery.body)
+        expected = await _large_off_loop(delivery.body, signature_for, secret, delivery.body)
         if presented and hmac.compare_digest(presented.encode("utf-8", "replace"), expected.encode("ascii")):
             return
         reason = "WEBHOOK_SIGNATURE_INVALID" if presented else "WEBHOOK_SIGNATURE_MISSING"
         metrics.refused("ingest", "WEBHOOK_SIGNATURE")
+        if not self._refusal_log.allow():
+            raise _unsigned(reason)
         # Never the body nor the signature: either could help someone forge the next one.
         logger.warning(
             "webhook delivery refused: %s",
@@ -223,10 +268,7 @@ class WebhookReceiver:
                 }
             },
         )
-        raise Unauthenticated(
-            "the webhook signature (X-Hub-Signature-256) is missing or does not match the secret",
-            reason=reason,
-        )
+        raise _unsigned(reason)
 
     async def _duplicate(
         self, conn: db.Connection, repository_id: uuid.UUID, delivery_id: str, event: str
@@ -280,6 +322,7 @@ class WebhookReceiver:
                 "delivery_id": stored.delivery_id,
                 "trigger": "webhook",
             },
+            max_attempts=self._repositories.settings.job_max_attempts,
         )
         await repostore.finish_delivery(conn, stored.id, status="queued", job_id=job.id)
         return Outcome(delivery_id=stored.delivery_id, event=event, job=job)
@@ -346,6 +389,21 @@ def _payload(delivery: Delivery) -> dict[str, Any]:
     if not isinstance(document, dict):
         raise ValueError("the body is not a JSON object")
     return document
+
+
+async def _large_off_loop(body: bytes, work: Callable[..., T], *args: Any) -> T:
+    """_large_off_loop runs `work(*args)` in a thread when `body` is large, else right here.
+
+    hashlib releases the GIL on large inputs and json parses at ~100 MB/s, so a 25 MiB body costs
+    the event loop ~50-250 ms if handled inline; in a thread the loop keeps serving other calls.
+    """
+    if len(body) > INLINE_BODY_BYTES:
+        return await asyncio.to_thread(work, *args)
+    return work(*args)
+
+
+def _sha256(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
 
 
 def _printable(value: str) -> str:

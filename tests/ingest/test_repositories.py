@@ -448,3 +448,15 @@ async def test_deleting_a_repository_takes_the_running_job_from_its_worker(
     with pytest.raises(queue.LeaseLost):
         async with db.as_service(pool) as conn:
             await queue.fence(conn, job_id, "worker-x", lease=60)
+
+
+async def test_a_retried_create_with_sync_returns_the_same_repository_and_job(
+    local: IngestServer, user_factory: UserFactory
+) -> None:
+    user = await user_factory()
+    request_id = "r" * 128  # the longest id: the job's derived id must still fit
+    first = await _create(local, user, request_id=request_id, sync=True)
+    again = await _create(local, user, request_id=request_id, sync=True)
+    assert again.repository.id == first.repository.id and again.job.id == first.job.id
+    assert first.webhook_secret and not again.webhook_secret
+    await _refused(_create(local, user, request_id="r" * 129), grpc.StatusCode.INVALID_ARGUMENT)

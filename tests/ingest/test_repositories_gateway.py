@@ -62,6 +62,8 @@ def stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         workdir,
         IDENTITY_KEY,
         KOTADB_INGEST_SYMBOL_WORKERS="1",
+        # No job workers: queued jobs stay queued, so a sync request folds into them.
+        KOTADB_INGEST_WORKERS="0",
         KOTADB_INGEST_SECRET_KEYS=SECRET_KEYS,
         KOTADB_LOG_LEVEL="DEBUG",
     )

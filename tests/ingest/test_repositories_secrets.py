@@ -17,6 +17,7 @@ from services.common.errors import FailedPrecondition, InvalidArgument
 from services.ingest.config import IngestSettings
 from services.ingest.secretbox import SecretBox, SecretBoxError, generate_key_spec
 from services.ingest.urlpolicy import Resolver, check_url, forbidden_address
+from services.ingest.webhooks import LogBudget
 
 
 def test_round_trip_and_context_binding() -> None:
@@ -137,3 +138,13 @@ def test_forbidden_address_kinds() -> None:
     assert forbidden_address("172.16.0.1") == "private"
     assert forbidden_address("0.0.0.0") is not None
     assert forbidden_address("8.8.8.8") is None
+
+
+def test_log_budget_refills_at_its_rate() -> None:
+    now = [100.0]
+    budget = LogBudget(per_second=2.0, clock=lambda: now[0])
+    assert [budget.allow() for _ in range(3)] == [True, True, False]
+    now[0] += 0.5
+    assert [budget.allow() for _ in range(2)] == [True, False]
+    now[0] += 60.0  # a long quiet spell refills to the rate, not beyond
+    assert [budget.allow() for _ in range(3)] == [True, True, False]

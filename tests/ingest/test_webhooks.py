@@ -20,6 +20,7 @@ import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -29,10 +30,19 @@ from kotadb.v1 import ingest_pb2, repository_pb2
 
 from services.common.metrics import REGISTRY
 from services.common.supervisor import Supervisor
+from services.ingest.documents import DocumentWriter
 from services.ingest.secretbox import generate_key_spec
 from tests.conftest import UserFactory
 from tests.harness import Envoy, free_port, start_envoy
 from tests.ingest.conftest import IngestServer, start_ingest_server
+from tests.ingest.jobhelpers import (
+    SourceRepo,
+    clean_queue,
+    live_documents,
+    running_worker,
+    wait_job,
+    worker_settings,
+)
 
 SECRET_KEYS = generate_key_spec("hooks1")
 HEAD = "1" * 40
@@ -375,3 +385,49 @@ async def test_bodies_over_25_mib_are_refused_by_the_gateway(
     status, answer = await deliver(gateway, repo.id, over, secret=repo.secret, delivery="too-big")
     assert status == 413, answer
     assert [r["delivery_id"] for r in await _deliveries(pool, repo.id)] == ["big-ok"]
+
+
+async def test_a_signed_push_reindexes_only_what_changed_and_the_delivery_follows_its_job(
+    gateway: Envoy,
+    hook_server: IngestServer,
+    pool: asyncpg.Pool,
+    user_factory: UserFactory,
+    document_writer: DocumentWriter,
+    database_url: str,
+    tmp_path: Path,
+) -> None:
+    await clean_queue(pool)
+    source = SourceRepo(tmp_path / "source")
+    source.write("keep.py", "def keep():\n    return 1\n")
+    source.write("edit.py", "def before():\n    return 1\n")
+    source.write("gone.py", "def gone():\n    return 1\n")
+    source.commit("first")
+    user = await user_factory()
+    created = await hook_server.stub().CreateRepository(
+        ingest_pb2.CreateRepositoryRequest(
+            repository=repository_pb2.Repository(full_name="org/e2e", url=source.url, default_branch="main"),
+            sync=True,
+        ),
+        metadata=hook_server.caller(user),
+    )
+    rid = uuid.UUID(created.repository.id)
+    settings = worker_settings(database_url, tmp_path / "work", secret_keys=SECRET_KEYS)
+    async with running_worker(pool, settings, document_writer):
+        assert (await wait_job(pool, uuid.UUID(created.job.id))).state == "succeeded"
+        first = await live_documents(pool, rid)
+        assert sorted(first) == ["edit.py", "gone.py", "keep.py"]
+
+        source.write("edit.py", "def after():\n    return 2\n")
+        source.write("added.py", "def added():\n    return 3\n")
+        source.git("rm", "--quiet", "gone.py")
+        head = source.commit("second")
+        # commits[] is left empty: the worker diffs the repository, not the payload.
+        status, answer = await deliver(gateway, str(rid), push(after=head), secret=created.webhook_secret)
+        assert status == 200, answer
+        assert (await wait_job(pool, uuid.UUID(answer["job"]["id"]))).state == "succeeded"
+    second = await live_documents(pool, rid)
+    assert sorted(second) == ["added.py", "edit.py", "keep.py"]
+    assert second["keep.py"] == first["keep.py"]  # untouched: same hash, same revision
+    assert second["edit.py"] != first["edit.py"]
+    rows = await _deliveries(pool, str(rid))
+    assert [(r["status"], str(r["job_id"])) for r in rows] == [("processed", answer["job"]["id"])]

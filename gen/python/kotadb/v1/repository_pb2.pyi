@@ -142,11 +142,13 @@ class Repository(_message.Message):
 
     @_builtins.property
     def include_globs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """include_globs keeps only files matching one of these globs (`**` spans directories); empty keeps all."""
+        """include_globs keeps only files whose path matches one of these globs; empty keeps all.
+        `*` and `**` match across `/`, `dir/` means everything below dir, a bare name matches at any depth.
+        """
 
     @_builtins.property
     def exclude_globs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """exclude_globs drops files matching any of these globs, after include_globs."""
+        """exclude_globs drops files matching any of these globs (same syntax), after include_globs."""
 
     @_builtins.property
     def error(self) -> _status_pb2.Status:
