@@ -1,7 +1,9 @@
 """Process harness for tests that run the real stack: `kotadb serve` children, Envoy, seeded keys.
 
-Tests that need services as separate processes start them under a `Supervisor` (so a failing
-test never leaves one running) with the helpers here:
+The spawning, port-file and health-wait code is services/common/stack.py's, the same `kotadb dev`
+and `kotadb bench auth` use; this module adapts it to pytest (a failure is `pytest.fail`, files
+go to the test's directory). Tests that need services as separate processes start them under a
+`Supervisor` (so a failing test never leaves one running) with the helpers here:
 
 * `spawn_service` starts `kotadb serve <service> --port 0 --port-file …` and returns the address
   it bound once the port file holds a number; `wait_healthy` then waits for gRPC health.
@@ -13,35 +15,45 @@ test never leaves one running) with the helpers here:
   exits (with the end of its log) instead of waiting out the limit.
 * `seed_key` writes a user and an API key straight into a database, for stacks whose database
   is not the session's pool (or from synchronous fixtures).
+* `DevStack` runs `kotadb dev` as a user does (a subprocess on free ports with its own embedded
+  Postgres) and reads its stack.json; `kotadb` runs one CLI command.
 * `free_port` is re-exported from services/common/pgembed.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
+import json
 import os
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import asyncpg
+import psutil
 import pytest
 
 from services.auth import keys
-from services.cli import gateway, status
+from services.cli import gateway
+from services.common import stack
 from services.common.identity import access_log_token
 from services.common.pgembed import free_port
-from services.common.server import listener_port_file
 from services.common.supervisor import ChildProcess, Supervisor
 
 __all__ = [
     "READY_LIMIT",
+    "DevStack",
     "Envoy",
     "Probe",
     "free_port",
+    "kotadb",
     "port_file_probe",
     "seed_key",
     "serve",
@@ -55,7 +67,6 @@ __all__ = [
 
 # Seconds; a cold start imports every service module and may share the CPU with other suites.
 READY_LIMIT = 180.0
-POLL_INTERVAL = 0.1
 
 Probe = Callable[[], tuple[bool, str]]
 
@@ -67,30 +78,15 @@ def wait_until(what: str, probe: Probe, supervisor: Supervisor, limit: float = R
     `supervisor` is checked on each round, so a service that crashed on start fails the test
     with its log tail rather than after `limit` seconds.
     """
-    deadline = time.monotonic() + limit
-    detail = ""
-    while time.monotonic() < deadline:
-        for child in supervisor.children:
-            if not child.alive():
-                pytest.fail(f"{child.name} exited ({child.returncode}):\n{child.log_tail()}")
-        ok, detail = probe()
-        if ok:
-            return
-        time.sleep(POLL_INTERVAL)
-    pytest.fail(f"{what} not ready after {limit}s: {detail}")
+    try:
+        stack.wait_until(what, probe, supervisor, limit)
+    except stack.StackError as exc:
+        pytest.fail(str(exc))
 
 
 def port_file_probe(path: Path) -> Probe:
-    """port_file_probe is a probe that passes once `path` holds a port number.
-
-    The server writes the file and renames it into place, so a reader never sees half of it.
-    """
-
-    def probe() -> tuple[bool, str]:
-        text = path.read_text().strip() if path.exists() else ""
-        return text.isdigit(), f"waiting for {path}"
-
-    return probe
+    """port_file_probe is a probe that passes once `path` holds a port number."""
+    return stack.port_file_probe(path)
 
 
 def service_env(database_url: str, workdir: Path, identity_key: str, **extra: str) -> dict[str, str]:
@@ -103,6 +99,8 @@ def service_env(database_url: str, workdir: Path, identity_key: str, **extra: st
     env["KOTADB_DATABASE_URL"] = database_url
     env["KOTADB_IDENTITY_KEY"] = identity_key
     env["KOTADB_SEARCH_DATA_DIR"] = str(workdir / "search-data")
+    # Tests run many processes of one service at once: fixed metrics ports would collide.
+    stack.metrics_on_free_ports(env)
     env.update(extra)
     return env
 
@@ -119,24 +117,24 @@ def spawn_service(
     It returns once the port file is written, which is before the service is healthy (see
     `wait_healthy`). The child's log is `workdir/<name>.log`.
     """
-    port_file = workdir / f"{name}.port"
-    port_file.unlink(missing_ok=True)
-    argv = [sys.executable, "-m", "services.cli", "serve", service, "--port", "0"]
-    child = supervisor.spawn(
-        name, [*argv, "--port-file", str(port_file)], log_path=workdir / f"{name}.log", env=env
+    started = stack.spawn_service(
+        supervisor,
+        name,
+        service,
+        port_file=workdir / f"{name}.port",
+        log_path=workdir / f"{name}.log",
+        env=env,
     )
-    wait_until(f"{name} port", port_file_probe(port_file), supervisor)
-    address = f"127.0.0.1:{port_file.read_text().strip()}"
-    check_file = listener_port_file(port_file, "check")
-    if check_file.exists():
+    wait_until(f"{name} port", port_file_probe(started.port_file), supervisor)
+    if started.check_address:
         # The auth service's lean Check listener: start_envoy points ext_authz at it.
-        CHECK_LISTENERS[address] = f"127.0.0.1:{check_file.read_text().strip()}"
-    return address, child
+        CHECK_LISTENERS[started.address] = started.check_address
+    return started.address, started.child
 
 
 def wait_healthy(address: str, supervisor: Supervisor) -> None:
     """wait_healthy waits until the gRPC health service at `address` reports SERVING."""
-    wait_until(address, functools.partial(status.probe_grpc_health, address), supervisor)
+    wait_until(address, functools.partial(stack.probe_grpc_health, address), supervisor)
 
 
 def serve(
@@ -169,14 +167,16 @@ def start_envoy(
     search: str,
     ext_authz: bool = True,
     identity_key: str = "",
+    limits: dict[str, Any] | None = None,
 ) -> Envoy:
     """start_envoy runs Envoy with the rendered gateway config in front of the given services.
 
     `auth` may list several replicas separated by commas. `identity_key` is the services'
     (service_env); without it Envoy's access log carries no token and auth meters nothing.
-    Gateway and admin ports are free ports; the config is `workdir/<name>.yaml`, the log
-    `workdir/<name>.log`. It returns once the admin `/ready` answers, which is before the
-    upstream clusters are healthy: wait on the gateway's `/health` when a test needs them.
+    Gateway and admin ports are free ports; the config is `workdir/<name>.yaml` (0600), the log
+    `workdir/<name>.log`; `limits` overrides GatewayConfig's limit fields (`max_heap_mib`, …).
+    It returns once the admin `/ready` answers, which is before the upstream clusters are
+    healthy: wait on the gateway's `/health` when a test needs them.
     """
     port, admin = free_port(), free_port()
     replicas = auth.split(",")
@@ -193,10 +193,16 @@ def start_envoy(
         ext_authz=ext_authz,
         access_log_token=access_log_token(identity_key),
     )
+    config = dataclasses.replace(config, **(limits or {}))
     config_path = workdir / f"{name}.yaml"
-    config_path.write_text(gateway.render(config))
-    argv = [gateway.find_envoy(), "-c", str(config_path), "--disable-hot-restart", "--log-level", "warn"]
-    child = supervisor.spawn(name, argv, log_path=workdir / f"{name}.log")
+    child = stack.start_envoy(
+        supervisor,
+        name,
+        envoy_bin=gateway.find_envoy(),
+        config_text=gateway.render(config),
+        config_path=config_path,
+        log_path=workdir / f"{name}.log",
+    )
     found = Envoy(
         url=f"http://127.0.0.1:{port}",
         target=f"127.0.0.1:{port}",
@@ -204,13 +210,13 @@ def start_envoy(
         config_path=config_path,
         child=child,
     )
-    wait_until(f"{name} admin", functools.partial(status.probe_http, f"{found.admin}/ready"), supervisor)
+    wait_until(f"{name} admin", functools.partial(stack.probe_http, f"{found.admin}/ready"), supervisor)
     return found
 
 
 def wait_gateway_healthy(envoy: Envoy, supervisor: Supervisor) -> None:
     """wait_gateway_healthy waits until the gateway's `/health` answers 200: every upstream SERVING."""
-    wait_until(f"{envoy.url}/health", functools.partial(status.probe_http, f"{envoy.url}/health"), supervisor)
+    wait_until(f"{envoy.url}/health", functools.partial(stack.probe_http, f"{envoy.url}/health"), supervisor)
 
 
 def seed_key(
@@ -250,3 +256,93 @@ def seed_key(
             await connection.close()
 
     return asyncio.run(seed())
+
+
+# Seconds: the first `kotadb dev` run creates a cluster and imports every service.
+STARTUP_LIMIT = 240.0
+STOP_LIMIT = 90.0
+
+
+class DevStack:
+    """DevStack is one `kotadb dev` subprocess and what it printed.
+
+    The stack under test always uses its own embedded cluster, whatever the test session uses;
+    `env` adds variables (e.g. a JWT secret) to the command's environment.
+    """
+
+    def __init__(self, data_dir: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.output_path = data_dir.parent / f"{data_dir.name}-dev-{time.monotonic_ns()}.out"
+        environment = dict(os.environ, **(env or {}))
+        environment.pop("KOTADB_DATABASE_URL", None)
+        with self.output_path.open("wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "services.cli", "dev", "--data-dir", str(data_dir), *extra],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=environment,
+                cwd=gateway.REPO_ROOT,
+            )
+
+    @property
+    def output(self) -> str:
+        """output is everything the command printed so far."""
+        return self.output_path.read_text(errors="replace")
+
+    def wait_for_stack(self) -> dict[str, Any]:
+        """wait_for_stack returns stack.json once written, failing if the command exits first."""
+        stack_path = self.data_dir / stack.STACK_FILE
+        deadline = time.monotonic() + STARTUP_LIMIT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"kotadb dev exited with {self.process.returncode}:\n{self.output}")
+            if stack_path.exists():
+                with contextlib.suppress(ValueError):
+                    document: dict[str, Any] = json.loads(stack_path.read_text())
+                    return document
+            time.sleep(0.25)
+        pytest.fail(f"no stack.json after {STARTUP_LIMIT}s:\n{self.output}")
+
+    def descendants(self, document: dict[str, Any]) -> list[psutil.Process]:
+        """descendants lists every process the stack runs: children, grandchildren, Postgres."""
+        found = psutil.Process(self.process.pid).children(recursive=True)
+        postmaster_pid = document["pids"].get("postgres")
+        if postmaster_pid:
+            postmaster = psutil.Process(postmaster_pid)
+            found += [postmaster, *postmaster.children(recursive=True)]
+        return found
+
+    def info(self) -> stack.StackInfo:
+        """info is the stack's current stack.json, typed."""
+        return stack.StackInfo.load(self.data_dir / stack.STACK_FILE)
+
+    def terminate(self, signum: int = signal.SIGTERM) -> int:
+        """terminate sends signum and waits for the command to finish stopping the stack."""
+        self.process.send_signal(signum)
+        return self.process.wait(timeout=STOP_LIMIT)
+
+    def kill_if_running(self) -> None:
+        """kill_if_running stops the command (SIGTERM, then SIGKILL) if it still runs."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=STOP_LIMIT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def kotadb(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """kotadb runs one `kotadb` command to completion and returns it (output captured as text)."""
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env=env,
+        cwd=gateway.REPO_ROOT,
+    )

@@ -21,6 +21,16 @@ class AuthSettings(ServiceSettings):
         minimum=0,
         help="Port of the lean HTTP/2 listener serving only Check (Envoy's ext_authz); 0 picks a free one.",
     )
+    check_host: str = setting(
+        "127.0.0.1",
+        help="Address the Check listener binds (not `KOTADB_AUTH_HOST`); only Envoy may reach it.",
+    )
+    check_max_message: int = setting(
+        64 << 10, minimum=1, help="Largest Check request message (bytes); larger ones are refused unread."
+    )
+    check_max_connections: int = setting(
+        1024, minimum=1, help="Most connections open on the Check listener; more are closed at once."
+    )
 
     # Keys and sessions (A-keys): session JWT verification, rotation grace, limits users may pick.
     jwt_secret: str = setting(

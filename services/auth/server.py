@@ -43,6 +43,7 @@ from services.auth.servicer import AuthServicer
 from services.auth.sessions import SessionVerifier
 from services.auth.store import ApiKeyRecord, AuthStore
 from services.common.errors import Unauthenticated
+from services.common.h2limits import H2Limits
 from services.common.h2unary import H2UnaryServer
 from services.common.identity import Identity, IdentityInterceptor, IdentitySettings, access_log_token
 from services.common.server import LazyPool, Probe, ServiceServer, SideListener, bind
@@ -168,8 +169,11 @@ def build(
 
     lean = H2UnaryServer(
         {CHECK_PATH: check.check_bytes, HEALTH_PATH: health},
-        max_message=settings.max_message_bytes,
+        limits=H2Limits(
+            max_message=settings.check_max_message, max_connections=settings.check_max_connections
+        ),
         name="auth-check",
+        service=AuthSettings.service_name,
     )
 
     async def start_background() -> None:
@@ -217,6 +221,6 @@ def build(
         identity=[IdentityInterceptor(codec, _InProcessValidator(servicer))],
         on_start=[start_background],
         on_stop=[flush_usage, stop_checks],
-        listeners=[SideListener("check", lean, settings.check_port)],
+        listeners=[SideListener("check", lean, settings.check_port, settings.check_host)],
     )
     return server

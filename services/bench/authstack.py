@@ -1,11 +1,12 @@
 """The world `kotadb bench auth` measures: Postgres, auth, search and Envoy processes, and keys.
 
-`running_stack` builds it in a temporary directory and tears it down: an embedded PostgreSQL
-(services/common/pgembed.py) with the bootstrap and every migration, two `kotadb serve auth`
-processes, one `kotadb serve search` (the cheap upstream; it also stands in for ingest so the
-gateway's /health is green), two Envoys rendered from the real gateway template (ext_authz on
-and off), and a third auth process behind its own Envoy for the crash step. Keys are issued with
-the auth service's own rules (services/auth/management.py) as the service role.
+`running_stack` builds it in a temporary directory and tears it down, with the spawning, port-file
+and health-wait code of services/common/stack.py (the same `kotadb dev` and the tests use): an
+embedded PostgreSQL (services/common/pgembed.py) with the bootstrap and every migration, two `kotadb
+serve auth` processes, one `kotadb serve search` (the cheap upstream; it also stands in for ingest
+so the gateway's /health is green), two Envoys rendered from the real gateway template (ext_authz on
+and off), and a third auth process behind its own Envoy for the crash step. Keys are issued with the
+auth service's own rules (services/auth/management.py) as the service role.
 
 Every auth process has two ports: the grpc.aio one (all three services, Check included) and the
 lean Check listener (services/common/h2unary.py) that Envoy's ext_authz calls. Started with
@@ -37,11 +38,10 @@ from services.auth.management import KeyManager, KeySpec
 from services.auth.principal import READ, WRITE, Principal
 from services.auth.store import AuthStore
 from services.bench.instantcheck import TOKEN_VARIABLE
-from services.cli import gateway, status
-from services.common import db, migrate
+from services.cli import gateway
+from services.common import db, migrate, stack
 from services.common.identity import IDENTITY_HEADER, IdentityCodec, access_log_token
 from services.common.pgembed import EmbeddedPostgres, free_port
-from services.common.server import listener_port_file
 from services.common.settings import env_settings
 from services.common.supervisor import ChildProcess, Supervisor
 
@@ -92,22 +92,11 @@ class CrashRig:
 
 
 def _wait(what: str, probe: Callable[[], tuple[bool, str]], children: Sequence[ChildProcess]) -> None:
-    deadline = time.monotonic() + READY_LIMIT
-    detail = ""
-    while time.monotonic() < deadline:
-        for child in children:
-            if not child.alive():
-                raise RuntimeError(f"{child.name} exited:\n{child.log_tail()}")
-        ok, detail = probe()
-        if ok:
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"{what} not ready after {READY_LIMIT:.0f}s: {detail}")
-
-
-def _port_file(path: Path) -> tuple[bool, str]:
-    text = path.read_text().strip() if path.exists() else ""
-    return text.isdigit(), f"waiting for {path}"
+    """_wait is stack.wait_until with the benchmark's limit, watching only `children`."""
+    try:
+        stack.wait_until(what, probe, children, READY_LIMIT)
+    except stack.StackError as exc:
+        raise RuntimeError(str(exc)) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,24 +111,26 @@ class Spawned:
 def _spawn_service(
     supervisor: Supervisor, name: str, service: str, workdir: Path, env: dict[str, str], port: int = 0
 ) -> Spawned:
-    port_file = workdir / f"{name}.port"
-    check_file = listener_port_file(port_file, "check")
-    port_file.unlink(missing_ok=True)
-    check_file.unlink(missing_ok=True)
-    argv = [sys.executable, "-m", "services.cli", "serve", service, "--port", str(port)]
-    child = supervisor.spawn(
-        name, [*argv, "--port-file", str(port_file)], log_path=workdir / f"{name}.log", env=env
+    started = stack.spawn_service(
+        supervisor,
+        name,
+        service,
+        port_file=workdir / f"{name}.port",
+        log_path=workdir / f"{name}.log",
+        env=env,
+        port=port,
     )
-    _wait(f"{name} port", functools.partial(_port_file, port_file), [child])
-    address = f"127.0.0.1:{port_file.read_text().strip()}"
-    _wait(name, functools.partial(status.probe_grpc_health, address), [child])
+    child = started.child
+    _wait(f"{name} port", stack.port_file_probe(started.port_file), [child])
+    address = started.address
+    _wait(name, functools.partial(stack.probe_grpc_health, address), [child])
     check = ""
     if service == "auth":
         # Written before the main port file, so it is there by now.
-        if not _port_file(check_file)[0]:
-            raise RuntimeError(f"{name} wrote no Check listener port ({check_file}):\n{child.log_tail()}")
-        check = f"127.0.0.1:{check_file.read_text().strip()}"
-        _wait(f"{name} Check listener", functools.partial(status.probe_grpc_health, check), [child])
+        check = started.check_address
+        if not check:
+            raise RuntimeError(f"{name} wrote no Check listener port:\n{child.log_tail()}")
+        _wait(f"{name} Check listener", functools.partial(stack.probe_grpc_health, check), [child])
     return Spawned(address, check, child)
 
 
@@ -149,9 +140,9 @@ def _spawn_instant_check(supervisor: Supervisor, workdir: Path, env: dict[str, s
     port_file.unlink(missing_ok=True)
     argv = [sys.executable, "-m", "services.bench.instantcheck", "--port-file", str(port_file)]
     child = supervisor.spawn("instant-check", argv, log_path=workdir / "instant-check.log", env=env)
-    _wait("instant-check port", functools.partial(_port_file, port_file), [child])
-    address = f"127.0.0.1:{port_file.read_text().strip()}"
-    _wait("instant-check", functools.partial(status.probe_grpc_health, address), [child])
+    _wait("instant-check port", stack.port_file_probe(port_file), [child])
+    address = f"127.0.0.1:{stack.read_port(port_file)}"
+    _wait("instant-check", functools.partial(stack.probe_grpc_health, address), [child])
     return address
 
 
@@ -194,14 +185,18 @@ def _spawn_envoy(
         # Auth meters only an access-log stream carrying the token derived from the identity key.
         access_log_token=access_log_token(identity_key),
     )
-    path = workdir / f"{name}.yaml"
     rendered = gateway.render(config)
-    path.write_text(_with_static_identity(rendered, static_identity) if static_identity else rendered)
-    argv = [gateway.find_envoy(), "-c", str(path), "--disable-hot-restart", "--log-level", "warn"]
-    child = supervisor.spawn(name, argv, log_path=workdir / f"{name}.log")
+    child = stack.start_envoy(
+        supervisor,
+        name,
+        envoy_bin=gateway.find_envoy(),
+        config_text=_with_static_identity(rendered, static_identity) if static_identity else rendered,
+        config_path=workdir / f"{name}.yaml",
+        log_path=workdir / f"{name}.log",
+    )
     url = f"http://127.0.0.1:{port}"
-    _wait(f"{name} admin", functools.partial(status.probe_http, f"http://127.0.0.1:{admin}/ready"), [child])
-    _wait(f"{name} /health", functools.partial(status.probe_http, f"{url}/health"), [child])
+    _wait(f"{name} admin", functools.partial(stack.probe_http, f"http://127.0.0.1:{admin}/ready"), [child])
+    _wait(f"{name} /health", functools.partial(stack.probe_http, f"{url}/health"), [child])
     return f"127.0.0.1:{port}"
 
 
@@ -255,6 +250,7 @@ def running_stack(
         env = dict(os.environ, KOTADB_DATABASE_URL=dsn, PYTHONUNBUFFERED="1")
         # Each auth process picks a free Check port; a fixed one from our caller would collide.
         env.pop(CHECK_PORT_VARIABLE, None)
+        stack.metrics_on_free_ports(env)  # likewise for their metrics listeners
         env["KOTADB_IDENTITY_KEY"] = secrets.token_hex(32)
         env["KOTADB_LOG_LEVEL"] = log_level
         env["KOTADB_SEARCH_DATA_DIR"] = str(workdir / "search")

@@ -14,12 +14,19 @@ Between steps 2 and 3 a fresh demo API key (read and write) is issued to the see
 every run, because its secret exists only at creation (the database keeps a SHA-256 hash);
 the previous run's demo key is revoked.
 Then the endpoints, the demo key and a curl example are printed and written to
-`<data-dir>/stack.json` (mode 0600, as `demo_api_key`) for `kotadb status`, tests and scripts.
-SIGTERM or Ctrl-C stops everything in reverse order and removes stack.json
+`<data-dir>/stack.json` (services/common/stack.py's StackInfo, mode 0600, the key as
+`demo_api_key`) for `kotadb status`, `kotadb keys`, tests and scripts.
+
+While it runs, a part that dies (the embedded Postgres, a service, Envoy) is restarted on the same
+ports after a backoff, with a bounded number of attempts in a row (supervisor.RestartPolicy); the
+other parts reconnect by themselves. When the attempts are spent the stack stops, naming the
+dead part's log file. SIGTERM or Ctrl-C stops everything in reverse order and removes stack.json
 (services/common/supervisor.py makes sure no child outlives the command).
 
 The default data dir is `$XDG_CACHE_HOME/kotadb/dev` (usually `~/.cache/kotadb/dev`); see
-`services.cli.status.default_data_dir`. Child logs go to `<data-dir>/logs/<name>.log`.
+`services.cli.status.default_data_dir`. Every directory the command makes there is 0700, and
+every log or secret 0600: child logs (`<data-dir>/logs/<name>.log`), stack.json, identity.key and
+the rendered Envoy config (it holds the access-log token).
 """
 
 from __future__ import annotations
@@ -28,12 +35,10 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import datetime
 import functools
 import json
 import os
 import secrets
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,10 +55,29 @@ from services.cli import gateway, status
 from services.cli.keys import DEMO_USER_ID
 from services.common import db, migrate
 from services.common.identity import access_log_token
-from services.common.pgembed import EmbeddedPostgres, free_port, port_is_free
-from services.common.server import listener_port_file
+from services.common.pgembed import free_port, port_is_free
 from services.common.settings import env_settings
-from services.common.supervisor import ChildExited, ChildProcess, StopRequested, Supervisor
+from services.common.stack import (
+    POLL_INTERVAL,
+    SERVICES,
+    STACK_FILE,
+    EmbeddedDatabase,
+    ServiceProcess,
+    StackError,
+    StackInfo,
+    metrics_on_free_ports,
+    metrics_urls,
+    port_file_probe,
+    private_dir,
+    probe_grpc_health,
+    probe_http,
+    probe_postgres,
+    redact,
+    spawn_service,
+    start_envoy,
+    wait_until,
+)
+from services.common.supervisor import ChildExited, ChildProcess, GaveUp, StopRequested, Supervisor
 
 DEFAULT_PORTS: dict[str, int] = {
     "gateway": 8080,
@@ -67,16 +91,11 @@ DEFAULT_PORTS: dict[str, int] = {
 # How long each component may take to become healthy. Generous because CI machines are shared:
 # a service's first start imports tree-sitter grammars and opens its pool.
 READY_TIMEOUT = 120.0
-POLL_INTERVAL = 0.25
 
 # The demo key goes to DEMO_USER_ID (services/cli/keys.py), the user deploy/supabase/seed.sql makes.
 DEMO_KEY_NAME = "kotadb dev demo"
 # A read route that answers for any valid read key: the calling key's own usage (GetUsage).
 DEMO_PATH = "/v1/usage"
-
-
-class StackError(RuntimeError):
-    """StackError is a startup failure with a message meant for the person running `kotadb dev`."""
 
 
 @dataclass(frozen=True)
@@ -157,39 +176,6 @@ def issue_demo_key(database_url: str) -> tuple[str, str]:
     return asyncio.run(issue())
 
 
-def _wait_until(
-    what: str,
-    probe: Callable[[], tuple[bool, str]],
-    supervisor: Supervisor,
-    child: ChildProcess | None = None,
-    timeout: float = READY_TIMEOUT,
-) -> None:
-    """_wait_until polls probe until it passes, failing fast if any child exits meanwhile."""
-    deadline = time.monotonic() + timeout
-    detail = ""
-    while True:
-        try:
-            supervisor.check()
-        except ChildExited as exc:
-            raise StackError(f"{exc}; last lines of {exc.child.log_path}:\n{exc.child.log_tail()}") from None
-        ok, detail = probe()
-        if ok:
-            return
-        if time.monotonic() >= deadline:
-            tail = f"\nlast lines of {child.log_path}:\n{child.log_tail()}" if child is not None else ""
-            raise StackError(f"{what} not healthy after {timeout:.0f}s: {detail}{tail}")
-        time.sleep(POLL_INTERVAL)
-
-
-def _read_port(path: Path) -> tuple[bool, str]:
-    """_read_port is a probe that passes once a service has written its bound port to path."""
-    try:
-        text = path.read_text().strip()
-    except FileNotFoundError:
-        return False, f"{path} not written yet"
-    return text.isdigit() and int(text) > 0, f"{path} holds {text!r}"
-
-
 def identity_key(data_dir: Path) -> str:
     """identity_key is the stack's shared identity-signing secret, made once per data dir.
 
@@ -216,12 +202,15 @@ def _stack_identity_key(data_dir: Path) -> str:
     return os.environ.get("KOTADB_IDENTITY_KEY") or identity_key(data_dir)
 
 
-def _child_env(database_url: str, data_dir: Path) -> dict[str, str]:
+def _child_env(database_url: str, data_dir: Path, free_ports: bool) -> dict[str, str]:
     """_child_env is the environment every service process gets."""
     env = dict(os.environ)
     env["KOTADB_DATABASE_URL"] = database_url
     env["KOTADB_IDENTITY_KEY"] = _stack_identity_key(data_dir)
-    env.setdefault("KOTADB_SEARCH_DATA_DIR", str(data_dir / "search"))
+    env.setdefault("KOTADB_SEARCH_DATA_DIR", str(private_dir(data_dir / "search")))
+    if free_ports:
+        # Every component on a free port means the metrics listeners too.
+        metrics_on_free_ports(env, keep=True)
     # Unbuffered, so a crash's last log lines are in the log file when we print them.
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -249,33 +238,65 @@ def _is_dev_process(pid: int) -> bool:
     return "dev" in cmdline
 
 
-def _write_json(path: Path, document: dict[str, Any]) -> None:
-    """_write_json replaces path atomically, readable only by us (it may hold a database password)."""
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(json.dumps(document, indent=2) + "\n")
-    tmp.replace(path)
+@dataclass
+class _Running:
+    """_Running is what run_stack started, for stack.json and for rewriting it after restarts."""
+
+    data_dir: Path
+    ports: Ports
+    database_url: str
+    database: EmbeddedDatabase | None
+    services: dict[str, ServiceProcess]
+    envoy: ChildProcess
+    demo_key: str
+    demo_key_id: str
+    started_at: str = dataclasses.field(default_factory=StackInfo.now)
+
+    def info(self) -> StackInfo:
+        """info is the current stack.json: pids and metrics ports change when parts restart."""
+        admin_url = f"http://127.0.0.1:{self.ports.admin}"
+        children = {name: service.child for name, service in self.services.items()}
+        children["envoy"] = self.envoy
+        pids: dict[str, int | None] = {"postgres": self.database.pid if self.database else None}
+        log_files = {name: str(child.log_path) for name, child in children.items()}
+        if self.database is not None:
+            log_files["postgres"] = str(self.database.log_path)
+        return StackInfo(
+            gateway=f"http://127.0.0.1:{self.ports.gateway}",
+            grpc={name: f"127.0.0.1:{getattr(self.ports, name)}" for name in SERVICES},
+            auth_check=f"127.0.0.1:{self.ports.auth_check}",
+            database_url=self.database_url,
+            envoy_admin=admin_url,
+            pid=os.getpid(),
+            started_at=self.started_at,
+            data_dir=str(self.data_dir),
+            logs=str(self.data_dir / "logs"),
+            pids=pids | {name: child.pid for name, child in children.items()},
+            demo_api_key=self.demo_key,
+            demo_api_key_id=self.demo_key_id,
+            demo_user_id=str(DEMO_USER_ID),
+            metrics=metrics_urls({n: s.port_file for n, s in self.services.items()}, admin_url),
+            log_files=log_files,
+        )
 
 
 def run_stack(data_dir: Path, gateway_port: int, admin_port: int | None) -> int:
-    """run_stack starts the stack, waits for a stop signal or a crash, and stops it again."""
-    data_dir = data_dir.expanduser().absolute()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    stack_path = data_dir / status.STACK_FILE
-    logs = data_dir / "logs"
+    """run_stack starts the stack, keeps it running (restarting parts that die) until stopped."""
+    data_dir = private_dir(data_dir.expanduser().absolute())
+    stack_path = data_dir / STACK_FILE
+    logs = private_dir(data_dir / "logs")
 
     def log(message: str) -> None:
         print(f"kotadb dev: {message}", flush=True)
 
-    supervisor = Supervisor()
+    supervisor = Supervisor(log=log)
     supervisor.handle_signals()
     code = 0
     owns_stack_file = False
     try:
         _refuse_running_stack(stack_path)
         ports = choose_ports(gateway_port, admin_port)
-        database_url, postgres_pid = _start_database(data_dir, supervisor, log)
+        database_url, database = _start_database(data_dir, supervisor, log)
         _migrate(database_url, log)
         try:
             demo_key, demo_key_id = issue_demo_key(database_url)
@@ -283,43 +304,38 @@ def run_stack(data_dir: Path, gateway_port: int, admin_port: int | None) -> int:
             raise StackError(f"could not issue the demo API key: {exc}") from exc
         log(f"issued demo API key {demo_key_id} (read, write) to user {DEMO_USER_ID}")
 
-        ports, children = _start_services(data_dir, ports, database_url, supervisor, log)
-        children["envoy"] = _start_envoy(data_dir, ports, supervisor, logs)
-        log(f"started envoy (pid {children['envoy'].pid})")
+        env = _child_env(database_url, data_dir, free_ports=gateway_port == 0)
+        ports, services = _start_services(data_dir, ports, env, supervisor, log)
+        envoy = _start_envoy(data_dir, ports, supervisor, logs)
+        log(f"started envoy (pid {envoy.pid})")
         admin_url = f"http://127.0.0.1:{ports.admin}"
         gateway_url = f"http://127.0.0.1:{ports.gateway}"
         for what, url in (("envoy", f"{admin_url}/ready"), ("gateway /health", f"{gateway_url}/health")):
-            _wait_until(what, functools.partial(status.probe_http, url), supervisor, children["envoy"])
+            wait_until(what, functools.partial(probe_http, url), supervisor, READY_TIMEOUT, envoy)
+        supervisor.watch(envoy)
 
-        stack = {
-            "gateway": gateway_url,
-            "grpc": {name: f"127.0.0.1:{getattr(ports, name)}" for name in status.SERVICES},
-            # The auth process's Check-only listener, which Envoy's ext_authz calls.
-            "auth_check": f"127.0.0.1:{ports.auth_check}",
-            "database_url": database_url,
-            "envoy_admin": admin_url,
-            "pid": os.getpid(),
-            "started_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "data_dir": str(data_dir),
-            "logs": str(logs),
-            "pids": {"postgres": postgres_pid, **{name: child.pid for name, child in children.items()}},
-            "demo_api_key": demo_key,
-            "demo_api_key_id": demo_key_id,
-            "demo_user_id": str(DEMO_USER_ID),
-        }
-        _write_json(stack_path, stack)
+        running = _Running(data_dir, ports, database_url, database, services, envoy, demo_key, demo_key_id)
+        saved = running.info()
+        saved.save(stack_path)
         owns_stack_file = True
-        _print_endpoints(stack)
+        _print_endpoints(saved, stack_path)
         while True:
+            # Parts that die are restarted here (backoff, bounded attempts); their peers
+            # reconnect to the same addresses by themselves. stack.json follows new pids (and
+            # metrics listeners that report their port late).
             supervisor.check()
-            # The embedded cluster daemonizes, so the supervisor cannot see it exit; look here.
-            if postgres_pid is not None and not psutil.pid_exists(postgres_pid):
-                raise StackError(f"postgres (pid {postgres_pid}) exited; see {data_dir / 'postgres'}")
-            time.sleep(0.5)
+            current = running.info()
+            if current != saved:
+                current.save(stack_path)
+                saved = current
+            time.sleep(POLL_INTERVAL)
     except StopRequested as stop:
         log(f"{stop} received, stopping")
     except ChildExited as exc:
-        log(f"{exc}; stopping the stack. Last lines of {exc.child.log_path}:\n{exc.child.log_tail()}")
+        log(f"{exc}; stopping the stack. Its log: {exc.child.log_path}. Last lines:\n{exc.child.log_tail()}")
+        code = 1
+    except GaveUp as exc:
+        log(f"error: {exc}; stopping the stack")
         code = 1
     except StackError as exc:
         log(f"error: {exc}")
@@ -336,71 +352,87 @@ def run_stack(data_dir: Path, gateway_port: int, admin_port: int | None) -> int:
 
 def _start_database(
     data_dir: Path, supervisor: Supervisor, log: Callable[[str], None]
-) -> tuple[str, int | None]:
-    """_start_database returns the database URL, starting the embedded cluster unless one is given."""
+) -> tuple[str, EmbeddedDatabase | None]:
+    """_start_database returns the database URL, starting the embedded cluster unless one is given.
+
+    The embedded cluster is watched: when its postmaster dies, the supervisor restarts it on
+    the same port.
+    """
     external = os.environ.get("KOTADB_DATABASE_URL")
     if external:
         log("using KOTADB_DATABASE_URL")
-        ok, detail = status.probe_postgres(external)
+        ok, detail = probe_postgres(external)
         if not ok:
             raise StackError(f"KOTADB_DATABASE_URL is not reachable: {detail}")
         return external, None
-    cluster = EmbeddedPostgres(data_dir / "postgres")
-    reused = (cluster.pgdata / "PG_VERSION").exists()
-    log(("reusing" if reused else "creating") + f" the embedded Postgres cluster in {data_dir / 'postgres'}")
+    database = EmbeddedDatabase(data_dir / "postgres")
+    verb = "reusing" if database.reused else "creating"
+    log(f"{verb} the embedded Postgres cluster in {database.directory}")
     # Registered before start, so a stop signal that lands mid-start still stops the cluster.
-    supervisor.on_stop("postgres", cluster.stop)
+    supervisor.on_stop("postgres", database.stop)
     try:
-        dsn = cluster.start()
+        dsn = database.start()
     except Exception as exc:  # pgembed raises EmbeddedPostgresError and OSError variants
         raise StackError(f"could not start Postgres: {exc}") from exc
-    log(f"postgres is up (pid {cluster.postmaster_pid}): {dsn}")
-    return dsn, cluster.postmaster_pid
+    supervisor.watch(database)
+    log(f"postgres is up (pid {database.pid}): {dsn}")
+    return dsn, database
 
 
 def _start_services(
-    data_dir: Path, ports: Ports, database_url: str, supervisor: Supervisor, log: Callable[[str], None]
-) -> tuple[Ports, dict[str, ChildProcess]]:
+    data_dir: Path, ports: Ports, env: dict[str, str], supervisor: Supervisor, log: Callable[[str], None]
+) -> tuple[Ports, dict[str, ServiceProcess]]:
     """_start_services runs `kotadb serve` for each service and waits until all are SERVING.
 
     Each service writes the port it bound to a file (`--port-file`), which is how port 0 turns
-    into a real port; the returned Ports carry those.
+    into a real port; the returned Ports carry those, and each process is pinned to them so a
+    restart comes back where its peers look for it.
     """
-    env = _child_env(database_url, data_dir)
     logs = data_dir / "logs"
-    children: dict[str, ChildProcess] = {}
-    port_files = {name: data_dir / "run" / f"{name}.port" for name in status.SERVICES}
-    for name in status.SERVICES:
-        port_files[name].parent.mkdir(parents=True, exist_ok=True)
-        port_files[name].unlink(missing_ok=True)
-        argv = [sys.executable, "-m", "services.cli", "serve", name]
-        argv += ["--port", str(getattr(ports, name)), "--port-file", str(port_files[name])]
+    run = private_dir(data_dir / "run")
+    services: dict[str, ServiceProcess] = {}
+    for name in SERVICES:
         child_env = dict(env)
         if name == "auth":
             child_env["KOTADB_AUTH_CHECK_PORT"] = str(ports.auth_check)
-        children[name] = supervisor.spawn(name, argv, log_path=logs / f"{name}.log", env=child_env)
-        log(f"started {name} (pid {children[name].pid})")
+        services[name] = spawn_service(
+            supervisor,
+            name,
+            name,
+            port_file=run / f"{name}.port",
+            log_path=logs / f"{name}.log",
+            env=child_env,
+            port=getattr(ports, name),
+        )
+        log(f"started {name} (pid {services[name].child.pid})")
         if name == "auth" and "KOTADB_AUTH_ADDRESS" not in os.environ:
             # Ingest and search check API keys presented to them directly through auth, so they
             # start once auth's port is known.
-            _wait_until(
-                "auth port file", functools.partial(_read_port, port_files[name]), supervisor, children[name]
-            )
-            env["KOTADB_AUTH_ADDRESS"] = f"127.0.0.1:{port_files[name].read_text().strip()}"
+            _wait_port(services[name], supervisor)
+            env["KOTADB_AUTH_ADDRESS"] = services[name].address
     bound: dict[str, int] = {}
-    for name, child in children.items():
-        port_probe = functools.partial(_read_port, port_files[name])
-        _wait_until(f"{name} port file", port_probe, supervisor, child)
-        bound[name] = int(port_files[name].read_text().strip())
-        address = f"127.0.0.1:{bound[name]}"
-        _wait_until(name, functools.partial(status.probe_grpc_health, address), supervisor, child)
+    for name, service in services.items():
+        _wait_port(service, supervisor)
+        address = service.address
+        probe = functools.partial(probe_grpc_health, address)
+        wait_until(name, probe, supervisor, READY_TIMEOUT, service.child)
+        service.pin_ports()
+        # Restarted from now on: a service that fails to start at all is an error right away.
+        supervisor.watch(service.child)
+        bound[name] = int(address.rsplit(":", 1)[1])
         log(f"{name} is SERVING on {address}")
-    bound["auth_check"] = int(listener_port_file(port_files["auth"], "check").read_text().strip())
-    return dataclasses.replace(ports, **bound), children
+    bound["auth_check"] = int(services["auth"].check_address.rsplit(":", 1)[1])
+    return dataclasses.replace(ports, **bound), services
+
+
+def _wait_port(service: ServiceProcess, supervisor: Supervisor) -> None:
+    """_wait_port waits until a service has written its bound port."""
+    probe = port_file_probe(service.port_file)
+    wait_until(f"{service.name} port file", probe, supervisor, READY_TIMEOUT, service.child)
 
 
 def _start_envoy(data_dir: Path, ports: Ports, supervisor: Supervisor, logs: Path) -> ChildProcess:
-    """_start_envoy renders the gateway config into the data dir and starts Envoy on it."""
+    """_start_envoy renders the gateway config into the data dir (0600) and starts Envoy on it."""
     config = gateway.GatewayConfig(
         gateway_port=ports.gateway,
         admin_port=ports.admin,
@@ -411,30 +443,32 @@ def _start_envoy(data_dir: Path, ports: Ports, supervisor: Supervisor, logs: Pat
         ingest=f"127.0.0.1:{ports.ingest}",
         search=f"127.0.0.1:{ports.search}",
     )
-    config_path = data_dir / "envoy" / "envoy.yaml"
-    config_path.parent.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(gateway.render(config))
     try:
         envoy_bin = gateway.find_envoy()
     except FileNotFoundError as exc:
         raise StackError(str(exc)) from None
-    # --disable-hot-restart: hot restart shares memory keyed by --base-id, so a second Envoy on
-    # the machine (another stack, a test) would otherwise refuse to start.
-    argv = [envoy_bin, "-c", str(config_path), "--disable-hot-restart", "--log-level", "warn"]
-    return supervisor.spawn("envoy", argv, log_path=logs / "envoy.log")
+    return start_envoy(
+        supervisor,
+        "envoy",
+        envoy_bin=envoy_bin,
+        config_text=gateway.render(config),
+        config_path=private_dir(data_dir / "envoy") / "envoy.yaml",
+        log_path=logs / "envoy.log",
+    )
 
 
-def _print_endpoints(stack: dict[str, Any]) -> None:
+def _print_endpoints(stack: StackInfo, stack_path: Path) -> None:
     """_print_endpoints tells the person at the terminal where everything is."""
     lines = [
         "stack is up:",
-        f"  gateway      {stack['gateway']}   (REST and gRPC; GET /health needs no key)",
-        *(f"  {name:<12} {address}" for name, address in stack["grpc"].items()),
-        f"  postgres     {status._redact(stack['database_url'])}",
-        f"  envoy admin  {stack['envoy_admin']}",
-        f"  logs         {stack['logs']}",
-        f"  stack.json   {Path(stack['data_dir']) / status.STACK_FILE}",
-        f"  demo key     {stack['demo_api_key']}   (read, write; shown once, also in stack.json)",
+        f"  gateway      {stack.gateway}   (REST and gRPC; GET /health needs no key)",
+        *(f"  {name:<12} {address}" for name, address in stack.grpc.items()),
+        f"  postgres     {redact(stack.database_url)}",
+        f"  envoy admin  {stack.envoy_admin}",
+        *(f"  metrics      {name} {url}" for name, url in stack.metrics.items()),
+        f"  logs         {stack.logs}",
+        f"  stack.json   {stack_path}",
+        f"  demo key     {stack.demo_api_key}   (read, write; shown once, also in stack.json)",
         "try it:",
         f"  {demo_curl(stack)}",
         "Ctrl-C stops everything.",
@@ -442,9 +476,10 @@ def _print_endpoints(stack: dict[str, Any]) -> None:
     print("kotadb dev: " + "\n".join(lines), flush=True)
 
 
-def demo_curl(stack: dict[str, Any]) -> str:
+def demo_curl(stack: StackInfo | dict[str, Any]) -> str:
     """demo_curl is a curl command that calls the gateway with the demo key (its own usage)."""
-    return f'curl -H "Authorization: Bearer {stack["demo_api_key"]}" {stack["gateway"]}{DEMO_PATH}'
+    document = stack.to_json() if isinstance(stack, StackInfo) else stack
+    return f'curl -H "Authorization: Bearer {document["demo_api_key"]}" {document["gateway"]}{DEMO_PATH}'
 
 
 def register(subparsers: Any) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 from google.protobuf import descriptor_pb2
 from google.protobuf.message import DecodeError
 
+from services.cli import envoyreplies
 from services.common.identity import ACCESS_LOG_TOKEN_HEADER, access_log_token
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -45,31 +46,44 @@ FALLBACK_STREAMING_METHODS: tuple[str, ...] = (
     "/kotadb.v1.IngestService/WatchJob",
     "/kotadb.v1.SearchService/StreamSearchCode",
 )
+FALLBACK_CLIENT_STREAMING_METHODS: tuple[str, ...] = ("/kotadb.v1.IngestService/StreamUpsertDocuments",)
 
 # Longest a streaming call may stay open through the gateway; clients reconnect after it.
 STREAM_MAX_DURATION = "3600s"
 
-# HTTP status of a reply Envoy writes itself → (gRPC code, reason) for its JSON body. The codes
-# follow the HTTP↔gRPC mapping in google/rpc/code.proto, so REST clients see one error shape
-# whether the error came from a service (via convert_grpc_status) or from the gateway.
-LOCAL_REPLY_CODES: tuple[tuple[int, int, str], ...] = (
-    (400, 3, "INVALID_ARGUMENT"),
-    (401, 16, "UNAUTHENTICATED"),
-    (403, 7, "PERMISSION_DENIED"),
-    (404, 5, "NOT_FOUND"),
-    (405, 12, "UNIMPLEMENTED"),
-    (408, 4, "DEADLINE_EXCEEDED"),
-    (413, 3, "INVALID_ARGUMENT"),
-    (429, 8, "RESOURCE_EXHAUSTED"),
-    (431, 3, "INVALID_ARGUMENT"),
-    (500, 13, "INTERNAL"),
-    (501, 12, "UNIMPLEMENTED"),
-    (502, 14, "UNAVAILABLE"),
-    (503, 14, "UNAVAILABLE"),
-    (504, 4, "DEADLINE_EXCEEDED"),
-)
+MIB = 1024 * 1024
 
-ERROR_DOMAIN = "kotadb.dev"
+# Batch-upsert methods (gRPC path → REST path), which take the batch body limit. The REST
+# path is the method's google.api.http binding (tests/gateway/test_envoy_config.py checks it).
+BATCH_METHODS: dict[str, str] = {
+    "/kotadb.v1.IngestService/UpsertDocuments": "/v1/documents:batchUpsert",
+}
+
+# Largest unary response the transcoder holds to turn into JSON: the services' default
+# max_message_bytes (services/common/settings.py), which is the most they send.
+TRANSCODER_RESPONSE_BYTES = 16 * MIB
+# Bytes a transcoded request message may carry beyond the largest body limit (field tags, lengths,
+# path variables such as the webhook's repository id).
+TRANSCODER_MESSAGE_OVERHEAD = 64 * 1024
+
+# Query parameters the gateway deletes before anything reads the request: names clients use to
+# put a credential in a URL. KotaDB accepts keys only in headers, so nothing is lost, and the
+# secret never reaches a log line (Envoy's own error lines print the path with its query).
+SECRET_QUERY_PARAMETERS: tuple[str, ...] = (
+    "key",
+    "api_key",
+    "apikey",
+    "apiKey",
+    "api-key",
+    "x-api-key",
+    "access_token",
+    "accessToken",
+    "token",
+    "authorization",
+    "auth",
+    "secret",
+    "password",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +96,12 @@ class GatewayConfig:
     descriptor path is made absolute when rendering because Envoy resolves relative paths
     against its own working directory. `ext_authz` (on by default) puts auth's Check in front
     of every route but the GitHub webhook; turning it off is for benchmarks only.
+
+    Limits (README, "Gateway limits"): `body_limit_bytes` bounds request bodies on every route
+    but batch upserts (`batch_body_limit_bytes`), the GitHub webhook (`webhook_body_limit_bytes`)
+    and client-streaming gRPC methods (none; each message is bounded by the service).
+    `max_request_headers_kb` bounds a request's headers. `max_heap_mib` is the heap budget the
+    overload manager defends; `connection_buffer_bytes` is what one connection may queue.
     """
 
     gateway_port: int = 8080
@@ -95,6 +115,13 @@ class GatewayConfig:
     ext_authz: bool = True
     # Credential of Envoy's access-log stream to auth (identity.access_log_token); empty sends none.
     access_log_token: str = ""
+    body_limit_bytes: int = 1 * MIB
+    batch_body_limit_bytes: int = 16 * MIB
+    webhook_body_limit_bytes: int = 25 * MIB
+    max_request_headers_kb: int = 32
+    max_heap_mib: int = 512
+    connection_buffer_bytes: int = 32 * 1024
+    max_connections: int = 10000
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -137,9 +164,23 @@ def streaming_methods(descriptor: Path) -> list[str]:
     Only services the gateway routes (SERVICE_CLUSTERS) are considered. Raises OSError or
     google.protobuf's DecodeError when the file is missing or not a FileDescriptorSet.
     """
+    return sorted(path for path, _ in _streaming(descriptor))
+
+
+def client_streaming_methods(descriptor: Path) -> list[str]:
+    """client_streaming_methods lists the streaming RPCs whose client sends a stream of messages.
+
+    They get no body limit at the gateway: the stream's total is unbounded by design, and each
+    message is bounded by the service's max message size. Raises as `streaming_methods` does.
+    """
+    return sorted(path for path, client in _streaming(descriptor) if client)
+
+
+def _streaming(descriptor: Path) -> list[tuple[str, bool]]:
+    """_streaming reads (path, client_streaming) for every streaming RPC the gateway routes."""
     descriptor_set = descriptor_pb2.FileDescriptorSet()
     descriptor_set.ParseFromString(descriptor.read_bytes())
-    paths: list[str] = []
+    found: list[tuple[str, bool]] = []
     for proto_file in descriptor_set.file:
         for service in proto_file.service:
             full_name = f"{proto_file.package}.{service.name}"
@@ -147,16 +188,29 @@ def streaming_methods(descriptor: Path) -> list[str]:
                 continue
             for method in service.method:
                 if method.client_streaming or method.server_streaming:
-                    paths.append(f"/{full_name}/{method.name}")
-    return sorted(paths)
+                    found.append((f"/{full_name}/{method.name}", method.client_streaming))
+    return found
 
 
-def _streaming_routes(paths: Sequence[str]) -> str:
+def _filter_switch(**enabled: bool) -> dict[str, Any]:
+    """_filter_switch is a route's typed_per_filter_config turning named HTTP filters on or off.
+
+    Envoy enables a filter that is off by default only when the route gives it a config; an
+    empty one (`config: {}`) means "on, with the filter's own settings".
+    """
+    kind = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
+    return {
+        name: {"@type": kind, "config": {}} if on else {"@type": kind, "disabled": True}
+        for name, on in enabled.items()
+    }
+
+
+def _streaming_routes(paths: Sequence[str], client_streaming: Sequence[str]) -> str:
     """_streaming_routes renders one route per streaming method, indented for the template."""
     lines: list[str] = []
     for path in paths:
         service = path.split("/")[1]
-        route = {
+        route: dict[str, Any] = {
             "name": path.strip("/").replace("/", "."),
             "match": {"path": path},
             "route": {
@@ -169,103 +223,42 @@ def _streaming_routes(paths: Sequence[str]) -> str:
                 },
             },
         }
+        if path in client_streaming:
+            route["typed_per_filter_config"] = _filter_switch(body_limit=False)
         lines.append("              - " + json.dumps(route))
     return "\n".join(lines)
 
 
-def _header_is(name: str, value: str) -> dict[str, Any]:
-    """_header_is builds an access-log header filter matching one exact request header."""
-    return {"header_filter": {"header": {"name": name, "string_match": {"exact": value}}}}
+def _batch_routes() -> str:
+    """_batch_routes renders the batch-upsert routes (gRPC and REST paths), indented for the template.
 
-
-def _local_reply_mappers() -> list[dict[str, Any]]:
-    """_local_reply_mappers builds the JSON bodies for replies Envoy writes itself.
-
-    The first two mappers give /health its JSON body. The rest apply to REST requests only:
-    gRPC clients already get grpc-status/grpc-message from Envoy, and a JSON grpc-message would
-    only make their errors harder to read. A request is gRPC when it arrived with a gRPC content
-    type; transcoded REST requests carry x-envoy-original-path, which the transcoder sets.
+    Both swap the default body limit for the batch one. The REST route only selects filters on
+    the first routing pass; the transcoder then re-routes on the gRPC path, so its own action
+    is the catch-all's 404 (reached only when the transcoder does not take the request).
     """
-    health_path = _header_is(":path", "/health")
-    mappers: list[dict[str, Any]] = [
-        # Denials written by auth's Check (response flag UAEX) already carry the services' JSON
-        # error shape with the denial's reason; the first matching mapper wins, and this one
-        # changes nothing, so they reach the client as Check wrote them.
-        {"filter": {"response_flag_filter": {"flags": ["UAEX"]}}},
-        {
-            "filter": {"and_filter": {"filters": [health_path, _status_is(200)]}},
-            "body_format_override": _json_body({"status": "SERVING"}),
-        },
-        {
-            "filter": {"and_filter": {"filters": [health_path, _status_is(503)]}},
-            "body_format_override": _json_body(
-                {
-                    "status": "NOT_SERVING",
-                    "code": 14,
-                    "message": "one or more backend services are not healthy",
-                }
-            ),
-        },
-    ]
-    # Access-log filters have no "not", so "not a native gRPC request" is spelled out:
-    # the content type is not gRPC, or the transcoder rewrote the request.
-    not_grpc = {
-        "or_filter": {
-            "filters": [
-                {
-                    "header_filter": {
-                        "header": {
-                            "name": "content-type",
-                            "string_match": {"prefix": "application/grpc"},
-                            "invert_match": True,
-                            "treat_missing_header_as_empty": True,
-                        }
-                    }
-                },
-                {"header_filter": {"header": {"name": "x-envoy-original-path", "present_match": True}}},
-            ]
+    switch = _filter_switch(body_limit=False, body_limit_batch=True)
+    lines: list[str] = []
+    for grpc_path, rest_path in sorted(BATCH_METHODS.items()):
+        service = grpc_path.split("/")[1]
+        grpc_route = {
+            "name": grpc_path.strip("/").replace("/", "."),
+            "match": {"path": grpc_path},
+            "route": {
+                "cluster": SERVICE_CLUSTERS[service],
+                "timeout": "60s",
+                "max_stream_duration": {"grpc_timeout_header_max": "60s"},
+            },
+            "typed_per_filter_config": switch,
         }
-    }
-    for http_status, grpc_code, reason in LOCAL_REPLY_CODES:
-        mappers.append(
-            {
-                "filter": {"and_filter": {"filters": [_status_is(http_status), not_grpc]}},
-                "body_format_override": _error_body(grpc_code, reason),
-            }
-        )
-    return mappers
-
-
-def _status_is(code: int) -> dict[str, Any]:
-    """_status_is builds an access-log filter matching one response status."""
-    return {
-        "status_code_filter": {
-            "comparison": {"op": "EQ", "value": {"default_value": code, "runtime_key": f"kotadb.lr.{code}"}}
+        rest_route = {
+            "name": "rest" + rest_path.replace("/", "."),
+            "match": {"path": rest_path},
+            "direct_response": {"status": 404, "body": {"inline_string": "no route for this path"}},
+            "typed_per_filter_config": switch,
         }
-    }
-
-
-def _json_body(fields: dict[str, Any]) -> dict[str, Any]:
-    """_json_body wraps a JSON object as an Envoy SubstitutionFormatString."""
-    return {"json_format": fields, "content_type": "application/json"}
-
-
-def _error_body(grpc_code: int, reason: str) -> dict[str, Any]:
-    """_error_body is the google.rpc.Status-shaped JSON for one gateway-generated error."""
-    return _json_body(
-        {
-            "code": grpc_code,
-            "message": "%LOCAL_REPLY_BODY%",
-            "details": [
-                {
-                    "@type": "type.googleapis.com/google.rpc.ErrorInfo",
-                    "reason": f"GATEWAY_{reason}",
-                    "domain": ERROR_DOMAIN,
-                    "metadata": {"envoy_details": "%RESPONSE_CODE_DETAILS%"},
-                }
-            ],
-        }
-    )
+        lines.append("              - " + json.dumps(grpc_route))
+        lines.append("              - " + json.dumps(rest_route))
+    return "\n".join(lines)
 
 
 def render(config: GatewayConfig, template_path: Path = TEMPLATE_PATH) -> str:
@@ -273,8 +266,11 @@ def render(config: GatewayConfig, template_path: Path = TEMPLATE_PATH) -> str:
     descriptor = config.descriptor.expanduser().resolve()
     try:
         streaming = streaming_methods(descriptor)
+        client_streaming = client_streaming_methods(descriptor)
     except (OSError, DecodeError):  # missing or unreadable: Envoy's validation reports it precisely
         streaming = list(FALLBACK_STREAMING_METHODS)
+        client_streaming = list(FALLBACK_CLIENT_STREAMING_METHODS)
+    limits = (config.body_limit_bytes, config.batch_body_limit_bytes, config.webhook_body_limit_bytes)
     values: dict[str, object] = {
         "gateway_port": config.gateway_port,
         "admin_port": config.admin_port,
@@ -282,8 +278,24 @@ def render(config: GatewayConfig, template_path: Path = TEMPLATE_PATH) -> str:
         "descriptor": json.dumps(str(descriptor)),
         "services": json.dumps(sorted(SERVICE_CLUSTERS)),
         "ext_authz_disabled": json.dumps(not config.ext_authz),
-        "local_reply_mappers": json.dumps(_local_reply_mappers()),
-        "streaming_routes": _streaming_routes(streaming),
+        "local_reply_mappers": json.dumps(envoyreplies.local_reply_mappers()),
+        "streaming_routes": _streaming_routes(streaming, client_streaming),
+        "batch_routes": _batch_routes(),
+        "secret_query_removals": json.dumps([{"remove": name} for name in SECRET_QUERY_PARAMETERS]),
+        "body_limit_bytes": config.body_limit_bytes,
+        "batch_body_limit_bytes": config.batch_body_limit_bytes,
+        "webhook_body_limit_bytes": config.webhook_body_limit_bytes,
+        # The transcoder counts the message it builds, which wraps the body: a webhook's raw body
+        # becomes an HttpBody plus the path's repository id, some bytes over the body itself.
+        "transcoder_request_bytes": max(limits) + TRANSCODER_MESSAGE_OVERHEAD,
+        "transcoder_response_bytes": TRANSCODER_RESPONSE_BYTES,
+        "max_request_headers_kb": config.max_request_headers_kb,
+        "max_heap_bytes": config.max_heap_mib * MIB,
+        "connection_buffer_bytes": config.connection_buffer_bytes,
+        "max_connections": config.max_connections,
+        "upstream_http2_options": json.dumps(
+            {"initial_stream_window_size": 65536, "initial_connection_window_size": 1048576}
+        ),
     }
     auth = _endpoints(config.auth)
     token = config.access_log_token
@@ -301,6 +313,19 @@ def render(config: GatewayConfig, template_path: Path = TEMPLATE_PATH) -> str:
         values[f"{name}_port"] = port
         values[f"{name}_cluster_type"] = _cluster_type(host)
     return string.Template(template_path.read_text()).substitute(values)
+
+
+def write_config(path: Path, text: str) -> None:
+    """write_config writes a rendered config readable by its owner only (0600).
+
+    The config holds the access-log token, a credential. A missing parent directory is created
+    0700; the file is replaced atomically and is 0600 from its first byte
+    (services/common/stack.py's write_private), even when a wider-moded one existed before.
+    """
+    from services.common.stack import write_private  # the stack module imports asyncpg and grpc
+
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_private(path, text)
 
 
 def find_envoy() -> str:
@@ -382,6 +407,25 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         default=defaults.ext_authz,
         help="auth.Check on every route but the webhook (default on; --no-ext-authz for benchmarks only)",
     )
+    limits = parser.add_argument_group("limits (README: Gateway limits)")
+    for flag, field, unit in (
+        ("--body-limit", "body_limit_bytes", "bytes: request bodies on every route but those below"),
+        ("--batch-body-limit", "batch_body_limit_bytes", "bytes: batch upserts (REST and gRPC)"),
+        ("--webhook-body-limit", "webhook_body_limit_bytes", "bytes: GitHub webhook deliveries"),
+        ("--max-request-headers-kb", "max_request_headers_kb", "KiB: one request's headers"),
+        ("--max-heap-mib", "max_heap_mib", "MiB: heap budget the overload manager defends"),
+        ("--connection-buffer-bytes", "connection_buffer_bytes", "bytes: queued per connection"),
+        ("--max-connections", "max_connections", "concurrent downstream connections"),
+    ):
+        limits.add_argument(flag, dest=field, type=_positive, default=getattr(defaults, field), help=unit)
+
+
+def _positive(text: str) -> int:
+    """_positive parses a limit flag: a whole number above zero."""
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
+    return value
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
@@ -397,6 +441,13 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         search=args.search,
         descriptor=args.descriptor,
         ext_authz=args.ext_authz,
+        body_limit_bytes=args.body_limit_bytes,
+        batch_body_limit_bytes=args.batch_body_limit_bytes,
+        webhook_body_limit_bytes=args.webhook_body_limit_bytes,
+        max_request_headers_kb=args.max_request_headers_kb,
+        max_heap_mib=args.max_heap_mib,
+        connection_buffer_bytes=args.connection_buffer_bytes,
+        max_connections=args.max_connections,
     )
 
 
@@ -409,8 +460,7 @@ def _render_command(args: argparse.Namespace) -> int:
             return 2
         sys.stdout.write(text)
         return 0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_config(args.out, text)
     if args.validate:
         return _report_validation(args.out)
     return 0

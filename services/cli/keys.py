@@ -1,8 +1,10 @@
 """`kotadb keys create|list|revoke|rotate`: operators manage API keys as the service role.
 
-The commands talk to Postgres directly (`KOTADB_DATABASE_URL` or `--database-url`) and go through
-the same `KeyManager` as the AuthService RPCs, so validation, idempotency and rotation rules are
-identical; they act as the service role, which may manage any tenant's keys.
+The commands talk to Postgres directly and go through the same `KeyManager` as the AuthService
+RPCs, so validation, idempotency and rotation rules are identical; they act as the service role,
+which may manage any tenant's keys. The database is `--database-url`, else `KOTADB_DATABASE_URL`,
+else the running `kotadb dev` stack's (from its stack.json in `--data-dir`, by default the dev
+stack's default data dir), so the commands work as written next to `make dev`.
 
 `kotadb keys create` prints the secret once, with the key id. Without `--user` the key belongs
 to the dev stack's demo user (deploy/supabase/seed.sql); a `--user` with no `auth.users` row gets
@@ -22,6 +24,7 @@ import re
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
@@ -30,9 +33,11 @@ from services.auth.config import AuthSettings
 from services.auth.management import IssuedKey, KeyManager, KeySpec
 from services.auth.principal import PERMISSIONS, Principal
 from services.auth.store import ApiKeyRecord, AuthStore
+from services.cli.status import default_data_dir
 from services.common.db import create_pool, translate_error
 from services.common.errors import InvalidArgument, KotaError
 from services.common.settings import SettingsError, env_settings
+from services.common.stack import STACK_FILE, StackInfo
 
 DEMO_USER_ID = uuid.UUID("00000000-0000-4000-8000-00000000d3e0")
 _RELATIVE = re.compile(r"^\+?(\d+)([smhdw])$")
@@ -92,14 +97,22 @@ async def _with_manager(
 def register(subparsers: Any) -> None:
     """register adds `kotadb keys` and its create, list, revoke and rotate sub-commands."""
     parser: argparse.ArgumentParser = subparsers.add_parser(
-        "keys", help="manage API keys as the service role (database from KOTADB_DATABASE_URL)"
+        "keys", help="manage API keys as the service role (KOTADB_DATABASE_URL or the dev stack's database)"
     )
     commands = parser.add_subparsers(dest="keys_command", metavar="SUBCOMMAND")
     commands.required = True
 
     def common(sub: argparse.ArgumentParser) -> None:
         sub.add_argument(
-            "--database-url", default=None, help="PostgreSQL URL (default: the KOTADB_DATABASE_URL variable)"
+            "--database-url",
+            default=None,
+            help="PostgreSQL URL (default: KOTADB_DATABASE_URL, else the running dev stack's database)",
+        )
+        sub.add_argument(
+            "--data-dir",
+            type=Path,
+            default=None,
+            help="the dev stack whose database to use when no URL is given (default: kotadb dev's)",
         )
         sub.add_argument("--json", action="store_true", help="print JSON instead of text")
 
@@ -188,13 +201,25 @@ def record_to_json(record: ApiKeyRecord, now: dt.datetime) -> dict[str, Any]:
 
 
 def _database_url(args: argparse.Namespace) -> tuple[str, AuthSettings]:
+    """_database_url picks the database: --database-url, KOTADB_DATABASE_URL, the dev stack's."""
     settings = env_settings(AuthSettings)
-    url = args.database_url or settings.database_url
-    if not url:
-        raise InvalidArgument(
-            "no database: pass --database-url or set KOTADB_DATABASE_URL", reason="NO_DATABASE_URL"
-        )
+    url = args.database_url or settings.database_url or _dev_stack_database(args.data_dir)
     return url, settings
+
+
+def _dev_stack_database(data_dir: Path | None) -> str:
+    """_dev_stack_database is the database URL in the running dev stack's stack.json."""
+    path = (data_dir or default_data_dir()) / STACK_FILE
+    try:
+        return StackInfo.load(path).database_url
+    except FileNotFoundError:
+        raise InvalidArgument(
+            "no database: pass --database-url, set KOTADB_DATABASE_URL, or start `kotadb dev`"
+            f" ({path} does not exist)",
+            reason="NO_DATABASE_URL",
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise InvalidArgument(f"cannot read {path}: {exc}", reason="NO_DATABASE_URL") from None
 
 
 def _run(args: argparse.Namespace, action: Callable[[str, AuthSettings], Coroutine[Any, Any, int]]) -> int:

@@ -1,34 +1,49 @@
 """The `kotadb status` command: the health of each part of a running `kotadb dev` stack.
 
-It reads `<data-dir>/stack.json` (written by `kotadb dev`) and probes every component for real:
+It reads `<data-dir>/stack.json` (written by `kotadb dev`, typed by services/common/stack.py's
+StackInfo) and probes every component for real:
 Postgres with `select 1`, each service with the gRPC health protocol, Envoy with its admin
 `/ready`, and the gateway with `GET /health` (which itself reflects Envoy's health checks of
 all three services). The probes are also what `kotadb dev` waits on before declaring the stack
-up, so "dev says ready" and "status says ok" mean the same thing.
+up, so "dev says ready" and "status says ok" mean the same thing. The Prometheus endpoints the
+stack has (each service's metrics listener, Envoy's `/stats/prometheus`) follow the verdicts.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from services.common.stack import (
+    PROBE_TIMEOUT,
+    SERVICES,
+    STACK_FILE,
+    StackInfo,
+    http_get,
+    probe_grpc_health,
+    probe_http,
+    probe_postgres,
+    redact,
+)
 
-STACK_FILE = "stack.json"
-SERVICES: tuple[str, ...] = ("auth", "ingest", "search")
-
-# Per-probe limit: long enough for a loaded CI machine, short enough that `status` stays snappy.
-PROBE_TIMEOUT = 3.0
+__all__ = [
+    "PROBE_TIMEOUT",
+    "SERVICES",
+    "STACK_FILE",
+    "ComponentHealth",
+    "default_data_dir",
+    "http_get",
+    "load_stack",
+    "probe_grpc_health",
+    "probe_http",
+    "probe_postgres",
+    "probe_stack",
+]
 
 
 def default_data_dir() -> Path:
@@ -54,90 +69,26 @@ class ComponentHealth:
     detail: str
 
 
-def load_stack(data_dir: Path) -> dict[str, Any]:
-    """load_stack reads stack.json from data_dir; raises FileNotFoundError when none is running."""
-    data: dict[str, Any] = json.loads((data_dir / STACK_FILE).read_text())
-    return data
+def load_stack(data_dir: Path) -> StackInfo:
+    """load_stack reads stack.json from data_dir; FileNotFoundError when none is running."""
+    return StackInfo.load(data_dir / STACK_FILE)
 
 
-def probe_grpc_health(address: str, timeout: float = PROBE_TIMEOUT) -> tuple[bool, str]:
-    """probe_grpc_health asks a process's grpc.health.v1.Health for its overall status."""
-    try:
-        with grpc.insecure_channel(address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            response = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
-    except grpc.RpcError as exc:
-        return False, f"{exc.code().name}: {exc.details()}"
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
-    return response.status == health_pb2.HealthCheckResponse.SERVING, status
-
-
-def http_get(url: str, timeout: float = PROBE_TIMEOUT) -> tuple[int, str]:
-    """http_get fetches url and returns (status, body); status 0 means no HTTP answer at all."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return int(response.status), response.read().decode(errors="replace")
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode(errors="replace")
-    except (OSError, urllib.error.URLError) as exc:
-        return 0, str(exc)
-
-
-def probe_http(url: str, timeout: float = PROBE_TIMEOUT) -> tuple[bool, str]:
-    """probe_http is healthy when url answers 200; the detail is the status and a short body."""
-    status, body = http_get(url, timeout)
-    if status == 0:
-        return False, body
-    return status == 200, f"HTTP {status} {' '.join(body.split())[:120]}"
-
-
-async def _select_version(database_url: str, limit: float) -> str:
-    """_select_version connects, runs `select version()`, and returns the server's version line."""
-    async with asyncio.timeout(limit):
-        connection = await asyncpg.connect(database_url, statement_cache_size=0)
-        try:
-            version: str = await connection.fetchval("select version()")
-        finally:
-            await connection.close()
-    return version
-
-
-def probe_postgres(database_url: str, timeout: float = PROBE_TIMEOUT) -> tuple[bool, str]:
-    """probe_postgres is healthy when the database answers a query."""
-    try:
-        version = asyncio.run(_select_version(database_url, timeout))
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-        return False, f"{type(exc).__name__}: {exc}"
-    return True, " ".join(version.split()[:2])
-
-
-def probe_stack(stack: dict[str, Any]) -> list[ComponentHealth]:
-    """probe_stack probes every component named in a stack.json document, in start order."""
+def probe_stack(stack: StackInfo) -> list[ComponentHealth]:
+    """probe_stack probes every component of a running stack, in start order."""
     results: list[ComponentHealth] = []
-    database_url = str(stack["database_url"])
-    ok, detail = probe_postgres(database_url)
-    results.append(ComponentHealth("postgres", _redact(database_url), ok, detail))
+    ok, detail = probe_postgres(stack.database_url)
+    results.append(ComponentHealth("postgres", redact(stack.database_url), ok, detail))
     for name in SERVICES:
-        address = str(stack["grpc"][name])
+        address = stack.grpc[name]
         ok, detail = probe_grpc_health(address)
         results.append(ComponentHealth(name, address, ok, detail))
-    admin = str(stack["envoy_admin"])
-    ok, detail = probe_http(f"{admin}/ready")
-    results.append(ComponentHealth("envoy", admin, ok, detail))
-    health_url = f"{stack['gateway']}/health"
+    ok, detail = probe_http(f"{stack.envoy_admin}/ready")
+    results.append(ComponentHealth("envoy", stack.envoy_admin, ok, detail))
+    health_url = f"{stack.gateway}/health"
     ok, detail = probe_http(health_url)
     results.append(ComponentHealth("gateway", health_url, ok, detail))
     return results
-
-
-def _redact(url: str) -> str:
-    """_redact hides a password in a connection URL so status output is safe to paste."""
-    scheme, sep, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    if not sep or not at or ":" not in credentials:
-        return url
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
 
 
 def register(subparsers: Any) -> None:
@@ -175,4 +126,7 @@ def _status_command(args: argparse.Namespace) -> int:
         for result in results:
             verdict = "ok  " if result.ok else "DOWN"
             print(f"{result.name:<{width}}  {verdict}  {result.target}  {result.detail}")
+        # After the verdicts, so the first word of each of those lines stays the component.
+        for name, url in stack.metrics.items():
+            print(f"metrics: {name} {url}")
     return 0 if all(result.ok for result in results) else 1

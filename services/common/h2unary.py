@@ -5,53 +5,44 @@ Why this exists: Envoy's ext_authz filter calls the auth service's
 250-280 us of CPU per call before any handler code runs, which caps one auth process near 3,500
 checks/s. This module answers unary calls from an `asyncio.Protocol` with no task, no
 per-call context object and one socket write per read, so the framework's own cost per call
-is small and the handler's cost dominates. It serves a fixed table of methods on its own port,
-next to the normal grpc.aio server in the same event loop.
+is small and the handler's cost dominates. The python-hyper `h2` package as the framing layer
+costs 15-20x more per call (BENCHMARKS.md, "Check framing"): Check would fall below 5,000/s.
 
 Measured on the 2-core dev machine (indicative), a method doing nothing, h2load
 `-n 50000 -c 4 -m 32` with a 222-byte gRPC body, h2load on the same 2 cores, server CPU per call
 as process_time delta / calls:
 
-* 107,000-163,000 req/s, about 7 us per call, when request header blocks hit the
-  per-connection request cache (nghttp2, like Envoy, indexes its repeated request headers, so
-  every call after a connection's first sends the same table-neutral block; see
-  `_Connection._decode`);
-* 14,000-22,000 req/s, about 49-55 us per call, with the cache disabled: decoding every header
-  block with the pure-Python `hpack` package is then most of the cost.
-
-`H2UnaryServer.hpack_decodes` against `calls` shows which of the two a real client gets.
+* about 7 us per call when request header blocks hit the per-connection request cache
+  (nghttp2, like Envoy, sends the same table-neutral block for every call after a connection's
+  first; see `_Connection._decode`); `hpack_decodes` against `calls` shows whether they do;
+* about 49-55 us per call with the cache disabled: pure-Python HPACK is then most of the cost.
 
 What it implements (RFC 9113 and the gRPC over HTTP/2 protocol), as a server for clients that
 start with the HTTP/2 connection preface (Envoy, grpcio):
 
 * Connection setup: the 24-byte client preface is checked; our SETTINGS go out first
-  (MAX_CONCURRENT_STREAMS, a large INITIAL_WINDOW_SIZE, MAX_HEADER_LIST_SIZE) together with a
+  (MAX_CONCURRENT_STREAMS, INITIAL_WINDOW_SIZE, MAX_HEADER_LIST_SIZE) together with a
   connection WINDOW_UPDATE; the client's first frame must be SETTINGS; every SETTINGS is ACKed.
 * Frames: HEADERS + CONTINUATION (padding and priority fields stripped), DATA (padding),
   PRIORITY (ignored), PING (answered), RST_STREAM (the stream is dropped and its pending handler
   task cancelled), GOAWAY (in-flight calls finish, then the connection closes), WINDOW_UPDATE,
   unknown types (ignored). PUSH_PROMISE from a client is a protocol error.
 * Errors: connection errors send GOAWAY with the RFC's error code and close; stream errors send
-  RST_STREAM. Request header blocks are always decoded (even for refused streams) so the HPACK
-  state stays in step with the client.
+  RST_STREAM. Header blocks are always decoded (even for refused streams): HPACK stays in step.
 * Flow control: received DATA counts against our connection and stream windows (a peer that
   overruns them gets FLOW_CONTROL_ERROR) and both are replenished as data arrives. Sent DATA never
   exceeds the peer's connection and stream windows or its MAX_FRAME_SIZE; what does not fit waits
   for WINDOW_UPDATE (or a larger INITIAL_WINDOW_SIZE, which also adjusts open streams).
-* HPACK: requests are decoded with the `hpack` package. Responses are encoded here with static
-  table indices and literals without indexing, never touching the dynamic table, so the peer's
-  SETTINGS_HEADER_TABLE_SIZE is honoured whatever its value.
-* gRPC: `:method` must be POST (else HTTP 405), content-type must start with application/grpc
-  (else HTTP 415), an unknown `:path` is UNIMPLEMENTED, a compressed message or a grpc-encoding
-  other than identity is UNIMPLEMENTED, zero or several request messages are UNIMPLEMENTED
-  (cardinality violation), a truncated message is INTERNAL, a message over `max_message` is
-  RESOURCE_EXHAUSTED (decided as soon as its length prefix arrives; nothing more is buffered).
-  A reply is HEADERS(:status 200) + DATA(message) + HEADERS(grpc-status 0, END_STREAM); errors
-  are trailers-only. grpc-timeout is not enforced (Envoy enforces its own deadline).
-* Limits: MAX_CONCURRENT_STREAMS is enforced with REFUSED_STREAM; header blocks over the
-  advertised header list size are refused; request bytes buffered per connection are capped
-  (the stream that crosses the cap gets RESOURCE_EXHAUSTED); when the transport's write buffer is
-  full the connection stops reading until it drains.
+* HPACK: requests are decoded with the `hpack` package. Responses are encoded (h2headers.py)
+  with static table indices and literals without indexing, never touching the dynamic table.
+* gRPC: request headers are checked in h2headers.py (`parse_request`); a compressed message,
+  zero or several messages are UNIMPLEMENTED, a truncated one INTERNAL, one over `max_message`
+  RESOURCE_EXHAUSTED as soon as its length prefix arrives (none of it is kept). A reply is
+  HEADERS(:status 200) + DATA(message) + HEADERS(grpc-status 0, END_STREAM); errors are
+  trailers-only. grpc-timeout is not enforced (Envoy enforces its own deadline).
+* Limits (h2limits.py): MAX_CONCURRENT_STREAMS (REFUSED_STREAM), the connection count,
+  handshake and idle time, header blocks, the request bytes held per connection and in total;
+  a full write buffer stops reading (and processing what was read) until it drains.
 
 Handlers are called synchronously while the frames are processed. A handler that returns bytes
 is answered at once; one that returns an awaitable runs as a task and is answered when done.
@@ -72,19 +63,42 @@ import functools
 import inspect
 import logging
 import struct
-from collections.abc import Awaitable, Callable, Mapping
-from types import MappingProxyType
+from collections.abc import Mapping
 from typing import Final, cast
 
 import grpc
 from hpack import Decoder
 from hpack.exceptions import HPACKError, OversizedHeaderListError
 
+from services.common.h2headers import (
+    HEADER_LIST_TOO_LARGE_STATUS,
+    OK_TRAILERS,
+    RESPONSE_HEADERS,
+    Request,
+    parse_request,
+    table_neutral,
+    trailers_only_block,
+)
+from services.common.h2headers import UnaryMethod as UnaryMethod
+from services.common.h2headers import UnaryResult as UnaryResult
+from services.common.h2limits import (
+    BUFFER_LIMIT,
+    BUFFERED_BYTES,
+    FRAME_COST,
+    HANDSHAKE_TIMEOUT,
+    HEADER_LIST_TOO_LARGE,
+    IDLE_TIMEOUT,
+    MESSAGE_TOO_LARGE,
+    OPEN_CONNECTIONS,
+    PROTOCOL_ERROR_REASON,
+    STREAM_COST,
+    H2Limits,
+    Refusals,
+    Slots,
+)
+
 log = logging.getLogger("kotadb.h2unary")
 
-UnaryResult = bytes | Awaitable[bytes]
-# (request message bytes, request headers: lower-case names, pseudo-headers left out) -> response.
-UnaryMethod = Callable[[bytes, Mapping[str, str]], UnaryResult]
 
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -134,28 +148,21 @@ DEFAULT_MAX_FRAME: Final = 16384
 RECV_MAX_FRAME: Final = DEFAULT_MAX_FRAME
 # Our receive windows. The stream window is what we advertise as SETTINGS_INITIAL_WINDOW_SIZE;
 # the connection window is raised to CONN_WINDOW by a WINDOW_UPDATE right after our SETTINGS.
+# They only bound what a client may send before we answer; what we keep is bounded by H2Limits.
 STREAM_WINDOW: Final = 1 << 24
 CONN_WINDOW: Final = 1 << 24
-# Advertised SETTINGS_MAX_HEADER_LIST_SIZE (decoded size, RFC 7541 accounting).
-MAX_HEADER_LIST: Final = 64 << 10
-# Encoded header block bytes (HEADERS + CONTINUATION) accepted before the connection is closed
-# with ENHANCE_YOUR_CALM, and the decoded size at which hpack gives up (also fatal: the HPACK
-# state is lost). Between MAX_HEADER_LIST and these, only the stream is refused.
-MAX_HEADER_BLOCK: Final = 4 * MAX_HEADER_LIST
-HARD_HEADER_LIST: Final = 4 * MAX_HEADER_LIST
 # Distinct indexed-only request header blocks remembered per connection (see _Connection._decode).
 REQUEST_CACHE_SIZE: Final = 64
 CACHED_BLOCK_MAX: Final = 1024
 # The transport's write buffer size at which the connection stops reading from its client.
-WRITE_HIGH_WATER: Final = 4 << 20
-# The longest grpc-message we send (bytes before percent-encoding).
-MAX_STATUS_MESSAGE: Final = 1024
+WRITE_HIGH_WATER: Final = 64 << 10
+# Output items (frames or frame parts) queued by one batch of received frames: past this, the
+# rest of what was read waits until the batch is written, so a client that sends many small
+# frames and reads nothing holds about one batch of answers, not one per frame it sent.
+OUT_BATCH: Final = 512
 
 _FRAME_HEAD: Final = struct.Struct(">HBBBL")
 _U32: Final = struct.Struct(">L")
-_CONNECTION_HEADERS: Final = frozenset(
-    ("connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade")
-)
 
 
 class RpcError(Exception):
@@ -187,174 +194,12 @@ def _frame_head(n: int, ftype: int, flags: int, sid: int) -> bytes:
     return _FRAME_HEAD.pack(n >> 8, n & 0xFF, ftype, flags, sid)
 
 
-def _hpack_int(value: int, prefix_bits: int, first: int) -> bytes:
-    """_hpack_int encodes value as an HPACK integer with an N-bit prefix OR-ed into `first`."""
-    limit = (1 << prefix_bits) - 1
-    if value < limit:
-        return bytes((first | value,))
-    out = bytearray((first | limit,))
-    value -= limit
-    while value >= 128:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _hpack_string(raw: bytes) -> bytes:
-    """_hpack_string is a string literal without Huffman coding."""
-    return _hpack_int(len(raw), 7, 0) + raw
-
-
-def _literal(name: bytes, value: bytes) -> bytes:
-    """_literal is a header field 'literal without indexing' with a literal name."""
-    return b"\x00" + _hpack_string(name) + _hpack_string(value)
-
-
-def _literal_indexed_name(index: int, value: bytes) -> bytes:
-    """_literal is a 'literal without indexing' whose name is static-table entry `index`."""
-    return _hpack_int(index, 4, 0) + _hpack_string(value)
-
-
-# Static table: 8 is ":status: 200", 31 is "content-type".
-_STATUS_200: Final = b"\x88"
-_CONTENT_TYPE: Final = _literal_indexed_name(31, b"application/grpc")
-_RESPONSE_HEADERS: Final = _STATUS_200 + _CONTENT_TYPE
-_OK_TRAILERS: Final = _literal(b"grpc-status", b"0")
-_ACCEPT_IDENTITY: Final = _literal(b"grpc-accept-encoding", b"identity")
-
-
-def _percent_encode(message: str) -> bytes:
-    """_percent_encode applies gRPC's grpc-message encoding: UTF-8, then %XX outside 0x20-0x7E and '%'."""
-    raw = message.encode("utf-8", "replace")[:MAX_STATUS_MESSAGE]
-    if all(0x20 <= b <= 0x7E and b != 0x25 for b in raw):
-        return raw
-    return b"".join(bytes((b,)) if 0x20 <= b <= 0x7E and b != 0x25 else b"%%%02X" % b for b in raw)
-
-
-def _trailers_only_block(code: int, message: str, http_status: int = 200, extra: bytes = b"") -> bytes:
-    """_trailers_only_block is the header block of a trailers-only response."""
-    status = _STATUS_200 if http_status == 200 else _literal_indexed_name(8, str(http_status).encode())
-    block = status + _CONTENT_TYPE + _literal(b"grpc-status", str(code).encode())
-    if message:
-        block += _literal(b"grpc-message", _percent_encode(message))
-    return block + extra
-
-
-# What a request header block asks for: the handler and the headers it gets, or (handler None) the
-# trailers-only refusal: status code, message, HTTP status, extra header fields.
-_Refusal = tuple[grpc.StatusCode, str, int, bytes]
-_Request = tuple[UnaryMethod | None, Mapping[str, str], _Refusal | None]
-
-
-def _skip_int(block: bytes, i: int) -> int:
-    """_skip_int returns the offset after the continuation bytes of an HPACK integer starting at i."""
-    while block[i] & 0x80:
-        i += 1
-    return i + 1
-
-
-def _skip_string(block: bytes, i: int) -> int:
-    """_skip_string returns the offset after the HPACK string literal starting at i."""
-    length = block[i] & 0x7F
-    i += 1
-    if length == 0x7F:
-        shift = 0
-        while True:
-            c = block[i]
-            i += 1
-            length += (c & 0x7F) << shift
-            shift += 7
-            if not c & 0x80:
-                break
-    return i + length
-
-
-def _table_neutral(block: bytes) -> bool:
-    """_table_neutral reports whether a header block leaves the HPACK dynamic table unchanged.
-
-    Indexed fields, literals without indexing and never-indexed literals do not touch the table;
-    literals with incremental indexing and table size updates do.
-    """
-    i = 0
-    n = len(block)
-    try:
-        while i < n:
-            b = block[i]
-            i += 1
-            if b & 0x80:
-                if b == 0xFF:
-                    i = _skip_int(block, i)
-                continue
-            if b & 0x60:
-                return False
-            index = b & 0x0F
-            if index == 0x0F:
-                i = _skip_int(block, i)
-            elif not index:
-                i = _skip_string(block, i)
-            i = _skip_string(block, i)
-    except IndexError:
-        return False
-    return i == n
-
-
-def _parse_request(fields: list[tuple[str, str]], methods: Mapping[str, UnaryMethod]) -> _Request | None:
-    """_parse_request checks a request's header fields (None: malformed) and picks its handler."""
-    method = path = content_type = scheme = ""
-    headers: dict[str, str] = {}
-    size = 0
-    for name, value in fields:
-        size += len(name) + len(value) + 32
-        if name[:1] == ":":
-            if headers:
-                return None
-            if name == ":path" and not path:
-                path = value
-            elif name == ":method" and not method:
-                method = value
-            elif name == ":scheme" and not scheme:
-                scheme = value
-            elif name != ":authority":
-                return None
-            continue
-        if name in headers:
-            headers[name] += "," + value
-        else:
-            headers[name] = value
-        if name == "content-type":
-            content_type = value
-        elif name in _CONNECTION_HEADERS or name != name.lower() or (name == "te" and value != "trailers"):
-            return None
-    if not (method and path and scheme):
-        return None
-    refusal: _Refusal | None = None
-    handler = None
-    if size > MAX_HEADER_LIST:
-        refusal = (grpc.StatusCode.RESOURCE_EXHAUSTED, "header list too large", 431, b"")
-    elif method != "POST":
-        refusal = (grpc.StatusCode.UNIMPLEMENTED, "method must be POST", 405, b"")
-    elif not content_type.startswith("application/grpc"):
-        refusal = (grpc.StatusCode.INTERNAL, "unsupported content-type", 415, b"")
-    elif headers.get("grpc-encoding", "identity") != "identity":
-        refusal = (
-            grpc.StatusCode.UNIMPLEMENTED,
-            "only the identity grpc-encoding is supported",
-            200,
-            _ACCEPT_IDENTITY,
-        )
-    else:
-        handler = methods.get(path)
-        if handler is None:
-            refusal = (grpc.StatusCode.UNIMPLEMENTED, f"unknown method {path}", 200, b"")
-    # Read-only: the same mapping is handed to every call whose header block is cached.
-    return handler, MappingProxyType(headers), refusal
-
-
 class _Stream:
     """_Stream is one request stream from HEADERS until its response is fully written."""
 
     __slots__ = (
+        "base_cost",
+        "charged",
         "chunks",
         "declared",
         "handler",
@@ -368,12 +213,18 @@ class _Stream:
         "task",
     )
 
-    def __init__(self, sid: int, handler: UnaryMethod, headers: Mapping[str, str], send_window: int) -> None:
+    def __init__(
+        self, sid: int, handler: UnaryMethod, headers: Mapping[str, str], send_window: int, base_cost: int
+    ) -> None:
         self.sid = sid
         self.handler = handler
         self.headers = headers
         self.chunks: list[bytes] = []
         self.received = 0
+        # What the stream is charged (h2limits.py): base_cost while it is open, `charged` for
+        # its request bytes and DATA frames until they are handed to the handler.
+        self.base_cost = base_cost
+        self.charged = 0
         # The message length from the 5-byte prefix, once it has arrived; -1 before.
         self.declared = -1
         self.recv_window = STREAM_WINDOW
@@ -390,15 +241,19 @@ class _Connection(asyncio.Protocol):
     def __init__(self, server: H2UnaryServer) -> None:
         self.server = server
         self.methods = server.methods
-        self.max_message = server.max_message
-        self.max_streams = server.max_streams
-        self.max_buffered = server.max_buffered
+        limits = server.limits
+        self.max_message = limits.max_message
+        self.max_streams = limits.max_streams
+        self.max_buffered = limits.max_connection_bytes
+        self.max_header_list = limits.max_header_list
+        self.max_header_block = limits.max_header_block
         self.transport: asyncio.Transport | None = None
         self.buf = b""
         self.preface_ok = False
         self.settings_seen = False
-        self.decoder = Decoder(max_header_list_size=HARD_HEADER_LIST)
-        self.request_cache: dict[bytes, _Request | None] = {}
+        self.decoder = Decoder(max_header_list_size=2 * limits.max_header_list)
+        self.request_cache: dict[bytes, Request | None] = {}
+        self.cache_cost = 0
         self.streams: dict[int, _Stream] = {}
         self.blocked: dict[int, _Stream] = {}
         self.last_sid = 0
@@ -414,7 +269,17 @@ class _Connection(asyncio.Protocol):
         self.send_window = DEFAULT_WINDOW
         self.peer_initial_window = DEFAULT_WINDOW
         self.peer_max_frame = DEFAULT_MAX_FRAME
+        # Bytes charged to this connection (h2limits.py), also counted in server.buffered.
         self.buffered = 0
+        # Reading: paused while the transport's write buffer is full (write_paused) or while
+        # `buf` holds whole frames not processed yet (backlog, see OUT_BATCH).
+        self.write_paused = False
+        self.backlog = False
+        # Timers: the handshake deadline, then the idle check; `opened` counts streams opened,
+        # `opened_seen` is its value at the previous idle check.
+        self.timer: asyncio.TimerHandle | None = None
+        self.opened = 0
+        self.opened_seen = 0
         # Shutdown.
         self.goaway_sent = False
         self.peer_goaway = False
@@ -426,9 +291,16 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        server = self.server
+        if not server.slots.admit(self):
+            self.closed = True
+            transport.abort()
+            return
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        self.server._connections.add(self)
-        self.server.connections += 1
+        server.connections += 1
+        self.timer = asyncio.get_running_loop().call_later(
+            server.limits.handshake_timeout, self._handshake_expired
+        )
         settings = struct.pack(
             ">HLHLHL",
             SETTINGS_MAX_CONCURRENT_STREAMS,
@@ -436,36 +308,88 @@ class _Connection(asyncio.Protocol):
             SETTINGS_INITIAL_WINDOW_SIZE,
             STREAM_WINDOW,
             SETTINGS_MAX_HEADER_LIST_SIZE,
-            MAX_HEADER_LIST,
+            self.max_header_list,
         )
         transport.write(
             _frame(SETTINGS, 0, 0, settings)
             + _frame(WINDOW_UPDATE, 0, 0, _U32.pack(CONN_WINDOW - DEFAULT_WINDOW))
         )
-        if self.server.stopping:
+        if server.stopping:
             self.goaway()
 
     def _teardown(self) -> None:
-        """_teardown marks the connection closed and cancels every stream's pending handler."""
+        """_teardown marks the connection closed, cancels pending handlers and gives back its charge."""
         self.closed = True
         for stream in self.streams.values():
             if stream.task is not None:
                 stream.task.cancel()
         self.streams.clear()
         self.blocked.clear()
+        self.cont_block = []
+        self.buf = b""
+        self._clear_cache()
+        self.server.buffered -= self.buffered
+        self.buffered = 0
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.server.slots.release(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._teardown()
-        self.server._connections.discard(self)
         if not self.done.done():
             self.done.set_result(None)
 
+    def evict(self, reason: str, detail: str) -> None:
+        """evict drops the connection at once (no GOAWAY) and counts it as a refusal of `reason`."""
+        if self.closed:
+            return
+        self.server.refusals.refuse(reason, detail)
+        self._teardown()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _handshake_expired(self) -> None:
+        self.timer = None
+        self.evict(HANDSHAKE_TIMEOUT, "connection preface and SETTINGS not received in time")
+
+    def _handshake_done(self) -> None:
+        """_handshake_done starts the idle checks once the preface and the client's SETTINGS are in."""
+        self.server.slots.handshake_done(self)
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = asyncio.get_running_loop().call_later(self.server.limits.idle_timeout, self._idle_check)
+
+    def _idle_check(self) -> None:
+        """_idle_check closes a connection that opened no stream since the last check and runs no call.
+
+        Neither a stream whose request is still arriving nor a response waiting for the
+        client's flow control windows counts as work: a client trickling a request, or holding
+        its windows shut, slower than one new stream per idle period loses the connection.
+        """
+        self.timer = None
+        if self.closed:
+            return
+        busy = any(s.task is not None and not s.task.done() for s in self.streams.values())
+        if self.opened == self.opened_seen and not busy:
+            self.server.refusals.refuse(IDLE_TIMEOUT, "no stream opened within the idle timeout")
+            self._fail(NO_ERROR, "idle timeout", quiet=True)
+            return
+        self.opened_seen = self.opened
+        self.timer = asyncio.get_running_loop().call_later(self.server.limits.idle_timeout, self._idle_check)
+
     def pause_writing(self) -> None:
+        self.write_paused = True
         if self.transport is not None and not self.closed:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.transport is not None and not self.closed:
+        self.write_paused = False
+        if self.transport is None or self.closed:
+            return
+        if self.backlog:
+            self._continue()
+        else:
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
@@ -474,6 +398,11 @@ class _Connection(asyncio.Protocol):
         if self.buf:
             data = self.buf + data
             self.buf = b""
+        self._process(data)
+
+    def _process(self, data: bytes) -> None:
+        """_process handles what was read (up to one batch of output), writes the answers, and
+        pauses reading while whole frames are left over."""
         try:
             if not self.preface_ok:
                 if data[:24] != PREFACE[: len(data)]:
@@ -491,6 +420,21 @@ class _Connection(asyncio.Protocol):
             return
         self._flush()
         self._maybe_close()
+        if self.backlog and not self.closed and self.transport is not None:
+            self.transport.pause_reading()
+            if not self.write_paused:
+                asyncio.get_running_loop().call_soon(self._continue)
+
+    def _continue(self) -> None:
+        """_continue processes the frames left over by the last batch, then reads again when none are."""
+        if self.closed or self.write_paused or not self.backlog or self.transport is None:
+            return
+        self.backlog = False
+        data = self.buf
+        self.buf = b""
+        self._process(data)
+        if not self.backlog and not self.closed and not self.write_paused:
+            self.transport.resume_reading()
 
     # -- frames ------------------------------------------------------------------------------
 
@@ -499,7 +443,11 @@ class _Connection(asyncio.Protocol):
         unpack = _FRAME_HEAD.unpack_from
         n = len(data)
         pos = 0
+        out = self.out
         while n - pos >= 9:
+            if len(out) >= OUT_BATCH:
+                self.backlog = True
+                break
             hi, lo, ftype, flags, sid = unpack(data, pos)
             length = hi << 8 | lo
             if length > RECV_MAX_FRAME:
@@ -519,6 +467,7 @@ class _Connection(asyncio.Protocol):
                     raise _ConnectionError(PROTOCOL_ERROR, "the first frame must be SETTINGS")
                 self.settings_seen = True
                 self._settings(sid, flags, payload)
+                self._handshake_done()
             elif ftype == DATA:
                 self._data(sid, flags, payload)
             elif ftype == HEADERS:
@@ -640,20 +589,23 @@ class _Connection(asyncio.Protocol):
         if end < start:
             raise _ConnectionError(PROTOCOL_ERROR, "padding longer than the HEADERS payload")
         block = payload[start:end] if start or end != len(payload) else payload
+        if len(block) + FRAME_COST > self.max_header_block:
+            self.server.refusals.refuse(HEADER_LIST_TOO_LARGE, "header block over the limit")
+            raise _ConnectionError(ENHANCE_YOUR_CALM, "header block too large")
         if flags & FLAG_END_HEADERS:
             self._header_block(sid, flags, block)
         else:
             self.cont_sid = sid
             self.cont_flags = flags
             self.cont_block = [block]
-            self.cont_size = len(block)
-            if self.cont_size > MAX_HEADER_BLOCK:
-                raise _ConnectionError(ENHANCE_YOUR_CALM, "header block too large")
+            self.cont_size = len(block) + FRAME_COST
 
     def _continuation(self, flags: int, payload: bytes) -> None:
+        # Every fragment is charged FRAME_COST: a flood of empty CONTINUATION frames ends here too.
         self.cont_block.append(payload)
-        self.cont_size += len(payload)
-        if self.cont_size > MAX_HEADER_BLOCK:
+        self.cont_size += len(payload) + FRAME_COST
+        if self.cont_size > self.max_header_block:
+            self.server.refusals.refuse(HEADER_LIST_TOO_LARGE, "header block over the limit")
             raise _ConnectionError(ENHANCE_YOUR_CALM, "header block too large")
         if flags & FLAG_END_HEADERS:
             sid = self.cont_sid
@@ -678,23 +630,49 @@ class _Connection(asyncio.Protocol):
             # raw=False: names and values come back as str.
             fields = cast("list[tuple[str, str]]", self.decoder.decode(block))
         except OversizedHeaderListError as err:
+            self.server.refusals.refuse(HEADER_LIST_TOO_LARGE, "decoded header list over twice the limit")
             raise _ConnectionError(ENHANCE_YOUR_CALM, "header list too large") from err
         except HPACKError as err:
             raise _ConnectionError(COMPRESSION_ERROR, "invalid header block") from err
-        if not _table_neutral(block):
-            self.request_cache.clear()
+        if not table_neutral(block):
+            self._clear_cache()
         return fields
 
-    def _request(self, block: bytes, fields: list[tuple[str, str]] | None) -> _Request | None:
+    def _request(self, block: bytes, fields: list[tuple[str, str]] | None) -> Request | None:
         """_request is what a request header block asks for (None: malformed), from the cache if it can."""
         if fields is None:
             return self.request_cache[block]
-        request = _parse_request(fields, self.methods)
-        if len(block) <= CACHED_BLOCK_MAX and _table_neutral(block):
-            if len(self.request_cache) >= REQUEST_CACHE_SIZE:
-                self.request_cache.clear()
-            self.request_cache[block] = request
+        request = parse_request(fields, self.methods, self.max_header_list)
+        if len(block) <= CACHED_BLOCK_MAX and table_neutral(block):
+            self._cache(block, request)
         return request
+
+    def _cache(self, block: bytes, request: Request | None) -> None:
+        """_cache remembers what a block asked for, charged like a stream (not at all if there is no room).
+
+        A small block may decode to a large header list (indexed references to a full dynamic
+        table), so the entries are charged by their decoded size.
+        """
+        if len(self.request_cache) >= REQUEST_CACHE_SIZE:
+            self._clear_cache()
+        cost = STREAM_COST + len(block) + (request[3] if request is not None else 0)
+        server = self.server
+        if self.buffered + cost > self.max_buffered or server.buffered + cost > server.max_total:
+            return
+        self.request_cache[block] = request
+        self.cache_cost += cost
+        self.buffered += cost
+        server.buffered += cost
+        server.cached += cost
+
+    def _clear_cache(self) -> None:
+        self.request_cache.clear()
+        cost = self.cache_cost
+        if cost:
+            self.cache_cost = 0
+            self.buffered -= cost
+            self.server.buffered -= cost
+            self.server.cached -= cost
 
     def _header_block(self, sid: int, flags: int, block: bytes) -> None:
         """_header_block decodes a complete header block and opens (or ends) its stream."""
@@ -720,18 +698,29 @@ class _Connection(asyncio.Protocol):
         if request is None:
             self._rst(sid, PROTOCOL_ERROR)
             return
-        handler, headers, refusal = request
+        self.opened += 1
+        handler, headers, refusal, size = request
         end_stream = bool(flags & FLAG_END_STREAM)
         if handler is None:
             assert refusal is not None
             code, message, http_status, extra = refusal
+            if http_status == HEADER_LIST_TOO_LARGE_STATUS:
+                self.server.refusals.refuse(HEADER_LIST_TOO_LARGE, message)
             self._early(sid, end_stream, code, message, http_status, extra)
-        else:
-            stream = _Stream(sid, handler, headers, self.peer_initial_window)
-            self.streams[sid] = stream
-            if end_stream:
-                stream.remote_closed = True
-                self._dispatch(stream)
+            return
+        cost = STREAM_COST + size
+        server = self.server
+        if self.buffered + cost > self.max_buffered or server.buffered + cost > server.max_total:
+            server.refusals.refuse(BUFFER_LIMIT, "no room for another stream")
+            self._rst(sid, REFUSED_STREAM)
+            return
+        self.buffered += cost
+        server.buffered += cost
+        stream = _Stream(sid, handler, headers, self.peer_initial_window, cost)
+        self.streams[sid] = stream
+        if end_stream:
+            stream.remote_closed = True
+            self._dispatch(stream)
 
     def _data(self, sid: int, flags: int, payload: bytes) -> None:
         if not sid:
@@ -760,14 +749,22 @@ class _Connection(asyncio.Protocol):
             self._reset(sid, FLOW_CONTROL_ERROR)
             return
         stream.recv_window -= length
+        # Every DATA frame is charged, empty ones too: a flood of tiny frames costs its
+        # FRAME_COST each, so it hits the connection's cap long before its payload would.
+        size = len(payload)
+        cost = size + FRAME_COST
+        server = self.server
+        self.buffered += cost
+        server.buffered += cost
+        stream.charged += cost
         if payload:
             stream.chunks.append(payload)
-            stream.received += len(payload)
-            self.buffered += len(payload)
+            stream.received += size
             if stream.declared < 0 and stream.received >= 5:
                 head = stream.chunks[0] if len(stream.chunks[0]) >= 5 else b"".join(stream.chunks)
                 stream.declared = _U32.unpack_from(head, 1)[0]
                 if stream.declared > self.max_message:
+                    server.refusals.refuse(MESSAGE_TOO_LARGE, f"declared {stream.declared} bytes")
                     self._refuse(
                         stream,
                         grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -777,11 +774,13 @@ class _Connection(asyncio.Protocol):
             if stream.declared >= 0 and stream.received > stream.declared + 5:
                 self._refuse(stream, grpc.StatusCode.UNIMPLEMENTED, "more than one request message")
                 return
-            if self.buffered > self.max_buffered:
-                self._refuse(
-                    stream, grpc.StatusCode.RESOURCE_EXHAUSTED, "too many request bytes on this connection"
-                )
-                return
+        if self.buffered > self.max_buffered or server.buffered > server.max_total:
+            which = "connection" if self.buffered > self.max_buffered else "server"
+            server.refusals.refuse(BUFFER_LIMIT, f"{which} request buffer full")
+            self._refuse(
+                stream, grpc.StatusCode.RESOURCE_EXHAUSTED, f"too many request bytes held by this {which}"
+            )
+            return
         if flags & FLAG_END_STREAM:
             stream.remote_closed = True
             self._dispatch(stream)
@@ -796,7 +795,10 @@ class _Connection(asyncio.Protocol):
         chunks = stream.chunks
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         stream.chunks = []
-        self.buffered -= stream.received
+        if stream.charged:
+            self.buffered -= stream.charged
+            self.server.buffered -= stream.charged
+            stream.charged = 0
         size = len(body)
         if size < 5:
             if size:
@@ -859,15 +861,19 @@ class _Connection(asyncio.Protocol):
         sid = stream.sid
         n = len(message) + 5
         out = self.out
-        out.append(_frame(HEADERS, FLAG_END_HEADERS, sid, _RESPONSE_HEADERS))
+        out.append(_frame(HEADERS, FLAG_END_HEADERS, sid, RESPONSE_HEADERS))
         if n <= self.send_window and n <= stream.send_window and n <= self.peer_max_frame:
             self.send_window -= n
             out.append(_frame_head(n, DATA, 0, sid) + b"\x00" + _U32.pack(n - 5))
             out.append(message)
-            out.append(_frame(HEADERS, FLAG_END_STREAM | FLAG_END_HEADERS, sid, _OK_TRAILERS))
+            out.append(_frame(HEADERS, FLAG_END_STREAM | FLAG_END_HEADERS, sid, OK_TRAILERS))
             self._closed(stream)
             return
         stream.pending = memoryview(b"\x00" + _U32.pack(n - 5) + message)
+        # A response waiting for the client's windows is held for the client: charge it.
+        stream.charged += n
+        self.buffered += n
+        self.server.buffered += n
         self.blocked[sid] = stream
         self._drain()
 
@@ -891,7 +897,7 @@ class _Connection(asyncio.Protocol):
                 if not stream.pending:
                     stream.pending = None
                     del self.blocked[stream.sid]
-                    out.append(_frame(HEADERS, FLAG_END_STREAM | FLAG_END_HEADERS, stream.sid, _OK_TRAILERS))
+                    out.append(_frame(HEADERS, FLAG_END_STREAM | FLAG_END_HEADERS, stream.sid, OK_TRAILERS))
                     self._closed(stream)
                 if self.send_window <= 0:
                     break
@@ -914,16 +920,24 @@ class _Connection(asyncio.Protocol):
     ) -> None:
         """_early sends a trailers-only response (and RST_STREAM(NO_ERROR) if the client is still sending)."""
         self.server.errors += 1
-        block = _trailers_only_block(code.value[0], message, http_status, extra)
+        block = trailers_only_block(code.value[0], message, http_status, extra)
         self.out.append(_frame(HEADERS, FLAG_END_STREAM | FLAG_END_HEADERS, sid, block))
         if not remote_closed:
             self._rst(sid, NO_ERROR)
 
     def _closed(self, stream: _Stream) -> None:
         """_closed forgets a stream whose response has been fully queued."""
-        self.streams.pop(stream.sid, None)
+        if self.streams.pop(stream.sid, None) is not None:
+            self._uncharge(stream)
         if not stream.remote_closed:
             self._rst(stream.sid, NO_ERROR)
+
+    def _uncharge(self, stream: _Stream) -> None:
+        """_uncharge gives back what a forgotten stream was charged."""
+        cost = stream.base_cost + stream.charged
+        stream.base_cost = stream.charged = 0
+        self.buffered -= cost
+        self.server.buffered -= cost
 
     def _reset(self, sid: int, code: int) -> None:
         """_reset is a stream error: RST_STREAM(code), and the stream is dropped."""
@@ -938,9 +952,8 @@ class _Connection(asyncio.Protocol):
         stream = self.streams.pop(sid, None)
         if stream is None:
             return
-        if stream.chunks:
-            self.buffered -= stream.received
-            stream.chunks = []
+        stream.chunks = []
+        self._uncharge(stream)
         self.blocked.pop(sid, None)
         if stream.task is not None and not stream.task.done():
             stream.task.cancel()
@@ -967,17 +980,33 @@ class _Connection(asyncio.Protocol):
         if (self.goaway_sent or self.peer_goaway) and not self.streams and not self.closed:
             self._flush()
             self.closed = True
-            if self.transport is not None:
-                self.transport.close()
+            self._close_transport()
 
-    def _fail(self, code: int, debug: str) -> None:
-        """_fail is a connection error: GOAWAY(code), then the connection closes."""
-        log.info("%s: closing connection: %s", self.server.name, debug)
+    def _fail(self, code: int, debug: str, *, quiet: bool = False) -> None:
+        """_fail is a connection error: GOAWAY(code), then the connection closes.
+
+        The error is counted (and logged at a bounded rate) as a PROTOCOL_ERROR refusal unless
+        `quiet` (the caller counted it already): any client can make them at will.
+        """
+        if not quiet:
+            self.server.refusals.refuse(PROTOCOL_ERROR_REASON, debug)
         self.out.append(_frame(GOAWAY, 0, 0, struct.pack(">LL", self.last_sid, code) + debug.encode()))
         self._flush()
         self._teardown()
-        if self.transport is not None:
-            self.transport.close()
+        self._close_transport()
+
+    def _close_transport(self) -> None:
+        """_close_transport closes after the last write drains, or aborts if the client will not read it.
+
+        `close` waits for the write buffer to drain; a client that reads nothing would keep the
+        socket open forever, so what is still unwritten after the handshake timeout is dropped.
+        """
+        transport = self.transport
+        if transport is None:
+            return
+        transport.close()
+        if transport.get_write_buffer_size():
+            asyncio.get_running_loop().call_later(self.server.limits.handshake_timeout, transport.abort)
 
     def goaway(self) -> None:
         """goaway starts a graceful close: no new streams; the connection closes once calls finish."""
@@ -990,61 +1019,62 @@ class _Connection(asyncio.Protocol):
 
     def abort(self) -> None:
         """abort closes the connection now, cancelling whatever is still running."""
+        self._teardown()
         if self.transport is not None:
             self.transport.abort()
-        self.closed = True
-        for stream in self.streams.values():
-            if stream.task is not None:
-                stream.task.cancel()
-        self.streams.clear()
 
 
 class H2UnaryServer:
     """H2UnaryServer serves a fixed table of unary gRPC methods (by `/package.Service/Method` path) over h2c.
 
-    `calls` (handler invocations), `errors` (non-OK responses), `connections` (accepted
-    connections) and `hpack_decodes` (header blocks that missed the per-connection request
-    cache) are plain counters for benchmarks.
+    `limits` bounds what clients can make it hold (h2limits.py); refusals are counted under
+    `service` in kotadb_refusals_total and in `refusals.counts`. `calls` (handler invocations),
+    `errors` (non-OK responses), `connections` (accepted connections) and `hpack_decodes`
+    (header blocks that missed the per-connection request cache) are plain counters for
+    benchmarks; `buffered` is the bytes charged across all connections right now, `cached` the
+    part of it charged for the connections' request caches.
     """
 
     def __init__(
         self,
         methods: Mapping[str, UnaryMethod],
         *,
-        max_message: int = 4 << 20,
-        max_streams: int = 1000,
-        max_buffered: int = 64 << 20,
+        limits: H2Limits | None = None,
         name: str = "h2unary",
+        service: str = "",
     ) -> None:
         for path in methods:
             if not path.startswith("/") or path.count("/") != 2:
                 raise ValueError(f"method path {path!r} is not /package.Service/Method")
-        if max_message <= 0 or max_streams <= 0:
-            raise ValueError("max_message and max_streams must be positive")
         self.methods: dict[str, UnaryMethod] = dict(methods)
-        self.max_message = max_message
-        self.max_streams = max_streams
-        self.max_buffered = max(max_buffered, max_message + 5)
+        self.limits = limits if limits is not None else H2Limits()
+        self.max_total = self.limits.max_total_bytes
         self.name = name
+        self.service = service or name
+        self.refusals = Refusals(name, self.service, self.limits.log_interval)
         self.calls = 0
         self.errors = 0
         self.connections = 0
         self.hpack_decodes = 0
+        self.buffered = 0
+        self.cached = 0
         self.stopping = False
         self._server: asyncio.Server | None = None
-        self._connections: set[_Connection] = set()
+        self.slots: Slots[_Connection] = Slots(self.limits.connection_cap(), self.refusals)
+        OPEN_CONNECTIONS.labels(service=self.service).set_function(lambda: len(self.slots.open))
+        BUFFERED_BYTES.labels(service=self.service).set_function(lambda: self.buffered)
 
     @property
     def open_connections(self) -> int:
         """open_connections is the number of client connections open right now."""
-        return len(self._connections)
+        return len(self.slots.open)
 
     async def start(self, host: str, port: int) -> int:
         """start listens on host:port (0 picks a free port) and returns the bound port."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _Connection(self), host, port)
         bound: int = self._server.sockets[0].getsockname()[1]
-        log.info("%s: listening on %s:%d", self.name, host, bound)
+        log.info("%s: listening on %s:%d (at most %d connections)", self.name, host, bound, self.slots.cap)
         return bound
 
     async def stop(self, grace: float) -> None:
@@ -1052,13 +1082,13 @@ class H2UnaryServer:
         self.stopping = True
         if self._server is not None:
             self._server.close()
-        connections = list(self._connections)
+        connections = list(self.slots.open)
         for connection in connections:
             connection.goaway()
         pending = [c.done for c in connections if not c.done.done()]
         if pending:
             await asyncio.wait(pending, timeout=grace)
-        for connection in list(self._connections):
+        for connection in list(self.slots.open):
             connection.abort()
         if self._server is not None:
             with contextlib.suppress(Exception):

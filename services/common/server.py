@@ -102,6 +102,8 @@ class SideListener:
     name: str
     server: ListenerServer
     port: int
+    # Address to bind; empty: the service's own `host`.
+    host: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,7 +288,7 @@ class ServiceServer:
         await server.start()
         self._server = server
         for listener in self._listeners:
-            bound = await listener.server.start(self.settings.host, listener.port)
+            bound = await listener.server.start(listener.host or self.settings.host, listener.port)
             if port_file is not None:
                 write_port_file(listener_port_file(port_file, listener.name), bound)
             log.info(

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
+from google.api import annotations_pb2
 from google.protobuf import descriptor_pool
 from kotadb.v1 import auth_pb2, ingest_pb2, search_pb2  # noqa: F401 — registers the services
 
-from services.cli import gateway, main
+from services.cli import envoyreplies, gateway, main
 
 
 def _validate(tmp_path: Path, config: gateway.GatewayConfig, name: str = "envoy.yaml") -> tuple[int, str]:
@@ -179,3 +182,124 @@ def test_envoy_binary_can_be_overridden(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert gateway.find_envoy() == str(fake)
     monkeypatch.delenv("KOTADB_ENVOY_BIN")
     assert os.access(gateway.find_envoy(), os.X_OK)
+
+
+def test_rendered_config_is_written_owner_only(tmp_path: Path) -> None:
+    # The config holds the access-log token: 0600 in a 0700 directory, even over a wider file.
+    out = tmp_path / "fresh" / "envoy.yaml"
+    assert main.main(["gateway", "render", "--out", str(out)]) == 0
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert stat.S_IMODE(out.parent.stat().st_mode) == 0o700
+    wide = tmp_path / "wide.yaml"
+    wide.write_text("old")
+    wide.chmod(0o644)
+    gateway.write_config(wide, "new")
+    assert wide.read_text() == "new"
+    assert stat.S_IMODE(wide.stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_limit_flags_reach_the_config(tmp_path: Path) -> None:
+    out = tmp_path / "envoy.yaml"
+    flags = {
+        "--body-limit": "2048",
+        "--batch-body-limit": "4096",
+        "--webhook-body-limit": "8192",
+        "--max-request-headers-kb": "16",
+        "--max-heap-mib": "64",
+        "--connection-buffer-bytes": "65536",
+        "--max-connections": "50",
+    }
+    argv = ["gateway", "render", "--out", str(out), "--validate"]
+    assert main.main([*argv, *(part for pair in flags.items() for part in pair)]) == 0
+    text = out.read_text()
+    for line in (
+        "max_request_bytes: 2048",
+        "max_request_bytes: 4096",
+        "max_request_bytes: 8192",
+        "max_request_body_size: 8192",  # the transcoder holds at most the largest limit
+        "max_request_headers_kb: 16",
+        f"max_heap_size_bytes: {64 * 1024 * 1024}",
+        "per_connection_buffer_limit_bytes: 65536",
+        "max_active_downstream_connections: 50",
+    ):
+        assert line in text, line
+    with pytest.raises(SystemExit):
+        main.main(["gateway", "render", "--body-limit", "0"])
+
+
+def test_default_limits() -> None:
+    # The documented defaults (README, "Gateway limits"); changing one is a decision, not a slip.
+    defaults = gateway.GatewayConfig()
+    mib = 1024 * 1024
+    assert defaults.body_limit_bytes == 1 * mib
+    assert defaults.batch_body_limit_bytes == 16 * mib
+    assert defaults.webhook_body_limit_bytes == 25 * mib
+    assert defaults.max_request_headers_kb == 32
+    assert defaults.max_heap_mib == 512
+
+
+def test_batch_methods_are_the_descriptors_bindings() -> None:
+    pool = descriptor_pool.Default()
+    for grpc_path, rest_path in gateway.BATCH_METHODS.items():
+        service, method = grpc_path.strip("/").split("/")
+        options = pool.FindMethodByName(f"{service}.{method}").GetOptions()
+        assert options.Extensions[annotations_pb2.http].post == rest_path
+
+
+def _route_line(text: str, path: str) -> dict[str, Any]:
+    line = next(line for line in text.splitlines() if f'"path": "{path}"' in line)
+    route: dict[str, Any] = json.loads(line.strip()[2:])
+    return route
+
+
+def test_routes_pick_their_body_limit() -> None:
+    text = gateway.render(gateway.GatewayConfig())
+    client_streaming = set(gateway.client_streaming_methods(gateway.DEFAULT_DESCRIPTOR))
+    assert client_streaming == set(gateway.FALLBACK_CLIENT_STREAMING_METHODS)
+    for path in gateway.streaming_methods(gateway.DEFAULT_DESCRIPTOR):
+        switches = _route_line(text, path).get("typed_per_filter_config", {})
+        # Client streams have no gateway body limit; server streams keep the default.
+        assert (switches.get("body_limit", {}).get("disabled") is True) == (path in client_streaming), path
+    for grpc_path, rest_path in gateway.BATCH_METHODS.items():
+        for path in (grpc_path, rest_path):
+            switches = _route_line(text, path)["typed_per_filter_config"]
+            assert switches["body_limit"]["disabled"] is True
+            assert "config" in switches["body_limit_batch"]
+    webhook = text[text.index("- name: github-webhook") :].split("\n              - ", 1)[0]
+    assert "body_limit_webhook:" in webhook and "envoy.filters.http.ext_authz:" in webhook
+    # The limits run before ext_authz, so an oversize body never costs a Check.
+    assert text.index("- name: body_limit\n") < text.index("- name: envoy.filters.http.ext_authz")
+
+
+def test_access_log_never_records_credentials() -> None:
+    text = gateway.render(gateway.GatewayConfig())
+    stdout_log = text[
+        text.index("envoy.access_loggers.stdout") : text.index("envoy.access_loggers.http_grpc")
+    ]
+    assert 'path: "%PATH(NQ:ORIG_OR_PATH)%"' in stdout_log
+    lowered = text.lower()
+    for header in ("authorization", "x-api-key", "cookie"):
+        assert f"%req({header}" not in lowered
+    logged = text[text.index("additional_request_headers_to_log") :].split("]", 1)[0].lower()
+    assert not any(header in logged for header in ("authorization", "x-api-key", "cookie"))
+    # Query parameters that may carry a key are removed before any filter or log sees them.
+    for name in ("key", "api_key", "access_token"):
+        assert json.dumps({"remove": name}) in text
+
+
+def test_every_gateway_error_has_the_api_error_shape() -> None:
+    shaped = 0
+    for mapper in envoyreplies.local_reply_mappers():
+        body = mapper.get("body_format_override", {}).get("json_format")
+        if body is None or "code" not in body:
+            continue
+        shaped += 1
+        assert {"code", "message", "reason", "details"} <= set(body), body
+        (info,) = body["details"]
+        assert info["@type"] == "type.googleapis.com/google.rpc.ErrorInfo"
+        assert info["reason"] == body["reason"] and info["domain"] == "kotadb.dev"
+        assert mapper.get("body_format_override", {}).get("content_type") == "application/json"
+    assert shaped >= len(envoyreplies.LOCAL_REPLY_CODES)
+    reasons = {reason for status, _, reason in envoyreplies.LOCAL_REPLY_CODES if status in (413, 431)}
+    assert reasons == {"REQUEST_TOO_LARGE", "HEADERS_TOO_LARGE"}

@@ -1,20 +1,16 @@
 """Real HTTP and gRPC through a real Envoy in front of the three real services.
 
-The services run as `kotadb serve` subprocesses on port 0 against the session's migrated test
-database, sharing one identity key; Envoy runs on free ports with the config `kotadb gateway
-render` produces, so auth's Check guards every route and requests carry an API key written
-into the database for this module. A second Envoy shares the same services but its search
-cluster points at a port nobody listens on, so /health has something real to report. The auth
-cases themselves are in tests/auth/test_gateway_auth.py.
+The stack is tests/gateway/conftest.py's: `kotadb serve` subprocesses on port 0 against the
+session's migrated test database, and Envoys running the config `kotadb gateway render`
+produces, so auth's Check guards every route and requests carry an API key written into the
+database for this package. The auth cases themselves are in tests/auth/test_gateway_auth.py;
+size limits and memory in test_gateway_limits.py; secrets in logs and files in
+test_gateway_secrets.py.
 """
 
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -23,101 +19,19 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from kotadb.v1 import search_pb2, search_pb2_grpc
 
-from services.cli import status
 from services.common.errors import Unimplemented
-from services.common.supervisor import Supervisor
-from tests.harness import (
-    Envoy,
-    free_port,
-    seed_key,
-    service_env,
-    spawn_service,
-    start_envoy,
-    wait_gateway_healthy,
-    wait_healthy,
-)
-
-IDENTITY_KEY = "gateway-e2e-tests-identity-key-0123456789"
-
-
-@dataclass(frozen=True)
-class Gateways:
-    """Gateways are the two Envoys of this module, sharing one set of services, and an API key."""
-
-    main: Envoy
-    degraded: Envoy
-    key: str
-
-
-@pytest.fixture(scope="module")
-def gateways(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateways]:
-    workdir = tmp_path_factory.mktemp("gateway-e2e")
-    env = service_env(database_url, workdir, IDENTITY_KEY)
-    with Supervisor(grace=20) as supervisor:
-        addresses = {name: spawn_service(supervisor, workdir, name, name, env)[0] for name in status.SERVICES}
-        for address in addresses.values():
-            wait_healthy(address, supervisor)
-        auth, ingest, search = addresses["auth"], addresses["ingest"], addresses["search"]
-        main = start_envoy(
-            supervisor,
-            workdir,
-            "envoy-main",
-            auth=auth,
-            ingest=ingest,
-            search=search,
-            identity_key=IDENTITY_KEY,
-        )
-        dead_search = f"127.0.0.1:{free_port()}"
-        degraded = start_envoy(
-            supervisor,
-            workdir,
-            "envoy-degraded",
-            auth=auth,
-            ingest=ingest,
-            search=dead_search,
-            identity_key=IDENTITY_KEY,
-        )
-        wait_gateway_healthy(main, supervisor)
-        key = seed_key(
-            database_url, email_prefix="gateway-e2e", permissions=("read", "write"), rate_limit=6000
-        )
-        yield Gateways(main=main, degraded=degraded, key=key)
-
-
-@dataclass(frozen=True)
-class Reply:
-    """Reply is an HTTP answer: status, content type and the parsed JSON body."""
-
-    status: int
-    content_type: str
-    body: dict[str, Any]
+from tests.gateway.conftest import Gateways, Reply, request
 
 
 def _request(method: str, url: str, body: bytes | None = None, key: str | None = None) -> Reply:
-    headers = {"content-type": "application/json"} if body is not None else {}
-    if key is not None:
-        headers["authorization"] = f"Bearer {key}"
-    request = urllib.request.Request(url, data=body, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            code, content_type, raw = (
-                response.status,
-                response.headers.get("content-type", ""),
-                response.read(),
-            )
-    except urllib.error.HTTPError as exc:
-        code, content_type, raw = exc.code, exc.headers.get("content-type", ""), exc.read()
-    try:
-        parsed = json.loads(raw)
-    except ValueError:
-        pytest.fail(f"{method} {url} → {code} with a non-JSON body: {raw!r}")
-    return Reply(code, content_type, parsed)
+    reply = request(method, url, body, key)
+    assert reply.body is not None  # every answer is JSON
+    return reply
 
 
 def _answered_by_gateway(reply: Reply) -> bool:
-    """_answered_by_gateway is true for Envoy's own replies, whose ErrorInfo reason is GATEWAY_*."""
-    details = reply.body.get("details", []) if reply.status >= 400 else []
-    return any(str(d.get("reason", "")).startswith("GATEWAY_") for d in details)
+    """_answered_by_gateway is true for Envoy's own replies: no upstream answered."""
+    return reply.status >= 400 and not reply.reached_service
 
 
 def _error_info(body: dict[str, Any]) -> dict[str, Any]:
@@ -155,10 +69,13 @@ def test_unimplemented_rpc_is_a_json_501_with_its_reason(gateways: Gateways) -> 
     assert "capability" in info["metadata"]
 
 
-def test_bodies_beyond_envoys_buffer_reach_the_service(gateways: Gateways) -> None:
-    # Larger than Envoy's default 1 MiB buffer: the service, not the gateway, decides on size.
-    big = json.dumps({"query": "x" * (3 * 1024 * 1024)}).encode()
-    reply = _request("POST", f"{gateways.main.url}/v1/code:search", big, key=gateways.key)
+def test_batch_bodies_beyond_envoys_buffers_reach_the_service(gateways: Gateways) -> None:
+    # Far larger than the 32 KiB connection buffer and the 1 MiB default body limit, within the
+    # batch limit: the transcoder carries it to the ingest service, which answers.
+    document = {"path": "big.txt", "text": "x" * (3 * 1024 * 1024)}
+    big = json.dumps({"documents": [document]}).encode()
+    reply = _request("POST", f"{gateways.main.url}/v1/documents:batchUpsert", big, key=gateways.key)
+    assert reply.reached_service, (reply.status, reply.raw[:300])
     assert not _answered_by_gateway(reply), reply.status
 
 

@@ -86,7 +86,7 @@ REFUSED_URLS = [
     ("ssh://git:pw@github.com/o/r.git", "URL_CREDENTIALS"),
     ("http://github.com/o/r.git", "URL_SCHEME"),
     ("git://github.com/o/r.git", "URL_SCHEME"),
-    ("ext::sh -c touch% /tmp/pwned", "URL_INVALID"),
+    ("ext::sh -c touch% pwned", "URL_INVALID"),
     ("file:///srv/repo", "URL_SCHEME"),
     ("/srv/repo", "URL_SCHEME"),
     ("-uhttps://github.com/o/r", "URL_INVALID"),

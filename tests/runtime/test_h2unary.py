@@ -20,6 +20,7 @@ import grpc
 import pytest
 from hpack import Decoder, Encoder
 
+from services.common.h2limits import H2Limits
 from services.common.h2unary import (
     CANCEL,
     COMPRESSION_ERROR,
@@ -124,7 +125,8 @@ class Served:
 
 async def _serve(max_streams: int = 1000) -> Served:
     holder = Holder()
-    server = H2UnaryServer(_methods(holder), max_message=MAX_MESSAGE, max_streams=max_streams)  # type: ignore[arg-type]
+    limits = H2Limits(max_message=MAX_MESSAGE, max_streams=max_streams)
+    server = H2UnaryServer(_methods(holder), limits=limits)  # type: ignore[arg-type]
     port = await server.start("127.0.0.1", 0)
     return Served(server, port, holder)
 

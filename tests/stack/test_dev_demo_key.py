@@ -21,7 +21,8 @@ import asyncpg
 from services.auth.keys import hash_key, parse_key
 from services.cli.dev import DEMO_PATH, demo_curl
 from services.cli.keys import DEMO_USER_ID
-from tests.stack.test_dev_stack import DevStack, data_dir  # noqa: F401  (data_dir is a fixture)
+from tests.harness import DevStack
+from tests.stack.test_dev_stack import data_dir  # noqa: F401  (data_dir is a fixture)
 
 SETTLE_LIMIT = 30.0
 

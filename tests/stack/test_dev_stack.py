@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import grpc
@@ -22,73 +19,10 @@ import psutil
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from services.cli import gateway
-from tests.harness import free_port
+from services.common.stack import StackInfo
+from tests.harness import DevStack, free_port
 
-STARTUP_LIMIT = 240.0  # seconds; the first run creates a cluster and imports every service
-STOP_LIMIT = 90.0
 COMPONENTS = ["postgres", "auth", "ingest", "search", "envoy", "gateway"]
-
-
-class DevStack:
-    """DevStack is one `kotadb dev` subprocess and what it printed."""
-
-    def __init__(self, data_dir: Path, *extra: str) -> None:
-        self.data_dir = data_dir
-        self.output_path = data_dir.parent / f"{data_dir.name}-dev-{time.monotonic_ns()}.out"
-        env = dict(os.environ)
-        # The stack under test must use its own embedded cluster, whatever the test session uses.
-        env.pop("KOTADB_DATABASE_URL", None)
-        with self.output_path.open("wb") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "services.cli", "dev", "--data-dir", str(data_dir), *extra],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                cwd=gateway.REPO_ROOT,
-            )
-
-    @property
-    def output(self) -> str:
-        return self.output_path.read_text(errors="replace")
-
-    def wait_for_stack(self) -> dict[str, Any]:
-        """wait_for_stack returns stack.json once written, failing if the command exits first."""
-        stack_path = self.data_dir / "stack.json"
-        deadline = time.monotonic() + STARTUP_LIMIT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"kotadb dev exited with {self.process.returncode}:\n{self.output}")
-            if stack_path.exists():
-                with contextlib.suppress(ValueError):
-                    stack: dict[str, Any] = json.loads(stack_path.read_text())
-                    return stack
-            time.sleep(0.25)
-        pytest.fail(f"no stack.json after {STARTUP_LIMIT}s:\n{self.output}")
-
-    def descendants(self, stack: dict[str, Any]) -> list[psutil.Process]:
-        """descendants lists every process the stack runs: children, grandchildren, Postgres."""
-        found = psutil.Process(self.process.pid).children(recursive=True)
-        postmaster_pid = stack["pids"].get("postgres")
-        if postmaster_pid:
-            postmaster = psutil.Process(postmaster_pid)
-            found += [postmaster, *postmaster.children(recursive=True)]
-        return found
-
-    def terminate(self, signum: int = signal.SIGTERM) -> int:
-        """terminate sends signum and waits for the command to finish stopping the stack."""
-        self.process.send_signal(signum)
-        return self.process.wait(timeout=STOP_LIMIT)
-
-    def kill_if_running(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=STOP_LIMIT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 @pytest.fixture
@@ -163,8 +97,11 @@ def test_dev_stack_starts_reports_stops_and_restarts(data_dir: Path) -> None:
         result = _status(data_dir)
         assert result.returncode == 0, result.stdout + result.stderr
         lines = result.stdout.splitlines()
-        assert [line.split()[0] for line in lines] == COMPONENTS
-        assert all(line.split()[1] == "ok" for line in lines)
+        verdicts = lines[: len(COMPONENTS)]
+        assert [line.split()[0] for line in verdicts] == COMPONENTS
+        assert all(line.split()[1] == "ok" for line in verdicts)
+        # Then every Prometheus endpoint stack.json knows: Envoy's at least.
+        assert f"metrics: envoy {stack['envoy_admin']}/stats/prometheus" in lines[len(COMPONENTS) :]
         as_json = json.loads(_status(data_dir, "--json").stdout)
         assert [entry["name"] for entry in as_json] == COMPONENTS
 
@@ -226,21 +163,32 @@ def test_taken_gateway_port_is_a_clear_error(data_dir: Path) -> None:
 
 def test_status_reports_down_components(tmp_path: Path) -> None:
     closed = [free_port() for _ in range(5)]
-    stack = {
-        "gateway": f"http://127.0.0.1:{closed[0]}",
-        "envoy_admin": f"http://127.0.0.1:{closed[1]}",
-        "grpc": {
-            "auth": f"127.0.0.1:{closed[2]}",
-            "ingest": f"127.0.0.1:{closed[3]}",
-            "search": "127.0.0.1:1",
-        },
-        "database_url": f"postgresql://postgres:secret@127.0.0.1:{closed[4]}/kotadb",
-        "pid": os.getpid(),
-    }
-    (tmp_path / "stack.json").write_text(json.dumps(stack))
+    stack = StackInfo(
+        gateway=f"http://127.0.0.1:{closed[0]}",
+        envoy_admin=f"http://127.0.0.1:{closed[1]}",
+        grpc={"auth": f"127.0.0.1:{closed[2]}", "ingest": f"127.0.0.1:{closed[3]}", "search": "127.0.0.1:1"},
+        auth_check="127.0.0.1:1",
+        database_url=f"postgresql://postgres:secret@127.0.0.1:{closed[4]}/kotadb",
+        pid=os.getpid(),
+        started_at=StackInfo.now(),
+        data_dir=str(tmp_path),
+        logs=str(tmp_path / "logs"),
+        pids={"postgres": None},
+        demo_api_key="",
+        demo_api_key_id="",
+        demo_user_id="",
+    )
+    stack.save(tmp_path / "stack.json")
     result = _status(tmp_path)
     assert result.returncode == 1
     lines = result.stdout.splitlines()
     assert len(lines) == 6
     assert all(line.split()[1] == "DOWN" for line in lines), result.stdout
     assert "secret" not in result.stdout
+
+
+def test_status_refuses_a_malformed_stack_json(tmp_path: Path) -> None:
+    (tmp_path / "stack.json").write_text(json.dumps({"gateway": "http://127.0.0.1:1", "pid": "12"}))
+    result = _status(tmp_path)
+    assert result.returncode == 1
+    assert "stack.json" in result.stderr and "has no" in result.stderr

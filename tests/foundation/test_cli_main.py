@@ -1,0 +1,63 @@
+"""The `kotadb` entry point: lazy command groups whose help lines match their modules."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from services.cli import main as cli_main
+
+
+def _registered_help(module: str, name: str) -> str:
+    parser = argparse.ArgumentParser()
+    subparsers = parser.add_subparsers()
+    __import__(f"services.cli.{module}", fromlist=["register"]).register(subparsers)
+    # argparse keeps each sub-command's help on the choices actions of the subparsers object.
+    (action,) = [a for a in subparsers._choices_actions if a.dest == name]
+    return str(action.help)
+
+
+@pytest.mark.parametrize("name", list(cli_main.COMMANDS))
+def test_help_table_matches_each_module(name: str) -> None:
+    module, help_text = cli_main.COMMANDS[name]
+    assert help_text == _registered_help(module, name)
+
+
+# Runs `kotadb ARGS` in a fresh interpreter and prints which command modules and heavy libraries
+# it imported.
+_PROBE = """
+import sys
+from services.cli import main
+try:
+    main.main(sys.argv[1:])
+except SystemExit:
+    pass
+cli = sorted(m for m in sys.modules if m.startswith("services.cli.") and m != "services.cli.main")
+heavy = sorted(m for m in ("numpy", "asyncpg", "grpc") if m in sys.modules)
+print("LOADED", cli, heavy)
+"""
+
+
+def _loaded(*args: str) -> str:
+    run = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True, check=True)
+    return run.stdout
+
+
+def test_help_imports_no_command_module() -> None:
+    out = _loaded("--help")
+    assert "LOADED [] []" in out
+    for name in cli_main.COMMANDS:
+        assert name in out
+
+
+def test_chosen_command_imports_only_its_module() -> None:
+    assert "LOADED ['services.cli.migrate']" in _loaded("migrate", "--help")
+
+
+def test_unknown_command_is_an_error() -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli_main.main(["no-such-command"])
+    assert exc.value.code == 2
