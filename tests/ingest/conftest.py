@@ -38,6 +38,8 @@ INGEST_TEST_SETTINGS: dict[str, Any] = {
     "readiness_interval": 0.2,
     # No job workers: tests of the job RPCs start servers with their own (tests/ingest/test_jobs_rpc.py).
     "workers": 0,
+    # A free port, so servers of parallel tests (and other processes) never collide on 9462.
+    "metrics_port": 0,
 }
 
 

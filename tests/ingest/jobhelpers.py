@@ -130,6 +130,7 @@ def worker_settings(database_url: str, work_dir: Path, **overrides: Any) -> Inge
         "sync_batch_files": 3,
         "sync_max_file_bytes": 4096,
         "symbol_workers": 1,
+        "metrics_port": 0,
     }
     values.update(overrides)
     return IngestSettings(**values)
