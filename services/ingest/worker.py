@@ -34,6 +34,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -182,6 +183,7 @@ class Worker:
                     last_prune = loop.time()
                     async with db.as_service(pool) as conn:
                         await queue.prune(conn, retention=self.settings.retention)
+                    await self.prune_checkouts()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -192,6 +194,36 @@ class Worker:
             if claimed and len(claimed) == free:
                 continue  # there may be more; a full round costs one query
             await self.wakeups.wait_jobs()
+
+    async def prune_checkouts(self) -> int:
+        """prune_checkouts removes this machine's checkouts of repositories that no longer exist.
+
+        Returns how many were removed. A checkout in use is locked and left for the next round.
+        """
+        root = gitfetch.work_dir(self.settings.work_dir)
+        names = await asyncio.to_thread(
+            lambda: sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        )
+        ids = []
+        for name in names:
+            with contextlib.suppress(ValueError):
+                ids.append(uuid.UUID(name))
+        if not ids:
+            return 0
+        async with db.as_service(self.pool) as conn:
+            rows = await conn.fetch("select id from public.repositories where id = any($1::uuid[])", ids)
+        gone = set(ids) - {row["id"] for row in rows}
+        removed = 0
+        for repository_id in sorted(gone):
+            directory = root / str(repository_id)
+            try:
+                async with gitfetch.locked(directory):
+                    await asyncio.to_thread(shutil.rmtree, directory, True)
+                removed += 1
+            except gitfetch.GitError:
+                continue  # busy: a job still holds it
+            directory.with_name(directory.name + ".lock").unlink(missing_ok=True)
+        return removed
 
     async def _run(self, job: queue.JobRecord) -> None:
         sync = Sync(self, job)

@@ -46,6 +46,10 @@ class SourceRepo:
         self.path = path
         path.mkdir(parents=True, exist_ok=True)
         self.git("init", "--quiet", "--initial-branch=main")
+        # Serve partial fetches as GitHub does, so workers fetch commits and trees first and the
+        # blobs only when they check a commit out.
+        self.git("config", "uploadpack.allowFilter", "true")
+        self.git("config", "uploadpack.allowAnySHA1InWant", "true")
 
     @property
     def url(self) -> str:

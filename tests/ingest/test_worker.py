@@ -387,3 +387,28 @@ async def test_https_fetches_connect_only_to_the_checked_addresses(tmp_path: Pat
         listener.close()
         await listener.wait_closed()
     assert connections and set(connections) == {"127.0.0.1"}
+
+
+async def test_checkouts_of_deleted_repositories_are_removed(
+    pool: asyncpg.Pool,
+    database_url: str,
+    user_factory,
+    document_writer: DocumentWriter,
+    tmp_path: Path,
+    fresh_queue,
+) -> None:
+    repo = SourceRepo(tmp_path / "src")
+    _base_tree(repo)
+    repo.commit("first")
+    user = await user_factory()
+    kept_id = await make_repository(pool, user, repo.url)
+    dropped_id = await make_repository(pool, user, repo.url)
+    settings = worker_settings(database_url, tmp_path / "work")
+    async with running_worker(pool, settings, document_writer) as worker:
+        for repository_id in (kept_id, dropped_id):
+            assert (await wait_job(pool, (await enqueue(pool, user, repository_id)).id)).state == "succeeded"
+        assert (tmp_path / "work" / str(dropped_id)).is_dir()
+        await pool.execute("delete from public.repositories where id = $1", dropped_id)
+        assert await worker.prune_checkouts() == 1
+    assert not (tmp_path / "work" / str(dropped_id)).exists()
+    assert (tmp_path / "work" / str(kept_id) / ".git").is_dir()
