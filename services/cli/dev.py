@@ -45,13 +45,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import psutil
 
 from services.auth.config import AuthSettings
 from services.auth.management import MAX_PAGE_SIZE, KeyManager, KeySpec
 from services.auth.principal import READ, WRITE, Principal
 from services.auth.store import AuthStore
-from services.cli import gateway, status
+from services.cli import client, devrepo, gateway, status
 from services.cli.keys import DEMO_USER_ID
 from services.common import db, migrate
 from services.common.identity import access_log_token
@@ -78,6 +79,7 @@ from services.common.stack import (
     wait_until,
 )
 from services.common.supervisor import ChildExited, ChildProcess, GaveUp, StopRequested, Supervisor
+from services.ingest.secretbox import generate_key_spec
 
 DEFAULT_PORTS: dict[str, int] = {
     "gateway": 8080,
@@ -197,6 +199,27 @@ def identity_key(data_dir: Path) -> str:
     return created
 
 
+def ingest_secret_keys(data_dir: Path) -> str:
+    """ingest_secret_keys is the stack's KOTADB_INGEST_SECRET_KEYS, made once per data dir.
+
+    The ingest service encrypts webhook secrets and access tokens with it (AES-GCM,
+    services/ingest/secretbox.py); it lives in `<data-dir>/ingest-secret.keys`, mode 0600, next to
+    the database whose rows it decrypts, so a restarted stack still reads its repositories.
+    """
+    path = data_dir / "ingest-secret.keys"
+    try:
+        existing = path.read_text().strip()
+    except FileNotFoundError:
+        existing = ""
+    if existing:
+        return existing
+    created = generate_key_spec("dev1")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(created + "\n")
+    return created
+
+
 def _stack_identity_key(data_dir: Path) -> str:
     """_stack_identity_key is KOTADB_IDENTITY_KEY when set, else the data dir's own key."""
     return os.environ.get("KOTADB_IDENTITY_KEY") or identity_key(data_dir)
@@ -208,6 +231,14 @@ def _child_env(database_url: str, data_dir: Path, free_ports: bool) -> dict[str,
     env["KOTADB_DATABASE_URL"] = database_url
     env["KOTADB_IDENTITY_KEY"] = _stack_identity_key(data_dir)
     env.setdefault("KOTADB_SEARCH_DATA_DIR", str(private_dir(data_dir / "search")))
+    if not env.get("KOTADB_INGEST_SECRET_KEYS"):
+        env["KOTADB_INGEST_SECRET_KEYS"] = ingest_secret_keys(data_dir)
+    # Dev only: the demo repository is this checkout, a file:// URL the production policy refuses.
+    env["KOTADB_INGEST_ALLOW_LOCAL_URLS"] = "true"
+    if not os.environ.get("KOTADB_DATABASE_URL"):
+        # The embedded cluster is a direct connection: job wake-ups and WatchJob LISTEN there (a
+        # given URL may be a pooler that cannot, so it is left to KOTADB_INGEST_LISTEN_DATABASE_URL).
+        env.setdefault("KOTADB_INGEST_LISTEN_DATABASE_URL", database_url)
     if free_ports:
         # Every component on a free port means the metrics listeners too.
         metrics_on_free_ports(env, keep=True)
@@ -318,7 +349,8 @@ def run_stack(data_dir: Path, gateway_port: int, admin_port: int | None) -> int:
         saved = running.info()
         saved.save(stack_path)
         owns_stack_file = True
-        _print_endpoints(saved, stack_path)
+        demo = _register_demo_repository(saved, log)
+        _print_endpoints(saved, stack_path, demo)
         while True:
             # Parts that die are restarted here (backoff, bounded attempts); their peers
             # reconnect to the same addresses by themselves. stack.json follows new pids (and
@@ -457,7 +489,23 @@ def _start_envoy(data_dir: Path, ports: Ports, supervisor: Supervisor, logs: Pat
     )
 
 
-def _print_endpoints(stack: StackInfo, stack_path: Path) -> None:
+def _register_demo_repository(stack: StackInfo, log: Callable[[str], None]) -> devrepo.DemoRepository | None:
+    """_register_demo_repository indexes this checkout for the demo user; a refusal is logged, not fatal."""
+    checkout = devrepo.project_checkout()
+    if checkout is None:
+        log("not running from a git checkout: no demo repository registered")
+        return None
+    try:
+        demo = devrepo.register_demo_repository(stack, checkout)
+    except grpc.RpcError as exc:
+        log(f"could not register the demo repository: {client.describe_rpc_error(exc)}")
+        return None
+    verb = "registered" if demo.created else "found"
+    log(f"{verb} demo repository {demo.name} ({demo.url}); sync job {demo.job_id} queued")
+    return demo
+
+
+def _print_endpoints(stack: StackInfo, stack_path: Path, demo: devrepo.DemoRepository | None = None) -> None:
     """_print_endpoints tells the person at the terminal where everything is."""
     lines = [
         "stack is up:",
@@ -471,6 +519,7 @@ def _print_endpoints(stack: StackInfo, stack_path: Path) -> None:
         f"  demo key     {stack.demo_api_key}   (read, write; shown once, also in stack.json)",
         "try it:",
         f"  {demo_curl(stack)}",
+        *devrepo.examples(stack, demo),
         "Ctrl-C stops everything.",
     ]
     print("kotadb dev: " + "\n".join(lines), flush=True)
