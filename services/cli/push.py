@@ -234,12 +234,12 @@ async def _push(stub: Stub, target: client.Target, args: argparse.Namespace) -> 
     tree = await asyncio.to_thread(compare_tree, root, worker_rules(args.max_file_bytes), scope, remote)
     report = PushReport(unchanged=tree.unchanged, skipped=list(tree.skipped))
     report.revision = max((stored.revision for stored in remote.values()), default=0)
-    if args.dry_run:
-        report.sent = len(tree.to_send)
-        report.sent_bytes = sum(entry.size for entry in tree.to_send)
+    progress = Progress("push")
+    progress.update(files_total=len(tree.to_send), bytes_total=sum(entry.size for entry in tree.to_send))
+    if args.dry_run:  # the files are read all the same: content checks may still skip some
+        async for _ in _requests(tree, repository_id, report, progress):
+            pass
     elif tree.to_send:
-        progress = Progress("push")
-        progress.update(files_total=len(tree.to_send), bytes_total=sum(entry.size for entry in tree.to_send))
         try:
             response = await stub.StreamUpsertDocuments(
                 _requests(tree, repository_id, report, progress), metadata=client.call_metadata(target)
