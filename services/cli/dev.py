@@ -13,9 +13,16 @@ Start order, each step waiting for the previous one to be healthy:
 Between steps 2 and 3 a fresh demo API key (read and write) is issued to the seed's demo user,
 every run, because its secret exists only at creation (the database keeps a SHA-256 hash);
 the previous run's demo key is revoked.
-Then the endpoints, the demo key and a curl example are printed and written to
-`<data-dir>/stack.json` (services/common/stack.py's StackInfo, mode 0600, the key as
-`demo_api_key`) for `kotadb status`, `kotadb keys`, tests and scripts.
+Once the gateway is healthy, the checkout `kotadb dev` runs from is registered for the demo user
+as the repository `kotadb/kotadb` (a `file://` URL) and its sync is queued (services/cli/devrepo.py),
+so the stack holds real code as soon as it is up. The ingest service gets
+KOTADB_INGEST_ALLOW_LOCAL_URLS=true for that (dev only) and KOTADB_INGEST_SECRET_KEYS from
+`<data-dir>/ingest-secret.keys` (made once, 0600), the key that encrypts webhook secrets and
+access tokens in the database.
+Then the endpoints, the demo key, a curl example and `kotadb push`/`repos`/`jobs` examples are
+printed, and the endpoints written to `<data-dir>/stack.json` (services/common/stack.py's
+StackInfo, mode 0600, the key as `demo_api_key`) for `kotadb status`, `kotadb keys`, the client
+commands, tests and scripts.
 
 While it runs, a part that dies (the embedded Postgres, a service, Envoy) is restarted on the same
 ports after a backoff, with a bounded number of attempts in a row (supervisor.RestartPolicy); the
@@ -25,8 +32,8 @@ dead part's log file. SIGTERM or Ctrl-C stops everything in reverse order and re
 
 The default data dir is `$XDG_CACHE_HOME/kotadb/dev` (usually `~/.cache/kotadb/dev`); see
 `services.cli.status.default_data_dir`. Every directory the command makes there is 0700, and
-every log or secret 0600: child logs (`<data-dir>/logs/<name>.log`), stack.json, identity.key and
-the rendered Envoy config (it holds the access-log token).
+every log or secret 0600: child logs (`<data-dir>/logs/<name>.log`), stack.json, identity.key,
+ingest-secret.keys and the rendered Envoy config (it holds the access-log token).
 """
 
 from __future__ import annotations
@@ -347,9 +354,10 @@ def run_stack(data_dir: Path, gateway_port: int, admin_port: int | None) -> int:
 
         running = _Running(data_dir, ports, database_url, database, services, envoy, demo_key, demo_key_id)
         saved = running.info()
+        # Registered before stack.json exists: whoever waits for the file finds the repository there.
+        demo = _register_demo_repository(saved, log)
         saved.save(stack_path)
         owns_stack_file = True
-        demo = _register_demo_repository(saved, log)
         _print_endpoints(saved, stack_path, demo)
         while True:
             # Parts that die are restarted here (backoff, bounded attempts); their peers
