@@ -64,7 +64,8 @@ EXAMPLES: dict[str, str] = {
     ".venv/bin/grpcurl -plaintext localhost:50053 describe": "rpc SearchCode",
     ".venv/bin/grpcurl -plaintext localhost:50051 grpc.health.v1.Health/Check": '"status": "SERVING"',
     '.venv/bin/grpcurl -plaintext -H "authorization: Bearer $ADMIN"': '"name": "ops"',
-    'curl -s -H "Authorization: Bearer $ADMIN" localhost:8080/v1/apiKeys': '"name": "ci"',
+    # The gateway's JSON is compact (one line per message: WatchJob streams NDJSON).
+    'curl -s -H "Authorization: Bearer $ADMIN" localhost:8080/v1/apiKeys': '"name":"ci"',
     ".venv/bin/kotadb status": "/stats/prometheus",  # and exit 0: every component ok
     # "Put code in"
     ".venv/bin/kotadb repos list": "kotadb/kotadb",
