@@ -286,18 +286,24 @@ def run_ingest_bench(options: IngestBenchOptions, echo: Callable[[str], None]) -
             report["corpora"][name] = entry
             push_rate, copy_rate = entry["push"]["mb_per_s"], entry["copy"]["mb_per_s"]
             echo(f"{name}: push {push_rate:.1f} MB/s, COPY {copy_rate:.1f} MB/s")
-        echo("webhook → job finished")
-        report["webhook"] = ingestqueue.webhook_latency(
-            stack.gateway, key, work, options.webhook_pushes, echo
-        ) | {"load": _load()}
-        echo("claim overhead")
-        report["claim"] = ingestqueue.claim_overhead(
-            stack.database_url, options.claim_jobs, options.claim_workers
-        ) | {"load": _load()}
-        echo("NOTIFY under concurrent writers")
-        report["notify"] = ingestqueue.notify_cost(
-            stack.database_url, list(options.notify_writers), options.notify_seconds
-        ) | {"load": _load()}
+        steps: dict[str, Callable[[], dict[str, Any]]] = {
+            "webhook": lambda: ingestqueue.webhook_latency(
+                stack.gateway, key, work, options.webhook_pushes, echo
+            ),
+            "claim": lambda: ingestqueue.claim_overhead(
+                stack.database_url, options.claim_jobs, options.claim_workers
+            ),
+            "notify": lambda: ingestqueue.notify_cost(
+                stack.database_url, list(options.notify_writers), options.notify_seconds
+            ),
+        }
+        for step, measure in steps.items():
+            echo(f"{step}: measuring")
+            try:
+                report[step] = measure() | {"load": _load()}
+            except Exception as exc:  # one failed step is reported; the others still run
+                report[step] = {"error": f"{type(exc).__name__}: {exc}"[:1000]}
+                echo(f"{step} failed: {report[step]['error']}")
     finally:
         stack_process.stop()
     report["load_after"] = _load()
@@ -328,18 +334,32 @@ def render_ingest_table(report: dict[str, Any]) -> str:
             )
         ratio = push["seconds"] / copy["seconds"]
         lines.append(f"{'':<13} push takes {ratio:.1f}x COPY's time; {push['symbols']} symbols stored")
-    hook = report["webhook"]["job_finished_ms"]
-    claim = report["claim"]
-    lines += [
-        "",
-        f"webhook → job finished ({report['webhook']['pushes']} pushes): p50 {hook['p50_ms']:.0f} ms,"
-        f" p99 {hook['p99_ms']:.0f} ms, max {hook['max_ms']:.0f} ms",
-        f"claim overhead: {claim['jobs_per_s']:.0f} no-op jobs/s with {claim['workers']} workers",
-        f"NOTIFY ({report['notify']['settings']}):",
-    ]
-    for run in report["notify"]["runs"]:
-        state = "on " if run["notify"] else "off"
-        lines.append(f"  {run['writers']:>3} writers, notify {state}: {run['commits_per_s']:>8.0f} commits/s")
+    lines.append("")
+    webhook, claim, notify = report["webhook"], report["claim"], report["notify"]
+    if "error" in webhook:
+        lines.append(f"webhook → job finished: failed: {webhook['error']}")
+    else:
+        hook = webhook["job_finished_ms"]
+        lines.append(
+            f"webhook → job finished ({len(webhook['samples_ms'])} of {webhook['pushes']} pushes): p50"
+            f" {hook['p50_ms']:.0f} ms, p99 {hook['p99_ms']:.0f} ms, max {hook['max_ms']:.0f} ms"
+        )
+        lines += [f"  failed: {error}" for error in webhook["errors"]]
+    if "error" in claim:
+        lines.append(f"claim overhead: failed: {claim['error']}")
+    else:
+        lines.append(
+            f"claim overhead: {claim['jobs_per_s']:.0f} no-op jobs/s with {claim['workers']} workers"
+        )
+    if "error" in notify:
+        lines.append(f"NOTIFY: failed: {notify['error']}")
+    else:
+        lines.append(f"NOTIFY ({notify['settings']}):")
+        for run in notify["runs"]:
+            state = "on " if run["notify"] else "off"
+            lines.append(
+                f"  {run['writers']:>3} writers, notify {state}: {run['commits_per_s']:>8.0f} commits/s"
+            )
     return "\n".join(lines)
 
 

@@ -50,9 +50,9 @@ def _git(cwd: Path, *args: str) -> str:
 
 
 def _watch(stub: ingest_pb2_grpc.IngestServiceStub, metadata: Any, job_id: str) -> job_pb2.Job:
-    for event in stub.WatchJob(ingest_pb2.WatchJobRequest(id=job_id), metadata=metadata, timeout=600):
-        if event.state in FINAL:
-            break
+    # Read to the end: the server closes the stream after the final event (no client cancel).
+    for _ in stub.WatchJob(ingest_pb2.WatchJobRequest(id=job_id), metadata=metadata, timeout=600):
+        pass
     job: job_pb2.Job = stub.GetJob(ingest_pb2.GetJobRequest(id=job_id), metadata=metadata, timeout=60)
     return job
 
@@ -72,6 +72,7 @@ def webhook_latency(
     target = gateway.removeprefix("http://")
     server_ms: list[float] = []
     client_ms: list[float] = []
+    errors: list[str] = []
     with grpc.insecure_channel(target) as channel:
         stub = ingest_pb2_grpc.IngestServiceStub(channel)
         created = stub.CreateRepository(
@@ -119,9 +120,17 @@ def webhook_latency(
                 },
             )
             sent = time.time()
-            with urllib.request.urlopen(request, timeout=30) as answered:
-                answer = json.loads(answered.read())
-            job = _watch(stub, metadata, answer["job"]["id"])
+            try:
+                with urllib.request.urlopen(request, timeout=30) as answered:
+                    answer = json.loads(answered.read())
+                job = _watch(stub, metadata, answer["job"]["id"])
+            except (OSError, grpc.RpcError) as exc:
+                # A failed sample is reported, never retried into a better figure.
+                errors.append(f"push {number}: {exc}"[:500])
+                echo(f"push {number} failed: {errors[-1]}")
+                time.sleep(5)  # `kotadb dev` restarts a part that died
+                before = after
+                continue
             observed = time.time()
             if job.state != job_pb2.Job.SUCCEEDED:
                 raise RuntimeError(f"webhook job {job.id} ended {job.state}: {job.error.message}")
@@ -135,6 +144,7 @@ def webhook_latency(
         "job_finished_ms": summarize([m / 1e3 for m in server_ms]).as_dict(),
         "client_observed_ms": summarize([m / 1e3 for m in client_ms]).as_dict(),
         "samples_ms": [round(m, 1) for m in server_ms],
+        "errors": errors,
     }
 
 
