@@ -62,6 +62,9 @@ BATCH_METHODS: dict[str, str] = {
 # Largest unary response the transcoder holds to turn into JSON: the services' default
 # max_message_bytes (services/common/settings.py), which is the most they send.
 TRANSCODER_RESPONSE_BYTES = 16 * MIB
+# Bytes a transcoded request message may carry beyond the largest body limit (field tags, lengths,
+# path variables such as the webhook's repository id).
+TRANSCODER_MESSAGE_OVERHEAD = 64 * 1024
 
 # Query parameters the gateway deletes before anything reads the request: names clients use to
 # put a credential in a URL. KotaDB accepts keys only in headers, so nothing is lost, and the
@@ -282,7 +285,9 @@ def render(config: GatewayConfig, template_path: Path = TEMPLATE_PATH) -> str:
         "body_limit_bytes": config.body_limit_bytes,
         "batch_body_limit_bytes": config.batch_body_limit_bytes,
         "webhook_body_limit_bytes": config.webhook_body_limit_bytes,
-        "transcoder_request_bytes": max(limits),
+        # The transcoder counts the message it builds, which wraps the body: a webhook's raw body
+        # becomes an HttpBody plus the path's repository id, some bytes over the body itself.
+        "transcoder_request_bytes": max(limits) + TRANSCODER_MESSAGE_OVERHEAD,
         "transcoder_response_bytes": TRANSCODER_RESPONSE_BYTES,
         "max_request_headers_kb": config.max_request_headers_kb,
         "max_heap_bytes": config.max_heap_mib * MIB,

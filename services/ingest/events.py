@@ -23,7 +23,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 import asyncpg
@@ -171,7 +171,7 @@ class Wakeups:
         self._jobs.set()
 
     @contextlib.contextmanager
-    def subscription(self, job_id: uuid.UUID) -> Any:
+    def subscription(self, job_id: uuid.UUID) -> Iterator[asyncio.Event]:
         """subscription registers a watcher of `job_id`; yields an Event set on each notification."""
         event = asyncio.Event()
         self._watchers.setdefault(job_id, set()).add(event)

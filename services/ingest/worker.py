@@ -283,7 +283,7 @@ class Sync:
                 "job attempt failed",
                 extra={"fields": {"job_id": str(self.job.id), "error": queue.error_document(exc)}},
             )
-            with contextlib.suppress(Exception):
+            try:
                 async with db.as_service(self.pool) as conn:
                     await self._flush_skips(conn)
                     failed = await queue.fail(
@@ -302,6 +302,12 @@ class Sync:
                             self.job.repository_id,
                             json.dumps(failed.error),
                         )
+            except Exception as record_exc:
+                # The lease runs out and another attempt starts; nothing else to do from here.
+                log.warning(
+                    "could not record the failed attempt",
+                    extra={"fields": {"job_id": str(self.job.id), "error": type(record_exc).__name__}},
+                )
         finally:
             beat.cancel()
             with contextlib.suppress(asyncio.CancelledError):

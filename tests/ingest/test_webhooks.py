@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import http.client
 import json
 import logging
 import urllib.error
@@ -94,6 +95,25 @@ async def _register(server: IngestServer, user: uuid.UUID, branch: str = "main")
 
 def _sign(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def _early_reply(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    """_early_reply sends only the headers (with the body's length) and reads the answer.
+
+    The gateway refuses a declared-oversize body from its headers alone and closes the
+    connection; a client still uploading would see a reset instead of the 413.
+    """
+    parsed = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parsed.hostname or "127.0.0.1", parsed.port, timeout=30)
+    try:
+        connection.putrequest("POST", parsed.path)
+        for name, value in {**headers, "Content-Length": str(len(body))}.items():
+            connection.putheader(name, value)
+        connection.endheaders()
+        response = connection.getresponse()
+        return response.status, json.loads(response.read() or b"{}")
+    finally:
+        connection.close()
 
 
 def _post_sync(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
@@ -382,7 +402,14 @@ async def test_bodies_over_25_mib_are_refused_by_the_gateway(
     status, answer = await deliver(gateway, repo.id, at_limit, secret=repo.secret, delivery="big-ok")
     assert status == 200 and answer["job"]["kind"] == "INCREMENTAL_SYNC", answer
     over = at_limit[:-1] + b" }"
-    status, answer = await deliver(gateway, repo.id, over, secret=repo.secret, delivery="too-big")
+    headers = {
+        "Content-Type": "application/json",
+        "X-GitHub-Event": "push",
+        "X-GitHub-Delivery": "too-big",
+        "X-Hub-Signature-256": _sign(repo.secret, over),
+    }
+    url = f"{gateway.url}/v1/webhooks/github/{repo.id}"
+    status, answer = await asyncio.to_thread(_early_reply, url, over, headers)
     assert status == 413, answer
     assert [r["delivery_id"] for r in await _deliveries(pool, repo.id)] == ["big-ok"]
 
