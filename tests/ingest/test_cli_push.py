@@ -11,6 +11,7 @@ neither writes anything.
 from __future__ import annotations
 
 import re
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -194,3 +195,26 @@ def test_missing_directory_and_unknown_repository(stack: CliStack, tmp_path: Pat
     assert missing.returncode == 1 and "not a directory" in _one_error_line(missing.stderr)
     unknown = stack.run("push", str(_tree(tmp_path / "t")), "--repository", "no/such-repo")
     assert unknown.returncode == 1 and "no repository named 'no/such-repo'" in _one_error_line(unknown.stderr)
+
+
+def test_push_into_a_repository(stack: CliStack, database_url: str, tmp_path: Path) -> None:
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=origin, check=True)
+    name = f"octo/pushed-{uuid.uuid4().hex[:6]}"
+    added = stack.run("repos", "add", name, origin.as_uri(), "--no-sync")
+    assert added.returncode == 0, added.stdout + added.stderr
+    root = _tree(tmp_path / "into-repo")
+    pushed = stack.run("push", str(root), "--repository", name)
+    assert pushed.returncode == 0, pushed.stdout + pushed.stderr
+    assert _summary(pushed.stdout)["new"] == 4
+    rows = query(
+        database_url,
+        "select d.path from public.documents d join public.repositories r on r.id = d.repository_id"
+        " where r.full_name = $1 and d.deleted_at is null order by d.path",
+        name,
+    )
+    assert [row["path"] for row in rows] == ["docs/readme.md", "main.py", "pkg/helper.py", "pkg/util.go"]
+    # Pushed again into the repository: its own hash map says nothing changed.
+    again = stack.run("push", str(root), "--repository", name)
+    assert _summary(again.stdout)["unchanged"] == 4, again.stdout
