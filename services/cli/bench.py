@@ -2,6 +2,7 @@
 
     kotadb bench search --corpus DIR --queries FILE [--out report.json] [--runs N]
     kotadb bench auth [--out report.json] [--quick]
+    kotadb bench ingest --corpus NAME=DIR [--subset NAME=a,b] [--out report.json]
 
 `--corpus` is a source tree, or `stdlib` / `linux` to lay one out with the shared
 `corpus.sh` script under `--corpus-root`. The report is printed as a table and, with
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -54,18 +56,50 @@ def register(subparsers: Any) -> None:
     auth.add_argument("--quick", action="store_true", help="short steps: a smoke run, not a measurement")
     auth.add_argument("--work-dir", type=Path, default=None, help="parent of the temporary cluster and logs")
     auth.set_defaults(func=_auth)
+    ingest = commands.add_parser(
+        "ingest", help="bulk push vs COPY and the engine build, webhook latency, claim overhead, NOTIFY"
+    )
+    ingest.add_argument(
+        "--corpus",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="a tree to push, repeatable; DIR may be 'stdlib' or 'linux' (laid out under --corpus-root)",
+    )
+    ingest.add_argument(
+        "--subset", action="append", default=[], metavar="NAME=a,b", help="push only these top-level dirs"
+    )
+    ingest.add_argument(
+        "--corpus-root", default="/tmp/kotadb-corpus", help="where named corpora are laid out"
+    )
+    ingest.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    ingest.add_argument(
+        "--work-dir", type=Path, default=None, help="parent of the stack's temporary data dir"
+    )
+    ingest.add_argument(
+        "--webhook-pushes", type=int, default=20, help="signed one-file pushes timed (default 20)"
+    )
+    ingest.add_argument("--no-engine-build", action="store_true", help="skip the offline engine build")
+    ingest.add_argument(
+        "--quick", action="store_true", help="short queue steps: a smoke run, not a measurement"
+    )
+    ingest.set_defaults(func=_ingest)
 
 
 def _corpus(args: argparse.Namespace) -> Path:
-    if args.corpus in ("stdlib", "linux"):
+    return _named_corpus(args.corpus, args.corpus_root)
+
+
+def _named_corpus(corpus: str, root: str) -> Path:
+    if corpus in ("stdlib", "linux"):
         out = subprocess.run(
-            ["bash", str(CORPUS_SCRIPT), args.corpus, args.corpus_root],
+            ["bash", str(CORPUS_SCRIPT), corpus, root],
             check=True,
             capture_output=True,
             text=True,
         )
         return Path(out.stdout.strip().splitlines()[-1])
-    return Path(args.corpus)
+    return Path(corpus)
 
 
 def _search(args: argparse.Namespace) -> int:
@@ -122,5 +156,51 @@ def _auth(args: argparse.Namespace) -> int:
     print(render_auth_table(report))
     if args.out is not None:
         args.out.write_text(json.dumps(report, indent=2) + "\n", "utf-8")
+        print(f"report written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from services.bench.ingest import (
+        IngestBenchOptions,
+        parse_pairs,
+        render_ingest_table,
+        run_ingest_bench,
+        write_report,
+    )
+
+    try:
+        corpora = {
+            name: _named_corpus(value, args.corpus_root)
+            for name, value in parse_pairs(args.corpus, "--corpus").items()
+        }
+        subsets = {name: value.split(",") for name, value in parse_pairs(args.subset, "--subset").items()}
+    except ValueError as exc:
+        print(f"kotadb bench ingest: {exc}", file=sys.stderr)
+        return 2
+    if not corpora:
+        print("kotadb bench ingest: give at least one --corpus NAME=DIR", file=sys.stderr)
+        return 2
+    for name, root in corpora.items():
+        missing = [root / part for part in subsets.get(name, [])] + [root]
+        for path in missing:
+            if not path.is_dir():
+                print(f"kotadb bench ingest: {path}: not a directory", file=sys.stderr)
+                return 2
+    options = IngestBenchOptions(
+        corpora=corpora,
+        subsets=subsets,
+        work_dir=args.work_dir,
+        webhook_pushes=args.webhook_pushes,
+        engine_build=not args.no_engine_build,
+    )
+    if args.quick:
+        options = dataclasses.replace(
+            options, webhook_pushes=3, claim_jobs=100, notify_writers=(1, 4), notify_seconds=0.5
+        )
+    report = run_ingest_bench(options, echo=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(render_ingest_table(report))
+    if args.out is not None:
+        write_report(report, args.out)
         print(f"report written to {args.out}", file=sys.stderr)
     return 0

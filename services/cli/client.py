@@ -19,7 +19,7 @@ import sys
 import urllib.parse
 from collections.abc import Iterable
 from pathlib import Path
-from typing import cast
+from typing import Any, Protocol, cast
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -69,7 +69,7 @@ def resolve_target(args: argparse.Namespace) -> Target:
         raise ClientError("no gateway: set KOTADB_URL or --url (or start one with `kotadb dev`)")
     if not key:
         raise ClientError("no API key: set KOTADB_API_KEY or --api-key")
-    return _target_from_url(url, key)
+    return target_from_url(url, key)
 
 
 def _dev_stack(data_dir: Path | None) -> StackInfo | None:
@@ -79,7 +79,8 @@ def _dev_stack(data_dir: Path | None) -> StackInfo | None:
         return None
 
 
-def _target_from_url(url: str, key: str) -> Target:
+def target_from_url(url: str, key: str) -> Target:
+    """target_from_url turns a gateway URL (`http(s)://host[:port]`, or bare `host:port`) into a Target."""
     parsed = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ClientError(f"gateway URL must be http(s)://host[:port], got {url!r}")
@@ -105,14 +106,40 @@ def call_metadata(target: Target) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {target.api_key}"),)
 
 
-def describe_rpc_error(error: grpc.aio.AioRpcError) -> str:
+class FailedCall(Protocol):
+    """FailedCall is what a failed gRPC call offers, synchronous (grpc.RpcError) or asyncio."""
+
+    def code(self) -> grpc.StatusCode | None:
+        """code is the call's status code."""
+        ...
+
+    def details(self) -> str | None:
+        """details is the status message."""
+        ...
+
+    def trailing_metadata(self) -> Any:
+        """trailing_metadata carries `grpc-status-details-bin` (google.rpc.Status)."""
+        ...
+
+
+def describe_rpc_error(error: FailedCall | grpc.RpcError) -> str:
     """describe_rpc_error renders a failed call as `STATUS REASON: message`, with field violations."""
-    code = error.code().name if error.code() is not None else "UNKNOWN"
+    error = cast(FailedCall, error)
+    status_code = error.code()
+    code = status_code.name if status_code is not None else "UNKNOWN"
     message = error.details() or ""
     reason = ""
     extras: list[str] = []
     trailers = cast(Iterable[tuple[str, str | bytes]], error.trailing_metadata() or ())
     for key, value in trailers:
+        # The gateway's own refusals (ext_authz: bad key, permission, quota) carry no status
+        # details, only these headers (services/auth/check.py).
+        if key == "x-kotadb-error-reason" and isinstance(value, str):
+            reason = reason or value
+            continue
+        if key == "retry-after" and isinstance(value, str):
+            extras.append(f"retry after {value}s")
+            continue
         if key != "grpc-status-details-bin" or not isinstance(value, bytes):
             continue
         rpc_status = status_pb2.Status.FromString(value)
@@ -120,7 +147,7 @@ def describe_rpc_error(error: grpc.aio.AioRpcError) -> str:
             if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
                 info = error_details_pb2.ErrorInfo()
                 detail.Unpack(info)
-                reason = info.reason
+                reason = info.reason or reason
             elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
                 bad = error_details_pb2.BadRequest()
                 detail.Unpack(bad)

@@ -13,9 +13,16 @@ Start order, each step waiting for the previous one to be healthy:
 Between steps 2 and 3 a fresh demo API key (read and write) is issued to the seed's demo user,
 every run, because its secret exists only at creation (the database keeps a SHA-256 hash);
 the previous run's demo key is revoked.
-Then the endpoints, the demo key and a curl example are printed and written to
-`<data-dir>/stack.json` (services/common/stack.py's StackInfo, mode 0600, the key as
-`demo_api_key`) for `kotadb status`, `kotadb keys`, tests and scripts.
+Once the gateway is healthy, the checkout `kotadb dev` runs from is registered for the demo user
+as the repository `kotadb/kotadb` (a `file://` URL) and its sync is queued (services/cli/devrepo.py),
+so the stack holds real code as soon as it is up. The ingest service gets
+KOTADB_INGEST_ALLOW_LOCAL_URLS=true for that (dev only) and KOTADB_INGEST_SECRET_KEYS from
+`<data-dir>/ingest-secret.keys` (made once, 0600), the key that encrypts webhook secrets and
+access tokens in the database.
+Then the endpoints, the demo key, a curl example and `kotadb push`/`repos`/`jobs` examples are
+printed, and the endpoints written to `<data-dir>/stack.json` (services/common/stack.py's
+StackInfo, mode 0600, the key as `demo_api_key`) for `kotadb status`, `kotadb keys`, the client
+commands, tests and scripts.
 
 While it runs, a part that dies (the embedded Postgres, a service, Envoy) is restarted on the same
 ports after a backoff, with a bounded number of attempts in a row (supervisor.RestartPolicy); the
@@ -25,8 +32,8 @@ dead part's log file. SIGTERM or Ctrl-C stops everything in reverse order and re
 
 The default data dir is `$XDG_CACHE_HOME/kotadb/dev` (usually `~/.cache/kotadb/dev`); see
 `services.cli.status.default_data_dir`. Every directory the command makes there is 0700, and
-every log or secret 0600: child logs (`<data-dir>/logs/<name>.log`), stack.json, identity.key and
-the rendered Envoy config (it holds the access-log token).
+every log or secret 0600: child logs (`<data-dir>/logs/<name>.log`), stack.json, identity.key,
+ingest-secret.keys and the rendered Envoy config (it holds the access-log token).
 """
 
 from __future__ import annotations
@@ -45,13 +52,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import psutil
 
 from services.auth.config import AuthSettings
 from services.auth.management import MAX_PAGE_SIZE, KeyManager, KeySpec
 from services.auth.principal import READ, WRITE, Principal
 from services.auth.store import AuthStore
-from services.cli import gateway, status
+from services.cli import client, devrepo, gateway, status
 from services.cli.keys import DEMO_USER_ID
 from services.common import db, migrate
 from services.common.identity import access_log_token
@@ -78,6 +86,7 @@ from services.common.stack import (
     wait_until,
 )
 from services.common.supervisor import ChildExited, ChildProcess, GaveUp, StopRequested, Supervisor
+from services.ingest.secretbox import generate_key_spec
 
 DEFAULT_PORTS: dict[str, int] = {
     "gateway": 8080,
@@ -197,6 +206,27 @@ def identity_key(data_dir: Path) -> str:
     return created
 
 
+def ingest_secret_keys(data_dir: Path) -> str:
+    """ingest_secret_keys is the stack's KOTADB_INGEST_SECRET_KEYS, made once per data dir.
+
+    The ingest service encrypts webhook secrets and access tokens with it (AES-GCM,
+    services/ingest/secretbox.py); it lives in `<data-dir>/ingest-secret.keys`, mode 0600, next to
+    the database whose rows it decrypts, so a restarted stack still reads its repositories.
+    """
+    path = data_dir / "ingest-secret.keys"
+    try:
+        existing = path.read_text().strip()
+    except FileNotFoundError:
+        existing = ""
+    if existing:
+        return existing
+    created = generate_key_spec("dev1")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(created + "\n")
+    return created
+
+
 def _stack_identity_key(data_dir: Path) -> str:
     """_stack_identity_key is KOTADB_IDENTITY_KEY when set, else the data dir's own key."""
     return os.environ.get("KOTADB_IDENTITY_KEY") or identity_key(data_dir)
@@ -208,6 +238,14 @@ def _child_env(database_url: str, data_dir: Path, free_ports: bool) -> dict[str,
     env["KOTADB_DATABASE_URL"] = database_url
     env["KOTADB_IDENTITY_KEY"] = _stack_identity_key(data_dir)
     env.setdefault("KOTADB_SEARCH_DATA_DIR", str(private_dir(data_dir / "search")))
+    if not env.get("KOTADB_INGEST_SECRET_KEYS"):
+        env["KOTADB_INGEST_SECRET_KEYS"] = ingest_secret_keys(data_dir)
+    # Dev only: the demo repository is this checkout, a file:// URL the production policy refuses.
+    env["KOTADB_INGEST_ALLOW_LOCAL_URLS"] = "true"
+    if not os.environ.get("KOTADB_DATABASE_URL"):
+        # The embedded cluster is a direct connection: job wake-ups and WatchJob LISTEN there (a
+        # given URL may be a pooler that cannot, so it is left to KOTADB_INGEST_LISTEN_DATABASE_URL).
+        env.setdefault("KOTADB_INGEST_LISTEN_DATABASE_URL", database_url)
     if free_ports:
         # Every component on a free port means the metrics listeners too.
         metrics_on_free_ports(env, keep=True)
@@ -316,9 +354,11 @@ def run_stack(data_dir: Path, gateway_port: int, admin_port: int | None) -> int:
 
         running = _Running(data_dir, ports, database_url, database, services, envoy, demo_key, demo_key_id)
         saved = running.info()
+        # Registered before stack.json exists: whoever waits for the file finds the repository there.
+        demo = _register_demo_repository(saved, log)
         saved.save(stack_path)
         owns_stack_file = True
-        _print_endpoints(saved, stack_path)
+        _print_endpoints(saved, stack_path, demo)
         while True:
             # Parts that die are restarted here (backoff, bounded attempts); their peers
             # reconnect to the same addresses by themselves. stack.json follows new pids (and
@@ -457,7 +497,23 @@ def _start_envoy(data_dir: Path, ports: Ports, supervisor: Supervisor, logs: Pat
     )
 
 
-def _print_endpoints(stack: StackInfo, stack_path: Path) -> None:
+def _register_demo_repository(stack: StackInfo, log: Callable[[str], None]) -> devrepo.DemoRepository | None:
+    """_register_demo_repository indexes this checkout for the demo user; a refusal is logged, not fatal."""
+    checkout = devrepo.project_checkout()
+    if checkout is None:
+        log("not running from a git checkout: no demo repository registered")
+        return None
+    try:
+        demo = devrepo.register_demo_repository(stack, checkout)
+    except grpc.RpcError as exc:
+        log(f"could not register the demo repository: {client.describe_rpc_error(exc)}")
+        return None
+    verb = "registered" if demo.created else "found"
+    log(f"{verb} demo repository {demo.name} ({demo.url}); sync job {demo.job_id} queued")
+    return demo
+
+
+def _print_endpoints(stack: StackInfo, stack_path: Path, demo: devrepo.DemoRepository | None = None) -> None:
     """_print_endpoints tells the person at the terminal where everything is."""
     lines = [
         "stack is up:",
@@ -471,6 +527,7 @@ def _print_endpoints(stack: StackInfo, stack_path: Path) -> None:
         f"  demo key     {stack.demo_api_key}   (read, write; shown once, also in stack.json)",
         "try it:",
         f"  {demo_curl(stack)}",
+        *devrepo.examples(stack, demo),
         "Ctrl-C stops everything.",
     ]
     print("kotadb dev: " + "\n".join(lines), flush=True)

@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "index": ("index", "build, inspect and search an offline index"),
     "bench": ("bench", "benchmarks against peer tools"),
     "keys": ("keys", "manage API keys as the service role (KOTADB_DATABASE_URL or the dev stack's database)"),
+    "push": ("push", "send a directory's changed text files to KotaDB"),
     "repos": ("repos", "register, list, sync and remove repositories"),
     "jobs": ("repos", "list indexing jobs and watch their progress"),
 }

@@ -34,7 +34,9 @@ class Progress:
         self._tty = self._stream.isatty()
         self._interval = interval if interval is not None else (0.1 if self._tty else 5.0)
         self._start = time.monotonic()
-        self._last_draw = 0.0
+        # The first line waits one interval too: a command that fails at once prints only its error.
+        self._last_draw = self._start
+        self._drawn = False
         self.files_done = 0
         self.files_total = 0
         self.bytes_done = 0
@@ -77,7 +79,14 @@ class Progress:
             text += f", ETA {_clock((self.bytes_total - self.bytes_done) / rate)}"
         return text
 
+    def clear(self) -> None:
+        """clear removes a drawn terminal line (before an error is printed in its place)."""
+        if self._tty and self._drawn:
+            self._stream.write("\r\x1b[2K")
+            self._stream.flush()
+
     def _draw(self, now: float) -> None:
+        self._drawn = True
         if self._tty:
             self._stream.write("\r\x1b[2K" + self.line(now))
         else:

@@ -1,6 +1,8 @@
 """`kotadb repos` and `kotadb jobs`: register repositories, sync them and follow their jobs.
 
-    kotadb repos add NAME URL [--branch B] [--no-sync] [--watch]   register (prints the webhook secret once)
+    kotadb repos add NAME URL [--branch B] [--include GLOB]… [--exclude GLOB]… [--max-file-bytes N]
+                              [--token-env VAR] [--no-sync] [--watch]
+                                                                   register (prints the webhook secret once)
     kotadb repos list                                              the caller's repositories
     kotadb repos sync NAME|ID [--full] [--watch]                   queue a sync job
     kotadb repos rm NAME|ID                                        delete a repository and its documents
@@ -26,6 +28,14 @@ from kotadb.v1 import ingest_pb2, ingest_pb2_grpc, job_pb2, repository_pb2
 from services.cli import client
 from services.cli.progress import Progress
 
+PROVIDERS: dict[str, repository_pb2.Repository.Provider.ValueType] = {
+    "github": repository_pb2.Repository.GITHUB,
+    "gitlab": repository_pb2.Repository.GITLAB,
+    "git": repository_pb2.Repository.GIT,
+}
+# Job states after which a job never changes again.
+FINAL_STATES = frozenset({job_pb2.Job.SUCCEEDED, job_pb2.Job.FAILED, job_pb2.Job.CANCELLED})
+
 if TYPE_CHECKING:  # the asyncio stub type exists only in the generated .pyi
     Stub = ingest_pb2_grpc.IngestServiceAsyncStub
     Command = Callable[[Stub, client.Target, argparse.Namespace], Awaitable[int]]
@@ -41,7 +51,25 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add.add_argument("name", help="the repository's name, e.g. owner/project")
     add.add_argument("git_url", metavar="URL", help="https://, ssh:// or scp-style git URL")
     add.add_argument("--branch", default="", help="branch to index (default: the remote's default)")
-    add.add_argument("--provider", choices=("github", "git"), default="github")
+    add.add_argument(
+        "--provider",
+        choices=tuple(PROVIDERS),
+        default=None,
+        help="default: from the URL's host (github.com, …)",
+    )
+    add.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="index only matching files (repeatable)",
+    )
+    add.add_argument(
+        "--exclude", action="append", default=[], metavar="GLOB", help="leave matching files out (repeatable)"
+    )
+    add.add_argument(
+        "--max-file-bytes", type=int, default=0, metavar="N", help="skip larger files (default: the server's)"
+    )
     add.add_argument("--token-env", metavar="VAR", help="environment variable holding an access token")
     add.add_argument("--no-sync", action="store_true", help="register only; do not queue a first sync")
     add.add_argument("--watch", action="store_true", help="follow the first sync until it ends")
@@ -118,19 +146,24 @@ async def _add(stub: Stub, target: client.Target, args: argparse.Namespace) -> i
         token = os.environ.get(args.token_env, "")
         if not token:
             raise client.ClientError(f"--token-env {args.token_env}: the variable is empty or not set")
-    provider = (
-        repository_pb2.Repository.GITHUB if args.provider == "github" else repository_pb2.Repository.GIT
-    )
+    provider = PROVIDERS[args.provider] if args.provider else repository_pb2.Repository.PROVIDER_UNSPECIFIED
     request = ingest_pb2.CreateRepositoryRequest(
         repository=repository_pb2.Repository(
-            full_name=args.name, url=args.git_url, default_branch=args.branch, provider=provider
+            full_name=args.name,
+            url=args.git_url,
+            default_branch=args.branch,
+            provider=provider,
+            include_globs=args.include,
+            exclude_globs=args.exclude,
+            max_file_bytes=args.max_file_bytes,
         ),
         access_token=token,
         sync=not args.no_sync,
     )
     created = await stub.CreateRepository(request, metadata=client.call_metadata(target))
     repository = created.repository
-    print(f"registered {repository.full_name} ({repository.id}), branch {repository.default_branch}")
+    branch = repository.default_branch or "the remote's default"
+    print(f"registered {repository.full_name} ({repository.id}), branch {branch}")
     print(f"webhook URL     {repository.webhook_url}")
     print(f"webhook secret  {created.webhook_secret}   (shown once: configure it on GitHub now)")
     if created.HasField("job"):
@@ -209,21 +242,48 @@ async def _jobs_watch(stub: Stub, target: client.Target, args: argparse.Namespac
 
 
 async def watch_job(stub: Stub, target: client.Target, job_id: str) -> int:
-    """watch_job follows a job's events with a progress line; exit 0 only when it succeeded."""
+    """watch_job follows a job's events with a progress line; exit 0 only when it succeeded.
+
+    A watch stream the server closes before the job ends (it bounds how long one stays open) is
+    resumed after the last event seen. The final line counts what the job did.
+    """
     progress = Progress(f"job {job_id[:8]}")
     last = job_pb2.Job.STATE_UNSPECIFIED
-    message = ""
-    stream = stub.WatchJob(ingest_pb2.WatchJobRequest(id=job_id), metadata=client.call_metadata(target))
-    async for event in stream:
-        last = event.state
-        message = event.message or message
-        done = event.progress
-        progress.update(
-            files_done=done.files_processed, files_total=done.files_total, bytes_done=done.bytes_processed
+    sequence = 0
+    while last not in FINAL_STATES:
+        stream = stub.WatchJob(
+            ingest_pb2.WatchJobRequest(id=job_id, after_sequence=sequence),
+            metadata=client.call_metadata(target),
         )
+        try:
+            async for event in stream:
+                last, sequence = event.state, event.sequence
+                done = event.progress
+                progress.update(
+                    files_done=done.files_processed,
+                    files_total=done.files_total,
+                    bytes_done=done.bytes_processed,
+                )
+        except BaseException:
+            progress.clear()
+            raise
     progress.finish()
-    state = job_pb2.Job.State.Name(last)
-    if last == job_pb2.Job.SUCCEEDED:
-        print(f"job {job_id} {state}")
+    job = await stub.GetJob(ingest_pb2.GetJobRequest(id=job_id), metadata=client.call_metadata(target))
+    state = job_pb2.Job.State.Name(job.state)
+    if job.state == job_pb2.Job.SUCCEEDED:
+        print(f"job {job_id} {state}: {describe_progress(job)}")
         return 0
-    return client.fail(f"job {job_id} {state}: {message}")
+    return client.fail(f"job {job_id} {state}: {job.error.message or describe_progress(job)}")
+
+
+def describe_progress(job: job_pb2.Job) -> str:
+    """describe_progress summarises a job's counts: indexed, skipped by reason, deleted, commit."""
+    done = job.progress
+    text = f"{done.files_indexed} indexed, {done.files_skipped} skipped"
+    if done.skipped_by_reason:
+        reasons = sorted(done.skipped_by_reason.items(), key=lambda item: -item[1])
+        text += " (" + ", ".join(f"{count} {reason}" for reason, count in reasons) + ")"
+    text += f", {done.files_deleted} deleted, {done.symbols_extracted} symbols"
+    if job.commit_sha:
+        text += f", at {job.commit_sha[:12]}"
+    return text

@@ -64,18 +64,31 @@ EXAMPLES: dict[str, str] = {
     ".venv/bin/grpcurl -plaintext localhost:50053 describe": "rpc SearchCode",
     ".venv/bin/grpcurl -plaintext localhost:50051 grpc.health.v1.Health/Check": '"status": "SERVING"',
     '.venv/bin/grpcurl -plaintext -H "authorization: Bearer $ADMIN"': '"name": "ops"',
+    # The gateway's JSON is compact (one line per message: WatchJob streams NDJSON).
     'curl -s -H "Authorization: Bearer $ADMIN" localhost:8080/v1/apiKeys': '"name":"ci"',
     ".venv/bin/kotadb status": "/stats/prometheus",  # and exit 0: every component ok
+    # "Put code in"
+    ".venv/bin/kotadb repos list": "kotadb/kotadb",
+    ".venv/bin/kotadb repos sync kotadb/kotadb --watch": "SUCCEEDED: ",
+    ".venv/bin/kotadb jobs list": "SUCCEEDED",
+    ".venv/bin/kotadb push docs --prefix notes": "revision ",
+    ".venv/bin/kotadb push docs --prefix notes --prune": "sent 0 files",
+    ".venv/bin/kotadb repos add me/notes": "webhook secret  ",
+    ".venv/bin/kotadb repos rm me/notes": "deleted me/notes",
 }
 MARK = "@@README@@"
 
 
 def live_examples() -> list[str]:
-    """live_examples is the command lines of the first sh block under "Operator examples"."""
+    """live_examples is the command lines of the first sh block under "Operator examples", then
+    those of the first under "Put code in"."""
     readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Operator examples", 1)[1]
-    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
-    return [line for line in block.splitlines() if line.strip()]
+    lines: list[str] = []
+    for heading in ("## Operator examples", "## Put code in"):
+        section = readme.split(heading, 1)[1]
+        block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+        lines += [line for line in block.splitlines() if line.strip()]
+    return lines
 
 
 def _expectation(line: str) -> str:

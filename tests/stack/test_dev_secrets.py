@@ -6,16 +6,22 @@ the `Authorization` header through the gateway (REST and gRPC), the refused `?ke
 `?access_token=` query parameters, gRPC metadata straight to the services, unknown and revoked
 keys. Then every file the stack wrote under its data dir (Postgres' own log included, its data
 files not) is searched for each secret: none may appear, except where a secret must live — the
-demo key in stack.json, the identity key in identity.key, the access-log token in the rendered
-Envoy config — and those files, like every log, are 0600 in 0700 directories.
+demo key in stack.json, the identity key in identity.key, the ingest secret key in
+ingest-secret.keys, the access-log token in the rendered Envoy config — and those files, like
+every log, are 0600 in 0700 directories. Ingest secrets are in the search too: a repository's
+access token (given with `kotadb repos add --token-env` and used by its sync), its webhook secret
+(shown once by the command), the rotated one and a delivery signed with it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import secrets
 import stat
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -26,7 +32,7 @@ from pathlib import Path
 import grpc
 import jwt
 import pytest
-from kotadb.v1 import auth_pb2, auth_pb2_grpc, search_pb2, search_pb2_grpc
+from kotadb.v1 import auth_pb2, auth_pb2_grpc, ingest_pb2, ingest_pb2_grpc, search_pb2, search_pb2_grpc
 
 from services.cli.keys import DEMO_USER_ID
 from services.common.identity import access_log_token
@@ -99,6 +105,16 @@ def _grpc_code(target: str, call: str, token: str) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
+def _rotate_webhook_secret(target: str, key: str, repository_id: str) -> str:
+    with grpc.insecure_channel(target) as channel:
+        rotated = ingest_pb2_grpc.IngestServiceStub(channel).RotateWebhookSecret(
+            ingest_pb2.RotateWebhookSecretRequest(id=repository_id),
+            metadata=(("authorization", f"Bearer {key}"),),
+            timeout=30,
+        )
+    return str(rotated.webhook_secret)
+
+
 def _session_jwt(secret: str) -> str:
     claims = {"sub": str(DEMO_USER_ID), "aud": "authenticated", "role": "authenticated"}
     return jwt.encode({**claims, "exp": int(time.time()) + 600}, secret, algorithm="HS256")
@@ -169,14 +185,62 @@ def test_no_secret_reaches_a_log_or_a_readable_file(dev: DevStack, jwt_secret: s
         grpc.StatusCode.UNAUTHENTICATED,
         grpc.StatusCode.PERMISSION_DENIED,
     }
-    _wait_for_access_log(Path(info.log_files["envoy"]), len(requests) + 1)
+    # A repository with an access token (given through the environment, as `--token-env` wants),
+    # its webhook secret shown once, then rotated; and a signed webhook delivery for it.
+    origin = Path(info.data_dir).parent / "secrets-origin"
+    origin.mkdir()
+    for args in (("init", "-q", "-b", "main"), ("commit", "-q", "--allow-empty", "-m", "first")):
+        subprocess.run(
+            ["git", "-c", "user.email=t@example.test", "-c", "user.name=t", *args], cwd=origin, check=True
+        )
+    access_token = "ghp_" + secrets.token_urlsafe(30)
+    added = kotadb(
+        "repos",
+        "add",
+        "octo/secrets",
+        origin.as_uri(),
+        "--token-env",
+        "SECRETS_TEST_TOKEN",
+        "--watch",
+        "--data-dir",
+        str(dev.data_dir),
+        env=_cli_env() | {"SECRETS_TEST_TOKEN": access_token},
+    )
+    assert added.returncode == 0, added.stdout + added.stderr
+    webhook_secret = added.stdout.split("webhook secret", 1)[1].split()[0]
+    repository_id = added.stdout.split("(", 1)[1].split(")", 1)[0]
+    rotated_secret = _rotate_webhook_secret(target, info.demo_api_key, repository_id)
+    body = json.dumps({"zen": "secrets"}).encode()
+    signature = "sha256=" + hmac.new(rotated_secret.encode(), body, hashlib.sha256).hexdigest()
+    ping = urllib.request.Request(
+        f"{gateway}/v1/webhooks/github/{repository_id}",
+        data=body,
+        method="POST",
+        headers={
+            "content-type": "application/json",
+            "x-github-event": "ping",
+            "x-github-delivery": str(uuid.uuid4()),
+            "x-hub-signature-256": signature,
+        },
+    )
+    with urllib.request.urlopen(ping, timeout=30) as answered:
+        assert answered.status == 200
+    key_secrets |= {
+        "access token": access_token,
+        "webhook secret": webhook_secret,
+        "rotated webhook secret": rotated_secret,
+    }
+    _wait_for_access_log(Path(info.log_files["envoy"]), len(requests) + 4)
 
     identity_key = (dev.data_dir / "identity.key").read_text().strip()
+    # The AES key itself (the base64 after `kid:`), wherever it might be copied.
+    ingest_key = (dev.data_dir / "ingest-secret.keys").read_text().strip().split(":", 1)[1]
     allowed = {
         # Where a secret must be kept, each in one 0600 file of its own.
         "demo key": (info.demo_api_key, {dev.data_dir / "stack.json"}),
         "identity key": (identity_key, {dev.data_dir / "identity.key"}),
         "access-log token": (access_log_token(identity_key), {dev.data_dir / "envoy" / "envoy.yaml"}),
+        "ingest secret key": (ingest_key, {dev.data_dir / "ingest-secret.keys"}),
     }
     searched = {name: (value, set[Path]()) for name, value in key_secrets.items()} | allowed
     files = _stack_files(info)
@@ -198,6 +262,7 @@ def test_logs_and_secrets_are_private_files_in_private_directories(dev: DevStack
     private = [
         root / "stack.json",
         root / "identity.key",
+        root / "ingest-secret.keys",
         root / "envoy" / "envoy.yaml",
         *(Path(path) for path in info.log_files.values()),
     ]

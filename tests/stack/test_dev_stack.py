@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,8 @@ import psutil
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from services.cli import devrepo, gateway
+from services.cli.keys import DEMO_USER_ID
 from services.common.stack import StackInfo
 from tests.harness import DevStack, free_port
 
@@ -64,6 +67,55 @@ def _status(data_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+async def _demo_documents(database_url: str) -> dict[str, int]:
+    """_demo_documents maps each live document of the demo repository to its symbol count."""
+    connection = await asyncpg.connect(database_url)
+    try:
+        rows = await connection.fetch(
+            "select d.path, count(s.*) as symbols from public.documents d"
+            " join public.repositories r on r.id = d.repository_id"
+            " left join public.symbols s on s.document_id = d.id"
+            " where r.full_name = $1 and r.user_id = $2 and d.deleted_at is null group by d.path",
+            devrepo.DEMO_REPOSITORY,
+            DEMO_USER_ID,
+        )
+    finally:
+        await connection.close()
+    return {row["path"]: row["symbols"] for row in rows}
+
+
+def _printed_example(output: str, command: str) -> list[str]:
+    """_printed_example is the argv of the `kotadb COMMAND …` example `kotadb dev` printed."""
+    for line in output.splitlines():
+        words = line.split("#", 1)[0].split()
+        if words[:2] == ["kotadb", *command.split()[:1]] and " ".join(words[1:]).startswith(command):
+            return words[1:]
+    raise AssertionError(f"no `kotadb {command}` example in:\n{output}")
+
+
+def _wait_for_output(dev: DevStack, text: str) -> None:
+    deadline = time.monotonic() + 120
+    while text not in dev.output:
+        assert dev.process.poll() is None and time.monotonic() < deadline, dev.output
+        time.sleep(0.25)
+
+
+def _kotadb(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env.pop("KOTADB_DATABASE_URL", None)
+    env.pop("KOTADB_URL", None)
+    env.pop("KOTADB_API_KEY", None)
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env=env,
+        cwd=gateway.REPO_ROOT,
+    )
+
+
 def _alive(process: psutil.Process) -> bool:
     try:
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
@@ -93,6 +145,18 @@ def test_dev_stack_starts_reports_stops_and_restarts(data_dir: Path) -> None:
         for name, service in expected.items():
             listed = _reflected_services(stack["grpc"][name])
             assert {service, "grpc.health.v1.Health", "kotadb.v1.HealthService"} <= listed, listed
+
+        # The checkout is registered as the demo repository and indexed: the printed examples
+        # work as printed (jobs watch to SUCCEEDED, repos list), and its files are documents.
+        _wait_for_output(first, "Ctrl-C stops everything.")
+        watched = _kotadb(_printed_example(first.output, "jobs watch"))
+        assert watched.returncode == 0 and "SUCCEEDED" in watched.stdout, watched.stdout + watched.stderr
+        repos = _kotadb(_printed_example(first.output, "repos list"))
+        assert repos.returncode == 0 and devrepo.DEMO_REPOSITORY in repos.stdout, repos.stderr
+        documents = asyncio.run(_demo_documents(stack["database_url"]))
+        assert documents.get("services/cli/dev.py", 0) > 0, sorted(documents)[:20]
+        assert "README.md" in documents
+        assert _printed_example(first.output, "push")[:2] == ["push", "."]
 
         result = _status(data_dir)
         assert result.returncode == 0, result.stdout + result.stderr
@@ -138,6 +202,9 @@ def test_dev_stack_starts_reports_stops_and_restarts(data_dir: Path) -> None:
         assert "reusing the embedded Postgres cluster" in second.output
         assert "migrations applied: none, up to date" in second.output
         assert asyncio.run(_system_identifier(stack["database_url"])) == identifier
+        # The demo repository is found again (not registered twice) and synced anew.
+        _wait_for_output(second, "Ctrl-C stops everything.")
+        assert f"found demo repository {devrepo.DEMO_REPOSITORY}" in second.output
         processes = second.descendants(stack)
         assert second.terminate(signal.SIGINT) == 0, second.output  # Ctrl-C
         assert not [process for process in processes if _alive(process)]
