@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import datetime
 import logging
 import time
 import uuid
@@ -42,7 +40,8 @@ from typing import Any
 
 import asyncpg
 
-from services.common.db import translated_errors
+from services.auth.store import ApiKeyRecord, bounded, find_by_hash
+from services.common.db import as_service
 from services.common.server import LazyPool
 
 log = logging.getLogger("kotadb.auth.keycache")
@@ -52,31 +51,13 @@ CHANNEL = "api_key_changes"
 # (one extra query per check) until it is back.
 LISTEN_RETRY = 0.5
 
-_SELECT_KEY = """
-select id, user_id, permissions, rate_limit, monthly_quota, expires_at, revoked_at, grace_until
-from public.find_api_key($1)
-"""
-
-
-@dataclasses.dataclass(frozen=True)
-class KeyRecord:
-    """KeyRecord is what Check needs of one API key row; never the hash or the secret."""
-
-    id: uuid.UUID
-    user_id: uuid.UUID
-    permissions: frozenset[str]
-    rate_limit: int
-    monthly_quota: int
-    expires_at: datetime.datetime | None
-    revoked_at: datetime.datetime | None
-    grace_until: datetime.datetime | None
-
 
 class KeyCache:
     """KeyCache answers `lookup(key_hash)` from memory when it safely can, else from the database.
 
-    `clock` is monotonic seconds (injected in tests). `start()` begins listening for changes;
-    `close()` stops it.
+    `clock` is monotonic seconds (injected in tests); `db_timeout` bounds each lookup (a hung
+    database answers Unavailable instead of holding Check). `start()` begins listening for
+    changes; `close()` stops it.
     """
 
     def __init__(
@@ -88,6 +69,7 @@ class KeyCache:
         negative_ttl: float = 2.0,
         max_entries: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
+        db_timeout: float = 0.5,
         on_change: Callable[[uuid.UUID | None], None] | None = None,
         channels: Mapping[str, Callable[[str], None]] | None = None,
     ) -> None:
@@ -101,7 +83,8 @@ class KeyCache:
         self.negative_ttl = negative_ttl
         self.max_entries = max_entries
         self._clock = clock
-        self._entries: OrderedDict[str, tuple[float, KeyRecord | None]] = OrderedDict()
+        self.db_timeout = db_timeout
+        self._entries: OrderedDict[str, tuple[float, ApiKeyRecord | None]] = OrderedDict()
         self._hash_by_id: dict[uuid.UUID, str] = {}
         self._listening = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
@@ -149,7 +132,7 @@ class KeyCache:
             self._entries.pop(key_hash, None)
             self.evictions += 1
 
-    def peek(self, key_hash: str) -> tuple[bool, KeyRecord | None]:
+    def peek(self, key_hash: str) -> tuple[bool, ApiKeyRecord | None]:
         """peek answers from memory only: (True, record or None) on a live entry, else (False, None)."""
         if self.listening:
             cached = self._entries.get(key_hash)
@@ -158,7 +141,7 @@ class KeyCache:
                 return True, cached[1]
         return False, None
 
-    async def lookup(self, key_hash: str) -> KeyRecord | None:
+    async def lookup(self, key_hash: str) -> ApiKeyRecord | None:
         """lookup returns the key stored under `key_hash`, or None when there is none.
 
         Raises Unavailable (services/common/errors.py) when the database cannot be reached.
@@ -176,24 +159,15 @@ class KeyCache:
             self._remember(key_hash, record, now)
         return record
 
-    async def _fetch(self, key_hash: str) -> KeyRecord | None:
+    async def _fetch(self, key_hash: str) -> ApiKeyRecord | None:
         self.lookups += 1
-        with translated_errors():
-            row = await self._pool.get().fetchrow(_SELECT_KEY, key_hash)
-        if row is None:
-            return None
-        return KeyRecord(
-            id=row["id"],
-            user_id=row["user_id"],
-            permissions=frozenset(row["permissions"]),
-            rate_limit=int(row["rate_limit"]),
-            monthly_quota=int(row["monthly_quota"]),
-            expires_at=row["expires_at"],
-            revoked_at=row["revoked_at"],
-            grace_until=row["grace_until"],
-        )
+        return await bounded(self._read(key_hash), self.db_timeout)
 
-    def _remember(self, key_hash: str, record: KeyRecord | None, now: float) -> None:
+    async def _read(self, key_hash: str) -> ApiKeyRecord | None:
+        async with as_service(self._pool.get()) as connection:
+            return await find_by_hash(connection, key_hash)
+
+    def _remember(self, key_hash: str, record: ApiKeyRecord | None, now: float) -> None:
         ttl = self.ttl if record is not None else self.negative_ttl
         if ttl <= 0:
             return

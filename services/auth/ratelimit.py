@@ -53,6 +53,7 @@ from collections.abc import Callable
 import asyncpg
 
 from services.auth import quota
+from services.auth.store import bounded
 from services.common import db
 from services.common.db import translated_errors
 from services.common.errors import Aborted
@@ -227,6 +228,10 @@ class Admitter:
     `try_admit` answers from memory when it can (a live block with tokens, or a window known to
     be spent) and returns None otherwise; `admit` always answers, asking the database if needed.
     `clock` gives the time windows and months are computed from; `monotonic` times leases.
+    `db_timeout` bounds every statement a check may wait for: a database that hangs fails the
+    waiting checks with Unavailable (DATABASE_UNAVAILABLE) instead of holding them, and a grant
+    that commits after its caller gave up only leaves tokens counted as used (fewer
+    admissions, never more).
     """
 
     def __init__(
@@ -242,6 +247,7 @@ class Admitter:
         idle_return: float = 0.2,
         reclaim_wait: float = 2.0,
         batch_keys: int = 512,
+        db_timeout: float = 0.5,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._pool = pool
@@ -254,6 +260,7 @@ class Admitter:
         self.idle_return = idle_return
         self.reclaim_wait = reclaim_wait
         self.batch_keys = batch_keys
+        self.db_timeout = db_timeout
         self._monotonic = monotonic
         self._leases: dict[uuid.UUID, _Lease] = {}
         self._spent: dict[uuid.UUID, _Spent] = {}
@@ -496,12 +503,10 @@ class Admitter:
         self._in_flight.update(ordered)
         try:
             try:
-                with translated_errors():
-                    rows = await self._pool.get().fetch(_LEASE_MANY, *args)
+                rows = await self._lease(args)
             except Aborted:
                 # A deadlock with a writer locking in another order; the batch rolled back whole.
-                with translated_errors():
-                    rows = await self._pool.get().fetch(_LEASE_MANY, *args)
+                rows = await self._lease(args)
             found = {row["key_id"]: row for row in rows}
             now = self.clock.now()
             for key_id in ordered:
@@ -511,6 +516,14 @@ class Admitter:
             release, self._release_after = self._release_after, set()
             for key_id in release:
                 self._release(key_id)
+
+    async def _lease(self, args: tuple[object, ...]) -> list[asyncpg.Record]:
+        async def run() -> list[asyncpg.Record]:
+            with translated_errors():
+                rows: list[asyncpg.Record] = await self._pool.get().fetch(_LEASE_MANY, *args)
+            return rows
+
+        return await bounded(run(), self.db_timeout)
 
     def _answer(
         self,
@@ -639,9 +652,13 @@ class Admitter:
             [lease.unused for _, lease in ordered],
         )
         self.settles += 1
-        try:
+
+        async def run() -> None:
             with translated_errors():
                 await self._pool.get().fetchval(_SETTLE_MANY, *args)
+
+        try:
+            await bounded(run(), self.db_timeout)
         except Exception as exc:
             # The tokens stay counted as used: fewer admissions, never more.
             log.warning(
