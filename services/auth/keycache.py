@@ -4,6 +4,9 @@
 and limits, yet a revoked, rotated or downgraded key must stop working on every auth replica
 within a second. So:
 
+* A lookup reads the whole row (`store.find_by_hash`, one service-role transaction, bounded by
+  `db_timeout` so a hung database answers Unavailable) into the one key type,
+  `store.ApiKeyRecord`, whose `key_state` Check applies.
 * Lookups go through an in-process cache keyed by the key's SHA-256 (services/auth/keys.py):
   found keys for `key_cache_ttl` seconds, unknown hashes for `key_cache_negative_ttl`
   (so a flood of made-up keys costs one query per hash per interval), at most
