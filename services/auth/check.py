@@ -53,7 +53,7 @@ from services.auth.keycache import KeyCache
 from services.auth.ratelimit import Admission, Admitter
 from services.auth.routes import Route, RouteTable
 from services.auth.sessions import SessionVerifier, looks_like_jwt
-from services.auth.store import ApiKeyRecord, bounded, check_usable
+from services.auth.store import ApiKeyRecord, check_usable
 from services.common.errors import (
     KotaError,
     NotFound,
@@ -114,9 +114,9 @@ class Authorizer:
 
     `codec` signs identities (None: Check refuses everything with 503, since upstream services
     could not verify what it forwards); `sessions` verifies session JWTs; `clock` drives rate
-    windows, quota months and key expiry; `db_timeout` bounds each wait on the database (the
-    key lookup, the admission), so a hung database is refused with 503 DATABASE_UNAVAILABLE
-    well inside Envoy's 2 s ext_authz timeout.
+    windows, quota months and key expiry. The key cache and the admitter bound each database
+    statement Check waits for (their `db_timeout`), so a hung database is refused with 503
+    DATABASE_UNAVAILABLE well inside Envoy's 2 s ext_authz timeout.
     """
 
     def __init__(
@@ -128,7 +128,6 @@ class Authorizer:
         sessions: SessionVerifier,
         codec: IdentityCodec | None,
         clock: quota.Clock,
-        db_timeout: float = 0.5,
     ) -> None:
         self.routes = routes
         self.cache = cache
@@ -136,7 +135,6 @@ class Authorizer:
         self.sessions = sessions
         self.codec = codec
         self.clock = clock
-        self.db_timeout = db_timeout
         # Signed tokens carry whole-second times, so one identity's token for one method is the
         # same all second long: sign it once per second (bounded; cleared when it grows).
         self._tokens: dict[tuple[Identity, str], tuple[int, str]] = {}
@@ -216,8 +214,10 @@ class Authorizer:
         if record is None:
             raise Unauthenticated("the API key is not known", reason="UNKNOWN_API_KEY")
         identity = self._key_identity(route, record)
-        # The admitter bounds its own statements; this bounds the wait behind a stuck batch.
-        admission = await bounded(self.admitter.admit(record.id), self.db_timeout)
+        # No bound here: the admitter bounds each of its statements (a hung database fails the
+        # batch in db_timeout, and the batch queued behind it as quickly), while a live one
+        # may legitimately keep checks waiting for other replicas' tokens (reclaim_wait).
+        admission = await self.admitter.admit(record.id)
         if not admission.found:
             self.cache.evict(record.id)
             raise Unauthenticated("the API key is not known", reason="UNKNOWN_API_KEY")

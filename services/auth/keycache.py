@@ -89,6 +89,10 @@ class KeyCache:
         self.db_timeout = db_timeout
         self._entries: OrderedDict[str, tuple[float, ApiKeyRecord | None]] = OrderedDict()
         self._hash_by_id: dict[uuid.UUID, str] = {}
+        # Reads in flight, shared by concurrent lookups of one hash; `_generation` counts the
+        # changes heard, so a read that overlapped one is neither shared further nor cached.
+        self._reads: dict[str, asyncio.Future[ApiKeyRecord | None]] = {}
+        self._generation = 0
         self._listening = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
         self._connection: asyncpg.Connection | None = None
@@ -124,12 +128,16 @@ class KeyCache:
         self.clear()
 
     def clear(self) -> None:
-        """clear forgets every cached key."""
+        """clear forgets every cached key (and lets no read in flight be cached or shared)."""
+        self._generation += 1
+        self._reads.clear()
         self._entries.clear()
         self._hash_by_id.clear()
 
     def evict(self, key_id: uuid.UUID) -> None:
-        """evict forgets the key with id `key_id`, if cached."""
+        """evict forgets the key with id `key_id`, if cached (and lets no read in flight be cached)."""
+        self._generation += 1
+        self._reads.clear()
         key_hash = self._hash_by_id.pop(key_id, None)
         if key_hash is not None:
             self._entries.pop(key_hash, None)
@@ -147,7 +155,9 @@ class KeyCache:
     async def lookup(self, key_hash: str) -> ApiKeyRecord | None:
         """lookup returns the key stored under `key_hash`, or None when there is none.
 
-        Raises Unavailable (services/common/errors.py) when the database cannot be reached.
+        Concurrent lookups of one hash share one read (a burst on a cold key costs one query,
+        not one per check). Raises Unavailable (services/common/errors.py) when the database
+        cannot be reached or does not answer within `db_timeout`.
         """
         now = self._clock()
         if self.listening:
@@ -155,16 +165,28 @@ class KeyCache:
             if cached is not None and cached[0] > now:
                 self._entries.move_to_end(key_hash)
                 return cached[1]
-        record = await self._fetch(key_hash)
-        # Only cache what was read while notifications were flowing; otherwise a change that
-        # landed between the read and the listener's connect could be missed.
-        if self.listening:
+        shared = self._reads.get(key_hash)
+        if shared is None:
+            shared = asyncio.ensure_future(self._fetch(key_hash, now))
+            self._reads[key_hash] = shared
+            shared.add_done_callback(lambda done: self._read_done(key_hash, done))
+        return await asyncio.shield(shared)
+
+    def _read_done(self, key_hash: str, done: asyncio.Future[ApiKeyRecord | None]) -> None:
+        if self._reads.get(key_hash) is done:
+            del self._reads[key_hash]
+        if not done.cancelled():
+            done.exception()  # retrieved here too, in case every waiter was cancelled
+
+    async def _fetch(self, key_hash: str, now: float) -> ApiKeyRecord | None:
+        self.lookups += 1
+        generation = self._generation
+        record = await bounded(self._read(key_hash), self.db_timeout)
+        # Only cache what was read while notifications were flowing, and only if no change was
+        # heard since the read began; otherwise the row read may predate that change.
+        if self.listening and generation == self._generation:
             self._remember(key_hash, record, now)
         return record
-
-    async def _fetch(self, key_hash: str) -> ApiKeyRecord | None:
-        self.lookups += 1
-        return await bounded(self._read(key_hash), self.db_timeout)
 
     async def _read(self, key_hash: str) -> ApiKeyRecord | None:
         async with as_service(self._pool.get()) as connection:

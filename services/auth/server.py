@@ -41,7 +41,7 @@ from services.auth.ratelimit import RECLAIM_CHANNEL, Admission, Admitter
 from services.auth.routes import RouteTable
 from services.auth.servicer import AuthServicer
 from services.auth.sessions import SessionVerifier
-from services.auth.store import ApiKeyRecord, AuthStore, bounded
+from services.auth.store import ApiKeyRecord, AuthStore
 from services.common.errors import Unauthenticated
 from services.common.h2unary import H2UnaryServer
 from services.common.identity import Identity, IdentityInterceptor, IdentitySettings, access_log_token
@@ -65,7 +65,7 @@ class KeyMeter:
 
     async def admit(self, record: ApiKeyRecord, endpoint: str) -> Admission:
         """admit counts one request against `record`'s limits and meters it, or raises ResourceExhausted."""
-        admission = await bounded(self._admitter.admit(record.id), self._admitter.db_timeout)
+        admission = await self._admitter.admit(record.id)
         if admission.revoked or not admission.found:
             raise Unauthenticated("the API key has been revoked", reason="API_KEY_REVOKED")
         if not admission.admitted:
@@ -164,7 +164,6 @@ def build(
         sessions=sessions,
         codec=codec,
         clock=clock,
-        db_timeout=settings.check_db_timeout,
     )
     recorder = recorder_from_settings(pool, settings)
     meter = KeyMeter(admitter, recorder, clock)

@@ -126,7 +126,6 @@ async def test_a_hung_database_gets_answers_from_memory_or_a_json_503(cluster: E
             sessions=SessionVerifier(AuthSettings(database_url=dsn, jwt_secret=JWT_SECRET)),
             codec=IdentityCodec(IDENTITY_KEY),
             clock=clock,
-            db_timeout=0.5,
         )
     )
 
