@@ -25,7 +25,7 @@ services.common.errors.error_json from the same google.rpc.Status a service woul
 `WWW-Authenticate: Bearer` on 401, `Retry-After` on 429 and 503, and `grpc-status`/
 `grpc-message` so native gRPC clients see UNAUTHENTICATED, PERMISSION_DENIED or
 RESOURCE_EXHAUSTED rather than Envoy's HTTP-derived guess (429 would become UNAVAILABLE).
-When the database cannot be reached, or does not answer within `check_db_timeout` (a hung
+When the database cannot be reached, or does not answer within `check_deadline` (a hung
 server), every check that needs it fails closed with 503 and reason `DATABASE_UNAVAILABLE`
 and `Retry-After`, well inside Envoy's 2 s ext_authz timeout; checks a cached key and a live
 leased block can answer keep being answered. It recovers by itself when the database returns.
@@ -53,7 +53,7 @@ from services.auth.keycache import KeyCache
 from services.auth.ratelimit import Admission, Admitter
 from services.auth.routes import Route, RouteTable
 from services.auth.sessions import SessionVerifier, looks_like_jwt
-from services.auth.store import ApiKeyRecord, check_usable
+from services.auth.store import ApiKeyRecord, bounded, check_usable
 from services.common.errors import (
     KotaError,
     NotFound,
@@ -82,6 +82,9 @@ log = logging.getLogger("kotadb.auth.check")
 CREDENTIAL_HEADERS: tuple[str, ...] = ("authorization", "x-api-key")
 
 ROUTE_NOT_FOUND = "ROUTE_NOT_FOUND"
+# Seconds Check may spend on one request's database work: under the gateway's 2 s ext_authz
+# timeout (deploy/envoy/envoy.yaml.tmpl), so the client gets Check's JSON 503, not Envoy's.
+DEFAULT_DEADLINE = 1.5
 # Most identities (and well-formed key hashes) Check remembers between clears.
 _TOKEN_CACHE_SIZE = 100_000
 
@@ -115,8 +118,9 @@ class Authorizer:
     `codec` signs identities (None: Check refuses everything with 503, since upstream services
     could not verify what it forwards); `sessions` verifies session JWTs; `clock` drives rate
     windows, quota months and key expiry. The key cache and the admitter bound each database
-    statement Check waits for (their `db_timeout`), so a hung database is refused with 503
-    DATABASE_UNAVAILABLE well inside Envoy's 2 s ext_authz timeout.
+    statement Check waits for (their `db_timeout`) and AuthorizationServicer bounds the whole
+    wait, so a hung database is refused with 503 DATABASE_UNAVAILABLE inside Envoy's 2 s
+    ext_authz timeout.
     """
 
     def __init__(
@@ -214,9 +218,9 @@ class Authorizer:
         if record is None:
             raise Unauthenticated("the API key is not known", reason="UNKNOWN_API_KEY")
         identity = self._key_identity(route, record)
-        # No bound here: the admitter bounds each of its statements (a hung database fails the
-        # batch in db_timeout, and the batch queued behind it as quickly), while a live one
-        # may legitimately keep checks waiting for other replicas' tokens (reclaim_wait).
+        # The admitter bounds each of its statements (a hung database fails the batch in its
+        # db_timeout) and decide_later the whole wait; a live database may keep checks
+        # waiting for other replicas' tokens (reclaim_wait) up to that deadline.
         admission = await self.admitter.admit(record.id)
         if not admission.found:
             self.cache.evict(record.id)
@@ -297,11 +301,13 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
 
     It serves two transports: the grpc.aio server (`Check`) and the lean HTTP/2 listener Envoy's
     ext_authz uses (`check_bytes`, services/common/h2unary.py). Both try the in-memory decision
-    first and await the database only when it cannot decide.
+    first and await the database only when it cannot decide, for at most `deadline` seconds
+    (then 503 DATABASE_UNAVAILABLE: Envoy's own timeout would answer an empty 503 instead).
     """
 
-    def __init__(self, authorizer: Authorizer) -> None:
+    def __init__(self, authorizer: Authorizer, *, deadline: float = DEFAULT_DEADLINE) -> None:
         self.authorizer = authorizer
+        self.deadline = deadline
         self._prefixes: dict[str, bytes] = {}
 
     async def Check(
@@ -376,7 +382,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         http = request.attributes.request.http
         headers = _headers(http)
         try:
-            grant = await self.authorizer.authorize(http.method, http.path, headers)
+            grant = await bounded(self.authorizer.authorize(http.method, http.path, headers), self.deadline)
         except Exception as exc:
             return _refusal(exc, headers)
         return allowed(grant)

@@ -76,11 +76,11 @@ class AuthSettings(ServiceSettings):
     lease_idle_return: float = setting(
         0.2, minimum=0.01, help="Seconds a key may sit idle before its unused leased tokens are returned."
     )
-    check_db_timeout: float = setting(
-        0.5,
-        minimum=0.05,
-        help="Seconds Check (and a metered ValidateApiKey) waits for each database step before failing "
-        "closed with 503 DATABASE_UNAVAILABLE; keep two of them under Envoy's 2 s ext_authz timeout.",
+    check_deadline: float = setting(
+        1.5,
+        minimum=0.1,
+        help="Seconds Check may wait on the database for one request (each statement, and all of them) "
+        "before failing closed with 503 DATABASE_UNAVAILABLE; keep it under Envoy's 2 s ext_authz timeout.",
     )
     check_clock_offset: float = setting(
         0.0,

@@ -72,7 +72,7 @@ class KeyCache:
         negative_ttl: float = 2.0,
         max_entries: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
-        db_timeout: float = 0.5,
+        db_timeout: float = 1.5,
         on_change: Callable[[uuid.UUID | None], None] | None = None,
         channels: Mapping[str, Callable[[str], None]] | None = None,
     ) -> None:

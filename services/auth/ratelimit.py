@@ -247,7 +247,7 @@ class Admitter:
         idle_return: float = 0.2,
         reclaim_wait: float = 2.0,
         batch_keys: int = 512,
-        db_timeout: float = 0.5,
+        db_timeout: float = 1.5,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._pool = pool
@@ -273,6 +273,9 @@ class Admitter:
         # Keys whose grant is in the database now, and those to release once it has answered.
         self._in_flight: set[uuid.UUID] = set()
         self._release_after: set[uuid.UUID] = set()
+        # Changed keys whose queued checks were not yet sent: the block their grant brings is
+        # handed back right after it answers them (it was asked for before the change was heard).
+        self._drop_after: set[uuid.UUID] = set()
         self._worker: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
@@ -364,8 +367,15 @@ class Admitter:
     # --- lifecycle and notifications ---------------------------------------------------------
 
     def drop(self, key_id: uuid.UUID) -> None:
-        """drop forgets what is known of a changed key and hands its unused tokens back."""
+        """drop forgets what is known of a changed key and hands its unused tokens back.
+
+        That includes the block a grant still to be sent for already queued checks will bring:
+        without this, a revocation heard while checks queue would leave a fresh block that the
+        next checks spend from memory.
+        """
         self._spent.pop(key_id, None)
+        if key_id in self._pending or key_id in self._retrying:
+            self._drop_after.add(key_id)
         self._release(key_id)
 
     def drop_all(self) -> None:
@@ -514,6 +524,9 @@ class Admitter:
         finally:
             self._in_flight.clear()
             release, self._release_after = self._release_after, set()
+            dropped = self._drop_after.intersection(ordered)
+            self._drop_after -= dropped
+            release |= dropped
             for key_id in release:
                 self._release(key_id)
 

@@ -132,7 +132,7 @@ def build(
         lease_span=settings.lease_span,
         lease_max=settings.lease_max,
         idle_return=settings.lease_idle_return,
-        db_timeout=settings.check_db_timeout,
+        db_timeout=settings.check_deadline,
     )
 
     def key_changed(key_id: uuid.UUID | None) -> None:
@@ -151,7 +151,7 @@ def build(
         ttl=settings.key_cache_ttl,
         negative_ttl=settings.key_cache_negative_ttl,
         max_entries=settings.key_cache_size,
-        db_timeout=settings.check_db_timeout,
+        db_timeout=settings.check_deadline,
         on_change=key_changed,
         channels={RECLAIM_CHANNEL: reclaim},
     )
@@ -168,7 +168,7 @@ def build(
     recorder = recorder_from_settings(pool, settings)
     meter = KeyMeter(admitter, recorder, clock)
     servicer = AuthServicer(store, settings, now=clock.now, meter=meter, verifier=sessions)
-    check = AuthorizationServicer(authorizer)
+    check = AuthorizationServicer(authorizer, deadline=settings.check_deadline)
     server: ServiceServer | None = None
 
     def health(message: bytes, metadata: Mapping[str, str]) -> bytes:

@@ -494,6 +494,9 @@ def _error_from_auth(exc: grpc.aio.AioRpcError) -> KotaError:
         return ResourceExhausted(
             message, reason=reason or "RATE_LIMITED", retry_after=_retry_delay(exc), metadata=metadata
         )
+    if code == grpc.StatusCode.UNAVAILABLE and reason is not None:
+        # The auth service answered, unable to decide (its database, typically): same reason.
+        return Unavailable(message, reason=reason, retry_after=_retry_delay(exc) or 1.0, metadata=metadata)
     return Unavailable(
         "the auth service could not check the credential; retry shortly",
         reason="AUTH_UNAVAILABLE",

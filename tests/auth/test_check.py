@@ -90,8 +90,9 @@ class CheckRig:
         self, lazy: LazyPool, database_url: str, clock: quota.Clock, cache_ttl: float = 300.0
     ) -> None:
         settings = AuthSettings(database_url=database_url, jwt_secret=JWT_SECRET)
-        self.cache = KeyCache(lazy, database_url, ttl=cache_ttl)
         self.admitter = Admitter(lazy, clock)
+        # Wired as services/auth/server.py wires them: a heard change also drops the key's block.
+        self.cache = KeyCache(lazy, database_url, ttl=cache_ttl, on_change=self._changed)
         self.codec = IdentityCodec(IDENTITY_KEY)
         self.clock = clock
         self.authorizer = Authorizer(
@@ -108,6 +109,12 @@ class CheckRig:
         )
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.channel: grpc.aio.Channel | None = None
+
+    def _changed(self, key_id: uuid.UUID | None) -> None:
+        if key_id is None:
+            self.admitter.drop_all()
+        else:
+            self.admitter.drop(key_id)
 
     async def start(self) -> None:
         self.cache.start()

@@ -114,6 +114,12 @@ async def stack(database_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
         ),
     )
     search_port = await search.start()
+    # Both ready (database reached, schema present), so no call races the pools' first connect.
+    for _ in range(600):
+        if auth.serving and search.serving:
+            break
+        await asyncio.sleep(0.05)
+    assert auth.serving and search.serving
     auth_channel = grpc.aio.insecure_channel(f"127.0.0.1:{auth_port}")
     search_channel = grpc.aio.insecure_channel(f"127.0.0.1:{search_port}")
     try:
