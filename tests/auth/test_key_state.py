@@ -1,4 +1,6 @@
-"""One rule for whether a key works: Check, ValidateApiKey and the API's key state agree.
+"""One rule per concept in auth: key usability, the caller, the key row, the admission.
+
+Whether a key works: Check, ValidateApiKey and the API's key state agree.
 
 Every combination of revoked, expired, rotated-out and rotating is written to real rows; each
 key is then asked about through Check (a real CheckRig), through `KeyManager.validate` (what
@@ -10,17 +12,21 @@ three must give the same answer, in the one documented order (services/auth/stor
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import itertools
+import typing
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import pytest
 
-from services.auth import quota
+from services.auth import keycache, keyrequests, management, quota, ratelimit
 from services.auth.config import AuthSettings
 from services.auth.management import KeyManager
-from services.auth.store import AuthStore, key_state
+from services.auth.sessions import SessionVerifier
+from services.auth.store import ApiKeyRecord, AuthStore, key_state
 from services.common.errors import Unauthenticated
 from services.common.identity import Identity
 from services.common.server import LazyPool
@@ -112,3 +118,44 @@ async def test_an_expired_key_past_its_rotation_grace_is_expired_everywhere(
     assert refused.value.reason == "API_KEY_EXPIRED"
     record = await manager.get(Identity.service(), key_id)
     assert record.state(datetime.datetime.now(UTC)) == "EXPIRED"
+
+
+def test_one_type_per_concept() -> None:
+    # The caller was Principal (auth) and Identity (common), converted in three places; the key
+    # row KeyRecord and ApiKeyRecord; an admission two Admission types. One of each now.
+    assert importlib.util.find_spec("services.auth.principal") is None
+    assert not hasattr(keycache, "KeyRecord")
+    assert vars(keyrequests)["Admission"] is ratelimit.Admission
+    assert management.Admission is ratelimit.Admission
+    assert typing.get_type_hints(keyrequests.RequestMeter.admit)["return"] is ratelimit.Admission
+    assert typing.get_type_hints(keycache.KeyCache.lookup)["return"] == ApiKeyRecord | None
+    assert typing.get_type_hints(SessionVerifier.verify)["return"] is Identity
+
+
+def test_one_permission_rule_for_every_caller() -> None:
+    user, key = uuid.uuid4(), uuid.uuid4()
+    callers = {
+        "session": Identity.user(user),
+        "reader": Identity.api_key(user, key, frozenset({"read"})),
+        "admin key": Identity.api_key(user, key, frozenset({"admin"})),
+        "service": Identity.service(),
+    }
+    # permission → callers that have it ("" needs nothing, "service" is internal).
+    table = {
+        "": {"session", "reader", "admin key", "service"},
+        "read": {"session", "reader", "service"},
+        "write": {"session", "service"},
+        "admin": {"session", "admin key", "service"},
+        "service": {"service"},
+    }
+    for permission, holders in table.items():
+        assert {name for name, caller in callers.items() if caller.has(permission)} == holders, permission
+    assert {name for name, caller in callers.items() if caller.may_manage_keys()} == {
+        "session",
+        "admin key",
+        "service",
+    }
+    with pytest.raises(ValueError):
+        Identity(user_id=None, kind="user", permissions=frozenset())
+    with pytest.raises(ValueError):
+        Identity(user_id=user, kind="api_key", permissions=frozenset({"read"}))
