@@ -85,7 +85,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
 
     `settings` default to the environment; `now` is the clock (tests inject one); `meter` is
     Check's limiter, used by ValidateApiKey when a request asks to be metered; `authenticate`
-    replaces the default CallerResolver (tests call the servicer as a principal they choose).
+    replaces the default CallerResolver (tests call the servicer as a caller they choose).
     """
 
     def __init__(

@@ -128,7 +128,7 @@ class _JwksSource:
 
 
 class SessionVerifier:
-    """SessionVerifier turns a Supabase session or service-role JWT into a Identity, or refuses it."""
+    """SessionVerifier turns a Supabase session or service-role JWT into an Identity, or refuses it."""
 
     def __init__(self, settings: SessionSettings) -> None:
         self._secret = settings.jwt_secret
