@@ -289,7 +289,9 @@ async def test_direct_api_keys_are_checked_through_the_auth_service(
     database_url: str, pool: asyncpg.Pool, user_factory: Any, tmp_path: Path
 ) -> None:
     auth = build_auth(
-        AuthSettings(database_url=database_url, port=0, readiness_interval=0.2, shutdown_grace=1.0),
+        AuthSettings(
+            database_url=database_url, port=0, check_port=0, readiness_interval=0.2, shutdown_grace=1.0
+        ),
         identity=IdentitySettings(identity_key=KEY),
     )
     auth_port = await auth.start()
