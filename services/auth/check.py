@@ -10,27 +10,31 @@ ext_authz filter in deploy/envoy/envoy.yaml.tmpl, `failure_mode_allow: false`). 
    (or the service role, anywhere). Anything else must be an API key: shape and checksum are
    checked without the database (services/auth/keys.py), then the key is looked up by hash
    through the cache (services/auth/keycache.py).
-3. Refuse revoked keys, expired keys and rotated keys past their grace period (401), and keys
-   without the route's permission (403).
+3. Refuse revoked keys, expired keys and rotated keys past their grace period (401, in the
+   one order of services/auth/store.py `key_state`), and keys without the route's permission
+   (403).
 4. Admit the request against the key's per-minute rate limit and monthly quota, exactly
    (services/auth/ratelimit.py); refuse with 429 and `Retry-After` when either is spent.
-5. Allow: add the signed identity (services/common/identity.py), the tenant header for
-   consistent-hash routing and the key id header for the access log; remove the raw credential
-   headers; add `RateLimit-Limit`/`-Remaining`/`-Reset` to the response.
+5. Allow: add the signed identity (services/common/identity.py), bound to the route's gRPC
+   method and valid a few seconds, the tenant header for consistent-hash routing and the key
+   id header for the access log; remove the raw credential headers; add
+   `RateLimit-Limit`/`-Remaining`/`-Reset` to the response.
 
-Denials carry a JSON body in the services' error shape (`code`, `message`, `reason` and an
-`ErrorInfo` detail), `WWW-Authenticate: Bearer` on 401, `Retry-After` on 429 and 503, and
-`grpc-status`/`grpc-message` so native gRPC clients see UNAUTHENTICATED, PERMISSION_DENIED or
+Denials carry the one JSON error body (`code`, `message`, `reason`, `details`; built by
+services.common.errors.error_json from the same google.rpc.Status a service would send),
+`WWW-Authenticate: Bearer` on 401, `Retry-After` on 429 and 503, and `grpc-status`/
+`grpc-message` so native gRPC clients see UNAUTHENTICATED, PERMISSION_DENIED or
 RESOURCE_EXHAUSTED rather than Envoy's HTTP-derived guess (429 would become UNAVAILABLE).
-When the database cannot be reached every check fails closed with 503 and reason
-`DATABASE_UNAVAILABLE`, and recovers by itself when it returns.
+When the database cannot be reached, or does not answer within `check_deadline` (a hung
+server), every check that needs it fails closed with 503 and reason `DATABASE_UNAVAILABLE`
+and `Retry-After`, well inside Envoy's 2 s ext_authz timeout; checks a cached key and a live
+leased block can answer keep being answered. It recovers by itself when the database returns.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import math
 import urllib.parse
@@ -45,19 +49,20 @@ from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, status_pb2
 
 from services.auth import keys, quota
-from services.auth.keycache import KeyCache, KeyRecord
-from services.auth.principal import Principal
+from services.auth.keycache import KeyCache
 from services.auth.ratelimit import Admission, Admitter
 from services.auth.routes import Route, RouteTable
 from services.auth.sessions import SessionVerifier, looks_like_jwt
+from services.auth.store import ApiKeyRecord, bounded, check_usable
 from services.common.errors import (
-    ERROR_DOMAIN,
     KotaError,
     NotFound,
     PermissionDenied,
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
+    error_json,
+    http_status,
 )
 from services.common.h2unary import RpcError
 from services.common.identity import (
@@ -77,18 +82,11 @@ log = logging.getLogger("kotadb.auth.check")
 CREDENTIAL_HEADERS: tuple[str, ...] = ("authorization", "x-api-key")
 
 ROUTE_NOT_FOUND = "ROUTE_NOT_FOUND"
+# Seconds Check may spend on one request's database work: under the gateway's 2 s ext_authz
+# timeout (deploy/envoy/envoy.yaml.tmpl), so the client gets Check's JSON 503, not Envoy's.
+DEFAULT_DEADLINE = 1.5
 # Most identities (and well-formed key hashes) Check remembers between clears.
 _TOKEN_CACHE_SIZE = 100_000
-
-# HTTP status of a denial for each gRPC code Check may refuse with.
-_HTTP_STATUS: dict[grpc.StatusCode, int] = {
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.INTERNAL: 500,
-}
 
 
 class _CheckFailed(KotaError):
@@ -119,7 +117,10 @@ class Authorizer:
 
     `codec` signs identities (None: Check refuses everything with 503, since upstream services
     could not verify what it forwards); `sessions` verifies session JWTs; `clock` drives rate
-    windows, quota months and key expiry.
+    windows, quota months and key expiry. The key cache and the admitter bound each database
+    statement Check waits for (their `db_timeout`) and AuthorizationServicer bounds the whole
+    wait, so a hung database is refused with 503 DATABASE_UNAVAILABLE inside Envoy's 2 s
+    ext_authz timeout.
     """
 
     def __init__(
@@ -138,9 +139,9 @@ class Authorizer:
         self.sessions = sessions
         self.codec = codec
         self.clock = clock
-        # Signed tokens carry whole-second times, so one identity's token is the same all
-        # second long: sign it once per second (bounded; cleared when it grows).
-        self._tokens: dict[Identity, tuple[int, str]] = {}
+        # Signed tokens carry whole-second times, so one identity's token for one method is the
+        # same all second long: sign it once per second (bounded; cleared when it grows).
+        self._tokens: dict[tuple[Identity, str], tuple[int, str]] = {}
         # SHA-256 of credentials whose shape and checksum already passed (hashes only, never
         # the secrets themselves).
         self._well_formed: set[str] = set()
@@ -171,7 +172,7 @@ class Authorizer:
             return LATER
         if not admission.admitted:
             raise limit_error(admission, record)
-        return Grant(identity=identity, token=self._sign(identity), admission=admission)
+        return Grant(identity=identity, token=self._sign(identity, route), admission=admission)
 
     async def authorize(self, http_method: str, path: str, headers: Mapping[str, str]) -> Grant | None:
         """authorize returns the Grant for an allowed request, or None for a credential-free route."""
@@ -201,21 +202,15 @@ class Authorizer:
             raise Unauthenticated(
                 "session tokens are not accepted by this deployment", reason="SESSIONS_DISABLED"
             )
-        principal: Principal = await asyncio.to_thread(self.sessions.verify, token)
-        if principal.kind == "user" and not route.sessions_allowed:
+        identity: Identity = await asyncio.to_thread(self.sessions.verify, token)
+        if identity.kind == "user" and not route.sessions_allowed:
             raise PermissionDenied(
                 "a session token manages keys; use an API key for this call",
                 reason="SESSION_NOT_ACCEPTED",
                 metadata={"method": route.grpc_method},
             )
-        identity = Identity(
-            user_id=principal.user_id,
-            kind=principal.kind,
-            permissions=principal.permissions,
-            key_id=principal.key_id,
-        )
         identity.require(route.permission)
-        return Grant(identity=identity, token=self._sign(identity))
+        return Grant(identity=identity, token=self._sign(identity, route))
 
     async def _authorize_key(self, route: Route, credential: str) -> Grant:
         parsed = keys.parse_key(credential)  # MalformedKey / BadChecksum: 401 without a lookup
@@ -223,6 +218,9 @@ class Authorizer:
         if record is None:
             raise Unauthenticated("the API key is not known", reason="UNKNOWN_API_KEY")
         identity = self._key_identity(route, record)
+        # The admitter bounds each of its statements (a hung database fails the batch in its
+        # db_timeout) and decide_later the whole wait; a live database may keep checks
+        # waiting for other replicas' tokens (reclaim_wait) up to that deadline.
         admission = await self.admitter.admit(record.id)
         if not admission.found:
             self.cache.evict(record.id)
@@ -232,14 +230,12 @@ class Authorizer:
             raise Unauthenticated("the API key has been revoked", reason="API_KEY_REVOKED")
         if not admission.admitted:
             raise limit_error(admission, record)
-        return Grant(identity=identity, token=self._sign(identity), admission=admission)
+        return Grant(identity=identity, token=self._sign(identity, route), admission=admission)
 
-    def _key_identity(self, route: Route, record: KeyRecord) -> Identity:
-        """_key_identity refuses an unusable key or one without the route's permission."""
-        self._check_state(record)
-        identity = Identity(
-            user_id=record.user_id, kind="api_key", permissions=record.permissions, key_id=record.id
-        )
+    def _key_identity(self, route: Route, record: ApiKeyRecord) -> Identity:
+        """_key_identity refuses an unusable key (`check_usable`) or one without the route's permission."""
+        check_usable(record, self.clock.now())
+        identity = Identity.api_key(record.user_id, record.id, record.permissions)
         if route.permission == SERVICE_ONLY or not identity.has(route.permission):
             raise PermissionDenied(
                 f"this API key lacks the {route.permission} permission this call needs",
@@ -248,22 +244,12 @@ class Authorizer:
             )
         return identity
 
-    def _check_state(self, record: KeyRecord) -> None:
-        now = self.clock.now()
-        if record.revoked_at is not None:
-            raise Unauthenticated("the API key has been revoked", reason="API_KEY_REVOKED")
-        if record.expires_at is not None and record.expires_at <= now:
-            raise Unauthenticated("the API key has expired", reason="API_KEY_EXPIRED")
-        if record.grace_until is not None and record.grace_until <= now:
-            raise Unauthenticated(
-                "the API key was rotated and its grace period is over; use the new key",
-                reason="API_KEY_ROTATED",
-            )
-
-    def _sign(self, identity: Identity) -> str:
+    def _sign(self, identity: Identity, route: Route) -> str:
+        """_sign is the signed identity for a call to the route's gRPC method (cached per second)."""
         assert self.codec is not None  # authorize refuses earlier without one
         second = int(self.codec.clock())
-        cached = self._tokens.get(identity)
+        cache_key = (identity, route.grpc_method)
+        cached = self._tokens.get(cache_key)
         if cached is not None and cached[0] == second:
             return cached[1]
         token = self.codec.sign(
@@ -271,10 +257,11 @@ class Authorizer:
             kind=identity.kind,
             permissions=identity.permissions,
             key_id=identity.key_id,
+            method=route.grpc_method,
         )
         if len(self._tokens) >= _TOKEN_CACHE_SIZE:
             self._tokens.clear()
-        self._tokens[identity] = (second, token)
+        self._tokens[cache_key] = (second, token)
         return token
 
     def _key_hash(self, credential: str) -> str:
@@ -288,7 +275,7 @@ class Authorizer:
         return key_hash
 
 
-def limit_error(admission: Admission, record: KeyRecord) -> ResourceExhausted:
+def limit_error(admission: Admission, record: ApiKeyRecord) -> ResourceExhausted:
     """limit_error is the 429 for a refused admission: quota when the month is spent, else rate."""
     if admission.quota_exhausted:
         return ResourceExhausted(
@@ -314,11 +301,13 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
 
     It serves two transports: the grpc.aio server (`Check`) and the lean HTTP/2 listener Envoy's
     ext_authz uses (`check_bytes`, services/common/h2unary.py). Both try the in-memory decision
-    first and await the database only when it cannot decide.
+    first and await the database only when it cannot decide, for at most `deadline` seconds
+    (then 503 DATABASE_UNAVAILABLE: Envoy's own timeout would answer an empty 503 instead).
     """
 
-    def __init__(self, authorizer: Authorizer) -> None:
+    def __init__(self, authorizer: Authorizer, *, deadline: float = DEFAULT_DEADLINE) -> None:
         self.authorizer = authorizer
+        self.deadline = deadline
         self._prefixes: dict[str, bytes] = {}
 
     async def Check(
@@ -393,7 +382,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         http = request.attributes.request.http
         headers = _headers(http)
         try:
-            grant = await self.authorizer.authorize(http.method, http.path, headers)
+            grant = await bounded(self.authorizer.authorize(http.method, http.path, headers), self.deadline)
         except Exception as exc:
             return _refusal(exc, headers)
         return allowed(grant)
@@ -464,28 +453,14 @@ def denied(
 ) -> external_auth_pb2.CheckResponse:
     """denied builds the refusal for `error`: status, body and the headers clients need.
 
-    REST clients get the JSON error body. Native gRPC clients get no body, because Envoy turns
+    REST clients get the JSON error body every service error has (services.common.errors.
+    error_json: the same google.rpc.Status a service would send, rendered as the gateway renders
+    it, plus `reason`). Native gRPC clients get no body, because Envoy turns
     a local reply's body into `grpc-message`; they read `grpc-status` and `grpc-message` (and
     the same reason in `x-kotadb-error-reason`) instead.
     """
-    http_status = _HTTP_STATUS.get(error.code, 500)
+    status_code = http_status(error.code)
     grpc_code = int(error.code.value[0])
-    metadata = dict(error.metadata)
-    if request_id:
-        metadata["request_id"] = request_id
-    body = {
-        "code": grpc_code,
-        "message": error.message,
-        "reason": error.reason,
-        "details": [
-            {
-                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
-                "reason": error.reason,
-                "domain": ERROR_DOMAIN,
-                "metadata": metadata,
-            }
-        ],
-    }
     headers: list[tuple[str, str]] = [("x-kotadb-error-reason", error.reason)]
     if grpc_client:
         # A path that names no method is UNIMPLEMENTED in gRPC terms (what a server would say).
@@ -495,14 +470,14 @@ def denied(
         headers.append(("grpc-message", urllib.parse.quote(error.message, safe=" ")))
     else:
         headers.append(("content-type", "application/json"))
-    if http_status == 401:
+    if status_code == 401:
         # RFC 6750 §3: no error attribute when the request carried no credential at all.
         challenge = 'Bearer realm="kotadb"'
         if error.reason != "MISSING_CREDENTIALS":
             challenge += ', error="invalid_token"'
         headers.append(("www-authenticate", challenge))
     retry_after = getattr(error, "retry_after", None)
-    if retry_after is not None and http_status in (429, 503):
+    if retry_after is not None and status_code in (429, 503):
         seconds = str(max(1, math.ceil(retry_after)))
         headers.append(("retry-after", seconds))
         if error.reason == "RATE_LIMITED" and "rate_limit" in error.metadata:
@@ -514,8 +489,8 @@ def denied(
                 ]
             )
     response = external_auth_pb2.DeniedHttpResponse(
-        status=http_status_pb2.HttpStatus(code=http_status),
-        body="" if grpc_client else json.dumps(body, separators=(",", ":")),
+        status=http_status_pb2.HttpStatus(code=status_code),
+        body="" if grpc_client else error_json(error, request_id),
     )
     response.headers.extend(header_option(k, v) for k, v in headers)
     return external_auth_pb2.CheckResponse(

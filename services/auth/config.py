@@ -91,6 +91,12 @@ class AuthSettings(ServiceSettings):
     lease_idle_return: float = setting(
         0.2, minimum=0.01, help="Seconds a key may sit idle before its unused leased tokens are returned."
     )
+    check_deadline: float = setting(
+        1.5,
+        minimum=0.1,
+        help="Seconds Check may wait on the database for one request (each statement, and all of them) "
+        "before failing closed with 503 DATABASE_UNAVAILABLE; keep it under Envoy's 2 s ext_authz timeout.",
+    )
     check_clock_offset: float = setting(
         0.0,
         help="Seconds added to the clock Check uses for rate windows and quota months (tests only).",

@@ -15,9 +15,9 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from kotadb.v1 import auth_pb2
 
 from services.auth.management import IssuedKey, KeySpec, KeyUpdate, UsageReport, ValidatedKey
-from services.auth.principal import ADMIN, READ, WRITE
 from services.auth.store import ApiKeyRecord
 from services.common.errors import FieldViolation, InvalidArgument
+from services.common.identity import ADMIN, READ, WRITE
 
 Permission = auth_pb2.ApiKey.Permission
 

@@ -4,6 +4,9 @@
 and limits, yet a revoked, rotated or downgraded key must stop working on every auth replica
 within a second. So:
 
+* A lookup reads the whole row (`store.find_by_hash`, one service-role transaction, bounded by
+  `db_timeout` so a hung database answers Unavailable) into the one key type,
+  `store.ApiKeyRecord`, whose `key_state` Check applies.
 * Lookups go through an in-process cache keyed by the key's SHA-256 (services/auth/keys.py):
   found keys for `key_cache_ttl` seconds, unknown hashes for `key_cache_negative_ttl`
   (so a flood of made-up keys costs one query per hash per interval), at most
@@ -31,8 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import datetime
 import logging
 import time
 import uuid
@@ -42,7 +43,8 @@ from typing import Any
 
 import asyncpg
 
-from services.common.db import translated_errors
+from services.auth.store import ApiKeyRecord, bounded, find_by_hash
+from services.common.db import as_service
 from services.common.server import LazyPool
 
 log = logging.getLogger("kotadb.auth.keycache")
@@ -52,31 +54,13 @@ CHANNEL = "api_key_changes"
 # (one extra query per check) until it is back.
 LISTEN_RETRY = 0.5
 
-_SELECT_KEY = """
-select id, user_id, permissions, rate_limit, monthly_quota, expires_at, revoked_at, grace_until
-from public.find_api_key($1)
-"""
-
-
-@dataclasses.dataclass(frozen=True)
-class KeyRecord:
-    """KeyRecord is what Check needs of one API key row; never the hash or the secret."""
-
-    id: uuid.UUID
-    user_id: uuid.UUID
-    permissions: frozenset[str]
-    rate_limit: int
-    monthly_quota: int
-    expires_at: datetime.datetime | None
-    revoked_at: datetime.datetime | None
-    grace_until: datetime.datetime | None
-
 
 class KeyCache:
     """KeyCache answers `lookup(key_hash)` from memory when it safely can, else from the database.
 
-    `clock` is monotonic seconds (injected in tests). `start()` begins listening for changes;
-    `close()` stops it.
+    `clock` is monotonic seconds (injected in tests); `db_timeout` bounds each lookup (a hung
+    database answers Unavailable instead of holding Check). `start()` begins listening for
+    changes; `close()` stops it.
     """
 
     def __init__(
@@ -88,6 +72,7 @@ class KeyCache:
         negative_ttl: float = 2.0,
         max_entries: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
+        db_timeout: float = 1.5,
         on_change: Callable[[uuid.UUID | None], None] | None = None,
         channels: Mapping[str, Callable[[str], None]] | None = None,
     ) -> None:
@@ -101,8 +86,13 @@ class KeyCache:
         self.negative_ttl = negative_ttl
         self.max_entries = max_entries
         self._clock = clock
-        self._entries: OrderedDict[str, tuple[float, KeyRecord | None]] = OrderedDict()
+        self.db_timeout = db_timeout
+        self._entries: OrderedDict[str, tuple[float, ApiKeyRecord | None]] = OrderedDict()
         self._hash_by_id: dict[uuid.UUID, str] = {}
+        # Reads in flight, shared by concurrent lookups of one hash; `_generation` counts the
+        # changes heard, so a read that overlapped one is neither shared further nor cached.
+        self._reads: dict[str, asyncio.Future[ApiKeyRecord | None]] = {}
+        self._generation = 0
         self._listening = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
         self._connection: asyncpg.Connection | None = None
@@ -138,18 +128,22 @@ class KeyCache:
         self.clear()
 
     def clear(self) -> None:
-        """clear forgets every cached key."""
+        """clear forgets every cached key (and lets no read in flight be cached or shared)."""
+        self._generation += 1
+        self._reads.clear()
         self._entries.clear()
         self._hash_by_id.clear()
 
     def evict(self, key_id: uuid.UUID) -> None:
-        """evict forgets the key with id `key_id`, if cached."""
+        """evict forgets the key with id `key_id`, if cached (and lets no read in flight be cached)."""
+        self._generation += 1
+        self._reads.clear()
         key_hash = self._hash_by_id.pop(key_id, None)
         if key_hash is not None:
             self._entries.pop(key_hash, None)
             self.evictions += 1
 
-    def peek(self, key_hash: str) -> tuple[bool, KeyRecord | None]:
+    def peek(self, key_hash: str) -> tuple[bool, ApiKeyRecord | None]:
         """peek answers from memory only: (True, record or None) on a live entry, else (False, None)."""
         if self.listening:
             cached = self._entries.get(key_hash)
@@ -158,10 +152,12 @@ class KeyCache:
                 return True, cached[1]
         return False, None
 
-    async def lookup(self, key_hash: str) -> KeyRecord | None:
+    async def lookup(self, key_hash: str) -> ApiKeyRecord | None:
         """lookup returns the key stored under `key_hash`, or None when there is none.
 
-        Raises Unavailable (services/common/errors.py) when the database cannot be reached.
+        Concurrent lookups of one hash share one read (a burst on a cold key costs one query,
+        not one per check). Raises Unavailable (services/common/errors.py) when the database
+        cannot be reached or does not answer within `db_timeout`.
         """
         now = self._clock()
         if self.listening:
@@ -169,31 +165,34 @@ class KeyCache:
             if cached is not None and cached[0] > now:
                 self._entries.move_to_end(key_hash)
                 return cached[1]
-        record = await self._fetch(key_hash)
-        # Only cache what was read while notifications were flowing; otherwise a change that
-        # landed between the read and the listener's connect could be missed.
-        if self.listening:
+        shared = self._reads.get(key_hash)
+        if shared is None:
+            shared = asyncio.ensure_future(self._fetch(key_hash, now))
+            self._reads[key_hash] = shared
+            shared.add_done_callback(lambda done: self._read_done(key_hash, done))
+        return await asyncio.shield(shared)
+
+    def _read_done(self, key_hash: str, done: asyncio.Future[ApiKeyRecord | None]) -> None:
+        if self._reads.get(key_hash) is done:
+            del self._reads[key_hash]
+        if not done.cancelled():
+            done.exception()  # retrieved here too, in case every waiter was cancelled
+
+    async def _fetch(self, key_hash: str, now: float) -> ApiKeyRecord | None:
+        self.lookups += 1
+        generation = self._generation
+        record = await bounded(self._read(key_hash), self.db_timeout)
+        # Only cache what was read while notifications were flowing, and only if no change was
+        # heard since the read began; otherwise the row read may predate that change.
+        if self.listening and generation == self._generation:
             self._remember(key_hash, record, now)
         return record
 
-    async def _fetch(self, key_hash: str) -> KeyRecord | None:
-        self.lookups += 1
-        with translated_errors():
-            row = await self._pool.get().fetchrow(_SELECT_KEY, key_hash)
-        if row is None:
-            return None
-        return KeyRecord(
-            id=row["id"],
-            user_id=row["user_id"],
-            permissions=frozenset(row["permissions"]),
-            rate_limit=int(row["rate_limit"]),
-            monthly_quota=int(row["monthly_quota"]),
-            expires_at=row["expires_at"],
-            revoked_at=row["revoked_at"],
-            grace_until=row["grace_until"],
-        )
+    async def _read(self, key_hash: str) -> ApiKeyRecord | None:
+        async with as_service(self._pool.get()) as connection:
+            return await find_by_hash(connection, key_hash)
 
-    def _remember(self, key_hash: str, record: KeyRecord | None, now: float) -> None:
+    def _remember(self, key_hash: str, record: ApiKeyRecord | None, now: float) -> None:
         ttl = self.ttl if record is not None else self.negative_ttl
         if ttl <= 0:
             return

@@ -2,7 +2,7 @@
 
 services/auth/management.py holds the rules (`KeyManager`: who may do what, idempotency,
 rotation); this module holds the values crossing its boundary — requests (`KeySpec`,
-`KeyUpdate`), results (`IssuedKey`, `UsageReport`, `ValidatedKey`, `Admission`), the policy
+`KeyUpdate`), results (`IssuedKey`, `UsageReport`, `ValidatedKey`; `Admission` is ratelimit.py's), the policy
 and meter it is given (`KeyPolicy`, `RequestMeter`) — and the checks that need no database or
 principal: field limits, names, permissions, request ids and page tokens. management.py
 re-exports the public names, so callers import them from there.
@@ -19,9 +19,10 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from services.auth.principal import PERMISSIONS, Principal
+from services.auth.ratelimit import Admission
 from services.auth.store import ApiKeyRecord, EndpointTotals, PageCursor
 from services.common.errors import FieldViolation, InvalidArgument
+from services.common.identity import PERMISSIONS, Identity
 
 Clock = Callable[[], dt.datetime]
 
@@ -59,18 +60,11 @@ class KeyPolicy(Protocol):
     def max_monthly_quota(self) -> int: ...
 
 
-@dataclasses.dataclass(frozen=True)
-class Admission:
-    """Admission is a metered request's outcome: what is left of the window and when it resets."""
-
-    window_remaining: int
-    window_reset: dt.datetime
-
-
 class RequestMeter(Protocol):
-    """RequestMeter counts one request against a key's rate limit and quota (Check's limiter).
+    """RequestMeter counts one request against a key's rate limit and quota (Check's Admitter).
 
-    It raises ResourceExhausted when the window or the month is spent.
+    It returns the admitted request's Admission and records its usage row; it raises
+    ResourceExhausted when the window or the month is spent.
     """
 
     async def admit(self, record: ApiKeyRecord, endpoint: str) -> Admission: ...
@@ -134,7 +128,7 @@ class ValidatedKey:
     """ValidatedKey is a key that passed validation, the principal it carries and its window."""
 
     record: ApiKeyRecord
-    principal: Principal
+    principal: Identity
     window_remaining: int
     window_reset: dt.datetime
 

@@ -41,7 +41,6 @@ from services.auth.keyrequests import (
     MAX_NAME_LENGTH,
     MAX_PAGE_SIZE,
     MAX_REQUEST_ID_LENGTH,
-    Admission,
     Clock,
     IssuedKey,
     KeyPolicy,
@@ -61,8 +60,16 @@ from services.auth.keyrequests import (
     utcnow,
 )
 from services.auth.keys import generate_key, parse_key
-from services.auth.principal import ADMIN, Principal
-from services.auth.store import REQUEST_ID_INDEX, ApiKeyRecord, AuthStore, NewKey, PageCursor, month_start
+from services.auth.ratelimit import Admission
+from services.auth.store import (
+    REQUEST_ID_INDEX,
+    ApiKeyRecord,
+    AuthStore,
+    NewKey,
+    PageCursor,
+    check_usable,
+    month_start,
+)
 from services.common.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -71,6 +78,7 @@ from services.common.errors import (
     Unauthenticated,
     Unimplemented,
 )
+from services.common.identity import ADMIN, Identity
 
 __all__ = [
     "DEFAULT_PAGE_SIZE",
@@ -119,7 +127,7 @@ class KeyManager:
     # Rules -------------------------------------------------------------------------------
 
     @staticmethod
-    def require_manager(principal: Principal) -> None:
+    def require_manager(principal: Identity) -> None:
         """require_manager raises PermissionDenied unless `principal` may manage keys."""
         if not principal.may_manage_keys():
             raise PermissionDenied(
@@ -129,7 +137,7 @@ class KeyManager:
             )
 
     @staticmethod
-    def _check_grant(principal: Principal, permissions: frozenset[str]) -> None:
+    def _check_grant(principal: Identity, permissions: frozenset[str]) -> None:
         if principal.kind == "api_key" and not permissions <= principal.permissions:
             missing = ",".join(sorted(permissions - principal.permissions))
             raise PermissionDenied(
@@ -139,7 +147,7 @@ class KeyManager:
             )
 
     def _check_limits(
-        self, principal: Principal, rate_limit: int, monthly_quota: int, violations: list[FieldViolation]
+        self, principal: Identity, rate_limit: int, monthly_quota: int, violations: list[FieldViolation]
     ) -> None:
         rate_cap = HARD_MAX_RATE_LIMIT if principal.is_service else self._policy.max_rate_limit
         quota_cap = HARD_MAX_MONTHLY_QUOTA if principal.is_service else self._policy.max_monthly_quota
@@ -154,7 +162,7 @@ class KeyManager:
         if expires_at is not None and expires_at <= self._now():
             violations.append(FieldViolation("api_key.expire_time", "must be in the future"))
 
-    def _owner_for_create(self, principal: Principal, user_id: uuid.UUID | None) -> uuid.UUID:
+    def _owner_for_create(self, principal: Identity, user_id: uuid.UUID | None) -> uuid.UUID:
         if principal.is_service:
             if user_id is None:
                 raise invalid_field("user_id", "the service role must name the user the key is for")
@@ -170,7 +178,7 @@ class KeyManager:
 
     async def create(
         self,
-        principal: Principal,
+        principal: Identity,
         spec: KeySpec,
         *,
         user_id: uuid.UUID | None = None,
@@ -189,7 +197,7 @@ class KeyManager:
         raise_violations(violations)
         self._check_grant(principal, spec.permissions)
         owner = self._owner_for_create(principal, user_id)
-        acting = principal if not principal.is_service else Principal.service(owner)
+        acting = principal if not principal.is_service else Identity.service(owner)
         if request_id is not None:
             replay = await self._replay(acting, owner, request_id, spec, rotated_from=None)
             if replay is not None:
@@ -222,7 +230,7 @@ class KeyManager:
 
     async def _replay(
         self,
-        principal: Principal,
+        principal: Identity,
         owner: uuid.UUID,
         request_id: str,
         spec: KeySpec | None,
@@ -247,7 +255,7 @@ class KeyManager:
             )
         return IssuedKey(record=found, secret="", replayed=True, previous=previous)
 
-    async def get(self, principal: Principal, key_id: uuid.UUID) -> ApiKeyRecord:
+    async def get(self, principal: Identity, key_id: uuid.UUID) -> ApiKeyRecord:
         """get returns one key the caller may manage."""
         self.require_manager(principal)
         async with self._store.transaction(principal) as conn:
@@ -255,7 +263,7 @@ class KeyManager:
 
     async def list(
         self,
-        principal: Principal,
+        principal: Identity,
         *,
         page_size: int = 0,
         page_token: str = "",
@@ -288,7 +296,7 @@ class KeyManager:
         last = page[-1]
         return page, encode_page_token(PageCursor(last.created_at, last.id), include_inactive, owner)
 
-    async def update(self, principal: Principal, key_id: uuid.UUID, update: KeyUpdate) -> ApiKeyRecord:
+    async def update(self, principal: Identity, key_id: uuid.UUID, update: KeyUpdate) -> ApiKeyRecord:
         """update changes the fields `update.fields` names (see the module docstring for who may)."""
         self.require_manager(principal)
         violations: list[FieldViolation] = []
@@ -337,7 +345,7 @@ class KeyManager:
             await self._store.update(conn, key_id, changes)
             return await self._store.get(conn, key_id)
 
-    async def revoke(self, principal: Principal, key_id: uuid.UUID) -> ApiKeyRecord:
+    async def revoke(self, principal: Identity, key_id: uuid.UUID) -> ApiKeyRecord:
         """revoke stops a key for good, on every replica once the transaction commits; repeats are no-ops."""
         self.require_manager(principal)
         async with self._store.transaction(principal) as conn:
@@ -347,7 +355,7 @@ class KeyManager:
 
     async def rotate(
         self,
-        principal: Principal,
+        principal: Identity,
         key_id: uuid.UUID,
         *,
         grace: dt.timedelta | None = None,
@@ -385,7 +393,7 @@ class KeyManager:
             return replay
 
     async def _rotate_locked(
-        self, principal: Principal, key_id: uuid.UUID, grace: dt.timedelta, request_id: str | None
+        self, principal: Identity, key_id: uuid.UUID, grace: dt.timedelta, request_id: str | None
     ) -> IssuedKey:
         """_rotate_locked rotates under the old key's row lock, so only one rotation of a key wins."""
         now = self._now()
@@ -427,7 +435,7 @@ class KeyManager:
 
     async def usage(
         self,
-        principal: Principal,
+        principal: Identity,
         key_id: uuid.UUID | None,
         *,
         start: dt.datetime | None = None,
@@ -478,7 +486,7 @@ class KeyManager:
         expired), PERMISSION_DENIED (permission missing), RESOURCE_EXHAUSTED (from the meter).
         """
         parsed = parse_key(secret)
-        async with self._store.transaction(Principal.service()) as conn:
+        async with self._store.transaction(Identity.service()) as conn:
             record = await self._store.find_by_hash(conn, parsed.key_hash)
             if record is None:
                 raise Unauthenticated("the API key is not known", reason="UNKNOWN_API_KEY")
@@ -486,7 +494,7 @@ class KeyManager:
             window = minute_start(now)
             count = await self._store.window_count(conn, record.id, window)
         check_usable(record, now)
-        principal = Principal.api_key(record.user_id, record.id, record.permissions)
+        principal = Identity.api_key(record.user_id, record.id, record.permissions)
         if required_permission:
             principal.require(required_permission)
         if meter:
@@ -500,15 +508,3 @@ class KeyManager:
     async def ensure_user(self, user_id: uuid.UUID) -> bool:
         """ensure_user creates `user_id` in auth.users when missing (dev and tests only)."""
         return await self._store.ensure_user(user_id)
-
-
-def check_usable(record: ApiKeyRecord, now: dt.datetime) -> None:
-    """check_usable raises Unauthenticated unless the key authenticates requests at `now`."""
-    if record.revoked_at is not None and record.revoked_at <= now:
-        raise Unauthenticated("the API key was revoked", reason="API_KEY_REVOKED")
-    if record.grace_until is not None and record.grace_until <= now:
-        raise Unauthenticated(
-            "the API key was rotated and its grace period is over; use the new key", reason="API_KEY_ROTATED"
-        )
-    if record.expires_at is not None and record.expires_at <= now:
-        raise Unauthenticated("the API key has expired", reason="API_KEY_EXPIRED")

@@ -1,7 +1,10 @@
-"""Usage metering: one `public.usage_metrics` row per request admitted through the gateway.
+"""Usage metering: one `public.usage_metrics` row per admitted request, through the gateway or not.
 
-The rows come from Envoy's gRPC access log (services/auth/accesslog.py turns each finished
-request into a `UsageRecord`), because only Envoy knows the final status and the response time.
+Gateway requests' rows come from Envoy's gRPC access log (services/auth/accesslog.py turns each
+finished request into a `UsageRecord`), because only Envoy knows the final status and the
+response time. A key presented directly to a service is admitted by ValidateApiKey, which
+submits its row at admission (services/auth/server.py `KeyMeter`: status 200, no gRPC status,
+0 ms), so direct calls are counted and metered like the rest.
 `UsageRecorder` queues records in memory and writes them in batches:
 
 * A batch is written every `flush_interval` seconds (default 0.2 s) or as soon as `batch_size`

@@ -53,6 +53,7 @@ from collections.abc import Callable
 import asyncpg
 
 from services.auth import quota
+from services.auth.store import bounded
 from services.common import db
 from services.common.db import translated_errors
 from services.common.errors import Aborted
@@ -227,6 +228,10 @@ class Admitter:
     `try_admit` answers from memory when it can (a live block with tokens, or a window known to
     be spent) and returns None otherwise; `admit` always answers, asking the database if needed.
     `clock` gives the time windows and months are computed from; `monotonic` times leases.
+    `db_timeout` bounds every statement a check may wait for: a database that hangs fails the
+    waiting checks with Unavailable (DATABASE_UNAVAILABLE) instead of holding them, and a grant
+    that commits after its caller gave up only leaves tokens counted as used (fewer
+    admissions, never more).
     """
 
     def __init__(
@@ -242,6 +247,7 @@ class Admitter:
         idle_return: float = 0.2,
         reclaim_wait: float = 2.0,
         batch_keys: int = 512,
+        db_timeout: float = 1.5,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._pool = pool
@@ -254,6 +260,7 @@ class Admitter:
         self.idle_return = idle_return
         self.reclaim_wait = reclaim_wait
         self.batch_keys = batch_keys
+        self.db_timeout = db_timeout
         self._monotonic = monotonic
         self._leases: dict[uuid.UUID, _Lease] = {}
         self._spent: dict[uuid.UUID, _Spent] = {}
@@ -266,6 +273,9 @@ class Admitter:
         # Keys whose grant is in the database now, and those to release once it has answered.
         self._in_flight: set[uuid.UUID] = set()
         self._release_after: set[uuid.UUID] = set()
+        # Changed keys whose queued checks were not yet sent: the block their grant brings is
+        # handed back right after it answers them (it was asked for before the change was heard).
+        self._drop_after: set[uuid.UUID] = set()
         self._worker: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
@@ -357,8 +367,15 @@ class Admitter:
     # --- lifecycle and notifications ---------------------------------------------------------
 
     def drop(self, key_id: uuid.UUID) -> None:
-        """drop forgets what is known of a changed key and hands its unused tokens back."""
+        """drop forgets what is known of a changed key and hands its unused tokens back.
+
+        That includes the block a grant still to be sent for already queued checks will bring:
+        without this, a revocation heard while checks queue would leave a fresh block that the
+        next checks spend from memory.
+        """
         self._spent.pop(key_id, None)
+        if key_id in self._pending or key_id in self._retrying:
+            self._drop_after.add(key_id)
         self._release(key_id)
 
     def drop_all(self) -> None:
@@ -496,12 +513,10 @@ class Admitter:
         self._in_flight.update(ordered)
         try:
             try:
-                with translated_errors():
-                    rows = await self._pool.get().fetch(_LEASE_MANY, *args)
+                rows = await self._lease(args)
             except Aborted:
                 # A deadlock with a writer locking in another order; the batch rolled back whole.
-                with translated_errors():
-                    rows = await self._pool.get().fetch(_LEASE_MANY, *args)
+                rows = await self._lease(args)
             found = {row["key_id"]: row for row in rows}
             now = self.clock.now()
             for key_id in ordered:
@@ -509,8 +524,19 @@ class Admitter:
         finally:
             self._in_flight.clear()
             release, self._release_after = self._release_after, set()
+            dropped = self._drop_after.intersection(ordered)
+            self._drop_after -= dropped
+            release |= dropped
             for key_id in release:
                 self._release(key_id)
+
+    async def _lease(self, args: tuple[object, ...]) -> list[asyncpg.Record]:
+        async def run() -> list[asyncpg.Record]:
+            with translated_errors():
+                rows: list[asyncpg.Record] = await self._pool.get().fetch(_LEASE_MANY, *args)
+            return rows
+
+        return await bounded(run(), self.db_timeout)
 
     def _answer(
         self,
@@ -639,9 +665,13 @@ class Admitter:
             [lease.unused for _, lease in ordered],
         )
         self.settles += 1
-        try:
+
+        async def run() -> None:
             with translated_errors():
                 await self._pool.get().fetchval(_SETTLE_MANY, *args)
+
+        try:
+            await bounded(run(), self.db_timeout)
         except Exception as exc:
             # The tokens stay counted as used: fewer admissions, never more.
             log.warning(

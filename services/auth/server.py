@@ -31,13 +31,13 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2
 from kotadb.v1 import auth_pb2, auth_pb2_grpc
 
-from services.auth import management, quota
-from services.auth.accesslog import AccessLogServicer, access_log_binding
+from services.auth import quota
+from services.auth.accesslog import MAX_ENDPOINT_CHARS, AccessLogServicer, access_log_binding
 from services.auth.check import AuthorizationServicer, Authorizer, limit_error
 from services.auth.config import AuthSettings
-from services.auth.keycache import KeyCache, KeyRecord
-from services.auth.metering import recorder_from_settings
-from services.auth.ratelimit import RECLAIM_CHANNEL, Admitter
+from services.auth.keycache import KeyCache
+from services.auth.metering import UsageRecord, UsageRecorder, recorder_from_settings
+from services.auth.ratelimit import RECLAIM_CHANNEL, Admission, Admitter
 from services.auth.routes import RouteTable
 from services.auth.servicer import AuthServicer
 from services.auth.sessions import SessionVerifier
@@ -51,51 +51,55 @@ from services.common.settings import env_settings
 
 
 class KeyMeter:
-    """KeyMeter lets ValidateApiKey meter a request with Check's exact admission."""
+    """KeyMeter admits a directly presented key (ValidateApiKey) exactly as Check admits one.
 
-    def __init__(self, admitter: Admitter) -> None:
+    The same Admitter counts the request against the key's per-minute limit and monthly quota,
+    and the call gets a usage row like a request through the gateway. Only the gateway's access
+    log knows a response's status and time; a direct call's row is written at admission, with
+    HTTP status 200 (every gRPC response has it), no gRPC status and a response time of 0.
+    """
+
+    def __init__(self, admitter: Admitter, recorder: UsageRecorder, clock: quota.Clock) -> None:
         self._admitter = admitter
+        self._recorder = recorder
+        self._clock = clock
 
-    async def admit(self, record: ApiKeyRecord, endpoint: str) -> management.Admission:
-        """admit counts one request against `record`'s limits or raises ResourceExhausted."""
+    async def admit(self, record: ApiKeyRecord, endpoint: str) -> Admission:
+        """admit counts one request against `record`'s limits and meters it, or raises ResourceExhausted."""
         admission = await self._admitter.admit(record.id)
         if admission.revoked or not admission.found:
             raise Unauthenticated("the API key has been revoked", reason="API_KEY_REVOKED")
         if not admission.admitted:
-            raise limit_error(admission, _as_key_record(record))
-        return management.Admission(
-            window_remaining=admission.window_remaining, window_reset=admission.window_reset
+            raise limit_error(admission, record)
+        self._recorder.submit(
+            UsageRecord(
+                user_id=record.user_id,
+                key_id=record.id,
+                endpoint=(endpoint or "/")[:MAX_ENDPOINT_CHARS],
+                method="POST",
+                status_code=200,
+                grpc_status=None,
+                response_time_ms=0,
+                request_id=None,
+                occurred_at=self._clock.now(),
+            )
         )
-
-
-def _as_key_record(record: ApiKeyRecord) -> KeyRecord:
-    return KeyRecord(
-        id=record.id,
-        user_id=record.user_id,
-        permissions=record.permissions,
-        rate_limit=record.rate_limit,
-        monthly_quota=record.monthly_quota,
-        expires_at=record.expires_at,
-        revoked_at=record.revoked_at,
-        grace_until=record.grace_until,
-    )
+        return admission
 
 
 class _InProcessValidator:
-    """_InProcessValidator checks credentials presented directly to the auth process, in process."""
+    """_InProcessValidator checks credentials presented directly to the auth process, in process.
+
+    An API key is admitted against its limits for every call, as a direct call to any other
+    service is (through ValidateApiKey).
+    """
 
     def __init__(self, servicer: AuthServicer) -> None:
         self._servicer = servicer
 
     async def validate(self, credential: str, permission: str, method: str) -> Identity:
-        """validate returns the identity a session JWT or API key proves."""
-        principal = await self._servicer.resolver.principal_for(credential)
-        return Identity(
-            user_id=principal.user_id,
-            kind=principal.kind,
-            permissions=principal.permissions,
-            key_id=principal.key_id,
-        )
+        """validate returns the identity a session JWT or API key proves, after admitting a key."""
+        return await self._servicer.resolver.identity_for(credential, endpoint=method)
 
 
 log = logging.getLogger("kotadb.auth.server")
@@ -129,6 +133,7 @@ def build(
         lease_span=settings.lease_span,
         lease_max=settings.lease_max,
         idle_return=settings.lease_idle_return,
+        db_timeout=settings.check_deadline,
     )
 
     def key_changed(key_id: uuid.UUID | None) -> None:
@@ -147,17 +152,24 @@ def build(
         ttl=settings.key_cache_ttl,
         negative_ttl=settings.key_cache_negative_ttl,
         max_entries=settings.key_cache_size,
+        db_timeout=settings.check_deadline,
         on_change=key_changed,
         channels={RECLAIM_CHANNEL: reclaim},
     )
     sessions = SessionVerifier(settings)
     codec = identity.codec()
     authorizer = Authorizer(
-        routes=RouteTable(), cache=cache, admitter=admitter, sessions=sessions, codec=codec, clock=clock
+        routes=RouteTable(),
+        cache=cache,
+        admitter=admitter,
+        sessions=sessions,
+        codec=codec,
+        clock=clock,
     )
-    servicer = AuthServicer(store, settings, now=clock.now, meter=KeyMeter(admitter), verifier=sessions)
     recorder = recorder_from_settings(pool, settings)
-    check = AuthorizationServicer(authorizer)
+    meter = KeyMeter(admitter, recorder, clock)
+    servicer = AuthServicer(store, settings, now=clock.now, meter=meter, verifier=sessions)
+    check = AuthorizationServicer(authorizer, deadline=settings.check_deadline)
     server: ServiceServer | None = None
 
     def health(message: bytes, metadata: Mapping[str, str]) -> bytes:

@@ -14,9 +14,11 @@ Who is calling (`CallerResolver`), in order:
 ValidateApiKey needs no caller: the secret it is given is the credential. It accepts an API key
 (checked exactly as Check does) or a session JWT (answered with the user id and no key id, or
 neither for the service role), because services hand it whatever a direct caller presented.
-It counts against the rate limit and quota only when the request sets `meter` (the shared
-identity interceptor does not: its answers are cached for a second, so counting there would be
-inexact; Check meters every request through the gateway).
+It counts against the rate limit and quota, with Check's own admitter, and writes the call's
+usage row, when the request sets `meter`: the shared identity interceptor sets it on every call
+that presents an API key directly, so a key is admitted exactly once per call whichever way
+it arrives (gateway: Check; directly: ValidateApiKey). A key presented directly to the auth
+service itself is admitted the same way, in process.
 """
 
 from __future__ import annotations
@@ -30,41 +32,27 @@ from kotadb.v1 import auth_pb2, auth_pb2_grpc
 from services.auth import convert
 from services.auth.config import AuthSettings
 from services.auth.management import Clock, KeyManager, RequestMeter, utcnow
-from services.auth.principal import Principal
 from services.auth.sessions import SessionVerifier, looks_like_jwt
 from services.auth.store import AuthStore
 from services.common.errors import Unauthenticated
 from services.common.identity import Identity, bearer_credential, current_identity
 from services.common.settings import env_settings
 
-Authenticator = Callable[[grpc.aio.ServicerContext[Any, Any]], Awaitable[Principal]]
-
-
-def principal_from_identity(identity: Identity) -> Principal:
-    """principal_from_identity converts the shared interceptor's Identity into a Principal."""
-    if identity.kind == "service":
-        return Principal.service(identity.user_id)
-    if identity.user_id is None:
-        raise Unauthenticated("the caller's identity names no user", reason="IDENTITY_INVALID")
-    if identity.kind == "api_key":
-        if identity.key_id is None:
-            raise Unauthenticated("the caller's identity names no key", reason="IDENTITY_INVALID")
-        return Principal.api_key(identity.user_id, identity.key_id, identity.permissions)
-    return Principal.user(identity.user_id)
+Authenticator = Callable[[grpc.aio.ServicerContext[Any, Any]], Awaitable[Identity]]
 
 
 class CallerResolver:
-    """CallerResolver finds the Principal of an AuthService call (see the module docstring)."""
+    """CallerResolver finds the Identity of an AuthService call (see the module docstring)."""
 
     def __init__(self, manager: KeyManager, verifier: SessionVerifier) -> None:
         self._manager = manager
         self._verifier = verifier
 
-    async def __call__(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
+    async def __call__(self, context: grpc.aio.ServicerContext[Any, Any]) -> Identity:
         """__call__ returns the caller of the call `context` belongs to, or raises Unauthenticated."""
         identity = current_identity()
         if identity is not None:
-            return principal_from_identity(identity)
+            return identity
         metadata = {
             key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)
         }
@@ -74,13 +62,21 @@ class CallerResolver:
                 "this call needs credentials: a session JWT or API key (authorization: Bearer ...)",
                 reason="MISSING_CREDENTIALS",
             )
-        return await self.principal_for(credential)
+        # Only a servicer run without the identity interceptor (tests) gets here; the server's
+        # interceptor has already authenticated and admitted every call.
+        return await self.identity_for(credential, endpoint=None)
 
-    async def principal_for(self, credential: str) -> Principal:
-        """principal_for checks a session JWT or an API key and returns whom it proves."""
+    async def identity_for(self, credential: str, *, endpoint: str | None) -> Identity:
+        """identity_for checks a session JWT or an API key and returns whom it proves.
+
+        With an `endpoint` (the gRPC method called) an API key is also admitted against its
+        limits, as the gateway would admit it: a key presented directly is no way around them.
+        """
         if looks_like_jwt(credential):
             return self._verifier.verify(credential)
-        validated = await self._manager.validate(credential)
+        if endpoint is None:
+            return (await self._manager.validate(credential)).principal
+        validated = await self._manager.validate(credential, meter=True, endpoint=endpoint)
         return validated.principal
 
 
@@ -89,7 +85,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
 
     `settings` default to the environment; `now` is the clock (tests inject one); `meter` is
     Check's limiter, used by ValidateApiKey when a request asks to be metered; `authenticate`
-    replaces the default CallerResolver (tests call the servicer as a principal they choose).
+    replaces the default CallerResolver (tests call the servicer as a caller they choose).
     """
 
     def __init__(

@@ -1,4 +1,4 @@
-"""SessionVerifier: checks Supabase session JWTs (and service-role tokens) and returns their Principal.
+"""SessionVerifier: checks Supabase session JWTs (and service-role tokens) and returns their Identity.
 
 Supabase signs session tokens either with the project's shared JWT secret (HS256) or with
 asymmetric signing keys published as a JWKS (RS256, ES256, EdDSA). The verifier accepts both:
@@ -28,8 +28,8 @@ from typing import Any, Protocol
 import jwt
 from jwt.api_jwk import PyJWK, PyJWKSet
 
-from services.auth.principal import Principal
 from services.common.errors import Unauthenticated
+from services.common.identity import Identity
 
 HMAC_ALGORITHMS = frozenset({"HS256"})
 ASYMMETRIC_ALGORITHMS = frozenset(
@@ -128,7 +128,7 @@ class _JwksSource:
 
 
 class SessionVerifier:
-    """SessionVerifier turns a Supabase session or service-role JWT into a Principal, or refuses it."""
+    """SessionVerifier turns a Supabase session or service-role JWT into an Identity, or refuses it."""
 
     def __init__(self, settings: SessionSettings) -> None:
         self._secret = settings.jwt_secret
@@ -141,8 +141,8 @@ class SessionVerifier:
         """configured is true when at least one way of verifying sessions (secret or JWKS) is set."""
         return bool(self._secret) or self._jwks is not None
 
-    def verify(self, token: str) -> Principal:
-        """verify checks `token`'s signature, algorithm, expiry and audience and returns its Principal.
+    def verify(self, token: str) -> Identity:
+        """verify checks `token`'s signature, algorithm, expiry and audience and returns its Identity.
 
         It blocks only when a JWKS URL must be (re)fetched; the result is cached for minutes.
         """
@@ -151,7 +151,7 @@ class SessionVerifier:
         if role == SERVICE_ROLE:
             if "aud" in claims:
                 self._check_audience(claims["aud"], allow=(self._audience, SERVICE_ROLE))
-            return Principal.service()
+            return Identity.service()
         if role != USER_ROLE:
             raise InvalidSession(f"the token's role must be {USER_ROLE} or {SERVICE_ROLE}")
         self._check_audience(claims.get("aud"), allow=(self._audience,))
@@ -159,7 +159,7 @@ class SessionVerifier:
             user_id = uuid.UUID(str(claims.get("sub", "")))
         except ValueError:
             raise InvalidSession("the token's sub claim is not a user id") from None
-        return Principal.user(user_id)
+        return Identity.user(user_id)
 
     def claims(self, token: str) -> dict[str, Any]:
         """claims returns the verified claims of `token`; the audience is left to `verify`."""

@@ -19,23 +19,29 @@ for GetUsage. Database errors are translated into services.common.errors by the 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
 import json
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Any, TypeVar
 
 import asyncpg
 
-from services.auth.principal import Principal
 from services.common.db import Connection, as_service, as_user, translated_errors
-from services.common.errors import NotFound
+from services.common.errors import NotFound, Unauthenticated, Unavailable
+from services.common.identity import Identity
 from services.common.server import LazyPool, require_tables
 
 # The tables the auth service reads and writes; readiness fails until migrations created them.
 TABLES: tuple[str, ...] = ("public.api_keys", "public.usage_metrics", "public.rate_limit_windows")
+
+T = TypeVar("T")
+
+# Database work abandoned by `bounded`, kept referenced until it ends (cancelled) in the background.
+_ABANDONED: set[asyncio.Future[Any]] = set()
 
 # CHANGES_CHANNEL is the NOTIFY channel auth replicas listen on to drop cached keys.
 CHANGES_CHANNEL = "api_key_changes"
@@ -54,7 +60,12 @@ _COLUMNS = """
 
 @dataclasses.dataclass(frozen=True)
 class ApiKeyRecord:
-    """ApiKeyRecord is one api_keys row as the auth service sees it: never the hash or the secret."""
+    """ApiKeyRecord is one api_keys row as the auth service sees it: never the hash or the secret.
+
+    It is the one type of a key row: key management reads it under RLS, Check's key cache
+    (services/auth/keycache.py) reads it by hash, and `key_state` decides from it whether the
+    key works.
+    """
 
     id: uuid.UUID
     user_id: uuid.UUID
@@ -76,17 +87,12 @@ class ApiKeyRecord:
     request_id: str | None = None
 
     def state(self, now: dt.datetime) -> str:
-        """state is ACTIVE, ROTATING, REVOKED or EXPIRED at `now` (names of ApiKey.State)."""
-        if self.revoked_at is not None and self.revoked_at <= now:
-            return "REVOKED"
-        if self.grace_until is not None and self.grace_until <= now:
-            # A rotated key past its grace never works again: it is as good as revoked.
-            return "REVOKED"
-        if self.expires_at is not None and self.expires_at <= now:
-            return "EXPIRED"
-        if self.grace_until is not None:
-            return "ROTATING"
-        return "ACTIVE"
+        """state is the key's ApiKey.State name at `now`: ACTIVE, ROTATING, REVOKED or EXPIRED.
+
+        It is `key_state` with a rotated-out key shown as REVOKED: it never works again.
+        """
+        state = key_state(self, now)
+        return "REVOKED" if state == ROTATED else state
 
     def revoke_time(self, now: dt.datetime) -> dt.datetime | None:
         """revoke_time is when the key stopped working for good: revoked, or its rotation grace ended."""
@@ -138,6 +144,41 @@ class EndpointTotals:
     mean_response_ms: float
 
 
+# The states `key_state` names, in the order it tests them (see there).
+ACTIVE, ROTATING, REVOKED, EXPIRED, ROTATED = "ACTIVE", "ROTATING", "REVOKED", "EXPIRED", "ROTATED"
+
+
+def key_state(record: ApiKeyRecord, now: dt.datetime) -> str:
+    """key_state is the one rule for whether a key works at `now`, used by Check, KeyManager and the API.
+
+    One order, first match wins: REVOKED (revoked_at set: an explicit, final act), EXPIRED
+    (expires_at passed), ROTATED (rotated and its grace period over), ROTATING (rotated, still in
+    grace), ACTIVE. Expiry comes before rotation because a rotation's successor inherits the
+    expiry: for a key both expired and rotated out, "use the new key" would send the client to
+    a key that has expired too, while "expired" says what to fix.
+    """
+    if record.revoked_at is not None:
+        return REVOKED
+    if record.expires_at is not None and record.expires_at <= now:
+        return EXPIRED
+    if record.grace_until is not None:
+        return ROTATED if record.grace_until <= now else ROTATING
+    return ACTIVE
+
+
+def check_usable(record: ApiKeyRecord, now: dt.datetime) -> None:
+    """check_usable raises Unauthenticated unless the key authenticates requests at `now` (`key_state`)."""
+    state = key_state(record, now)
+    if state == REVOKED:
+        raise Unauthenticated("the API key has been revoked", reason="API_KEY_REVOKED")
+    if state == EXPIRED:
+        raise Unauthenticated("the API key has expired", reason="API_KEY_EXPIRED")
+    if state == ROTATED:
+        raise Unauthenticated(
+            "the API key was rotated and its grace period is over; use the new key", reason="API_KEY_ROTATED"
+        )
+
+
 def month_start(now: dt.datetime) -> dt.datetime:
     """month_start is 00:00 UTC on the first day of `now`'s month."""
     utc = now.astimezone(dt.UTC)
@@ -171,6 +212,44 @@ def _record(row: asyncpg.Record) -> ApiKeyRecord:
     )
 
 
+async def bounded(work: Awaitable[T], seconds: float) -> T:
+    """bounded awaits database `work` for at most `seconds`, else raises Unavailable(DATABASE_UNAVAILABLE).
+
+    Check runs under Envoy's 2 s ext_authz timeout: a database that hangs (no error, no answer)
+    must give a prompt, explicit 503 rather than Envoy's empty one. On timeout the work is
+    cancelled but not awaited, because a cancelled asyncpg call may itself wait on the hung
+    server to clean up; it ends in the background.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if task in done:
+        return task.result()
+    task.cancel()
+    _ABANDONED.add(task)
+    task.add_done_callback(_forget)
+    raise Unavailable(
+        f"the database did not answer within {seconds:g} s; retry shortly",
+        reason="DATABASE_UNAVAILABLE",
+        retry_after=1.0,
+    )
+
+
+def _forget(task: asyncio.Future[Any]) -> None:
+    _ABANDONED.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved, so asyncio does not log it as never retrieved
+
+
+async def find_by_hash(conn: Connection, key_hash: str) -> ApiKeyRecord | None:
+    """find_by_hash returns the key whose secret hashes to `key_hash` (on a service-role connection)."""
+    row = await conn.fetchrow(f"select {_COLUMNS} from public.api_keys k where k.key_hash = $1", key_hash)
+    return None if row is None else _record(row)
+
+
 @contextlib.asynccontextmanager
 async def _elevated(conn: Connection) -> AsyncIterator[None]:
     """_elevated runs the enclosed statements as service_role, then returns to the caller's role."""
@@ -197,13 +276,13 @@ class AuthStore:
             await require_tables(self._pool, TABLES)
 
     @contextlib.asynccontextmanager
-    async def transaction(self, principal: Principal) -> AsyncIterator[Connection]:
+    async def transaction(self, principal: Identity) -> AsyncIterator[Connection]:
         """transaction is one transaction as `principal`: RLS as its user, or the service role."""
         if principal.is_service:
             async with as_service(self._get()) as conn:
                 yield conn
         else:
-            assert principal.user_id is not None  # Principal guarantees it for non-service kinds
+            assert principal.user_id is not None  # Identity guarantees it for non-service kinds
             async with as_user(self._get(), principal.user_id) as conn:
                 yield conn
 
@@ -236,8 +315,7 @@ class AuthStore:
 
     async def find_by_hash(self, conn: Connection, key_hash: str) -> ApiKeyRecord | None:
         """find_by_hash returns the key whose secret hashes to `key_hash` (service role: any tenant)."""
-        row = await conn.fetchrow(f"select {_COLUMNS} from public.api_keys k where k.key_hash = $1", key_hash)
-        return None if row is None else _record(row)
+        return await find_by_hash(conn, key_hash)
 
     async def list(
         self,

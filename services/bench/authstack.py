@@ -35,12 +35,11 @@ from pathlib import Path
 
 from services.auth.config import AuthSettings
 from services.auth.management import KeyManager, KeySpec
-from services.auth.principal import READ, WRITE, Principal
 from services.auth.store import AuthStore
-from services.bench.instantcheck import TOKEN_VARIABLE
+from services.bench.instantcheck import BENCH_METHOD, TOKEN_VARIABLE
 from services.cli import gateway
 from services.common import db, migrate, stack
-from services.common.identity import IDENTITY_HEADER, IdentityCodec, access_log_token
+from services.common.identity import IDENTITY_HEADER, READ, WRITE, Identity, IdentityCodec, access_log_token
 from services.common.pgembed import EmbeddedPostgres, free_port
 from services.common.settings import env_settings
 from services.common.supervisor import ChildProcess, Supervisor
@@ -221,7 +220,7 @@ async def _create_keys(database_url: str, limit: int) -> tuple[dict[str, tuple[s
         }
         keys: dict[str, tuple[str, uuid.UUID]] = {}
         for name, spec in specs.items():
-            issued = await manager.create(Principal.service(), spec, user_id=user_id)
+            issued = await manager.create(Identity.service(), spec, user_id=user_id)
             keys[name] = (issued.secret, issued.record.id)
         return keys, user_id
     finally:
@@ -273,7 +272,11 @@ def running_stack(
             # search service does the same work on both sides (verify it, answer the call).
             codec = IdentityCodec(key, ttl=6 * 3600)
             token = codec.sign(
-                user_id=user_id, kind="api_key", permissions=frozenset({READ, WRITE}), key_id=keys["envoy"][1]
+                user_id=user_id,
+                kind="api_key",
+                permissions=frozenset({READ, WRITE}),
+                key_id=keys["envoy"][1],
+                method=BENCH_METHOD,
             )
             envoy_off = _spawn_envoy(
                 supervisor,
@@ -291,6 +294,7 @@ def running_stack(
                 kind="api_key",
                 permissions=frozenset({READ, WRITE}),
                 key_id=keys["instant"][1],
+                method=BENCH_METHOD,
             )
             instant = _spawn_instant_check(supervisor, workdir, dict(env, **{TOKEN_VARIABLE: instant_token}))
             envoy_instant = _spawn_envoy(

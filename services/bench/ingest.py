@@ -39,10 +39,10 @@ from typing import Any
 
 import asyncpg
 
-from services.auth.principal import READ, WRITE
 from services.bench import ingestqueue
 from services.cli import keys
 from services.cli.push import worker_rules
+from services.common.identity import READ, WRITE
 from services.common.stack import STACK_FILE, StackInfo
 from services.ingest.walk import FileEntry, read_file, walk
 

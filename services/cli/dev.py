@@ -57,12 +57,11 @@ import psutil
 
 from services.auth.config import AuthSettings
 from services.auth.management import MAX_PAGE_SIZE, KeyManager, KeySpec
-from services.auth.principal import READ, WRITE, Principal
 from services.auth.store import AuthStore
 from services.cli import client, devrepo, gateway, status
 from services.cli.keys import DEMO_USER_ID
 from services.common import db, migrate
-from services.common.identity import access_log_token
+from services.common.identity import READ, WRITE, Identity, access_log_token
 from services.common.pgembed import free_port, port_is_free
 from services.common.settings import env_settings
 from services.common.stack import (
@@ -168,7 +167,7 @@ def issue_demo_key(database_url: str) -> tuple[str, str]:
         pool = await db.create_pool(database_url, min_size=1, max_size=1, statement_cache_size=0)
         try:
             manager = KeyManager(AuthStore(pool), env_settings(AuthSettings))
-            service = Principal.service()
+            service = Identity.service()
             await manager.ensure_user(DEMO_USER_ID)
             # Each run's key replaces the last one, whose secret was printed and kept in a
             # stack.json that is gone now: nobody should be holding it.

@@ -31,11 +31,11 @@ import asyncpg
 
 from services.auth.config import AuthSettings
 from services.auth.management import IssuedKey, KeyManager, KeySpec
-from services.auth.principal import PERMISSIONS, Principal
 from services.auth.store import ApiKeyRecord, AuthStore
 from services.cli.status import default_data_dir
 from services.common.db import create_pool, translate_error
 from services.common.errors import InvalidArgument, KotaError
+from services.common.identity import PERMISSIONS, Identity
 from services.common.settings import SettingsError, env_settings
 from services.common.stack import STACK_FILE, StackInfo
 
@@ -74,7 +74,7 @@ async def create_key(
 
     async def run(manager: KeyManager) -> IssuedKey:
         await manager.ensure_user(user_id)
-        return await manager.create(Principal.service(), spec, user_id=user_id, request_id=request_id)
+        return await manager.create(Identity.service(), spec, user_id=user_id, request_id=request_id)
 
     return await _with_manager(database_url, settings, run)
 
@@ -291,7 +291,7 @@ def _list_command(args: argparse.Namespace) -> int:
     async def action(url: str, settings: AuthSettings) -> int:
         async def run(manager: KeyManager) -> list[ApiKeyRecord]:
             records, _ = await manager.list(
-                Principal.service(), page_size=args.limit, include_inactive=args.all, user_id=args.user
+                Identity.service(), page_size=args.limit, include_inactive=args.all, user_id=args.user
             )
             return records
 
@@ -315,7 +315,7 @@ def _list_command(args: argparse.Namespace) -> int:
 def _revoke_command(args: argparse.Namespace) -> int:
     async def action(url: str, settings: AuthSettings) -> int:
         record = await _with_manager(
-            url, settings, lambda manager: manager.revoke(Principal.service(), args.key_id)
+            url, settings, lambda manager: manager.revoke(Identity.service(), args.key_id)
         )
         now = dt.datetime.now(dt.UTC)
         if args.json:
@@ -331,7 +331,7 @@ def _rotate_command(args: argparse.Namespace) -> int:
     async def action(url: str, settings: AuthSettings) -> int:
         grace = dt.timedelta(seconds=args.grace) if args.grace is not None else None
         issued = await _with_manager(
-            url, settings, lambda manager: manager.rotate(Principal.service(), args.key_id, grace=grace)
+            url, settings, lambda manager: manager.rotate(Identity.service(), args.key_id, grace=grace)
         )
         now = dt.datetime.now(dt.UTC)
         previous = issued.previous

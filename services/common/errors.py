@@ -5,20 +5,41 @@ interceptor (services/common/interceptors.py) turns them into `google.rpc.Status
 `to_rpc_status`. Every status carries an `ErrorInfo` (domain `kotadb.dev`, an UPPER_SNAKE reason,
 metadata including the request id) and a `RequestInfo`, following Google AIP-193; `BadRequest`,
 `QuotaFailure`, `RetryInfo` and `ResourceInfo` are added when the exception has them.
+
+Over HTTP every error a client can receive — from a service (through Envoy's transcoder), from
+auth's Check, or from Envoy itself — has one JSON shape, `error_body`::
+
+    {
+      "code": 16,                      # google.rpc.Code as a number (UNAUTHENTICATED)
+      "message": "the API key has expired",
+      "reason": "API_KEY_EXPIRED",     # the ErrorInfo's reason, repeated for easy branching
+      "details": [                     # google.rpc.Status.details in proto3 JSON (camelCase)
+        {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_EXPIRED",
+         "domain": "kotadb.dev", "metadata": {"request_id": "…", …}},
+        {"@type": "type.googleapis.com/google.rpc.RequestInfo", "requestId": "…"},
+        …                              # BadRequest, QuotaFailure, RetryInfo ({"retryDelay": "30s"}),
+      ]                                #   ResourceInfo where they apply
+    }
+
+The ErrorInfo is always the first detail and the RequestInfo the second; `reason` equals the
+ErrorInfo's reason. The HTTP status is `http_status(code)` (AIP-193's mapping).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2
+from google.protobuf import any_pb2, duration_pb2, json_format
 from google.rpc import error_details_pb2, status_pb2
 
 ERROR_DOMAIN = "kotadb.dev"
+ERROR_INFO_TYPE = "type.googleapis.com/google.rpc.ErrorInfo"
 _REASON = re.compile(r"^[A-Z][A-Z0-9_]{0,62}[A-Z0-9]$")
 
 
@@ -267,3 +288,44 @@ def to_rpc_status(exc: BaseException, request_id: str) -> status_pb2.Status:
     # grpc.StatusCode values are (int, name) pairs whose ints are google.rpc.Code's.
     code_value: int = error.code.value[0]
     return status_pb2.Status(code=code_value, message=error.message, details=details)
+
+
+# google.rpc.Code → HTTP status, as AIP-193 and Envoy's grpc_json_transcoder map them.
+_HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNKNOWN: 500,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DATA_LOSS: 500,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+}
+
+
+def http_status(code: grpc.StatusCode) -> int:
+    """http_status is the HTTP status an error with gRPC `code` is sent with."""
+    return _HTTP_STATUS.get(code, 500)
+
+
+def error_body(status: status_pb2.Status) -> dict[str, Any]:
+    """error_body is the one JSON error shape (see the module docstring) of a google.rpc.Status."""
+    details: list[dict[str, Any]] = [
+        json_format.MessageToDict(detail, preserving_proto_field_name=False) for detail in status.details
+    ]
+    reason = next((str(d.get("reason", "")) for d in details if d.get("@type") == ERROR_INFO_TYPE), "")
+    return {"code": int(status.code), "message": status.message, "reason": reason, "details": details}
+
+
+def error_json(exc: BaseException, request_id: str) -> str:
+    """error_json is `exc` as the JSON error body a client receives (compact, UTF-8 safe)."""
+    return json.dumps(error_body(to_rpc_status(exc, request_id)), separators=(",", ":"))

@@ -5,11 +5,16 @@ three request headers, which reach the services as gRPC metadata:
 
 * `x-kotadb-identity` — the caller, signed so no one but auth can mint it::
 
-      base64url(JSON {"sub", "kid", "perm", "kind", "iat", "exp"}) "." base64url(HMAC-SHA256)
+      base64url(JSON {"sub", "kid", "perm", "kind", "mth", "iat", "exp"}) "." base64url(HMAC-SHA256)
 
-  keyed with `KOTADB_IDENTITY_KEY`, a secret the auth service and every service share. The
-  token lives for a minute (`exp`), long enough for one request and its retries inside the
-  mesh, short enough that a leaked header is worth little.
+  keyed with `KOTADB_IDENTITY_KEY`, a secret the auth service and every service share. It is
+  bound to the one request it was issued for: `mth` is the gRPC method Check admitted
+  (`/kotadb.v1.SearchService/Search`), and a service accepts the token only on a call to that
+  method. It lives `KOTADB_IDENTITY_TTL` seconds (default 5; `exp`), which covers the hop from
+  Envoy to the service (the token is checked once, when the call starts, so long streams are
+  not affected), so a replayed header is worth one method for a few seconds — and since a
+  directly presented key is admitted against the same limits (below), replaying buys nothing
+  a key would not. Verification is one HMAC-SHA256 and a JSON parse.
 * `x-kotadb-tenant` — the user id in plain text, for Envoy's consistent-hash routing only.
   Services never trust it; the tenant comes from the verified identity.
 * `x-kotadb-key-id` — the key id in plain text, for the gateway's access log (metering).
@@ -17,15 +22,20 @@ three request headers, which reach the services as gRPC metadata:
 `IdentityInterceptor` runs in every service's identity slot (services/common/interceptors.py).
 It accepts a valid signed identity, or else an API key or session JWT presented directly
 (`authorization: Bearer ...` or `x-api-key`, e.g. grpcurl or another service), which it checks
-through the auth service's `ValidateApiKey` RPC with a small short-lived cache. Unsigned, forged,
-wrongly keyed or expired identities are ignored; with nothing valid the call fails
-UNAUTHENTICATED. Health, reflection and the two services Envoy itself calls on the auth process
-(ext_authz `Check`, access-log stream) are exempt. Servicers read the caller with
+through the auth service's `ValidateApiKey` RPC. A directly presented API key is admitted exactly
+like a request through the gateway: every call asks `ValidateApiKey` with `meter` set, which
+counts it against the key's per-minute limit and monthly quota with Check's own admitter and
+writes its usage row, so answers for API keys are never cached; session JWTs (no limits) are
+cached for `KOTADB_CREDENTIAL_CACHE_TTL`. Unsigned, forged, wrongly keyed, expired or
+other-method identities are ignored; with nothing valid the call fails UNAUTHENTICATED.
+Health, reflection and the two services Envoy itself calls on the auth process (ext_authz
+`Check`, access-log stream) are exempt. Servicers read the caller with
 `current_identity()`.
 
-Permissions: `method_permission` is the one table of which permission each kotadb.v1 method
-needs (search → read, ingest → write, key management and index rebuilds → admin); auth's
-`Check` and this interceptor both enforce it.
+`Identity` is the one model of a caller everywhere (Check, the auth servicer, key management,
+the services), with one rule for what it may do (`Identity.has`). `method_permission` is the
+one table of which permission each kotadb.v1 method needs (search → read, ingest → write, key
+management and index rebuilds → admin); auth's `Check` and this interceptor both enforce it.
 """
 
 from __future__ import annotations
@@ -44,6 +54,8 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, ClassVar, Literal, Protocol
 
 import grpc
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
 from kotadb.v1 import auth_pb2, auth_pb2_grpc
 
 from services.common.errors import (
@@ -65,6 +77,9 @@ TRUSTED_HEADERS: tuple[str, ...] = (IDENTITY_HEADER, TENANT_HEADER, KEY_ID_HEADE
 Kind = Literal["user", "api_key", "service"]
 KINDS: tuple[str, ...] = ("user", "api_key", "service")
 READ, WRITE, ADMIN = "read", "write", "admin"
+PERMISSIONS: tuple[str, ...] = (READ, WRITE, ADMIN)
+# A user's own session may do anything their keys could: it is how they manage those keys.
+SESSION_PERMISSIONS: frozenset[str] = frozenset(PERMISSIONS)
 # SERVICE_ONLY marks methods no API key or user session may call from outside (internal RPCs).
 SERVICE_ONLY = "service"
 
@@ -99,8 +114,9 @@ SERVICE_PERMISSIONS: dict[str, str] = {
 }
 
 # Seconds of clock difference between auth and a service that a token's iat/exp tolerate.
-DEFAULT_LEEWAY = 5.0
-DEFAULT_TTL = 60.0
+DEFAULT_LEEWAY = 1.0
+# Seconds a signed identity lives: the hop from Envoy to the service, with room for a slow one.
+DEFAULT_TTL = 5.0
 _MIN_KEY_BYTES = 32
 
 
@@ -121,7 +137,9 @@ class Identity:
     """Identity is a verified caller: tenant (`user_id`), credential kind, key id and permissions.
 
     `user_id` is None only for the service role acting for no particular tenant; `key_id` is
-    set when an API key authenticated the request; `expires_at` is the token's `exp`.
+    set when an API key authenticated the request; `issued_at`/`expires_at` are a signed
+    token's `iat`/`exp` (0 for callers proved some other way). Every credential the system
+    accepts (session JWT, API key, service-role token, signed identity) ends up as one.
     """
 
     user_id: uuid.UUID | None
@@ -131,15 +149,51 @@ class Identity:
     issued_at: int = 0
     expires_at: int = 0
 
+    def __post_init__(self) -> None:
+        unknown = self.permissions - SESSION_PERMISSIONS
+        if unknown:
+            raise ValueError(f"unknown permissions {sorted(unknown)}")
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown kind {self.kind!r}")
+        if self.kind != "service" and self.user_id is None:
+            raise ValueError(f"a {self.kind} identity needs a user id")
+        if self.kind == "api_key" and self.key_id is None:
+            raise ValueError("an api_key identity needs a key id")
+
+    @classmethod
+    def user(cls, user_id: uuid.UUID) -> Identity:
+        """user is the identity of a signed-in user's Supabase session."""
+        return cls(user_id=user_id, kind="user", permissions=SESSION_PERMISSIONS)
+
+    @classmethod
+    def api_key(cls, user_id: uuid.UUID, key_id: uuid.UUID, permissions: frozenset[str]) -> Identity:
+        """api_key is the identity of a request authenticated by an API key."""
+        return cls(user_id=user_id, kind="api_key", key_id=key_id, permissions=frozenset(permissions))
+
+    @classmethod
+    def service(cls, user_id: uuid.UUID | None = None) -> Identity:
+        """service is the service role, optionally acting for `user_id`."""
+        return cls(user_id=user_id, kind="service", permissions=SESSION_PERMISSIONS)
+
+    @property
+    def is_service(self) -> bool:
+        """is_service is true for the service role, which may act for any tenant."""
+        return self.kind == "service"
+
     def has(self, permission: str) -> bool:
-        """has tells whether the caller may use a method that needs `permission`."""
+        """has tells whether the caller may use a method that needs `permission`.
+
+        The one rule: nothing needed (`""`) is always allowed; the service role may do
+        everything; internal methods (`service`) are the service role's alone; a user's own
+        session may administer (it manages that user's keys); otherwise the permission must
+        be among the caller's.
+        """
         if permission == "":
             return True
         if self.kind == "service":
             return True
         if permission == SERVICE_ONLY:
             return False
-        # A user's own session manages that user's keys; it is how keys get made at all.
         if self.kind == "user" and permission == ADMIN:
             return True
         return permission in self.permissions
@@ -152,6 +206,10 @@ class Identity:
                 reason="MISSING_PERMISSION",
                 metadata={"permission": permission},
             )
+
+    def may_manage_keys(self) -> bool:
+        """may_manage_keys is true for a session, an admin key or the service role."""
+        return self.has(ADMIN)
 
 
 class IdentityCodec:
@@ -184,24 +242,27 @@ class IdentityCodec:
         kind: Kind,
         permissions: frozenset[str] | Sequence[str],
         key_id: uuid.UUID | None = None,
+        method: str,
     ) -> str:
-        """sign returns the token for one caller, valid from now for `ttl` seconds."""
+        """sign returns the token for one caller's call to gRPC `method`, valid for `ttl` seconds."""
         now = int(self.clock())
         payload = {
             "sub": str(user_id) if user_id is not None else "",
             "kid": str(key_id) if key_id is not None else "",
             "perm": sorted(set(permissions)),
             "kind": kind,
+            "mth": method,
             "iat": now,
             "exp": now + int(self.ttl),
         }
         body = _b64encode(json.dumps(payload, separators=(",", ":"), sort_keys=True).encode("utf-8"))
         return f"{body}.{_b64encode(self._mac(body))}"
 
-    def verify(self, token: str) -> Identity:
-        """verify returns the identity a token carries, or raises Unauthenticated.
+    def verify(self, token: str, *, method: str) -> Identity:
+        """verify returns the identity a token carries for a call to `method`, or raises Unauthenticated.
 
-        The signature is compared in constant time before anything in the payload is read.
+        The signature is compared in constant time before anything in the payload is read; a
+        token issued for another method is refused (IDENTITY_WRONG_METHOD), as is an expired one.
         """
         body, dot, signature = token.partition(".")
         if not dot or not body or not signature:
@@ -215,8 +276,13 @@ class IdentityCodec:
         try:
             claims = json.loads(_b64decode(body))
             identity = _identity_from_claims(claims)
+            bound = claims["mth"]
         except (ValueError, TypeError, KeyError):
             raise Unauthenticated("the identity token is malformed", reason="IDENTITY_INVALID") from None
+        if bound != method:
+            raise Unauthenticated(
+                "the identity token was issued for another method", reason="IDENTITY_WRONG_METHOD"
+            )
         now = self.clock()
         if identity.expires_at + self.leeway <= now:
             raise Unauthenticated("the identity token has expired", reason="IDENTITY_EXPIRED")
@@ -290,7 +356,10 @@ class IdentitySettings:
         "empty rejects every signed identity. `kotadb dev` generates one per data dir.",
     )
     identity_ttl: float = setting(
-        DEFAULT_TTL, env="KOTADB_IDENTITY_TTL", minimum=1.0, help="Seconds a signed identity stays valid."
+        DEFAULT_TTL,
+        env="KOTADB_IDENTITY_TTL",
+        minimum=1.0,
+        help="Seconds a signed identity stays valid (it is checked once, when the call starts).",
     )
     auth_address: str = setting(
         "",
@@ -302,7 +371,8 @@ class IdentitySettings:
         1.0,
         env="KOTADB_CREDENTIAL_CACHE_TTL",
         minimum=0.0,
-        help="Seconds a service caches auth's answer for a directly presented key (bounds revocation lag).",
+        help="Seconds a service caches auth's answer for a directly presented session JWT; API keys are "
+        "checked and admitted on every call.",
     )
 
     def codec(self) -> IdentityCodec | None:
@@ -331,11 +401,12 @@ _PERMISSION_NAMES: dict[auth_pb2.ApiKey.Permission.ValueType, str] = {
 
 
 class AuthServiceValidator:
-    """AuthServiceValidator asks the auth service's `ValidateApiKey` and caches answers briefly.
+    """AuthServiceValidator asks the auth service's `ValidateApiKey` about directly presented credentials.
 
-    Answers are cached per (credential hash, permission) for `cache_ttl` seconds, which bounds
-    how long a revoked key keeps working against a service reached directly; failures are not
-    cached. At most `max_entries` answers are kept.
+    Every call with an API key is a metered `ValidateApiKey` (admitted against the key's rate
+    limit and quota, with a usage row, exactly as through the gateway), so those answers are
+    never cached. Session JWTs carry no limits: their answers are cached per (credential hash,
+    permission) for `cache_ttl` seconds, at most `max_entries` of them; failures are not cached.
     """
 
     def __init__(
@@ -361,7 +432,7 @@ class AuthServiceValidator:
         return auth_pb2_grpc.AuthServiceStub(self._channel)
 
     async def validate(self, credential: str, permission: str, method: str) -> Identity:
-        """validate returns the identity `credential` carries, checked by the auth service."""
+        """validate returns the identity `credential` carries, checked (and admitted) by the auth service."""
         cache_key = (hashlib.sha256(credential.encode("utf-8")).hexdigest(), permission)
         now = self._clock()
         cached = self._cache.get(cache_key)
@@ -371,13 +442,14 @@ class AuthServiceValidator:
             secret=credential,
             required_permission=_PERMISSION_ENUM.get(permission, auth_pb2.ApiKey.PERMISSION_UNSPECIFIED),
             endpoint=method,
+            meter=True,
         )
         try:
             response = await self._stub().ValidateApiKey(request, timeout=self.timeout)
         except grpc.aio.AioRpcError as exc:
             raise _error_from_auth(exc) from None
         identity = _identity_from_validation(response)
-        if self.cache_ttl > 0:
+        if self.cache_ttl > 0 and identity.key_id is None:
             self._cache[cache_key] = (now + self.cache_ttl, identity)
             self._cache.move_to_end(cache_key)
             while len(self._cache) > self.max_entries:
@@ -410,20 +482,58 @@ def _identity_from_validation(response: auth_pb2.ValidateApiKeyResponse) -> Iden
 
 
 def _error_from_auth(exc: grpc.aio.AioRpcError) -> KotaError:
-    """_error_from_auth turns auth's refusal into the same error for our caller."""
+    """_error_from_auth turns auth's refusal into the same error for our caller (same reason)."""
     message = exc.details() or "the credential was refused"
     code = exc.code()
+    info = _error_info(exc)
+    reason = info.reason if info is not None and info.reason else None
+    metadata = {k: v for k, v in (info.metadata if info is not None else {}).items() if k != "request_id"}
     if code == grpc.StatusCode.UNAUTHENTICATED:
-        return Unauthenticated(message, reason="INVALID_CREDENTIALS")
+        return Unauthenticated(message, reason=reason or "INVALID_CREDENTIALS", metadata=metadata)
     if code == grpc.StatusCode.PERMISSION_DENIED:
-        return PermissionDenied(message, reason="MISSING_PERMISSION")
+        return PermissionDenied(message, reason=reason or "MISSING_PERMISSION", metadata=metadata)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return ResourceExhausted(message, reason="RATE_LIMITED")
+        return ResourceExhausted(
+            message, reason=reason or "RATE_LIMITED", retry_after=_retry_delay(exc), metadata=metadata
+        )
+    if code == grpc.StatusCode.UNAVAILABLE and reason is not None:
+        # The auth service answered, unable to decide (its database, typically): same reason.
+        return Unavailable(message, reason=reason, retry_after=_retry_delay(exc) or 1.0, metadata=metadata)
     return Unavailable(
         "the auth service could not check the credential; retry shortly",
         reason="AUTH_UNAVAILABLE",
         retry_after=1.0,
     )
+
+
+def _status_details(exc: grpc.aio.AioRpcError) -> list[Any]:
+    """_status_details are the google.rpc.Status details auth's refusal carried (may be none)."""
+    trailers: Any = exc.trailing_metadata() or ()
+    for key, value in trailers:
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            try:
+                return list(status_pb2.Status.FromString(value).details)
+            except DecodeError:
+                return []
+    return []
+
+
+def _error_info(exc: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
+    for detail in _status_details(exc):
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    return None
+
+
+def _retry_delay(exc: grpc.aio.AioRpcError) -> float | None:
+    for detail in _status_details(exc):
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            return float(retry.retry_delay.seconds) + float(retry.retry_delay.nanos) / 1e9
+    return None
 
 
 _identity_var: contextvars.ContextVar[Identity | None] = contextvars.ContextVar(
@@ -513,7 +623,7 @@ class IdentityInterceptor(CallInterceptor):
         signed = metadata.get(IDENTITY_HEADER)
         if signed and self._codec is not None:
             try:
-                identity = self._codec.verify(signed)
+                identity = self._codec.verify(signed, method=method)
             except Unauthenticated as exc:
                 # A forged or stale identity is ignored; a presented key may still authenticate.
                 rejected = exc

@@ -30,6 +30,7 @@ from services.auth.keycache import KeyCache
 from services.auth.ratelimit import Admitter
 from services.auth.routes import RouteTable
 from services.auth.sessions import SessionVerifier
+from services.common.errors import Unauthenticated
 from services.common.identity import IDENTITY_HEADER, KEY_ID_HEADER, TENANT_HEADER, IdentityCodec
 from services.common.server import LazyPool
 from tests.auth.conftest import open_lazy_pool
@@ -40,6 +41,7 @@ IDENTITY_KEY = "check-tests-identity-key-0123456789abcdef"
 JWT_SECRET = "check-tests-jwt-secret-0123456789abcdef"
 SEARCH = ("POST", "/kotadb.v1.SearchService/SearchCode")
 SEARCH_REST = ("POST", "/v1/code:search")
+SEARCH_METHOD = "/kotadb.v1.SearchService/SearchCode"
 INGEST_REST = ("POST", "/v1/documents:batchUpsert")
 KEYS_REST = ("GET", "/v1/apiKeys")
 
@@ -88,8 +90,9 @@ class CheckRig:
         self, lazy: LazyPool, database_url: str, clock: quota.Clock, cache_ttl: float = 300.0
     ) -> None:
         settings = AuthSettings(database_url=database_url, jwt_secret=JWT_SECRET)
-        self.cache = KeyCache(lazy, database_url, ttl=cache_ttl)
         self.admitter = Admitter(lazy, clock)
+        # Wired as services/auth/server.py wires them: a heard change also drops the key's block.
+        self.cache = KeyCache(lazy, database_url, ttl=cache_ttl, on_change=self._changed)
         self.codec = IdentityCodec(IDENTITY_KEY)
         self.clock = clock
         self.authorizer = Authorizer(
@@ -106,6 +109,12 @@ class CheckRig:
         )
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.channel: grpc.aio.Channel | None = None
+
+    def _changed(self, key_id: uuid.UUID | None) -> None:
+        if key_id is None:
+            self.admitter.drop_all()
+        else:
+            self.admitter.drop(key_id)
 
     async def start(self) -> None:
         self.cache.start()
@@ -245,9 +254,13 @@ async def test_a_valid_key_is_allowed_with_signed_identity_and_rate_headers(
         SEARCH_REST, key=secret, headers={IDENTITY_HEADER: "forged.token", TENANT_HEADER: "x"}
     )
     assert answer.allowed
-    identity = rig.codec.verify(answer.headers[IDENTITY_HEADER])
+    identity = rig.codec.verify(answer.headers[IDENTITY_HEADER], method=SEARCH_METHOD)
     assert (identity.user_id, identity.key_id, identity.kind) == (user, key_id, "api_key")
     assert identity.permissions == frozenset({"read", "write"})
+    # The identity is bound to the method Check admitted: a replay elsewhere is refused.
+    with pytest.raises(Unauthenticated) as replayed:
+        rig.codec.verify(answer.headers[IDENTITY_HEADER], method="/kotadb.v1.IngestService/UpsertDocuments")
+    assert replayed.value.reason == "IDENTITY_WRONG_METHOD"
     assert answer.headers[TENANT_HEADER] == str(user)
     assert answer.headers[KEY_ID_HEADER] == str(key_id)
     assert {"authorization", "x-api-key"} <= set(answer.removed)
@@ -357,7 +370,7 @@ async def test_sessions_manage_keys_but_do_not_replace_api_keys(rig: CheckRig, u
     session = _session(user)
     allowed = await rig.check(KEYS_REST, key=session)
     assert allowed.allowed
-    identity = rig.codec.verify(allowed.headers[IDENTITY_HEADER])
+    identity = rig.codec.verify(allowed.headers[IDENTITY_HEADER], method="/kotadb.v1.AuthService/ListApiKeys")
     assert (identity.kind, identity.user_id, identity.key_id) == ("user", user, None)
     assert KEY_ID_HEADER in allowed.removed
     assert (await rig.check(("POST", "/v1/index:rebuild"), key=session)).allowed
@@ -370,7 +383,8 @@ async def test_sessions_manage_keys_but_do_not_replace_api_keys(rig: CheckRig, u
     # The service role may call anything, including the internal ValidateApiKey.
     service = _session(None, role="service_role")
     answer = await rig.check(SEARCH_REST, key=service)
-    assert answer.allowed and rig.codec.verify(answer.headers[IDENTITY_HEADER]).kind == "service"
+    assert answer.allowed
+    assert rig.codec.verify(answer.headers[IDENTITY_HEADER], method=SEARCH_METHOD).kind == "service"
     assert TENANT_HEADER in answer.removed
     assert (await rig.check(("POST", "/kotadb.v1.AuthService/ValidateApiKey"), key=service)).allowed
 

@@ -7,17 +7,20 @@ native gRPC, and checked for status, body and headers. A request that Check admi
 reached the service by what comes back: an answer from upstream (Envoy's
 `x-envoy-upstream-service-time`), never a denial reason.
 
-The Postgres-outage test runs its own small stack on its own embedded cluster, so it can stop
-and restart that cluster without disturbing the session database.
+The Postgres-outage and Postgres-hang tests run their own small stack on their own embedded
+cluster, so they can stop (or SIGSTOP) that cluster without disturbing the session database.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import datetime
 import json
+import os
+import signal
 import tempfile
 import time
 import urllib.error
@@ -28,6 +31,7 @@ from typing import Any
 
 import asyncpg
 import grpc
+import psutil
 import pytest
 from kotadb.v1 import auth_pb2, auth_pb2_grpc, ingest_pb2, ingest_pb2_grpc, search_pb2, search_pb2_grpc
 
@@ -349,4 +353,54 @@ def test_postgres_outage_fails_closed_with_503_and_recovers(tmp_path_factory: py
                 time.sleep(0.5)
             assert reply.reached_service, (reply.status, reply.raw)
     finally:
+        cluster.stop()
+
+
+def test_a_hung_postgres_gets_checks_json_503_through_the_gateway(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    # A stopped server (SIGSTOP on the postmaster and every backend) refuses nothing and answers
+    # nothing. Check's own deadline (1.5 s) must answer before Envoy's ext_authz timeout (2 s)
+    # would, so the client gets Check's JSON 503 rather than Envoy's empty one.
+    home = Path(tempfile.mkdtemp(prefix="kotadb-hang-pg-"))
+    home.chmod(0o711)
+    cluster = EmbeddedPostgres(home, durable=False)
+    workdir = tmp_path_factory.mktemp("gateway-hang")
+    stopped: list[psutil.Process] = []
+    try:
+        dsn = cluster.start()
+        migrate.apply_bootstrap(dsn)
+        migrate.apply_migrations(dsn)
+        secret = seed_key(dsn, email_prefix="hang")
+        with Supervisor(grace=20) as supervisor:
+            hang = _start_stack(supervisor, workdir, dsn, auth_replicas=1, KOTADB_AUTH_KEY_CACHE_TTL="0")
+            assert http("GET", hang.url + "/v1/index", key=secret).reached_service
+
+            pid = cluster.postmaster_pid or int(
+                (cluster.pgdata / "postmaster.pid").read_text().splitlines()[0]
+            )
+            postmaster = psutil.Process(pid)
+            stopped = [postmaster, *postmaster.children(recursive=True)]
+            for process in stopped:
+                os.kill(process.pid, signal.SIGSTOP)
+            for _ in range(3):
+                _assert_http_denied(
+                    http("GET", hang.url + "/v1/index", key=secret), 503, "DATABASE_UNAVAILABLE"
+                )
+            assert grpc_call(hang.target, "search", key=secret).code == grpc.StatusCode.UNAVAILABLE
+
+            for process in stopped:
+                os.kill(process.pid, signal.SIGCONT)
+            stopped = []
+            deadline = time.monotonic() + 60
+            reply = http("GET", hang.url + "/v1/index", key=secret)
+            while not reply.reached_service and time.monotonic() < deadline:
+                assert reply.status == 503, (reply.status, reply.raw)
+                time.sleep(0.5)
+                reply = http("GET", hang.url + "/v1/index", key=secret)
+            assert reply.reached_service, (reply.status, reply.raw)
+    finally:
+        for process in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGCONT)
         cluster.stop()

@@ -57,26 +57,62 @@ class Clock:
         return self.now
 
 
-def _sign(codec: IdentityCodec, permissions: frozenset[str] = frozenset({"read"})) -> tuple[str, uuid.UUID]:
+STATUS = "/kotadb.v1.SearchService/GetIndexStatus"
+SEARCH = "/kotadb.v1.SearchService/SearchCode"
+STREAM = "/kotadb.v1.SearchService/StreamSearchCode"
+REBUILD = "/kotadb.v1.SearchService/RebuildIndex"
+
+
+def _sign(
+    codec: IdentityCodec, permissions: frozenset[str] = frozenset({"read"}), method: str = STATUS
+) -> tuple[str, uuid.UUID]:
     user = uuid.uuid4()
-    return codec.sign(user_id=user, kind="api_key", permissions=permissions, key_id=uuid.uuid4()), user
+    token = codec.sign(
+        user_id=user, kind="api_key", permissions=permissions, key_id=uuid.uuid4(), method=method
+    )
+    return token, user
 
 
 def test_a_signed_identity_round_trips() -> None:
     codec = IdentityCodec(KEY)
     user, key_id = uuid.uuid4(), uuid.uuid4()
-    token = codec.sign(user_id=user, kind="api_key", permissions=["write", "read"], key_id=key_id)
-    identity = codec.verify(token)
+    token = codec.sign(
+        user_id=user, kind="api_key", permissions=["write", "read"], key_id=key_id, method=SEARCH
+    )
+    identity = codec.verify(token, method=SEARCH)
     assert (identity.user_id, identity.key_id, identity.kind) == (user, key_id, "api_key")
     assert identity.permissions == frozenset({"read", "write"})
-    assert identity.expires_at - identity.issued_at == 60
+    # A request's identity lives seconds, not a minute: long enough for the hop to the service.
+    assert identity.expires_at - identity.issued_at == 5
+
+
+def test_a_signed_identity_is_good_for_its_own_method_only() -> None:
+    codec = IdentityCodec(KEY)
+    token, _ = _sign(codec, frozenset({"read", "write", "admin"}), method=STATUS)
+    codec.verify(token, method=STATUS)
+    for other in (SEARCH, REBUILD, "/kotadb.v1.IngestService/UpsertDocuments", ""):
+        with pytest.raises(Unauthenticated) as replayed:
+            codec.verify(token, method=other)
+        assert replayed.value.reason == "IDENTITY_WRONG_METHOD", other
+
+
+def test_the_default_lifetime_ends_within_seconds() -> None:
+    clock = Clock(1_900_000_000.0)
+    codec = IdentityCodec(KEY, clock=clock)
+    token, _ = _sign(codec)
+    clock.now += 5  # exp, still inside the one-second leeway
+    codec.verify(token, method=STATUS)
+    clock.now += 1.5
+    with pytest.raises(Unauthenticated) as expired:
+        codec.verify(token, method=STATUS)
+    assert expired.value.reason == "IDENTITY_EXPIRED"
 
 
 def test_wrong_key_tampering_and_garbage_are_refused() -> None:
     codec = IdentityCodec(KEY)
     token, _ = _sign(codec)
     with pytest.raises(Unauthenticated) as wrong:
-        IdentityCodec(OTHER_KEY).verify(token)
+        IdentityCodec(OTHER_KEY).verify(token, method=STATUS)
     assert wrong.value.reason == "IDENTITY_INVALID"
     body, signature = token.split(".")
     claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
@@ -92,7 +128,7 @@ def test_wrong_key_tampering_and_garbage_are_refused() -> None:
         f"{body}.{signature}x",
     ):
         with pytest.raises(Unauthenticated) as caught:
-            codec.verify(forged)
+            codec.verify(forged, method=STATUS)
         assert caught.value.reason == "IDENTITY_INVALID", forged
 
 
@@ -101,14 +137,14 @@ def test_expiry_and_clock_skew() -> None:
     codec = IdentityCodec(KEY, ttl=60, leeway=5, clock=clock)
     token, _ = _sign(codec)
     clock.now += 64  # within exp + leeway
-    codec.verify(token)
+    codec.verify(token, method=STATUS)
     clock.now += 1
     with pytest.raises(Unauthenticated) as expired:
-        codec.verify(token)
+        codec.verify(token, method=STATUS)
     assert expired.value.reason == "IDENTITY_EXPIRED"
     clock.now = 1_900_000_000.0 - 6  # issued in this verifier's future, beyond the leeway
     with pytest.raises(Unauthenticated):
-        codec.verify(token)
+        codec.verify(token, method=STATUS)
 
 
 def test_short_keys_are_rejected() -> None:
@@ -201,8 +237,11 @@ async def test_services_accept_signed_identities_and_ignore_forged_ones(
     seen = servicer.seen[-1]
     assert seen is not None and seen.user_id == user and seen.kind == "api_key"
 
+    streaming = codec.sign(
+        user_id=user, kind="api_key", permissions=["read"], key_id=uuid.uuid4(), method=STREAM
+    )
     stream = stub.StreamSearchCode(
-        search_pb2.StreamSearchCodeRequest(query="x"), metadata=[(IDENTITY_HEADER, token)]
+        search_pb2.StreamSearchCodeRequest(query="x"), metadata=[(IDENTITY_HEADER, streaming)]
     )
     assert len([item async for item in stream]) == 1
     assert servicer.seen[-1] is not None and servicer.seen[-1].user_id == user
@@ -210,13 +249,16 @@ async def test_services_accept_signed_identities_and_ignore_forged_ones(
     calls = len(servicer.seen)
     wrong_key, _ = _sign(IdentityCodec(OTHER_KEY))
     expired = IdentityCodec(KEY, clock=lambda: 1_000_000_000.0).sign(
-        user_id=user, kind="api_key", permissions=["read"], key_id=uuid.uuid4()
+        user_id=user, kind="api_key", permissions=["read"], key_id=uuid.uuid4(), method=STATUS
     )
+    # Check's identity for a search, replayed against another method of the same service.
+    replayed, _ = _sign(codec, frozenset({"read", "admin"}), method=SEARCH)
     unsigned = base64.urlsafe_b64encode(json.dumps({"sub": str(user), "perm": ["admin"]}).encode()).decode()
     cases = [
         ([], "MISSING_CREDENTIALS"),
         ([(IDENTITY_HEADER, wrong_key)], "IDENTITY_INVALID"),
         ([(IDENTITY_HEADER, expired)], "IDENTITY_EXPIRED"),
+        ([(IDENTITY_HEADER, replayed)], "IDENTITY_WRONG_METHOD"),
         ([(IDENTITY_HEADER, unsigned)], "IDENTITY_INVALID"),
         ([("x-kotadb-tenant", str(user)), ("x-kotadb-key-id", str(uuid.uuid4()))], "MISSING_CREDENTIALS"),
         ([("authorization", "Bearer kdb_live_x")], "DIRECT_CREDENTIALS_UNSUPPORTED"),
@@ -227,11 +269,12 @@ async def test_services_accept_signed_identities_and_ignore_forged_ones(
     assert len(servicer.seen) == calls, "a refused call reached the servicer"
 
     # A valid read identity may not rebuild the index (admin).
+    reader, _ = _sign(codec, method=REBUILD)
     code, reason = await _refusal(
-        stub.RebuildIndex(search_pb2.RebuildIndexRequest(), metadata=[(IDENTITY_HEADER, token)], timeout=10)
+        stub.RebuildIndex(search_pb2.RebuildIndexRequest(), metadata=[(IDENTITY_HEADER, reader)], timeout=10)
     )
     assert (code, reason) == (grpc.StatusCode.PERMISSION_DENIED, "MISSING_PERMISSION")
-    admin, _ = _sign(codec, frozenset({"admin"}))
+    admin, _ = _sign(codec, frozenset({"admin"}), method=REBUILD)
     await stub.RebuildIndex(search_pb2.RebuildIndexRequest(), metadata=[(IDENTITY_HEADER, admin)], timeout=10)
 
     # Health stays open to probes without credentials.
@@ -246,7 +289,9 @@ async def test_direct_api_keys_are_checked_through_the_auth_service(
     database_url: str, pool: asyncpg.Pool, user_factory: Any, tmp_path: Path
 ) -> None:
     auth = build_auth(
-        AuthSettings(database_url=database_url, port=0, readiness_interval=0.2, shutdown_grace=1.0),
+        AuthSettings(
+            database_url=database_url, port=0, check_port=0, readiness_interval=0.2, shutdown_grace=1.0
+        ),
         identity=IdentitySettings(identity_key=KEY),
     )
     auth_port = await auth.start()

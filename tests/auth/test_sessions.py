@@ -22,9 +22,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from services.auth.principal import Principal
 from services.auth.sessions import SessionVerifier, looks_like_jwt
 from services.common.errors import Unauthenticated
+from services.common.identity import Identity
 
 SECRET = "super-secret-jwt-token-with-at-least-32-characters-long"
 USER = uuid.UUID("6a1f3c1e-1111-4222-8333-944455556666")
@@ -59,7 +59,7 @@ def b64(data: bytes) -> str:
 
 def test_hs256_session_is_the_user() -> None:
     token = jwt.encode(claims(), SECRET, algorithm="HS256")
-    assert SessionVerifier(Settings()).verify(token) == Principal.user(USER)
+    assert SessionVerifier(Settings()).verify(token) == Identity.user(USER)
 
 
 def test_service_role_token_without_audience_is_the_service() -> None:
@@ -154,7 +154,7 @@ def test_asymmetric_tokens_from_a_jwks_file(
     path = _jwks_file(tmp_path, _jwks_for(signing_keys))
     verifier = SessionVerifier(Settings(jwt_secret="", jwks=str(path)))
     token = jwt.encode(claims(), signing_keys[alg], algorithm=alg, headers={"kid": kid})
-    assert verifier.verify(token) == Principal.user(USER)
+    assert verifier.verify(token) == Identity.user(USER)
 
 
 def test_asymmetric_token_signed_by_an_unlisted_key_is_refused(
@@ -202,7 +202,7 @@ def test_jwks_file_is_reread_after_key_rotation(tmp_path: Path, signing_keys: di
     # Make the change visible even on filesystems with coarse mtimes.
     stat = path.stat()
     os.utime(path, (stat.st_atime, stat.st_mtime + 5))
-    assert verifier.verify(token) == Principal.user(USER)
+    assert verifier.verify(token) == Identity.user(USER)
 
 
 def test_looks_like_jwt() -> None:
@@ -246,7 +246,7 @@ def test_asymmetric_tokens_from_a_jwks_url(signing_keys: dict[str, Any], jwks_ur
     verifier = SessionVerifier(Settings(jwt_secret="", jwks=url))
     for alg, kid in (("ES256", "ec-1"), ("RS256", "rsa-1")):
         token = jwt.encode(claims(), signing_keys[alg], algorithm=alg, headers={"kid": kid})
-        assert verifier.verify(token) == Principal.user(USER)
+        assert verifier.verify(token) == Identity.user(USER)
     assert server.hits == 1, "the key set is fetched once and cached"
     stranger = ec.generate_private_key(ec.SECP256R1())
     with pytest.raises(Unauthenticated):

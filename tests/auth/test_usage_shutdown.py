@@ -26,8 +26,8 @@ from kotadb.v1 import search_pb2, search_pb2_grpc
 
 from services.auth.config import AuthSettings
 from services.auth.management import KeyManager, KeySpec
-from services.auth.principal import READ, Principal
 from services.auth.store import AuthStore
+from services.common.identity import READ, Identity
 from services.common.settings import env_settings
 from services.common.supervisor import Supervisor
 from tests.conftest import UserFactory
@@ -64,7 +64,7 @@ def _metered(log_path: Path) -> int:
 async def _issue_key(pool: asyncpg.Pool, user_id: uuid.UUID) -> tuple[str, uuid.UUID]:
     manager = KeyManager(AuthStore(pool), env_settings(AuthSettings, environ={}))
     spec = KeySpec("shutdown test", frozenset({READ}), rate_limit=1000, monthly_quota=1000)
-    issued = await manager.create(Principal.service(), spec, user_id=user_id)
+    issued = await manager.create(Identity.service(), spec, user_id=user_id)
     return issued.secret, issued.record.id
 
 

@@ -23,11 +23,12 @@ import grpc
 import pytest
 from kotadb.v1 import ingest_pb2_grpc
 
-from services.common.identity import IDENTITY_HEADER, IdentityCodec, IdentitySettings
+from services.common.identity import IdentityCodec, IdentitySettings
 from services.ingest import server
 from services.ingest.config import IngestSettings
 from services.ingest.documents import DocumentWriter
 from services.ingest.symbolizer import Symbolizer
+from tests.callers import caller, signing_channel
 
 IDENTITY_KEY = "ingest-tests-identity-key-0123456789abcdef"
 IDENTITY_CODEC = IdentityCodec(IDENTITY_KEY)
@@ -44,11 +45,10 @@ INGEST_TEST_SETTINGS: dict[str, Any] = {
 
 
 def caller_metadata(
-    user_id: uuid.UUID | None, permissions: Sequence[str] = ("read", "write"), kind: str = "api_key"
+    user_id: uuid.UUID | None, permissions: Sequence[str] = ("read", "write"), kind: str = "user"
 ) -> tuple[tuple[str, str], ...]:
-    """caller_metadata is gRPC metadata carrying a signed identity for `user_id`."""
-    token = IDENTITY_CODEC.sign(user_id=user_id, kind=kind, permissions=permissions)  # type: ignore[arg-type]
-    return ((IDENTITY_HEADER, token),)
+    """caller_metadata names the caller of a call; `IngestServer.stub()` channels sign it per method."""
+    return caller(user_id, permissions, kind)
 
 
 @dataclass
@@ -61,8 +61,9 @@ class IngestServer:
 
     def stub(self) -> ingest_pb2_grpc.IngestServiceAsyncStub:
         """stub is an IngestService client on a new channel (closed with the fixture)."""
-        channel = grpc.aio.insecure_channel(
+        channel = signing_channel(
             self.address,
+            IDENTITY_CODEC,
             options=[
                 ("grpc.max_send_message_length", 64 << 20),
                 ("grpc.max_receive_message_length", 64 << 20),

@@ -17,7 +17,7 @@ from google.protobuf import field_mask_pb2
 from kotadb.v1 import document_pb2, ingest_pb2
 
 from tests.conftest import UserFactory
-from tests.ingest.conftest import IngestServer, RepositoryFactory
+from tests.ingest.conftest import IngestServer, RepositoryFactory, caller_metadata
 from tests.runtime.rpc import status_details, unpack_details
 
 MiB = 1024 * 1024
@@ -370,7 +370,10 @@ async def test_tenants_cannot_reach_each_others_documents_over_grpc(
         await stub.GetDocument(ingest_pb2.GetDocumentRequest(id=doc_id), metadata=reader)
     ).path == "secret.py"
     await _refused(
-        stub.ListDocuments(ingest_pb2.ListDocumentsRequest(), metadata=ingest_server.caller(None)),
+        # A service-role identity acting for nobody: no tenant to list for.
+        stub.ListDocuments(
+            ingest_pb2.ListDocumentsRequest(), metadata=caller_metadata(None, ("read",), "service")
+        ),
         grpc.StatusCode.PERMISSION_DENIED,
         "TENANT_REQUIRED",
     )

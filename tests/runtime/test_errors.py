@@ -1,10 +1,14 @@
-"""The error model: each KotaError maps to its code, reason and google.rpc details."""
+"""The error model: each KotaError maps to its code, reason and google.rpc details, and one JSON body."""
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import pytest
+from google.protobuf import json_format
 
+from services.auth.check import denied
 from services.common.errors import (
     Aborted,
     AlreadyExists,
@@ -20,6 +24,9 @@ from services.common.errors import (
     Unauthenticated,
     Unavailable,
     Unimplemented,
+    error_body,
+    error_json,
+    http_status,
     to_rpc_status,
 )
 from tests.runtime.rpc import unpack_details
@@ -100,3 +107,52 @@ def test_invalid_construction_is_refused() -> None:
         NotFound("x", reason="not-found")
     with pytest.raises(ValueError, match="retry_after"):
         Unavailable("x", retry_after=-1)
+
+
+ONE_SHAPE_CASES = [
+    Unauthenticated("the API key has expired", reason="API_KEY_EXPIRED"),
+    PermissionDenied("needs write", reason="MISSING_PERMISSION", metadata={"permission": "write"}),
+    ResourceExhausted("spent", reason="RATE_LIMITED", retry_after=12.0, metadata={"rate_limit": "20"}),
+    Unavailable("down", reason="DATABASE_UNAVAILABLE", retry_after=1.0),
+    NotFound("no route", reason="ROUTE_NOT_FOUND"),
+]
+
+
+@pytest.mark.parametrize("error", ONE_SHAPE_CASES, ids=lambda e: e.reason)
+def test_the_json_error_body_is_the_status_plus_its_reason(error: KotaError) -> None:
+    body = json.loads(error_json(error, "rid-7"))
+    assert list(body) == ["code", "message", "reason", "details"]
+    status = to_rpc_status(error, "rid-7")
+    assert (body["code"], body["message"], body["reason"]) == (status.code, error.message, error.reason)
+    # details are the Status's own, in proto3 JSON, ErrorInfo first and RequestInfo second.
+    assert body["details"] == [json_format.MessageToDict(detail) for detail in status.details]
+    assert body["details"][0]["@type"] == "type.googleapis.com/google.rpc.ErrorInfo"
+    assert body["details"][0]["reason"] == error.reason
+    assert body["details"][0]["metadata"]["request_id"] == "rid-7"
+    assert body["details"][1] == {"@type": "type.googleapis.com/google.rpc.RequestInfo", "requestId": "rid-7"}
+    assert error_body(status) == body
+
+
+@pytest.mark.parametrize("error", ONE_SHAPE_CASES, ids=lambda e: e.reason)
+def test_checks_denials_are_the_same_body_a_service_error_has(error: KotaError) -> None:
+    # Check's denials were built by hand (no RequestInfo, no RetryInfo); now they are this body.
+    answer = denied(error, request_id="rid-8")
+    assert answer.denied_response.status.code == http_status(error.code)
+    assert json.loads(answer.denied_response.body) == json.loads(error_json(error, "rid-8"))
+
+
+def test_http_status_follows_the_gateways_mapping() -> None:
+    expected = {
+        grpc.StatusCode.INVALID_ARGUMENT: 400,
+        grpc.StatusCode.FAILED_PRECONDITION: 400,
+        grpc.StatusCode.UNAUTHENTICATED: 401,
+        grpc.StatusCode.PERMISSION_DENIED: 403,
+        grpc.StatusCode.NOT_FOUND: 404,
+        grpc.StatusCode.ALREADY_EXISTS: 409,
+        grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+        grpc.StatusCode.INTERNAL: 500,
+        grpc.StatusCode.UNIMPLEMENTED: 501,
+        grpc.StatusCode.UNAVAILABLE: 503,
+        grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    }
+    assert {code: http_status(code) for code in expected} == expected

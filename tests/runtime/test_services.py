@@ -71,9 +71,11 @@ async def running(request: pytest.FixtureRequest, services: dict[str, Any]) -> A
 
 def _call(channel: grpc.aio.Channel, method: MethodDescriptor) -> Any:
     """_call invokes `method` with an empty request as the service role, whatever its streaming shape."""
-    token = IDENTITY_CODEC.sign(user_id=None, kind="service", permissions=("read", "write", "admin"))
-    metadata = ((IDENTITY_HEADER, token),)
     path = f"/{method.containing_service.full_name}/{method.name}"
+    token = IDENTITY_CODEC.sign(
+        user_id=None, kind="service", permissions=("read", "write", "admin"), method=path
+    )
+    metadata = ((IDENTITY_HEADER, token),)
     request_class = message_factory.GetMessageClass(method.input_type)
     response_class = message_factory.GetMessageClass(method.output_type)
     serialize, deserialize = request_class.SerializeToString, response_class.FromString
