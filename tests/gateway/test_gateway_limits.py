@@ -330,7 +330,9 @@ def test_near_limit_bodies_are_shed_at_the_heap_budget_and_memory_goes_back(gate
     shed = [status for status in statuses if status in (0, 503)]
     assert shed or _shed_count(envoy) > shed_before, statuses
     # The heap is sampled every 20 ms and the manager looks every 100 ms: generous slack.
-    assert sampler.peak < 1.5 * budget, (sampler.peak // MIB, statuses)
+    # The heap is checked every 100 ms, so a burst over loopback overshoots the budget before the
+    # overload manager acts, the more so on a loaded machine; unshed, these bodies reach 384 MiB.
+    assert sampler.peak < 2 * budget, (sampler.peak // MIB, statuses)
     # Afterwards the memory goes back: in use at once, and the allocator's free pages soon.
     wait_until(
         "envoy heap back to its baseline",

@@ -389,7 +389,9 @@ def test_a_client_that_reads_nothing_is_cut_off() -> None:
         assert ended and ended[0] != "all sent", ended
         real_check(channel, "/v1/during")
         wait_for("the connection to go", lambda: s.server.open_connections == 1)
-        assert s.refused("IDLE_TIMEOUT") == 1
+        # At least the silent reader's; on a loaded machine the channel's own connection may also
+        # sit idle past 0.3 s between the two checks and be closed (and reopened) the same way.
+        assert s.refused("IDLE_TIMEOUT") >= 1
         sock.close()
 
 
