@@ -149,11 +149,12 @@ async def build_tenant(
             executor, lambda: IndexWriter(index, flush_bytes=BUILD_FLUSH_BYTES)
         )
         try:
+            key = await store.tenant_key(tenant)
             watermark = await rule.read(store)
             count = 0
             revision = 0
             async for snapshot, rows in store.stream_documents(tenant, batch):
-                revision = rule.safe(watermark, snapshot)
+                revision = rule.safe(watermark, snapshot, key)
                 await loop.run_in_executor(executor, add_documents, writer, rows)
                 count += len(rows)
                 if on_progress is not None:

@@ -25,14 +25,23 @@ TABLES: tuple[str, ...] = ("public.documents", "public.document_changes", "publi
 # Lock modes an INSERT, UPDATE or DELETE (or stronger) takes on public.documents: a transaction
 # holding one of them may still append change-feed rows.
 _WRITE_MODES = ("RowExclusiveLock", "ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock")
+# The advisory lock class document writers take per tenant (20261207100000_document_writer_locks).
+WRITER_LOCK_CLASS = 1262764611
 
 
 @dataclass(frozen=True, slots=True)
 class Writer:
-    """Writer is a transaction holding a write lock on public.documents: its virtual id and xid, if any."""
+    """Writer is a running transaction that writes documents (or may be about to).
+
+    `vxid` identifies the transaction, `xid` is its transaction id once it has one; `tenants`
+    are the tenant keys it announced (the advisory locks of 20261207100000); `documents` says
+    it holds a write lock on public.documents.
+    """
 
     vxid: str
     xid: int | None
+    tenants: frozenset[int]
+    documents: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,21 +139,39 @@ class SearchStore:
                 )
                 rows = await conn.fetch(
                     """
-                    select l.virtualtransaction as vxid,
+                    select l.virtualtransaction as vxid, l.locktype, l.objid::text::bigint as key,
                            (select x.transactionid::text::bigint from pg_catalog.pg_locks x
                              where x.locktype = 'transactionid' and x.granted
                                and x.virtualtransaction = l.virtualtransaction
                              limit 1) as xid
                       from pg_catalog.pg_locks l
-                     where l.locktype = 'relation'
-                       and l.relation = 'public.documents'::regclass
-                       and l.mode = any($1::text[])
-                       and l.pid is distinct from pg_catalog.pg_backend_pid()
+                     where l.pid is distinct from pg_catalog.pg_backend_pid()
+                       and ((l.locktype = 'relation' and l.relation = 'public.documents'::regclass
+                             and l.mode = any($1::text[]))
+                            or (l.locktype = 'advisory' and l.classid = $2::oid and l.objsubid = 2))
                     """,
                     list(_WRITE_MODES),
+                    WRITER_LOCK_CLASS,
                 )
-        writers = {str(r["vxid"]): (None if r["xid"] is None else int(r["xid"])) for r in rows}
-        return Watermark(int(sequence), tuple(Writer(v, x) for v, x in sorted(writers.items())))
+        found: dict[str, tuple[int | None, set[int], bool]] = {}
+        for r in rows:
+            xid, keys, documents = found.setdefault(str(r["vxid"]), (None, set(), False))
+            xid = xid if r["xid"] is None else int(r["xid"])
+            if r["locktype"] == "advisory":
+                keys.add(int(r["key"]))
+            else:
+                documents = True
+            found[str(r["vxid"])] = (xid, keys, documents)
+        writers = tuple(Writer(v, x, frozenset(k), d) for v, (x, k, d) in sorted(found.items()))
+        return Watermark(int(sequence), writers)
+
+    async def tenant_key(self, tenant: uuid.UUID) -> int:
+        """tenant_key is the key of the tenant's writer lock, as pg_locks shows it (objid)."""
+        with db.translated_errors():
+            key = await self._pool.get().fetchval(
+                "select pg_catalog.hashtext($1::text)::bigint & 4294967295", str(tenant)
+            )
+        return int(key)
 
     async def feed_rows(self, tenant: uuid.UUID, after: int, limit: int) -> tuple[Snapshot, list[Change]]:
         """feed_rows reads the tenant's change rows above `after` and the snapshot they were read in."""

@@ -9,36 +9,40 @@ that cannot LISTEN (Supabase port 6543: leave `listen_url` empty) costs latency,
 The covered revision. Revisions are taken from a sequence before their transactions commit, so
 a reader that saw revision 12 may later see 11 appear. Each tenant index keeps `covered`: every
 change of the tenant with revision <= covered that will ever commit is in the index. Searches
-with `min_revision` wait for it. Each poll computes one safe revision G with this rule:
+with `min_revision` wait for it. Document writers announce their tenant: before drawing a
+revision, the documents triggers take a shared transaction-level advisory lock keyed by the
+tenant (migration 20261207100000), held until the writer commits or rolls back. Each poll:
 
-1. Read L, the sequence's last value (non-transactional), THEN the set D of transactions holding
-   a write lock (RowExclusiveLock or stronger) on public.documents, with their xids if assigned
-   (pg_locks). Every nextval of the revision sequence happens in a documents trigger, that is
-   after the transaction took that lock, which it keeps until it ends.
-2. Then, in a new snapshot S, read the tenant's feed rows above its covered revision and apply
-   every visible one at once (fresh results do not wait for G).
-3. A writer W in D is a blocker unless its xid is known and finished in S. Each writer carries a
-   lower bound lb(W): every revision it holds is above lb(W). A writer first seen in poll k+1
-   was not in D_k, so it took the lock after poll k read D_k, hence after poll k read L_k: all
-   its revisions are > L_k and lb(W) = L_k. Writers present at the first poll get lb = 0.
-4. G = min(L, min over blockers of lb(W)); covered := max(covered, G) once the rows up to G
-   read in S are applied.
+1. Reads L, the sequence's last value (non-transactional), THEN from pg_locks the running
+   writers: each with the tenant keys it holds, whether it holds a write lock on
+   public.documents, and its xid if assigned (`SearchStore.revision_watermark`).
+2. Then, in a new snapshot S, reads the tenant's feed rows above its covered revision and
+   applies every visible one at once (fresh results never wait for the rule).
+3. A writer W is a blocker for tenant t if it holds t's key, or holds the documents lock without
+   any key yet (a database without the migration, or a statement before its trigger ran) —
+   unless its xid is known and finished in S. W carries a lower bound lb(W, t): the revisions it
+   draws for t are above it. A pair first seen in poll k+1 was absent in poll k, so W took the
+   lock after poll k read pg_locks, after it read L_k: lb = L_k. Pairs seen by the first poll
+   get lb = 0.
+4. G_t = min(L, min over t's blockers of lb); covered_t := max(covered_t, G_t) once the rows up
+   to G_t read in S are applied.
 
-Proof that no change at or below G is missed. Take a tenant row with revision r <= G of a
-transaction T that commits. T drew r by nextval after taking the documents lock. If T did not
-hold the lock when D was read, it took it afterwards (a transaction that took and released it
-earlier had ended, so its row is visible in the later S), so r was drawn after L was read:
-r > L >= G, impossible. So T was in D. If T had finished by S its row is visible in S and was
-applied (aborted rows never appear). If T was still running it is a blocker, and r > lb(T) >= G,
-impossible. The same holds for a rebuild, whose stream snapshot is taken after its watermark.
+Proof that no change of t at or below G_t is missed. Take a row of t with revision r <= G_t of a
+transaction T that commits. T drew r in a documents trigger, after taking t's key (and the
+documents lock), which it keeps until it ends. If T did not hold the key when pg_locks was
+read, it took it afterwards (a T that held and released it had ended, so its row is visible in
+the later S), so r was drawn after L was read: r > L >= G_t, impossible. So T held the key. If
+T had finished by S, its row is visible in S and applied (aborted rows never appear). If T was
+still running it is a blocker and r > lb(T, t) >= G_t, impossible. A rebuild reads its watermark
+before its stream's snapshot, so the same holds for the revision it starts tailing from.
 
-Only writers of documents can hold the covered revision back: a long transaction elsewhere in
-the database (a report, an idle transaction holding an xid, a job lease) never stalls any
-tenant, unlike the plain `xact_id < pg_snapshot_xmin` rule. A long documents write of any tenant
-does hold every tenant at the revision it started from, until it commits or its statement
-timeout ends it: which tenant an uncommitted write belongs to is invisible to other sessions.
-While blockers remain the tailer re-polls quickly (from 10 ms, doubling up to `poll_interval`),
-so a writer that just committed is passed as soon as its locks are released.
+Consequences: only a running writer of the same tenant holds a tenant back. A long transaction
+elsewhere — another tenant's bulk write, a report, an idle transaction holding an xid — never
+stalls it, unlike the plain `xact_id < pg_snapshot_xmin` rule (DESIGN §8), which waits for the
+oldest transaction in the whole database. Tenant keys are 32-bit hashes, so a collision only
+makes two tenants wait for each other. While writers run the tailer re-polls quickly (from
+10 ms, doubling up to `poll_interval`), so a writer that just committed is passed as soon as
+its locks are released.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import asyncpg
 
-from services.search.store import SearchStore, Snapshot, Watermark
+from services.search.store import SearchStore, Snapshot, Watermark, Writer
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +65,11 @@ _FAST_POLL = 0.01
 
 
 class RevisionRule:
-    """RevisionRule keeps the writers' lower bounds across polls and computes the safe revision G."""
+    """RevisionRule keeps the writers' lower bounds across polls and computes a tenant's safe revision G."""
 
     def __init__(self) -> None:
-        self._bounds: dict[str, int] = {}
+        # (vxid, tenant key) -> lower bound; tenant key None: a writer that announced no tenant yet.
+        self._bounds: dict[tuple[str, int | None], int] = {}
         self._lock = asyncio.Lock()
         self._last_sequence: int | None = None
         self.watermark: Watermark | None = None
@@ -78,33 +83,40 @@ class RevisionRule:
             return watermark
 
     def observe(self, watermark: Watermark) -> None:
-        """observe records a watermark: new writers get the previous poll's sequence as lower bound.
+        """observe records a watermark: new (writer, tenant) pairs get the previous sequence as bound.
 
         Watermarks must be observed in the order they were read (`read` ensures it).
         """
-        previous = self._last_sequence
-        bounds: dict[str, int] = {}
+        previous = 0 if self._last_sequence is None else self._last_sequence
+        bounds: dict[tuple[str, int | None], int] = {}
         for writer in watermark.writers:
-            known = self._bounds.get(writer.vxid)
-            if known is None:
-                known = 0 if previous is None else previous
-            bounds[writer.vxid] = known
+            for key in _roles(writer):
+                bounds[(writer.vxid, key)] = self._bounds.get((writer.vxid, key), previous)
         self._bounds = bounds
         self._last_sequence = watermark.sequence
         self.watermark = watermark
 
-    def safe(self, watermark: Watermark, snapshot: Snapshot) -> int:
-        """safe is G for a feed read in `snapshot` taken after `watermark` was observed."""
+    def safe(self, watermark: Watermark, snapshot: Snapshot, tenant_key: int) -> int:
+        """safe is G for the tenant with `tenant_key`, for a feed read in `snapshot` after `watermark`."""
         safe = watermark.sequence
         for writer in watermark.writers:
             if writer.xid is not None and not snapshot.running(writer.xid):
                 continue
-            safe = min(safe, self._bounds.get(writer.vxid, 0))
+            for key in _roles(writer):
+                if key is None or key == tenant_key:
+                    safe = min(safe, self._bounds.get((writer.vxid, key), 0))
         return safe
 
     def blocked(self, watermark: Watermark) -> bool:
-        """blocked tells whether some writer may hold G below the sequence's value."""
+        """blocked tells whether some writer may hold a tenant's G below the sequence's value."""
         return bool(watermark.writers)
+
+
+def _roles(writer: Writer) -> tuple[int | None, ...]:
+    """_roles are the tenant keys a writer may still draw revisions for (None: any tenant)."""
+    if writer.tenants:
+        return tuple(sorted(writer.tenants))
+    return (None,) if writer.documents else ()
 
 
 class Tailer:

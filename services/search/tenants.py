@@ -75,6 +75,7 @@ class TenantIndex:
     """
 
     tenant: uuid.UUID
+    key: int
     directory: Path
     index: Index
     writer: IndexWriter
@@ -233,11 +234,13 @@ class TenantManager:
                 index.close()
                 raise
 
+        key = await self.store.tenant_key(tenant)
         index, writer = await self._in(self.write_pool, open_index)
         self._verified.add(tenant)
         searcher = Searcher(index, cursor_key=self.cursor_key(tenant))
         return TenantIndex(
             tenant,
+            key,
             directory,
             index,
             writer,
@@ -318,7 +321,7 @@ class TenantManager:
             after = opened.covered
             while True:
                 snapshot, changes = await self.store.feed_rows(tenant, after, self.settings.feed_batch_rows)
-                safe = self.rule.safe(watermark, snapshot)
+                safe = self.rule.safe(watermark, snapshot, opened.key)
                 fresh = [c for c in changes if c.revision not in opened.applied]
                 if fresh:
                     await self._apply(opened, fresh)
