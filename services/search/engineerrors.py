@@ -27,10 +27,13 @@ _FOREIGN_CURSOR = {"malformed", "tampered", "unsupported_version", "query_mismat
 def translate(exc: BaseException, *, query_field: str = "query") -> KotaError | None:
     """translate returns the shared error for an engine exception a caller can cause, else None."""
     if isinstance(exc, QuerySyntaxError):
+        # A /regex/ term RE2 refused: still a query error, with its position, but named as a regex.
+        regex = isinstance(exc.__cause__, (RegexSyntaxError, InvalidPatternError))
+        reason = "INVALID_REGEX" if regex else "INVALID_QUERY"
         return InvalidArgument(
             f"invalid query: {exc.message} at position {exc.position} (expected {exc.expected})",
-            reason="INVALID_QUERY",
-            field_violations=[FieldViolation(query_field, str(exc), "INVALID_QUERY")],
+            reason=reason,
+            field_violations=[FieldViolation(query_field, str(exc), reason)],
             metadata={"position": str(exc.position), "expected": exc.expected},
         )
     if isinstance(exc, RegexSyntaxError):
