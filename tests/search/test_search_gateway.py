@@ -199,4 +199,4 @@ def test_grpc_through_the_gateway_is_scoped_to_the_key(stack: Stack) -> None:
         assert list(stub.SearchCode(request, metadata=bob, timeout=30).file_matches) == []
         with pytest.raises(grpc.RpcError) as raised:
             stub.SearchCode(search_pb2.SearchCodeRequest(query="(unclosed"), metadata=alice, timeout=30)
-        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
