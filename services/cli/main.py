@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "keys": ("keys", "manage API keys as the service role (KOTADB_DATABASE_URL or the dev stack's database)"),
     "repos": ("repos", "register, list, sync and remove repositories"),
     "jobs": ("repos", "list indexing jobs and watch their progress"),
+    "mcp": ("mcp", "MCP server for coding agents: stdio, or Streamable HTTP behind the gateway"),
 }
 
 
