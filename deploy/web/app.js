@@ -37,7 +37,9 @@ async function api(method, path, body) {
   try { data = await response.json(); } catch (_) { data = null; }
   if (!response.ok) {
     const message = data && data.message ? data.message : response.status + " " + response.statusText;
-    const reason = data && data.reason ? " (" + data.reason + ")" : "";
+    const info = data && Array.isArray(data.details) ? data.details.find((d) => String(d["@type"]).endsWith("ErrorInfo")) : null;
+    const code = data && data.reason ? data.reason : info && info.reason ? info.reason : "";
+    const reason = code ? " (" + code + ")" : "";
     const retry = response.headers.get("retry-after");
     throw new Error(message + reason + (retry ? " — retry in " + retry + "s" : ""));
   }
@@ -155,8 +157,10 @@ function renderCode(data, more) {
     box.append(head);
     const lines = el("div", { class: "lines" });
     let previous = 0;
-    for (const m of file.lineMatches || []) {
-      const before = m.before || [], after = m.after || [];
+    const matches = file.lineMatches || [];
+    matches.forEach((m, index) => {
+      const next = index + 1 < matches.length ? matches[index + 1].lineNumber : Infinity;
+      const before = m.before || [], after = (m.after || []).slice(0, Math.max(0, next - m.lineNumber - 1));
       const firstLine = m.lineNumber - before.length;
       if (previous && firstLine > previous + 1) lines.append(el("div", { class: "gap" }));
       before.forEach((text, i) => { if (firstLine + i > previous) lines.append(lineRow("ctx", firstLine + i, text, file.documentId)); });
@@ -164,7 +168,7 @@ function renderCode(data, more) {
       lines.append(lineRow("hit", m.lineNumber, highlighted(m.line, m.ranges), file.documentId, sym));
       after.forEach((text, i) => lines.append(lineRow("ctx", m.lineNumber + i + 1, text, file.documentId)));
       previous = m.lineNumber + after.length;
-    }
+    });
     box.append(lines);
     results.append(box);
   }

@@ -93,7 +93,13 @@ def search_code(response: search_pb2.SearchCodeResponse, cap: int) -> str:
         where = f" (repository {file.repository})" if file.repository else ""
         out.add(f"# {file.path}{where} — {file.match_count} matching lines")
         previous = 0
-        for line in file.line_matches:
+        matches = list(file.line_matches)
+        for index, line in enumerate(matches):
+            # Context after a line stops before the next matching line, which is shown as a match.
+            following = matches[index + 1].line_number if index + 1 < len(matches) else None
+            after = list(line.after)
+            if following is not None:
+                after = after[: max(0, following - line.line_number - 1)]
             first_before = line.line_number - len(line.before)
             if previous and first_before > previous + 1:
                 out.add("--")
@@ -104,9 +110,9 @@ def search_code(response: search_pb2.SearchCodeResponse, cap: int) -> str:
             out.add(
                 f"{file.path}:{line.line_number}: {clip(marked(line.line, line.ranges))}{_symbol_note(line)}"
             )
-            for offset, text in enumerate(line.after, start=1):
+            for offset, text in enumerate(after, start=1):
                 out.add(f"{file.path}-{line.line_number + offset}- {clip(text)}")
-            previous = line.line_number + len(line.after)
+            previous = line.line_number + len(after)
         out.add("")
     limit = "yes — totals are lower bounds" if response.limit_hit else "no"
     footer = [
