@@ -15,6 +15,7 @@ import functools
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import asyncpg
 import httpx2
@@ -38,6 +39,7 @@ from tests.harness import (
     wait_healthy,
     wait_until,
 )
+from tests.ingest.jobhelpers import SECRET_KEYS
 
 IDENTITY_KEY = "mcp-tests-identity-key-0123456789abcdef"
 
@@ -53,12 +55,25 @@ class McpStack:
     bob: str
     reader: str
     limited: str
+    limited_http: str
+    workdir: Path
 
 
 @pytest.fixture(scope="session")
 def mcp_stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[McpStack]:
     workdir = tmp_path_factory.mktemp("mcp-stack")
-    env = service_env(database_url, workdir, IDENTITY_KEY, KOTADB_INGEST_SYMBOL_WORKERS="1")
+    # One job worker that may fetch file:// repositories, so sync_repository syncs a real git repository.
+    env = service_env(
+        database_url,
+        workdir,
+        IDENTITY_KEY,
+        KOTADB_INGEST_SYMBOL_WORKERS="1",
+        KOTADB_INGEST_WORKERS="1",
+        KOTADB_INGEST_ALLOW_LOCAL_URLS="true",
+        KOTADB_INGEST_POLL_INTERVAL="0.1",
+        KOTADB_INGEST_WORK_DIR=str(workdir / "ingest-work"),
+        KOTADB_INGEST_SECRET_KEYS=SECRET_KEYS,
+    )
     with Supervisor(grace=20) as supervisor:
         addresses = {name: spawn_service(supervisor, workdir, name, name, env)[0] for name in status.SERVICES}
         for address in addresses.values():
@@ -102,9 +117,10 @@ def mcp_stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> It
                 ("bob", ("read", "write"), 6000),
                 ("reader", ("read",), 6000),
                 ("limited", ("read",), 2),
+                ("limited_http", ("read",), 2),
             )
         }
-        yield McpStack(envoy=envoy, mcp_direct=direct, database_url=database_url, **seeded)
+        yield McpStack(envoy=envoy, mcp_direct=direct, database_url=database_url, workdir=workdir, **seeded)
 
 
 TRANSPORTS = ("stdio", "http")

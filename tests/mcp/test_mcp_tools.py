@@ -11,9 +11,12 @@ import re
 import secrets
 import uuid
 
+import grpc
 import pytest
+from kotadb.v1 import ingest_pb2, ingest_pb2_grpc, repository_pb2
 from mcp_types import CallToolResult, TextContent
 
+from tests.ingest.jobhelpers import SourceRepo
 from tests.mcp.conftest import TRANSPORTS, McpStack, add_repository, connect
 
 pytestmark = pytest.mark.parametrize("transport", TRANSPORTS)
@@ -181,3 +184,34 @@ async def test_oversized_results_are_truncated_with_a_note(mcp_stack: McpStack, 
         first = set(re.findall(r"^# (bulk/\d+\.txt)", text(paged), re.M))
         second = set(re.findall(r"^# (bulk/\d+\.txt)", text(more), re.M))
         assert len(first) == len(second) == 5 and not first & second
+
+
+async def test_sync_repository_then_search_sees_the_synced_files(mcp_stack: McpStack, transport: str) -> None:
+    token = f"synced_{transport}_{secrets.token_hex(4)}"
+    source = SourceRepo(mcp_stack.workdir / f"source-{token}")
+    source.write("lib/synced.py", f"def {token}():\n    return 42\n")
+    commit = source.commit("first")
+    name = f"acme/{token}"
+    channel = grpc.aio.insecure_channel(mcp_stack.envoy.target)
+    try:
+        stub = ingest_pb2_grpc.IngestServiceStub(channel)
+        await stub.CreateRepository(
+            ingest_pb2.CreateRepositoryRequest(
+                repository=repository_pb2.Repository(full_name=name, url=source.url, default_branch="main")
+            ),
+            metadata=(("authorization", f"Bearer {mcp_stack.alice}"),),
+            timeout=60,
+        )
+    finally:
+        await channel.close(None)
+    async with connect(mcp_stack, transport, mcp_stack.alice) as client:
+        synced = await client.call_tool("sync_repository", {"repository": name, "wait_seconds": 50})
+        answer = text(synced)
+        assert not synced.is_error, answer
+        assert ": SUCCEEDED" in answer and f"commit: {commit}" in answer
+        found = await client.call_tool("search_code", {"query": token, "min_revision": revision_of(answer)})
+        assert f"lib/synced.py:1: def «{token}»():" in text(found), text(found)
+        read = await client.call_tool("read_file", {"path": "lib/synced.py", "repository": name})
+        assert not read.is_error and f"(repository {name})" in text(read), text(read)
+        listed = await client.call_tool("list_repositories", {})
+        assert name in text(listed) and "[READY]" in text(listed), text(listed)
