@@ -12,6 +12,7 @@ docs/search-*.png were made).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -21,9 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from playwright.sync_api import Dialog, Page, expect, sync_playwright
 
+from services.auth.keys import hash_key
 from services.cli import status
 from services.common.supervisor import Supervisor
 from tests.harness import (
@@ -37,6 +40,7 @@ from tests.harness import (
 )
 
 IDENTITY_KEY = "web-tests-identity-key-0123456789abcdef"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 XSS_PATH = 'xss/"><img src=x onerror=alert(1)>.py'
 XSS_TEXT = '<script>alert("xss")</script>\nx = "\'><img src=x onerror=alert(2)> xssneedle"\n'
@@ -67,6 +71,24 @@ def _post(url: str, key: str, body: Any) -> dict[str, Any]:
     return answer
 
 
+async def _github_repository(database_url: str, key: str) -> str:
+    """_github_repository records a synced GitHub repository for the key's owner; returns its id."""
+    connection = await asyncpg.connect(database_url)
+    try:
+        user = await connection.fetchval(
+            "select user_id from public.api_keys where key_hash = $1", hash_key(key)
+        )
+        repository_id = await connection.fetchval(
+            "insert into public.repositories (user_id, full_name, url, last_synced_commit)"
+            " values ($1, 'acme/widgets', 'https://github.com/acme/widgets.git', $2) returning id",
+            user,
+            COMMIT,
+        )
+    finally:
+        await connection.close()
+    return str(repository_id)
+
+
 @pytest.fixture(scope="module")
 def site(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     workdir = tmp_path_factory.mktemp("web")
@@ -86,7 +108,11 @@ def site(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         )
         wait_gateway_healthy(envoy, supervisor)
         key = seed_key(database_url, email_prefix="web", permissions=("read", "write"), rate_limit=6000)
-        documents = [{"path": "src/parser.py", "text": PARSER}, {"path": XSS_PATH, "text": XSS_TEXT}]
+        repository_id = asyncio.run(_github_repository(database_url, key))
+        documents = [
+            {"path": "src/parser.py", "text": PARSER, "repositoryId": repository_id},
+            {"path": XSS_PATH, "text": XSS_TEXT},
+        ]
         documents += [
             {"path": f"pkg/mod_{i:02}.py", "text": f"def handler_{i}(needle):\n    return needle * {i}\n"}
             for i in range(30)
@@ -172,9 +198,15 @@ def test_file_view_at_a_line_anchor(browser_page: Page, site: Site, tmp_path: Pa
     expect(page.locator("#L7.sel")).to_contain_text("def parse(self, text):")
     permalink = page.locator("#permalink").get_attribute("href") or ""
     assert permalink.startswith(f"/?doc={document_id}&rev=") and permalink.endswith("#L7-L9")
+    host = page.locator("#file a.host")
+    expect(host).to_have_attribute(
+        "href", f"https://github.com/acme/widgets/blob/{COMMIT}/src/parser.py#L7-L9"
+    )
+    expect(page.locator("#file .file-head .meta")).to_contain_text("acme/widgets")
     page.click("#L12 .no")
     expect(page.locator("#file .ln.sel")).to_have_count(1)
     assert page.evaluate("location.hash") == "#L12"
+    expect(host).to_have_attribute("href", f"https://github.com/acme/widgets/blob/{COMMIT}/src/parser.py#L12")
     _shot(page, "search-file.png", tmp_path)
 
 
