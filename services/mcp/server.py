@@ -37,6 +37,8 @@ SERVER_NAME = "kotadb"
 MCP_PATH = "/mcp"
 # Largest MCP request body: a push of files up to the gateway's batch body limit (16 MiB).
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
+# Requests one HTTP process serves at once; each holds at most one RPC at a time.
+MAX_CONNECTIONS = 256
 
 
 async def serve_stdio(target: Target, limits: tools.Limits = tools.DEFAULT_LIMITS) -> None:
@@ -96,7 +98,17 @@ def serve_http(
     sock.bind((host, port))
     sock.listen(128)  # connections made before uvicorn starts wait in the backlog
     bound = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on")
+    # Bounded: at most MAX_CONNECTIONS requests in progress (more get 503), idle keep-alive
+    # connections closed after 30 s. The gateway logs every request; uvicorn's access log would
+    # only repeat it.
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        access_log=False,
+        lifespan="on",
+        limit_concurrency=MAX_CONNECTIONS,
+        timeout_keep_alive=30,
+    )
     server = uvicorn.Server(config)
     if port_file is not None:
         port_file.write_text(f"{bound}\n")
