@@ -173,6 +173,10 @@ class TenantManager:
 
     # Opening ---------------------------------------------------------------------------------
 
+    def rebuilding(self, tenant: uuid.UUID) -> bool:
+        """rebuilding tells whether a rebuild of the tenant is running."""
+        return tenant in self._rebuilds
+
     def is_open(self, tenant: uuid.UUID) -> bool:
         """is_open tells whether the tenant's index is open in this process."""
         return tenant in self._open
