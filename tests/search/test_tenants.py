@@ -9,6 +9,7 @@ permission (or the owner's session) and leaves identical results behind.
 from __future__ import annotations
 
 import contextlib
+import json
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -103,3 +104,20 @@ async def test_rebuild_needs_admin_or_the_owners_session_and_changes_nothing(
         (f.path, f.match_count) for f in before.file_matches
     ]
     assert status.document_count == 2
+
+
+async def test_an_index_of_another_state_version_is_rebuilt_at_start(
+    services: Services, user_factory: UserFactory, database_url: str, tmp_path: Path
+) -> None:
+    user = await user_factory()
+    written = await services.write(user, {"v/a.txt": "versioned marker\n"})
+    async with _server(services, database_url, tmp_path / "old") as first:
+        before = await first.search(user, "versioned", min_revision=written.revision)
+    state = tmp_path / "old" / str(user) / "state.json"
+    body = json.loads(state.read_text())
+    state.write_text(json.dumps({**body, "version": body["version"] + 1}))
+    async with _server(services, database_url, tmp_path / "old") as second:
+        after = await second.search(user, "versioned", min_revision=written.revision)
+    assert paths(after) == paths(before) == ["v/a.txt"]
+    rewritten = json.loads(state.read_text())
+    assert rewritten["version"] == body["version"] and rewritten["rebuilt_at"] > body["rebuilt_at"]
