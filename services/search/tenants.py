@@ -173,6 +173,10 @@ class TenantManager:
 
     # Opening ---------------------------------------------------------------------------------
 
+    def rebuilding(self, tenant: uuid.UUID) -> bool:
+        """rebuilding tells whether a rebuild of the tenant is running."""
+        return tenant in self._rebuilds
+
     def is_open(self, tenant: uuid.UUID) -> bool:
         """is_open tells whether the tenant's index is open in this process."""
         return tenant in self._open
@@ -319,9 +323,14 @@ class TenantManager:
             if self._open.get(tenant) is not opened:
                 return  # closed or replaced by a rebuild while we waited for the lock
             after = opened.covered
+            safe: int | None = None
             while True:
                 snapshot, changes = await self.store.feed_rows(tenant, after, self.settings.feed_batch_rows)
-                safe = self.rule.safe(watermark, snapshot, opened.key)
+                if safe is None:
+                    # G from the first snapshot only: every row at or below it is visible there, and
+                    # the later batches read on from it. A later snapshot's G could cover rows that
+                    # committed meanwhile below `after`, which these batches never read.
+                    safe = self.rule.safe(watermark, snapshot, opened.key)
                 fresh = [c for c in changes if c.revision not in opened.applied]
                 if fresh:
                     await self._apply(opened, fresh)
@@ -396,6 +405,8 @@ class TenantManager:
             # The old index keeps serving and tailing while the new one is built beside it.
             build, state = await self._build(tenant)
             async with self._opening[tenant], opened.lock:
+                # Out of the table first, so that no new search picks the index being closed.
+                self._open.pop(tenant, None)
                 await self._in(self.write_pool, opened.writer.close)
                 opened.searcher.close()
                 opened.index.close()
@@ -414,7 +425,15 @@ class TenantManager:
         self.tailer.request(tenant)
 
     async def corrupt(self, opened: TenantIndex, exc: BaseException) -> Unavailable:
-        """corrupt starts a rebuild of a tenant whose files failed a check and returns the error to raise."""
+        """corrupt starts a rebuild of a tenant whose files failed a check and returns the error to raise.
+
+        A search that raced with a rebuild's swap or an eviction read a directory that was just
+        replaced: that is no corruption, and the caller only needs to try again.
+        """
+        if self._open.get(opened.tenant) is not opened:
+            return Unavailable(
+                "the index was replaced during the search; retry", reason="INDEX_REPLACED", retry_after=0.1
+            )
         log.warning("index of tenant %s failed a check (%s); rebuilding", opened.tenant, exc)
         with contextlib.suppress(Exception):
             await self.rebuild(opened.tenant)

@@ -28,6 +28,8 @@ from tests.ingest.conftest import IDENTITY_KEY, caller_metadata, start_ingest_se
 
 SEARCH_TEST_SETTINGS: dict[str, Any] = {
     "poll_interval": 0.5,
+    # Small feed batches, so that syncs routinely span several batches.
+    "feed_batch_rows": 3,
     "readiness_interval": 0.2,
     "durable": False,
 }

@@ -19,6 +19,7 @@ from typing import Any
 
 import asyncpg
 import grpc
+import psutil
 import pytest
 from kotadb.v1 import search_pb2, search_pb2_grpc
 
@@ -155,6 +156,21 @@ async def test_killed_deleted_and_corrupted_indexes_converge(
         assert (tenant_dir / "state.json").read_text() != rebuilt_before
         status = await stub.GetIndexStatus(search_pb2.GetIndexStatusRequest(), metadata=caller_metadata(user))
         assert status.document_count == len(await _live_paths(pool, user, ""))
+
+        # Postgres drops every connection of the search process (pool and listener): searches keep
+        # being answered from the index, and the tailer reconnects and catches up by itself.
+        assert search.child is not None
+        ports = [c.laddr.port for c in psutil.Process(search.child.pid).net_connections("tcp")]
+        dropped = await pool.fetchval(
+            "select count(pg_terminate_backend(pid)) from pg_stat_activity"
+            " where client_port = any($1::int[])",
+            ports,
+        )
+        assert dropped >= 2
+        assert await _results(stub, user, last) == before
+        after = await writer.write(user, {"k/after-drop.txt": "burst after the drop\n"})
+        found = await _results(stub, user, after.revision)
+        assert "k/after-drop.txt" in [path for path, _ in found[0][2:]]
         await search.stop()
     finally:
         if search.supervisor is not None:
