@@ -249,7 +249,8 @@ async function showFile(documentId) {
     head.append(back);
     const lines = el("div", { class: "lines" });
     const text = doc.text === undefined ? "(binary content not shown)" : doc.text;
-    text.split("\n").forEach((line, i) => {
+    // A final newline ends the last line; it does not start another.
+    (text.endsWith("\n") ? text.slice(0, -1) : text).split("\n").forEach((line, i) => {
       const n = i + 1;
       const row = el("div", { class: "ln", id: "L" + n });
       const no = el("a", { class: "no", href: "#L" + n, text: String(n) });

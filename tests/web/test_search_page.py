@@ -195,6 +195,7 @@ def test_file_view_at_a_line_anchor(browser_page: Page, site: Site, tmp_path: Pa
     document_id = site.ids["src/parser.py"]
     page.goto(f"{site.envoy.url}/?doc={document_id}#L7-L9")
     expect(page.locator("#file .ln.sel")).to_have_count(3)
+    expect(page.locator("#file .ln")).to_have_count(PARSER.count("\n"))
     expect(page.locator("#L7.sel")).to_contain_text("def parse(self, text):")
     permalink = page.locator("#permalink").get_attribute("href") or ""
     assert permalink.startswith(f"/?doc={document_id}&rev=") and permalink.endswith("#L7-L9")
