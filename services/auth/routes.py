@@ -19,7 +19,7 @@ from google.api import annotations_pb2, http_pb2
 from google.protobuf.descriptor import FileDescriptor, MethodDescriptor
 from kotadb.v1 import auth_pb2, ingest_pb2, search_pb2
 
-from services.common.identity import ADMIN, method_permission
+from services.common.identity import ADMIN, READ, method_permission
 
 # The services the gateway exposes, and whose routes Check therefore authorizes.
 GATEWAY_FILES: tuple[FileDescriptor, ...] = (
@@ -37,6 +37,11 @@ GATEWAY_SERVICES: tuple[str, ...] = (
 # key management, usage, and (by method) index rebuilds. Everything else needs an API key.
 SESSION_SERVICES: tuple[str, ...] = ("kotadb.v1.AuthService",)
 SESSION_METHODS: tuple[str, ...] = ("/kotadb.v1.SearchService/RebuildIndex",)
+
+# Gateway paths served by something other than a kotadb.v1 method: the MCP server's Streamable
+# HTTP endpoint (services/mcp). Reaching it needs `read`; its write tools call the ingest service
+# as the caller, which refuses them without `write`.
+PLAIN_ROUTES: dict[str, tuple[tuple[str, ...], str]] = {"/mcp": (("GET", "POST", "DELETE"), READ)}
 
 _VARIABLE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)(?:=([^}]*))?\}")
 
@@ -102,6 +107,14 @@ class RouteTable:
             # Native gRPC is always POST; anything else on a gRPC path is not a call.
             return found if http_method.upper() == "POST" else None
         verb = http_method.upper()
+        plain = PLAIN_ROUTES.get(bare)
+        if plain is not None:
+            verbs, permission = plain
+            return (
+                Route(grpc_method=bare, permission=permission, sessions_allowed=False)
+                if verb in verbs
+                else None
+            )
         for rule in self._rest:
             if rule.verb == verb and rule.pattern.fullmatch(bare):
                 return rule.route

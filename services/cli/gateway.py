@@ -31,6 +31,26 @@ from services.common.identity import ACCESS_LOG_TOKEN_HEADER, access_log_token
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE_PATH = REPO_ROOT / "deploy" / "envoy" / "envoy.yaml.tmpl"
 DEFAULT_DESCRIPTOR = REPO_ROOT / "deploy" / "envoy" / "kotadb.pb"
+WEB_ROOT = REPO_ROOT / "deploy" / "web"
+
+# The search page's files (deploy/web): URL path → (file, content type). Envoy serves each from
+# memory (direct_response), so the set is fixed here rather than read from a directory.
+WEB_FILES: dict[str, tuple[str, str]] = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/app.css": ("app.css", "text/css; charset=utf-8"),
+}
+WEB_MAX_BYTES = 1024 * 1024
+WEB_HEADERS: dict[str, str] = {
+    "content-security-policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:;"
+        " base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "x-frame-options": "DENY",
+    "cache-control": "no-cache",
+}
 
 # gRPC service → the cluster (and `kotadb serve` process) that implements it.
 SERVICE_CLUSTERS: dict[str, str] = {
@@ -111,7 +131,10 @@ class GatewayConfig:
     auth_check: str = ""
     ingest: str = "127.0.0.1:50052"
     search: str = "127.0.0.1:50053"
+    # The MCP server's Streamable HTTP listener (`kotadb mcp --http`), behind the `/mcp` route.
+    mcp: str = "127.0.0.1:50056"
     descriptor: Path = DEFAULT_DESCRIPTOR
+    web_root: Path = WEB_ROOT
     ext_authz: bool = True
     # Credential of Envoy's access-log stream to auth (identity.access_log_token); empty sends none.
     access_log_token: str = ""
@@ -261,6 +284,29 @@ def _batch_routes() -> str:
     return "\n".join(lines)
 
 
+def _web_routes(web_root: Path) -> str:
+    """_web_routes renders one GET route per search-page file, answered by Envoy from the file."""
+    switch = {
+        name: {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
+        for name in ("envoy.filters.http.ext_authz", "envoy.filters.http.grpc_json_transcoder")
+    }
+    lines: list[str] = []
+    for path, (filename, content_type) in WEB_FILES.items():
+        headers = {"content-type": content_type, **WEB_HEADERS}
+        route = {
+            "name": "web" + path.replace("/", "."),
+            "match": {"path": path, "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
+            "direct_response": {"status": 200, "body": {"filename": str(web_root / filename)}},
+            "response_headers_to_add": [
+                {"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+                for key, value in headers.items()
+            ],
+            "typed_per_filter_config": switch,
+        }
+        lines.append("              - " + json.dumps(route))
+    return "\n".join(lines)
+
+
 def render(config: GatewayConfig, template_path: Path = TEMPLATE_PATH) -> str:
     """render fills in the Envoy template for `config` and returns the YAML text."""
     descriptor = config.descriptor.expanduser().resolve()
@@ -281,6 +327,8 @@ def render(config: GatewayConfig, template_path: Path = TEMPLATE_PATH) -> str:
         "local_reply_mappers": json.dumps(envoyreplies.local_reply_mappers()),
         "streaming_routes": _streaming_routes(streaming, client_streaming),
         "batch_routes": _batch_routes(),
+        "web_routes": _web_routes(config.web_root.expanduser().resolve()),
+        "web_max_bytes": WEB_MAX_BYTES,
         "secret_query_removals": json.dumps([{"remove": name} for name in SECRET_QUERY_PARAMETERS]),
         "body_limit_bytes": config.body_limit_bytes,
         "batch_body_limit_bytes": config.batch_body_limit_bytes,
@@ -307,7 +355,7 @@ def render(config: GatewayConfig, template_path: Path = TEMPLATE_PATH) -> str:
     check = _endpoints(config.auth_check) if config.auth_check else auth
     values["auth_check_endpoints"] = json.dumps(_lb_endpoints(check))
     values["auth_check_cluster_type"] = _cluster_type(*(host for host, _ in check))
-    for name in ("ingest", "search"):
+    for name in ("ingest", "search", "mcp"):
         host, port = split_address(getattr(config, name))
         values[f"{name}_host"] = json.dumps(host)
         values[f"{name}_port"] = port
@@ -395,6 +443,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--ingest", default=defaults.ingest, help="ingest service host:port")
     parser.add_argument("--search", default=defaults.search, help="search service host:port")
+    parser.add_argument("--mcp", default=defaults.mcp, help="MCP server (`kotadb mcp --http`) host:port")
+    parser.add_argument("--web-root", type=Path, default=defaults.web_root, help="the search page's files")
     parser.add_argument("--descriptor", type=Path, default=defaults.descriptor, help="descriptor set (.pb)")
     parser.add_argument(
         "--access-log-token",
@@ -439,6 +489,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         access_log_token=args.access_log_token,
         ingest=args.ingest,
         search=args.search,
+        mcp=args.mcp,
+        web_root=args.web_root,
         descriptor=args.descriptor,
         ext_authz=args.ext_authz,
         body_limit_bytes=args.body_limit_bytes,

@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "push": ("push", "send a directory's changed text files to KotaDB"),
     "repos": ("repos", "register, list, sync and remove repositories"),
     "jobs": ("repos", "list indexing jobs and watch their progress"),
+    "mcp": ("mcp", "MCP server for coding agents: stdio, or Streamable HTTP behind the gateway"),
 }
 
 

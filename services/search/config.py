@@ -11,7 +11,7 @@ from services.common.settings import ServiceSettings, setting
 
 @dataclasses.dataclass(frozen=True)
 class SearchSettings(ServiceSettings):
-    """SearchSettings configures the search process, including where its index segments live."""
+    """SearchSettings configures the search process: its index volume, the feed tailer and the limits."""
 
     env_prefix: ClassVar[str] = "KOTADB_SEARCH_"
     service_name: ClassVar[str] = "search"
@@ -26,4 +26,48 @@ class SearchSettings(ServiceSettings):
     data_dir: Path = setting(  # noqa: RUF009
         Path("data/search"),
         help="Directory of the index segments (a cache rebuilt from Postgres); `/data` in the container.",
+    )
+    listen_url: str = setting(
+        "",
+        help="Direct or session Postgres URL for LISTEN on the change feed; empty: poll only"
+        " (as behind Supabase's port-6543 transaction pooler).",
+    )
+    poll_interval: float = setting(
+        1.0, minimum=0.01, help="Seconds between change-feed polls when no notification arrives."
+    )
+    feed_batch_rows: int = setting(
+        1000, minimum=1, help="Change-feed rows applied per index commit for one tenant."
+    )
+    build_batch_rows: int = setting(
+        200, minimum=1, help="Documents fetched per round trip while building a tenant's index."
+    )
+    max_open_tenants: int = setting(
+        64, minimum=1, help="Tenant indexes kept open (file descriptors, caches); the least recent is closed."
+    )
+    disk_budget_bytes: int = setting(
+        0,
+        minimum=0,
+        help="Bytes the index volume may hold; past it the least recently used closed tenants are"
+        " deleted (rebuilt on next use). 0: no budget.",
+    )
+    search_threads: int = setting(
+        2, minimum=1, help="Threads running searches off the event loop (verification releases the GIL)."
+    )
+    default_timeout: float = setting(
+        10.0, minimum=0.01, help="Seconds a search may take when neither the request nor its deadline says."
+    )
+    max_timeout: float = setting(60.0, minimum=0.01, help="Upper bound on any one search's time, in seconds.")
+    max_stream_files: int = setting(
+        10000, minimum=1, help="Most files one StreamSearchCode call returns (limit_hit past it)."
+    )
+    max_page_offset: int = setting(
+        10000, minimum=1, help="Deepest symbol an offset page token of SearchSymbols may reach."
+    )
+    cursor_secret: str = setting(
+        "",
+        help="Secret keying page tokens (shared by every replica); empty: a random key kept in"
+        " the data directory.",
+    )
+    durable: bool = setting(
+        True, help="fsync index files before publishing them (off only in tests: the index is a cache)."
     )

@@ -1,4 +1,4 @@
-"""The search service's composition: settings, store, servicer, index volume and the server bootstrap."""
+"""The search service's composition: settings, store, tenant indexes, tailer, servicer and the server."""
 
 from __future__ import annotations
 
@@ -12,37 +12,52 @@ from services.common.identity import IdentitySettings, identity_interceptors
 from services.common.server import LazyPool, Probe, ServiceServer, bind
 from services.common.settings import env_settings
 from services.search.config import SearchSettings
+from services.search.searches import Searches
 from services.search.servicer import SearchServicer
 from services.search.store import SearchStore
+from services.search.tenants import TenantManager
 
 
 def build(
     settings: SearchSettings | None = None, *, identity: IdentitySettings | None = None
 ) -> ServiceServer:
-    """build assembles the search server from `settings` (default: the environment); it is not started.
+    """build assembles the search server (see `assemble`); it is not started."""
+    return assemble(settings, identity=identity)[0]
+
+
+def assemble(
+    settings: SearchSettings | None = None, *, identity: IdentitySettings | None = None
+) -> tuple[ServiceServer, TenantManager]:
+    """assemble builds the search server from `settings` (default: the environment); it is not started.
 
     `identity` (default: the environment) says how callers are verified: the signed identity
     from the gateway, or an API key checked by the auth service (services/common/identity.py).
+    The tenant manager starts with the server (reopening the tenants on the volume, tailing the
+    change feed) and stops after it has drained.
     """
     settings = settings if settings is not None else env_settings(SearchSettings)
     identity = identity if identity is not None else env_settings(IdentitySettings)
     pool = LazyPool(settings)
     store = SearchStore(pool)
-    servicer = SearchServicer(store)
+    manager = TenantManager(settings, store)
+    servicer = SearchServicer(Searches(settings, manager))
     data_dir = settings.data_dir
 
     async def check_volume() -> None:
         await asyncio.to_thread(_check_writable, data_dir)
 
     add = search_pb2_grpc.add_SearchServiceServicer_to_server
-    return ServiceServer(
+    server = ServiceServer(
         SearchSettings.service_name,
         settings,
         pool=pool,
         bindings=[bind(search_pb2.DESCRIPTOR, "SearchService", add, servicer)],
         identity=identity_interceptors(identity),
         probes=[Probe("schema", store.check_ready), Probe("index_volume", check_volume)],
+        on_start=[manager.start],
+        on_stop=[manager.stop],
     )
+    return server, manager
 
 
 def _check_writable(directory: Path) -> None:

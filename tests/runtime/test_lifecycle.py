@@ -17,15 +17,18 @@ from kotadb.v1 import search_pb2, search_pb2_grpc
 from services.common.errors import Unavailable
 from services.common.server import LazyPool, ServiceServer, StartHook, StopHook, bind
 from services.search.config import SearchSettings
+from services.search.searches import Searches
 from services.search.servicer import SearchServicer
 from services.search.store import SearchStore
+from services.search.tenants import TenantManager
 
 
 class BlockingServicer(SearchServicer):
     """BlockingServicer holds every SearchSymbols call open until the server cancels it."""
 
     def __init__(self, store: SearchStore) -> None:
-        super().__init__(store)
+        settings = SearchSettings()
+        super().__init__(Searches(settings, TenantManager(settings, store)))
         self.entered = asyncio.Event()
         self.cancelled = False
 

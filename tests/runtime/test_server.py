@@ -30,7 +30,6 @@ from services.common.errors import (
 )
 from services.common.server import LazyPool, ServiceServer, bind
 from services.search.config import SearchSettings
-from services.search.servicer import SearchServicer
 from services.search.store import SearchStore
 from tests.runtime.rpc import (
     NOT_SERVING,
@@ -45,11 +44,12 @@ from tests.runtime.rpc import (
 SECRET = "secret-detail-hunter2"
 
 
-class ScriptedServicer(SearchServicer):
+class ScriptedServicer(search_pb2_grpc.SearchServiceServicer):
     """ScriptedServicer raises chosen errors and can hold one call open until released."""
 
     def __init__(self, store: SearchStore) -> None:
-        super().__init__(store)
+        super().__init__()
+        self.store = store
         self.entered = asyncio.Event()
         self.release = asyncio.Event()
 
