@@ -19,7 +19,6 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from kotadb.v1 import search_pb2, search_pb2_grpc
 
-from services.common.errors import Unimplemented
 from tests.gateway.conftest import Gateways, Reply, request
 
 
@@ -57,16 +56,18 @@ def test_health_reflects_an_unhealthy_backend(gateways: Gateways) -> None:
     assert reply.body["code"] == grpc.StatusCode.UNAVAILABLE.value[0]
 
 
-def test_unimplemented_rpc_is_a_json_501_with_its_reason(gateways: Gateways) -> None:
-    body = json.dumps({"query": "needle"}).encode()
+def test_a_service_error_is_json_with_its_reason(gateways: Gateways) -> None:
+    # An unbalanced parenthesis: the search service refuses the query with a rich status, which
+    # the transcoder renders as the API's JSON error with the matching HTTP status.
+    body = json.dumps({"query": "(needle"}).encode()
     reply = _request("POST", f"{gateways.main.url}/v1/code:search", body, key=gateways.key)
-    assert reply.status == 501
+    assert reply.status == 400, reply
     assert reply.content_type.startswith("application/json")
-    assert reply.body["code"] == grpc.StatusCode.UNIMPLEMENTED.value[0]
+    assert reply.body["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     info = _error_info(reply.body)
-    assert info["reason"] == Unimplemented.default_reason
+    assert info["reason"] == "INVALID_QUERY"
     assert info["domain"] == "kotadb.dev"
-    assert "capability" in info["metadata"]
+    assert "position" in info["metadata"]
 
 
 def test_batch_bodies_beyond_envoys_buffers_reach_the_service(gateways: Gateways) -> None:
@@ -108,17 +109,21 @@ def test_grpc_through_the_gateway_reaches_the_service(gateways: Gateways) -> Non
     credentials = (("authorization", f"Bearer {gateways.key}"),)
     with grpc.insecure_channel(gateways.main.target) as channel:
         stub = search_pb2_grpc.SearchServiceStub(channel)
+        answer = stub.SearchCode(
+            search_pb2.SearchCodeRequest(query="needle"), metadata=credentials, timeout=30
+        )
+        assert answer.stats is not None  # a real (empty) answer from the search service
         with pytest.raises(grpc.RpcError) as raised:
-            stub.SearchCode(search_pb2.SearchCodeRequest(query="needle"), metadata=credentials, timeout=30)
+            stub.SearchCode(search_pb2.SearchCodeRequest(query="(needle"), metadata=credentials, timeout=30)
         call = raised.value
         assert isinstance(call, grpc.Call)
-        assert call.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert call.code() == grpc.StatusCode.INVALID_ARGUMENT
         # The rich status comes from the service's error interceptor, so the call got there.
         rich = rpc_status.from_call(call)
         assert rich is not None
         info = error_details_pb2.ErrorInfo()
         assert rich.details[0].Unpack(info)
-        assert info.reason == Unimplemented.default_reason and info.domain == "kotadb.dev"
+        assert info.reason == "INVALID_QUERY" and info.domain == "kotadb.dev"
 
         with pytest.raises(grpc.RpcError) as unknown:
             channel.unary_unary("/no.such.Service/Method", None, None)(b"", metadata=credentials, timeout=30)
