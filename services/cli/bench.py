@@ -3,9 +3,9 @@
     kotadb bench search --corpus DIR --queries FILE [--out report.json] [--runs N]
     kotadb bench auth [--out report.json] [--quick]
 
-`--corpus` is a source tree, or `stdlib` / `linux` to lay one out with the shared
-`corpus.sh` script under `--corpus-root`. The report is printed as a table and, with
-`--out`, written as JSON (services/bench/search.py describes what is measured and how).
+`--corpus` is a source tree, or `stdlib` / `linux` to lay one out with scripts/corpus.sh
+under `--corpus-root`; the query sets live in services/bench/queries/. The report is printed as
+a table and, with `--out`, written as JSON (services/bench/search.py describes what is measured and how).
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from services.bench.report import MIB, render_table
+from services.bench.report import MIB
 from services.bench.search import BenchOptions, run_bench
+from services.bench.searchreport import render_search_table
 
-CORPUS_SCRIPT = Path("/work/shared/bench/corpus.sh")
+CORPUS_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "corpus.sh"
 
 
 def register(subparsers: Any) -> None:
@@ -47,6 +48,12 @@ def register(subparsers: Any) -> None:
     )
     search.add_argument(
         "--processes", type=int, default=2, help="processes our exhaustive searches may use (default 2)"
+    )
+    search.add_argument(
+        "--index",
+        type=Path,
+        default=None,
+        help="query this existing index of the corpus instead of building ours (no build figures)",
     )
     search.set_defaults(func=_search)
     auth = commands.add_parser("auth", help="auth Check throughput, exact limits, ext_authz overhead")
@@ -89,9 +96,10 @@ def _search(args: argparse.Namespace) -> int:
         with_ripgrep=not args.no_ripgrep,
         symbol_sample_bytes=args.symbol_sample_mb * MIB,
         processes=args.processes,
+        index=args.index,
     )
     report = run_bench(options, echo=lambda msg: print(msg, file=sys.stderr, flush=True))
-    print(render_table(report))
+    print(render_search_table(report))
     if args.out is not None:
         args.out.write_text(json.dumps(report, indent=2) + "\n", "utf-8")
         print(f"report written to {args.out}", file=sys.stderr)

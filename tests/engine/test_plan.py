@@ -25,7 +25,7 @@ from services.search.engine.plan import (
 )
 from services.search.engine.verify import LineMatcher
 
-BENCH_QUERIES = pathlib.Path("/work/shared/bench/queries")
+BENCH_QUERIES = pathlib.Path(__file__).resolve().parents[2] / "services" / "bench" / "queries"
 
 # (regex, case_insensitive, expected canonical plan). Juxtaposition is AND, `|` is OR.
 PLAN_TABLE: list[tuple[str, bool, str]] = [
@@ -94,7 +94,7 @@ PLAN_TABLE: list[tuple[str, bool, str]] = [
     # What the planning parser cannot read is a scan; RE2 reports the error at verification.
     ("(abc", False, "ALL"),
     ("a**", False, "ALL"),
-    # The benchmark queries (../shared/bench/queries/*.txt).
+    # The benchmark queries (services/bench/queries/*.txt).
     (
         "spin_lock_irqsave",
         False,

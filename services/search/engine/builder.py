@@ -21,9 +21,12 @@ from numpy.typing import NDArray
 from services.search.engine.format import (
     BLOCK_SIZE,
     DOC_RECORD,
+    FACT_GENERATED_CONTENT,
+    FACT_GENERATED_PATH,
+    FACT_PRESENT,
+    FACT_TEST,
+    FACT_VENDORED,
     FORMAT_VERSION,
-    HEADER_SIZE,
-    LAZY_PARTS,
     MAGIC_CONTENT,
     MAGIC_DICT,
     MAGIC_DOCS,
@@ -33,10 +36,12 @@ from services.search.engine.format import (
     SYMBOL_RECORD,
     PartInfo,
     PartWriter,
+    dict_padding,
     dump_checked_json,
     fsync_dir,
     write_atomic,
 )
+from services.search.engine.languages import is_generated, is_test, is_vendored
 from services.search.engine.model import Skipped, SkipReason, SourceDocument, Symbol
 from services.search.engine.postings import PostingsBuilder
 from services.search.engine.trigrams import distinct_trigrams
@@ -103,6 +108,23 @@ def encode_symbols(symbols: Sequence[Symbol]) -> bytes:
         )
         strings.extend(parts)
     return b"".join(records) + b"".join(strings)
+
+
+def path_facts(path: str) -> int:
+    """path_facts is the path half of a document record's `facts` bits (format.py), FACT_PRESENT included."""
+    facts = FACT_PRESENT
+    if is_test(path):
+        facts |= FACT_TEST
+    if is_vendored(path):
+        facts |= FACT_VENDORED
+    if is_generated(path):
+        facts |= FACT_GENERATED_PATH
+    return facts
+
+
+def content_facts(content: bytes | memoryview) -> int:
+    """content_facts is the content half of a document record's `facts` bits: a generated-code marker."""
+    return FACT_GENERATED_CONTENT if is_generated("", bytes(content[:2048])) else 0
 
 
 class PendingDoc(NamedTuple):
@@ -194,9 +216,7 @@ def _build(dest: Path, docs: Sequence[PendingDoc], limits: Limits | None, durabl
     parts: dict[str, PartInfo] = {}
     count = len(accepted)
 
-    content = PartWriter(
-        dest / "content.bin", MAGIC_CONTENT, count, lazy="content.bin" in LAZY_PARTS, durable=durable
-    )
+    content = PartWriter(dest / "content.bin", MAGIC_CONTENT, count, lazy=True, durable=durable)
     symbol_total = sum(d.symbol_count for d in accepted)
     symbols = PartWriter(dest / "symbols.bin", MAGIC_SYMBOLS, symbol_total, lazy=True, durable=durable)
     records: list[bytes] = []
@@ -217,7 +237,7 @@ def _build(dest: Path, docs: Sequence[PendingDoc], limits: Limits | None, durabl
                 len(text),
                 len(doc.symbols_blob),
                 doc.symbol_count,
-                0,
+                path_facts(doc.path) | content_facts(doc.content),
                 digest,
             )
         )
@@ -228,7 +248,7 @@ def _build(dest: Path, docs: Sequence[PendingDoc], limits: Limits | None, durabl
     parts["symbols.bin"] = symbols.finish()
     result.content_bytes = content_off
 
-    table = PartWriter(dest / "docs.bin", MAGIC_DOCS, count, lazy=False, durable=durable)
+    table = PartWriter(dest / "docs.bin", MAGIC_DOCS, count, lazy=True, durable=durable)
     table.write(b"".join(records))
     table.write(b"".join(strings))
     parts["docs.bin"] = table.finish()
@@ -239,7 +259,7 @@ def _build(dest: Path, docs: Sequence[PendingDoc], limits: Limits | None, durabl
     post.write(data.data)
     parts["postings.bin"] = post.finish()
 
-    dictionary = PartWriter(dest / "dict.bin", MAGIC_DICT, len(ids), lazy=False, durable=durable)
+    dictionary = PartWriter(dest / "dict.bin", MAGIC_DICT, len(ids), lazy=True, durable=durable)
     dictionary.write(ids.astype("<u4").tobytes())
     dictionary.write(b"\0" * dict_padding(len(ids)))
     dictionary.write(offsets.astype("<u8").tobytes())
@@ -258,8 +278,3 @@ def _build(dest: Path, docs: Sequence[PendingDoc], limits: Limits | None, durabl
     write_atomic(dest / META_FILE, dump_checked_json(meta), durable=durable)
     fsync_dir(dest, durable=durable)
     return result
-
-
-def dict_padding(n: int) -> int:
-    """dict_padding is the number of zero bytes after n trigram ids so the offsets start 8-aligned."""
-    return (-(HEADER_SIZE + 4 * n)) % 8

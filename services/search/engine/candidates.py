@@ -10,13 +10,13 @@ ordinary files before tests, vendored and generated ones (rank.py's path weight)
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
 from pyroaring import BitMap
 
+from services.search.engine import rank
 from services.search.engine.index import Snapshot
 from services.search.engine.matchtree import DocFacts, MatchTree
 from services.search.engine.plan import All, And, Empty, Or, Plan, Tri
@@ -77,17 +77,12 @@ class Candidates:
         return len(self.ords)
 
 
-def collect_candidates(
-    snap: Snapshot,
-    tree: MatchTree,
-    weights_of: Callable[[SegmentReader], NDArray[np.float64]],
-    *,
-    exact: bool,
-) -> Candidates:
+def collect_candidates(snap: Snapshot, tree: MatchTree, *, exact: bool) -> Candidates:
     """collect_candidates evaluates the tree's plan on every segment of the snapshot.
 
-    `weights_of` gives a segment's per-ordinal path weights (cached by the searcher); with
-    `exact` the candidates are verified in index order, else in first-page order.
+    With `exact` the candidates are verified in index order, else in first-page order (by
+    path weight, read from the candidates' stored facts: nothing here is proportional to
+    the segment, only to its candidates).
     """
     plan = tree.plan
     order: list[tuple[int, NDArray[np.int64]]] = []
@@ -99,7 +94,7 @@ def collect_candidates(
         if tree.has_metadata_terms and len(ordinals):
             ordinals = prune_by_metadata(tree, segment, ordinals)
         order.append((seg_index, ordinals))
-        weights_all.append(weights_of(segment)[ordinals] if len(ordinals) else np.empty(0))
+        weights_all.append(rank.prior_weights(segment.facts(ordinals)) if len(ordinals) else np.empty(0))
     seg_ids: NDArray[np.int64] = (
         np.concatenate([np.full(len(o), i, dtype=np.int64) for i, o in order])
         if order
@@ -117,13 +112,8 @@ def prune_by_metadata(
 ) -> NDArray[np.int64]:
     """prune_by_metadata drops candidates that the query's path, language and repository terms exclude."""
     keep = np.zeros(len(ordinals), dtype=bool)
-    paths = segment.paths
     for i, ordinal in enumerate(ordinals.tolist()):
-        doc = segment.doc(ordinal) if tree.needs_doc_record else None
-        facts = DocFacts(
-            path=paths[ordinal],
-            language=doc.language if doc else "",
-            repository=doc.repository if doc else "",
-        )
+        doc = segment.doc(ordinal)
+        facts = DocFacts(path=doc.path, language=doc.language, repository=doc.repository)
         keep[i] = tree.prefilter(facts) is not False
     return ordinals[keep]

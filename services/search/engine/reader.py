@@ -20,10 +20,10 @@ import numpy as np
 from numpy.typing import NDArray
 from pyroaring import BitMap, FrozenBitMap
 
-from services.search.engine.builder import dict_padding
 from services.search.engine.format import (
     DOC_RECORD,
     DOC_RECORD_SIZE,
+    FACT_PRESENT,
     HEADER,
     HEADER_SIZE,
     LAZY_PARTS,
@@ -31,10 +31,13 @@ from services.search.engine.format import (
     META_FILE,
     PART_FILES,
     SYMBOL_RECORD,
+    V1_BLOCK_SIZE,
+    V1_LAZY_PARTS,
     IndexCorruptError,
     MappedPart,
     PartInfo,
     check_version,
+    dict_padding,
     load_checked_json,
 )
 from services.search.engine.model import Symbol
@@ -111,12 +114,17 @@ class SegmentData:
             self.doc_count = int(meta["doc_count"])
             self.trigram_count = int(meta["trigram_count"])
             self.content_bytes = int(meta["content_bytes"])
+            self.format = int(meta["format"])
+            self.block_size = int(meta.get("block_size", V1_BLOCK_SIZE))
             parts = meta["parts"]
             infos = {name: PartInfo.from_json(meta_path, parts[name]) for name in PART_FILES}
         except (KeyError, TypeError, ValueError) as exc:
             raise IndexCorruptError(meta_path, f"missing or malformed field: {exc}") from exc
+        if self.block_size < 1024 or self.block_size & (self.block_size - 1):
+            raise IndexCorruptError(meta_path, f"invalid block size {self.block_size}")
+        lazy = LAZY_PARTS if self.format >= 2 else V1_LAZY_PARTS
         self.parts = {
-            name: MappedPart(path / name, magic, infos[name], lazy=name in LAZY_PARTS)
+            name: MappedPart(path / name, magic, infos[name], lazy=name in lazy, block_size=self.block_size)
             for name, magic in PART_FILES.items()
         }
         self._dict = self.parts["dict.bin"]
@@ -155,7 +163,7 @@ class SegmentData:
                     ("strings_len", "<u4"),
                     ("symbols_len", "<u4"),
                     ("symbol_count", "<u4"),
-                    ("reserved", "<u4"),
+                    ("facts", "<u4"),
                     ("hash", "S32"),
                 ]
             ),
@@ -163,7 +171,13 @@ class SegmentData:
             offset=HEADER_SIZE,
         )
         self._strings_base = HEADER_SIZE + DOC_RECORD_SIZE * self.doc_count
-        self._check_tables()
+        # Version 1 stored no facts: they are worked out per ordinal when a query first needs them.
+        self.stores_facts = self.format >= 2
+        self._worked_facts: dict[int, int] = {}
+        self._offsets_start = offsets_start
+        if not self._docs.lazy:
+            # Version 1: the tables were verified whole above, so check their offsets now.
+            self._check_tables()
 
     def _check_counts(self) -> None:
         expected = {
@@ -182,7 +196,8 @@ class SegmentData:
             raise IndexCorruptError(self._docs.path, "shorter than its document table")
 
     def _check_tables(self) -> None:
-        # Cheap whole-array checks at open so a bad offset can never index outside a file later.
+        # Whole-array consistency checks of verified tables (version 1 at open; verify() always).
+        # Every offset is also bounds-checked where it is used (MappedPart.region).
         ids = self.trigram_ids
         if len(ids) > 1 and not bool(np.all(ids[1:] > ids[:-1])):
             raise IndexCorruptError(self._dict.path, "trigram ids are not strictly ascending")
@@ -200,18 +215,33 @@ class SegmentData:
             strings_end = int((rec["strings_off"] + rec["strings_len"]).max())
             if self._strings_base + strings_end > self._docs.info.size:
                 raise IndexCorruptError(self._docs.path, "a document's strings run past the end of the file")
+            if self.stores_facts:
+                self._check_facts(rec["facts"])
+
+    def _check_facts(self, facts: NDArray[np.uint32]) -> None:
+        if not bool(np.all(facts & FACT_PRESENT)):
+            raise IndexCorruptError(self._docs.path, "a document record carries no facts")
 
     def verify(self) -> None:
-        """verify checks every part's whole-file checksum now, raising IndexCorruptError on mismatch."""
+        """verify checks every part's whole-file checksum and the tables' offsets now.
+
+        Raises IndexCorruptError on a mismatch.
+        """
         for part in self.parts.values():
             part.verify()
+        self._check_tables()
 
     def postings(self, tri: bytes) -> BitMap:
         """postings returns the ordinals of documents containing trigram `tri` (looked up as given)."""
         tid = trigram_id(tri)
         ids = self._id_view
         i = bisect.bisect_left(ids, tid)
-        if i >= len(ids) or ids[i] != tid:
+        if i >= len(ids):
+            return BitMap()
+        # The probes above read unverified ids; the entry used and its offsets are verified.
+        self._dict.region(HEADER_SIZE + 4 * i, HEADER_SIZE + 4 * i + 4)
+        self._dict.region(self._offsets_start + 8 * i, self._offsets_start + 8 * i + 16)
+        if ids[i] != tid:
             return BitMap()
         start = HEADER_SIZE + self._offset_view[i]
         end = HEADER_SIZE + self._offset_view[i + 1]
@@ -231,29 +261,69 @@ class SegmentData:
         """doc returns the document table row of `ordinal`."""
         self._check_ordinal(ordinal)
         # struct over the mapped table: 3x faster than numpy structured scalars per field.
-        _, size, strings_off, _, strings_len, _, _, _, digest = DOC_RECORD.unpack_from(
-            self._docs.view, HEADER_SIZE + DOC_RECORD_SIZE * ordinal
-        )
+        _, size, strings_off, _, strings_len, _, _, _, digest = DOC_RECORD.unpack_from(self._record(ordinal))
         start = self._strings_base + strings_off
-        raw = bytes(self._docs.view[start : start + strings_len])
+        raw = bytes(self._docs.region(start, start + strings_len))
         try:
             external_id, path, repository, language = raw.decode().split("\0")
         except ValueError as exc:
             raise IndexCorruptError(self._docs.path, f"malformed strings of document {ordinal}") from exc
         return DocRecord(external_id, path, repository, language, size, digest.hex())
 
+    def _record(self, ordinal: int) -> memoryview:
+        at = HEADER_SIZE + DOC_RECORD_SIZE * ordinal
+        return self._docs.region(at, at + DOC_RECORD_SIZE)
+
+    def records_of(self, ordinals: NDArray[np.int64]) -> NDArray[np.void]:
+        """records_of returns the table rows of `ordinals`, their blocks verified."""
+        if len(ordinals) and (int(ordinals.min()) < 0 or int(ordinals.max()) >= self.doc_count):
+            raise IndexError(f"ordinal out of range for {self.name} ({self.doc_count} documents)")
+        self._docs.check_records(HEADER_SIZE + DOC_RECORD_SIZE * ordinals, DOC_RECORD_SIZE)
+        rows: NDArray[np.void] = self.records[ordinals]
+        return rows
+
+    def facts(self, ordinals: NDArray[np.int64]) -> NDArray[np.uint8]:
+        """facts returns the `facts` bits (format.py) of each ordinal, for candidate weights.
+
+        Version 2 segments read them from the document table; version 1 segments work out
+        the path bits from each path (no content bit), once per ordinal, so a query pays only
+        for its own candidates.
+        """
+        if self.stores_facts:
+            facts = self.records_of(ordinals)["facts"]
+            self._check_facts(facts)
+            return (facts & 0xFF).astype(np.uint8)
+        from services.search.engine.builder import path_facts  # version 1 only: spare the import
+
+        out = np.empty(len(ordinals), dtype=np.uint8)
+        worked = self._worked_facts
+        for i, ordinal in enumerate(ordinals.tolist()):
+            found = worked.get(ordinal)
+            if found is None:
+                found = worked[ordinal] = path_facts(self.doc(ordinal).path)
+            out[i] = found
+        return out
+
+    def doc_facts(self, ordinal: int, content: bytes | memoryview) -> int:
+        """doc_facts returns every `facts` bit of one document; `content` is its stored content."""
+        self._check_ordinal(ordinal)
+        if self.stores_facts:
+            return int(self.facts(np.array([ordinal], dtype=np.int64))[0])
+        from services.search.engine.builder import content_facts  # version 1 only: spare the import
+
+        return int(self.facts(np.array([ordinal], dtype=np.int64))[0]) | content_facts(content)
+
     def content(self, ordinal: int) -> memoryview:
         """content returns the stored content of `ordinal` as a zero-copy view of the mapped file."""
         self._check_ordinal(ordinal)
-        at = HEADER_SIZE + DOC_RECORD_SIZE * ordinal
-        content_off, size = _CONTENT_SPAN.unpack_from(self._docs.view, at)
+        content_off, size = _CONTENT_SPAN.unpack_from(self._record(ordinal))
         start = HEADER_SIZE + content_off
         return self._content.region(start, start + size)
 
     def symbols(self, ordinal: int) -> tuple[Symbol, ...]:
         """symbols returns the symbol records stored for `ordinal`."""
         self._check_ordinal(ordinal)
-        rec = self.records[ordinal]
+        rec = self.records_of(np.array([ordinal], dtype=np.int64))[0]
         count = int(rec["symbol_count"])
         if count == 0:
             return ()
@@ -267,7 +337,7 @@ class SegmentData:
     def symbol_spans(self, ordinal: int) -> SymbolSpans:
         """symbol_spans returns the symbols stored for `ordinal` as spans, strings decoded on demand."""
         self._check_ordinal(ordinal)
-        rec = self.records[ordinal]
+        rec = self.records_of(np.array([ordinal], dtype=np.int64))[0]
         count = int(rec["symbol_count"])
         start = HEADER_SIZE + int(rec["symbols_off"])
         end = start + int(rec["symbols_len"]) if count else start
@@ -376,8 +446,16 @@ class SegmentReader:
 
     @property
     def paths(self) -> Sequence[str]:
-        """paths lists every ordinal's path (deleted ones included), for path-only queries."""
+        """paths lists every ordinal's path (deleted ones included); it decodes the whole table once."""
         return self.data.paths
+
+    def facts(self, ordinals: NDArray[np.int64]) -> NDArray[np.uint8]:
+        """facts returns the path facts of the given ordinals (SegmentData.facts)."""
+        return self.data.facts(ordinals)
+
+    def doc_facts(self, ordinal: int, content: bytes | memoryview) -> int:
+        """doc_facts returns every fact bit of one document (SegmentData.doc_facts)."""
+        return self.data.doc_facts(ordinal, content)
 
     def verify(self) -> None:
         """verify checks every checksum of the segment now."""
