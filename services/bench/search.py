@@ -53,7 +53,7 @@ from services.search.engine.index import Index
 from services.search.engine.languages import detect_language
 from services.search.engine.results import SearchMode, SearchResult
 from services.search.engine.searcher import Searcher
-from services.search.engine.symbols import SymbolExtractor
+from services.search.engine.symbolpool import SymbolExtractor
 
 FIRST_PAGE_FILES = 50
 T = TypeVar("T")

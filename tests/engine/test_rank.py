@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from services.search.engine import rank
-from services.search.engine.builder import path_facts
+from services.search.engine.facts import path_facts
 from services.search.engine.format import FACT_GENERATED_CONTENT
 from services.search.engine.model import Symbol
 from services.search.engine.results import columns_for, match_range

@@ -18,14 +18,10 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import NDArray
 
+from services.search.engine.facts import content_facts, path_facts
 from services.search.engine.format import (
     BLOCK_SIZE,
     DOC_RECORD,
-    FACT_GENERATED_CONTENT,
-    FACT_GENERATED_PATH,
-    FACT_PRESENT,
-    FACT_TEST,
-    FACT_VENDORED,
     FORMAT_VERSION,
     MAGIC_CONTENT,
     MAGIC_DICT,
@@ -41,7 +37,6 @@ from services.search.engine.format import (
     fsync_dir,
     write_atomic,
 )
-from services.search.engine.languages import is_generated, is_test, is_vendored
 from services.search.engine.model import Skipped, SkipReason, SourceDocument, Symbol
 from services.search.engine.postings import PostingsBuilder
 from services.search.engine.trigrams import distinct_trigrams
@@ -108,23 +103,6 @@ def encode_symbols(symbols: Sequence[Symbol]) -> bytes:
         )
         strings.extend(parts)
     return b"".join(records) + b"".join(strings)
-
-
-def path_facts(path: str) -> int:
-    """path_facts is the path half of a document record's `facts` bits (format.py), FACT_PRESENT included."""
-    facts = FACT_PRESENT
-    if is_test(path):
-        facts |= FACT_TEST
-    if is_vendored(path):
-        facts |= FACT_VENDORED
-    if is_generated(path):
-        facts |= FACT_GENERATED_PATH
-    return facts
-
-
-def content_facts(content: bytes | memoryview) -> int:
-    """content_facts is the content half of a document record's `facts` bits: a generated-code marker."""
-    return FACT_GENERATED_CONTENT if is_generated("", bytes(content[:2048])) else 0
 
 
 class PendingDoc(NamedTuple):

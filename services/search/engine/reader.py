@@ -293,7 +293,7 @@ class SegmentData:
             facts = self.records_of(ordinals)["facts"]
             self._check_facts(facts)
             return (facts & 0xFF).astype(np.uint8)
-        from services.search.engine.builder import path_facts  # version 1 only: spare the import
+        from services.search.engine.facts import path_facts  # version 1 only: spare the import
 
         out = np.empty(len(ordinals), dtype=np.uint8)
         worked = self._worked_facts
@@ -309,7 +309,7 @@ class SegmentData:
         self._check_ordinal(ordinal)
         if self.stores_facts:
             return int(self.facts(np.array([ordinal], dtype=np.int64))[0])
-        from services.search.engine.builder import content_facts  # version 1 only: spare the import
+        from services.search.engine.facts import content_facts  # version 1 only: spare the import
 
         return int(self.facts(np.array([ordinal], dtype=np.int64))[0]) | content_facts(content)
 

@@ -21,8 +21,8 @@ page requested with a cursor is always computed in exact order, so concatenated 
 the exhaustive result (after an approximate first page, they equal it as a set: see
 cursor.py). A page cut short by the deadline or the match limit carries no cursor.
 
-Wrappers (tenant scoping, logging, limits) implement the `SearchBackend` protocol around a
-Searcher instead of branching inside it.
+Each run gets a `request.RunContext` (clock, cursor encoder, worker processes), never the
+Searcher itself, so nothing below this module imports it.
 """
 
 from __future__ import annotations
@@ -32,14 +32,16 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from services.search.engine.candidates import evaluate_plan
 from services.search.engine.cursor import Cursor, decode_cursor, encode_cursor, query_fingerprint
+from services.search.engine.errors import SearchDeadlineError
 from services.search.engine.index import Index
 from services.search.engine.matchtree import MatchTree, compile_query, compile_regex_query
 from services.search.engine.query import Query
+from services.search.engine.request import DEFAULT_LIMIT_FILES, PROCESS_MIN, RunContext, SearchRequest
 from services.search.engine.results import SearchMode, SearchResult
 from services.search.engine.searchrun import OVERSAMPLE, Run, SearchCancelled
 from services.search.engine.stream import MatchStream
@@ -53,53 +55,14 @@ __all__ = [
     "DEFAULT_LIMIT_FILES",
     "OVERSAMPLE",
     "PROCESS_MIN",
-    "SearchBackend",
     "SearchCancelled",
     "SearchRequest",
     "Searcher",
     "evaluate_plan",
 ]
 
-DEFAULT_LIMIT_FILES = 50
-# Exact-order searches with at least this many candidates are worth splitting over
-# processes (below it, pickling results and waking a worker cost more than they save).
-PROCESS_MIN = 1024
 # Recently compiled queries kept per searcher.
 COMPILED_CACHE = 256
-
-
-@dataclass(frozen=True, slots=True)
-class SearchRequest:
-    """SearchRequest is everything a search needs besides the index.
-
-    `query` is query-language text or a parsed Query; with `regex=True` it is one RE2
-    pattern taken whole (no query-language parsing), matched case-sensitively unless it
-    says `(?i)`. `limit_files` is the page size (None: every matching file);
-    `limit_matches` stops counting once that many matching lines were found (reason
-    MATCH_LIMIT). `deadline` is a `time.monotonic()` instant. `cursor` continues a previous
-    page of the same query on the same snapshot generation. `with_symbols=False` leaves
-    out the enclosing symbol of each line (ranking still uses definitions), which saves
-    decoding symbol records when a caller only wants lines.
-    """
-
-    query: str | Query
-    limit_files: int | None = DEFAULT_LIMIT_FILES
-    limit_matches: int | None = None
-    context_lines: int = 0
-    mode: SearchMode = SearchMode.FIRST_PAGE
-    cursor: str | None = None
-    deadline: float | None = None
-    regex: bool = False
-    with_symbols: bool = True
-    cancel: threading.Event | None = field(default=None, compare=False)
-
-
-class SearchBackend(Protocol):
-    """SearchBackend is what a searcher wrapper implements and wraps."""
-
-    def run(self, request: SearchRequest) -> SearchResult:
-        """run executes one search request."""
-        ...
 
 
 class Searcher:
@@ -171,6 +134,7 @@ class Searcher:
             raise ValueError("context_lines must not be negative")
         if request.regex and not isinstance(request.query, str):
             raise TypeError("regex=True needs the pattern as a string")
+        self._check_deadline(request.deadline)
         tree = self.compiled(request.query, request.regex)
         fingerprint = query_fingerprint(str(tree), "regex" if request.regex else "query")
         cursor = None
@@ -183,9 +147,26 @@ class Searcher:
         with self.index.snapshot() as snap:
             if cursor is not None:
                 cursor.check(generation=snap.generation, fingerprint=fingerprint)
-            result = Run(self, snap, tree, request, cursor, fingerprint).execute()
+            result = Run(self.context(), snap, tree, request, cursor, fingerprint).execute()
         stats = replace(result.stats, duration_seconds=time.perf_counter() - started)
         return replace(result, stats=stats)
+
+    def _check_deadline(self, deadline: float | None) -> None:
+        # A deadline that passes mid-search gives a partial result marked DEADLINE; one that
+        # had passed before the search started gives nothing worth returning.
+        if deadline is not None and self.clock() >= deadline:
+            raise SearchDeadlineError("the deadline passed before the search started")
+
+    def context(self) -> RunContext:
+        """context is what this searcher lends each run (request.RunContext)."""
+        return RunContext(
+            encode=self.encode,
+            index_path=str(self.index.path),
+            clock=self.clock,
+            processes=self.processes,
+            process_min=self.process_min,
+            process_pool=self.process_pool,
+        )
 
     @contextlib.contextmanager
     def stream(
@@ -202,6 +183,7 @@ class Searcher:
         The snapshot stays pinned until the `with` block ends; `lines=False` only counts,
         which is how exact totals are taken without an object per matching line.
         """
+        self._check_deadline(deadline)
         tree = self.compiled(query, regex)
         with self.index.snapshot() as snap:
             yield MatchStream(snap, tree, lines=lines, deadline=deadline, cancel=cancel, clock=self.clock)

@@ -21,7 +21,6 @@ import heapq
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
@@ -32,15 +31,13 @@ from services.search.engine.cursor import Cursor, path_digest, rank_key
 from services.search.engine.errors import SearchCancelled as SearchCancelled
 from services.search.engine.hits import Hit, HitRow, hit_from_row, hit_to_row, symbol_table
 from services.search.engine.index import Index, Snapshot
-from services.search.engine.matchtree import DocFacts, MatchTree
+from services.search.engine.matchtree import DocFacts, MatchTree, compile_query, compile_regex_query
 from services.search.engine.page import assemble_result
 from services.search.engine.query import Query
 from services.search.engine.reader import DocRecord
+from services.search.engine.request import RunContext, SearchRequest
 from services.search.engine.results import LimitReason, SearchMode, SearchResult
 from services.search.engine.verify import LineMatch as RawLineMatch
-
-if TYPE_CHECKING:
-    from services.search.engine.searcher import Searcher, SearchRequest
 
 # FIRST_PAGE keeps verifying until it has this many times the page in matching files (of any
 # rank) before it gives up looking for better-ranked ones.
@@ -52,14 +49,15 @@ class Run:
 
     def __init__(
         self,
-        searcher: Searcher,
+        context: RunContext,
         snap: Snapshot,
         tree: MatchTree,
         request: SearchRequest,
         cursor: Cursor | None,
         fingerprint: bytes,
     ) -> None:
-        self.searcher = searcher
+        self.context = context
+        self.encode = context.encode
         self.snap = snap
         self.tree = tree
         self.request = request
@@ -94,9 +92,9 @@ class Run:
         # test clock or a cancellation event keeps the search in this process.
         return (
             self.exact
-            and self.searcher.processes > 1
-            and candidates >= self.searcher.process_min
-            and self.searcher.clock is time.monotonic
+            and self.context.processes > 1
+            and candidates >= self.context.process_min
+            and self.context.clock is time.monotonic
             and self.request.cancel is None
         )
 
@@ -125,11 +123,11 @@ class Run:
         ]
         # An even split measured best: giving this process (which also builds every result
         # object) 80% or 60% of a worker's share was 5-25% slower on the queries below.
-        parts = self.searcher.processes
+        parts = self.context.processes
         size = -(-len(pairs) // parts)
         chunks = [pairs[i : i + size] for i in range(0, len(pairs), size)]
-        pool = self.searcher.process_pool()
-        job = (str(self.searcher.index.path), self.request.query, self.request.regex, self.request.deadline)
+        pool = self.context.process_pool()
+        job = (self.context.index_path, self.request.query, self.request.regex, self.request.deadline)
         futures = [pool.submit(process_check, *job, chunk) for chunk in chunks[1:]]
         try:
             for name, ordinal in chunks[0]:
@@ -203,7 +201,7 @@ class Run:
         if cancel is not None and cancel.is_set():
             raise SearchCancelled("search cancelled")
         deadline = self.request.deadline
-        if deadline is not None and self.searcher.clock() >= deadline:
+        if deadline is not None and self.context.clock() >= deadline:
             self.limit_reason = LimitReason.DEADLINE
             return True
         return False
@@ -309,8 +307,8 @@ class SegmentGone(Exception):
     """SegmentGone tells the parent that a worker could not find a segment by name."""
 
 
-# One open index and searcher per index directory, per worker process.
-_WORKER_STATE: dict[str, tuple[Index, Searcher]] = {}
+# One open index and its compiled queries per index directory, per worker process.
+_WORKER_STATE: dict[str, tuple[Index, dict[tuple[str, bool], MatchTree]]] = {}
 
 
 def process_check(
@@ -320,22 +318,26 @@ def process_check(
 
     Returns (files verified, matching rows, whether the deadline stopped it).
     """
-    # Imported here: searcher.py imports this module.
-    from services.search.engine.searcher import Searcher, SearchRequest
-
     state = _WORKER_STATE.get(index_path)
     if state is None:
-        index = Index.open(index_path)
-        state = (index, Searcher(index))
-        _WORKER_STATE[index_path] = state
-    _, searcher = state
-    tree = searcher.compiled(query, regex)
-    with searcher.index.snapshot() as snap:
+        state = _WORKER_STATE[index_path] = (Index.open(index_path), {})
+    index, trees = state
+    key = (str(query), regex)
+    tree = trees.get(key)
+    if tree is None:
+        if regex:
+            if not isinstance(query, str):
+                raise TypeError("regex=True needs the pattern as a string")
+            tree = compile_regex_query(query)
+        else:
+            tree = compile_query(query)
+        trees[key] = tree
+    with index.snapshot() as snap:
         index_of = {segment.name: i for i, segment in enumerate(snap.segments)}
         if any(name not in index_of for name, _ in chunk):
             raise SegmentGone(index_path)
         request = SearchRequest(query=query, regex=regex, mode=SearchMode.EXHAUSTIVE, limit_files=None)
-        run = Run(searcher, snap, tree, request, None, b"")
+        run = Run(RunContext(encode=_no_cursor, index_path=index_path), snap, tree, request, None, b"")
         rows: list[HitRow] = []
         done = 0
         for name, ordinal in chunk:
@@ -346,3 +348,7 @@ def process_check(
             if found is not None:
                 rows.append(hit_to_row(found, name))
         return done, rows, False
+
+
+def _no_cursor(cursor: Cursor) -> str:
+    raise RuntimeError("worker runs hand out no cursors")
