@@ -15,10 +15,12 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import struct
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 
 # Engine modules are imported inside each command: `kotadb index search` never loads the
 # builder (tree-sitter, the symbol pool) and `kotadb index --help` loads nothing of the engine.
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
     from services.search.engine.build import BuildProgress
     from services.search.engine.results import ContextLine, FileMatch, LineMatch, SearchResult
     from services.search.engine.searcher import Searcher
+    from services.search.engine.stream import MatchStream
 
 # ripgrep's default palette: magenta paths, green line numbers, bold red matches.
 _PATH = "\x1b[35m"
@@ -273,49 +276,120 @@ def _context_row(file: FileMatch, line: ContextLine) -> dict[str, object]:
 _FLUSH_BYTES = 1 << 20
 
 
+# A stream with at least this many candidates is split over two processes (this one and a
+# forked child, on hosts with a second core), as ripgrep spreads files over threads: on Linux,
+# `^#include <linux/[a-z_]+\.h>$` verifies 36,150 candidates, a second or more of Python per
+# process. Below it, the fork (a few ms) is not worth it.
+SPLIT_MIN = 2000
+
+
 def _stream(args: argparse.Namespace, searcher: Searcher, deadline: float | None, color: bool) -> Summary:
-    """_stream prints every match (or per-file counts) in index order as the stream finds them."""
+    """_stream prints every match (or per-file counts) in index order as the stream finds them.
+
+    A large stream is cut in two contiguous halves: a forked child renders the second into
+    an unlinked temporary file while this process prints the first, then copies the child's
+    output after its own, so the order is the index order either way.
+    """
+    out = sys.stdout.buffer
+    with searcher.stream(args.query, regex=args.regex, lines=not args.count, deadline=deadline) as found:
+        total = found.candidates
+        if total >= SPLIT_MIN and (os.cpu_count() or 1) > 1 and hasattr(os, "fork"):
+            with tempfile.TemporaryFile() as spool:
+                return _stream_split(args, found, out, spool, color)
+        _render(args, found, 0, total, out, color, first=True)
+        return Summary(found.file_count, found.match_count, found.limit_reason, total, found.verified, False)
+
+
+def _stream_split(
+    args: argparse.Namespace, found: MatchStream, out: BinaryIO, spool: BinaryIO, color: bool
+) -> Summary:
+    """_stream_split prints the first half of the stream while a forked child renders the second."""
+    total = found.candidates
+    middle = total // 2
+    sys.stdout.flush()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the parent checks the child's output and totals
+        code = 0
+        try:
+            _render(args, found, middle, total, spool, color, first=False)
+            stopped = found.limit_reason is not None
+            spool.write(_COUNTS.pack(found.file_count, found.match_count, found.verified, stopped))
+            spool.flush()
+        except BaseException:
+            code = 1
+        os._exit(code)
+    _render(args, found, 0, middle, out, color, first=True)
+    _, status = os.waitpid(child, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError("the second half of the search failed in its worker process")
+    size = spool.seek(0, os.SEEK_END)
+    if size < _COUNTS.size:
+        raise RuntimeError("the search worker wrote no totals")
+    spool.seek(size - _COUNTS.size)
+    files, lines, verified, stopped = _COUNTS.unpack(spool.read(_COUNTS.size))
+    spool.seek(0)
+    remaining = size - _COUNTS.size
+    if remaining and found.file_count == 0 and args.context and not args.json and not args.count:
+        spool.seek(3)  # the child's leading "--" separates nothing when this half printed no file
+        remaining -= 3
+    while remaining:
+        chunk = spool.read(min(remaining, _FLUSH_BYTES))
+        out.write(chunk)
+        remaining -= len(chunk)
+    out.flush()
+    reason = found.limit_reason or ("deadline" if stopped else None)
+    counts = (found.file_count + files, found.match_count + lines)
+    return Summary(*counts, reason, total, found.verified + verified, False)
+
+
+# The totals a forked stream worker appends to its output: files, lines, verified, stopped.
+_COUNTS = struct.Struct("<qqq?")
+
+
+def _render(
+    args: argparse.Namespace,
+    found: MatchStream,
+    start: int,
+    stop: int,
+    out: BinaryIO,
+    color: bool,
+    *,
+    first: bool,
+) -> None:
+    """_render writes the output of candidates [start, stop) of the stream to `out`."""
     import json
 
     from services.search.engine import _fastscan
 
-    out = sys.stdout.buffer
     pending: list[bytes] = []
     size = 0
-    with searcher.stream(args.query, regex=args.regex, lines=not args.count, deadline=deadline) as found:
-        for file in found:
-            path = file.path.encode("utf-8", "surrogateescape")
-            if args.count:
-                if args.json:
-                    row = {
-                        "type": "count",
-                        "path": file.path,
-                        "lines": file.line_count,
-                        "matches": file.match_count,
-                    }
-                    chunk = (json.dumps(row, ensure_ascii=False) + "\n").encode()
-                else:
-                    chunk = b"%s:%d\n" % (path, file.line_count)
-            elif not file.groups:
-                row = {"type": "path", "path": file.path}
-                chunk = (json.dumps(row, ensure_ascii=False) + "\n").encode() if args.json else path + b"\n"
-            elif color:
-                chunk = _colored(file.content, file.groups, file.path, args.context)
+    separate = args.context and not args.json and not args.count
+    for file in found.files(start, stop):
+        path = file.path.encode("utf-8", "surrogateescape")
+        if args.count:
+            if args.json:
+                row = {"type": "count", "path": file.path, "lines": file.line_count}
+                chunk = (json.dumps(row, ensure_ascii=False) + "\n").encode()
             else:
-                label = json.dumps(file.path, ensure_ascii=False).encode() if args.json else path
-                chunk = _fastscan.render_lines(file.content, file.groups, label, args.json, args.context)
-            if args.context and not args.json and not args.count and found.file_count > 1:
-                pending.append(b"--\n")  # ripgrep separates context groups across files too
-            pending.append(chunk)
-            size += len(chunk)
-            if size >= _FLUSH_BYTES:
-                out.write(b"".join(pending))
-                pending, size = [], 0
-        out.write(b"".join(pending))
-        out.flush()
-        return Summary(
-            found.file_count, found.match_count, found.limit_reason, found.candidates, found.verified, False
-        )
+                chunk = b"%s:%d\n" % (path, file.line_count)
+        elif not file.groups:
+            row = {"type": "path", "path": file.path}
+            chunk = (json.dumps(row, ensure_ascii=False) + "\n").encode() if args.json else path + b"\n"
+        elif color:
+            chunk = _colored(file.content, file.groups, file.path, args.context)
+        else:
+            label = json.dumps(file.path, ensure_ascii=False).encode() if args.json else path
+            chunk = _fastscan.render_lines(file.content, file.groups, label, args.json, args.context)
+        if separate and not first:
+            pending.append(b"--\n")  # ripgrep separates context groups across files too
+        first = False
+        pending.append(chunk)
+        size += len(chunk)
+        if size >= _FLUSH_BYTES:
+            out.write(b"".join(pending))
+            pending, size = [], 0
+    out.write(b"".join(pending))
+    out.flush()
 
 
 def _colored(content: bytes | memoryview, groups: bytes, path: str, context: int) -> bytes:

@@ -198,3 +198,25 @@ def test_rebuild_replaces_changed_and_drops_deleted_files(tmp_path: Path) -> Non
     paths = {json.loads(line)["path"] for line in found.stdout.splitlines()}
     assert "src/reparser.rb" not in paths and "docs/notes.md" not in paths
     assert "docs/new.txt" in paths
+
+
+@pytest.mark.parametrize("flags", [["--all"], ["--all", "--context", "2"], ["--all", "--json"], ["--count"]])
+def test_a_stream_split_over_a_forked_worker_prints_what_one_process_prints(
+    built: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    flags: list[str],
+) -> None:
+    from services.cli import index as index_cli
+    from services.cli.main import main
+
+    _, index = built
+    argv = ["index", "search", str(index), r"\w+", "--regex", "--color", "never", *flags]
+    assert main(argv) == 0
+    whole = capfd.readouterr()
+    monkeypatch.setattr(index_cli, "SPLIT_MIN", 1)  # every stream splits, into a forked child
+    assert main(argv) == 0
+    split = capfd.readouterr()
+    assert split.out == whole.out and whole.out
+    totals = re.compile(r"^\d+ files, \d+ lines; \d+ candidates, \d+ verified")
+    assert totals.match(split.err)[0] == totals.match(whole.err)[0]  # type: ignore[index]

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 
-from services.search.engine.candidates import collect_candidates
+from services.search.engine.candidates import Candidates, collect_candidates
 from services.search.engine.errors import SearchCancelled
 from services.search.engine.index import Snapshot
 from services.search.engine.matchtree import DocFacts, MatchTree
@@ -72,18 +72,37 @@ class MatchStream:
         self.deadline = deadline
         self.cancel = cancel
         self.clock = clock
-        self.candidates = 0
+        self._candidates: Candidates | None = None
         self.verified = 0
         self.file_count = 0
         self.match_count = 0
         self.limit_reason: LimitReason | None = None
 
+    @property
+    def candidates(self) -> int:
+        """candidates is the number of documents the stream verifies (its plan evaluated once)."""
+        return self._found().count
+
+    def _found(self) -> Candidates:
+        if self._candidates is None:
+            self._candidates = collect_candidates(self.snap, self.tree, exact=True)
+        return self._candidates
+
     def __iter__(self) -> Iterator[StreamedFile]:
-        found = collect_candidates(self.snap, self.tree, exact=True)
-        self.candidates = found.count
+        return self.files(0, self.candidates)
+
+    def files(self, start: int, stop: int) -> Iterator[StreamedFile]:
+        """files yields the matching files among candidates [start, stop), in index order.
+
+        Contiguous ranges let a caller split one stream over processes (the CLI forks for a
+        large one) and still print in index order.
+        """
+        found = self._found()
         sole = self.tree.sole_matcher
         segments = self.snap.segments
-        for seg_index, ordinal in zip(found.seg_ids.tolist(), found.ords.tolist(), strict=True):
+        seg_ids = found.seg_ids[start:stop].tolist()
+        ords = found.ords[start:stop].tolist()
+        for seg_index, ordinal in zip(seg_ids, ords, strict=True):
             if self.cancel is not None and self.cancel.is_set():
                 raise SearchCancelled("search cancelled")
             if self.deadline is not None and self.clock() >= self.deadline:
