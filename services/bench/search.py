@@ -89,7 +89,7 @@ class BenchOptions:
     """BenchOptions are the command's inputs."""
 
     corpus: Path
-    queries: Path
+    queries: Sequence[Path]
     work_dir: Path | None = None
     runs: int = 5
     with_pg: bool = True
@@ -183,7 +183,7 @@ def run_bench(options: BenchOptions, *, echo: Callable[[str], None] = print) -> 
     corpus = options.corpus.resolve()
     work = Path(options.work_dir or tempfile.mkdtemp(prefix="kotadb-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    queries = read_queries(options.queries)
+    queries = [pattern for path in options.queries for pattern in read_queries(path)]
     sources = walk_sources(corpus)
     corpus_bytes = sum(s.size for s in sources)
     report: dict[str, Any] = {

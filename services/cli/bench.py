@@ -1,6 +1,6 @@
 """`kotadb bench`: benchmarks that measure KotaDB side by side with its peers in one run.
 
-    kotadb bench search --corpus DIR --queries FILE [--out report.json] [--runs N]
+    kotadb bench search --corpus DIR --queries FILE... [--index DIR] [--out report.json] [--runs N]
     kotadb bench auth [--out report.json] [--quick]
 
 `--corpus` is a source tree, or `stdlib` / `linux` to lay one out with scripts/corpus.sh
@@ -36,7 +36,13 @@ def register(subparsers: Any) -> None:
     search.add_argument(
         "--corpus-root", default="/tmp/kotadb-corpus", help="where named corpora are laid out"
     )
-    search.add_argument("--queries", required=True, type=Path, help="one RE2 pattern per line")
+    search.add_argument(
+        "--queries",
+        required=True,
+        type=Path,
+        nargs="+",
+        help="files of one RE2 pattern per line (services/bench/queries/*.txt)",
+    )
     search.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     search.add_argument("--runs", type=int, default=5, help="timed runs per query and side (default 5)")
     search.add_argument("--work-dir", type=Path, default=None, help="keep indexes here instead of a temp dir")
@@ -83,9 +89,10 @@ def _search(args: argparse.Namespace) -> int:
     if not corpus.is_dir():
         print(f"kotadb bench: {corpus}: not a directory", file=sys.stderr)
         return 2
-    if not args.queries.is_file():
-        print(f"kotadb bench: {args.queries}: no such file", file=sys.stderr)
-        return 2
+    for path in args.queries:
+        if not path.is_file():
+            print(f"kotadb bench: {path}: no such file", file=sys.stderr)
+            return 2
     options = BenchOptions(
         corpus=corpus,
         queries=args.queries,

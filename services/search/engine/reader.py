@@ -45,6 +45,8 @@ from services.search.engine.postings import decode_postings
 from services.search.engine.trigrams import trigram_id
 
 _CONTENT_SPAN = struct.Struct("<QQ")
+_STRINGS_SPAN = struct.Struct("<Q")
+_STRINGS_LEN = struct.Struct("<I")
 _BIG_ENDIAN = sys.byteorder == "big"  # the format is little-endian; native views need a copy there
 
 
@@ -257,6 +259,19 @@ class SegmentData:
         if not 0 <= ordinal < self.doc_count:
             raise IndexError(f"ordinal {ordinal} out of range for {self.name} ({self.doc_count} documents)")
 
+    def names(self, ordinal: int) -> tuple[str, str, str]:
+        """names returns (external_id, path, repository) of `ordinal`: doc without the rest."""
+        self._check_ordinal(ordinal)
+        record = self._record(ordinal)
+        strings_off, strings_len = _STRINGS_SPAN.unpack_from(record, 16), _STRINGS_LEN.unpack_from(record, 32)
+        start = self._strings_base + strings_off[0]
+        raw = bytes(self._docs.region(start, start + strings_len[0]))
+        try:
+            external_id, path, repository, _ = raw.decode().split("\0")
+        except ValueError as exc:
+            raise IndexCorruptError(self._docs.path, f"malformed strings of document {ordinal}") from exc
+        return external_id, path, repository
+
     def doc(self, ordinal: int) -> DocRecord:
         """doc returns the document table row of `ordinal`."""
         self._check_ordinal(ordinal)
@@ -456,6 +471,10 @@ class SegmentReader:
     def doc_facts(self, ordinal: int, content: bytes | memoryview) -> int:
         """doc_facts returns every fact bit of one document (SegmentData.doc_facts)."""
         return self.data.doc_facts(ordinal, content)
+
+    def names(self, ordinal: int) -> tuple[str, str, str]:
+        """names returns (external_id, path, repository) of `ordinal` (SegmentData.names)."""
+        return self.data.names(ordinal)
 
     def verify(self) -> None:
         """verify checks every checksum of the segment now."""

@@ -118,7 +118,7 @@ class MatchStream:
                     groups, line_count, match_count = b"", sole.count(content), 0
                 if not line_count:
                     continue
-                doc = segment.doc(ordinal)
+                external_id, path, repository = segment.names(ordinal)
             else:
                 data = bytes(content)
                 record = segment.doc(ordinal)
@@ -126,12 +126,10 @@ class MatchStream:
                 outcome = self.tree.evaluate(facts, data, partial(segment.symbols, ordinal))
                 if outcome is None:
                     continue
-                doc = record
+                external_id, path, repository = record.external_id, record.path, record.repository
                 groups = pack_groups(outcome.lines) if self.lines else b""
                 line_count = len(outcome.lines)
                 match_count = sum(len(line.ranges) for line in outcome.lines) if self.lines else 0
             self.file_count += 1
             self.match_count += line_count
-            yield StreamedFile(
-                doc.path, doc.repository, doc.external_id, content, groups, line_count, match_count
-            )
+            yield StreamedFile(path, repository, external_id, content, groups, line_count, match_count)

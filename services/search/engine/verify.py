@@ -319,12 +319,34 @@ class LineMatcher:
 
         Returns (groups, matching lines, matches); a literal is scanned and packed natively.
         """
-        if self._pure_literal and self._needle is not None:
-            packed = _fastscan.scan_literal(content, self._needle, self._needle_folded, self._guard)
+        needle = self._needle
+        if needle is not None and self._pure_literal:
+            packed = _fastscan.scan_literal(content, needle, self._needle_folded, self._guard)
             if packed is not None:
                 return packed
-        lines = self.find(content)
-        return pack_groups(lines), len(lines), sum(len(line.ranges) for line in lines)
+        elif needle is not None and not self._screen_only:
+            lines = _fastscan.needle_lines(content, needle, self._needle_folded, self._guard)
+            if lines is not None:
+                data = content if isinstance(content, bytes) else bytes(content)
+                return self._pack_prefiltered(data, lines)
+        # Other regexes (and the rare guarded literal) go through find: one RE2 call per
+        # match dominates there, the LineMatch objects are a small part.
+        found = self.find(content)
+        return pack_groups(found), len(found), sum(len(line.ranges) for line in found)
+
+    def _pack_prefiltered(self, data: bytes, lines: list[tuple[int, int, int]]) -> tuple[bytes, int, int]:
+        """_pack_prefiltered is _find_prefiltered writing packed groups, without a LineMatch per line."""
+        packed = array("q")
+        count = matches = 0
+        for line_number, start, end in lines:
+            ranges = self._line_ranges(data, start, end, None)
+            if ranges:
+                packed.extend((line_number, start, end, len(ranges)))
+                for pair in ranges:
+                    packed.extend(pair)
+                count += 1
+                matches += len(ranges)
+        return packed.tobytes(), count, matches
 
     def _line_ranges(
         self, data: bytes, start: int, end: int, first: tuple[int, int] | None
@@ -341,6 +363,10 @@ class LineMatcher:
                 pos = s + 1
             else:
                 ranges.append((s - start, e - start))
+                if e == end and e > s:
+                    # Only an empty match at the line's end could follow, and it would abut
+                    # this one: skipping the call halves RE2 calls for `...$` patterns.
+                    break
                 last_end = e
                 pos = e if e > s else e + 1
             if pos > end:
