@@ -17,7 +17,6 @@ import io
 import os
 import struct
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
@@ -294,6 +293,8 @@ def _stream(args: argparse.Namespace, searcher: Searcher, deadline: float | None
     with searcher.stream(args.query, regex=args.regex, lines=not args.count, deadline=deadline) as found:
         total = found.candidates
         if total >= SPLIT_MIN and (os.cpu_count() or 1) > 1 and hasattr(os, "fork"):
+            import tempfile
+
             with tempfile.TemporaryFile() as spool:
                 return _stream_split(args, found, out, spool, color)
         _render(args, found, 0, total, out, color, first=True)

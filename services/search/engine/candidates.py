@@ -10,17 +10,20 @@ ordinary files before tests, vendored and generated ones (rank.py's path weight)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
-from numpy.typing import NDArray
 from pyroaring import BitMap
 
-from services.search.engine import rank
 from services.search.engine.index import Snapshot
 from services.search.engine.matchtree import DocFacts, MatchTree
 from services.search.engine.plan import All, And, Empty, Or, Plan, Tri
 from services.search.engine.reader import SegmentReader
+
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
 
 
 def evaluate_plan(plan: Plan, segment: SegmentReader) -> BitMap | None:
@@ -84,15 +87,15 @@ def collect_candidates(snap: Snapshot, tree: MatchTree, *, exact: bool) -> Candi
     path weight, read from the candidates' stored facts: nothing here is proportional to
     the segment, only to its candidates).
     """
+    import numpy as np
+
+    from services.search.engine import rank
+
     plan = tree.plan
     order: list[tuple[int, NDArray[np.int64]]] = []
     weights_all: list[NDArray[np.float64]] = []
     for seg_index, segment in enumerate(snap.segments):
-        bits = evaluate_plan(plan, segment)
-        live = segment.live if bits is None else bits & segment.live
-        ordinals = np.asarray(live.to_array(), dtype=np.int64)
-        if tree.has_metadata_terms and len(ordinals):
-            ordinals = prune_by_metadata(tree, segment, ordinals)
+        ordinals = np.asarray(segment_candidates(tree, segment), dtype=np.int64)
         order.append((seg_index, ordinals))
         weights_all.append(rank.prior_weights(segment.facts(ordinals)) if len(ordinals) else np.empty(0))
     seg_ids: NDArray[np.int64] = (
@@ -107,13 +110,25 @@ def collect_candidates(snap: Snapshot, tree: MatchTree, *, exact: bool) -> Candi
     return Candidates(seg_ids, ords, weights, sequence, isinstance(plan, All))
 
 
-def prune_by_metadata(
-    tree: MatchTree, segment: SegmentReader, ordinals: NDArray[np.int64]
-) -> NDArray[np.int64]:
+def segment_candidates(tree: MatchTree, segment: SegmentReader) -> Sequence[int]:
+    """segment_candidates lists one segment's candidates in ordinal order, metadata terms applied.
+
+    This is all a stream needs (it verifies in index order): no numpy, no weights.
+    """
+    bits = evaluate_plan(tree.plan, segment)
+    live = segment.live if bits is None else bits & segment.live
+    ordinals: Sequence[int] = live.to_array()
+    if tree.has_metadata_terms and len(ordinals):
+        ordinals = prune_by_metadata(tree, segment, ordinals)
+    return ordinals
+
+
+def prune_by_metadata(tree: MatchTree, segment: SegmentReader, ordinals: Sequence[int]) -> list[int]:
     """prune_by_metadata drops candidates that the query's path, language and repository terms exclude."""
-    keep = np.zeros(len(ordinals), dtype=bool)
-    for i, ordinal in enumerate(ordinals.tolist()):
+    kept: list[int] = []
+    for ordinal in ordinals:
         doc = segment.doc(ordinal)
         facts = DocFacts(path=doc.path, language=doc.language, repository=doc.repository)
-        keep[i] = tree.prefilter(facts) is not False
-    return ordinals[keep]
+        if tree.prefilter(facts) is not False:
+            kept.append(ordinal)
+    return kept

@@ -150,12 +150,13 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-from numpy.typing import NDArray
+from typing import TYPE_CHECKING, Any
 
 from services.search.engine.errors import IndexFileError as IndexFileError
+
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
 
 FORMAT_VERSION = 2
 """FORMAT_VERSION is the version this code writes and the newest it reads (it reads 1 as well)."""
@@ -435,6 +436,8 @@ class MappedPart:
         It is `region` for many records at once, without a Python call per record: a
         search checks the document records of all its candidates before reading their facts.
         """
+        import numpy as np
+
         if not self.lazy or not len(starts):
             return
         if int(starts.min()) < 0 or int(starts.max()) + length > len(self.view):

@@ -15,9 +15,8 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-from numpy.typing import NDArray
 from pyroaring import BitMap, FrozenBitMap
 
 from services.search.engine.format import (
@@ -41,8 +40,11 @@ from services.search.engine.format import (
     load_checked_json,
 )
 from services.search.engine.model import Symbol
-from services.search.engine.postings import decode_postings
 from services.search.engine.trigrams import trigram_id
+
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
 
 _CONTENT_SPAN = struct.Struct("<QQ")
 _STRINGS_SPAN = struct.Struct("<Q")
@@ -74,6 +76,8 @@ class SymbolSpans:
     __slots__ = ("_fields", "_raw", "count", "spans")
 
     def __init__(self, raw: memoryview, count: int) -> None:
+        import numpy as np
+
         width = SYMBOL_RECORD.size // 4
         self._raw = raw
         self._fields: NDArray[np.uint32] = np.frombuffer(raw, dtype="<u4", count=count * width).reshape(
@@ -84,6 +88,8 @@ class SymbolSpans:
 
     def symbol(self, i: int) -> Symbol:
         """symbol decodes the i-th symbol record with its strings (IndexError when out of range)."""
+        import numpy as np
+
         if not 0 <= i < self.count:
             raise IndexError(i)
         lengths = self._fields[:, 4:8].astype(np.int64)
@@ -138,14 +144,12 @@ class SegmentData:
         n = self.trigram_count
         ids_end = HEADER_SIZE + 4 * n
         offsets_start = ids_end + dict_padding(n)
-        self.trigram_ids: NDArray[np.uint32] = np.frombuffer(
-            self._dict.view, dtype="<u4", count=n, offset=HEADER_SIZE
-        )
-        self.postings_offsets: NDArray[np.uint64] = np.frombuffer(
-            self._dict.view, dtype="<u8", count=n + 1, offset=offsets_start
-        )
+        self._ids_end = ids_end
+        self._offsets_start = offsets_start
         # Point lookups go through typed memoryviews and bisect: 0.4 us per lookup, against
         # 11 us for np.searchsorted with a Python int (numpy casts the whole array to int64).
+        # numpy views of the tables (trigram_ids, postings_offsets, records) are made on first
+        # use: a query that only streams matches never imports numpy (~100 ms of a CLI run).
         self._id_view: Sequence[int] = (
             self.trigram_ids.tolist() if _BIG_ENDIAN else self._dict.view[HEADER_SIZE:ids_end].cast("I")
         )
@@ -154,32 +158,56 @@ class SegmentData:
             if _BIG_ENDIAN
             else self._dict.view[offsets_start : offsets_start + 8 * (n + 1)].cast("Q")
         )
-        self.records = np.frombuffer(
-            self._docs.view,
-            dtype=np.dtype(
-                [
-                    ("content_off", "<u8"),
-                    ("size", "<u8"),
-                    ("strings_off", "<u8"),
-                    ("symbols_off", "<u8"),
-                    ("strings_len", "<u4"),
-                    ("symbols_len", "<u4"),
-                    ("symbol_count", "<u4"),
-                    ("facts", "<u4"),
-                    ("hash", "S32"),
-                ]
-            ),
-            count=self.doc_count,
-            offset=HEADER_SIZE,
-        )
         self._strings_base = HEADER_SIZE + DOC_RECORD_SIZE * self.doc_count
         # Version 1 stored no facts: they are worked out per ordinal when a query first needs them.
         self.stores_facts = self.format >= 2
         self._worked_facts: dict[int, int] = {}
-        self._offsets_start = offsets_start
         if not self._docs.lazy:
             # Version 1: the tables were verified whole above, so check their offsets now.
             self._check_tables()
+
+    @functools.cached_property
+    def trigram_ids(self) -> NDArray[np.uint32]:
+        """trigram_ids is dict.bin's ascending id array as a numpy view (read unverified: see format.py)."""
+        import numpy as np
+
+        ids: NDArray[np.uint32] = np.frombuffer(
+            self._dict.view, dtype="<u4", count=self.trigram_count, offset=HEADER_SIZE
+        )
+        return ids
+
+    @functools.cached_property
+    def postings_offsets(self) -> NDArray[np.uint64]:
+        """postings_offsets is dict.bin's offset array as a numpy view."""
+        import numpy as np
+
+        offsets: NDArray[np.uint64] = np.frombuffer(
+            self._dict.view, dtype="<u8", count=self.trigram_count + 1, offset=self._offsets_start
+        )
+        return offsets
+
+    @functools.cached_property
+    def records(self) -> NDArray[np.void]:
+        """records is docs.bin's document table as a numpy structured view (see records_of)."""
+        import numpy as np
+
+        dtype = np.dtype(
+            [
+                ("content_off", "<u8"),
+                ("size", "<u8"),
+                ("strings_off", "<u8"),
+                ("symbols_off", "<u8"),
+                ("strings_len", "<u4"),
+                ("symbols_len", "<u4"),
+                ("symbol_count", "<u4"),
+                ("facts", "<u4"),
+                ("hash", "S32"),
+            ]
+        )
+        rows: NDArray[np.void] = np.frombuffer(
+            self._docs.view, dtype=dtype, count=self.doc_count, offset=HEADER_SIZE
+        )
+        return rows
 
     def _check_counts(self) -> None:
         expected = {
@@ -198,6 +226,8 @@ class SegmentData:
             raise IndexCorruptError(self._docs.path, "shorter than its document table")
 
     def _check_tables(self) -> None:
+        import numpy as np
+
         # Whole-array consistency checks of verified tables (version 1 at open; verify() always).
         # Every offset is also bounds-checked where it is used (MappedPart.region).
         ids = self.trigram_ids
@@ -221,6 +251,8 @@ class SegmentData:
                 self._check_facts(rec["facts"])
 
     def _check_facts(self, facts: NDArray[np.uint32]) -> None:
+        import numpy as np
+
         if not bool(np.all(facts & FACT_PRESENT)):
             raise IndexCorruptError(self._docs.path, "a document record carries no facts")
 
@@ -248,7 +280,7 @@ class SegmentData:
         start = HEADER_SIZE + self._offset_view[i]
         end = HEADER_SIZE + self._offset_view[i + 1]
         try:
-            bitmap = decode_postings(self._postings.region(start, end))
+            bitmap = BitMap.deserialize(self._postings.region(start, end))  # type: ignore[arg-type]
         except (ValueError, MemoryError) as exc:
             raise IndexCorruptError(self._postings.path, f"undecodable posting list {i}: {exc}") from exc
         if len(bitmap) and bitmap.max() >= self.doc_count:
@@ -304,6 +336,8 @@ class SegmentData:
         the path bits from each path (no content bit), once per ordinal, so a query pays only
         for its own candidates.
         """
+        import numpy as np
+
         if self.stores_facts:
             facts = self.records_of(ordinals)["facts"]
             self._check_facts(facts)
@@ -321,6 +355,8 @@ class SegmentData:
 
     def doc_facts(self, ordinal: int, content: bytes | memoryview) -> int:
         """doc_facts returns every `facts` bit of one document; `content` is its stored content."""
+        import numpy as np
+
         self._check_ordinal(ordinal)
         if self.stores_facts:
             return int(self.facts(np.array([ordinal], dtype=np.int64))[0])
@@ -337,6 +373,8 @@ class SegmentData:
 
     def symbols(self, ordinal: int) -> tuple[Symbol, ...]:
         """symbols returns the symbol records stored for `ordinal`."""
+        import numpy as np
+
         self._check_ordinal(ordinal)
         rec = self.records_of(np.array([ordinal], dtype=np.int64))[0]
         count = int(rec["symbol_count"])
@@ -351,6 +389,8 @@ class SegmentData:
 
     def symbol_spans(self, ordinal: int) -> SymbolSpans:
         """symbol_spans returns the symbols stored for `ordinal` as spans, strings decoded on demand."""
+        import numpy as np
+
         self._check_ordinal(ordinal)
         rec = self.records_of(np.array([ordinal], dtype=np.int64))[0]
         count = int(rec["symbol_count"])
@@ -385,7 +425,7 @@ class SegmentData:
             raise IndexCorruptError(path, f"bad magic {magic!r}")
         check_version(path, version)
         try:
-            deleted = decode_postings(memoryview(raw)[HEADER_SIZE:])
+            deleted: BitMap = BitMap.deserialize(memoryview(raw)[HEADER_SIZE:])  # type: ignore[arg-type]
         except ValueError as exc:
             raise IndexCorruptError(path, f"undecodable bitmap: {exc}") from exc
         if len(deleted) != count or (len(deleted) and deleted.max() >= self.doc_count):

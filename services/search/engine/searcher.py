@@ -37,13 +37,12 @@ from typing import TYPE_CHECKING
 
 from services.search.engine.candidates import evaluate_plan
 from services.search.engine.cursor import Cursor, decode_cursor, encode_cursor, query_fingerprint
-from services.search.engine.errors import SearchDeadlineError
+from services.search.engine.errors import SearchCancelled, SearchDeadlineError
 from services.search.engine.index import Index
 from services.search.engine.matchtree import MatchTree, compile_query, compile_regex_query
 from services.search.engine.query import Query
 from services.search.engine.request import DEFAULT_LIMIT_FILES, PROCESS_MIN, RunContext, SearchRequest
 from services.search.engine.results import SearchMode, SearchResult
-from services.search.engine.searchrun import OVERSAMPLE, Run, SearchCancelled
 from services.search.engine.stream import MatchStream
 
 if TYPE_CHECKING:
@@ -53,7 +52,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_LIMIT_FILES",
-    "OVERSAMPLE",
     "PROCESS_MIN",
     "SearchCancelled",
     "SearchRequest",
@@ -144,6 +142,9 @@ class Searcher:
                 if self._cursor_key
                 else decode_cursor(request.cursor)
             )
+        # Imported here: ranking loads numpy (~100 ms), which a stream or count never needs.
+        from services.search.engine.searchrun import Run
+
         with self.index.snapshot() as snap:
             if cursor is not None:
                 cursor.check(generation=snap.generation, fingerprint=fingerprint)

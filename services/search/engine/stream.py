@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 
-from services.search.engine.candidates import Candidates, collect_candidates
+from services.search.engine.candidates import segment_candidates
 from services.search.engine.errors import SearchCancelled
 from services.search.engine.index import Snapshot
 from services.search.engine.matchtree import DocFacts, MatchTree
@@ -72,7 +72,7 @@ class MatchStream:
         self.deadline = deadline
         self.cancel = cancel
         self.clock = clock
-        self._candidates: Candidates | None = None
+        self._candidates: list[tuple[int, Sequence[int]]] | None = None
         self.verified = 0
         self.file_count = 0
         self.match_count = 0
@@ -81,15 +81,29 @@ class MatchStream:
     @property
     def candidates(self) -> int:
         """candidates is the number of documents the stream verifies (its plan evaluated once)."""
-        return self._found().count
+        return sum(len(ordinals) for _, ordinals in self._found())
 
-    def _found(self) -> Candidates:
+    def _found(self) -> list[tuple[int, Sequence[int]]]:
+        # Per segment, in index order; plain sequences: a stream never needs numpy.
         if self._candidates is None:
-            self._candidates = collect_candidates(self.snap, self.tree, exact=True)
+            self._candidates = [
+                (i, segment_candidates(self.tree, segment)) for i, segment in enumerate(self.snap.segments)
+            ]
         return self._candidates
 
     def __iter__(self) -> Iterator[StreamedFile]:
         return self.files(0, self.candidates)
+
+    def _pairs(self, start: int, stop: int) -> Iterator[tuple[int, int]]:
+        """_pairs yields (segment index, ordinal) of candidates [start, stop) in index order."""
+        at = 0
+        for seg_index, ordinals in self._found():
+            lo, hi = max(start - at, 0), min(stop - at, len(ordinals))
+            for i in range(lo, hi):
+                yield seg_index, ordinals[i]
+            at += len(ordinals)
+            if at >= stop:
+                return
 
     def files(self, start: int, stop: int) -> Iterator[StreamedFile]:
         """files yields the matching files among candidates [start, stop), in index order.
@@ -97,12 +111,9 @@ class MatchStream:
         Contiguous ranges let a caller split one stream over processes (the CLI forks for a
         large one) and still print in index order.
         """
-        found = self._found()
         sole = self.tree.sole_matcher
         segments = self.snap.segments
-        seg_ids = found.seg_ids[start:stop].tolist()
-        ords = found.ords[start:stop].tolist()
-        for seg_index, ordinal in zip(seg_ids, ords, strict=True):
+        for seg_index, ordinal in self._pairs(start, stop):
             if self.cancel is not None and self.cancel.is_set():
                 raise SearchCancelled("search cancelled")
             if self.deadline is not None and self.clock() >= self.deadline:
