@@ -53,24 +53,26 @@ def _table(
 ) -> list[str]:
     rows = report.get("queries", [])
     present = [(key, label) for key, label in columns if any(_cell(r, key) is not None for r in rows)]
-    width = max(10, *(len(label) for _, label in present), *(len(name) for name in ratios))
-    lines = [title]
-    header = f"{'query':<44} {'files':>6} {'lines':>7}"
-    header += "".join(f" {label:>{width}}" for _, label in present)
-    header += "".join(f" {name:>{width}}" for name in ratios)
-    lines.append(header)
+    cells = [(max(9, len(label)), label) for _, label in present]
+    cells += [(max(9, len(name)), name) for name in ratios]
+    lines = [title, f"{'query':<44} {'files':>6} {'lines':>7}" + "".join(f" {t:>{w}}" for w, t in cells)]
+
+    def values(ms: Mapping[str, Any], ratio_of: Mapping[str, Any]) -> str:
+        shown = [_ms(ms.get(key)) for key, _ in present] + [_ratio(ratio_of.get(name)) for name in ratios]
+        return "".join(f" {v:>{w}}" for (w, _), v in zip(cells, shown, strict=True))
+
     for row in rows:
         pattern = row["pattern"]
         shown = pattern if len(pattern) <= 44 else pattern[:41] + "..."
-        text = f"{shown:<44} {row.get('files', 0):>6} {row.get('lines', 0):>7}"
-        text += "".join(f" {_ms(_cell(row, key)):>{width}}" for key, _ in present)
-        text += "".join(f" {_ratio(row.get('ratios', {}).get(name)):>{width}}" for name in ratios)
-        lines.append(text)
+        ms = {key: _cell(row, key) for key, _ in present}
+        lines.append(
+            f"{shown:<44} {row.get('files', 0):>6} {row.get('lines', 0):>7}"
+            + values(ms, row.get("ratios", {}))
+        )
     for label, summary in (("MEDIAN", report.get("medians", {})), ("WORST", report.get("worst", {}))):
-        text = f"{label:<44} {'':>6} {'':>7}"
-        text += "".join(f" {_ms(summary.get('ms', {}).get(key)):>{width}}" for key, _ in present)
-        text += "".join(f" {_ratio(summary.get('ratios', {}).get(name)):>{width}}" for name in ratios)
-        lines.append(text)
+        lines.append(
+            f"{label:<44} {'':>6} {'':>7}" + values(summary.get("ms", {}), summary.get("ratios", {}))
+        )
     return lines
 
 
