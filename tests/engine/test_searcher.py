@@ -289,3 +289,19 @@ def test_bad_queries_raise_typed_errors(golden_index: Index) -> None:
         searcher.search("foo (bar")
     with pytest.raises(ValueError):
         searcher.search("foo", limit_files=0)
+
+
+def test_worker_processes_start_only_for_a_search_large_enough(many: tuple[Path, Index]) -> None:
+    _, index = many
+    searcher = Searcher(index, processes=2, process_min=1000)
+    try:
+        small = searcher.search("/needle\\w*/", mode=SearchMode.EXHAUSTIVE, limit_files=None)
+        assert small.stats.candidates < 1000 and searcher._process_pool is None
+        with searcher.stream("needle") as found:
+            assert sum(1 for _ in found) == 90
+        assert searcher._process_pool is None  # streams never use the pool
+        searcher.process_min = 1
+        searcher.search("/needle\\w*/", mode=SearchMode.EXHAUSTIVE, limit_files=None)
+        assert searcher._process_pool is not None
+    finally:
+        searcher.close()
