@@ -7,9 +7,12 @@ turn that into a `google.rpc.Status`. The engine itself never imports grpc.
 
 | engine error                  | code                | reason               |
 |-------------------------------|---------------------|----------------------|
-| QuerySyntaxError              | INVALID_ARGUMENT    | QUERY_SYNTAX         |
-| InvalidPatternError           | INVALID_ARGUMENT    | INVALID_PATTERN      |
-| CursorError                   | INVALID_ARGUMENT    | INVALID_PAGE_TOKEN   |
+| QuerySyntaxError              | INVALID_ARGUMENT    | INVALID_QUERY        |
+|   ... caused by a bad /regex/ | INVALID_ARGUMENT    | INVALID_REGEX        |
+| InvalidPatternError (and its  | INVALID_ARGUMENT    | INVALID_REGEX        |
+| RegexSyntaxError)             |                     |                      |
+| CursorError, stale_generation | FAILED_PRECONDITION | PAGE_TOKEN_EXPIRED   |
+| CursorError, any other cause  | INVALID_ARGUMENT    | INVALID_PAGE_TOKEN   |
 | SearchCancelled               | ABORTED             | SEARCH_CANCELLED     |
 | SearchDeadlineError           | DEADLINE_EXCEEDED   | SEARCH_DEADLINE      |
 | IndexNotFoundError            | UNAVAILABLE         | INDEX_NOT_READY      |
@@ -18,6 +21,8 @@ turn that into a `google.rpc.Status`. The engine itself never imports grpc.
 | IndexVersionError             | FAILED_PRECONDITION | INDEX_VERSION        |
 | any other EngineError         | UNAVAILABLE         | INDEX_UNAVAILABLE    |
 
+The caller-caused rows use the reasons the search service already returns (the search-svc
+branch's services/search/engineerrors.py), so either module can delegate to the other.
 Index errors are the server's, not the caller's: the message names no file path (paths are
 internals), and a corrupt or missing index is UNAVAILABLE because the service rebuilds it.
 """
@@ -57,22 +62,31 @@ def domain_error(
     `query_field` and `cursor_field` name the request fields the violations point at.
     """
     if isinstance(exc, QuerySyntaxError):
+        regex = isinstance(exc.__cause__, InvalidPatternError)
+        reason = "INVALID_REGEX" if regex else "INVALID_QUERY"
         detail = f"{exc.message} at position {exc.position} (expected {exc.expected})"
         return InvalidArgument(
             f"invalid query: {detail}",
-            field_violations=[FieldViolation(query_field, detail, "QUERY_SYNTAX")],
-            reason="QUERY_SYNTAX",
+            field_violations=[FieldViolation(query_field, detail, reason)],
+            reason=reason,
             metadata={"position": str(exc.position), "expected": exc.expected},
         )
     if isinstance(exc, InvalidPatternError):
+        position = getattr(exc, "position", None)  # RegexSyntaxError knows where
         return InvalidArgument(
-            f"invalid pattern: {exc.message}",
-            field_violations=[FieldViolation(query_field, exc.message, "INVALID_PATTERN")],
-            reason="INVALID_PATTERN",
+            f"invalid regular expression: {exc}",
+            field_violations=[FieldViolation(query_field, str(exc), "INVALID_REGEX")],
+            reason="INVALID_REGEX",
+            metadata={} if position is None else {"position": str(position)},
         )
     if isinstance(exc, CursorError):
+        if exc.reason == "stale_generation":
+            return FailedPrecondition(
+                "the index changed since this page token was issued; start the search again",
+                reason="PAGE_TOKEN_EXPIRED",
+            )
         return InvalidArgument(
-            "the page token cannot be used: start the search again without it",
+            "the page token was not issued for this query and caller",
             field_violations=[FieldViolation(cursor_field, exc.reason, "INVALID_PAGE_TOKEN")],
             reason="INVALID_PAGE_TOKEN",
             metadata={"cause": exc.reason},

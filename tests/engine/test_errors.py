@@ -26,6 +26,7 @@ from services.search.engine.errors import (
 from services.search.engine.format import IndexCorruptError, IndexNotFoundError, IndexVersionError
 from services.search.engine.index import Index, IndexLockedError
 from services.search.engine.model import SourceDocument
+from services.search.engine.regexsyntax import RegexSyntaxError
 from services.search.engine.searcher import Searcher
 from services.search.engine.writer import IndexWriter
 from services.search.engine_errors import domain_error
@@ -58,17 +59,25 @@ def test_query_errors_map_to_invalid_argument_with_the_field(searcher: Searcher)
     with pytest.raises(QuerySyntaxError) as syntax:
         searcher.search('foo "unterminated')
     mapped = domain_error(syntax.value)
-    assert mapped.code is grpc.StatusCode.INVALID_ARGUMENT and mapped.reason == "QUERY_SYNTAX"
+    assert mapped.code is grpc.StatusCode.INVALID_ARGUMENT and mapped.reason == "INVALID_QUERY"
     assert mapped.metadata["position"] == str(syntax.value.position)
     with pytest.raises(InvalidPatternError) as pattern:
         searcher.search("(oops", regex=True)
     mapped = domain_error(pattern.value)
-    assert (mapped.code, mapped.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PATTERN")
+    assert (mapped.code, mapped.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REGEX")
+    with pytest.raises(QuerySyntaxError) as in_query:
+        searcher.search("foo /(oops/")
+    assert domain_error(in_query.value).reason == "INVALID_REGEX"
+    unreadable = RegexSyntaxError("missing )", 4)
+    assert isinstance(unreadable, InvalidPatternError)
+    assert domain_error(unreadable).metadata == {"position": "4"}
     with pytest.raises(CursorError) as cursor:
         searcher.search("needle", cursor="garbage")
     mapped = domain_error(cursor.value, cursor_field="page_token")
     assert (mapped.code, mapped.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN")
-    assert isinstance(mapped, type(mapped)) and mapped.metadata["cause"] == cursor.value.reason
+    assert mapped.metadata["cause"] == cursor.value.reason == "malformed"
+    stale = domain_error(CursorError("old", reason="stale_generation"))
+    assert (stale.code, stale.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "PAGE_TOKEN_EXPIRED")
 
 
 def test_cancel_and_past_deadline_raise_and_map(searcher: Searcher) -> None:
