@@ -1,4 +1,4 @@
-"""Columns of `kotadb bench search` that run our search the way a user at a shell does.
+"""searchcold holds the `kotadb bench search` columns that run our search as a user at a shell does.
 
 `CliPeer` runs `kotadb index search` as a new process per query, exactly what a user types
 (every matching line with `--all`, or `--count`), so it is timed like csearch and ripgrep:

@@ -1,4 +1,4 @@
-"""The text tables of `kotadb bench search`: builds, then warm and process query timings.
+"""searchreport renders `kotadb bench search` as text: builds, then warm and process query timings.
 
 Each query table has one row per pattern and ends with two rows: MEDIAN (the median of the
 column over the queries) and WORST (its largest value: the slowest query, or the worst

@@ -1,4 +1,4 @@
-"""How fast `kotadb` starts: `--help`, and `kotadb index search` up to its first index read.
+"""searchstartup measures how fast `kotadb` starts: `--help`, and a search up to its first index read.
 
     python -m services.bench.searchstartup INDEX_DIR [--runs N]
 

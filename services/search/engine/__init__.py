@@ -1,4 +1,4 @@
-"""The search engine: a pure library (no gRPC, no database, no event loop) over an on-disk index.
+"""engine is the search engine: a pure library (no gRPC, no database, no event loop) over an index.
 
 This is its public surface; callers import from here::
 

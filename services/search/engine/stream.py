@@ -1,4 +1,4 @@
-"""Streaming and counting: every match of a query in index order, without ranking or pages.
+"""stream holds streaming and counting: every match of a query in index order, no ranking or pages.
 
 `kotadb index search --all` and exact totals do not need what a page needs (a score per
 file, a heap, line objects with text, columns and symbols); they need every matching line,
