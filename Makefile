@@ -20,6 +20,7 @@ test: bootstrap lint typecheck buf check-gen pytest
 lint:
 	$(VENV)/bin/ruff check services tests scripts
 	$(VENV)/bin/ruff format --check services tests scripts
+	$(VENV)/bin/lint-imports
 
 typecheck:
 	$(VENV)/bin/mypy

@@ -12,15 +12,23 @@ Order of work, so that every figure is taken on the same machine state:
 2. Symbol extraction throughput over both cores on a sample of the corpus's files in
    languages with symbols (tree-sitter dominates build cost, so it is reported apart).
 3. Queries: for every pattern, one untimed warm-up of each side, then `runs` timed runs of
-   our first page (50 files, FIRST_PAGE mode), our exhaustive search (every matching line),
-   and each peer printing every matching line (pg_trgm: matching files).
+   each column, in two groups reported side by side:
 
-Our searches run in this process on an opened index, as the search service would; peers run
-as child processes, as their users would. Times are wall-clock, page cache warm.
+   * warm, in this process on an opened index, as the search service runs: our first page
+     (50 files, FIRST_PAGE mode), our ranked exhaustive search (every matching file and
+     line as result objects), our stream (every matching line rendered as `--all` prints
+     it) and our count (exact totals only);
+   * processes, a new one per query, as a user at a shell runs them: our CLI
+     (`kotadb index search IDX --regex --all`, every matching line; and `--count`), csearch
+     (`csearch -n`), ripgrep (every matching line; and `rg -c`), pg_trgm (matching files).
+
+Every table ends with the median and the worst query of each column. Times are wall-clock,
+page cache warm. With `index` set the given index is queried and nothing of ours is built.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
 import sys
@@ -39,12 +47,13 @@ from services.bench.measure import PeerBuild, ProcessRun, run_process, summarize
 from services.bench.pgtrgm import PgTrgmPeer
 from services.bench.report import MIB, Target, machine, median_or_none, ratio
 from services.bench.ripgrep import RipgrepPeer
+from services.bench.searchcold import CliPeer, RipgrepCountPeer, render_stream
 from services.search.engine.build import walk_sources
 from services.search.engine.index import Index
 from services.search.engine.languages import detect_language
 from services.search.engine.results import SearchMode, SearchResult
 from services.search.engine.searcher import Searcher
-from services.search.engine.symbols import SymbolExtractor
+from services.search.engine.symbolpool import SymbolExtractor
 
 FIRST_PAGE_FILES = 50
 T = TypeVar("T")
@@ -80,7 +89,7 @@ class BenchOptions:
     """BenchOptions are the command's inputs."""
 
     corpus: Path
-    queries: Path
+    queries: Sequence[Path]
     work_dir: Path | None = None
     runs: int = 5
     with_pg: bool = True
@@ -89,6 +98,7 @@ class BenchOptions:
     symbol_sample_bytes: int = 100 * MIB
     processes: int = 2
     keep: bool = False
+    index: Path | None = None
 
 
 def read_queries(path: Path) -> list[str]:
@@ -173,7 +183,7 @@ def run_bench(options: BenchOptions, *, echo: Callable[[str], None] = print) -> 
     corpus = options.corpus.resolve()
     work = Path(options.work_dir or tempfile.mkdtemp(prefix="kotadb-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    queries = read_queries(options.queries)
+    queries = [pattern for path in options.queries for pattern in read_queries(path)]
     sources = walk_sources(corpus)
     corpus_bytes = sum(s.size for s in sources)
     report: dict[str, Any] = {
@@ -187,33 +197,11 @@ def run_bench(options: BenchOptions, *, echo: Callable[[str], None] = print) -> 
     peers: list[Peer] = []
     pg: PgTrgmPeer | None = None
     try:
-        echo(f"building kotadb index of {corpus} without symbols ...")
-        plain, plain_parts = build_ours(
-            corpus, work / "kotadb-index-nosym", work / "kotadb-build-nosym.log", symbols=False
-        )
-        shutil.rmtree(work / "kotadb-index-nosym", ignore_errors=True)
-        report["build"]["kotadb-index"] = {
-            "seconds": plain.seconds,
-            "throughput_mb_s": corpus_bytes / plain.seconds / 1e6,
-            "peak_rss_bytes": plain.peak_rss_bytes,
-            "index_bytes": plain.index_bytes,
-            "parts": plain_parts,
-        }
-        echo(f"building kotadb index of {corpus} with symbols ...")
-        ours, parts = build_ours(corpus, work / "kotadb-index", work / "kotadb-build.log")
-        report["build"]["kotadb-symbols"] = {
-            "seconds": max(0.0, ours.seconds - plain.seconds),
-            "throughput_mb_s": None,
-            "peak_rss_bytes": None,
-            "index_bytes": parts.get("symbols", 0),
-        }
-        report["build"]["kotadb"] = {
-            "seconds": ours.seconds,
-            "throughput_mb_s": corpus_bytes / ours.seconds / 1e6,
-            "peak_rss_bytes": ours.peak_rss_bytes,
-            "index_bytes": ours.index_bytes,
-            "parts": parts,
-        }
+        index_dir = options.index.resolve() if options.index is not None else work / "kotadb-index"
+        if options.index is None:
+            _build_ours(report, corpus, work, corpus_bytes, echo)
+        else:
+            report["notes"].append(f"queried the existing index {index_dir}; our build was not measured")
         if options.with_codesearch:
             echo("building codesearch index ...")
             cs = CodesearchPeer(corpus, work)
@@ -225,8 +213,11 @@ def run_bench(options: BenchOptions, *, echo: Callable[[str], None] = print) -> 
                 "index_bytes": built.index_bytes,
             }
             peers.append(cs)
+        peers.append(CliPeer(index_dir, count=False))
+        peers.append(CliPeer(index_dir, count=True))
         if options.with_ripgrep:
             peers.append(RipgrepPeer(corpus))
+            peers.append(RipgrepCountPeer(corpus))
         if options.with_pg:
             echo("loading pg_trgm (throwaway Postgres) ...")
             pg = PgTrgmPeer(corpus, work / "pg")
@@ -249,13 +240,14 @@ def run_bench(options: BenchOptions, *, echo: Callable[[str], None] = print) -> 
             report["notes"].append(
                 "pg_trgm answers which files match (select path ... where content ~ $1), not which lines"
             )
-        echo("measuring symbol extraction ...")
-        report["symbols"] = measure_symbols(corpus, options.symbol_sample_bytes)
+        if options.index is None and options.symbol_sample_bytes > 0:
+            echo("measuring symbol extraction ...")
+            report["symbols"] = measure_symbols(corpus, options.symbol_sample_bytes)
         report["peer_names"] = [p.name for p in peers]
         report["searcher_processes"] = options.processes
-        report["queries"] = _run_queries(
-            work / "kotadb-index", queries, peers, options.runs, options.processes, echo
-        )
+        report["load_before"] = os.getloadavg()
+        report["queries"] = _run_queries(index_dir, queries, peers, options.runs, options.processes, echo)
+        report["load_after"] = os.getloadavg()
         _summarise(report, corpus_bytes)
     finally:
         if pg is not None:
@@ -263,6 +255,39 @@ def run_bench(options: BenchOptions, *, echo: Callable[[str], None] = print) -> 
         if not options.keep and options.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+def _build_ours(
+    report: dict[str, Any], corpus: Path, work: Path, corpus_bytes: int, echo: Callable[[str], None]
+) -> None:
+    """_build_ours builds our index without and then with symbols, recording both."""
+    echo(f"building kotadb index of {corpus} without symbols ...")
+    plain, plain_parts = build_ours(
+        corpus, work / "kotadb-index-nosym", work / "kotadb-build-nosym.log", symbols=False
+    )
+    shutil.rmtree(work / "kotadb-index-nosym", ignore_errors=True)
+    report["build"]["kotadb-index"] = {
+        "seconds": plain.seconds,
+        "throughput_mb_s": corpus_bytes / plain.seconds / 1e6,
+        "peak_rss_bytes": plain.peak_rss_bytes,
+        "index_bytes": plain.index_bytes,
+        "parts": plain_parts,
+    }
+    echo(f"building kotadb index of {corpus} with symbols ...")
+    ours, parts = build_ours(corpus, work / "kotadb-index", work / "kotadb-build.log")
+    report["build"]["kotadb-symbols"] = {
+        "seconds": max(0.0, ours.seconds - plain.seconds),
+        "throughput_mb_s": None,
+        "peak_rss_bytes": None,
+        "index_bytes": parts.get("symbols", 0),
+    }
+    report["build"]["kotadb"] = {
+        "seconds": ours.seconds,
+        "throughput_mb_s": corpus_bytes / ours.seconds / 1e6,
+        "peak_rss_bytes": ours.peak_rss_bytes,
+        "index_bytes": ours.index_bytes,
+        "parts": parts,
+    }
 
 
 def _run_queries(
@@ -281,6 +306,8 @@ def _run_queries(
             echo(f"query {pattern!r} ...")
             first_times, _ = _samples(partial(_first_page, searcher, pattern), runs)
             exh_times, exh = _samples(partial(_exhaustive, searcher, pattern), runs)
+            stream_times, _ = _samples(partial(render_stream, searcher, pattern, lines=True), runs)
+            count_times, _ = _samples(partial(render_stream, searcher, pattern, lines=False), runs)
             row: dict[str, Any] = {
                 "pattern": pattern,
                 "files": exh.file_count,
@@ -291,6 +318,8 @@ def _run_queries(
                 "first_page": summarize(first_times).as_dict(),
                 "first_page_samples_ms": [t * 1e3 for t in first_times],
                 "exhaustive": summarize(exh_times).as_dict(),
+                "stream": summarize(stream_times).as_dict(),
+                "count": summarize(count_times).as_dict(),
                 "peers": {},
                 "ratios": {},
             }
@@ -299,12 +328,40 @@ def _run_queries(
                     continue
                 peer_times, peer_run = _samples(partial(peer.query, pattern), runs)
                 row["peers"][peer.name] = {**summarize(peer_times).as_dict(), "lines": peer_run.output_lines}
-                row["ratios"][peer.name] = ratio(statistics.median(exh_times), statistics.median(peer_times))
+            row["ratios"] = _ratios(row)
             rows.append(row)
     finally:
         searcher.close()
         index.close()
     return rows
+
+
+# (name, numerator, denominator) of each ratio a query row reports; a name is "ours / theirs".
+# The numerators are our figures in the same setting as the peer's: a process against
+# processes, the warm searcher against the warm searcher.
+RATIOS: tuple[tuple[str, str, str], ...] = (
+    ("cli / csearch", "kotadb-cli", "csearch"),
+    ("cli / ripgrep", "kotadb-cli", "ripgrep"),
+    ("cli count / ripgrep", "kotadb-cli-count", "ripgrep"),
+    ("cli count / rg -c", "kotadb-cli-count", "ripgrep-count"),
+    ("warm stream / ripgrep", "stream", "ripgrep"),
+    ("warm exhaustive / csearch", "exhaustive", "csearch"),
+)
+
+
+def _column_ms(row: dict[str, Any], column: str) -> float | None:
+    """_column_ms is a row's median time of one column (ours or a peer's), in ms."""
+    entry = row.get(column) if column in ("first_page", "exhaustive", "stream", "count") else None
+    if entry is None:
+        entry = row.get("peers", {}).get(column)
+    if not entry:
+        return None
+    value = entry.get("p50_ms")
+    return None if value is None else float(value)
+
+
+def _ratios(row: dict[str, Any]) -> dict[str, float | None]:
+    return {name: ratio(_column_ms(row, ours), _column_ms(row, theirs)) for name, ours, theirs in RATIOS}
 
 
 def _summarise(report: dict[str, Any], corpus_bytes: int) -> None:
@@ -316,28 +373,42 @@ def _summarise(report: dict[str, Any], corpus_bytes: int) -> None:
         "first_page_p50_ms": statistics.median(first_samples) if first_samples else None,
         "first_page_p99_ms": summarize([s / 1e3 for s in first_samples]).p99 * 1e3 if first_samples else None,
         "first_page_median_of_p50_ms": statistics.median(first_p50s) if first_p50s else None,
-        "exhaustive_ms": median_or_none([row["exhaustive"]["p50_ms"] for row in rows]),
         "peers_ms": {},
         "ratios": {},
     }
     for peer in peers:
         medians["peers_ms"][peer] = median_or_none([row["peers"].get(peer, {}).get("p50_ms") for row in rows])
-        medians["ratios"][peer] = median_or_none([row["ratios"].get(peer) for row in rows])
+    worst: dict[str, Any] = {"ms": {}, "ratios": {}}
+    for column in ("first_page", "exhaustive", "stream", "count", *peers):
+        values = [v for v in (_column_ms(row, column) for row in rows) if v is not None]
+        medians.setdefault("ms", {})[column] = statistics.median(values) if values else None
+        worst["ms"][column] = max(values) if values else None
+    for name, _, _ in RATIOS:
+        values = [v for v in (row["ratios"].get(name) for row in rows) if v is not None]
+        medians["ratios"][name] = statistics.median(values) if values else None
+        worst["ratios"][name] = max(values) if values else None
     report["medians"] = medians
+    report["worst"] = worst
     build = report["build"]
-    ours = build["kotadb"]
-    parts = ours.get("parts", {})
-    postings_dict = parts.get("postings", 0) + parts.get("dict", 0)
-    cs = build.get("csearch")
+    ours = build.get("kotadb")
     targets = [
         Target(
-            "exhaustive: median of per-query ratio to csearch", 0.5, medians["ratios"].get("csearch"), "x"
+            "cli --all: median of per-query ratio to csearch", 1.0, medians["ratios"]["cli / csearch"], "x"
         ),
+        Target("cli --all: worst per-query ratio to ripgrep", 1.0, worst["ratios"]["cli / ripgrep"], "x"),
         Target(
-            "exhaustive: median of per-query ratio to ripgrep", 0.05, medians["ratios"].get("ripgrep"), "x"
+            "cli --count: worst per-query ratio to ripgrep", 0.5, worst["ratios"]["cli count / ripgrep"], "x"
         ),
         Target("first page (50 files): p50 over all runs", 10.0, medians["first_page_p50_ms"], "ms"),
         Target("first page (50 files): p99 over all runs", 50.0, medians["first_page_p99_ms"], "ms"),
+    ]
+    if ours is None:
+        report["targets"] = [t.as_dict() for t in targets]
+        return
+    parts = ours.get("parts", {})
+    postings_dict = parts.get("postings", 0) + parts.get("dict", 0)
+    cs = build.get("csearch")
+    targets += [
         Target(
             "build without symbols (trigrams, postings, content): throughput relative to cindex",
             1.0,

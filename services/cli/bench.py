@@ -1,12 +1,12 @@
 """`kotadb bench`: benchmarks that measure KotaDB side by side with its peers in one run.
 
-    kotadb bench search --corpus DIR --queries FILE [--out report.json] [--runs N]
+    kotadb bench search --corpus DIR --queries FILE... [--index DIR] [--out report.json] [--runs N]
     kotadb bench auth [--out report.json] [--quick]
     kotadb bench ingest --corpus NAME=DIR [--subset NAME=a,b] [--out report.json]
 
-`--corpus` is a source tree, or `stdlib` / `linux` to lay one out with the shared
-`corpus.sh` script under `--corpus-root`. The report is printed as a table and, with
-`--out`, written as JSON (services/bench/search.py describes what is measured and how).
+`--corpus` is a source tree, or `stdlib` / `linux` to lay one out with scripts/corpus.sh
+under `--corpus-root`; the query sets live in services/bench/queries/. The report is printed as
+a table and, with `--out`, written as JSON (services/bench/search.py describes what is measured and how).
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from services.bench.report import MIB, render_table
+from services.bench.report import MIB
 from services.bench.search import BenchOptions, run_bench
+from services.bench.searchreport import render_search_table
 
-CORPUS_SCRIPT = Path("/work/shared/bench/corpus.sh")
+CORPUS_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "corpus.sh"
 
 
 def register(subparsers: Any) -> None:
@@ -37,7 +38,13 @@ def register(subparsers: Any) -> None:
     search.add_argument(
         "--corpus-root", default="/tmp/kotadb-corpus", help="where named corpora are laid out"
     )
-    search.add_argument("--queries", required=True, type=Path, help="one RE2 pattern per line")
+    search.add_argument(
+        "--queries",
+        required=True,
+        type=Path,
+        nargs="+",
+        help="files of one RE2 pattern per line (services/bench/queries/*.txt)",
+    )
     search.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     search.add_argument("--runs", type=int, default=5, help="timed runs per query and side (default 5)")
     search.add_argument("--work-dir", type=Path, default=None, help="keep indexes here instead of a temp dir")
@@ -49,6 +56,12 @@ def register(subparsers: Any) -> None:
     )
     search.add_argument(
         "--processes", type=int, default=2, help="processes our exhaustive searches may use (default 2)"
+    )
+    search.add_argument(
+        "--index",
+        type=Path,
+        default=None,
+        help="query this existing index of the corpus instead of building ours (no build figures)",
     )
     search.set_defaults(func=_search)
     auth = commands.add_parser("auth", help="auth Check throughput, exact limits, ext_authz overhead")
@@ -110,9 +123,10 @@ def _search(args: argparse.Namespace) -> int:
     if not corpus.is_dir():
         print(f"kotadb bench: {corpus}: not a directory", file=sys.stderr)
         return 2
-    if not args.queries.is_file():
-        print(f"kotadb bench: {args.queries}: no such file", file=sys.stderr)
-        return 2
+    for path in args.queries:
+        if not path.is_file():
+            print(f"kotadb bench: {path}: no such file", file=sys.stderr)
+            return 2
     options = BenchOptions(
         corpus=corpus,
         queries=args.queries,
@@ -123,9 +137,10 @@ def _search(args: argparse.Namespace) -> int:
         with_ripgrep=not args.no_ripgrep,
         symbol_sample_bytes=args.symbol_sample_mb * MIB,
         processes=args.processes,
+        index=args.index,
     )
     report = run_bench(options, echo=lambda msg: print(msg, file=sys.stderr, flush=True))
-    print(render_table(report))
+    print(render_search_table(report))
     if args.out is not None:
         args.out.write_text(json.dumps(report, indent=2) + "\n", "utf-8")
         print(f"report written to {args.out}", file=sys.stderr)

@@ -13,20 +13,21 @@ stays machine-readable.
 from __future__ import annotations
 
 import argparse
-import json
+import io
 import os
+import struct
 import sys
 import time
-from typing import Any, TextIO
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 
-from services.search.engine.build import BuildProgress, build_index
-from services.search.engine.cursor import CursorError
-from services.search.engine.format import IndexFileError
-from services.search.engine.index import Index
-from services.search.engine.query import QuerySyntaxError
-from services.search.engine.results import FileMatch, LineMatch, SearchMode, SearchResult
-from services.search.engine.searcher import Searcher
-from services.search.engine.verify import InvalidPatternError
+# Engine modules are imported inside each command: `kotadb index search` never loads the
+# builder (tree-sitter, the symbol pool) and `kotadb index --help` loads nothing of the engine.
+if TYPE_CHECKING:
+    from services.search.engine.build import BuildProgress
+    from services.search.engine.results import ContextLine, FileMatch, LineMatch, SearchResult
+    from services.search.engine.searcher import Searcher
+    from services.search.engine.stream import MatchStream
 
 # ripgrep's default palette: magenta paths, green line numbers, bold red matches.
 _PATH = "\x1b[35m"
@@ -63,12 +64,23 @@ def register(subparsers: Any) -> None:
     search.add_argument("index", metavar="INDEX_DIR")
     search.add_argument("query", metavar="QUERY")
     search.add_argument("--limit", type=int, default=50, metavar="N", help="files per page (default 50)")
-    search.add_argument("--all", action="store_true", help="every matching file, exact totals")
+    search.add_argument(
+        "--all",
+        action="store_true",
+        help="every matching line in index (path) order, streamed as found, exact totals",
+    )
+    search.add_argument(
+        "--count", action="store_true", help="only `path:N` matching lines per file, and exact totals"
+    )
     search.add_argument("--context", type=int, default=0, metavar="N", help="lines of context around matches")
     search.add_argument(
         "--regex", action="store_true", help="QUERY is one RE2 pattern, not the query language"
     )
-    search.add_argument("--json", action="store_true", help='one {"path","line","ranges"} object per line')
+    search.add_argument(
+        "--json",
+        action="store_true",
+        help='one object per output line: {"type":"match"|"context","path","line","text","ranges"}',
+    )
     search.add_argument("--cursor", default=None, help="continue after a previous page")
     search.add_argument("--color", choices=("auto", "always", "never"), default="auto")
     search.add_argument(
@@ -119,6 +131,9 @@ class _ProgressBar:
 
 
 def _build(args: argparse.Namespace) -> int:
+    from services.search.engine.build import build_index
+    from services.search.engine.format import IndexFileError
+
     if not os.path.isdir(args.src):
         return _fail(f"{args.src}: not a directory")
     bar = _ProgressBar(sys.stderr, not args.quiet)
@@ -145,6 +160,11 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
+    import json
+
+    from services.search.engine.format import IndexFileError
+    from services.search.engine.index import Index
+
     try:
         with Index.open(args.index) as index:
             stats = index.stats()
@@ -201,7 +221,7 @@ def _highlight(line: LineMatch, color: bool) -> str:
     return "".join(parts)
 
 
-def _print_file(out: TextIO, file: FileMatch, color: bool, context: int) -> None:
+def _print_file(out: TextIO, file: FileMatch, color: bool, context: int, *, first: bool) -> None:
     path = f"{_PATH}{file.path}{_RESET}" if color else file.path
     if not file.line_matches:
         out.write(path + "\n")
@@ -214,7 +234,8 @@ def _print_file(out: TextIO, file: FileMatch, color: bool, context: int) -> None
         for number, sep, text in rows:
             if number <= last_printed:
                 continue
-            if context and last_printed and number > last_printed + 1:
+            # `--` between context groups, within a file and across files (as ripgrep).
+            if context and (number > last_printed + 1 if last_printed else not first):
                 out.write("--\n")
             num = f"{_LINE}{number}{_RESET}" if color else str(number)
             out.write(f"{path}{sep}{num}{sep}{text}\n")
@@ -222,63 +243,265 @@ def _print_file(out: TextIO, file: FileMatch, color: bool, context: int) -> None
 
 
 def _print_json(out: TextIO, result: SearchResult) -> None:
+    import json
+
     for file in result.files:
         if not file.line_matches:
-            out.write(
-                json.dumps({"path": file.path, "line": None, "ranges": [list(r) for r in file.path_ranges]})
-            )
-            out.write("\n")
+            ranges = [list(r) for r in file.path_ranges]
+            out.write(json.dumps({"type": "path", "path": file.path, "ranges": ranges}) + "\n")
             continue
+        last_printed = 0
         for line in file.line_matches:
-            ranges = [[r.start, r.end] for r in line.ranges]
-            out.write(json.dumps({"path": file.path, "line": line.line_number, "ranges": ranges}) + "\n")
+            rows: list[tuple[int, dict[str, object]]] = [
+                (c.line_number, _context_row(file, c)) for c in line.before
+            ]
+            match: dict[str, object] = {"type": "match", "path": file.path, "line": line.line_number}
+            match["text"] = line.text
+            match["ranges"] = [[r.start, r.end] for r in line.ranges]
+            rows.append((line.line_number, match))
+            rows += [(c.line_number, _context_row(file, c)) for c in line.after]
+            for number, row in rows:
+                if number > last_printed:
+                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    last_printed = number
+
+
+def _context_row(file: FileMatch, line: ContextLine) -> dict[str, object]:
+    return {"type": "context", "path": file.path, "line": line.line_number, "text": line.text}
+
+
+# Streamed output is handed to stdout in chunks of about this size: one write per file
+# would cost a system call per file (thousands for a common pattern).
+_FLUSH_BYTES = 1 << 20
+
+
+# A stream with at least this many candidates is split over two processes (this one and a
+# forked child, on hosts with a second core), as ripgrep spreads files over threads: on Linux,
+# `^#include <linux/[a-z_]+\.h>$` verifies 36,150 candidates, a second or more of Python per
+# process. Below it, the fork (a few ms) is not worth it.
+SPLIT_MIN = 2000
+
+
+def _stream(args: argparse.Namespace, searcher: Searcher, deadline: float | None, color: bool) -> Summary:
+    """_stream prints every match (or per-file counts) in index order as the stream finds them.
+
+    A large stream is cut in two contiguous halves: a forked child renders the second into
+    an unlinked temporary file while this process prints the first, then copies the child's
+    output after its own, so the order is the index order either way.
+    """
+    out = sys.stdout.buffer
+    with searcher.stream(args.query, regex=args.regex, lines=not args.count, deadline=deadline) as found:
+        total = found.candidates
+        if total >= SPLIT_MIN and (os.cpu_count() or 1) > 1 and hasattr(os, "fork"):
+            import tempfile
+
+            with tempfile.TemporaryFile() as spool:
+                return _stream_split(args, found, out, spool, color)
+        _render(args, found, 0, total, out, color, first=True)
+        return Summary(found.file_count, found.match_count, found.limit_reason, total, found.verified, False)
+
+
+def _stream_split(
+    args: argparse.Namespace, found: MatchStream, out: BinaryIO, spool: BinaryIO, color: bool
+) -> Summary:
+    """_stream_split prints the first half of the stream while a forked child renders the second."""
+    total = found.candidates
+    middle = total // 2
+    sys.stdout.flush()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the parent checks the child's output and totals
+        code = 0
+        try:
+            _render(args, found, middle, total, spool, color, first=False)
+            stopped = found.limit_reason is not None
+            spool.write(_COUNTS.pack(found.file_count, found.match_count, found.verified, stopped))
+            spool.flush()
+        except BaseException:
+            code = 1
+        os._exit(code)
+    _render(args, found, 0, middle, out, color, first=True)
+    _, status = os.waitpid(child, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError("the second half of the search failed in its worker process")
+    size = spool.seek(0, os.SEEK_END)
+    if size < _COUNTS.size:
+        raise RuntimeError("the search worker wrote no totals")
+    spool.seek(size - _COUNTS.size)
+    files, lines, verified, stopped = _COUNTS.unpack(spool.read(_COUNTS.size))
+    spool.seek(0)
+    remaining = size - _COUNTS.size
+    if remaining and found.file_count == 0 and args.context and not args.json and not args.count:
+        spool.seek(3)  # the child's leading "--" separates nothing when this half printed no file
+        remaining -= 3
+    while remaining:
+        chunk = spool.read(min(remaining, _FLUSH_BYTES))
+        out.write(chunk)
+        remaining -= len(chunk)
+    out.flush()
+    reason = found.limit_reason or ("deadline" if stopped else None)
+    counts = (found.file_count + files, found.match_count + lines)
+    return Summary(*counts, reason, total, found.verified + verified, False)
+
+
+# The totals a forked stream worker appends to its output: files, lines, verified, stopped.
+_COUNTS = struct.Struct("<qqq?")
+
+
+def _render(
+    args: argparse.Namespace,
+    found: MatchStream,
+    start: int,
+    stop: int,
+    out: BinaryIO,
+    color: bool,
+    *,
+    first: bool,
+) -> None:
+    """_render writes the output of candidates [start, stop) of the stream to `out`."""
+    import json
+
+    from services.search.engine import _fastscan
+
+    pending: list[bytes] = []
+    size = 0
+    separate = args.context and not args.json and not args.count
+    for file in found.files(start, stop):
+        path = file.path.encode("utf-8", "surrogateescape")
+        if args.count:
+            if args.json:
+                row = {"type": "count", "path": file.path, "lines": file.line_count}
+                chunk = (json.dumps(row, ensure_ascii=False) + "\n").encode()
+            else:
+                chunk = b"%s:%d\n" % (path, file.line_count)
+        elif not file.groups:
+            row = {"type": "path", "path": file.path}
+            chunk = (json.dumps(row, ensure_ascii=False) + "\n").encode() if args.json else path + b"\n"
+        elif color:
+            chunk = _colored(file.content, file.groups, file.path, args.context)
+        else:
+            label = json.dumps(file.path, ensure_ascii=False).encode() if args.json else path
+            chunk = _fastscan.render_lines(file.content, file.groups, label, args.json, args.context)
+        if separate and not first:
+            pending.append(b"--\n")  # ripgrep separates context groups across files too
+        first = False
+        pending.append(chunk)
+        size += len(chunk)
+        if size >= _FLUSH_BYTES:
+            out.write(b"".join(pending))
+            pending, size = [], 0
+    out.write(b"".join(pending))
+    out.flush()
+
+
+def _colored(content: bytes | memoryview, groups: bytes, path: str, context: int) -> bytes:
+    """_colored renders one streamed file for a terminal, with ripgrep's colours (small output)."""
+    from services.search.engine.results import LineMatch, MatchRange
+
+    values = memoryview(groups).cast("q")
+    data = bytes(content)
+    lines: list[LineMatch] = []
+    at = 0
+    while at < len(values):
+        number, start, end, count = values[at : at + 4]
+        pairs = values[at + 4 : at + 4 + 2 * count]
+        ranges = tuple(MatchRange(pairs[i], pairs[i + 1], 0, 0) for i in range(0, len(pairs), 2))
+        lines.append(LineMatch(number, start, data[start:end].decode("utf-8", "replace"), ranges))
+        at += 4 + 2 * count
+    text = io.StringIO()
+    path_text = f"{_PATH}{path}{_RESET}"
+    for line in lines:
+        text.write(f"{path_text}:{_LINE}{line.line_number}{_RESET}:{_highlight(line, True)}\n")
+    del context  # context lines are not coloured: a terminal user reads them from the page mode
+    return text.getvalue().encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """Summary is what the stderr line reports about a finished search."""
+
+    file_count: int
+    match_count: int
+    limit_reason: str | None
+    candidates: int
+    verified: int
+    scan: bool
 
 
 def _search(args: argparse.Namespace) -> int:
+    from services.search.engine.errors import EngineError
+    from services.search.engine.index import Index
+    from services.search.engine.results import SearchMode
+    from services.search.engine.searcher import Searcher
+
     if args.limit < 1:
         return _fail("--limit must be at least 1")
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty() and not args.json)
     deadline = time.monotonic() + args.timeout if args.timeout else None
+    started = time.perf_counter()
+    result: SearchResult | None = None
     try:
         with Index.open(args.index) as index:
-            result = Searcher(index).search(
-                args.query,
-                limit_files=None if args.all else args.limit,
-                context_lines=args.context,
-                mode=SearchMode.EXHAUSTIVE if args.all else SearchMode.FIRST_PAGE,
-                cursor=args.cursor,
-                deadline=deadline,
-                regex=args.regex,
-                with_symbols=not args.json,
-            )
-    except (QuerySyntaxError, InvalidPatternError, CursorError, IndexFileError, ValueError) as exc:
-        return _fail(str(exc))
-    out = sys.stdout
-    try:
-        if args.json:
-            _print_json(out, result)
-        else:
-            for file in result.files:
-                _print_file(out, file, color, args.context)
-        out.flush()
+            searcher = Searcher(index)
+            if (args.all or args.count) and not args.cursor:
+                summary = _stream(args, searcher, deadline, color)
+            else:
+                result = searcher.search(
+                    args.query,
+                    limit_files=None if args.all else args.limit,
+                    context_lines=args.context,
+                    mode=SearchMode.EXHAUSTIVE if args.all else SearchMode.FIRST_PAGE,
+                    cursor=args.cursor,
+                    deadline=deadline,
+                    regex=args.regex,
+                    with_symbols=not args.json,
+                )
+                summary = _print_page(args, result, color)
     except BrokenPipeError:
         # The reader (head, less) went away; stop quietly like grep does.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0 if result.file_count else 1
-    summary = (
-        f"{result.file_count} files, {result.match_count} lines"
-        + (f" (stopped: {result.limit_reason})" if result.limit_hit else "")
-        + f"; {result.stats.candidates} candidates, {result.stats.files_verified} verified"
-        + (", scan" if result.stats.scan_fallback else "")
-        + f", {result.stats.duration_seconds * 1e3:.1f} ms"
+        return 0
+    except (EngineError, ValueError) as exc:
+        return _fail(str(exc))
+    line = (
+        f"{summary.file_count} files, {summary.match_count} lines"
+        + (f" (stopped: {summary.limit_reason})" if summary.limit_reason else "")
+        + f"; {summary.candidates} candidates, {summary.verified} verified"
+        + (", scan" if summary.scan else "")
+        + f", {(time.perf_counter() - started) * 1e3:.1f} ms"
     )
-    print(summary, file=sys.stderr)
-    if result.next_cursor:
+    print(line, file=sys.stderr)
+    if result is not None and result.next_cursor:
         print(f"next page: --cursor {result.next_cursor}", file=sys.stderr)
-    return 0 if result.file_count else 1
+    return 0 if summary.file_count else 1
+
+
+def _print_page(args: argparse.Namespace, result: SearchResult, color: bool) -> Summary:
+    out = sys.stdout
+    if args.json:
+        _print_json(out, result)
+    else:
+        for i, file in enumerate(result.files):
+            _print_file(out, file, color, args.context, first=i == 0)
+    out.flush()
+    stats = result.stats
+    reason = str(result.limit_reason) if result.limit_hit else None
+    return Summary(
+        result.file_count,
+        result.match_count,
+        reason,
+        stats.candidates,
+        stats.files_verified,
+        stats.scan_fallback,
+    )
 
 
 def _symbols(args: argparse.Namespace) -> int:
+    import json
+
+    from services.search.engine.format import IndexFileError
+    from services.search.engine.index import Index
+    from services.search.engine.searcher import Searcher
+
     try:
         with Index.open(args.index) as index:
             found = Searcher(index).symbols(

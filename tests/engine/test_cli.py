@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -91,13 +93,56 @@ def test_search_json_all_is_one_object_per_line(built: tuple[Path, Path]) -> Non
     proc = kotadb("search", str(index), r"Pars(er|e)\b", "--regex", "--all", "--json")
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert rows and all(set(row) == {"path", "line", "ranges"} for row in rows)
+    assert rows and all(set(row) == {"type", "path", "line", "text", "ranges"} for row in rows)
     for row in rows:
         line = (src / row["path"]).read_bytes().split(b"\n")[row["line"] - 1]
+        assert row["type"] == "match" and row["text"] == line.decode()
         assert row["ranges"] and all(line[s:e] in (b"Parser", b"Parse") for s, e in row["ranges"])
+    # --all streams in index order: paths ascending.
+    paths = [row["path"] for row in rows]
+    assert paths == sorted(paths)
     found = {(r["path"], r["line"]) for r in rows}
     assert {("src/config.go", 5), ("src/config.go", 6), ("src/parser.py", 4)} <= found
     assert ("src/reparser.rb", 2) not in found  # "Reparser" is another word
+
+
+def test_search_all_and_pages_print_like_ripgrep_across_files(built: tuple[Path, Path]) -> None:
+    src, index = built
+    for extra in ([], ["--all"]):
+        proc = kotadb("search", str(index), "Parser", "--regex", "--context", "1", *extra)
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.splitlines()
+        # `--` separates context groups within and across files, and only those.
+        assert lines[0] != "--" and lines[-1] != "--"
+        rows = [None if line == "--" else re.match(r"^(.+?)[:-](\d+)[:-]", line) for line in lines]
+        for first, second in itertools.pairwise(rows):
+            if first is None or second is None:
+                assert first is not second  # never two separators in a row
+                continue
+            adjacent = first[1] == second[1] and int(second[2]) == int(first[2]) + 1
+            assert adjacent, f"no -- between {first[0]!r} and {second[0]!r}"
+        assert len({row[1] for row in rows if row is not None}) >= 2
+    json_rows = kotadb("search", str(index), "Parser", "--regex", "--all", "--json", "--context", "1")
+    records = [json.loads(line) for line in json_rows.stdout.splitlines()]
+    assert {row["type"] for row in records} == {"match", "context"}
+    for row in records:
+        assert row["text"] == (src / row["path"]).read_bytes().decode().split("\n")[row["line"] - 1]
+
+
+def test_search_count_prints_lines_per_file_and_exact_totals(built: tuple[Path, Path]) -> None:
+    _, index = built
+    counted = kotadb("search", str(index), "Parser", "--regex", "--count")
+    every = kotadb("search", str(index), "Parser", "--regex", "--all")
+    assert counted.returncode == every.returncode == 0
+    per_file: dict[str, int] = {}
+    for line in every.stdout.splitlines():
+        path = line.split(":")[0]
+        per_file[path] = per_file.get(path, 0) + 1
+    assert dict(line.rsplit(":", 1) for line in counted.stdout.splitlines()) == {
+        path: str(n) for path, n in per_file.items()
+    }
+    total = f"{len(per_file)} files, {sum(per_file.values())} lines"
+    assert total in counted.stderr and total in every.stderr
 
 
 def test_search_pages_with_cursor(built: tuple[Path, Path]) -> None:
@@ -153,3 +198,25 @@ def test_rebuild_replaces_changed_and_drops_deleted_files(tmp_path: Path) -> Non
     paths = {json.loads(line)["path"] for line in found.stdout.splitlines()}
     assert "src/reparser.rb" not in paths and "docs/notes.md" not in paths
     assert "docs/new.txt" in paths
+
+
+@pytest.mark.parametrize("flags", [["--all"], ["--all", "--context", "2"], ["--all", "--json"], ["--count"]])
+def test_a_stream_split_over_a_forked_worker_prints_what_one_process_prints(
+    built: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    flags: list[str],
+) -> None:
+    from services.cli import index as index_cli
+    from services.cli.main import main
+
+    _, index = built
+    argv = ["index", "search", str(index), r"\w+", "--regex", "--color", "never", *flags]
+    assert main(argv) == 0
+    whole = capfd.readouterr()
+    monkeypatch.setattr(index_cli, "SPLIT_MIN", 1)  # every stream splits, into a forked child
+    assert main(argv) == 0
+    split = capfd.readouterr()
+    assert split.out == whole.out and whole.out
+    totals = re.compile(r"^\d+ files, \d+ lines; \d+ candidates, \d+ verified")
+    assert totals.match(split.err)[0] == totals.match(whole.err)[0]  # type: ignore[index]

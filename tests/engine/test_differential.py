@@ -30,9 +30,9 @@ from services.search.engine.index import Index
 from services.search.engine.results import SearchMode
 from services.search.engine.searcher import Searcher
 
-CORPUS_SCRIPT = Path("/work/shared/bench/corpus.sh")
-QUERIES = Path("/work/shared/bench/queries/stdlib.txt")
 REPO = Path(__file__).resolve().parents[2]
+CORPUS_SCRIPT = REPO / "scripts" / "corpus.sh"
+QUERIES = REPO / "services" / "bench" / "queries" / "stdlib.txt"
 CLI_FLAGS = ("--regex", "--all", "--json")
 
 
@@ -161,10 +161,11 @@ def test_cli_subprocess_matches_ripgrep(corpus: Corpus) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert rows and all(set(row) == {"path", "line", "ranges"} for row in rows)
+    assert rows and all(set(row) == {"type", "path", "line", "text", "ranges"} for row in rows)
     assert {(row["path"], row["line"]) for row in rows} == truth(corpus, pattern)
     for row in rows:
         line = (corpus.root / row["path"]).read_bytes().split(b"\n")[row["line"] - 1]
+        assert row["text"] == line.decode()
         for start, end in row["ranges"]:
             assert re2.search(pattern.encode(), line[start:end])
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from services.search.engine import rank
+from services.search.engine.facts import path_facts
+from services.search.engine.format import FACT_GENERATED_CONTENT
 from services.search.engine.model import Symbol
 from services.search.engine.results import columns_for, match_range
 
@@ -51,15 +54,16 @@ def test_is_whole_word(line: bytes, start: int, end: int, whole: bool) -> None:
     assert rank.is_whole_word(line, start, end) is whole
 
 
-def test_prior_bounds_score_and_orders_paths() -> None:
-    ordinary = rank.prior("src/main.py", filename_match=False)
-    test = rank.prior("tests/test_main.py", filename_match=False)
-    vendored = rank.prior("vendor/lib/x.go", filename_match=False)
-    assert ordinary > test > 0
-    assert ordinary > vendored > 0
-    best = rank.score(rank.RankSignals(definition=True, whole_word=True, content_match=True))
-    assert ordinary >= best
-    assert rank.prior("a.py", filename_match=True) > ordinary
+def test_prior_weights_bound_the_final_weight_and_order_paths() -> None:
+    paths = ["src/main.py", "tests/test_main.py", "vendor/lib/x.go", "api/x.pb.go"]
+    facts = np.array([path_facts(p) for p in paths], dtype=np.uint8)
+    ordinary, test, vendored, generated = rank.prior_weights(facts).tolist()
+    assert ordinary == 1.0
+    assert ordinary > test > 0 and ordinary > vendored > 0 and ordinary > generated > 0
+    # The content marker only ever lowers the final weight below the path-only prior.
+    marked = int(facts[0]) | FACT_GENERATED_CONTENT
+    assert rank.facts_weight(marked) < ordinary == rank.facts_weight(int(facts[0]))
+    assert rank.facts_weight(int(facts[1])) == test
 
 
 def _symbols() -> list[Symbol]:

@@ -77,7 +77,7 @@ def test_verified_blocks_are_remembered(tmp_path: Path) -> None:
     assert first.startswith(b"line 0")
 
 
-def test_a_table_pointing_outside_its_files_is_rejected_at_open(tmp_path: Path) -> None:
+def test_a_table_pointing_outside_its_files_is_rejected_when_read(tmp_path: Path) -> None:
     seg_dir = build(tmp_path / "idx", [("one", b"abcdef")])
     # A wrong size field with a matching checksum (a writer bug, not bit rot) must still be
     # caught: rewrite docs.bin so a record claims more content than content.bin holds.
@@ -85,11 +85,32 @@ def test_a_table_pointing_outside_its_files_is_rejected_at_open(tmp_path: Path) 
     docs[HEADER_SIZE + 8] = 200
     (seg_dir / "docs.bin").write_bytes(bytes(docs))
     meta = json.loads((seg_dir / "meta.json").read_bytes())
+    size = meta["block_size"]
     meta["parts"]["docs.bin"]["crc32"] = zlib.crc32(docs)
+    meta["parts"]["docs.bin"]["blocks"] = [zlib.crc32(docs[i : i + size]) for i in range(0, len(docs), size)]
     (seg_dir / "meta.json").write_bytes(dump_checked_json(meta))
+    data = SegmentData(seg_dir)  # opening reads no table in full (format.py)
     with pytest.raises(IndexCorruptError) as err:
-        SegmentData(seg_dir)
+        data.content(0)
+    assert err.value.path == str(seg_dir / "content.bin") and "outside the file" in err.value.detail
+    with pytest.raises(IndexCorruptError) as err:
+        data.verify()
     assert err.value.path == str(seg_dir / "docs.bin")
+
+
+@pytest.mark.parametrize("part", ["docs.bin", "dict.bin"])
+def test_tables_are_verified_per_block_when_first_read(tmp_path: Path, part: str) -> None:
+    seg_dir = build(tmp_path / "idx", [("one", b"abcdef"), ("two", b"bcdefg")])
+    raw = bytearray((seg_dir / part).read_bytes())
+    raw[HEADER_SIZE] ^= 0x01  # the first document record / the first trigram id
+    (seg_dir / part).write_bytes(bytes(raw))
+    data = SegmentData(seg_dir)  # opening does not checksum the tables
+    with pytest.raises(IndexCorruptError) as err:
+        if part == "docs.bin":
+            data.doc(0)
+        else:
+            data.postings(b"abc")
+    assert err.value.path == str(seg_dir / part) and "block" in err.value.detail
 
 
 def test_segment_without_trigrams(tmp_path: Path) -> None:

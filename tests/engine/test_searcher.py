@@ -93,12 +93,9 @@ def test_exhaustive_pages_concatenate_to_the_full_result(many: tuple[Path, Index
     assert {p.match_count for p in pages} == {full.match_count}
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_first_page_stops_early_and_cursor_pages_cover_the_rest_once(
-    many: tuple[Path, Index], workers: int
-) -> None:
+def test_first_page_stops_early_and_cursor_pages_cover_the_rest_once(many: tuple[Path, Index]) -> None:
     _, index = many
-    searcher = Searcher(index, workers=workers)
+    searcher = Searcher(index)
     full = searcher.search("needle", mode=SearchMode.EXHAUSTIVE, limit_files=None)
     first = searcher.search("needle", mode=SearchMode.FIRST_PAGE, limit_files=5)
     assert first.limit_hit and first.limit_reason is LimitReason.FILE_LIMIT
@@ -151,35 +148,13 @@ def test_cursor_for_another_query_or_tampered_is_rejected(many: tuple[Path, Inde
 def test_deadline_mid_search_returns_a_marked_partial_result(many: tuple[Path, Index]) -> None:
     _, index = many
     ticks = itertools.count()
-    # Each deadline check advances this clock by one; the deadline passes at the 6th check.
-    # One worker: with two, which thread's check comes sixth is up to the scheduler.
-    searcher = Searcher(index, clock=lambda: float(next(ticks)), workers=1)
+    # Each deadline check advances this clock by one; the deadline passes at the 6th check
+    # (the first is the searcher's own, before any work).
+    searcher = Searcher(index, clock=lambda: float(next(ticks)))
     result = searcher.search("needle", mode=SearchMode.EXHAUSTIVE, limit_files=None, deadline=5.0)
     assert result.limit_hit and result.limit_reason is LimitReason.DEADLINE
-    assert result.stats.files_verified == 5 < result.stats.candidates
+    assert result.stats.files_verified == 4 < result.stats.candidates
     assert result.file_count <= 5 and len(result.files) == result.file_count
-
-
-def test_deadline_with_worker_threads_keeps_what_was_verified(many: tuple[Path, Index]) -> None:
-    _, index = many
-    ticks = itertools.count()
-    searcher = Searcher(index, clock=lambda: float(next(ticks)), workers=2)
-    result = searcher.search("needle", mode=SearchMode.EXHAUSTIVE, limit_files=None, deadline=40.0)
-    assert result.limit_hit and result.limit_reason is LimitReason.DEADLINE
-    assert 0 < result.stats.files_verified < result.stats.candidates == 90
-    assert result.file_count == len(result.files) <= result.stats.files_verified
-
-
-def test_threads_and_single_thread_agree(many: tuple[Path, Index]) -> None:
-    _, index = many
-    one = Searcher(index, workers=1).search("/needle\\w*/", mode=SearchMode.EXHAUSTIVE, limit_files=None)
-    two = Searcher(index, workers=2)
-    try:
-        both = two.search("/needle\\w*/", mode=SearchMode.EXHAUSTIVE, limit_files=None)
-    finally:
-        two.close()
-    assert one.stats.files_verified == both.stats.files_verified == 90
-    assert (one.files, one.file_count, one.match_count) == (both.files, both.file_count, both.match_count)
 
 
 def test_worker_processes_and_one_process_agree(many: tuple[Path, Index]) -> None:
@@ -314,3 +289,19 @@ def test_bad_queries_raise_typed_errors(golden_index: Index) -> None:
         searcher.search("foo (bar")
     with pytest.raises(ValueError):
         searcher.search("foo", limit_files=0)
+
+
+def test_worker_processes_start_only_for_a_search_large_enough(many: tuple[Path, Index]) -> None:
+    _, index = many
+    searcher = Searcher(index, processes=2, process_min=1000)
+    try:
+        small = searcher.search("/needle\\w*/", mode=SearchMode.EXHAUSTIVE, limit_files=None)
+        assert small.stats.candidates < 1000 and searcher._process_pool is None
+        with searcher.stream("needle") as found:
+            assert sum(1 for _ in found) == 90
+        assert searcher._process_pool is None  # streams never use the pool
+        searcher.process_min = 1
+        searcher.search("/needle\\w*/", mode=SearchMode.EXHAUSTIVE, limit_files=None)
+        assert searcher._process_pool is not None
+    finally:
+        searcher.close()

@@ -23,13 +23,8 @@ from hypothesis import strategies as st
 
 from services.search.engine import symbols
 from services.search.engine.model import Symbol
-from services.search.engine.symbols import (
-    MAX_SYMBOLS,
-    SYMBOL_LANGUAGES,
-    SymbolExtractor,
-    extract_many,
-    extract_symbols,
-)
+from services.search.engine.symbolpool import SymbolExtractor, extract_many
+from services.search.engine.symbols import MAX_SYMBOLS, SYMBOL_LANGUAGES, extract_symbols
 
 Row = tuple[str, str, int, int, str]
 

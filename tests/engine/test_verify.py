@@ -13,7 +13,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.search.engine.verify import InvalidPatternError, LineMatch, LineMatcher, char_column
+from services.search.engine import _fastscan
+from services.search.engine.verify import (
+    InvalidPatternError,
+    LineMatch,
+    LineMatcher,
+    char_column,
+    pack_groups,
+)
 
 RG = shutil.which("rg")
 
@@ -270,6 +277,58 @@ def test_agrees_with_ripgrep(
     assert ours == expected
 
 
+@pytest.mark.parametrize(("pattern", "rg_pattern", "case_sensitive"), _PATTERNS)
+def test_counts_and_packed_groups_agree_with_find(
+    corpus: pathlib.Path, pattern: str, rg_pattern: str, case_sensitive: bool
+) -> None:
+    matcher = LineMatcher(pattern, case_sensitive=case_sensitive)
+    for path in sorted(corpus.iterdir()):
+        data = path.read_bytes()
+        found = matcher.find(data)
+        assert matcher.count(data) == len(found), path.name
+        groups, lines, matches = matcher.groups(data)
+        assert groups == pack_groups(found)
+        assert (lines, matches) == (len(found), sum(len(m.ranges) for m in found))
+
+
+@pytest.mark.parametrize("context", [0, 1, 3])
+@pytest.mark.parametrize("pattern", ["return", r"def \w+\(self", "(?i)error", "^$"])
+def test_rendered_lines_equal_ripgrep_output(corpus: pathlib.Path, pattern: str, context: int) -> None:
+    # render_lines prints what `rg -n -H -C N` prints for one file, `--` separators included.
+    assert RG is not None
+    matcher = LineMatcher(pattern, case_sensitive=True)
+    for path in sorted(corpus.iterdir())[:4]:
+        args = [
+            RG,
+            "--no-config",
+            "--no-ignore",
+            "-n",
+            "-H",
+            "-C",
+            str(context),
+            "-e",
+            pattern,
+            "--",
+            str(path),
+        ]
+        expected = subprocess.run(args, capture_output=True, check=False).stdout
+        data = path.read_bytes()
+        groups, _, _ = matcher.groups(data)
+        assert _fastscan.render_lines(data, groups, str(path).encode(), False, context) == expected, path.name
+
+
+def test_rendered_json_lines_carry_text_and_context() -> None:
+    data = b'a "x"\tx\nplain\nb\n\n\nx\n'
+    groups, _, _ = LineMatcher("x", case_sensitive=True).groups(data)
+    rows = [json.loads(r) for r in _fastscan.render_lines(data, groups, b'"p.c"', True, 1).splitlines()]
+    assert rows == [
+        {"type": "match", "path": "p.c", "line": 1, "text": 'a "x"\tx', "ranges": [[3, 4], [6, 7]]},
+        {"type": "context", "path": "p.c", "line": 2, "text": "plain"},
+        {"type": "context", "path": "p.c", "line": 5, "text": ""},
+        {"type": "match", "path": "p.c", "line": 6, "text": "x", "ranges": [[0, 1]]},
+    ]
+
+
 @pytest.mark.parametrize(("pattern", "rg_pattern", "case_sensitive"), _PATTERNS[:6])
 def test_literal_mode_agrees_with_ripgrep_fixed_strings(
     corpus: pathlib.Path, pattern: str, rg_pattern: str, case_sensitive: bool
@@ -364,3 +423,4 @@ def test_random_patterns_agree_with_ripgrep(
             expected.add((data["line_number"], tuple((s["start"], s["end"]) for s in data["submatches"])))
     matcher = LineMatcher(pattern, case_sensitive=case_sensitive, literal=literal)
     assert {(m.line_number, m.ranges) for m in matcher.find(doc.read_bytes())} == expected
+    assert matcher.count(doc.read_bytes()) == len({line for line, _ in expected})

@@ -1,0 +1,111 @@
+"""engine is the search engine: a pure library (no gRPC, no database, no event loop) over an index.
+
+This is its public surface; callers import from here::
+
+    from services.search.engine import Index, IndexWriter, Searcher, SearchMode, EngineError
+
+Modules by data direction (pyproject.toml's import-linter contracts keep the layering):
+
+* index, written: model (plain data), languages, symbols / symbolpool (tree-sitter), trigrams,
+  postings, facts, builder (one segment), writer, merge, build (a source tree), format (the
+  on-disk layout, described once), errors;
+* index, read: reader (one segment), index (snapshots of the live segments);
+* query: query (the query language), regexsyntax, plan (trigram plans), matchtree;
+* search: request, candidates, verify, searchrun (ranked pages), hits, page, stream (every
+  match in index order, and counts), rank, cursor, results, searcher, symsearch.
+
+Names are resolved on first use (PEP 562), so importing one module of the engine (the
+ingest service imports languages and symbols) does not load the rest.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from services.search.engine.errors import (
+        CursorError,
+        EngineError,
+        IndexFileError,
+        InvalidPatternError,
+        QuerySyntaxError,
+        SearchCancelled,
+        SearchDeadlineError,
+    )
+    from services.search.engine.format import IndexCorruptError, IndexNotFoundError, IndexVersionError
+    from services.search.engine.index import Index, IndexLockedError, Snapshot
+    from services.search.engine.model import SourceDocument, Symbol
+    from services.search.engine.request import RunContext, SearchRequest
+    from services.search.engine.results import FileMatch, LimitReason, LineMatch, SearchMode, SearchResult
+    from services.search.engine.searcher import Searcher
+    from services.search.engine.stream import MatchStream, StreamedFile
+    from services.search.engine.writer import IndexWriter
+
+_EXPORTS = {
+    "CursorError": "errors",
+    "EngineError": "errors",
+    "IndexFileError": "errors",
+    "InvalidPatternError": "errors",
+    "QuerySyntaxError": "errors",
+    "SearchCancelled": "errors",
+    "SearchDeadlineError": "errors",
+    "IndexCorruptError": "format",
+    "IndexNotFoundError": "format",
+    "IndexVersionError": "format",
+    "Index": "index",
+    "IndexLockedError": "index",
+    "Snapshot": "index",
+    "SourceDocument": "model",
+    "Symbol": "model",
+    "RunContext": "request",
+    "SearchRequest": "request",
+    "FileMatch": "results",
+    "LimitReason": "results",
+    "LineMatch": "results",
+    "SearchMode": "results",
+    "SearchResult": "results",
+    "Searcher": "searcher",
+    "MatchStream": "stream",
+    "StreamedFile": "stream",
+    "IndexWriter": "writer",
+}
+
+__all__ = [
+    "CursorError",
+    "EngineError",
+    "FileMatch",
+    "Index",
+    "IndexCorruptError",
+    "IndexFileError",
+    "IndexLockedError",
+    "IndexNotFoundError",
+    "IndexVersionError",
+    "IndexWriter",
+    "InvalidPatternError",
+    "LimitReason",
+    "LineMatch",
+    "MatchStream",
+    "QuerySyntaxError",
+    "RunContext",
+    "SearchCancelled",
+    "SearchDeadlineError",
+    "SearchMode",
+    "SearchRequest",
+    "SearchResult",
+    "Searcher",
+    "Snapshot",
+    "SourceDocument",
+    "StreamedFile",
+    "Symbol",
+]
+
+
+def __getattr__(name: str) -> Any:
+    """__getattr__ imports the module that defines a public name on first use."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value

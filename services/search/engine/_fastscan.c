@@ -20,6 +20,20 @@
  *       The posting lists of documents 0..n-1 given each one's distinct trigram ids (uint32
  *       buffers): ascending trigram ids (uint32), run starts with a final end (int64) and
  *       the ordinals grouped by trigram, ascending within each (uint32), by counting sort.
+ *   scan_literal(data, needle, folded, guard) -> tuple[bytes, int, int] | None
+ *       find_literal's lines as one packed int64 buffer instead of Python objects, with the
+ *       counts of lines and matches: per line
+ *       line_number, line_start, line_end, range_count, then range_count (start, end) pairs
+ *       relative to line_start (the "groups" layout render_lines reads); None as above.
+ *   count_literal(data, needle, folded, guard) -> tuple[int, int] | None
+ *       (matching lines, matches) of find_literal, without building anything per line.
+ *   render_lines(data, groups, path, json, context) -> bytes
+ *       The output lines of one file's matches in the groups layout: `path:N:text` per
+ *       match and `path-N-text` per context line, `--` between non-adjacent groups (grep
+ *       and ripgrep's format), or with `json` one object per line:
+ *       {"type":"match","path":P,"line":N,"text":T,"ranges":[[s,e],...]} and
+ *       {"type":"context","path":P,"line":N,"text":T}; `path` is given already rendered
+ *       (a JSON string literal in json mode). Text is the line without its newline.
  *   distinct_trigrams(data) -> bytes
  *       The distinct ASCII-folded trigram ids of `data` (uint32, native byte order, first
  *       occurrence order), leaving out trigrams that contain a newline byte.
@@ -34,6 +48,7 @@
 #include <Python.h>
 
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -342,6 +357,280 @@ static PyObject *fastscan_needle_lines(PyObject *self, PyObject *args) {
     return lines;
 }
 
+static PyObject *fastscan_scan_literal(PyObject *self, PyObject *args) {
+    (void)self;
+    scan_args a;
+    PyObject *needle_obj;
+    int folded, guard;
+    if (!PyArg_ParseTuple(args, "y*Opp", &a.data, &needle_obj, &folded, &guard)) {
+        return NULL;
+    }
+    if (parse_needle(needle_obj, &a) < 0) {
+        PyBuffer_Release(&a.data);
+        return NULL;
+    }
+    i64vec out = {NULL, 0, 0};
+    int rc = run_scan(&a, folded, guard, -1, 1, &out);
+    PyBuffer_Release(&a.data);
+    if (rc != 0) {
+        free(out.items);
+        if (rc > 0) {
+            Py_RETURN_NONE;
+        }
+        return PyErr_NoMemory();
+    }
+    long long lines = 0, matches = 0;
+    for (size_t at = 0; at + 4 <= out.len;) {
+        lines++;
+        matches += out.items[at + 3];
+        at += 4 + 2 * (size_t)out.items[at + 3];
+    }
+    PyObject *packed = PyBytes_FromStringAndSize((const char *)out.items, (Py_ssize_t)(out.len * sizeof(int64_t)));
+    free(out.items);
+    if (packed == NULL) {
+        return NULL;
+    }
+    return Py_BuildValue("(NLL)", packed, lines, matches);
+}
+
+static PyObject *fastscan_count_literal(PyObject *self, PyObject *args) {
+    (void)self;
+    scan_args a;
+    PyObject *needle_obj;
+    int folded, guard;
+    if (!PyArg_ParseTuple(args, "y*Opp", &a.data, &needle_obj, &folded, &guard)) {
+        return NULL;
+    }
+    if (parse_needle(needle_obj, &a) < 0) {
+        PyBuffer_Release(&a.data);
+        return NULL;
+    }
+    i64vec out = {NULL, 0, 0};
+    int rc = run_scan(&a, folded, guard, -1, 1, &out);
+    PyBuffer_Release(&a.data);
+    if (rc != 0) {
+        free(out.items);
+        if (rc > 0) {
+            Py_RETURN_NONE;
+        }
+        return PyErr_NoMemory();
+    }
+    long long lines = 0, matches = 0;
+    for (size_t at = 0; at + 4 <= out.len;) {
+        lines++;
+        matches += out.items[at + 3];
+        at += 4 + 2 * (size_t)out.items[at + 3];
+    }
+    free(out.items);
+    return Py_BuildValue("(LL)", lines, matches);
+}
+
+/* A growable byte buffer, filled without the GIL. */
+typedef struct {
+    char *data;
+    size_t len;
+    size_t cap;
+} bytebuf;
+
+static int buf_reserve(bytebuf *b, size_t more) {
+    if (b->len + more <= b->cap) {
+        return 0;
+    }
+    size_t cap = b->cap ? b->cap : 4096;
+    while (cap < b->len + more) {
+        cap *= 2;
+    }
+    char *grown = realloc(b->data, cap);
+    if (grown == NULL) {
+        return -1;
+    }
+    b->data = grown;
+    b->cap = cap;
+    return 0;
+}
+
+static int buf_put(bytebuf *b, const void *src, size_t n) {
+    if (buf_reserve(b, n)) {
+        return -1;
+    }
+    memcpy(b->data + b->len, src, n);
+    b->len += n;
+    return 0;
+}
+
+static int buf_num(bytebuf *b, long long v) {
+    char tmp[24];
+    int n = snprintf(tmp, sizeof tmp, "%lld", v);
+    return buf_put(b, tmp, (size_t)n);
+}
+
+/* buf_json_text appends text as the inside of a JSON string (the input is valid UTF-8: files
+   that are not are never indexed, so only quotes, backslashes and control bytes need escaping). */
+static int buf_json_text(bytebuf *b, const unsigned char *p, size_t n) {
+    static const char hex[] = "0123456789abcdef";
+    if (buf_reserve(b, n + 2)) {
+        return -1;
+    }
+    size_t run = 0;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = p[i];
+        if (c >= 0x20 && c != '"' && c != '\\') {
+            continue;
+        }
+        if (buf_put(b, p + run, i - run)) {
+            return -1;
+        }
+        run = i + 1;
+        char esc[6] = {'\\', 0, 0, 0, 0, 0};
+        size_t len = 2;
+        switch (c) {
+        case '"': esc[1] = '"'; break;
+        case '\\': esc[1] = '\\'; break;
+        case '\t': esc[1] = 't'; break;
+        case '\r': esc[1] = 'r'; break;
+        case '\b': esc[1] = 'b'; break;
+        case '\f': esc[1] = 'f'; break;
+        default:
+            esc[1] = 'u'; esc[2] = '0'; esc[3] = '0'; esc[4] = hex[c >> 4]; esc[5] = hex[c & 15];
+            len = 6;
+        }
+        if (buf_put(b, esc, len)) {
+            return -1;
+        }
+    }
+    return buf_put(b, p + run, n - run);
+}
+
+typedef struct {
+    bytebuf out;
+    const unsigned char *path;
+    size_t path_len;
+    int json;
+} render_state;
+
+/* emit_line appends one output line: a match (`ranges` non-NULL) or a context line. */
+static int emit_line(render_state *r, long long number, const unsigned char *text, size_t len,
+                     const int64_t *ranges, int64_t range_count) {
+    bytebuf *b = &r->out;
+    if (r->json) {
+        const char *head = ranges ? "{\"type\":\"match\",\"path\":" : "{\"type\":\"context\",\"path\":";
+        if (buf_put(b, head, strlen(head)) || buf_put(b, r->path, r->path_len) || buf_put(b, ",\"line\":", 8) ||
+            buf_num(b, number) || buf_put(b, ",\"text\":\"", 9) || buf_json_text(b, text, len) ||
+            buf_put(b, "\"", 1)) {
+            return -1;
+        }
+        if (ranges) {
+            if (buf_put(b, ",\"ranges\":[", 11)) {
+                return -1;
+            }
+            for (int64_t i = 0; i < range_count; i++) {
+                if ((i && buf_put(b, ",", 1)) || buf_put(b, "[", 1) || buf_num(b, ranges[2 * i]) ||
+                    buf_put(b, ",", 1) || buf_num(b, ranges[2 * i + 1]) || buf_put(b, "]", 1)) {
+                    return -1;
+                }
+            }
+            if (buf_put(b, "]", 1)) {
+                return -1;
+            }
+        }
+        return buf_put(b, "}\n", 2);
+    }
+    char sep = ranges ? ':' : '-';
+    return buf_put(b, r->path, r->path_len) || buf_put(b, &sep, 1) || buf_num(b, number) || buf_put(b, &sep, 1) ||
+                   buf_put(b, text, len) || buf_put(b, "\n", 1)
+               ? -1
+               : 0;
+}
+
+static PyObject *fastscan_render_lines(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer data, groups, path;
+    int json;
+    Py_ssize_t context;
+    if (!PyArg_ParseTuple(args, "y*y*y*pn", &data, &groups, &path, &json, &context)) {
+        return NULL;
+    }
+    const unsigned char *hay = data.buf;
+    Py_ssize_t n = data.len;
+    const int64_t *g = groups.buf;
+    size_t count = (size_t)groups.len / sizeof(int64_t);
+    render_state r = {{NULL, 0, 0}, path.buf, (size_t)path.len, json};
+    int rc = 0;
+    if (context < 0) {
+        context = 0;
+    }
+    Py_BEGIN_ALLOW_THREADS;
+    long long last_printed = 0; /* line number of the last line written */
+    Py_ssize_t last_end = 0;    /* byte offset just past that line's newline */
+    for (size_t at = 0; at + 4 <= count && rc == 0;) {
+        long long number = g[at];
+        Py_ssize_t start = g[at + 1], end = g[at + 2];
+        int64_t ranges = g[at + 3];
+        if (start < 0 || end < start || end > n || ranges < 0 || at + 4 + 2 * (size_t)ranges > count) {
+            rc = -2;
+            break;
+        }
+        const int64_t *pairs = g + at + 4;
+        at += 4 + 2 * (size_t)ranges;
+        long long next_number = at + 4 <= count ? g[at] : -1;
+        /* Context before: up to `context` lines, not re-printing what was written. */
+        long long first = number - context;
+        if (first <= last_printed) {
+            first = last_printed + 1;
+        }
+        if (first < 1) {
+            first = 1;
+        }
+        if (!json && context && last_printed && first > last_printed + 1) {
+            rc = buf_put(&r.out, "--\n", 3);
+        }
+        Py_ssize_t pos = start;
+        for (long long k = number - first; k > 0; k--) { /* walk back k lines */
+            pos = pos > 0 ? pos - 1 : 0;
+            while (pos > 0 && hay[pos - 1] != '\n') {
+                pos--;
+            }
+        }
+        for (long long line = first; line < number && rc == 0; line++) {
+            const unsigned char *eol = memchr(hay + pos, '\n', (size_t)(start - pos));
+            Py_ssize_t stop = eol ? eol - hay : start;
+            rc = emit_line(&r, line, hay + pos, (size_t)(stop - pos), NULL, 0);
+            pos = stop + 1;
+        }
+        if (rc == 0) {
+            rc = emit_line(&r, number, hay + start, (size_t)(end - start), pairs, ranges);
+        }
+        last_printed = number;
+        last_end = end < n ? end + 1 : n;
+        /* Context after: stop before the next match's line (it prints itself). */
+        for (long long line = number + 1; line <= number + context && rc == 0 && last_end < n; line++) {
+            if (next_number > 0 && line >= next_number) {
+                break;
+            }
+            const unsigned char *eol = memchr(hay + last_end, '\n', (size_t)(n - last_end));
+            Py_ssize_t stop = eol ? eol - hay : n;
+            rc = emit_line(&r, line, hay + last_end, (size_t)(stop - last_end), NULL, 0);
+            last_printed = line;
+            last_end = stop < n ? stop + 1 : n;
+        }
+    }
+    Py_END_ALLOW_THREADS;
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&groups);
+    PyBuffer_Release(&path);
+    if (rc != 0) {
+        free(r.out.data);
+        if (rc == -2) {
+            PyErr_SetString(PyExc_ValueError, "groups do not describe lines of data");
+            return NULL;
+        }
+        return PyErr_NoMemory();
+    }
+    PyObject *result = PyBytes_FromStringAndSize(r.out.data ? r.out.data : "", (Py_ssize_t)r.out.len);
+    free(r.out.data);
+    return result;
+}
+
 /* One bit per trigram id, per thread: threads extract documents in parallel without the GIL. */
 static _Thread_local uint8_t *seen_bits;
 
@@ -603,6 +892,12 @@ static PyMethodDef fastscan_methods[] = {
      "find_literal(data, needle, folded, guard, limit, line_type) lists the lines holding needle."},
     {"needle_lines", fastscan_needle_lines, METH_VARARGS,
      "needle_lines(data, needle, folded, guard) lists (line_number, start, end) of lines holding needle."},
+    {"scan_literal", fastscan_scan_literal, METH_VARARGS,
+     "scan_literal(data, needle, folded, guard) returns find_literal's lines packed, with their counts."},
+    {"count_literal", fastscan_count_literal, METH_VARARGS,
+     "count_literal(data, needle, folded, guard) returns (matching lines, matches)."},
+    {"render_lines", fastscan_render_lines, METH_VARARGS,
+     "render_lines(data, groups, path, json, context) renders one file's matches as output lines."},
     {"distinct_trigrams", fastscan_distinct_trigrams, METH_VARARGS,
      "distinct_trigrams(data) returns the distinct folded trigram ids without newlines as uint32 bytes."},
     {"any_whole_word", fastscan_any_whole_word, METH_VARARGS,

@@ -18,6 +18,15 @@ def needle_lines(
 ) -> list[tuple[int, int, int]] | None:
     """needle_lines lists (line_number, line_start, line_end) of each line holding needle."""
 
+def scan_literal(data: Buffer, needle: bytes, folded: bool, guard: bool, /) -> tuple[bytes, int, int] | None:
+    """scan_literal packs find_literal's lines as int64 groups, with (lines, matches) counts."""
+
+def count_literal(data: Buffer, needle: bytes, folded: bool, guard: bool, /) -> tuple[int, int] | None:
+    """count_literal returns (matching lines, matches) of find_literal without per-line objects."""
+
+def render_lines(data: Buffer, groups: Buffer, path: bytes, json: bool, context: int, /) -> bytes:
+    """render_lines renders one file's packed matching lines as grep-style or JSON output lines."""
+
 def distinct_trigrams(data: Buffer, /) -> bytes:
     """distinct_trigrams returns the distinct folded trigram ids without newlines, as uint32 bytes."""
 

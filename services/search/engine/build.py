@@ -30,7 +30,7 @@ from services.search.engine.builder import Limits, check_document
 from services.search.engine.index import Index
 from services.search.engine.languages import detect_language
 from services.search.engine.model import Skipped, SourceDocument
-from services.search.engine.symbols import SymbolExtractor
+from services.search.engine.symbolpool import SymbolExtractor
 from services.search.engine.writer import IndexWriter
 
 SKIP_DIRS = frozenset({".git", ".hg", ".svn"})

@@ -18,12 +18,11 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import NDArray
 
+from services.search.engine.facts import content_facts, path_facts
 from services.search.engine.format import (
     BLOCK_SIZE,
     DOC_RECORD,
     FORMAT_VERSION,
-    HEADER_SIZE,
-    LAZY_PARTS,
     MAGIC_CONTENT,
     MAGIC_DICT,
     MAGIC_DOCS,
@@ -33,6 +32,7 @@ from services.search.engine.format import (
     SYMBOL_RECORD,
     PartInfo,
     PartWriter,
+    dict_padding,
     dump_checked_json,
     fsync_dir,
     write_atomic,
@@ -194,9 +194,7 @@ def _build(dest: Path, docs: Sequence[PendingDoc], limits: Limits | None, durabl
     parts: dict[str, PartInfo] = {}
     count = len(accepted)
 
-    content = PartWriter(
-        dest / "content.bin", MAGIC_CONTENT, count, lazy="content.bin" in LAZY_PARTS, durable=durable
-    )
+    content = PartWriter(dest / "content.bin", MAGIC_CONTENT, count, lazy=True, durable=durable)
     symbol_total = sum(d.symbol_count for d in accepted)
     symbols = PartWriter(dest / "symbols.bin", MAGIC_SYMBOLS, symbol_total, lazy=True, durable=durable)
     records: list[bytes] = []
@@ -217,7 +215,7 @@ def _build(dest: Path, docs: Sequence[PendingDoc], limits: Limits | None, durabl
                 len(text),
                 len(doc.symbols_blob),
                 doc.symbol_count,
-                0,
+                path_facts(doc.path) | content_facts(doc.content),
                 digest,
             )
         )
@@ -228,7 +226,7 @@ def _build(dest: Path, docs: Sequence[PendingDoc], limits: Limits | None, durabl
     parts["symbols.bin"] = symbols.finish()
     result.content_bytes = content_off
 
-    table = PartWriter(dest / "docs.bin", MAGIC_DOCS, count, lazy=False, durable=durable)
+    table = PartWriter(dest / "docs.bin", MAGIC_DOCS, count, lazy=True, durable=durable)
     table.write(b"".join(records))
     table.write(b"".join(strings))
     parts["docs.bin"] = table.finish()
@@ -239,7 +237,7 @@ def _build(dest: Path, docs: Sequence[PendingDoc], limits: Limits | None, durabl
     post.write(data.data)
     parts["postings.bin"] = post.finish()
 
-    dictionary = PartWriter(dest / "dict.bin", MAGIC_DICT, len(ids), lazy=False, durable=durable)
+    dictionary = PartWriter(dest / "dict.bin", MAGIC_DICT, len(ids), lazy=True, durable=durable)
     dictionary.write(ids.astype("<u4").tobytes())
     dictionary.write(b"\0" * dict_padding(len(ids)))
     dictionary.write(offsets.astype("<u8").tobytes())
@@ -258,8 +256,3 @@ def _build(dest: Path, docs: Sequence[PendingDoc], limits: Limits | None, durabl
     write_atomic(dest / META_FILE, dump_checked_json(meta), durable=durable)
     fsync_dir(dest, durable=durable)
     return result
-
-
-def dict_padding(n: int) -> int:
-    """dict_padding is the number of zero bytes after n trigram ids so the offsets start 8-aligned."""
-    return (-(HEADER_SIZE + 4 * n)) % 8

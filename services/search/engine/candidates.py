@@ -10,17 +10,20 @@ ordinary files before tests, vendored and generated ones (rank.py's path weight)
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
-from numpy.typing import NDArray
 from pyroaring import BitMap
 
 from services.search.engine.index import Snapshot
 from services.search.engine.matchtree import DocFacts, MatchTree
 from services.search.engine.plan import All, And, Empty, Or, Plan, Tri
 from services.search.engine.reader import SegmentReader
+
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
 
 
 def evaluate_plan(plan: Plan, segment: SegmentReader) -> BitMap | None:
@@ -77,29 +80,24 @@ class Candidates:
         return len(self.ords)
 
 
-def collect_candidates(
-    snap: Snapshot,
-    tree: MatchTree,
-    weights_of: Callable[[SegmentReader], NDArray[np.float64]],
-    *,
-    exact: bool,
-) -> Candidates:
+def collect_candidates(snap: Snapshot, tree: MatchTree, *, exact: bool) -> Candidates:
     """collect_candidates evaluates the tree's plan on every segment of the snapshot.
 
-    `weights_of` gives a segment's per-ordinal path weights (cached by the searcher); with
-    `exact` the candidates are verified in index order, else in first-page order.
+    With `exact` the candidates are verified in index order, else in first-page order (by
+    path weight, read from the candidates' stored facts: nothing here is proportional to
+    the segment, only to its candidates).
     """
+    import numpy as np
+
+    from services.search.engine import rank
+
     plan = tree.plan
     order: list[tuple[int, NDArray[np.int64]]] = []
     weights_all: list[NDArray[np.float64]] = []
     for seg_index, segment in enumerate(snap.segments):
-        bits = evaluate_plan(plan, segment)
-        live = segment.live if bits is None else bits & segment.live
-        ordinals = np.asarray(live.to_array(), dtype=np.int64)
-        if tree.has_metadata_terms and len(ordinals):
-            ordinals = prune_by_metadata(tree, segment, ordinals)
+        ordinals = np.asarray(segment_candidates(tree, segment), dtype=np.int64)
         order.append((seg_index, ordinals))
-        weights_all.append(weights_of(segment)[ordinals] if len(ordinals) else np.empty(0))
+        weights_all.append(rank.prior_weights(segment.facts(ordinals)) if len(ordinals) else np.empty(0))
     seg_ids: NDArray[np.int64] = (
         np.concatenate([np.full(len(o), i, dtype=np.int64) for i, o in order])
         if order
@@ -112,18 +110,25 @@ def collect_candidates(
     return Candidates(seg_ids, ords, weights, sequence, isinstance(plan, All))
 
 
-def prune_by_metadata(
-    tree: MatchTree, segment: SegmentReader, ordinals: NDArray[np.int64]
-) -> NDArray[np.int64]:
+def segment_candidates(tree: MatchTree, segment: SegmentReader) -> Sequence[int]:
+    """segment_candidates lists one segment's candidates in ordinal order, metadata terms applied.
+
+    This is all a stream needs (it verifies in index order): no numpy, no weights.
+    """
+    bits = evaluate_plan(tree.plan, segment)
+    live = segment.live if bits is None else bits & segment.live
+    ordinals: Sequence[int] = live.to_array()
+    if tree.has_metadata_terms and len(ordinals):
+        ordinals = prune_by_metadata(tree, segment, ordinals)
+    return ordinals
+
+
+def prune_by_metadata(tree: MatchTree, segment: SegmentReader, ordinals: Sequence[int]) -> list[int]:
     """prune_by_metadata drops candidates that the query's path, language and repository terms exclude."""
-    keep = np.zeros(len(ordinals), dtype=bool)
-    paths = segment.paths
-    for i, ordinal in enumerate(ordinals.tolist()):
-        doc = segment.doc(ordinal) if tree.needs_doc_record else None
-        facts = DocFacts(
-            path=paths[ordinal],
-            language=doc.language if doc else "",
-            repository=doc.repository if doc else "",
-        )
-        keep[i] = tree.prefilter(facts) is not False
-    return ordinals[keep]
+    kept: list[int] = []
+    for ordinal in ordinals:
+        doc = segment.doc(ordinal)
+        facts = DocFacts(path=doc.path, language=doc.language, repository=doc.repository)
+        if tree.prefilter(facts) is not False:
+            kept.append(ordinal)
+    return kept

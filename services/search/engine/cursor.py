@@ -35,22 +35,12 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from services.search.engine.errors import CursorError as CursorError
+
 VERSION = 1
 _DEFAULT_KEY = b"kotadb-cursor-v1"
 _TAG_BYTES = 8
 DIGEST_BYTES = 8
-
-
-class CursorError(ValueError):
-    """CursorError reports a cursor that cannot be used; `reason` is a stable machine name.
-
-    Reasons: `malformed`, `tampered`, `unsupported_version`, `stale_generation`,
-    `query_mismatch`.
-    """
-
-    def __init__(self, message: str, *, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 RankKey = tuple[float, str, str, str]

@@ -118,7 +118,14 @@ class MatchTree:
         self._compile(query.expr, positive=True)
         fields = {c.term.field for c in self._terms.values()}
         self.has_metadata_terms = bool(fields & {Field.FILE, Field.LANG, Field.REPO})
-        self.needs_doc_record = bool(fields & {Field.LANG, Field.REPO})
+        expr = query.expr
+        only = self._by_node.get(id(expr)) if isinstance(expr, Term) else None
+        # The LineMatcher of a query that is one content term and nothing else: its matching
+        # lines are exactly that matcher's, so streaming and counting call it directly
+        # (natively, for a literal) instead of evaluating the tree per document.
+        self.sole_matcher: LineMatcher | None = (
+            only.line_matcher if only is not None and query.result_type is ResultType.FILE else None
+        )
 
     def __str__(self) -> str:
         return self._text

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from services.search.engine.builder import BuiltSegment, PendingDoc, build_segment
 from services.search.engine.format import HEADER_SIZE
 from services.search.engine.reader import SegmentReader
@@ -104,9 +106,9 @@ def merge_pending(readers: Sequence[SegmentReader], first_seq: int = 0) -> list[
     seq = first_seq
     for reader in readers:
         data = reader.data
-        records = data.records
-        for ordinal in reader.live:
-            rec = records[ordinal]
+        live = reader.live
+        records = data.records_of(np.array(live.to_array(), dtype=np.int64))
+        for rec, ordinal in zip(records, live, strict=True):
             meta = data.doc(ordinal)
             start = HEADER_SIZE + int(rec["symbols_off"])
             blob = data.parts["symbols.bin"].region(start, start + int(rec["symbols_len"]))

@@ -8,17 +8,54 @@ cursor: continuing after it could skip files nobody verified (see searcher.py).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from services.search.engine.cursor import Cursor, Position, exclusion_digests
-from services.search.engine.hits import file_match
+from services.search.engine.hits import Hit, file_match
+from services.search.engine.index import Snapshot
+from services.search.engine.matchtree import MatchTree
+from services.search.engine.request import SearchRequest
 from services.search.engine.results import LimitReason, SearchResult, SearchStats
 
-if TYPE_CHECKING:
-    from services.search.engine.searchrun import Run
+
+class FinishedRun(Protocol):
+    """FinishedRun is what a page is assembled from: a finished run's counters and best hits.
+
+    searchrun.Run provides it; this module never imports that one (runs call down into pages).
+    """
+
+    @property
+    def heap(self) -> Sequence[Hit]: ...
+    @property
+    def snap(self) -> Snapshot: ...
+    @property
+    def tree(self) -> MatchTree: ...
+    @property
+    def request(self) -> SearchRequest: ...
+    @property
+    def cursor(self) -> Cursor | None: ...
+    @property
+    def fingerprint(self) -> bytes: ...
+    @property
+    def encode(self) -> Callable[[Cursor], str]: ...
+    @property
+    def exact(self) -> bool: ...
+    @property
+    def file_count(self) -> int: ...
+    @property
+    def match_count(self) -> int: ...
+    @property
+    def verified(self) -> int: ...
+    @property
+    def eligible(self) -> int: ...
+    @property
+    def proven(self) -> bool: ...
+    @property
+    def limit_reason(self) -> LimitReason | None: ...
 
 
-def assemble_result(run: Run, candidates: int, scan: bool, stopped_early: bool) -> SearchResult:
+def assemble_result(run: FinishedRun, candidates: int, scan: bool, stopped_early: bool) -> SearchResult:
     """assemble_result builds the result of `run`, which verified `candidates` documents' worth.
 
     `scan` says the plan had no usable trigram; `stopped_early` that a first page stopped
@@ -45,10 +82,10 @@ def assemble_result(run: Run, candidates: int, scan: bool, stopped_early: bool) 
         pass
     elif stopped_early and run.limit_reason is LimitReason.FILE_LIMIT and not run.proven:
         shown = exclusion_digests((f.repository, f.path, f.external_id) for f in ordered)
-        next_cursor = run.searcher.encode(Cursor(run.snap.generation, run.fingerprint, None, carried | shown))
+        next_cursor = run.encode(Cursor(run.snap.generation, run.fingerprint, None, carried | shown))
     elif more and ordered:
         last = ordered[-1]
-        next_cursor = run.searcher.encode(
+        next_cursor = run.encode(
             Cursor(
                 run.snap.generation,
                 run.fingerprint,

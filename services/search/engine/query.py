@@ -30,20 +30,11 @@ from dataclasses import dataclass
 
 import re2
 
+from services.search.engine.errors import QuerySyntaxError as QuerySyntaxError
 from services.search.engine.languages import normalize_language
 from services.search.engine.plan import ALL, Plan, and_, or_, plan_literal, plan_regex
 from services.search.engine.regexsyntax import has_upper_literal
 from services.search.engine.verify import InvalidPatternError, compile_regex
-
-
-class QuerySyntaxError(ValueError):
-    """QuerySyntaxError names where a query stopped making sense and what would have fit there."""
-
-    def __init__(self, message: str, position: int, expected: str) -> None:
-        super().__init__(f"{message} at position {position} (expected {expected})")
-        self.message = message
-        self.position = position
-        self.expected = expected
 
 
 class Field(enum.StrEnum):

@@ -14,8 +14,9 @@ site in an ordinary file scores 10), and the tie-break by path in cursor.rank_ke
 gives a stable, readable order. Match counts are deliberately not part of the score: a
 file that mentions a name 40 times is not a better answer than one that defines it.
 
-`prior` bounds a file's score from its path alone (weight times the best possible tier);
-the searcher verifies candidates in prior order so a first page sees ordinary files first.
+`prior_weights` bounds a file's weight from the path facts stored in its segment (format.py's
+document facts; a content marker can only lower it), and the searcher verifies candidates in
+that order times the best possible tier, so a first page sees ordinary files first.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from services.search.engine.languages import is_generated, is_test, is_vendored
 from services.search.engine.model import Symbol
 
 DEFINITION = 100.0
@@ -68,6 +68,24 @@ def path_weight(*, test: bool, vendored: bool, generated: bool) -> float:
     return weight
 
 
+# path_weight of every combination of the three path bits of a document's facts (format.py).
+_PRIOR_WEIGHTS = np.array(
+    [path_weight(test=bool(f & 1), vendored=bool(f & 2), generated=bool(f & 4)) for f in range(8)],
+    dtype=np.float64,
+)
+
+
+def prior_weights(facts: NDArray[np.uint8]) -> NDArray[np.float64]:
+    """prior_weights maps documents' facts bits to their path-only weights (bounding the final ones)."""
+    weights: NDArray[np.float64] = _PRIOR_WEIGHTS[facts & 7]
+    return weights
+
+
+def facts_weight(facts: int) -> float:
+    """facts_weight is a document's final path weight from all its facts bits (content marker included)."""
+    return path_weight(test=bool(facts & 1), vendored=bool(facts & 2), generated=bool(facts & 12))
+
+
 def content_tier(signals: RankSignals) -> float:
     """content_tier is the value of a file's best content match (see the module docstring)."""
     if signals.definition:
@@ -89,27 +107,6 @@ def score(signals: RankSignals, weight: float | None = None) -> float:
     if weight is None:
         weight = path_weight(test=signals.test, vendored=signals.vendored, generated=signals.generated)
     return round(base * weight, 6)
-
-
-def content_generated(content: bytes) -> bool:
-    """content_generated reports whether a file's first bytes carry a generated-code marker."""
-    return is_generated("", content)
-
-
-def path_flags(path: str, content: bytes = b"") -> tuple[bool, bool, bool]:
-    """path_flags classifies a file as (test, vendored, generated) with languages.py's rules."""
-    return is_test(path), is_vendored(path), is_generated(path, content)
-
-
-def prior(path: str, *, filename_match: bool) -> float:
-    """prior is an upper bound on a file's score that needs only its path.
-
-    Content markers can only make a file generated (lower), so the path-only weight bounds
-    the final weight from above.
-    """
-    test, vendored, generated = is_test(path), is_vendored(path), is_generated(path)
-    base = DEFINITION + (FILENAME if filename_match else 0.0)
-    return round(base * path_weight(test=test, vendored=vendored, generated=generated), 6)
 
 
 def _is_word_byte(b: int) -> bool:

@@ -15,15 +15,14 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-from numpy.typing import NDArray
 from pyroaring import BitMap, FrozenBitMap
 
-from services.search.engine.builder import dict_padding
 from services.search.engine.format import (
     DOC_RECORD,
     DOC_RECORD_SIZE,
+    FACT_PRESENT,
     HEADER,
     HEADER_SIZE,
     LAZY_PARTS,
@@ -31,17 +30,25 @@ from services.search.engine.format import (
     META_FILE,
     PART_FILES,
     SYMBOL_RECORD,
+    V1_BLOCK_SIZE,
+    V1_LAZY_PARTS,
     IndexCorruptError,
     MappedPart,
     PartInfo,
     check_version,
+    dict_padding,
     load_checked_json,
 )
 from services.search.engine.model import Symbol
-from services.search.engine.postings import decode_postings
 from services.search.engine.trigrams import trigram_id
 
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
+
 _CONTENT_SPAN = struct.Struct("<QQ")
+_STRINGS_SPAN = struct.Struct("<Q")
+_STRINGS_LEN = struct.Struct("<I")
 _BIG_ENDIAN = sys.byteorder == "big"  # the format is little-endian; native views need a copy there
 
 
@@ -69,6 +76,8 @@ class SymbolSpans:
     __slots__ = ("_fields", "_raw", "count", "spans")
 
     def __init__(self, raw: memoryview, count: int) -> None:
+        import numpy as np
+
         width = SYMBOL_RECORD.size // 4
         self._raw = raw
         self._fields: NDArray[np.uint32] = np.frombuffer(raw, dtype="<u4", count=count * width).reshape(
@@ -79,6 +88,8 @@ class SymbolSpans:
 
     def symbol(self, i: int) -> Symbol:
         """symbol decodes the i-th symbol record with its strings (IndexError when out of range)."""
+        import numpy as np
+
         if not 0 <= i < self.count:
             raise IndexError(i)
         lengths = self._fields[:, 4:8].astype(np.int64)
@@ -111,12 +122,17 @@ class SegmentData:
             self.doc_count = int(meta["doc_count"])
             self.trigram_count = int(meta["trigram_count"])
             self.content_bytes = int(meta["content_bytes"])
+            self.format = int(meta["format"])
+            self.block_size = int(meta.get("block_size", V1_BLOCK_SIZE))
             parts = meta["parts"]
             infos = {name: PartInfo.from_json(meta_path, parts[name]) for name in PART_FILES}
         except (KeyError, TypeError, ValueError) as exc:
             raise IndexCorruptError(meta_path, f"missing or malformed field: {exc}") from exc
+        if self.block_size < 1024 or self.block_size & (self.block_size - 1):
+            raise IndexCorruptError(meta_path, f"invalid block size {self.block_size}")
+        lazy = LAZY_PARTS if self.format >= 2 else V1_LAZY_PARTS
         self.parts = {
-            name: MappedPart(path / name, magic, infos[name], lazy=name in LAZY_PARTS)
+            name: MappedPart(path / name, magic, infos[name], lazy=name in lazy, block_size=self.block_size)
             for name, magic in PART_FILES.items()
         }
         self._dict = self.parts["dict.bin"]
@@ -128,14 +144,12 @@ class SegmentData:
         n = self.trigram_count
         ids_end = HEADER_SIZE + 4 * n
         offsets_start = ids_end + dict_padding(n)
-        self.trigram_ids: NDArray[np.uint32] = np.frombuffer(
-            self._dict.view, dtype="<u4", count=n, offset=HEADER_SIZE
-        )
-        self.postings_offsets: NDArray[np.uint64] = np.frombuffer(
-            self._dict.view, dtype="<u8", count=n + 1, offset=offsets_start
-        )
+        self._ids_end = ids_end
+        self._offsets_start = offsets_start
         # Point lookups go through typed memoryviews and bisect: 0.4 us per lookup, against
         # 11 us for np.searchsorted with a Python int (numpy casts the whole array to int64).
+        # numpy views of the tables (trigram_ids, postings_offsets, records) are made on first
+        # use: a query that only streams matches never imports numpy (~100 ms of a CLI run).
         self._id_view: Sequence[int] = (
             self.trigram_ids.tolist() if _BIG_ENDIAN else self._dict.view[HEADER_SIZE:ids_end].cast("I")
         )
@@ -144,26 +158,56 @@ class SegmentData:
             if _BIG_ENDIAN
             else self._dict.view[offsets_start : offsets_start + 8 * (n + 1)].cast("Q")
         )
-        self.records = np.frombuffer(
-            self._docs.view,
-            dtype=np.dtype(
-                [
-                    ("content_off", "<u8"),
-                    ("size", "<u8"),
-                    ("strings_off", "<u8"),
-                    ("symbols_off", "<u8"),
-                    ("strings_len", "<u4"),
-                    ("symbols_len", "<u4"),
-                    ("symbol_count", "<u4"),
-                    ("reserved", "<u4"),
-                    ("hash", "S32"),
-                ]
-            ),
-            count=self.doc_count,
-            offset=HEADER_SIZE,
-        )
         self._strings_base = HEADER_SIZE + DOC_RECORD_SIZE * self.doc_count
-        self._check_tables()
+        # Version 1 stored no facts: they are worked out per ordinal when a query first needs them.
+        self.stores_facts = self.format >= 2
+        self._worked_facts: dict[int, int] = {}
+        if not self._docs.lazy:
+            # Version 1: the tables were verified whole above, so check their offsets now.
+            self._check_tables()
+
+    @functools.cached_property
+    def trigram_ids(self) -> NDArray[np.uint32]:
+        """trigram_ids is dict.bin's ascending id array as a numpy view (read unverified: see format.py)."""
+        import numpy as np
+
+        ids: NDArray[np.uint32] = np.frombuffer(
+            self._dict.view, dtype="<u4", count=self.trigram_count, offset=HEADER_SIZE
+        )
+        return ids
+
+    @functools.cached_property
+    def postings_offsets(self) -> NDArray[np.uint64]:
+        """postings_offsets is dict.bin's offset array as a numpy view."""
+        import numpy as np
+
+        offsets: NDArray[np.uint64] = np.frombuffer(
+            self._dict.view, dtype="<u8", count=self.trigram_count + 1, offset=self._offsets_start
+        )
+        return offsets
+
+    @functools.cached_property
+    def records(self) -> NDArray[np.void]:
+        """records is docs.bin's document table as a numpy structured view (see records_of)."""
+        import numpy as np
+
+        dtype = np.dtype(
+            [
+                ("content_off", "<u8"),
+                ("size", "<u8"),
+                ("strings_off", "<u8"),
+                ("symbols_off", "<u8"),
+                ("strings_len", "<u4"),
+                ("symbols_len", "<u4"),
+                ("symbol_count", "<u4"),
+                ("facts", "<u4"),
+                ("hash", "S32"),
+            ]
+        )
+        rows: NDArray[np.void] = np.frombuffer(
+            self._docs.view, dtype=dtype, count=self.doc_count, offset=HEADER_SIZE
+        )
+        return rows
 
     def _check_counts(self) -> None:
         expected = {
@@ -182,7 +226,10 @@ class SegmentData:
             raise IndexCorruptError(self._docs.path, "shorter than its document table")
 
     def _check_tables(self) -> None:
-        # Cheap whole-array checks at open so a bad offset can never index outside a file later.
+        import numpy as np
+
+        # Whole-array consistency checks of verified tables (version 1 at open; verify() always).
+        # Every offset is also bounds-checked where it is used (MappedPart.region).
         ids = self.trigram_ids
         if len(ids) > 1 and not bool(np.all(ids[1:] > ids[:-1])):
             raise IndexCorruptError(self._dict.path, "trigram ids are not strictly ascending")
@@ -200,23 +247,40 @@ class SegmentData:
             strings_end = int((rec["strings_off"] + rec["strings_len"]).max())
             if self._strings_base + strings_end > self._docs.info.size:
                 raise IndexCorruptError(self._docs.path, "a document's strings run past the end of the file")
+            if self.stores_facts:
+                self._check_facts(rec["facts"])
+
+    def _check_facts(self, facts: NDArray[np.uint32]) -> None:
+        import numpy as np
+
+        if not bool(np.all(facts & FACT_PRESENT)):
+            raise IndexCorruptError(self._docs.path, "a document record carries no facts")
 
     def verify(self) -> None:
-        """verify checks every part's whole-file checksum now, raising IndexCorruptError on mismatch."""
+        """verify checks every part's whole-file checksum and the tables' offsets now.
+
+        Raises IndexCorruptError on a mismatch.
+        """
         for part in self.parts.values():
             part.verify()
+        self._check_tables()
 
     def postings(self, tri: bytes) -> BitMap:
         """postings returns the ordinals of documents containing trigram `tri` (looked up as given)."""
         tid = trigram_id(tri)
         ids = self._id_view
         i = bisect.bisect_left(ids, tid)
-        if i >= len(ids) or ids[i] != tid:
+        if i >= len(ids):
+            return BitMap()
+        # The probes above read unverified ids; the entry used and its offsets are verified.
+        self._dict.region(HEADER_SIZE + 4 * i, HEADER_SIZE + 4 * i + 4)
+        self._dict.region(self._offsets_start + 8 * i, self._offsets_start + 8 * i + 16)
+        if ids[i] != tid:
             return BitMap()
         start = HEADER_SIZE + self._offset_view[i]
         end = HEADER_SIZE + self._offset_view[i + 1]
         try:
-            bitmap = decode_postings(self._postings.region(start, end))
+            bitmap = BitMap.deserialize(self._postings.region(start, end))  # type: ignore[arg-type]
         except (ValueError, MemoryError) as exc:
             raise IndexCorruptError(self._postings.path, f"undecodable posting list {i}: {exc}") from exc
         if len(bitmap) and bitmap.max() >= self.doc_count:
@@ -227,33 +291,92 @@ class SegmentData:
         if not 0 <= ordinal < self.doc_count:
             raise IndexError(f"ordinal {ordinal} out of range for {self.name} ({self.doc_count} documents)")
 
+    def names(self, ordinal: int) -> tuple[str, str, str]:
+        """names returns (external_id, path, repository) of `ordinal`: doc without the rest."""
+        self._check_ordinal(ordinal)
+        record = self._record(ordinal)
+        strings_off, strings_len = _STRINGS_SPAN.unpack_from(record, 16), _STRINGS_LEN.unpack_from(record, 32)
+        start = self._strings_base + strings_off[0]
+        raw = bytes(self._docs.region(start, start + strings_len[0]))
+        try:
+            external_id, path, repository, _ = raw.decode().split("\0")
+        except ValueError as exc:
+            raise IndexCorruptError(self._docs.path, f"malformed strings of document {ordinal}") from exc
+        return external_id, path, repository
+
     def doc(self, ordinal: int) -> DocRecord:
         """doc returns the document table row of `ordinal`."""
         self._check_ordinal(ordinal)
         # struct over the mapped table: 3x faster than numpy structured scalars per field.
-        _, size, strings_off, _, strings_len, _, _, _, digest = DOC_RECORD.unpack_from(
-            self._docs.view, HEADER_SIZE + DOC_RECORD_SIZE * ordinal
-        )
+        _, size, strings_off, _, strings_len, _, _, _, digest = DOC_RECORD.unpack_from(self._record(ordinal))
         start = self._strings_base + strings_off
-        raw = bytes(self._docs.view[start : start + strings_len])
+        raw = bytes(self._docs.region(start, start + strings_len))
         try:
             external_id, path, repository, language = raw.decode().split("\0")
         except ValueError as exc:
             raise IndexCorruptError(self._docs.path, f"malformed strings of document {ordinal}") from exc
         return DocRecord(external_id, path, repository, language, size, digest.hex())
 
+    def _record(self, ordinal: int) -> memoryview:
+        at = HEADER_SIZE + DOC_RECORD_SIZE * ordinal
+        return self._docs.region(at, at + DOC_RECORD_SIZE)
+
+    def records_of(self, ordinals: NDArray[np.int64]) -> NDArray[np.void]:
+        """records_of returns the table rows of `ordinals`, their blocks verified."""
+        if len(ordinals) and (int(ordinals.min()) < 0 or int(ordinals.max()) >= self.doc_count):
+            raise IndexError(f"ordinal out of range for {self.name} ({self.doc_count} documents)")
+        self._docs.check_records(HEADER_SIZE + DOC_RECORD_SIZE * ordinals, DOC_RECORD_SIZE)
+        rows: NDArray[np.void] = self.records[ordinals]
+        return rows
+
+    def facts(self, ordinals: NDArray[np.int64]) -> NDArray[np.uint8]:
+        """facts returns the `facts` bits (format.py) of each ordinal, for candidate weights.
+
+        Version 2 segments read them from the document table; version 1 segments work out
+        the path bits from each path (no content bit), once per ordinal, so a query pays only
+        for its own candidates.
+        """
+        import numpy as np
+
+        if self.stores_facts:
+            facts = self.records_of(ordinals)["facts"]
+            self._check_facts(facts)
+            return (facts & 0xFF).astype(np.uint8)
+        from services.search.engine.facts import path_facts  # version 1 only: spare the import
+
+        out = np.empty(len(ordinals), dtype=np.uint8)
+        worked = self._worked_facts
+        for i, ordinal in enumerate(ordinals.tolist()):
+            found = worked.get(ordinal)
+            if found is None:
+                found = worked[ordinal] = path_facts(self.doc(ordinal).path)
+            out[i] = found
+        return out
+
+    def doc_facts(self, ordinal: int, content: bytes | memoryview) -> int:
+        """doc_facts returns every `facts` bit of one document; `content` is its stored content."""
+        import numpy as np
+
+        self._check_ordinal(ordinal)
+        if self.stores_facts:
+            return int(self.facts(np.array([ordinal], dtype=np.int64))[0])
+        from services.search.engine.facts import content_facts  # version 1 only: spare the import
+
+        return int(self.facts(np.array([ordinal], dtype=np.int64))[0]) | content_facts(content)
+
     def content(self, ordinal: int) -> memoryview:
         """content returns the stored content of `ordinal` as a zero-copy view of the mapped file."""
         self._check_ordinal(ordinal)
-        at = HEADER_SIZE + DOC_RECORD_SIZE * ordinal
-        content_off, size = _CONTENT_SPAN.unpack_from(self._docs.view, at)
+        content_off, size = _CONTENT_SPAN.unpack_from(self._record(ordinal))
         start = HEADER_SIZE + content_off
         return self._content.region(start, start + size)
 
     def symbols(self, ordinal: int) -> tuple[Symbol, ...]:
         """symbols returns the symbol records stored for `ordinal`."""
+        import numpy as np
+
         self._check_ordinal(ordinal)
-        rec = self.records[ordinal]
+        rec = self.records_of(np.array([ordinal], dtype=np.int64))[0]
         count = int(rec["symbol_count"])
         if count == 0:
             return ()
@@ -266,8 +389,10 @@ class SegmentData:
 
     def symbol_spans(self, ordinal: int) -> SymbolSpans:
         """symbol_spans returns the symbols stored for `ordinal` as spans, strings decoded on demand."""
+        import numpy as np
+
         self._check_ordinal(ordinal)
-        rec = self.records[ordinal]
+        rec = self.records_of(np.array([ordinal], dtype=np.int64))[0]
         count = int(rec["symbol_count"])
         start = HEADER_SIZE + int(rec["symbols_off"])
         end = start + int(rec["symbols_len"]) if count else start
@@ -300,7 +425,7 @@ class SegmentData:
             raise IndexCorruptError(path, f"bad magic {magic!r}")
         check_version(path, version)
         try:
-            deleted = decode_postings(memoryview(raw)[HEADER_SIZE:])
+            deleted: BitMap = BitMap.deserialize(memoryview(raw)[HEADER_SIZE:])  # type: ignore[arg-type]
         except ValueError as exc:
             raise IndexCorruptError(path, f"undecodable bitmap: {exc}") from exc
         if len(deleted) != count or (len(deleted) and deleted.max() >= self.doc_count):
@@ -376,8 +501,20 @@ class SegmentReader:
 
     @property
     def paths(self) -> Sequence[str]:
-        """paths lists every ordinal's path (deleted ones included), for path-only queries."""
+        """paths lists every ordinal's path (deleted ones included); it decodes the whole table once."""
         return self.data.paths
+
+    def facts(self, ordinals: NDArray[np.int64]) -> NDArray[np.uint8]:
+        """facts returns the path facts of the given ordinals (SegmentData.facts)."""
+        return self.data.facts(ordinals)
+
+    def doc_facts(self, ordinal: int, content: bytes | memoryview) -> int:
+        """doc_facts returns every fact bit of one document (SegmentData.doc_facts)."""
+        return self.data.doc_facts(ordinal, content)
+
+    def names(self, ordinal: int) -> tuple[str, str, str]:
+        """names returns (external_id, path, repository) of `ordinal` (SegmentData.names)."""
+        return self.data.names(ordinal)
 
     def verify(self) -> None:
         """verify checks every checksum of the segment now."""

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.search.engine.errors import InvalidPatternError
+
 MAX_CODE_POINT = 0x10FFFF
 # RE2 rejects counted repetitions above this (re2/parse.cc's kMaxRepeat).
 MAX_REPEAT = 1000
@@ -23,8 +25,11 @@ MAX_NESTING = 100
 Ranges = tuple[tuple[int, int], ...]
 
 
-class RegexSyntaxError(ValueError):
-    """RegexSyntaxError says the planning parser could not read a pattern at `position`."""
+class RegexSyntaxError(InvalidPatternError):
+    """RegexSyntaxError says the planning parser could not read a pattern at `position`.
+
+    It is an InvalidPatternError (errors.py's `pattern` kind) that also knows where.
+    """
 
     def __init__(self, message: str, position: int) -> None:
         super().__init__(f"{message} at position {position}")

@@ -21,86 +21,46 @@ page requested with a cursor is always computed in exact order, so concatenated 
 the exhaustive result (after an approximate first page, they equal it as a set: see
 cursor.py). A page cut short by the deadline or the match limit carries no cursor.
 
-Wrappers (tenant scoping, logging, limits) implement the `SearchBackend` protocol around a
-Searcher instead of branching inside it.
+Each run gets a `request.RunContext` (clock, cursor encoder, worker processes), never the
+Searcher itself, so nothing below this module imports it.
 """
 
 from __future__ import annotations
 
 import collections
-import multiprocessing
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
-from typing import Protocol
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
-import numpy as np
-from numpy.typing import NDArray
-
-from services.search.engine import rank
 from services.search.engine.candidates import evaluate_plan
 from services.search.engine.cursor import Cursor, decode_cursor, encode_cursor, query_fingerprint
+from services.search.engine.errors import SearchCancelled, SearchDeadlineError
 from services.search.engine.index import Index
 from services.search.engine.matchtree import MatchTree, compile_query, compile_regex_query
 from services.search.engine.query import Query
-from services.search.engine.reader import SegmentReader
+from services.search.engine.request import DEFAULT_LIMIT_FILES, PROCESS_MIN, RunContext, SearchRequest
 from services.search.engine.results import SearchMode, SearchResult
-from services.search.engine.searchrun import OVERSAMPLE, Run, SearchCancelled
-from services.search.engine.symsearch import SymbolCandidate, SymbolSearchResult, search_symbols
+from services.search.engine.stream import MatchStream
+
+if TYPE_CHECKING:
+    from concurrent.futures import ProcessPoolExecutor
+
+    from services.search.engine.symsearch import SymbolSearchResult
 
 __all__ = [
     "DEFAULT_LIMIT_FILES",
-    "OVERSAMPLE",
     "PROCESS_MIN",
-    "SearchBackend",
     "SearchCancelled",
     "SearchRequest",
     "Searcher",
     "evaluate_plan",
 ]
 
-DEFAULT_LIMIT_FILES = 50
-# Exact-order searches with at least this many candidates are worth splitting over
-# processes (below it, pickling results and waking a worker cost more than they save).
-PROCESS_MIN = 1024
 # Recently compiled queries kept per searcher.
 COMPILED_CACHE = 256
-
-
-@dataclass(frozen=True, slots=True)
-class SearchRequest:
-    """SearchRequest is everything a search needs besides the index.
-
-    `query` is query-language text or a parsed Query; with `regex=True` it is one RE2
-    pattern taken whole (no query-language parsing), matched case-sensitively unless it
-    says `(?i)`. `limit_files` is the page size (None: every matching file);
-    `limit_matches` stops counting once that many matching lines were found (reason
-    MATCH_LIMIT). `deadline` is a `time.monotonic()` instant. `cursor` continues a previous
-    page of the same query on the same snapshot generation. `with_symbols=False` leaves
-    out the enclosing symbol of each line (ranking still uses definitions), which saves
-    decoding symbol records when a caller only wants lines.
-    """
-
-    query: str | Query
-    limit_files: int | None = DEFAULT_LIMIT_FILES
-    limit_matches: int | None = None
-    context_lines: int = 0
-    mode: SearchMode = SearchMode.FIRST_PAGE
-    cursor: str | None = None
-    deadline: float | None = None
-    regex: bool = False
-    with_symbols: bool = True
-    cancel: threading.Event | None = field(default=None, compare=False)
-
-
-class SearchBackend(Protocol):
-    """SearchBackend is what a searcher wrapper implements and wraps."""
-
-    def run(self, request: SearchRequest) -> SearchResult:
-        """run executes one search request."""
-        ...
 
 
 class Searcher:
@@ -108,10 +68,10 @@ class Searcher:
 
     `cursor_key` keys the cursors' integrity tag (cursor.py); `clock` is the time source
     deadlines are compared with (`time.monotonic` unless a test supplies its own);
-    `workers` threads verify candidates (1, the default: everything on the calling thread;
-    see `searchrun.Run._verify_parallel` for why more does not pay today); with `processes` > 1,
-    exact-order searches with many candidates are split over that many processes (this one
-    included; see `searchrun.Run._verify_processes`). Call `close` to stop threads and processes.
+    candidates are verified on the calling thread; with `processes` > 1, exact-order searches
+    with at least `process_min` candidates are split over that many processes (this one
+    included; see `searchrun.Run._verify_processes`), which start on the first such search,
+    never for a small one. Call `close` to stop them.
     """
 
     def __init__(
@@ -120,24 +80,18 @@ class Searcher:
         *,
         cursor_key: bytes | None = None,
         clock: Callable[[], float] = time.monotonic,
-        workers: int = 1,
         processes: int = 1,
         process_min: int = PROCESS_MIN,
     ) -> None:
         self.index = index
         self.clock = clock
-        self.workers = max(1, workers)
         self.processes = max(1, processes)
         self.process_min = process_min
         self._process_pool: ProcessPoolExecutor | None = None
-        self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._trees: collections.OrderedDict[tuple[str, bool, bool], MatchTree] = collections.OrderedDict()
         self._compile_lock = threading.Lock()
         self._cursor_key = cursor_key
-        self._path_cache: dict[str, tuple[NDArray[np.uint8], NDArray[np.float64]]] = {}
-        self._generated: dict[str, dict[int, bool]] = {}
-        self._weights_lock = threading.Lock()
 
     def search(
         self,
@@ -178,6 +132,7 @@ class Searcher:
             raise ValueError("context_lines must not be negative")
         if request.regex and not isinstance(request.query, str):
             raise TypeError("regex=True needs the pattern as a string")
+        self._check_deadline(request.deadline)
         tree = self.compiled(request.query, request.regex)
         fingerprint = query_fingerprint(str(tree), "regex" if request.regex else "query")
         cursor = None
@@ -187,12 +142,52 @@ class Searcher:
                 if self._cursor_key
                 else decode_cursor(request.cursor)
             )
+        # Imported here: ranking loads numpy (~100 ms), which a stream or count never needs.
+        from services.search.engine.searchrun import Run
+
         with self.index.snapshot() as snap:
             if cursor is not None:
                 cursor.check(generation=snap.generation, fingerprint=fingerprint)
-            result = Run(self, snap, tree, request, cursor, fingerprint).execute()
+            result = Run(self.context(), snap, tree, request, cursor, fingerprint).execute()
         stats = replace(result.stats, duration_seconds=time.perf_counter() - started)
         return replace(result, stats=stats)
+
+    def _check_deadline(self, deadline: float | None) -> None:
+        # A deadline that passes mid-search gives a partial result marked DEADLINE; one that
+        # had passed before the search started gives nothing worth returning.
+        if deadline is not None and self.clock() >= deadline:
+            raise SearchDeadlineError("the deadline passed before the search started")
+
+    def context(self) -> RunContext:
+        """context is what this searcher lends each run (request.RunContext)."""
+        return RunContext(
+            encode=self.encode,
+            index_path=str(self.index.path),
+            clock=self.clock,
+            processes=self.processes,
+            process_min=self.process_min,
+            process_pool=self.process_pool,
+        )
+
+    @contextlib.contextmanager
+    def stream(
+        self,
+        query: str | Query,
+        *,
+        regex: bool = False,
+        lines: bool = True,
+        deadline: float | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[MatchStream]:
+        """stream yields a MatchStream of every matching file in index order (stream.py).
+
+        The snapshot stays pinned until the `with` block ends; `lines=False` only counts,
+        which is how exact totals are taken without an object per matching line.
+        """
+        self._check_deadline(deadline)
+        tree = self.compiled(query, regex)
+        with self.index.snapshot() as snap:
+            yield MatchStream(snap, tree, lines=lines, deadline=deadline, cancel=cancel, clock=self.clock)
 
     def compiled(self, query: str | Query, regex: bool) -> MatchTree:
         """compiled parses, plans and compiles a query, reusing recent ones.
@@ -229,6 +224,9 @@ class Searcher:
 
         Ranking and counting are symsearch.search_symbols'; this feeds it one snapshot.
         """
+        # Imported here: symsearch loads the tree-sitter kinds, which a text search never needs.
+        from services.search.engine.symsearch import SymbolCandidate, search_symbols
+
         with self.index.snapshot() as snap:
 
             def candidates() -> Iterator[SymbolCandidate]:
@@ -245,57 +243,15 @@ class Searcher:
                 pattern, candidates(), kind=kind, limit=limit, case_sensitive=case_sensitive
             )
 
-    def weights(self, segment: SegmentReader) -> NDArray[np.float64]:
-        """weights returns each ordinal's path-only weight (rank.path_weight), cached per segment."""
-        return self._path_facts(segment)[1]
-
-    def path_flags(self, segment: SegmentReader) -> NDArray[np.uint8]:
-        """path_flags returns each ordinal's path classification: 1 test, 2 vendored, 4 generated."""
-        return self._path_facts(segment)[0]
-
-    def _path_facts(self, segment: SegmentReader) -> tuple[NDArray[np.uint8], NDArray[np.float64]]:
-        # Segments are immutable, so the cache (keyed by segment directory) never goes stale;
-        # on the Linux corpus it costs ~0.1 s once and saves two regex searches per verified file.
-        key = str(segment.data.path)
-        cached = self._path_cache.get(key)
-        if cached is not None:
-            return cached
-        paths = segment.paths
-        flags = np.zeros(len(paths), dtype=np.uint8)
-        values = np.empty(len(paths), dtype=np.float64)
-        for i, path in enumerate(paths):
-            test, vendored, generated = rank.path_flags(path)
-            flags[i] = (1 if test else 0) | (2 if vendored else 0) | (4 if generated else 0)
-            values[i] = rank.path_weight(test=test, vendored=vendored, generated=generated)
-        with self._weights_lock:
-            self._path_cache[key] = (flags, values)
-        return flags, values
-
-    def generated_marker(self, segment: SegmentReader, ordinal: int, content: bytes) -> bool:
-        """generated_marker reports whether the content says it is generated, cached per document."""
-        key = str(segment.data.path)
-        cache = self._generated.get(key)
-        if cache is None:
-            with self._weights_lock:
-                cache = self._generated.setdefault(key, {})
-        known = cache.get(ordinal)
-        if known is None:
-            known = rank.content_generated(content)
-            cache[ordinal] = known
-        return known
-
-    def pool(self) -> ThreadPoolExecutor:
-        """pool returns the verification thread pool, starting it on first use."""
-        with self._pool_lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="kotadb-verify")
-            return self._pool
-
     def process_pool(self) -> ProcessPoolExecutor:
         """process_pool returns the verification worker processes, starting them on first use.
 
-        The forkserver start method is safe in a threaded parent (a gRPC server).
+        The forkserver start method is safe in a threaded parent (a gRPC server). Imported
+        here: a one-shot CLI search never starts the pool.
         """
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
         with self._pool_lock:
             if self._process_pool is None:
                 context = multiprocessing.get_context("forkserver")
@@ -303,11 +259,8 @@ class Searcher:
             return self._process_pool
 
     def close(self) -> None:
-        """close stops verification threads and processes (the index is the caller's to close)."""
+        """close stops the verification processes (the index is the caller's to close)."""
         with self._pool_lock:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True, cancel_futures=True)
-                self._pool = None
             if self._process_pool is not None:
                 self._process_pool.shutdown(wait=True, cancel_futures=True)
                 self._process_pool = None

@@ -17,14 +17,10 @@ processes (`Run._verify_processes`, with `process_check` running in the workers)
 
 from __future__ import annotations
 
-import collections
 import heapq
-import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, wait
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
@@ -32,31 +28,20 @@ from numpy.typing import NDArray
 from services.search.engine import _fastscan, rank
 from services.search.engine.candidates import collect_candidates
 from services.search.engine.cursor import Cursor, path_digest, rank_key
+from services.search.engine.errors import SearchCancelled as SearchCancelled
 from services.search.engine.hits import Hit, HitRow, hit_from_row, hit_to_row, symbol_table
 from services.search.engine.index import Index, Snapshot
-from services.search.engine.matchtree import DocFacts, MatchTree
+from services.search.engine.matchtree import DocFacts, MatchTree, compile_query, compile_regex_query
 from services.search.engine.page import assemble_result
 from services.search.engine.query import Query
 from services.search.engine.reader import DocRecord
+from services.search.engine.request import RunContext, SearchRequest
 from services.search.engine.results import LimitReason, SearchMode, SearchResult
 from services.search.engine.verify import LineMatch as RawLineMatch
-
-if TYPE_CHECKING:
-    from services.search.engine.searcher import Searcher, SearchRequest
 
 # FIRST_PAGE keeps verifying until it has this many times the page in matching files (of any
 # rank) before it gives up looking for better-ranked ones.
 OVERSAMPLE = 3
-# Exact-order searches with at least this many candidates verify on the thread pool, in
-# chunks of CHUNK candidates (small enough that a limit or deadline stops promptly).
-PARALLEL_MIN = 64
-CHUNK = 32
-# First pages stop as soon as they have enough, so they hand out smaller chunks.
-FIRST_PAGE_CHUNK = 8
-
-
-class SearchCancelled(Exception):
-    """SearchCancelled is raised when the caller's cancellation event was set mid-search."""
 
 
 class Run:
@@ -64,14 +49,15 @@ class Run:
 
     def __init__(
         self,
-        searcher: Searcher,
+        context: RunContext,
         snap: Snapshot,
         tree: MatchTree,
         request: SearchRequest,
         cursor: Cursor | None,
         fingerprint: bytes,
     ) -> None:
-        self.searcher = searcher
+        self.context = context
+        self.encode = context.encode
         self.snap = snap
         self.tree = tree
         self.request = request
@@ -90,13 +76,11 @@ class Run:
 
     def execute(self) -> SearchResult:
         """execute verifies the candidates and returns the assembled result."""
-        found = collect_candidates(self.snap, self.tree, self.searcher.weights, exact=self.exact)
+        found = collect_candidates(self.snap, self.tree, exact=self.exact)
         sequence, seg_ids, ords, weights = found.sequence, found.seg_ids, found.ords, found.weights
         if self._use_processes(len(sequence)):
             self._verify_processes(sequence, seg_ids, ords)
             stopped_early = False
-        elif self.searcher.workers > 1 and len(sequence) >= PARALLEL_MIN:
-            stopped_early = self._verify_parallel(sequence, seg_ids, ords, weights)
         else:
             stopped_early = self._verify_in_order(sequence, seg_ids, ords, weights)
         if stopped_early and self.limit_reason is None:
@@ -108,9 +92,9 @@ class Run:
         # test clock or a cancellation event keeps the search in this process.
         return (
             self.exact
-            and self.searcher.processes > 1
-            and candidates >= self.searcher.process_min
-            and self.searcher.clock is time.monotonic
+            and self.context.processes > 1
+            and candidates >= self.context.process_min
+            and self.context.clock is time.monotonic
             and self.request.cancel is None
         )
 
@@ -139,11 +123,11 @@ class Run:
         ]
         # An even split measured best: giving this process (which also builds every result
         # object) 80% or 60% of a worker's share was 5-25% slower on the queries below.
-        parts = self.searcher.processes
+        parts = self.context.processes
         size = -(-len(pairs) // parts)
         chunks = [pairs[i : i + size] for i in range(0, len(pairs), size)]
-        pool = self.searcher.process_pool()
-        job = (str(self.searcher.index.path), self.request.query, self.request.regex, self.request.deadline)
+        pool = self.context.process_pool()
+        job = (self.context.index_path, self.request.query, self.request.regex, self.request.deadline)
         futures = [pool.submit(process_check, *job, chunk) for chunk in chunks[1:]]
         try:
             for name, ordinal in chunks[0]:
@@ -209,79 +193,6 @@ class Run:
                 return False
         return False
 
-    def _verify_parallel(
-        self,
-        sequence: NDArray[np.int64],
-        seg_ids: NDArray[np.int64],
-        ords: NDArray[np.int64],
-        weights: NDArray[np.float64],
-    ) -> bool:
-        """_verify_parallel verifies candidates in chunks on the searcher's thread pool.
-
-        RE2 releases the GIL while it scans, so two threads could overlap the regex work of
-        one file with the Python bookkeeping of another. Measured on the Linux corpus (2 cores
-        shared with other work, median of 5): exhaustive `spin_lock_irqsave` 460 ms with one
-        thread vs 644 ms with two, `(?i)fixme` 209 vs 474 ms, `\\bkzalloc\\b.*GFP_ATOMIC` 125
-        vs 122 ms. Most of a file's cost is Python under the GIL (line bookkeeping, ranking),
-        so threads mostly contend; the default is one worker and this path stays for hosts
-        with idle cores and regex-heavy queries. Chunks are submitted a few at a time
-        and merged in order, so exhaustive totals and pages equal the sequential ones; a
-        limit or deadline stops the remaining chunks. FIRST_PAGE applies its stop rule
-        between chunks (so it may verify up to a chunk more than sequentially); returns True
-        if it stopped early.
-        """
-        stop = threading.Event()
-        pairs = list(zip(seg_ids[sequence].tolist(), ords[sequence].tolist(), strict=True))
-        bounds = (weights[sequence] * (rank.DEFINITION + rank.FILENAME)).tolist()
-        size = CHUNK if self.exact else FIRST_PAGE_CHUNK
-        starts = range(0, len(pairs), size)
-
-        def work(chunk: list[tuple[int, int]]) -> tuple[int, list[Hit]]:
-            done = 0
-            out: list[Hit] = []
-            for seg_index, ordinal in chunk:
-                if stop.is_set() or self._interrupted():
-                    break
-                done += 1
-                found = self._check(seg_index, ordinal)
-                if found is not None:
-                    out.append(found)
-            return done, out
-
-        pool = self.searcher.pool()
-        window = 2 * self.searcher.workers
-        pending: collections.deque[tuple[int, Future[tuple[int, list[Hit]]]]] = collections.deque()
-        next_start = iter(starts)
-        stopped_early = False
-        try:
-            while True:
-                while len(pending) < window:
-                    start = next(next_start, None)
-                    if start is None:
-                        break
-                    pending.append((start, pool.submit(work, pairs[start : start + size])))
-                if not pending:
-                    break
-                start, future = pending.popleft()
-                if not self.exact and self._enough(bounds[start]):
-                    stopped_early = True
-                    break
-                done, found = future.result()
-                self.verified += done
-                for item in found:
-                    self._accept(item)
-                    if self._match_limited():
-                        break
-                if self.limit_reason is not None:
-                    break
-        finally:
-            stop.set()
-            for _, future in pending:
-                future.cancel()
-            # Let running chunks notice `stop` before the snapshot they read is released.
-            wait([f for _, f in pending])
-        return stopped_early
-
     def _match_limited(self) -> bool:
         return self.limit_reason is LimitReason.MATCH_LIMIT
 
@@ -290,7 +201,7 @@ class Run:
         if cancel is not None and cancel.is_set():
             raise SearchCancelled("search cancelled")
         deadline = self.request.deadline
-        if deadline is not None and self.searcher.clock() >= deadline:
+        if deadline is not None and self.context.clock() >= deadline:
             self.limit_reason = LimitReason.DEADLINE
             return True
         return False
@@ -308,7 +219,7 @@ class Run:
         return self.good >= page or self.file_count >= OVERSAMPLE * page
 
     def _check(self, seg_index: int, ordinal: int) -> Hit | None:
-        """_check verifies one candidate and scores it; it touches no shared state (threads)."""
+        """_check verifies one candidate and scores it; it touches no shared run state."""
         segment = self.snap.segments[seg_index]
         content = bytes(segment.content(ordinal))
         record: list[DocRecord] = []
@@ -323,12 +234,7 @@ class Run:
         doc = record[0] if record else segment.doc(ordinal)
         lines = outcome.lines
         table = symbol_table(segment, ordinal)
-        flags = int(self.searcher.path_flags(segment)[ordinal])
-        weight = rank.path_weight(
-            test=bool(flags & 1),
-            vendored=bool(flags & 2),
-            generated=bool(flags & 4) or self.searcher.generated_marker(segment, ordinal, content),
-        )
+        weight = rank.facts_weight(segment.doc_facts(ordinal, content))
         signals = self._signals(content, lines, outcome.filename_match, table)
         if outcome.symbols:
             # A sym: or type:symbol match is a definition by construction.
@@ -401,8 +307,8 @@ class SegmentGone(Exception):
     """SegmentGone tells the parent that a worker could not find a segment by name."""
 
 
-# One open index and searcher per index directory, per worker process.
-_WORKER_STATE: dict[str, tuple[Index, Searcher]] = {}
+# One open index and its compiled queries per index directory, per worker process.
+_WORKER_STATE: dict[str, tuple[Index, dict[tuple[str, bool], MatchTree]]] = {}
 
 
 def process_check(
@@ -412,22 +318,26 @@ def process_check(
 
     Returns (files verified, matching rows, whether the deadline stopped it).
     """
-    # Imported here: searcher.py imports this module.
-    from services.search.engine.searcher import Searcher, SearchRequest
-
     state = _WORKER_STATE.get(index_path)
     if state is None:
-        index = Index.open(index_path)
-        state = (index, Searcher(index))
-        _WORKER_STATE[index_path] = state
-    _, searcher = state
-    tree = searcher.compiled(query, regex)
-    with searcher.index.snapshot() as snap:
+        state = _WORKER_STATE[index_path] = (Index.open(index_path), {})
+    index, trees = state
+    key = (str(query), regex)
+    tree = trees.get(key)
+    if tree is None:
+        if regex:
+            if not isinstance(query, str):
+                raise TypeError("regex=True needs the pattern as a string")
+            tree = compile_regex_query(query)
+        else:
+            tree = compile_query(query)
+        trees[key] = tree
+    with index.snapshot() as snap:
         index_of = {segment.name: i for i, segment in enumerate(snap.segments)}
         if any(name not in index_of for name, _ in chunk):
             raise SegmentGone(index_path)
         request = SearchRequest(query=query, regex=regex, mode=SearchMode.EXHAUSTIVE, limit_files=None)
-        run = Run(searcher, snap, tree, request, None, b"")
+        run = Run(RunContext(encode=_no_cursor, index_path=index_path), snap, tree, request, None, b"")
         rows: list[HitRow] = []
         done = 0
         for name, ordinal in chunk:
@@ -438,3 +348,7 @@ def process_check(
             if found is not None:
                 rows.append(hit_to_row(found, name))
         return done, rows, False
+
+
+def _no_cursor(cursor: Cursor) -> str:
+    raise RuntimeError("worker runs hand out no cursors")

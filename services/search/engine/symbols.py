@@ -19,7 +19,8 @@ in the input: parsing is, and the one quadratic case of the query cursor (very w
 nodes, e.g. a file of unbalanced brackets) is avoided by `_query_segments`.
 
 `SymbolExtractor` and `extract_many`, which spread documents over worker processes, live in
-symbolpool.py (with the throughput measurements) and stay importable from here.
+symbolpool.py (with the throughput measurements), which imports this module and never the
+other way round.
 """
 
 from __future__ import annotations
@@ -31,14 +32,10 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Any
 
 import tree_sitter
 
 from services.search.engine.model import Symbol
-
-if TYPE_CHECKING:
-    from services.search.engine.symbolpool import SymbolExtractor, extract_many
 
 __all__ = [
     "KINDS",
@@ -47,8 +44,6 @@ __all__ = [
     "PARSE_SECONDS",
     "PARSE_SECONDS_PER_MIB",
     "SYMBOL_LANGUAGES",
-    "SymbolExtractor",
-    "extract_many",
     "extract_symbols",
 ]
 
@@ -639,18 +634,3 @@ def _nest(defs: Sequence[_Def], spec: _Spec, language: str) -> tuple[Symbol, ...
         if len(out) >= MAX_SYMBOLS:
             break
     return tuple(out)
-
-
-# symbolpool.py imports this module, so importing it back at the top would be circular: the
-# two names it took over are resolved on first access instead (PEP 562), which keeps
-# `from services.search.engine.symbols import SymbolExtractor` working for every caller.
-_MOVED_TO_SYMBOLPOOL = frozenset({"SymbolExtractor", "extract_many"})
-
-
-def __getattr__(name: str) -> Any:
-    """__getattr__ resolves `SymbolExtractor` and `extract_many` from symbolpool.py on first use."""
-    if name in _MOVED_TO_SYMBOLPOOL:
-        from services.search.engine import symbolpool
-
-        return getattr(symbolpool, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

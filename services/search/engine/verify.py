@@ -28,6 +28,8 @@ every regex match. Measured over Linux's `fs/` (2,078 files, 42 MB, one core of 
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import Sequence
 from typing import NamedTuple, Protocol, cast
 
 import re2
@@ -35,6 +37,7 @@ from re2 import _re2
 
 from services.search.engine import _fastscan
 from services.search.engine import regexsyntax as rx
+from services.search.engine.errors import InvalidPatternError as InvalidPatternError
 
 _UNANCHORED = _re2.RE2.Anchor.UNANCHORED
 _NO_SPAN = (-1, -1)
@@ -44,14 +47,6 @@ _CONTINUATION = bytes(range(0x80, 0xC0))
 _MIN_PREFILTER = 3
 # ASCII letters whose RE2 case orbit has a non-ASCII member (KELVIN SIGN, LONG S).
 _UNSAFE_FOLD = frozenset("ksKS")
-
-
-class InvalidPatternError(ValueError):
-    """InvalidPatternError carries RE2's message for a pattern it refused to compile."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
 
 
 class LineMatch(NamedTuple):
@@ -274,6 +269,85 @@ class LineMatcher:
         data = content if isinstance(content, bytes) else bytes(content)
         return self._find_regex(data, limit)
 
+    def count(self, content: bytes | bytearray | memoryview) -> int:
+        r"""LineMatcher.count returns the number of matching lines of the document.
+
+        Nothing is built per line: a literal is counted natively; a prefiltered regex asks
+        RE2 once per line holding its required literal; any other regex once per matching
+        line. On Linux, counting `^#include <linux/[a-z_]+\.h>$` (181,663 lines) this way
+        made 181k RE2 calls instead of 392k, and no LineMatch objects.
+        """
+        needle = self._needle
+        if needle is not None:
+            if self._pure_literal:
+                counted = _fastscan.count_literal(content, needle, self._needle_folded, self._guard)
+                if counted is not None:
+                    return counted[0]
+            elif self._screen_only:
+                if not self.matches(content):
+                    return 0
+            else:
+                lines = _fastscan.needle_lines(content, needle, self._needle_folded, self._guard)
+                if lines is not None:
+                    data = content if isinstance(content, bytes) else bytes(content)
+                    match = self._regexp.Match
+                    return sum(
+                        1 for _, start, end in lines if match(_UNANCHORED, data, start, end)[0] != _NO_SPAN
+                    )
+        data = content if isinstance(content, bytes) else bytes(content)
+        return self._count_regex(data)
+
+    def _count_regex(self, data: bytes) -> int:
+        """_count_regex counts matching lines with one RE2 call per matching line (see _find_regex)."""
+        match = self._regexp.Match
+        end_of_text = len(data)
+        no_last_line = end_of_text == 0 or data.endswith(b"\n")
+        count = pos = 0
+        while pos <= end_of_text:
+            s = match(_UNANCHORED, data, pos, end_of_text)[0][0]
+            if s < 0 or (s == end_of_text and no_last_line):
+                break
+            count += 1
+            end = data.find(b"\n", s)
+            if end < 0:
+                break
+            pos = end + 1
+        return count
+
+    def groups(self, content: bytes | bytearray | memoryview) -> tuple[bytes, int, int]:
+        """LineMatcher.groups returns the matching lines packed for `_fastscan.render_lines`.
+
+        Returns (groups, matching lines, matches); a literal is scanned and packed natively.
+        """
+        needle = self._needle
+        if needle is not None and self._pure_literal:
+            packed = _fastscan.scan_literal(content, needle, self._needle_folded, self._guard)
+            if packed is not None:
+                return packed
+        elif needle is not None and not self._screen_only:
+            lines = _fastscan.needle_lines(content, needle, self._needle_folded, self._guard)
+            if lines is not None:
+                data = content if isinstance(content, bytes) else bytes(content)
+                return self._pack_prefiltered(data, lines)
+        # Other regexes (and the rare guarded literal) go through find: one RE2 call per
+        # match dominates there, the LineMatch objects are a small part.
+        found = self.find(content)
+        return pack_groups(found), len(found), sum(len(line.ranges) for line in found)
+
+    def _pack_prefiltered(self, data: bytes, lines: list[tuple[int, int, int]]) -> tuple[bytes, int, int]:
+        """_pack_prefiltered is _find_prefiltered writing packed groups, without a LineMatch per line."""
+        packed = array("q")
+        count = matches = 0
+        for line_number, start, end in lines:
+            ranges = self._line_ranges(data, start, end, None)
+            if ranges:
+                packed.extend((line_number, start, end, len(ranges)))
+                for pair in ranges:
+                    packed.extend(pair)
+                count += 1
+                matches += len(ranges)
+        return packed.tobytes(), count, matches
+
     def _line_ranges(
         self, data: bytes, start: int, end: int, first: tuple[int, int] | None
     ) -> list[tuple[int, int]]:
@@ -289,6 +363,10 @@ class LineMatcher:
                 pos = s + 1
             else:
                 ranges.append((s - start, e - start))
+                if e == end and e > s:
+                    # Only an empty match at the line's end could follow, and it would abut
+                    # this one: skipping the call halves RE2 calls for `...$` patterns.
+                    break
                 last_end = e
                 pos = e if e > s else e + 1
             if pos > end:
@@ -336,3 +414,13 @@ class LineMatcher:
                 if len(out) == limit:
                     break
         return out
+
+
+def pack_groups(lines: Sequence[LineMatch]) -> bytes:
+    """pack_groups packs matching lines in the layout `_fastscan.render_lines` reads (see _fastscan.c)."""
+    packed = array("q")
+    for line in lines:
+        packed.extend((line.line_number, line.line_start, line.line_end, len(line.ranges)))
+        for start, end in line.ranges:
+            packed.extend((start, end))
+    return packed.tobytes()

@@ -1,0 +1,114 @@
+"""MatchStream (stream.py): every match in index order, equal to the ranked exhaustive search.
+
+The stream is what `kotadb index search --all` and `--count` print; it must agree exactly with
+the ranked search (which the ripgrep differential tests pin) on every file, line and range.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.search.engine import _fastscan
+from services.search.engine.build import build_index
+from services.search.engine.errors import SearchCancelled
+from services.search.engine.index import Index
+from services.search.engine.results import LimitReason, SearchMode
+from services.search.engine.searcher import Searcher
+
+GOLDEN_CORPUS = Path(__file__).parent / "goldens" / "corpus"
+
+# Every strategy of verify.LineMatcher, and query-language trees the stream evaluates whole.
+QUERIES = [
+    ("Parser", True),  # literal
+    ("(?i)parser", True),  # folded literal
+    (r"def \w+\(", True),  # regex starting with a literal (screened)
+    (r"\bParse\w*\b", True),  # prefiltered regex
+    (r"^\s*$", True),  # regex without a literal
+    ("parser lang:python", False),  # a tree with a metadata term
+    ('"self.text" or config', False),
+    ("type:path parser", False),  # path-only matches: files without lines
+]
+
+
+@pytest.fixture(scope="module")
+def searcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Searcher]:
+    out = tmp_path_factory.mktemp("stream") / "index"
+    build_index(GOLDEN_CORPUS, out, workers=1, symbols=False)
+    with Index.open(out) as index:
+        yield Searcher(index)
+
+
+def _unpack(groups: bytes) -> list[tuple[int, tuple[tuple[int, int], ...]]]:
+    values = memoryview(groups).cast("q").tolist()
+    out = []
+    at = 0
+    while at < len(values):
+        number, _, _, count = values[at : at + 4]
+        pairs = values[at + 4 : at + 4 + 2 * count]
+        out.append((number, tuple(zip(pairs[::2], pairs[1::2], strict=True))))
+        at += 4 + 2 * count
+    return out
+
+
+@pytest.mark.parametrize(("query", "regex"), QUERIES)
+def test_stream_equals_the_ranked_exhaustive_search(searcher: Searcher, query: str, regex: bool) -> None:
+    ranked = searcher.search(
+        query, regex=regex, mode=SearchMode.EXHAUSTIVE, limit_files=None, with_symbols=False
+    )
+    expected = {
+        f.path: [(line.line_number, tuple((r.start, r.end) for r in line.ranges)) for line in f.line_matches]
+        for f in ranked.files
+    }
+    with searcher.stream(query, regex=regex) as found:
+        files = list(found)
+    assert {f.path: _unpack(f.groups) for f in files} == expected
+    assert [f.path for f in files] == sorted(f.path for f in files)  # index order
+    assert (found.file_count, found.match_count) == (ranked.file_count, ranked.match_count)
+    assert found.candidates == ranked.stats.candidates == found.verified
+    with searcher.stream(query, regex=regex, lines=False) as counted:
+        counts = {f.path: f.line_count for f in counted}
+    assert counts == {path: len(lines) for path, lines in expected.items()}
+    assert (counted.file_count, counted.match_count) == (ranked.file_count, ranked.match_count)
+
+
+def test_ranges_of_candidates_concatenate_to_the_whole_stream(searcher: Searcher) -> None:
+    with searcher.stream("Parser", regex=True) as found:
+        whole = [(f.path, f.groups) for f in found]
+        total = found.candidates
+    for cut in range(total + 1):
+        with searcher.stream("Parser", regex=True) as found:
+            parts = [
+                (f.path, f.groups) for f in itertools.chain(found.files(0, cut), found.files(cut, total))
+            ]
+        assert parts == whole
+
+
+def test_rendered_stream_lines_are_the_files_lines(searcher: Searcher) -> None:
+    with searcher.stream(r"Pars(er|e)\b", regex=True) as found:
+        for file in found:
+            rendered = _fastscan.render_lines(file.content, file.groups, file.path.encode(), False, 0)
+            lines = bytes(file.content).split(b"\n")
+            for row in rendered.decode().split("\n")[:-1]:  # not splitlines: a line may end in \r
+                path, number, text = row.split(":", 2)
+                assert path == file.path and lines[int(number) - 1].decode() == text
+
+
+def test_deadline_and_cancel_stop_a_stream(searcher: Searcher) -> None:
+    ticks = itertools.count()
+    timed = Searcher(searcher.index, clock=lambda: float(next(ticks)))
+    with timed.stream(r"\w", regex=True, deadline=3.0) as found:
+        files = list(found)
+    assert found.limit_reason is LimitReason.DEADLINE and found.verified == 2 < found.candidates
+    assert len(files) == found.file_count <= 2
+    cancel = threading.Event()
+    with searcher.stream(r"\w", regex=True, cancel=cancel) as found:
+        stream = iter(found)
+        next(stream)
+        cancel.set()
+        with pytest.raises(SearchCancelled):
+            next(stream)
