@@ -24,7 +24,9 @@ from services.common.server import ServiceServer
 from services.search.config import SearchSettings
 from services.search.server import assemble
 from services.search.tenants import TenantManager
-from tests.ingest.conftest import IDENTITY_KEY, caller_metadata, start_ingest_server
+from tests.callers import caller as named_caller
+from tests.callers import signing_channel
+from tests.ingest.conftest import IDENTITY_CODEC, IDENTITY_KEY, caller_metadata, start_ingest_server
 
 SEARCH_TEST_SETTINGS: dict[str, Any] = {
     "poll_interval": 0.5,
@@ -32,6 +34,7 @@ SEARCH_TEST_SETTINGS: dict[str, Any] = {
     "feed_batch_rows": 3,
     "readiness_interval": 0.2,
     "durable": False,
+    "metrics_port": 0,
 }
 
 
@@ -62,7 +65,7 @@ class Services:
     channels: list[grpc.aio.Channel] = field(default_factory=list)
 
     def _channel(self, address: str) -> grpc.aio.Channel:
-        channel = grpc.aio.insecure_channel(address)
+        channel = signing_channel(address, IDENTITY_CODEC)
         self.channels.append(channel)
         return channel
 
@@ -121,9 +124,10 @@ def paths(response: search_pb2.SearchCodeResponse) -> list[str]:
     return [f.path for f in response.file_matches]
 
 
-def caller(user: uuid.UUID | None, permissions: Sequence[str] = ("read", "write")) -> Any:
-    """caller is the gRPC metadata of a call made by `user`."""
-    return caller_metadata(user, permissions)
+def caller(user: uuid.UUID | None, permissions: Sequence[str] = ("read", "write"), kind: str = "user") -> Any:
+    """caller is the gRPC metadata of a call made by `user` (a session, or `kind="api_key"`)."""
+    key_id = uuid.uuid4() if kind == "api_key" else None  # an API key caller names some key
+    return named_caller(user, permissions, kind, key_id)
 
 
 @pytest.fixture(scope="module")

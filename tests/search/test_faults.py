@@ -24,9 +24,16 @@ import pytest
 from kotadb.v1 import search_pb2, search_pb2_grpc
 
 from services.common.supervisor import ChildProcess, Supervisor
+from tests.callers import signing_channel
 from tests.conftest import UserFactory
 from tests.harness import serve, service_env
-from tests.ingest.conftest import IDENTITY_KEY, IngestServer, caller_metadata, start_ingest_server
+from tests.ingest.conftest import (
+    IDENTITY_CODEC,
+    IDENTITY_KEY,
+    IngestServer,
+    caller_metadata,
+    start_ingest_server,
+)
 from tests.search.conftest import Services
 
 QUERIES = ("burst", "marker1", "/marker[0-9]*7/", "symbol_def")
@@ -69,7 +76,7 @@ class SearchProcess:
         self.runs += 1
         self.supervisor = Supervisor(grace=10).__enter__()
         address, self.child = serve(self.supervisor, self.workdir, f"search{self.runs}", "search", self.env)
-        self.channel = grpc.aio.insecure_channel(address)
+        self.channel = signing_channel(address, IDENTITY_CODEC)
         return search_pb2_grpc.SearchServiceStub(self.channel)
 
     async def stop(self, *, kill: bool = False) -> None:

@@ -89,9 +89,13 @@ async def test_rebuild_needs_admin_or_the_owners_session_and_changes_nothing(
     before = await services.search(user, "rebuilt", min_revision=written.revision, mode=2)
     stub = services.search_stub()
     with pytest.raises(grpc.aio.AioRpcError) as denied:
-        await stub.RebuildIndex(search_pb2.RebuildIndexRequest(), metadata=caller(user, ("read", "write")))
+        await stub.RebuildIndex(
+            search_pb2.RebuildIndexRequest(), metadata=caller(user, ("read", "write"), kind="api_key")
+        )
     assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    answer = await stub.RebuildIndex(search_pb2.RebuildIndexRequest(), metadata=caller(user, ("admin",)))
+    answer = await stub.RebuildIndex(
+        search_pb2.RebuildIndexRequest(), metadata=caller(user, ("admin",), kind="api_key")
+    )
     assert answer.index_status.state in (search_pb2.IndexStatus.REBUILDING, search_pb2.IndexStatus.READY)
     manager = services.manager
     for _ in range(1000):
