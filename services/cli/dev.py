@@ -208,6 +208,8 @@ def _child_env(database_url: str, data_dir: Path, free_ports: bool) -> dict[str,
     env["KOTADB_DATABASE_URL"] = database_url
     env["KOTADB_IDENTITY_KEY"] = _stack_identity_key(data_dir)
     env.setdefault("KOTADB_SEARCH_DATA_DIR", str(private_dir(data_dir / "search")))
+    # The dev database is reached directly, so the search tailer can LISTEN on it.
+    env.setdefault("KOTADB_SEARCH_LISTEN_URL", database_url)
     if free_ports:
         # Every component on a free port means the metrics listeners too.
         metrics_on_free_ports(env, keep=True)
