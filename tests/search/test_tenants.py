@@ -20,6 +20,7 @@ import pytest
 from kotadb.v1 import search_pb2
 
 from tests.conftest import UserFactory
+from tests.ingest.conftest import caller_metadata
 from tests.search.conftest import Services, caller, paths, start_search_server
 
 
@@ -91,6 +92,10 @@ async def test_rebuild_needs_admin_or_the_owners_session_and_changes_nothing(
     with pytest.raises(grpc.aio.AioRpcError) as denied:
         await stub.RebuildIndex(search_pb2.RebuildIndexRequest(), metadata=caller(user, ("read", "write")))
     assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # The owner's session (a user identity) may rebuild; so may an admin key.
+    session = caller_metadata(user, (), kind="user")
+    answer = await stub.RebuildIndex(search_pb2.RebuildIndexRequest(), metadata=session)
+    assert answer.index_status.state in (search_pb2.IndexStatus.REBUILDING, search_pb2.IndexStatus.READY)
     answer = await stub.RebuildIndex(search_pb2.RebuildIndexRequest(), metadata=caller(user, ("admin",)))
     assert answer.index_status.state in (search_pb2.IndexStatus.REBUILDING, search_pb2.IndexStatus.READY)
     manager = services.manager
