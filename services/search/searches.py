@@ -167,7 +167,7 @@ class Searches:
         started = time.monotonic()
         opened = await self.manager.get(tenant)
         if opened.covered < min_revision:
-            head = (await self.manager.store.revision_watermark()).sequence
+            head = await self.manager.store.head_revision()
             if min_revision > head:
                 raise _bad(
                     "min_revision",
