@@ -38,8 +38,6 @@ from services.common.pgembed import EmbeddedPostgres
 from services.common.server import LazyPool, ServiceServer, bind, listener_port_file
 from services.common.supervisor import Supervisor
 from services.search.config import SearchSettings
-from services.search.servicer import SearchServicer
-from services.search.store import SearchStore
 from tests.harness import (
     service_env,
     spawn_service,
@@ -100,11 +98,11 @@ def frozen(cluster: EmbeddedPostgres, *, everything: bool) -> Iterator[None]:
                 os.kill(pid, signal.SIGCONT)
 
 
-class DatabaseServicer(SearchServicer):
+class DatabaseServicer(search_pb2_grpc.SearchServiceServicer):
     """DatabaseServicer answers two methods from the database, as domain code would."""
 
-    def __init__(self, store: SearchStore, pool: LazyPool) -> None:
-        super().__init__(store)
+    def __init__(self, pool: LazyPool) -> None:
+        super().__init__()
         self._pool = pool
 
     async def SearchCode(self, request: Any, context: Any) -> search_pb2.SearchCodeResponse:
@@ -144,7 +142,7 @@ async def running(cluster: EmbeddedPostgres, tmp_path: Path) -> AsyncIterator[Ru
         data_dir=tmp_path / "index",
     )
     pool = LazyPool(settings)
-    servicer = DatabaseServicer(SearchStore(pool), pool)
+    servicer = DatabaseServicer(pool)  # type: ignore[abstract]
     add = search_pb2_grpc.add_SearchServiceServicer_to_server
     server = ServiceServer(
         "search", settings, pool=pool, bindings=[bind(search_pb2.DESCRIPTOR, "SearchService", add, servicer)]
