@@ -180,7 +180,10 @@ def grpc_call(
 
 
 def _reached_service(reply: GrpcReply) -> bool:
-    # Check's denials carry x-kotadb-error-reason; a service's answer carries its request id.
+    # Check's denials carry x-kotadb-error-reason; a service's error carries its request id; a
+    # call answered OK got through Check by definition.
+    if reply.code == grpc.StatusCode.OK:
+        return True
     return "x-kotadb-error-reason" not in reply.metadata and "x-request-id" in reply.metadata
 
 
