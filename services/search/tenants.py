@@ -17,7 +17,7 @@ The engine surface used by the service, all in this package: `engine.index.Index
 `engine.writer.IndexWriter`, `engine.searcher.Searcher` / `SearchRequest`, `engine.model`
 (`SourceDocument`, `Symbol`), `engine.results` (`SearchResult`, `SearchMode`, `LimitReason`),
 `engine.symsearch` (`search_symbols`, `SymbolCandidate`), `engine.format.IndexFileError`, and
-the errors engineerrors.py maps.
+the errors engine_errors.py maps.
 """
 
 from __future__ import annotations
