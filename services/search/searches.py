@@ -25,7 +25,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -208,7 +208,7 @@ class Searches:
         max_files: int,
         time_remaining: float | None,
         batch_files: int,
-    ) -> AsyncIterator[StreamBatch | CodeAnswer]:
+    ) -> AsyncGenerator[StreamBatch | CodeAnswer, None]:
         """stream yields batches of matching files as they are verified, then the totals as a CodeAnswer.
 
         At most `max_files` files are sent (capped by max_stream_files); the totals stay exact.

@@ -9,7 +9,10 @@ import asyncpg
 import grpc
 from kotadb.v1 import search_pb2
 
+from services.search import convert
+from services.search.searches import Searches
 from services.search.servicer import STREAM_BATCH_FILES
+from services.search.streams import StreamBatch
 from tests.conftest import UserFactory
 from tests.runtime.rpc import status_details, unpack_details
 from tests.search.conftest import Services, caller
@@ -179,13 +182,11 @@ async def test_the_first_batch_leaves_before_the_search_has_finished(
 ) -> None:
     user = await user_factory()
     count = 1200
-    # Every file matches once, on a 4 KB line: the whole answer (~5 MB) is far more than the
-    # stream's queue and the transport's buffers hold, so the server cannot finish before the
-    # client has read most of it.
+    # Every file matches once: 60 batches, far more than the stream's queue holds.
     await pool.execute(
         "insert into public.documents (user_id, path, content)"
         " select $1, 'big/' || lpad(i::text, 5, '0') || '.txt',"
-        " repeat(md5(i::text) || E'\\n', 20) || 'needle ' || repeat('x', 4000) || E'\\n'"
+        " repeat(md5(i::text) || E'\\n', 20) || 'needle ' || i || E'\\n'"
         " from generate_series(1, $2) i",
         user,
         count,
@@ -195,20 +196,34 @@ async def test_the_first_batch_leaves_before_the_search_has_finished(
     )
     await services.search(user, "warm", min_revision=head)
     manager = services.manager
+
+    # Over gRPC: the first batch says the engine had verified only its own files when it was
+    # cut, out of the 1200 the whole search verifies.
     call = services.search_stub().StreamSearchCode(
         search_pb2.StreamSearchCodeRequest(query="needle"), metadata=caller(user)
     )
-    stream = call.__aiter__()
-    first = await stream.__anext__()
-    # When the first batch reached the client, the engine had verified only that batch's
-    # files, and the search was still running (held back by the unread batches).
+    messages = [m async for m in call]
+    first, summary = messages[0], messages[-1]
     assert len(first.file_matches) == STREAM_BATCH_FILES and not first.done
     assert first.stats.files_verified == STREAM_BATCH_FILES
-    assert manager.active_searches == 1
-    rest = [m async for m in stream]
-    summary = rest[-1]
     assert summary.done and summary.total_file_count == count
-    assert summary.stats.files_verified == count > first.stats.files_verified
-    streamed = [f.path for m in [first, *rest] for f in m.file_matches]
+    assert summary.stats.files_verified == count
+    streamed = [f.path for m in messages for f in m.file_matches]
     assert len(streamed) == len(set(streamed)) == count
-    assert manager.active_searches == 0
+
+    # Under the servicer (no transport buffers in between): while the consumer holds the first
+    # batch, the producer can run at most the queue's few batches ahead, so the search is
+    # still running, blocked on its bounded queue; closing the stream cancels it.
+    searches = Searches(manager.settings, manager)
+    query = convert.stream_query_from_proto(search_pb2.StreamSearchCodeRequest(query="needle"))
+    parts = searches.stream(user, query, 0, None, STREAM_BATCH_FILES)
+    batch = await parts.__anext__()
+    assert isinstance(batch, StreamBatch) and batch.verified == STREAM_BATCH_FILES
+    assert manager.active_searches == 1
+    cancelled = manager.cancelled_searches
+    await parts.aclose()
+    for _ in range(2000):
+        if manager.active_searches == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert manager.active_searches == 0 and manager.cancelled_searches == cancelled + 1
