@@ -154,6 +154,7 @@ async def test_streamed_files_equal_the_exhaustive_search(
         {"query": "needl[e]", "regex": True},
         {"query": "needle file:m0"},
         {"query": "handler_1"},
+        {"query": "sym:handler_3", "context_lines": 1},
     ):
         messages = await _stream(services, user, min_revision=written.revision, **fields)
         exhaustive = await services.search(
