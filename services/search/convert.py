@@ -6,8 +6,6 @@ so they are shifted here. Byte offsets are the engine's, relative to the line.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from google.protobuf import duration_pb2, timestamp_pb2
 from kotadb.v1 import document_pb2, search_pb2
 
@@ -22,6 +20,7 @@ from services.search.searches import (
     check_common,
     check_page_size,
 )
+from services.search.streams import StreamBatch
 
 DEFAULT_MATCHES_PER_FILE = 50
 
@@ -219,18 +218,19 @@ def code_answer_to_proto(answer: CodeAnswer, max_lines: int) -> search_pb2.Searc
     )
 
 
-def stream_batches_to_proto(
-    answer: CodeAnswer, max_lines: int, batch: int
-) -> Iterable[search_pb2.StreamSearchCodeResponse]:
-    """stream_batches_to_proto splits a streamed search into batches, then the summary message."""
-    files = answer.result.files
-    for start in range(0, len(files), batch):
-        yield search_pb2.StreamSearchCodeResponse(
-            file_matches=[file_match_to_proto(f, max_lines) for f in files[start : start + batch]],
-            index_revision=answer.revision,
-        )
+def stream_batch_to_proto(batch: StreamBatch, max_lines: int) -> search_pb2.StreamSearchCodeResponse:
+    """stream_batch_to_proto renders one batch of a streamed search, with the candidates verified so far."""
+    return search_pb2.StreamSearchCodeResponse(
+        file_matches=[file_match_to_proto(f, max_lines) for f in batch.files],
+        stats=search_pb2.SearchStats(files_verified=batch.verified),
+        index_revision=batch.revision,
+    )
+
+
+def stream_summary_to_proto(answer: CodeAnswer) -> search_pb2.StreamSearchCodeResponse:
+    """stream_summary_to_proto renders the last message of a streamed search: totals, limit and stats."""
     result = answer.result
-    yield search_pb2.StreamSearchCodeResponse(
+    return search_pb2.StreamSearchCodeResponse(
         done=True,
         total_file_count=result.file_count,
         total_match_count=result.match_count,

@@ -1,9 +1,11 @@
 """engine_errors maps the engine's error tree (engine/errors.py) to the service's domain errors.
 
-This is the one place where an engine failure becomes a gRPC code and reason: the search
-servicer (and anything else that serves engine results) calls `domain_error` on an
-`EngineError` and raises what it returns; services/common/errors.py and its interceptor
-turn that into a `google.rpc.Status`. The engine itself never imports grpc.
+This is the one place where an engine failure becomes a gRPC code and reason: every search
+path (searches.py's `Searches._engine`: code search, streaming, symbols, index status) calls
+`domain_error` on an `EngineError` and raises what it returns; services/common/errors.py and
+its interceptor turn that into a `google.rpc.Status`. The engine itself never imports grpc.
+It decides by `isinstance` on engine/errors.py's tree, so a new subclass lands in its
+parent's row until it gets its own.
 
 | engine error                  | code                | reason               |
 |-------------------------------|---------------------|----------------------|
@@ -21,10 +23,12 @@ turn that into a `google.rpc.Status`. The engine itself never imports grpc.
 | IndexVersionError             | FAILED_PRECONDITION | INDEX_VERSION        |
 | any other EngineError         | UNAVAILABLE         | INDEX_UNAVAILABLE    |
 
-The caller-caused rows use the reasons the search service already returns (the search-svc
-branch's services/search/engineerrors.py), so either module can delegate to the other.
 Index errors are the server's, not the caller's: the message names no file path (paths are
 internals), and a corrupt or missing index is UNAVAILABLE because the service rebuilds it.
+The search service catches `IndexFileError` before this mapping to start that rebuild
+(tenants.py's `TenantManager.corrupt`, reason INDEX_REBUILDING); the index rows answer
+where no rebuild can be started. SearchCancelled only happens once the client has gone, so nobody reads its
+status.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ Every call is scoped to one tenant, the verified caller's, and runs on that tena
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import dataclasses
@@ -24,16 +25,18 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Awaitable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from services.common.errors import FieldViolation, InvalidArgument, KotaError
 from services.search.config import SearchSettings
-from services.search.engine.format import IndexFileError
+from services.search.engine.errors import EngineError, IndexFileError
 from services.search.engine.results import SearchMode, SearchResult
 from services.search.engine.searcher import SearchRequest
 from services.search.engine.symsearch import SymbolCandidate, SymbolMatch, search_symbols
-from services.search.engineerrors import translated
+from services.search.engine_errors import domain_error
+from services.search.streams import StreamBatch, queue_emitter, stream_files
 from services.search.tenants import TenantIndex, TenantManager
 
 DEFAULT_PAGE_SIZE = 50
@@ -43,6 +46,10 @@ MAX_QUERY_BYTES = 4096
 MAX_TOKEN_CHARS = 8192
 # Seconds kept back from the gRPC deadline so the answer can still be sent.
 DEADLINE_MARGIN = 0.05
+# Batches a stream's producer may run ahead of its client (streams.py: memory stays bounded).
+STREAM_QUEUE_BATCHES = 2
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,12 +202,18 @@ class Searches:
         return CodeAnswer(result, revision, waited)
 
     async def stream(
-        self, tenant: uuid.UUID, query: CodeQuery, max_files: int, time_remaining: float | None
-    ) -> CodeAnswer:
-        """stream runs an exhaustive search for up to `max_files` files (capped by max_stream_files).
+        self,
+        tenant: uuid.UUID,
+        query: CodeQuery,
+        max_files: int,
+        time_remaining: float | None,
+        batch_files: int,
+    ) -> AsyncGenerator[StreamBatch | CodeAnswer, None]:
+        """stream yields batches of matching files as they are verified, then the totals as a CodeAnswer.
 
-        The engine has no incremental result hook yet, so the files arrive once verified in one
-        run, and the servicer sends them in batches; a caller that goes away cancels the run.
+        At most `max_files` files are sent (capped by max_stream_files); the totals stay exact.
+        Files come in index order (streams.py). If the caller stops iterating (the client went
+        away), the engine's work is cancelled.
         """
         if max_files < 0:
             raise _bad("max_file_count", "max_file_count must not be negative", "OUT_OF_RANGE")
@@ -210,14 +223,64 @@ class Searches:
         opened, waited = await self.ready(tenant, query.min_revision, deadline)
         request = SearchRequest(
             query=query.query,
-            limit_files=limit,
+            limit_files=None,
             context_lines=query.context_lines,
             mode=SearchMode.EXHAUSTIVE,
             deadline=deadline,
             regex=query.regex,
         )
         revision = opened.covered
-        return CodeAnswer(await self._run(opened, request), revision, waited)
+        searcher = opened.searcher
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[StreamBatch] = asyncio.Queue(maxsize=STREAM_QUEUE_BATCHES)
+
+        def run(cancel: threading.Event) -> SearchResult:
+            return stream_files(
+                searcher,
+                dataclasses.replace(request, cancel=cancel),
+                limit=limit,
+                batch_files=batch_files,
+                max_lines=query.max_matches_per_file,
+                emit=queue_emitter(queue, loop, revision, cancel),
+                cancel=cancel,
+            )
+
+        work = asyncio.ensure_future(self.manager.run_search(run))
+        getter: asyncio.Future[StreamBatch] | None = None
+        try:
+            while True:
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait((getter, work), return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                    continue
+                getter.cancel()
+                # The producer put every batch before it returned: what is queued is the rest.
+                while not queue.empty():
+                    yield queue.get_nowait()
+                result = await self._engine(opened, work)
+                yield CodeAnswer(result, revision, waited)
+                return
+        finally:
+            if getter is not None:
+                getter.cancel()
+            if not work.done():
+                # run_search then sets the cancellation event the producer checks between files.
+                work.cancel()
+            elif not work.cancelled():
+                work.exception()  # retrieved: a client gone mid-stream leaves no warning behind
+
+    async def _engine(self, opened: TenantIndex, work: Awaitable[T]) -> T:
+        """_engine awaits engine work and raises its errors as domain errors (engine_errors.py).
+
+        A file of the index that fails a check starts a rebuild (TenantManager.corrupt).
+        """
+        try:
+            return await work
+        except IndexFileError as exc:
+            raise await self.manager.corrupt(opened, exc) from exc
+        except EngineError as exc:
+            raise domain_error(exc) from exc
 
     async def _run(self, opened: TenantIndex, request: SearchRequest) -> SearchResult:
         searcher = opened.searcher
@@ -225,11 +288,7 @@ class Searches:
         def run(cancel: threading.Event) -> SearchResult:
             return searcher.run(dataclasses.replace(request, cancel=cancel))
 
-        try:
-            with translated():
-                return await self.manager.run_search(run)
-        except IndexFileError as exc:
-            raise await self.manager.corrupt(opened, exc) from exc
+        return await self._engine(opened, self.manager.run_search(run))
 
     async def symbols(
         self, tenant: uuid.UUID, query: SymbolQuery, time_remaining: float | None
@@ -274,23 +333,20 @@ class Searches:
                     hits.append(SymbolHit(match, external_id, line, _symbol_score(match)))
                 return hits, result.total
 
-        try:
-            hits, total = await self.manager.run_search(run)
-        except IndexFileError as exc:
-            raise await self.manager.corrupt(opened, exc) from exc
+        hits, total = await self._engine(opened, self.manager.run_search(run))
         next_offset = offset + len(hits)
         token = _encode_offset(next_offset, key, fingerprint) if next_offset < total else ""
         return SymbolAnswer(tuple(hits), total, token, revision)
 
     async def status(self, tenant: uuid.UUID) -> StatusAnswer:
         """status reports the tenant's index (opening or building it first)."""
-        return await index_status(self.manager, tenant, await self.manager.get(tenant))
+        opened = await self.manager.get(tenant)
+        return await self._engine(opened, index_status(self.manager, tenant, opened))
 
     async def rebuild(self, tenant: uuid.UUID) -> StatusAnswer:
         """rebuild starts a rebuild from Postgres and reports the index as it serves meanwhile."""
         opened = await self.manager.rebuild(tenant)
-        answer = await index_status(self.manager, tenant, opened)
-        return answer
+        return await self._engine(opened, index_status(self.manager, tenant, opened))
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ from services.common.errors import PermissionDenied
 from services.common.identity import require_identity
 from services.search import convert
 from services.search.searches import Searches
+from services.search.streams import StreamBatch
 
 # Files per StreamSearchCode message.
 STREAM_BATCH_FILES = 20
@@ -50,14 +51,16 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     async def StreamSearchCode(
         self, request: search_pb2.StreamSearchCodeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[search_pb2.StreamSearchCodeResponse]:
-        """StreamSearchCode streams file matches in batches, then a summary message."""
+        """StreamSearchCode streams file matches in batches as they are verified, then a summary message."""
         tenant = _tenant()
         query = convert.stream_query_from_proto(request)
-        answer = await self._searches.stream(tenant, query, request.max_file_count, context.time_remaining())
-        for message in convert.stream_batches_to_proto(
-            answer, query.max_matches_per_file, STREAM_BATCH_FILES
+        async for part in self._searches.stream(
+            tenant, query, request.max_file_count, context.time_remaining(), STREAM_BATCH_FILES
         ):
-            yield message
+            if isinstance(part, StreamBatch):
+                yield convert.stream_batch_to_proto(part, query.max_matches_per_file)
+            else:
+                yield convert.stream_summary_to_proto(part)
 
     async def SearchSymbols(
         self, request: search_pb2.SearchSymbolsRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -16,8 +16,9 @@ each other.
 The engine surface used by the service, all in this package: `engine.index.Index`,
 `engine.writer.IndexWriter`, `engine.searcher.Searcher` / `SearchRequest`, `engine.model`
 (`SourceDocument`, `Symbol`), `engine.results` (`SearchResult`, `SearchMode`, `LimitReason`),
-`engine.symsearch` (`search_symbols`, `SymbolCandidate`), `engine.format.IndexFileError`, and
-the errors engineerrors.py maps.
+`engine.symsearch` (`search_symbols`, `SymbolCandidate`), and the error tree `engine.errors`
+that engine_errors.py maps; streams.py adds `Searcher.stream` (`engine.stream.MatchStream`),
+`engine.searchrun.Run.check` and `engine.hits.file_match`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Tests of the engine's error tree (engine/errors.py) and its one mapping to domain errors.
 
 Every error a caller can provoke through the engine is an EngineError with the right kind,
-and services/search/engine_errors.py turns each into the code and reason the service returns.
+and services/search/engine_errors.py turns each into the code and reason the service returns
+(one test per row of its table; the service-level paths are in tests/search/test_bad_input.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from services.common.errors import InvalidArgument, Unavailable
 from services.search.engine import errors
 from services.search.engine.errors import (
     CursorError,
@@ -29,7 +31,7 @@ from services.search.engine.model import SourceDocument
 from services.search.engine.regexsyntax import RegexSyntaxError
 from services.search.engine.searcher import Searcher
 from services.search.engine.writer import IndexWriter
-from services.search.engine_errors import domain_error
+from services.search.engine_errors import INDEX_RETRY_SECONDS, domain_error
 
 FIXTURE = Path(__file__).parent / "fixtures" / "format_v1" / "index"
 
@@ -107,3 +109,33 @@ def test_index_errors_are_unavailable_and_never_leak_paths(tmp_path: Path) -> No
     assert domain_error(corrupt.value).reason == "INDEX_CORRUPT"
     version = IndexVersionError(copy / "manifest-000000000002.json", 9)
     assert domain_error(version).code is grpc.StatusCode.FAILED_PRECONDITION
+
+
+@pytest.mark.parametrize("cause", ["malformed", "tampered", "unsupported_version", "query_mismatch"])
+def test_every_foreign_cursor_is_an_invalid_page_token(cause: str) -> None:
+    mapped = domain_error(CursorError("no", reason=cause), cursor_field="page_token")
+    assert (mapped.code, mapped.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN")
+    assert isinstance(mapped, InvalidArgument)
+    assert [v.field for v in mapped.field_violations] == ["page_token"]
+    assert mapped.metadata == {"cause": cause}
+
+
+def test_a_bad_regex_in_a_query_keeps_its_position_and_expectation(searcher: Searcher) -> None:
+    with pytest.raises(QuerySyntaxError) as in_query:
+        searcher.search("foo /(oops/")
+    mapped = domain_error(in_query.value, query_field="q")
+    assert isinstance(mapped, InvalidArgument)
+    assert mapped.metadata == {"position": str(in_query.value.position), "expected": in_query.value.expected}
+    assert [(v.field, v.reason) for v in mapped.field_violations] == [("q", "INVALID_REGEX")]
+
+
+def test_other_index_errors_are_unavailable_with_retry_info(tmp_path: Path) -> None:
+    for error, reason in (
+        (IndexLockedError(tmp_path / "LOCK", "held by another writer"), "INDEX_LOCKED"),
+        (IndexFileError(tmp_path / "seg", "unreadable"), "INDEX_UNAVAILABLE"),
+        (EngineError("something else"), "INDEX_UNAVAILABLE"),
+    ):
+        mapped = domain_error(error)
+        assert (mapped.code, mapped.reason) == (grpc.StatusCode.UNAVAILABLE, reason)
+        assert isinstance(mapped, Unavailable) and mapped.retry_after == INDEX_RETRY_SECONDS
+        assert str(tmp_path) not in mapped.message

@@ -145,3 +145,37 @@ async def test_symbol_page_tokens_belong_to_their_tenant_and_pattern(
                 metadata=caller(user),
             )
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_budget_spent_before_the_search_starts_is_deadline_exceeded(
+    services: Services, tenant: tuple[uuid.UUID, int]
+) -> None:
+    # One nanosecond is gone before the engine looks at the clock: the engine's deadline error.
+    code, details = await _refusal(services, tenant[0], query="handler", timeout={"nanos": 1})
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert details["ErrorInfo"].reason == "SEARCH_DEADLINE"
+
+
+@pytest.mark.parametrize(
+    ("fields", "code", "reason"),
+    [
+        ({"query": "(handler"}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_QUERY"),
+        ({"query": "a(b", "regex": True}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REGEX"),
+        ({"query": "handler", "max_file_count": -1}, grpc.StatusCode.INVALID_ARGUMENT, "OUT_OF_RANGE"),
+        ({"query": "handler", "timeout": {"nanos": 1}}, grpc.StatusCode.DEADLINE_EXCEEDED, "SEARCH_DEADLINE"),
+    ],
+)
+async def test_bad_stream_requests_are_refused_with_their_reason(
+    services: Services,
+    tenant: tuple[uuid.UUID, int],
+    fields: dict[str, Any],
+    code: grpc.StatusCode,
+    reason: str,
+) -> None:
+    call = services.search_stub().StreamSearchCode(
+        search_pb2.StreamSearchCodeRequest(**fields), metadata=caller(tenant[0])
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        _ = [m async for m in call]
+    assert raised.value.code() == code
+    assert unpack_details(status_details(raised.value))["ErrorInfo"].reason == reason

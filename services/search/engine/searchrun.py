@@ -218,6 +218,10 @@ class Run:
             return True
         return self.good >= page or self.file_count >= OVERSAMPLE * page
 
+    def check(self, seg_index: int, ordinal: int) -> Hit | None:
+        """check verifies and scores one document without counting it (how a stream builds entries)."""
+        return self._check(seg_index, ordinal)
+
     def _check(self, seg_index: int, ordinal: int) -> Hit | None:
         """_check verifies one candidate and scores it; it touches no shared run state."""
         segment = self.snap.segments[seg_index]

@@ -37,7 +37,8 @@ class StreamedFile:
     `content` is the stored content (a view valid while the stream's snapshot is open);
     `groups` its matching lines packed for `_fastscan.render_lines` (empty when counting,
     or for a file that matched by path only); `match_count` counts matches within those
-    lines (0 when counting: only lines are counted).
+    lines (0 when counting: only lines are counted). `segment` (its index in the snapshot)
+    and `ordinal` say where the file is, so a caller can build its full result entry.
     """
 
     path: str
@@ -47,6 +48,8 @@ class StreamedFile:
     groups: bytes
     line_count: int
     match_count: int
+    segment: int = 0
+    ordinal: int = 0
 
 
 class MatchStream:
@@ -143,4 +146,6 @@ class MatchStream:
                 match_count = sum(len(line.ranges) for line in outcome.lines) if self.lines else 0
             self.file_count += 1
             self.match_count += line_count
-            yield StreamedFile(path, repository, external_id, content, groups, line_count, match_count)
+            yield StreamedFile(
+                path, repository, external_id, content, groups, line_count, match_count, seg_index, ordinal
+            )

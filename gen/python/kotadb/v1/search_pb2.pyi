@@ -519,11 +519,16 @@ class StreamSearchCodeResponse(_message.Message):
     """index_revision is the revision the index covered."""
     @_builtins.property
     def file_matches(self) -> _containers.RepeatedCompositeFieldContainer[Global___FileMatch]:
-        """file_matches is a batch of matching files, in verification order (not ranked)."""
+        """file_matches is a batch of matching files, sent as soon as they are verified, in
+        index order (segment by segment, in the order documents entered the index), not ranked. Each entry equals the one
+        an exhaustive SearchCode returns for that file (score, lines, ranges, context).
+        """
 
     @_builtins.property
     def stats(self) -> Global___SearchStats:
-        """stats describes the work done, on the last message."""
+        """stats describes the work done: on a batch only files_verified, the candidates verified
+        when the batch was cut (progress); on the last message, the whole search.
+        """
 
     def __init__(
         self,
