@@ -14,7 +14,8 @@
 -- * local_reply_config's json_format always sorts keys ({"code","details","message","reason"}):
 --   the members are put back in the API's order.
 --
--- Each gets x-kotadb-error-reason, as Check's denials and the local replies have. Only error
+-- No header is added: x-kotadb-error-reason stays the mark of an answer from the gateway or
+-- Check (clients and tests tell those from a service's answer by it). Only error
 -- responses with a JSON body are read: a status below 400 or a non-JSON content type (native
 -- gRPC clients, NDJSON streams) returns at once, so successes pass through untouched and
 -- unbuffered. An error body is buffered up to the connection's buffer limit (32 KiB by
@@ -114,7 +115,7 @@ local function members(text)
   end
 end
 
--- shaped returns `text` in the API's error shape and its reason, or nil when it already has
+-- shaped returns `text` in the API's error shape, or nil when it already has
 -- that shape or is not an error of these members.
 local function shaped(text, request_id)
   local values, order, trailer = members(text)
@@ -143,7 +144,7 @@ local function shaped(text, request_id)
     end
   end
   return '{"code":' .. values.code .. ',"message":' .. values.message .. ',"reason":"' .. reason
-    .. '","details":' .. details .. "}" .. trailer, reason
+    .. '","details":' .. details .. "}" .. trailer
 end
 
 function envoy_on_response(handle)
@@ -165,7 +166,7 @@ function envoy_on_response(handle)
   if body == nil then
     return
   end
-  local text, reason = shaped(body:getBytes(0, body:length()), request_id)
+  local text = shaped(body:getBytes(0, body:length()), request_id)
   if text == nil then
     return
   end
@@ -175,8 +176,5 @@ function envoy_on_response(handle)
   headers = handle:headers()
   if headers:get("content-length") ~= nil then
     headers:replace("content-length", tostring(#text))
-  end
-  if headers:get("x-kotadb-error-reason") == nil then
-    headers:add("x-kotadb-error-reason", reason)
   end
 end
