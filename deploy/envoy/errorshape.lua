@@ -31,6 +31,9 @@ local CODE_NAMES = {
 }
 local ERROR_INFO = '{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"'
 local MEMBERS = { code = true, message = true, reason = true, details = true }
+-- The largest error body shaped: under the 32 KiB connection buffer (gateway.py's default),
+-- which is all a filter may buffer.
+local MAX_BODY = 30000
 
 -- string_end returns the index of the quote closing the JSON string whose opening quote is at
 -- `start`, or nil when the text ends first. Escapes are skipped two bytes at a time.
@@ -155,6 +158,12 @@ function envoy_on_response(handle)
   end
   local content_type = headers:get("content-type")
   if content_type == nil or string.find(content_type, "application/json", 1, true) ~= 1 then
+    return
+  end
+  -- A body that says it is larger than the connection buffer would fail the response if it
+  -- were buffered; it passes unshaped instead.
+  local length = tonumber(headers:get("content-length"))
+  if length ~= nil and length > MAX_BODY then
     return
   end
   -- Request ids are Envoy's UUIDs; anything else is not echoed into JSON unescaped.
