@@ -30,6 +30,8 @@ from services.common.identity import ACCESS_LOG_TOKEN_HEADER, access_log_token
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE_PATH = REPO_ROOT / "deploy" / "envoy" / "envoy.yaml.tmpl"
+# The Lua filter that gives the transcoder's error bodies the API's error shape.
+ERROR_SHAPE_LUA_PATH = REPO_ROOT / "deploy" / "envoy" / "errorshape.lua"
 DEFAULT_DESCRIPTOR = REPO_ROOT / "deploy" / "envoy" / "kotadb.pb"
 WEB_ROOT = REPO_ROOT / "deploy" / "web"
 
@@ -325,6 +327,7 @@ def render(config: GatewayConfig, template_path: Path = TEMPLATE_PATH) -> str:
         "services": json.dumps(sorted(SERVICE_CLUSTERS)),
         "ext_authz_disabled": json.dumps(not config.ext_authz),
         "local_reply_mappers": json.dumps(envoyreplies.local_reply_mappers()),
+        "error_shape_lua": json.dumps(ERROR_SHAPE_LUA_PATH.read_text(encoding="utf-8")),
         "streaming_routes": _streaming_routes(streaming, client_streaming),
         "batch_routes": _batch_routes(),
         "web_routes": _web_routes(config.web_root.expanduser().resolve()),

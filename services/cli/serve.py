@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+# Imported before anything imports grpc: it sets gRPC's fork switch (see the module).
+from services.common import forksafety
 from services.common.server import ServiceServer, run
 from services.common.settings import ServiceSettings, SettingsError, env_settings
 
@@ -98,4 +100,5 @@ def _run_from_args(args: argparse.Namespace) -> int:
     if not settings.database_url:
         print(f"kotadb serve {args.service}: KOTADB_DATABASE_URL is not set", file=sys.stderr)
         return 2
+    forksafety.guard_forks(args.service)
     return run(build_server(args.service, settings), port_file=args.port_file)

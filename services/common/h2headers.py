@@ -86,9 +86,10 @@ def trailers_only_block(code: int, message: str, http_status: int = 200, extra: 
 
 # What a request header block asks for: the handler and the headers it gets, or (handler None) the
 # trailers-only refusal: status code, message, HTTP status, extra header fields; then the header
-# list's decoded size (RFC 7541 accounting), charged to the stream while it is open.
+# list's decoded size (RFC 7541 accounting), charged to the stream while it is open; last the
+# :path (the method's name in the call metrics).
 Refusal = tuple[grpc.StatusCode, str, int, bytes]
-Request = tuple[UnaryMethod | None, Mapping[str, str], Refusal | None, int]
+Request = tuple[UnaryMethod | None, Mapping[str, str], Refusal | None, int, str]
 HEADER_LIST_TOO_LARGE_STATUS: Final = 431
 
 
@@ -200,4 +201,4 @@ def parse_request(
         if handler is None:
             refusal = (grpc.StatusCode.UNIMPLEMENTED, f"unknown method {path}", 200, b"")
     # Read-only: the same mapping is handed to every call whose header block is cached.
-    return handler, MappingProxyType(headers), refusal, size
+    return handler, MappingProxyType(headers), refusal, size, path

@@ -50,6 +50,13 @@ is answered at once; one that returns an awaitable runs as a task and is answere
 traceback goes to the log). All output produced by one read is written with one
 `transport.write`.
 
+Every call whose handler ran is recorded in `kotadb_rpc_handled_total` (by method and status
+code; a call dropped unanswered is CANCELLED) and `kotadb_rpc_duration_seconds` (from the
+handler's call to its response), the series the grpc.aio interceptor keeps for the same method
+on the gRPC port. The label children are looked up once per method and code; a counter
+increment and a histogram observation measured 1.5 + 3.6 us on a loaded 2-core machine, against
+the ~65 us a Check costs.
+
 `stop(grace)` closes the listener, sends GOAWAY(last stream id) on every connection (streams the
 client opens after that are refused with REFUSED_STREAM, which grpc clients retry elsewhere), lets
 in-flight calls finish for up to `grace` seconds, then closes what is left.
@@ -63,13 +70,16 @@ import functools
 import inspect
 import logging
 import struct
+import time
 from collections.abc import Mapping
 from typing import Final, cast
 
 import grpc
 from hpack import Decoder
 from hpack.exceptions import HPACKError, OversizedHeaderListError
+from prometheus_client import Counter
 
+from services.common import metrics
 from services.common.h2headers import (
     HEADER_LIST_TOO_LARGE_STATUS,
     OK_TRAILERS,
@@ -194,11 +204,43 @@ def _frame_head(n: int, ftype: int, flags: int, sid: int) -> bytes:
     return _FRAME_HEAD.pack(n >> 8, n & 0xFF, ftype, flags, sid)
 
 
+class _CallMetrics:
+    """_CallMetrics records one method's finished calls in the shared RPC metrics (metrics.py).
+
+    The label children are looked up once per method (and once per status code), so a call
+    costs a counter increment and a histogram observation: the same kotadb_rpc_handled_total
+    and kotadb_rpc_duration_seconds series the grpc.aio interceptor records for the method on
+    the service's gRPC port.
+    """
+
+    __slots__ = ("duration", "handled", "method", "service")
+
+    def __init__(self, service: str, method: str) -> None:
+        self.service = service
+        self.method = method
+        self.duration = metrics.RPC_DURATION.labels(service=service, method=method)
+        self.handled: dict[grpc.StatusCode, Counter] = {}
+
+    def finish(self, stream: _Stream, code: grpc.StatusCode) -> None:
+        """finish records `stream`'s call as ended with `code` once, if its handler ran."""
+        started = stream.started
+        if not started:
+            return
+        stream.started = 0.0
+        child = self.handled.get(code)
+        if child is None:
+            child = metrics.RPC_HANDLED.labels(service=self.service, method=self.method, code=code.name)
+            self.handled[code] = child
+        child.inc()
+        self.duration.observe(time.perf_counter() - started)
+
+
 class _Stream:
     """_Stream is one request stream from HEADERS until its response is fully written."""
 
     __slots__ = (
         "base_cost",
+        "calls",
         "charged",
         "chunks",
         "declared",
@@ -210,15 +252,26 @@ class _Stream:
         "remote_closed",
         "send_window",
         "sid",
+        "started",
         "task",
     )
 
     def __init__(
-        self, sid: int, handler: UnaryMethod, headers: Mapping[str, str], send_window: int, base_cost: int
+        self,
+        sid: int,
+        handler: UnaryMethod,
+        headers: Mapping[str, str],
+        send_window: int,
+        base_cost: int,
+        calls: _CallMetrics,
     ) -> None:
         self.sid = sid
         self.handler = handler
         self.headers = headers
+        self.calls = calls
+        # perf_counter() when the handler was called; 0.0 before, and again once the call is
+        # recorded in the metrics (so it is recorded once).
+        self.started = 0.0
         self.chunks: list[bytes] = []
         self.received = 0
         # What the stream is charged (h2limits.py): base_cost while it is open, `charged` for
@@ -323,6 +376,7 @@ class _Connection(asyncio.Protocol):
         for stream in self.streams.values():
             if stream.task is not None:
                 stream.task.cancel()
+            stream.calls.finish(stream, grpc.StatusCode.CANCELLED)
         self.streams.clear()
         self.blocked.clear()
         self.cont_block = []
@@ -699,7 +753,7 @@ class _Connection(asyncio.Protocol):
             self._rst(sid, PROTOCOL_ERROR)
             return
         self.opened += 1
-        handler, headers, refusal, size = request
+        handler, headers, refusal, size, path = request
         end_stream = bool(flags & FLAG_END_STREAM)
         if handler is None:
             assert refusal is not None
@@ -716,7 +770,7 @@ class _Connection(asyncio.Protocol):
             return
         self.buffered += cost
         server.buffered += cost
-        stream = _Stream(sid, handler, headers, self.peer_initial_window, cost)
+        stream = _Stream(sid, handler, headers, self.peer_initial_window, cost, server.calls_by_method[path])
         self.streams[sid] = stream
         if end_stream:
             stream.remote_closed = True
@@ -817,6 +871,7 @@ class _Connection(asyncio.Protocol):
             self._refuse(stream, grpc.StatusCode.INTERNAL, "truncated request message")
             return
         self.server.calls += 1
+        stream.started = time.perf_counter()
         try:
             result = stream.handler(body[5:], stream.headers)
         except RpcError as err:
@@ -858,6 +913,7 @@ class _Connection(asyncio.Protocol):
 
     def _respond(self, stream: _Stream, message: bytes) -> None:
         """_respond writes HEADERS, the message as DATA and the OK trailers, as flow control allows."""
+        stream.calls.finish(stream, grpc.StatusCode.OK)
         sid = stream.sid
         n = len(message) + 5
         out = self.out
@@ -906,6 +962,7 @@ class _Connection(asyncio.Protocol):
 
     def _refuse(self, stream: _Stream, code: grpc.StatusCode, message: str) -> None:
         """_refuse ends an open stream with a trailers-only error response."""
+        stream.calls.finish(stream, code)
         self._early(stream.sid, stream.remote_closed, code, message)
         self._drop(stream.sid)
 
@@ -955,6 +1012,9 @@ class _Connection(asyncio.Protocol):
         stream.chunks = []
         self._uncharge(stream)
         self.blocked.pop(sid, None)
+        # A call whose handler ran and that is dropped unanswered was cancelled (reset by the
+        # client or its connection closed), as grpc.aio records it.
+        stream.calls.finish(stream, grpc.StatusCode.CANCELLED)
         if stream.task is not None and not stream.task.done():
             stream.task.cancel()
 
@@ -1051,6 +1111,7 @@ class H2UnaryServer:
         self.max_total = self.limits.max_total_bytes
         self.name = name
         self.service = service or name
+        self.calls_by_method = {path: _CallMetrics(self.service, path) for path in methods}
         self.refusals = Refusals(name, self.service, self.limits.log_interval)
         self.calls = 0
         self.errors = 0

@@ -69,6 +69,10 @@ class CallRecord:
     code: grpc.StatusCode = grpc.StatusCode.OK
     reason: str | None = None
     messages_sent: int = 0
+    # The client's address, read while the call is alive: grpc.aio's context.peer() reads the
+    # C call, which a client's cancellation of a stream may already have released by the time
+    # the handler's `finally` runs (a NULL dereference in cygrpc that killed the process).
+    peer: str = ""
 
 
 _call_var: contextvars.ContextVar[CallRecord | None] = contextvars.ContextVar("kotadb_call", default=None)
@@ -194,7 +198,7 @@ class RequestContextInterceptor(CallInterceptor):
                 _settle(record, exc, context)
                 raise
             finally:
-                _finish(self.service, record, context, started)
+                _finish(self.service, record, started)
                 _call_var.reset(token)
 
     async def around_stream(
@@ -217,14 +221,14 @@ class RequestContextInterceptor(CallInterceptor):
                 _settle(record, exc, context)
                 raise
             finally:
-                _finish(self.service, record, context, started)
+                _finish(self.service, record, started)
                 _call_var.reset(token)
 
     def _begin(self, context: grpc.aio.ServicerContext[Any, Any], method: str) -> CallRecord:
         request_id = _incoming_request_id(context) or uuid.uuid4().hex
         # Set first, so the id rides on every outcome, including aborts from code we do not own.
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
-        return CallRecord(request_id=request_id, method=method)
+        return CallRecord(request_id=request_id, method=method, peer=context.peer())
 
 
 class ErrorInterceptor(CallInterceptor):
@@ -322,16 +326,14 @@ def _context_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCod
     return None
 
 
-def _finish(
-    service: str, record: CallRecord, context: grpc.aio.ServicerContext[Any, Any], started: float
-) -> None:
+def _finish(service: str, record: CallRecord, started: float) -> None:
     """_finish records a finished call in the metrics and the access log."""
     elapsed = time.monotonic() - started
     metrics.observe_rpc(service, record.method, record.code.name, elapsed)
-    _log_call(record, context, elapsed)
+    _log_call(record, elapsed)
 
 
-def _log_call(record: CallRecord, context: grpc.aio.ServicerContext[Any, Any], elapsed: float) -> None:
+def _log_call(record: CallRecord, elapsed: float) -> None:
     # A cancelled health Watch is how watchers normally leave, so it stays quiet too.
     quiet = record.method.startswith(_QUIET_PREFIXES) and record.code in (
         grpc.StatusCode.OK,
@@ -345,7 +347,7 @@ def _log_call(record: CallRecord, context: grpc.aio.ServicerContext[Any, Any], e
     fields: dict[str, Any] = {
         "code": record.code.name,
         "duration_ms": round(elapsed * 1000, 3),
-        "peer": context.peer(),
+        "peer": record.peer,
     }
     if record.reason:
         fields["reason"] = record.reason

@@ -15,7 +15,8 @@ shows every kind of refusal side by side.
 `MetricsListener` serves the registry at `GET /metrics` on the service's metrics port
 (`KOTADB_<SERVICE>_METRICS_PORT`, loopback by default); `ServiceServer` runs it as the side
 listener "metrics", so a supervisor finds the bound port in `<port file>.metrics`. The shared
-runtime records: calls by method and code with their durations (`kotadb_rpc_*`, interceptors.py),
+runtime records: calls by method and code with their durations (`kotadb_rpc_*`, interceptors.py
+for grpc.aio servers, h2unary.py for auth's Check listener),
 readiness (`kotadb_ready`, `kotadb_component_ready`) and the database pool's connections and
 timeouts (`kotadb_db_pool_connections`, `kotadb_db_timeouts_total`, server.py and db.py).
 """

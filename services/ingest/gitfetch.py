@@ -145,6 +145,8 @@ class GitRepository:
         With `check`, a non-zero status raises GitError. A command over the timeout is killed
         and raises GitError too.
         """
+        # No preexec_fn, user, group or umask: with none, CPython execs git through vfork(), and
+        # gRPC's fork handlers never run in this serving process (services/common/forksafety.py).
         process = await asyncio.create_subprocess_exec(
             "git",
             *self._config(),
