@@ -49,6 +49,7 @@ def load_revision(rev: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location("symbols_at_rev", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
     # Its query files are found through the package, which is today's (the .scm files).
     spec.loader.exec_module(module)
     return module
