@@ -83,7 +83,7 @@ def _balanced(content: bytes, start: int, end: int) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Gap:
-    """Gap is a Python function body's tail left out of the parse (see `_python_gaps`).
+    """Gap is a Python function body's tail left out of the parse (see `python_gaps`).
 
     `zone` is where the kept last line starts: a definition the parse ends in
     [zone, start] really ends at `end`, the body's last visible byte (on 0-based `end_row`).
