@@ -1,9 +1,13 @@
 """Documents: the rules an ingested document must pass and the batch write (DocumentWriter).
 
-`DocumentWriter.upsert` is the one code path that writes documents: UpsertDocuments,
-StreamUpsertDocuments and the sync workers all call it, inside a transaction they own
-(`db.as_user` for RPCs, `db.as_service` for workers; the writer never commits, so a worker can
-combine a batch with its job bookkeeping). For each item it
+`DocumentWriter` is the one code path that writes documents: UpsertDocuments,
+StreamUpsertDocuments and the sync workers all use it in two steps. `prepare` checks the batch
+and extracts its symbols in worker processes, with no connection held; `write` then runs inside
+a transaction the caller owns (`db.as_user` for RPCs, `db.as_service` for workers; the writer
+never commits, so a worker can combine a batch with its job bookkeeping), and only reads and
+writes, so the transaction lasts the database's share of the work (milliseconds a batch), not
+the parse's (seconds): the change feed's readers wait for the oldest open transaction.
+`upsert` does both for callers that already hold a transaction. For each item the writer
 
 1. checks the item (`check_item`): path shape, content that is UTF-8 text without NUL bytes and
    under the hard limit, language, title, tags, metadata; then the repository (unknown or
@@ -12,9 +16,11 @@ combine a batch with its job bookkeeping). For each item it
 2. compares each valid item with the stored document (content hash, language, metadata, title,
    tags): an identical one is a no-op answered with its stored revision and `unchanged` (the
    revision trigger stamps every write, so the decision is made before writing);
-3. analyzes the changed ones in worker processes (tree-sitter symbols, the engine's index
-   guardrails; services/ingest/symbolizer.py) and writes documents and symbols in one
+3. writes the changed ones with what `prepare` found in them (tree-sitter symbols, the
+   engine's index guardrails; services/ingest/symbolizer.py): documents and symbols in one
    statement each per repository; the documents trigger appends their change-feed rows.
+   Every valid item is analyzed, identical ones too (which ones are identical is only known
+   inside the transaction); pushes and syncs send only changed files anyway.
 
 Content the engine will not index (over its 1 MiB limit, too many distinct trigrams, empty) is
 stored all the same and marked with the reason, which the search service reports as a skip.
@@ -32,7 +38,7 @@ from typing import Any
 from services.common.db import Connection
 from services.common.errors import FieldViolation, InvalidArgument
 from services.ingest import documentstore as store
-from services.ingest.symbolizer import Symbolizer
+from services.ingest.symbolizer import Analysis, Symbolizer
 from services.search.engine.languages import detect_language, normalize_language
 
 MAX_PATH_BYTES = 4096
@@ -163,6 +169,21 @@ class _Valid:
     raw: bytes
     row: store.WriteRow
     content_hash: str
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    """PreparedBatch is a batch checked and analyzed by `DocumentWriter.prepare`, ready to write.
+
+    `refused` answers the items that failed their checks; `valid` are the others, and
+    `analyses` holds each valid item's symbols and index verdict by item index.
+    """
+
+    first_index: int
+    size: int
+    refused: Mapping[int, ItemResult]
+    valid: tuple[_Valid, ...]
+    analyses: Mapping[int, Analysis]
 
 
 def _violation(index: int, name: str, description: str, reason: str) -> FieldViolation:
@@ -397,7 +418,7 @@ def _unchanged(valid: _Valid, state: store.StoredState) -> ItemResult:
 
 
 class DocumentWriter:
-    """DocumentWriter validates and writes batches of documents in the caller's transaction.
+    """DocumentWriter checks and analyzes batches of documents, then writes them in a transaction.
 
     `symbolizer` extracts symbols off the event loop; `limits` bounds each item. Item indexes in
     results and violations start at `first_index` (streams number items across batches).
@@ -410,16 +431,33 @@ class DocumentWriter:
     async def upsert(
         self, conn: Connection, user_id: uuid.UUID, items: Sequence[DocumentInput], *, first_index: int = 0
     ) -> BatchOutcome:
-        """upsert writes the valid items of one batch and answers every item, in order."""
-        results: dict[int, ItemResult] = {}
+        """upsert prepares and writes one batch in the caller's transaction (extraction included)."""
+        return await self.write(conn, user_id, await self.prepare(items, first_index=first_index))
+
+    async def prepare(self, items: Sequence[DocumentInput], *, first_index: int = 0) -> PreparedBatch:
+        """prepare checks every item and analyzes the valid ones in worker processes (no database)."""
+        refused: dict[int, ItemResult] = {}
         valid: list[_Valid] = []
         for offset, item in enumerate(items):
             index = first_index + offset
             checked = check_item(index, item, self.limits)
             if isinstance(checked, list):
-                results[index] = ItemResult(index, item.path, item.repository_id, violations=tuple(checked))
+                refused[index] = ItemResult(index, item.path, item.repository_id, violations=tuple(checked))
             else:
                 valid.append(checked)
+        analyses = await self.symbolizer.analyze_many([(v.raw, v.row.language or "") for v in valid])
+        return PreparedBatch(
+            first_index,
+            len(items),
+            refused,
+            tuple(valid),
+            {v.index: a for v, a in zip(valid, analyses, strict=True)},
+        )
+
+    async def write(self, conn: Connection, user_id: uuid.UUID, prepared: PreparedBatch) -> BatchOutcome:
+        """write stores the valid items of a prepared batch and answers every item, in order."""
+        results: dict[int, ItemResult] = dict(prepared.refused)
+        valid = prepared.valid
         wanted = {v.repository_id for v in valid if v.repository_id is not None}
         visible = await store.visible_repositories(conn, user_id, sorted(wanted))
         groups: dict[uuid.UUID | None, dict[str, _Valid]] = {}
@@ -438,8 +476,8 @@ class DocumentWriter:
             else:
                 group[v.row.path] = v
         for repository_id, by_path in groups.items():
-            results.update(await self._write_group(conn, user_id, repository_id, by_path))
-        ordered = tuple(results[first_index + i] for i in range(len(items)))
+            results.update(await self._write_group(conn, user_id, repository_id, by_path, prepared.analyses))
+        ordered = tuple(results[prepared.first_index + i] for i in range(prepared.size))
         return BatchOutcome(ordered, max((r.revision for r in ordered), default=0))
 
     async def _write_group(
@@ -448,6 +486,7 @@ class DocumentWriter:
         user_id: uuid.UUID,
         repository_id: uuid.UUID | None,
         by_path: dict[str, _Valid],
+        analyzed: Mapping[int, Analysis],
     ) -> dict[int, ItemResult]:
         """_write_group writes one repository's changed items; identical ones are answered unchanged."""
         if not by_path:
@@ -464,7 +503,7 @@ class DocumentWriter:
                 changed.append(v)
         if not changed:
             return results
-        analyses = await self.symbolizer.analyze_many([(v.raw, v.row.language or "") for v in changed])
+        analyses = [analyzed[v.index] for v in changed]
         rows = [
             dataclasses.replace(v.row, index_skip=a.index_skip, index_skip_detail=a.index_skip_detail)
             for v, a in zip(changed, analyses, strict=True)

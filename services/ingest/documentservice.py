@@ -200,7 +200,11 @@ class DocumentService:
         *,
         first_index: int,
     ) -> BatchOutcome:
-        """_batch runs one batch in one transaction as the user, claiming and recording its request id."""
+        """_batch runs one batch in one transaction as the user, claiming and recording its request id.
+
+        Symbols are extracted before the transaction opens, so it only reads and writes.
+        """
+        prepared = await self.writer.prepare(items, first_index=first_index)
         pool = await self._pool.get()
         async with db.as_user(pool, user_id) as conn:
             if request_id:
@@ -212,7 +216,7 @@ class DocumentService:
                     if claim.fingerprint != digest or claim.response is None:
                         raise _reused(request_id)
                     return BatchOutcome.from_json(claim.response)
-            outcome = await self.writer.upsert(conn, user_id, items, first_index=first_index)
+            outcome = await self.writer.write(conn, user_id, prepared)
             if request_id:
                 await store.record_response(conn, user_id, method, request_id, outcome.to_json())
             return outcome

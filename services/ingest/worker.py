@@ -470,10 +470,11 @@ class Sync:
     async def _commit_batch(self, source: SyncSource, batch: Sequence[DocumentInput]) -> set[str]:
         """_commit_batch writes one batch with the job's bookkeeping; returns the paths refused."""
         refused: set[str] = set()
+        prepared = await self.worker.writer.prepare(batch)  # symbols, before the transaction opens
         async with db.as_service(self.pool) as conn:
             lease = await queue.fence(conn, self.job.id, self.worker.worker_id, lease=self.settings.job_lease)
             self._checkpoint(lease)
-            outcome = await self.worker.writer.upsert(conn, source.user_id, batch)
+            outcome = await self.worker.writer.write(conn, source.user_id, prepared)
             written: list[uuid.UUID] = []
             for item, result in zip(batch, outcome.results, strict=True):
                 if result.rejected:

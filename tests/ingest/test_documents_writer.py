@@ -13,6 +13,7 @@ import hashlib
 import os
 import signal
 import uuid
+from collections.abc import Sequence
 
 import asyncpg
 
@@ -22,7 +23,7 @@ from services.common.settings import CommonSettings
 from services.ingest.config import IngestSettings
 from services.ingest.documents import DocumentInput, DocumentWriter, ItemResult
 from services.ingest.documentservice import DocumentService
-from services.ingest.symbolizer import Symbolizer
+from services.ingest.symbolizer import Analysis, Symbolizer
 from tests.conftest import UserFactory
 from tests.ingest.conftest import RepositoryFactory
 
@@ -299,3 +300,37 @@ async def test_request_ids_expire_after_the_retention(
     finally:
         await asyncio.to_thread(service.close)
         await lazy.close(wait=5)
+
+
+class _NoExtraction(Symbolizer):
+    """_NoExtraction is a symbolizer that fails the test if anything asks it to extract."""
+
+    async def analyze_many(self, items: Sequence[tuple[bytes, str]]) -> list[Analysis]:
+        raise AssertionError(f"extraction inside the write step ({len(items)} items)")
+
+
+async def test_prepare_extracts_before_the_transaction_and_write_only_writes(
+    pool: asyncpg.Pool, user_factory: UserFactory, document_writer: DocumentWriter
+) -> None:
+    # The services prepare (check and extract) with no connection held, then write in a short
+    # transaction: the write step must use the prepared symbols and never extract.
+    user = await user_factory()
+    items = [DocumentInput("src/greet.py", PYTHON), DocumentInput("../bad.py", "x = 1\n")]
+    prepared = await document_writer.prepare(items, first_index=3)
+    writer = DocumentWriter(_NoExtraction(1))
+    async with db.as_user(pool, user) as conn:
+        outcome = await writer.write(conn, user, prepared)
+
+    good, bad = outcome.results
+    assert [good.index, bad.index] == [3, 4]
+    assert good.created and not good.rejected
+    assert bad.rejected and bad.violations[0].field == "documents[4].path"
+    rows = await pool.fetch(
+        "select qualified_name, kind from public.symbols where document_id = $1 order by start_line", good.id
+    )
+    assert [(r["qualified_name"], r["kind"]) for r in rows] == [
+        ("Greeter", "class"),
+        ("Greeter.greet", "method"),
+        ("main", "function"),
+    ]
+    assert [(path, op) for _, path, op in await _changes(pool, user)] == [("src/greet.py", "upsert")]
