@@ -16,6 +16,14 @@ class IngestSettings(ServiceSettings):
     service_name: ClassVar[str] = "ingest"
 
     port: int = setting(50052, minimum=0, help="gRPC port of the ingest service; 0 picks a free one.")
+    db_statement_timeout: float = setting(
+        30.0,
+        env="KOTADB_INGEST_DB_STATEMENT_TIMEOUT",
+        minimum=0.01,
+        help="Seconds one ingest query may run (client command timeout and server `statement_timeout`);"
+        " batch writes of documents and their symbols need more than the 1.5 s that"
+        " bounds auth's Check path. Past it the call fails UNAVAILABLE (DATABASE_UNAVAILABLE).",
+    )
     metrics_port: int = setting(
         9462,
         minimum=0,

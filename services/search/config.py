@@ -17,6 +17,14 @@ class SearchSettings(ServiceSettings):
     service_name: ClassVar[str] = "search"
 
     port: int = setting(50053, minimum=0, help="gRPC port of the search service; 0 picks a free one.")
+    db_statement_timeout: float = setting(
+        30.0,
+        env="KOTADB_SEARCH_DB_STATEMENT_TIMEOUT",
+        minimum=0.01,
+        help="Seconds one search query may run (client command timeout and server `statement_timeout`);"
+        " tenant rebuilds and feed batches need more than the 1.5 s that"
+        " bounds auth's Check path. Past it the call fails UNAVAILABLE (DATABASE_UNAVAILABLE).",
+    )
     metrics_port: int = setting(
         9463,
         minimum=0,
