@@ -26,7 +26,7 @@ from google.protobuf import descriptor_pb2
 from google.protobuf.message import DecodeError
 
 from services.cli import envoyreplies
-from services.common.identity import ACCESS_LOG_TOKEN_HEADER, access_log_token
+from services.common.identity import ACCESS_LOG_TOKEN_HEADER, TENANT_HEADER, access_log_token
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE_PATH = REPO_ROOT / "deploy" / "envoy" / "envoy.yaml.tmpl"
@@ -147,6 +147,12 @@ class GatewayConfig:
     max_connections: int = 10000
 
 
+# Search routes pick a replica by the tenant header auth's Check sets (identity.TENANT_HEADER),
+# hashed on a ring (the search cluster's lb_policy): each replica keeps its share of tenants warm,
+# and a replica that leaves moves only its own share to the others (DESIGN §6).
+SEARCH_HASH_POLICY: dict[str, Any] = {"hash_policy": [{"header": {"header_name": TENANT_HEADER}}]}
+
+
 def split_address(address: str) -> tuple[str, int]:
     """split_address parses `host:port` (IPv6 hosts in brackets) into its host and port."""
     host, sep, port = address.rpartition(":")
@@ -238,6 +244,7 @@ def _streaming_routes(paths: Sequence[str], client_streaming: Sequence[str]) -> 
             "match": {"path": path},
             "route": {
                 "cluster": SERVICE_CLUSTERS[service],
+                **(SEARCH_HASH_POLICY if SERVICE_CLUSTERS[service] == "search" else {}),
                 "timeout": "0s",
                 "idle_timeout": "0s",
                 "max_stream_duration": {
@@ -355,7 +362,11 @@ def render(config: GatewayConfig, template_path: Path = TEMPLATE_PATH) -> str:
     check = _endpoints(config.auth_check) if config.auth_check else auth
     values["auth_check_endpoints"] = json.dumps(_lb_endpoints(check))
     values["auth_check_cluster_type"] = _cluster_type(*(host for host, _ in check))
-    for name in ("ingest", "search", "mcp"):
+    search = _endpoints(config.search)
+    values["search_endpoints"] = json.dumps(_lb_endpoints(search))
+    values["search_cluster_type"] = _cluster_type(*(host for host, _ in search))
+    values["search_hash_policy"] = json.dumps(SEARCH_HASH_POLICY["hash_policy"])
+    for name in ("ingest", "mcp"):
         host, port = split_address(getattr(config, name))
         values[f"{name}_host"] = json.dumps(host)
         values[f"{name}_port"] = port
@@ -442,7 +453,11 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         help="auth replicas' Check listeners host:port, comma-separated; empty: Check on the --auth ports",
     )
     parser.add_argument("--ingest", default=defaults.ingest, help="ingest service host:port")
-    parser.add_argument("--search", default=defaults.search, help="search service host:port")
+    parser.add_argument(
+        "--search",
+        default=defaults.search,
+        help="search replicas, host:port[,host:port...] (ring hash on the tenant)",
+    )
     parser.add_argument("--mcp", default=defaults.mcp, help="MCP server (`kotadb mcp --http`) host:port")
     parser.add_argument("--web-root", type=Path, default=defaults.web_root, help="the search page's files")
     parser.add_argument("--descriptor", type=Path, default=defaults.descriptor, help="descriptor set (.pb)")

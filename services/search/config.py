@@ -68,6 +68,11 @@ class SearchSettings(ServiceSettings):
         help="Secret keying page tokens (shared by every replica); empty: a random key kept in"
         " the data directory.",
     )
+    replica: str = setting(
+        "",
+        help="This replica's name in IndexStatus.replica (several replicas share a host); empty: the"
+        " host name.",
+    )
     durable: bool = setting(
         True, help="fsync index files before publishing them (off only in tests: the index is a cache)."
     )

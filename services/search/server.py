@@ -40,7 +40,7 @@ def assemble(
     pool = LazyPool(settings)
     store = SearchStore(pool)
     manager = TenantManager(settings, store)
-    servicer = SearchServicer(Searches(settings, manager))
+    servicer = SearchServicer(Searches(settings, manager), settings.replica)
     data_dir = settings.data_dir
 
     async def check_volume() -> None:
