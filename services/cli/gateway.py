@@ -150,7 +150,26 @@ class GatewayConfig:
 # Search routes pick a replica by the tenant header auth's Check sets (identity.TENANT_HEADER),
 # hashed on a ring (the search cluster's lb_policy): each replica keeps its share of tenants warm,
 # and a replica that leaves moves only its own share to the others (DESIGN §6).
-SEARCH_HASH_POLICY: dict[str, Any] = {"hash_policy": [{"header": {"header_name": TENANT_HEADER}}]}
+# A replica that is down or refuses (killed, restarting) is retried once on the next replica of
+# the ring (previous_hosts), before any response: its tenants move, nobody sees the gap.
+SEARCH_RETRY_POLICY: dict[str, Any] = {
+    "retry_on": "connect-failure,refused-stream,reset-before-request",
+    "num_retries": 2,
+    "retry_host_predicate": [
+        {
+            "name": "envoy.retry_host_predicates.previous_hosts",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3."
+                "PreviousHostsPredicate"
+            },
+        }
+    ],
+    "host_selection_retry_max_attempts": 5,
+}
+SEARCH_HASH_POLICY: dict[str, Any] = {
+    "hash_policy": [{"header": {"header_name": TENANT_HEADER}}],
+    "retry_policy": SEARCH_RETRY_POLICY,
+}
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -366,6 +385,7 @@ def render(config: GatewayConfig, template_path: Path = TEMPLATE_PATH) -> str:
     values["search_endpoints"] = json.dumps(_lb_endpoints(search))
     values["search_cluster_type"] = _cluster_type(*(host for host, _ in search))
     values["search_hash_policy"] = json.dumps(SEARCH_HASH_POLICY["hash_policy"])
+    values["search_retry_policy"] = json.dumps(SEARCH_RETRY_POLICY)
     for name in ("ingest", "mcp"):
         host, port = split_address(getattr(config, name))
         values[f"{name}_host"] = json.dumps(host)
