@@ -264,6 +264,7 @@ def _child_env(database_url: str, data_dir: Path, free_ports: bool) -> dict[str,
         # The embedded cluster is a direct connection: job wake-ups and WatchJob LISTEN there (a
         # given URL may be a pooler that cannot, so it is left to KOTADB_INGEST_LISTEN_DATABASE_URL).
         env.setdefault("KOTADB_INGEST_LISTEN_DATABASE_URL", database_url)
+        env.setdefault("KOTADB_SEARCH_LISTEN_URL", database_url)  # the search tailer's wake-ups too
     if free_ports:
         # Every component on a free port means the metrics listeners too.
         metrics_on_free_ports(env, keep=True)

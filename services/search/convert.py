@@ -98,12 +98,11 @@ def stream_query_from_proto(request: search_pb2.StreamSearchCodeRequest) -> Code
 def symbol_query_from_proto(request: search_pb2.SearchSymbolsRequest) -> SymbolQuery:
     """symbol_query_from_proto checks a SearchSymbolsRequest (or its KotaDB-compatible spelling)."""
     pattern = (request.query or request.pattern).strip()
-    field = "query" if request.query else "pattern"
-    check_common(pattern, 0, request.min_revision, 0, request.page_token)
+    field = "query" if request.query or not request.pattern else "pattern"
+    check_common(pattern, 0, request.min_revision, 0, request.page_token, query_field=field)
     if len(pattern) > 2 and pattern.startswith("/") and pattern.endswith("/"):
         pattern = pattern[1:-1]
     size_field = "page_size" if request.page_size or not request.limit else "limit"
-    del field
     return SymbolQuery(
         pattern=pattern,
         page_size=check_page_size(request.page_size or request.limit, size_field),

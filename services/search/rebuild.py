@@ -45,8 +45,10 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 STATE_FILE = "state.json"
 INDEX_DIR = "index"
-# Segments written while tailing stay small; the merge policy folds them together.
+# Segment size of a build (peak memory is a few times this); the merge policy folds them together.
 BUILD_FLUSH_BYTES = 32 << 20
+# A build logs its progress every this many documents.
+PROGRESS_EVERY = 10000
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +158,9 @@ async def build_tenant(
             async for snapshot, rows in store.stream_documents(tenant, batch):
                 revision = rule.safe(watermark, snapshot, key)
                 await loop.run_in_executor(executor, add_documents, writer, rows)
-                count += len(rows)
+                before, count = count, count + len(rows)
+                if count // PROGRESS_EVERY > before // PROGRESS_EVERY:
+                    log.info("building the index of tenant %s: %d documents so far", tenant, count)
                 if on_progress is not None:
                     on_progress(count)
             await loop.run_in_executor(executor, lambda: writer.commit(merge=True))

@@ -116,12 +116,20 @@ def check_page_size(value: int, field: str = "page_size") -> int:
     return value
 
 
-def check_common(query: str, context_lines: int, min_revision: int, max_matches: int, token: str) -> None:
+def check_common(
+    query: str,
+    context_lines: int,
+    min_revision: int,
+    max_matches: int,
+    token: str,
+    *,
+    query_field: str = "query",
+) -> None:
     """check_common refuses the fields every code search shares when they are out of range."""
     if not query.strip():
-        raise _bad("query", "query must not be empty", "EMPTY_QUERY")
+        raise _bad(query_field, f"{query_field} must not be empty", "EMPTY_QUERY")
     if len(query.encode("utf-8")) > MAX_QUERY_BYTES:
-        raise _bad("query", f"query is longer than {MAX_QUERY_BYTES} bytes", "QUERY_TOO_LONG")
+        raise _bad(query_field, f"{query_field} is longer than {MAX_QUERY_BYTES} bytes", "QUERY_TOO_LONG")
     if not 0 <= context_lines <= MAX_CONTEXT_LINES:
         raise _bad(
             "context_lines", f"context_lines must be between 0 and {MAX_CONTEXT_LINES}", "OUT_OF_RANGE"
@@ -159,7 +167,7 @@ class Searches:
         started = time.monotonic()
         opened = await self.manager.get(tenant)
         if opened.covered < min_revision:
-            head = (await self.manager.store.revision_watermark()).sequence
+            head = await self.manager.store.head_revision()
             if min_revision > head:
                 raise _bad(
                     "min_revision",

@@ -165,6 +165,14 @@ class SearchStore:
         writers = tuple(Writer(v, x, frozenset(k), d) for v, (x, k, d) in sorted(found.items()))
         return Watermark(int(sequence), writers)
 
+    async def head_revision(self) -> int:
+        """head_revision is the last revision the database has handed out (any tenant)."""
+        with db.translated_errors():
+            value = await self._pool.get().fetchval(
+                "select case when is_called then last_value else 0 end from public.document_revision_seq"
+            )
+        return int(value)
+
     async def tenant_key(self, tenant: uuid.UUID) -> int:
         """tenant_key is the key of the tenant's writer lock, as pg_locks shows it (objid)."""
         with db.translated_errors():

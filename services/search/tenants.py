@@ -349,6 +349,9 @@ class TenantManager:
                 after = changes[-1].revision
             if merge and len(opened.index.manifest.segments) > MERGE_ABOVE:
                 await self._in(self.write_pool, opened.writer.merge)
+                # The searcher caches per-segment facts by segment path; a fresh one drops those of
+                # merged-away segments (searches in flight keep the old one).
+                opened.searcher = Searcher(opened.index, cursor_key=self.cursor_key(tenant))
 
     async def _apply(self, opened: TenantIndex, changes: Sequence[Change]) -> None:
         ids = list(dict.fromkeys(c.document_id for c in changes))

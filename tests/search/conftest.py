@@ -43,8 +43,7 @@ async def start_search_server(
         database_url=database_url,
         port=0,
         data_dir=data_dir,
-        listen_url=database_url,
-        **{**SEARCH_TEST_SETTINGS, **overrides},
+        **{"listen_url": database_url, **SEARCH_TEST_SETTINGS, **overrides},
     )
     server, manager = assemble(settings, identity=IdentitySettings(identity_key=IDENTITY_KEY))
     port = await server.start()

@@ -86,3 +86,24 @@ async def test_a_client_that_goes_away_cancels_its_search(
             break
     assert manager.cancelled_searches > cancelled
     assert call.cancelled() or (await call.code()) == grpc.StatusCode.CANCELLED
+
+
+async def test_a_search_past_its_timeout_reports_the_deadline(
+    services: Services, user_factory: UserFactory, pool: asyncpg.Pool
+) -> None:
+    user = await user_factory()
+    await _bulk(pool, user, 600)
+    head = int(
+        await pool.fetchval("select max(revision) from public.document_changes where user_id = $1", user)
+    )
+    await services.search(user, "warm", min_revision=head)
+    found = await services.search(
+        user,
+        # No usable trigram: a bounded scan, cut by the 1 ms timeout.
+        "(a|b)[0-9]{2}(c|d).*z",
+        regex=True,
+        mode=search_pb2.SEARCH_MODE_EXHAUSTIVE,
+        timeout={"nanos": 1_000_000},
+    )
+    assert found.limit_hit and found.limit_reason == search_pb2.SearchStats.DEADLINE
+    assert found.stats.full_scan

@@ -20,6 +20,7 @@ import pytest
 from kotadb.v1 import search_pb2
 
 from tests.conftest import UserFactory
+from tests.ingest.conftest import caller_metadata
 from tests.search.conftest import Services, caller, paths, start_search_server
 
 
@@ -91,6 +92,10 @@ async def test_rebuild_needs_admin_or_the_owners_session_and_changes_nothing(
     with pytest.raises(grpc.aio.AioRpcError) as denied:
         await stub.RebuildIndex(search_pb2.RebuildIndexRequest(), metadata=caller(user, ("read", "write")))
     assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # The owner's session (a user identity) may rebuild; so may an admin key.
+    session = caller_metadata(user, (), kind="user")
+    answer = await stub.RebuildIndex(search_pb2.RebuildIndexRequest(), metadata=session)
+    assert answer.index_status.state in (search_pb2.IndexStatus.REBUILDING, search_pb2.IndexStatus.READY)
     answer = await stub.RebuildIndex(search_pb2.RebuildIndexRequest(), metadata=caller(user, ("admin",)))
     assert answer.index_status.state in (search_pb2.IndexStatus.REBUILDING, search_pb2.IndexStatus.READY)
     manager = services.manager
@@ -121,3 +126,18 @@ async def test_an_index_of_another_state_version_is_rebuilt_at_start(
     assert paths(after) == paths(before) == ["v/a.txt"]
     rewritten = json.loads(state.read_text())
     assert rewritten["version"] == body["version"] and rewritten["rebuilt_at"] > body["rebuilt_at"]
+
+
+async def test_without_listen_url_polling_and_waiters_keep_reads_fresh(
+    services: Services, user_factory: UserFactory, database_url: str, tmp_path: Path
+) -> None:
+    user = await user_factory()
+    async with _server(
+        services, database_url, tmp_path / "poll", listen_url="", poll_interval=30.0
+    ) as polled:
+        await polled.search(user, "warm")
+        for i in range(3):
+            written = await polled.write(user, {f"p/{i}.txt": f"polled marker {i}\n"})
+            # No notification arrives; the waiting search asks the tailer for a poll itself.
+            found = await polled.search(user, f"polled marker {i}", min_revision=written.revision)
+            assert paths(found) == [f"p/{i}.txt"]
