@@ -6,7 +6,7 @@ bench API key, and then:
 
 * first-page latency of every query (one RE2 pattern a line, `--regex`), run `--runs` times on
   each side, after one warm-up: in-process (the engine's Searcher over an offline build of the
-  same tree), direct gRPC to a search replica (the key checked by auth), REST through Envoy
+  same tree), direct gRPC to the tenant's search replica (the key checked by auth), REST through Envoy
   (`POST /v1/code:search`), and Postgres `pg_trgm` on the very `documents` table ingest wrote
   (`content ~ pattern` with a GIN trigram index the bench creates, what a Supabase user would
   reach for); ratios to in-process per query, with the median and the worst query;
@@ -16,9 +16,10 @@ bench API key, and then:
 * freshness: a REST upsert of a file with a fresh word, then searches for the word every 5 ms
   until it is found: upsert response → visible, p50/p99; and the same search sent at once with
   `min_revision` set to the upsert's revision: its added wait (the response's stats.wait_duration);
-* rebuild: the second search replica has never seen the tenant, so the first direct query to it
-  builds the tenant from Postgres (streamed, server-side cursor) before answering; that time to
-  serving, next to the offline build of the same tree from files (`kotadb index build`).
+* rebuild: the search replica the ring did not give the tenant to has never seen it, so the
+  first direct query to it builds the tenant from Postgres (streamed, server-side cursor)
+  before answering; that time to serving, next to the offline build of the same tree from
+  files (`kotadb index build`).
 
 Everything but the pg_trgm index is what a user runs; no figure is an assertion. The machine
 is shared: the load average before and after is recorded next to the figures.
@@ -99,6 +100,15 @@ class Rest:
             data=json.dumps(body).encode(),
             method="POST",
             headers={"authorization": f"Bearer {self.key}", "content-type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answer: dict[str, Any] = json.loads(response.read())
+        return answer
+
+    def get(self, path: str) -> dict[str, Any]:
+        """get sends one GET and returns the JSON answer (raising on a non-200)."""
+        request = urllib.request.Request(
+            f"{self.gateway}{path}", headers={"authorization": f"Bearer {self.key}"}
         )
         with urllib.request.urlopen(request, timeout=120) as response:
             answer: dict[str, Any] = json.loads(response.read())
@@ -286,7 +296,12 @@ def run_service_bench(options: ServiceBenchOptions, echo: Callable[[str], None])
             rest.search(pattern)
 
         metadata = (("authorization", f"Bearer {key}"),)
-        with grpc.insecure_channel(stack.grpc["search-2"]) as cold:
+        # The ring gave the tenant to one replica (GetIndexStatus names it); the other has never
+        # built it, so its first answer includes the whole build from Postgres.
+        owner = rest.get("/v1/index")["replica"]
+        cold_name = "search" if owner == "search-2" else "search-2"
+        report["replicas"] = {"owner": owner, "rebuilt_on": cold_name}
+        with grpc.insecure_channel(stack.grpc[cold_name]) as cold:
             cold_stub = search_pb2_grpc.SearchServiceStub(cold)
             started = time.perf_counter()
             cold_stub.SearchCode(
@@ -313,7 +328,7 @@ def run_service_bench(options: ServiceBenchOptions, echo: Callable[[str], None])
 
         with (
             Index.open(work / "offline-index") as index,
-            grpc.insecure_channel(stack.grpc["search"]) as channel,
+            grpc.insecure_channel(stack.grpc[owner]) as channel,
         ):
             searcher = Searcher(index)
             stub = search_pb2_grpc.SearchServiceStub(channel)
@@ -321,7 +336,7 @@ def run_service_bench(options: ServiceBenchOptions, echo: Callable[[str], None])
         echo("latency done")
         loop.run_until_complete(conn.close())
         loop.close()
-        report["load"] = _load_test(rest, queries, options.load_seconds, stack.grpc["search"])
+        report["load"] = _load_test(rest, queries, options.load_seconds, stack.grpc[owner])
         echo("load done")
         report["freshness"] = _freshness(rest, options.freshness_samples)
         echo("freshness done")

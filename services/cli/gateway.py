@@ -172,6 +172,78 @@ SEARCH_HASH_POLICY: dict[str, Any] = {
 }
 
 
+# /health asks each of these clusters' kotadb.v1.HealthService/GetHealth (the Lua filter).
+HEALTH_HEADER = "x-kotadb-health-of"
+HEALTH_DETAIL_HEADER = envoyreplies.HEALTH_DETAIL_HEADER
+HEALTH_SERVICES: tuple[str, ...] = ("auth", "ingest", "search")
+# The Lua filter for GET /health (see the template's header). It runs on every request, so the
+# first thing it does is leave anything else alone. A service's answer is JSON already (the
+# transcoder's, or Envoy's error JSON when the cluster has no healthy host), one line each.
+HEALTH_LUA = """
+local SERVICES = {%(services)s}
+function envoy_on_request(handle)
+  local headers = handle:headers()
+  if headers:get(":path") ~= "/health" or headers:get("%(of)s") ~= nil then
+    return
+  end
+  local parts, degraded = {}, false
+  for _, name in ipairs(SERVICES) do
+    local ok, reply, body = pcall(function()
+      return handle:httpCall("health_self", {
+        [":method"] = "GET", [":path"] = "/health", [":authority"] = "kotadb-health",
+        ["%(of)s"] = name,
+      }, "", 3000)
+    end)
+    local status = ok and reply and reply[":status"] or "0"
+    if status ~= "200" or body == nil or string.find(body, "NOT_SERVING", 1, true) then
+      degraded = true
+    end
+    if body == nil or string.sub(body, 1, 1) ~= "{" then
+      body = '{"status":"NOT_SERVING","message":"no answer"}'
+    end
+    parts[#parts + 1] = '"' .. name .. '":' .. body
+  end
+  headers:replace("%(detail)s", "{" .. table.concat(parts, ",") .. "}")
+  if degraded then
+    handle:respond({[":status"] = "503"}, "")
+  end
+end
+"""
+
+
+def _health_lua() -> str:
+    """_health_lua is the /health Lua filter's source, for the template (a JSON string)."""
+    services = ", ".join(f'"{name}"' for name in HEALTH_SERVICES)
+    return HEALTH_LUA % {"services": services, "of": HEALTH_HEADER, "detail": HEALTH_DETAIL_HEADER}
+
+
+def _health_routes() -> str:
+    """_health_routes renders the routes of one service's GetHealth, asked for through the gateway."""
+    off = _filter_switch(**{"envoy.filters.http.ext_authz": False})
+    present = {"name": HEALTH_HEADER, "present_match": True}
+    routes: list[dict[str, Any]] = [
+        {
+            "name": "health-of-rest",
+            "match": {"path": "/health", "headers": [present]},
+            "direct_response": {"status": 404},
+            "typed_per_filter_config": off,
+        }
+    ]
+    for name in HEALTH_SERVICES:
+        routes.append(
+            {
+                "name": f"health-of-{name}",
+                "match": {
+                    "path": "/kotadb.v1.HealthService/GetHealth",
+                    "headers": [{"name": HEALTH_HEADER, "string_match": {"exact": name}}],
+                },
+                "route": {"cluster": name, "timeout": "3s"},
+                "typed_per_filter_config": off,
+            }
+        )
+    return "\n".join("              - " + json.dumps(route) for route in routes)
+
+
 def split_address(address: str) -> tuple[str, int]:
     """split_address parses `host:port` (IPv6 hosts in brackets) into its host and port."""
     host, sep, port = address.rpartition(":")
@@ -348,7 +420,13 @@ def render(config: GatewayConfig, template_path: Path = TEMPLATE_PATH) -> str:
         "admin_port": config.admin_port,
         "listen_address": json.dumps(config.listen_address),
         "descriptor": json.dumps(str(descriptor)),
-        "services": json.dumps(sorted(SERVICE_CLUSTERS)),
+        # HealthService too: GET /health with HEALTH_HEADER is one service's GetHealth.
+        "services": json.dumps(sorted([*SERVICE_CLUSTERS, "kotadb.v1.HealthService"])),
+        "health_lua": json.dumps(_health_lua()),
+        "health_routes": _health_routes(),
+        "health_self_host": json.dumps(
+            "127.0.0.1" if config.listen_address in ("0.0.0.0", "") else config.listen_address.strip("[]")
+        ),
         "ext_authz_disabled": json.dumps(not config.ext_authz),
         "local_reply_mappers": json.dumps(envoyreplies.local_reply_mappers()),
         "streaming_routes": _streaming_routes(streaming, client_streaming),

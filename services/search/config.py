@@ -35,6 +35,12 @@ class SearchSettings(ServiceSettings):
     poll_interval: float = setting(
         1.0, minimum=0.01, help="Seconds between change-feed polls when no notification arrives."
     )
+    health_max_lag: float = setting(
+        30.0,
+        minimum=0.1,
+        help="Seconds since the change feed was last read after which health reports the index as lagging"
+        " (GetHealth's change_feed component, the gateway's /health answers 503); searches go on.",
+    )
     feed_batch_rows: int = setting(
         1000, minimum=1, help="Change-feed rows applied per index commit for one tenant."
     )
