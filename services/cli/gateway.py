@@ -203,7 +203,8 @@ function envoy_on_request(handle)
     end
     parts[#parts + 1] = '"' .. name .. '":' .. body
   end
-  headers:replace("%(detail)s", "{" .. table.concat(parts, ",") .. "}")
+  -- httpCall yielded: the headers object taken before it is no longer valid.
+  handle:headers():replace("%(detail)s", "{" .. table.concat(parts, ",") .. "}")
   if degraded then
     handle:respond({[":status"] = "503"}, "")
   end
