@@ -284,7 +284,16 @@ def run_service_bench(options: ServiceBenchOptions, echo: Callable[[str], None])
         stack: StackInfo = dev.wait()
         echo(f"stack up at {stack.gateway}; work dir {work}")
         key = _bench_key(stack.database_url)
-        report["push"] = _push(stack, key, options.name, options.corpus)
+        # A push is idempotent (unchanged files are not sent again): on a loaded machine a
+        # dropped stream is retried rather than losing the run.
+        for attempt in range(3):
+            try:
+                report["push"] = _push(stack, key, options.name, options.corpus)
+                break
+            except RuntimeError as exc:
+                if attempt == 2:
+                    raise
+                echo(f"push failed, again: {str(exc)[-200:]}")
         echo(f"pushed: {report['push']['summary']}")
         rest = Rest(stack.gateway, key)
         build, _ = build_ours(
