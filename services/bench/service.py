@@ -62,6 +62,7 @@ FIRST_PAGE = 50
 CONCURRENCY = (1, 8, 32)
 HEALTH_POLL = 0.05
 FRESHNESS_POLL = 0.005
+PUSH_ATTEMPTS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,14 +287,16 @@ def run_service_bench(options: ServiceBenchOptions, echo: Callable[[str], None])
         key = _bench_key(stack.database_url)
         # A push is idempotent (unchanged files are not sent again): on a loaded machine a
         # dropped stream is retried rather than losing the run.
-        for attempt in range(3):
+        for attempt in range(PUSH_ATTEMPTS):
             try:
                 report["push"] = _push(stack, key, options.name, options.corpus)
+                report["push"]["attempts"] = attempt + 1
                 break
             except RuntimeError as exc:
-                if attempt == 2:
+                if attempt == PUSH_ATTEMPTS - 1:
                     raise
-                echo(f"push failed, again: {str(exc)[-200:]}")
+                echo(f"push failed, again in 5 s: {str(exc)[-160:]}")
+                time.sleep(5)
         echo(f"pushed: {report['push']['summary']}")
         rest = Rest(stack.gateway, key)
         build, _ = build_ours(
