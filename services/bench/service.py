@@ -48,11 +48,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kotadb.v1 import search_pb2, search_pb2_grpc
 
-from services.bench.ingest import DevStack, _bench_key, _load, _machine, _push
+from services.bench.ingest import DevStack, _load, _machine, _push
 from services.bench.measure import summarize
 from services.bench.pgtrgm import UnsupportedPattern, translate_pattern
 from services.bench.search import build_ours, read_queries
-from services.cli.keys import DEMO_USER_ID
+from services.cli import keys
+from services.common.identity import READ, WRITE
 from services.common.stack import StackInfo
 from services.search.engine.index import Index
 from services.search.engine.results import SearchMode
@@ -259,6 +260,25 @@ def _freshness(rest: Rest, samples: int) -> dict[str, Any]:
     return {"visible": _summary_ms(visible), "min_revision_wait": _summary_ms(waits), "samples": samples}
 
 
+def _bench_key(database_url: str, user: uuid.UUID) -> str:
+    """_bench_key issues a read+write key for a user of its own (not the demo user, whose
+    repository `kotadb dev` is syncing meanwhile: its writes would queue behind that sync's), with
+    limits no step reaches."""
+
+    async def issue() -> str:
+        created = await keys.create_key(
+            database_url,
+            name="kotadb bench service",
+            permissions=frozenset({READ, WRITE}),
+            rate_limit=1_000_000,
+            monthly_quota=1_000_000_000,
+            user_id=user,
+        )
+        return created.secret
+
+    return asyncio.run(issue())
+
+
 async def _pg_setup(database_url: str) -> tuple[asyncpg.Connection, float]:
     conn = await asyncpg.connect(database_url)
     await conn.execute("create extension if not exists pg_trgm")
@@ -284,7 +304,8 @@ def run_service_bench(options: ServiceBenchOptions, echo: Callable[[str], None])
     try:
         stack: StackInfo = dev.wait()
         echo(f"stack up at {stack.gateway}; work dir {work}")
-        key = _bench_key(stack.database_url)
+        user = uuid.uuid4()
+        key = _bench_key(stack.database_url, user)
         # A push is idempotent (unchanged files are not sent again): on a loaded machine a
         # dropped stream is retried rather than losing the run.
         for attempt in range(PUSH_ATTEMPTS):
@@ -332,7 +353,7 @@ def run_service_bench(options: ServiceBenchOptions, echo: Callable[[str], None])
                 conn.fetch(
                     "select path from public.documents where user_id = $1 and content ~ $2"
                     " and deleted_at is null limit $3",
-                    DEMO_USER_ID,
+                    user,
                     translate_pattern(pattern),
                     FIRST_PAGE,
                 )

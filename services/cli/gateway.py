@@ -223,12 +223,21 @@ def _health_routes() -> str:
     off = _filter_switch(**{"envoy.filters.http.ext_authz": False})
     present = {"name": HEALTH_HEADER, "present_match": True}
     routes: list[dict[str, Any]] = [
+        # GET /health itself: the Lua filter on (it is off elsewhere), answered by health_check.
+        {
+            "name": "health",
+            "match": {"path": "/health", "headers": [{**present, "invert_match": True}]},
+            "direct_response": {"status": 404},
+            "typed_per_filter_config": _filter_switch(
+                **{"envoy.filters.http.ext_authz": False, "envoy.filters.http.lua": True}
+            ),
+        },
         {
             "name": "health-of-rest",
             "match": {"path": "/health", "headers": [present]},
             "direct_response": {"status": 404},
             "typed_per_filter_config": off,
-        }
+        },
     ]
     for name in HEALTH_SERVICES:
         routes.append(
