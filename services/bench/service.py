@@ -37,6 +37,7 @@ import shutil
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable
@@ -64,6 +65,7 @@ CONCURRENCY = (1, 8, 32)
 HEALTH_POLL = 0.05
 FRESHNESS_POLL = 0.005
 PUSH_ATTEMPTS = 8
+RETRIES = 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,26 +97,36 @@ class Rest:
         self.gateway = gateway
         self.key = key
 
+    retried: int = 0
+    """retried counts 503s that were retried (UNAVAILABLE is retryable; the report shows how often)."""
+
+    def _send(self, request: urllib.request.Request) -> dict[str, Any]:
+        for attempt in range(RETRIES):
+            try:
+                with urllib.request.urlopen(request, timeout=120) as response:
+                    answer: dict[str, Any] = json.loads(response.read())
+                return answer
+            except urllib.error.HTTPError as exc:
+                if exc.code != 503 or attempt == RETRIES - 1:
+                    raise
+                self.retried += 1
+                time.sleep(1.0)
+        raise AssertionError("unreachable")
+
     def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """post sends one JSON request and returns the JSON answer (raising on a non-200)."""
+        """post sends one JSON request and returns the JSON answer (retrying a 503, raising otherwise)."""
         request = urllib.request.Request(
             f"{self.gateway}{path}",
             data=json.dumps(body).encode(),
             method="POST",
             headers={"authorization": f"Bearer {self.key}", "content-type": "application/json"},
         )
-        with urllib.request.urlopen(request, timeout=120) as response:
-            answer: dict[str, Any] = json.loads(response.read())
-        return answer
+        return self._send(request)
 
     def get(self, path: str) -> dict[str, Any]:
-        """get sends one GET and returns the JSON answer (raising on a non-200)."""
-        request = urllib.request.Request(
-            f"{self.gateway}{path}", headers={"authorization": f"Bearer {self.key}"}
-        )
-        with urllib.request.urlopen(request, timeout=120) as response:
-            answer: dict[str, Any] = json.loads(response.read())
-        return answer
+        """get sends one GET and returns the JSON answer (retrying a 503, raising otherwise)."""
+        headers = {"authorization": f"Bearer {self.key}"}
+        return self._send(urllib.request.Request(f"{self.gateway}{path}", headers=headers))
 
     def search(self, pattern: str, **extra: Any) -> dict[str, Any]:
         """search runs one first-page regex search."""
@@ -373,6 +385,7 @@ def run_service_bench(options: ServiceBenchOptions, echo: Callable[[str], None])
         echo("load done")
         report["freshness"] = _freshness(rest, options.freshness_samples)
         echo("freshness done")
+        report["rest_503_retries"] = rest.retried
     finally:
         dev.stop()
         report["load_after"] = _load()
@@ -413,5 +426,6 @@ def render_service_table(report: dict[str, Any]) -> str:
         f"rebuild from Postgres to serving {report['rebuild_from_postgres_seconds']} s;"
         f" offline build from files {report['offline_build_seconds']} s;"
         f" pg_trgm GIN index {report['pg_trgm_index_seconds']} s",
+        f"REST answers 503 (retried after 1 s, inside the timings): {report.get('rest_503_retries', 0)}",
     ]
     return "\n".join(lines)
