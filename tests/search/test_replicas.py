@@ -284,3 +284,44 @@ def test_kotadb_search_symbols_and_index_status_through_the_gateway(replicas: Re
     refused = kotadb("search", "x", env=dict(env, KOTADB_API_KEY="kdb_live_not_a_key"))
     assert refused.returncode == 2
     assert refused.stderr.startswith("kotadb: UNAUTHENTICATED")
+
+
+def _messages(raw: Any) -> list[dict[str, Any]]:
+    """_messages splits a streamed answer (one JSON object after another) into its messages."""
+    if isinstance(raw, dict):
+        return [raw]
+    decoder, found, at = json.JSONDecoder(), [], 0
+    while raw[at:].strip():
+        at += len(raw[at:]) - len(raw[at:].lstrip())
+        message, at = decoder.raw_decode(raw, at)
+        found.append(message)
+    return found
+
+
+def test_tenants_on_different_replicas_see_nothing_of_each_other(replicas: Replicas) -> None:
+    base = replicas.envoy.url
+    owner = next(t for t in replicas.tenants if t.replica == REPLICAS[0])
+    other = next(t for t in replicas.tenants if t.replica == REPLICAS[1])
+    for me, them in ((owner, other), (other, owner)):
+        code, mine = _http("POST", f"{base}/v1/code:streamSearch", me.key, {"query": me.word})
+        streamed = sorted(f["path"] for m in _messages(mine) for f in m.get("fileMatches", []))
+        assert code == 200 and streamed == sorted(me.paths)
+        code, theirs = _http("POST", f"{base}/v1/code:streamSearch", me.key, {"query": them.word})
+        assert code == 200 and [m.get("fileMatches", []) for m in _messages(theirs)] == [[]]
+        code, symbols = _http("POST", f"{base}/v1/symbols:search", me.key, {"query": f"{them.word}_fn"})
+        assert code == 200 and symbols.get("symbols", []) == [], symbols
+        code, own_symbols = _http("POST", f"{base}/v1/symbols:search", me.key, {"query": f"{me.word}_fn"})
+        assert code == 200 and [s["name"] for s in own_symbols["symbols"]] == [f"{me.word}_fn"]
+
+        # A page token is bound to its tenant (and every replica shares the key that signs it).
+        body = {"query": me.word, "pageSize": 1, "mode": "SEARCH_MODE_EXHAUSTIVE"}
+        code, first = _http("POST", f"{base}/v1/code:search", me.key, body)
+        assert code == 200 and first["nextPageToken"], first
+        code, refused = _http(
+            "POST", f"{base}/v1/code:search", them.key, {**body, "pageToken": first["nextPageToken"]}
+        )
+        assert code == 400, refused
+        code, second = _http(
+            "POST", f"{base}/v1/code:search", me.key, {**body, "pageToken": first["nextPageToken"]}
+        )
+        assert code == 200 and len(second["fileMatches"]) == 1
