@@ -8,7 +8,9 @@ KOTADB_SEARCH_REPLICA) run against the session database with Envoy in front, ren
   (GetIndexStatus names the replica that answered);
 * keeps getting that answer, from the other replica, while its own replica is killed (-9),
   including a write made during the outage (searched with its revision);
-* is answered by its own replica again once that replica is back, with the outage's write.
+* is answered by its own replica again once that replica is back, with the outage's write;
+* sees nothing of a tenant on the other replica: streaming search, symbol search, and a page
+  token taken from the other tenant (refused).
 
 The `kotadb search`, `kotadb symbols` and `kotadb index status` commands run against the same
 gateway with each tenant's API key.
