@@ -93,7 +93,7 @@ def _trees(name: str, root: Path, subsets: dict[str, list[str]]) -> list[tuple[s
 class DevStack:
     """DevStack is a `kotadb dev` child on free ports, with its data under the work dir."""
 
-    def __init__(self, data_dir: Path, env: dict[str, str]) -> None:
+    def __init__(self, data_dir: Path, env: dict[str, str], *extra: str) -> None:
         self.data_dir = data_dir
         self.log_path = data_dir.parent / "dev.out"
         with self.log_path.open("wb") as out:
@@ -107,6 +107,7 @@ class DevStack:
                     str(data_dir),
                     "--gateway-port",
                     "0",
+                    *extra,
                 ],
                 stdout=out,
                 stderr=subprocess.STDOUT,

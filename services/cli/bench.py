@@ -3,6 +3,7 @@
     kotadb bench search --corpus DIR --queries FILE... [--index DIR] [--out report.json] [--runs N]
     kotadb bench auth [--out report.json] [--quick]
     kotadb bench ingest --corpus NAME=DIR [--subset NAME=a,b] [--out report.json]
+    kotadb bench service --corpus DIR --queries FILE [--out report.json]
 
 `--corpus` is a source tree, or `stdlib` / `linux` to lay one out with scripts/corpus.sh
 under `--corpus-root`; the query sets live in services/bench/queries/. The report is printed as
@@ -97,6 +98,22 @@ def register(subparsers: Any) -> None:
         "--quick", action="store_true", help="short queue steps: a smoke run, not a measurement"
     )
     ingest.set_defaults(func=_ingest)
+    service = commands.add_parser(
+        "service",
+        help="the search service end to end: in-process vs gRPC vs REST vs pg_trgm, load, freshness",
+    )
+    service.add_argument("--corpus", required=True, help="source tree, or 'stdlib' / 'linux'")
+    service.add_argument(
+        "--corpus-root", default="/tmp/kotadb-corpus", help="where named corpora are laid out"
+    )
+    service.add_argument("--name", default="", help="the pushed prefix (default: the corpus's name)")
+    service.add_argument("--queries", required=True, type=Path, help="one RE2 pattern per line")
+    service.add_argument("--runs", type=int, default=5, help="timed runs per query and side (default 5)")
+    service.add_argument("--load-seconds", type=float, default=10.0, help="seconds per concurrency level")
+    service.add_argument("--freshness-samples", type=int, default=50, help="upserts timed (default 50)")
+    service.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    service.add_argument("--work-dir", type=Path, default=None, help="keep the stack and indexes here")
+    service.set_defaults(func=_service)
 
 
 def _corpus(args: argparse.Namespace) -> Path:
@@ -217,5 +234,32 @@ def _ingest(args: argparse.Namespace) -> int:
     print(render_ingest_table(report))
     if args.out is not None:
         write_report(report, args.out)
+        print(f"report written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _service(args: argparse.Namespace) -> int:
+    from services.bench.service import ServiceBenchOptions, render_service_table, run_service_bench
+
+    corpus = _corpus(args)
+    if not corpus.is_dir() or not args.queries.is_file() or args.runs < 1:
+        print(
+            "kotadb bench service: --corpus must be a directory, --queries a file, --runs ≥ 1",
+            file=sys.stderr,
+        )
+        return 2
+    options = ServiceBenchOptions(
+        corpus=corpus,
+        queries=args.queries,
+        name=args.name or corpus.name,
+        work_dir=args.work_dir,
+        runs=args.runs,
+        load_seconds=args.load_seconds,
+        freshness_samples=args.freshness_samples,
+    )
+    report = run_service_bench(options, echo=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(render_service_table(report))
+    if args.out is not None:
+        args.out.write_text(json.dumps(report, indent=2) + "\n", "utf-8")
         print(f"report written to {args.out}", file=sys.stderr)
     return 0

@@ -7,6 +7,8 @@ Start order, each step waiting for the previous one to be healthy:
 2. The Supabase compatibility bootstrap, pending migrations and the seed data.
 3. `kotadb serve auth|ingest|search`, each a child process on its own port; ready once its
    gRPC health says SERVING (which the services only say once their database is reachable).
+   `--search-replicas N` runs N search replicas, then `kotadb mcp --http` for the gateway's
+   `/mcp` (services/cli/devsearch.py).
 4. Envoy, with a config rendered from deploy/envoy/envoy.yaml.tmpl into `<data-dir>/envoy/`;
    ready once the admin `/ready` is LIVE and `GET /health` through the gateway answers 200.
 
@@ -52,13 +54,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import psutil
 
 from services.auth.config import AuthSettings
 from services.auth.management import MAX_PAGE_SIZE, KeyManager, KeySpec
 from services.auth.store import AuthStore
-from services.cli import client, devrepo, gateway, status
+from services.cli import devrepo, devsearch, gateway, status
 from services.cli.keys import DEMO_USER_ID
 from services.common import db, migrate
 from services.common.identity import READ, WRITE, Identity, access_log_token
@@ -94,6 +95,7 @@ DEFAULT_PORTS: dict[str, int] = {
     "auth_check": 50055,
     "ingest": 50052,
     "search": 50053,
+    "mcp": devsearch.MCP_PORT,
 }
 
 # How long each component may take to become healthy. Generous because CI machines are shared:
@@ -117,9 +119,18 @@ class Ports:
     search: int
     # The auth process's lean Check listener (KOTADB_AUTH_CHECK_PORT), what Envoy's ext_authz calls.
     auth_check: int = 0
+    # The MCP server's Streamable HTTP listener, behind the gateway's /mcp.
+    mcp: int = 0
+    # Search replicas after the first (`--search-replicas N`): search-2 … search-N.
+    search_replicas: tuple[int, ...] = ()
+
+    def services(self) -> dict[str, int]:
+        """services maps each service child (search replicas included) to its gRPC port."""
+        named = {name: getattr(self, name) for name in SERVICES}
+        return named | {f"search-{i}": port for i, port in enumerate(self.search_replicas, start=2)}
 
 
-def choose_ports(gateway_port: int, admin_port: int | None) -> Ports:
+def choose_ports(gateway_port: int, admin_port: int | None, search_replicas: int = 1) -> Ports:
     """choose_ports fixes every port before anything starts.
 
     `gateway_port == 0` puts every component on a free port (services get 0 and report what
@@ -131,7 +142,13 @@ def choose_ports(gateway_port: int, admin_port: int | None) -> Ports:
         # Services bind port 0 themselves and report it (`--port-file`), so only Envoy's two
         # ports are picked here, just before it starts.
         return Ports(
-            gateway=free_port(), admin=admin_port or free_port(), auth=0, ingest=0, search=0, auth_check=0
+            gateway=free_port(),
+            admin=admin_port or free_port(),
+            auth=0,
+            ingest=0,
+            search=0,
+            auth_check=0,
+            search_replicas=(0,) * (search_replicas - 1),
         )
     wanted = dict(DEFAULT_PORTS, gateway=gateway_port)
     if admin_port is not None:
@@ -143,7 +160,9 @@ def choose_ports(gateway_port: int, admin_port: int | None) -> Ports:
             + ", ".join(taken)
             + " (is another stack running? `kotadb dev --gateway-port 0` picks free ports)"
         )
-    return Ports(**{name: port or free_port() for name, port in wanted.items()})
+    # Replicas after the first bind port 0 and report it, as with `--gateway-port 0`.
+    extra = (0,) * (search_replicas - 1)
+    return Ports(**{name: port or free_port() for name, port in wanted.items()}, search_replicas=extra)
 
 
 def _migrate(database_url: str, log: Callable[[str], None]) -> None:
@@ -245,8 +264,7 @@ def _child_env(database_url: str, data_dir: Path, free_ports: bool) -> dict[str,
         # The embedded cluster is a direct connection: job wake-ups and WatchJob LISTEN there (a
         # given URL may be a pooler that cannot, so it is left to KOTADB_INGEST_LISTEN_DATABASE_URL).
         env.setdefault("KOTADB_INGEST_LISTEN_DATABASE_URL", database_url)
-        # The search tailer LISTENs for change-feed wake-ups on the same direct connection.
-        env.setdefault("KOTADB_SEARCH_LISTEN_URL", database_url)
+        env.setdefault("KOTADB_SEARCH_LISTEN_URL", database_url)  # the search tailer's wake-ups too
     if free_ports:
         # Every component on a free port means the metrics listeners too.
         metrics_on_free_ports(env, keep=True)
@@ -287,6 +305,7 @@ class _Running:
     database: EmbeddedDatabase | None
     services: dict[str, ServiceProcess]
     envoy: ChildProcess
+    mcp: ChildProcess
     demo_key: str
     demo_key_id: str
     started_at: str = dataclasses.field(default_factory=StackInfo.now)
@@ -295,6 +314,7 @@ class _Running:
         """info is the current stack.json: pids and metrics ports change when parts restart."""
         admin_url = f"http://127.0.0.1:{self.ports.admin}"
         children = {name: service.child for name, service in self.services.items()}
+        children["mcp"] = self.mcp
         children["envoy"] = self.envoy
         pids: dict[str, int | None] = {"postgres": self.database.pid if self.database else None}
         log_files = {name: str(child.log_path) for name, child in children.items()}
@@ -302,7 +322,8 @@ class _Running:
             log_files["postgres"] = str(self.database.log_path)
         return StackInfo(
             gateway=f"http://127.0.0.1:{self.ports.gateway}",
-            grpc={name: f"127.0.0.1:{getattr(self.ports, name)}" for name in SERVICES},
+            grpc={name: f"127.0.0.1:{port}" for name, port in self.ports.services().items()},
+            mcp=f"127.0.0.1:{self.ports.mcp}",
             auth_check=f"127.0.0.1:{self.ports.auth_check}",
             database_url=self.database_url,
             envoy_admin=admin_url,
@@ -319,7 +340,7 @@ class _Running:
         )
 
 
-def run_stack(data_dir: Path, gateway_port: int, admin_port: int | None) -> int:
+def run_stack(data_dir: Path, gateway_port: int, admin_port: int | None, search_replicas: int = 1) -> int:
     """run_stack starts the stack, keeps it running (restarting parts that die) until stopped."""
     data_dir = private_dir(data_dir.expanduser().absolute())
     stack_path = data_dir / STACK_FILE
@@ -334,7 +355,7 @@ def run_stack(data_dir: Path, gateway_port: int, admin_port: int | None) -> int:
     owns_stack_file = False
     try:
         _refuse_running_stack(stack_path)
-        ports = choose_ports(gateway_port, admin_port)
+        ports = choose_ports(gateway_port, admin_port, search_replicas)
         database_url, database = _start_database(data_dir, supervisor, log)
         _migrate(database_url, log)
         try:
@@ -345,6 +366,18 @@ def run_stack(data_dir: Path, gateway_port: int, admin_port: int | None) -> int:
 
         env = _child_env(database_url, data_dir, free_ports=gateway_port == 0)
         ports, services = _start_services(data_dir, ports, env, supervisor, log)
+        mcp, mcp_port = devsearch.start_mcp(
+            supervisor,
+            port=ports.mcp,
+            run_dir=data_dir / "run",
+            log_path=logs / "mcp.log",
+            env=env,
+            ingest=f"127.0.0.1:{ports.ingest}",
+            search=f"127.0.0.1:{ports.search}",
+            timeout=READY_TIMEOUT,
+        )
+        ports = dataclasses.replace(ports, mcp=mcp_port)
+        log(f"mcp is serving on 127.0.0.1:{mcp_port} (pid {mcp.pid}), behind the gateway's /mcp")
         envoy = _start_envoy(data_dir, ports, supervisor, logs)
         log(f"started envoy (pid {envoy.pid})")
         admin_url = f"http://127.0.0.1:{ports.admin}"
@@ -353,10 +386,12 @@ def run_stack(data_dir: Path, gateway_port: int, admin_port: int | None) -> int:
             wait_until(what, functools.partial(probe_http, url), supervisor, READY_TIMEOUT, envoy)
         supervisor.watch(envoy)
 
-        running = _Running(data_dir, ports, database_url, database, services, envoy, demo_key, demo_key_id)
+        running = _Running(
+            data_dir, ports, database_url, database, services, envoy, mcp, demo_key, demo_key_id
+        )
         saved = running.info()
         # Registered before stack.json exists: whoever waits for the file finds the repository there.
-        demo = _register_demo_repository(saved, log)
+        demo = devrepo.register_logged(saved, log)
         saved.save(stack_path)
         owns_stack_file = True
         _print_endpoints(saved, stack_path, demo)
@@ -432,18 +467,22 @@ def _start_services(
     logs = data_dir / "logs"
     run = private_dir(data_dir / "run")
     services: dict[str, ServiceProcess] = {}
-    for name in SERVICES:
+    identity = env["KOTADB_IDENTITY_KEY"]
+    for name, port in ports.services().items():
+        kind = "search" if name.startswith("search") else name
         child_env = dict(env)
         if name == "auth":
             child_env["KOTADB_AUTH_CHECK_PORT"] = str(ports.auth_check)
+        if kind == "search":
+            child_env = devsearch.replica_env(child_env, name, identity)
         services[name] = spawn_service(
             supervisor,
             name,
-            name,
+            kind,
             port_file=run / f"{name}.port",
             log_path=logs / f"{name}.log",
             env=child_env,
-            port=getattr(ports, name),
+            port=port,
         )
         log(f"started {name} (pid {services[name].child.pid})")
         if name == "auth" and "KOTADB_AUTH_ADDRESS" not in os.environ:
@@ -463,7 +502,8 @@ def _start_services(
         bound[name] = int(address.rsplit(":", 1)[1])
         log(f"{name} is SERVING on {address}")
     bound["auth_check"] = int(services["auth"].check_address.rsplit(":", 1)[1])
-    return dataclasses.replace(ports, **bound), services
+    extra = tuple(bound.pop(name) for name in list(bound) if name.startswith("search-"))
+    return dataclasses.replace(ports, **bound, search_replicas=extra), services
 
 
 def _wait_port(service: ServiceProcess, supervisor: Supervisor) -> None:
@@ -482,7 +522,8 @@ def _start_envoy(data_dir: Path, ports: Ports, supervisor: Supervisor, logs: Pat
         # The same key the services get (_child_env), so auth accepts Envoy's access log.
         access_log_token=access_log_token(_stack_identity_key(data_dir)),
         ingest=f"127.0.0.1:{ports.ingest}",
-        search=f"127.0.0.1:{ports.search}",
+        search=devsearch.search_addresses(ports.services()),
+        mcp=f"127.0.0.1:{ports.mcp}",
     )
     try:
         envoy_bin = gateway.find_envoy()
@@ -498,27 +539,12 @@ def _start_envoy(data_dir: Path, ports: Ports, supervisor: Supervisor, logs: Pat
     )
 
 
-def _register_demo_repository(stack: StackInfo, log: Callable[[str], None]) -> devrepo.DemoRepository | None:
-    """_register_demo_repository indexes this checkout for the demo user; a refusal is logged, not fatal."""
-    checkout = devrepo.project_checkout()
-    if checkout is None:
-        log("not running from a git checkout: no demo repository registered")
-        return None
-    try:
-        demo = devrepo.register_demo_repository(stack, checkout)
-    except grpc.RpcError as exc:
-        log(f"could not register the demo repository: {client.describe_rpc_error(exc)}")
-        return None
-    verb = "registered" if demo.created else "found"
-    log(f"{verb} demo repository {demo.name} ({demo.url}); sync job {demo.job_id} queued")
-    return demo
-
-
 def _print_endpoints(stack: StackInfo, stack_path: Path, demo: devrepo.DemoRepository | None = None) -> None:
     """_print_endpoints tells the person at the terminal where everything is."""
     lines = [
         "stack is up:",
         f"  gateway      {stack.gateway}   (REST and gRPC; GET /health needs no key)",
+        f"  mcp          {stack.gateway}/mcp   (Streamable HTTP; the MCP server itself on {stack.mcp})",
         *(f"  {name:<12} {address}" for name, address in stack.grpc.items()),
         f"  postgres     {redact(stack.database_url)}",
         f"  envoy admin  {stack.envoy_admin}",
@@ -529,6 +555,7 @@ def _print_endpoints(stack: StackInfo, stack_path: Path, demo: devrepo.DemoRepos
         "try it:",
         f"  {demo_curl(stack)}",
         *devrepo.examples(stack, demo),
+        devsearch.search_example(devrepo.data_dir_flag(stack)),
         "Ctrl-C stops everything.",
     ]
     print("kotadb dev: " + "\n".join(lines), flush=True)
@@ -560,9 +587,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--admin-port", type=int, default=None, help=f"Envoy admin port (default {DEFAULT_PORTS['admin']})"
     )
+    replicas_help = "search replicas behind the gateway's ring hash on the tenant (default 1)"
+    parser.add_argument("--search-replicas", type=int, default=1, metavar="N", help=replicas_help)
     parser.set_defaults(func=_dev_command)
 
 
 def _dev_command(args: argparse.Namespace) -> int:
     """_dev_command implements `kotadb dev`."""
-    return run_stack(args.data_dir or status.default_data_dir(), args.gateway_port, args.admin_port)
+    data_dir = args.data_dir or status.default_data_dir()
+    return run_stack(data_dir, args.gateway_port, args.admin_port, args.search_replicas)

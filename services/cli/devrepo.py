@@ -14,6 +14,7 @@ but not committed are what `kotadb push` is for, and the printed examples say so
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -94,11 +95,16 @@ def _find(
             return None
 
 
+def data_dir_flag(stack: StackInfo) -> str:
+    """data_dir_flag is ` --data-dir D` for a stack outside the default data dir, else nothing."""
+    return "" if Path(stack.data_dir) == status.default_data_dir() else f" --data-dir {stack.data_dir}"
+
+
 def examples(stack: StackInfo, demo: DemoRepository | None) -> list[str]:
     """examples are the commands `kotadb dev` prints: watch the demo sync, push, list, add."""
     # The client commands find this stack through the default data dir's stack.json; any other
     # data dir has to be named.
-    where = "" if Path(stack.data_dir) == status.default_data_dir() else f" --data-dir {stack.data_dir}"
+    where = data_dir_flag(stack)
     rows: list[tuple[str, str]] = []
     if demo is not None:
         rows.append((f"kotadb jobs watch {demo.job_id}{where}", f"the demo repository {demo.name} indexing"))
@@ -109,3 +115,19 @@ def examples(stack: StackInfo, demo: DemoRepository | None) -> list[str]:
         (f"kotadb jobs list{where}", "indexing jobs, newest first"),
     ]
     return [f"  {command}   # {comment}" for command, comment in rows]
+
+
+def register_logged(stack: StackInfo, log: Callable[[str], None]) -> DemoRepository | None:
+    """register_logged indexes this checkout for the demo user; a refusal is logged, not fatal."""
+    checkout = project_checkout()
+    if checkout is None:
+        log("not running from a git checkout: no demo repository registered")
+        return None
+    try:
+        demo = register_demo_repository(stack, checkout)
+    except grpc.RpcError as exc:
+        log(f"could not register the demo repository: {client.describe_rpc_error(exc)}")
+        return None
+    verb = "registered" if demo.created else "found"
+    log(f"{verb} demo repository {demo.name} ({demo.url}); sync job {demo.job_id} queued")
+    return demo

@@ -16,6 +16,7 @@ Envoy's grpc-status and plain grpc-message, plus that header. services/cli/gatew
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from services.common.errors import ERROR_DOMAIN
@@ -124,13 +125,15 @@ def local_reply_mappers() -> list[dict[str, Any]]:
         # shape with the denial's reason; this mapper changes nothing, so they reach the client
         # as Check wrote them.
         {"filter": {"response_flag_filter": {"flags": ["UAEX"]}}},
+        # /health's bodies carry each service's own GetHealth answer, which the health Lua
+        # filter (services/cli/gateway.py) put in a request header: JSON, spliced in as is.
         {
             "filter": {"and_filter": {"filters": [health_path, _status_is(200)]}},
-            "body_format_override": _json_body({"status": "SERVING"}),
+            "body_format_override": _health_body({"status": "SERVING"}),
         },
         {
             "filter": {"and_filter": {"filters": [health_path, _status_is(503)]}},
-            "body_format_override": _json_body(
+            "body_format_override": _health_body(
                 {
                     "status": "NOT_SERVING",
                     "code": 14,
@@ -185,6 +188,24 @@ def _status_is(code: int) -> dict[str, Any]:
         "status_code_filter": {
             "comparison": {"op": "EQ", "value": {"default_value": code, "runtime_key": f"kotadb.lr.{code}"}}
         }
+    }
+
+
+# The request header the health Lua filter fills with every service's GetHealth (JSON).
+HEALTH_DETAIL_HEADER = "x-kotadb-health-detail"
+
+
+def _health_body(fields: dict[str, Any]) -> dict[str, Any]:
+    """_health_body is /health's JSON: `fields`, then `services` (each service's GetHealth answer).
+
+    A text format, because the services' answers are JSON already and must not be quoted. The
+    filter sets the header on every GET /health before this reply is written.
+    """
+    head = json.dumps(fields, separators=(",", ":"))[:-1]
+    services = f"%REQ({HEALTH_DETAIL_HEADER})%"
+    return {
+        "text_format_source": {"inline_string": f'{head},"services":{services}}}'},
+        "content_type": "application/json",
     }
 
 

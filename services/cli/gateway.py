@@ -26,7 +26,7 @@ from google.protobuf import descriptor_pb2
 from google.protobuf.message import DecodeError
 
 from services.cli import envoyreplies
-from services.common.identity import ACCESS_LOG_TOKEN_HEADER, access_log_token
+from services.common.identity import ACCESS_LOG_TOKEN_HEADER, TENANT_HEADER, access_log_token
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE_PATH = REPO_ROOT / "deploy" / "envoy" / "envoy.yaml.tmpl"
@@ -149,6 +149,113 @@ class GatewayConfig:
     max_connections: int = 10000
 
 
+# Search routes pick a replica by the tenant header auth's Check sets (identity.TENANT_HEADER),
+# hashed on a ring (the search cluster's lb_policy): each replica keeps its share of tenants warm,
+# and a replica that leaves moves only its own share to the others (DESIGN §6).
+# A replica that is down or refuses (killed, restarting) is retried once on the next replica of
+# the ring (previous_hosts), before any response: its tenants move, nobody sees the gap.
+SEARCH_RETRY_POLICY: dict[str, Any] = {
+    "retry_on": "connect-failure,refused-stream,reset-before-request",
+    "num_retries": 2,
+    "retry_host_predicate": [
+        {
+            "name": "envoy.retry_host_predicates.previous_hosts",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3."
+                "PreviousHostsPredicate"
+            },
+        }
+    ],
+    "host_selection_retry_max_attempts": 5,
+}
+SEARCH_HASH_POLICY: dict[str, Any] = {
+    "hash_policy": [{"header": {"header_name": TENANT_HEADER}}],
+    "retry_policy": SEARCH_RETRY_POLICY,
+}
+
+
+# /health asks each of these clusters' kotadb.v1.HealthService/GetHealth (the Lua filter).
+HEALTH_HEADER = "x-kotadb-health-of"
+HEALTH_DETAIL_HEADER = envoyreplies.HEALTH_DETAIL_HEADER
+HEALTH_SERVICES: tuple[str, ...] = ("auth", "ingest", "search")
+# The Lua filter for GET /health (see the template's header). It runs on every request, so the
+# first thing it does is leave anything else alone. A service's answer is JSON already (the
+# transcoder's, or Envoy's error JSON when the cluster has no healthy host), one line each.
+HEALTH_LUA = """
+local SERVICES = {%(services)s}
+function envoy_on_request(handle)
+  local headers = handle:headers()
+  if headers:get(":path") ~= "/health" or headers:get("%(of)s") ~= nil then
+    return
+  end
+  local parts, degraded = {}, false
+  for _, name in ipairs(SERVICES) do
+    local ok, reply, body = pcall(function()
+      return handle:httpCall("health_self", {
+        [":method"] = "GET", [":path"] = "/health", [":authority"] = "kotadb-health",
+        ["%(of)s"] = name,
+      }, "", 3000)
+    end)
+    local status = ok and reply and reply[":status"] or "0"
+    if status ~= "200" or body == nil or string.find(body, "NOT_SERVING", 1, true) then
+      degraded = true
+    end
+    if body == nil or string.sub(body, 1, 1) ~= "{" then
+      body = '{"status":"NOT_SERVING","message":"no answer"}'
+    end
+    parts[#parts + 1] = '"' .. name .. '":' .. body
+  end
+  -- httpCall yielded: the headers object taken before it is no longer valid.
+  handle:headers():replace("%(detail)s", "{" .. table.concat(parts, ",") .. "}")
+  if degraded then
+    handle:respond({[":status"] = "503"}, "")
+  end
+end
+"""
+
+
+def _health_lua() -> str:
+    """_health_lua is the /health Lua filter's source, for the template (a JSON string)."""
+    services = ", ".join(f'"{name}"' for name in HEALTH_SERVICES)
+    return HEALTH_LUA % {"services": services, "of": HEALTH_HEADER, "detail": HEALTH_DETAIL_HEADER}
+
+
+def _health_routes() -> str:
+    """_health_routes renders the routes of one service's GetHealth, asked for through the gateway."""
+    off = _filter_switch(**{"envoy.filters.http.ext_authz": False})
+    present = {"name": HEALTH_HEADER, "present_match": True}
+    routes: list[dict[str, Any]] = [
+        # GET /health itself: the Lua filter on (it is off elsewhere), answered by health_check.
+        {
+            "name": "health",
+            "match": {"path": "/health", "headers": [{**present, "invert_match": True}]},
+            "direct_response": {"status": 404},
+            "typed_per_filter_config": _filter_switch(
+                **{"envoy.filters.http.ext_authz": False, "envoy.filters.http.lua": True}
+            ),
+        },
+        {
+            "name": "health-of-rest",
+            "match": {"path": "/health", "headers": [present]},
+            "direct_response": {"status": 404},
+            "typed_per_filter_config": off,
+        },
+    ]
+    for name in HEALTH_SERVICES:
+        routes.append(
+            {
+                "name": f"health-of-{name}",
+                "match": {
+                    "path": "/kotadb.v1.HealthService/GetHealth",
+                    "headers": [{"name": HEALTH_HEADER, "string_match": {"exact": name}}],
+                },
+                "route": {"cluster": name, "timeout": "3s"},
+                "typed_per_filter_config": off,
+            }
+        )
+    return "\n".join("              - " + json.dumps(route) for route in routes)
+
+
 def split_address(address: str) -> tuple[str, int]:
     """split_address parses `host:port` (IPv6 hosts in brackets) into its host and port."""
     host, sep, port = address.rpartition(":")
@@ -240,6 +347,7 @@ def _streaming_routes(paths: Sequence[str], client_streaming: Sequence[str]) -> 
             "match": {"path": path},
             "route": {
                 "cluster": SERVICE_CLUSTERS[service],
+                **(SEARCH_HASH_POLICY if SERVICE_CLUSTERS[service] == "search" else {}),
                 "timeout": "0s",
                 "idle_timeout": "0s",
                 "max_stream_duration": {
@@ -324,7 +432,13 @@ def render(config: GatewayConfig, template_path: Path = TEMPLATE_PATH) -> str:
         "admin_port": config.admin_port,
         "listen_address": json.dumps(config.listen_address),
         "descriptor": json.dumps(str(descriptor)),
-        "services": json.dumps(sorted(SERVICE_CLUSTERS)),
+        # HealthService too: GET /health with HEALTH_HEADER is one service's GetHealth.
+        "services": json.dumps(sorted([*SERVICE_CLUSTERS, "kotadb.v1.HealthService"])),
+        "health_lua": json.dumps(_health_lua()),
+        "health_routes": _health_routes(),
+        "health_self_host": json.dumps(
+            "127.0.0.1" if config.listen_address in ("0.0.0.0", "") else config.listen_address.strip("[]")
+        ),
         "ext_authz_disabled": json.dumps(not config.ext_authz),
         "local_reply_mappers": json.dumps(envoyreplies.local_reply_mappers()),
         "error_shape_lua": json.dumps(ERROR_SHAPE_LUA_PATH.read_text(encoding="utf-8")),
@@ -358,7 +472,12 @@ def render(config: GatewayConfig, template_path: Path = TEMPLATE_PATH) -> str:
     check = _endpoints(config.auth_check) if config.auth_check else auth
     values["auth_check_endpoints"] = json.dumps(_lb_endpoints(check))
     values["auth_check_cluster_type"] = _cluster_type(*(host for host, _ in check))
-    for name in ("ingest", "search", "mcp"):
+    search = _endpoints(config.search)
+    values["search_endpoints"] = json.dumps(_lb_endpoints(search))
+    values["search_cluster_type"] = _cluster_type(*(host for host, _ in search))
+    values["search_hash_policy"] = json.dumps(SEARCH_HASH_POLICY["hash_policy"])
+    values["search_retry_policy"] = json.dumps(SEARCH_RETRY_POLICY)
+    for name in ("ingest", "mcp"):
         host, port = split_address(getattr(config, name))
         values[f"{name}_host"] = json.dumps(host)
         values[f"{name}_port"] = port
@@ -445,7 +564,11 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         help="auth replicas' Check listeners host:port, comma-separated; empty: Check on the --auth ports",
     )
     parser.add_argument("--ingest", default=defaults.ingest, help="ingest service host:port")
-    parser.add_argument("--search", default=defaults.search, help="search service host:port")
+    parser.add_argument(
+        "--search",
+        default=defaults.search,
+        help="search replicas, host:port[,host:port...] (ring hash on the tenant)",
+    )
     parser.add_argument("--mcp", default=defaults.mcp, help="MCP server (`kotadb mcp --http`) host:port")
     parser.add_argument("--web-root", type=Path, default=defaults.web_root, help="the search page's files")
     parser.add_argument("--descriptor", type=Path, default=defaults.descriptor, help="descriptor set (.pb)")

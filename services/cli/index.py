@@ -97,6 +97,11 @@ def register(subparsers: Any) -> None:
     symbols.add_argument("--json", action="store_true", help="one JSON object per symbol")
     symbols.set_defaults(func=_symbols)
 
+    # The service's index of the caller's documents, not an offline one (a gateway client).
+    from services.cli.search import add_index_status
+
+    add_index_status(commands)
+
 
 def _fail(message: str) -> int:
     print(f"kotadb index: {message}", file=sys.stderr, flush=True)

@@ -32,6 +32,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "push": ("push", "send a directory's changed text files to KotaDB"),
     "repos": ("repos", "register, list, sync and remove repositories"),
     "jobs": ("repos", "list indexing jobs and watch their progress"),
+    "search": ("search", "search the code stored in KotaDB (through the gateway)"),
+    "symbols": ("search", "search symbol definitions stored in KotaDB (through the gateway)"),
     "mcp": ("mcp", "MCP server for coding agents: stdio, or Streamable HTTP behind the gateway"),
 }
 

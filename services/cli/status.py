@@ -79,10 +79,14 @@ def probe_stack(stack: StackInfo) -> list[ComponentHealth]:
     results: list[ComponentHealth] = []
     ok, detail = probe_postgres(stack.database_url)
     results.append(ComponentHealth("postgres", redact(stack.database_url), ok, detail))
-    for name in SERVICES:
-        address = stack.grpc[name]
+    # Every service child: auth, ingest and each search replica (search, search-2, …).
+    for name, address in stack.grpc.items():
         ok, detail = probe_grpc_health(address)
         results.append(ComponentHealth(name, address, ok, detail))
+    if stack.mcp:
+        healthz = f"http://{stack.mcp}/healthz"
+        ok, detail = probe_http(healthz)
+        results.append(ComponentHealth("mcp", healthz, ok, detail))
     ok, detail = probe_http(f"{stack.envoy_admin}/ready")
     results.append(ComponentHealth("envoy", stack.envoy_admin, ok, detail))
     health_url = f"{stack.gateway}/health"

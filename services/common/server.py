@@ -116,10 +116,16 @@ class SideListener:
 
 @dataclasses.dataclass(frozen=True)
 class Probe:
-    """Probe is one named readiness check; `run` raises (any exception) when the part is not ready."""
+    """Probe is one named readiness check; `run` raises (any exception) when the part is not ready.
+
+    A probe that is not `critical` is reported (GetHealth shows it NOT_SERVING with its reason)
+    but leaves the process serving: its failure is news for people and the gateway's /health,
+    not a reason for Envoy to stop routing to the process (e.g. search's change-feed lag).
+    """
 
     name: str
     run: ProbeRun
+    critical: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -431,7 +437,8 @@ class ServiceServer:
                 results.append(ComponentHealth(probe.name, True, note or ""))
         for part in results:
             metrics.COMPONENT_READY.labels(service=self.name, component=part.name).set(int(part.ready))
-        ready = all(part.ready for part in results)
+        critical = {probe.name for probe in self._probes if probe.critical}
+        ready = all(part.ready for part in results if part.name in critical)
         # A ready component's note (a queue depth) changes all the time; only failures are news.
         if ready != self.serving or _failures(results) != _failures(self.components):
             failing = {part.name: part.message for part in results if not part.ready}

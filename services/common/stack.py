@@ -65,7 +65,9 @@ class StackError(RuntimeError):
 class StackInfo:
     """StackInfo is what `kotadb dev` writes to `<data-dir>/stack.json` for status, tests and scripts.
 
-    Addresses are `127.0.0.1:port`; `gateway` and `envoy_admin` are base URLs. `metrics` maps a
+    Addresses are `127.0.0.1:port`; `gateway` and `envoy_admin` are base URLs. `grpc` maps
+    each service child to its address: auth, ingest, search, then any further search replicas
+    (search-2, …). `metrics` maps a
     component to its Prometheus URL: each service whose `<port file>.metrics` exists, and Envoy's
     admin `/stats/prometheus`. `log_files` maps each component to its log file. `pids` may hold
     None for a database the stack did not start.
@@ -86,6 +88,8 @@ class StackInfo:
     demo_user_id: str
     metrics: dict[str, str] = field(default_factory=dict)
     log_files: dict[str, str] = field(default_factory=dict)
+    # The MCP server's own HTTP address (the gateway serves it at /mcp); empty when none runs.
+    mcp: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """to_json is the document written to stack.json."""
@@ -99,7 +103,7 @@ class StackInfo:
         values: dict[str, Any] = {}
         for item in dataclasses.fields(cls):
             if item.name not in document:
-                if item.default_factory is not dataclasses.MISSING:
+                if item.default_factory is not dataclasses.MISSING or item.default is not dataclasses.MISSING:
                     continue
                 raise ValueError(f"stack.json has no {item.name!r}")
             value = document[item.name]

@@ -43,6 +43,12 @@ class SearchSettings(ServiceSettings):
     poll_interval: float = setting(
         1.0, minimum=0.01, help="Seconds between change-feed polls when no notification arrives."
     )
+    health_max_lag: float = setting(
+        30.0,
+        minimum=0.1,
+        help="Seconds since the change feed was last read after which health reports the index as lagging"
+        " (GetHealth's change_feed component, the gateway's /health answers 503); searches go on.",
+    )
     feed_batch_rows: int = setting(
         1000, minimum=1, help="Change-feed rows applied per index commit for one tenant."
     )
@@ -75,6 +81,11 @@ class SearchSettings(ServiceSettings):
         "",
         help="Secret keying page tokens (shared by every replica); empty: a random key kept in"
         " the data directory.",
+    )
+    replica: str = setting(
+        "",
+        help="This replica's name in IndexStatus.replica (several replicas share a host); empty: the"
+        " host name.",
     )
     durable: bool = setting(
         True, help="fsync index files before publishing them (off only in tests: the index is a cache)."

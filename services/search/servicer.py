@@ -35,9 +35,9 @@ def _tenant() -> uuid.UUID:
 class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     """SearchServicer answers `kotadb.v1.SearchService`; it translates and delegates, nothing more."""
 
-    def __init__(self, searches: Searches) -> None:
+    def __init__(self, searches: Searches, replica: str = "") -> None:
         self._searches = searches
-        self._replica = socket.gethostname()
+        self._replica = replica or socket.gethostname()
 
     async def SearchCode(
         self, request: search_pb2.SearchCodeRequest, context: grpc.aio.ServicerContext[Any, Any]

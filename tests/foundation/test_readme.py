@@ -55,7 +55,7 @@ EXAMPLES: dict[str, str] = {
     "STACK=": "",
     "KEY=": "",
     "ADMIN=": "",
-    "curl -s localhost:8080/health": '{"status":"SERVING"}',
+    "curl -s localhost:8080/health": '{"status":"SERVING","services":{"auth":{"status":"SERVING"',
     'curl -s -H "Authorization: Bearer $KEY" localhost:8080/v1/usage': '"apiKeyId"',
     "curl -s localhost:8080/v1/usage": '"reason":"MISSING_CREDENTIALS"',
     ".venv/bin/kotadb keys create --name ci": "secret: kdb_live_",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -25,7 +26,8 @@ from services.cli.keys import DEMO_USER_ID
 from services.common.stack import StackInfo
 from tests.harness import DevStack, free_port
 
-COMPONENTS = ["postgres", "auth", "ingest", "search", "envoy", "gateway"]
+# Started with two search replicas: `search` and `search-2`, then the MCP server.
+COMPONENTS = ["postgres", "auth", "ingest", "search", "search-2", "mcp", "envoy", "gateway"]
 
 
 @pytest.fixture
@@ -33,6 +35,19 @@ def data_dir(tmp_path: Path) -> Iterator[Path]:
     # The unprivileged Postgres user must be able to traverse to the cluster directory.
     tmp_path.chmod(0o711)
     yield tmp_path / "dev"
+
+
+def _mcp_tools(gateway_url: str, key: str) -> tuple[int, str]:
+    """_mcp_tools asks the gateway's /mcp for the tool list with `key`: (HTTP status, body)."""
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}).encode()
+    headers = {
+        "accept": "application/json, text/event-stream",
+        "content-type": "application/json",
+        "authorization": f"Bearer {key}",
+    }
+    request = urllib.request.Request(f"{gateway_url}/mcp", data=body, method="POST", headers=headers)
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return int(response.status), response.read().decode()
 
 
 def _http_get(url: str) -> tuple[int, str, str]:
@@ -87,7 +102,9 @@ async def _demo_documents(database_url: str) -> dict[str, int]:
 def _printed_example(output: str, command: str) -> list[str]:
     """_printed_example is the argv of the `kotadb COMMAND …` example `kotadb dev` printed."""
     for line in output.splitlines():
-        words = line.split("#", 1)[0].split()
+        if line.split()[:2] != ["kotadb", command.split()[0]]:
+            continue
+        words = shlex.split(line.split("#", 1)[0])
         if words[:2] == ["kotadb", *command.split()[:1]] and " ".join(words[1:]).startswith(command):
             return words[1:]
     raise AssertionError(f"no `kotadb {command}` example in:\n{output}")
@@ -124,7 +141,7 @@ def _alive(process: psutil.Process) -> bool:
 
 
 def test_dev_stack_starts_reports_stops_and_restarts(data_dir: Path) -> None:
-    first = DevStack(data_dir, "--gateway-port", "0")
+    first = DevStack(data_dir, "--gateway-port", "0", "--search-replicas", "2")
     try:
         stack = first.wait_for_stack()
 
@@ -141,7 +158,8 @@ def test_dev_stack_starts_reports_stops_and_restarts(data_dir: Path) -> None:
         assert json.loads(body)["status"] == "SERVING"
 
         expected = {"auth": "kotadb.v1.AuthService", "ingest": "kotadb.v1.IngestService"}
-        expected["search"] = "kotadb.v1.SearchService"
+        expected["search"] = expected["search-2"] = "kotadb.v1.SearchService"
+        assert list(stack["grpc"]) == ["auth", "ingest", "search", "search-2"]
         for name, service in expected.items():
             listed = _reflected_services(stack["grpc"][name])
             assert {service, "grpc.health.v1.Health", "kotadb.v1.HealthService"} <= listed, listed
@@ -157,6 +175,18 @@ def test_dev_stack_starts_reports_stops_and_restarts(data_dir: Path) -> None:
         assert documents.get("services/cli/dev.py", 0) > 0, sorted(documents)[:20]
         assert "README.md" in documents
         assert _printed_example(first.output, "push")[:2] == ["push", "."]
+        # The printed `kotadb search` finds this very function in the demo repository.
+        # (The sync's last writes reach the index through the change feed: poll, bounded.)
+        deadline = time.monotonic() + 120
+        while (searched := _kotadb(_printed_example(first.output, "search"))).returncode == 1:
+            assert time.monotonic() < deadline, searched.stderr
+            time.sleep(1)
+        assert searched.returncode == 0, searched.stdout + searched.stderr
+        assert "services/cli/dev.py:" in searched.stdout and "def run_stack(" in searched.stdout
+        # The MCP server answers behind the gateway's /mcp, with the demo key.
+        mcp_status, mcp_body = _mcp_tools(stack["gateway"], stack["demo_api_key"])
+        assert mcp_status == 200 and "search_code" in mcp_body, mcp_body
+        assert stack["mcp"] and stack["pids"]["mcp"]
 
         result = _status(data_dir)
         assert result.returncode == 0, result.stdout + result.stderr

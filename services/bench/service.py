@@ -1,0 +1,431 @@
+"""`kotadb bench service`: the search service end to end, in one run on one corpus loaded through ingest.
+
+A `kotadb dev` stack (embedded Postgres, the services, two search replicas, Envoy) is started in
+a work directory; the corpus is pushed through the gateway (`kotadb push --prefix NAME`) with a
+bench API key, and then:
+
+* first-page latency of every query (one RE2 pattern a line, `--regex`), run `--runs` times on
+  each side, after one warm-up: in-process (the engine's Searcher over an offline build of the
+  same tree), direct gRPC to the tenant's search replica (the key checked by auth), REST through Envoy
+  (`POST /v1/code:search`), and Postgres `pg_trgm` on the very `documents` table ingest wrote
+  (`content ~ pattern` with a GIN trigram index the bench creates, what a Supabase user would
+  reach for); ratios to in-process per query, with the median and the worst query;
+* throughput and latency through REST with 1, 8 and 32 concurrent clients (threads, cycling over
+  the queries for `--load-seconds` each), and the latency of the search replica's gRPC health
+  check, polled every 50 ms while under that load;
+* freshness: a REST upsert of a file with a fresh word, then searches for the word every 5 ms
+  until it is found: upsert response → visible, p50/p99; and the same search sent at once with
+  `min_revision` set to the upsert's revision: its added wait (the response's stats.wait_duration);
+* rebuild: the search replica the ring did not give the tenant to has never seen it, so the
+  first direct query to it builds the tenant from Postgres (streamed, server-side cursor)
+  before answering; that time to serving, next to the offline build of the same tree from
+  files (`kotadb index build`).
+
+Everything but the pg_trgm index is what a user runs; no figure is an assertion. The machine
+is shared: the load average before and after is recorded next to the figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from kotadb.v1 import search_pb2, search_pb2_grpc
+
+from services.bench.ingest import DevStack, _load, _machine, _push
+from services.bench.measure import summarize
+from services.bench.pgtrgm import UnsupportedPattern, translate_pattern
+from services.bench.search import build_ours, read_queries
+from services.cli import keys
+from services.common.identity import READ, WRITE
+from services.common.stack import StackInfo
+from services.search.engine.index import Index
+from services.search.engine.results import SearchMode
+from services.search.engine.searcher import Searcher
+
+FIRST_PAGE = 50
+CONCURRENCY = (1, 8, 32)
+HEALTH_POLL = 0.05
+FRESHNESS_POLL = 0.005
+PUSH_ATTEMPTS = 8
+RETRIES = 30
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceBenchOptions:
+    """ServiceBenchOptions are the command's inputs."""
+
+    corpus: Path
+    queries: Path
+    name: str = "stdlib"
+    work_dir: Path | None = None
+    runs: int = 5
+    load_seconds: float = 10.0
+    freshness_samples: int = 50
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1e3, 3)
+
+
+def _summary_ms(samples: list[float]) -> dict[str, float]:
+    summary = summarize(samples)
+    return {"p50_ms": _ms(summary.p50), "p99_ms": _ms(summary.p99), "max_ms": _ms(summary.max)}
+
+
+class Rest:
+    """Rest calls the gateway's REST API with a key (one urllib request each, like a plain client)."""
+
+    def __init__(self, gateway: str, key: str) -> None:
+        self.gateway = gateway
+        self.key = key
+
+    retried: int = 0
+    """retried counts 503s that were retried (UNAVAILABLE is retryable; the report shows how often)."""
+
+    def _send(self, request: urllib.request.Request) -> dict[str, Any]:
+        for attempt in range(RETRIES):
+            try:
+                with urllib.request.urlopen(request, timeout=120) as response:
+                    answer: dict[str, Any] = json.loads(response.read())
+                return answer
+            except urllib.error.HTTPError as exc:
+                if exc.code != 503 or attempt == RETRIES - 1:
+                    raise
+                self.retried += 1
+                time.sleep(1.0)
+        raise AssertionError("unreachable")
+
+    def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """post sends one JSON request and returns the JSON answer (retrying a 503, raising otherwise)."""
+        request = urllib.request.Request(
+            f"{self.gateway}{path}",
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers={"authorization": f"Bearer {self.key}", "content-type": "application/json"},
+        )
+        return self._send(request)
+
+    def get(self, path: str) -> dict[str, Any]:
+        """get sends one GET and returns the JSON answer (retrying a 503, raising otherwise)."""
+        headers = {"authorization": f"Bearer {self.key}"}
+        return self._send(urllib.request.Request(f"{self.gateway}{path}", headers=headers))
+
+    def search(self, pattern: str, **extra: Any) -> dict[str, Any]:
+        """search runs one first-page regex search."""
+        return self.post(
+            "/v1/code:search", {"query": pattern, "regex": True, "pageSize": FIRST_PAGE, **extra}
+        )
+
+
+def _time(fn: Callable[[], object], runs: int) -> list[float]:
+    fn()  # warm-up
+    samples = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+def _latency(
+    queries: list[str],
+    runs: int,
+    searcher: Searcher,
+    stub: search_pb2_grpc.SearchServiceStub,
+    key: str,
+    rest: Rest,
+    pg: Callable[[str], object],
+) -> dict[str, Any]:
+    """_latency times each query's first page on the four sides and relates them to in-process."""
+    metadata = (("authorization", f"Bearer {key}"),)
+    rows: list[dict[str, Any]] = []
+    for pattern in queries:
+        request = search_pb2.SearchCodeRequest(query=pattern, regex=True, page_size=FIRST_PAGE)
+        sides: dict[str, Callable[[], object]] = {
+            "in_process": functools.partial(
+                searcher.search, pattern, regex=True, limit_files=FIRST_PAGE, mode=SearchMode.FIRST_PAGE
+            ),
+            "grpc": functools.partial(stub.SearchCode, request, metadata=metadata, timeout=120),
+            "rest": functools.partial(rest.search, pattern),
+        }
+        try:
+            translate_pattern(pattern)
+            sides["pg_trgm"] = functools.partial(pg, pattern)
+        except UnsupportedPattern:
+            pass
+        row: dict[str, Any] = {"query": pattern}
+        for side, fn in sides.items():
+            row[side] = _summary_ms(_time(fn, runs))["p50_ms"]
+        base = max(row["in_process"], 1e-3)
+        for side in ("grpc", "rest", "pg_trgm"):
+            if side in row:
+                row[f"{side}_ratio"] = round(row[side] / base, 2)
+        rows.append(row)
+    summary: dict[str, Any] = {}
+    for side in ("in_process", "grpc", "rest", "pg_trgm", "grpc_ratio", "rest_ratio", "pg_trgm_ratio"):
+        values = sorted(row[side] for row in rows if side in row)
+        if values:
+            worst = max(rows, key=lambda r: r.get(side, -1))
+            summary[side] = {
+                "median": values[len(values) // 2],
+                "worst": worst[side],
+                "worst_query": worst["query"],
+            }
+    return {"queries": rows, "summary": summary}
+
+
+def _load_test(rest: Rest, queries: list[str], seconds: float, health_address: str) -> list[dict[str, Any]]:
+    """_load_test runs REST clients at each concurrency while polling gRPC health; returns one row each."""
+    return [_load_level(rest, queries, seconds, health_address, clients) for clients in CONCURRENCY]
+
+
+def _load_level(
+    rest: Rest, queries: list[str], seconds: float, health_address: str, clients: int
+) -> dict[str, Any]:
+    """_load_level runs `clients` REST clients for `seconds`, polling the replica's gRPC health meanwhile."""
+    stop = threading.Event()
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    errors = [0] * clients
+    health: list[float] = []
+
+    def client(index: int) -> None:
+        at = index
+        while not stop.is_set():
+            pattern = queries[at % len(queries)]
+            at += 1
+            started = time.perf_counter()
+            try:
+                rest.search(pattern)
+            except OSError:
+                errors[index] += 1
+                continue
+            latencies[index].append(time.perf_counter() - started)
+
+    def poll_health() -> None:
+        with grpc.insecure_channel(health_address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while not stop.is_set():
+                started = time.perf_counter()
+                stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+                health.append(time.perf_counter() - started)
+                time.sleep(HEALTH_POLL)
+
+    with concurrent.futures.ThreadPoolExecutor(clients + 1) as pool:
+        futures = [pool.submit(client, i) for i in range(clients)]
+        futures.append(pool.submit(poll_health))
+        started = time.perf_counter()
+        time.sleep(seconds)
+        stop.set()
+        for future in futures:
+            future.result()
+        elapsed = time.perf_counter() - started
+    done = [sample for per in latencies for sample in per]
+    return {
+        "clients": clients,
+        "requests": len(done),
+        "errors": sum(errors),
+        "per_second": round(len(done) / elapsed, 1),
+        **_summary_ms(done),
+        "health": _summary_ms(health),
+    }
+
+
+def _freshness(rest: Rest, samples: int) -> dict[str, Any]:
+    """_freshness measures upsert → visible (polling) and the wait min_revision adds."""
+    visible: list[float] = []
+    waits: list[float] = []
+    for i in range(samples):
+        word = f"fresh{uuid.uuid4().hex[:12]}"
+        answer = rest.post(
+            "/v1/documents:batchUpsert", {"documents": [{"path": f"fresh/{i}.txt", "text": f"{word}\n"}]}
+        )
+        written = time.perf_counter()
+        while not rest.search(word).get("fileMatches"):
+            time.sleep(FRESHNESS_POLL)
+        visible.append(time.perf_counter() - written)
+        word2 = f"fresh{uuid.uuid4().hex[:12]}"
+        answer = rest.post(
+            "/v1/documents:batchUpsert", {"documents": [{"path": f"fresh/{i}.txt", "text": f"{word2}\n"}]}
+        )
+        found = rest.search(word2, minRevision=str(answer["revision"]))
+        assert found.get("fileMatches"), "min_revision answered without the write"
+        wait = found.get("stats", {}).get("waitDuration", "0s")
+        waits.append(float(str(wait).rstrip("s") or 0))
+    return {"visible": _summary_ms(visible), "min_revision_wait": _summary_ms(waits), "samples": samples}
+
+
+def _bench_key(database_url: str, user: uuid.UUID) -> str:
+    """_bench_key issues a read+write key for a user of its own (not the demo user, whose
+    repository `kotadb dev` is syncing meanwhile: its writes would queue behind that sync's), with
+    limits no step reaches."""
+
+    async def issue() -> str:
+        created = await keys.create_key(
+            database_url,
+            name="kotadb bench service",
+            permissions=frozenset({READ, WRITE}),
+            rate_limit=1_000_000,
+            monthly_quota=1_000_000_000,
+            user_id=user,
+        )
+        return created.secret
+
+    return asyncio.run(issue())
+
+
+async def _pg_setup(database_url: str) -> tuple[asyncpg.Connection, float]:
+    conn = await asyncpg.connect(database_url)
+    await conn.execute("create extension if not exists pg_trgm")
+    started = time.perf_counter()
+    await conn.execute(
+        "create index if not exists bench_documents_content_trgm on public.documents"
+        " using gin (content gin_trgm_ops)"
+    )
+    return conn, time.perf_counter() - started
+
+
+def run_service_bench(options: ServiceBenchOptions, echo: Callable[[str], None]) -> dict[str, Any]:
+    """run_service_bench starts the stack, loads the corpus through ingest and measures everything above."""
+    work = Path(options.work_dir or tempfile.mkdtemp(prefix="kotadb-bench-service-"))
+    work.mkdir(parents=True, exist_ok=True)
+    work.chmod(0o711)  # the embedded Postgres user must traverse to its cluster
+    queries = read_queries(options.queries)
+    report: dict[str, Any] = {"machine": _machine(), "load_before": _load(), "corpus": options.name}
+    env = dict(os.environ)
+    env.pop("KOTADB_DATABASE_URL", None)
+    stack_dir = work / "dev"
+    dev = DevStack(stack_dir, env, "--search-replicas", "2")
+    try:
+        stack: StackInfo = dev.wait()
+        echo(f"stack up at {stack.gateway}; work dir {work}")
+        user = uuid.uuid4()
+        key = _bench_key(stack.database_url, user)
+        # A push is idempotent (unchanged files are not sent again): on a loaded machine a
+        # dropped stream is retried rather than losing the run.
+        for attempt in range(PUSH_ATTEMPTS):
+            try:
+                report["push"] = _push(stack, key, options.name, options.corpus)
+                report["push"]["attempts"] = attempt + 1
+                break
+            except RuntimeError as exc:
+                if attempt == PUSH_ATTEMPTS - 1:
+                    raise
+                echo(f"push failed, again in 5 s: {str(exc)[-160:]}")
+                time.sleep(5)
+        echo(f"pushed: {report['push']['summary']}")
+        rest = Rest(stack.gateway, key)
+        build, _ = build_ours(
+            options.corpus, work / "offline-index", work / "offline-build.log", symbols=True
+        )
+        report["offline_build_seconds"] = round(build.seconds, 2)
+        # Every query once through the gateway: the tenant's replica builds it and catches up.
+        for pattern in queries:
+            rest.search(pattern)
+
+        metadata = (("authorization", f"Bearer {key}"),)
+        # The ring gave the tenant to one replica (GetIndexStatus names it); the other has never
+        # built it, so its first answer includes the whole build from Postgres.
+        owner = rest.get("/v1/index")["replica"]
+        cold_name = "search" if owner == "search-2" else "search-2"
+        report["replicas"] = {"owner": owner, "rebuilt_on": cold_name}
+        with grpc.insecure_channel(stack.grpc[cold_name]) as cold:
+            cold_stub = search_pb2_grpc.SearchServiceStub(cold)
+            started = time.perf_counter()
+            cold_stub.SearchCode(
+                search_pb2.SearchCodeRequest(query="zzqqxx", page_size=1), metadata=metadata, timeout=600
+            )
+            rebuilt = time.perf_counter() - started
+        report["rebuild_from_postgres_seconds"] = round(rebuilt, 2)
+        echo(f"rebuild from Postgres {rebuilt:.1f} s, offline build {build.seconds:.1f} s")
+
+        loop = asyncio.new_event_loop()
+        conn, index_seconds = loop.run_until_complete(_pg_setup(stack.database_url))
+        report["pg_trgm_index_seconds"] = round(index_seconds, 2)
+
+        def pg(pattern: str) -> object:
+            return loop.run_until_complete(
+                conn.fetch(
+                    "select path from public.documents where user_id = $1 and content ~ $2"
+                    " and deleted_at is null limit $3",
+                    user,
+                    translate_pattern(pattern),
+                    FIRST_PAGE,
+                )
+            )
+
+        with (
+            Index.open(work / "offline-index") as index,
+            grpc.insecure_channel(stack.grpc[owner]) as channel,
+        ):
+            searcher = Searcher(index)
+            stub = search_pb2_grpc.SearchServiceStub(channel)
+            report["latency"] = _latency(queries, options.runs, searcher, stub, key, rest, pg)
+        echo("latency done")
+        loop.run_until_complete(conn.close())
+        loop.close()
+        report["load"] = _load_test(rest, queries, options.load_seconds, stack.grpc[owner])
+        echo("load done")
+        report["freshness"] = _freshness(rest, options.freshness_samples)
+        echo("freshness done")
+        report["rest_503_retries"] = rest.retried
+    finally:
+        dev.stop()
+        report["load_after"] = _load()
+        if options.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+def render_service_table(report: dict[str, Any]) -> str:
+    """render_service_table is the report as the Markdown BENCHMARKS.md records."""
+    lines = [
+        f"machine: {report['machine']}",
+        f"load average before {report['load_before']}, after {report.get('load_after')}",
+        "",
+        "| first page | median p50 ms | worst p50 ms | worst query |",
+        "|---|---|---|---|",
+    ]
+    summary = report["latency"]["summary"]
+    for side in ("in_process", "grpc", "rest", "pg_trgm", "grpc_ratio", "rest_ratio", "pg_trgm_ratio"):
+        if side in summary:
+            row = summary[side]
+            lines.append(f"| {side} | {row['median']} | {row['worst']} | `{row['worst_query']}` |")
+    lines += ["", "| REST clients | req/s | p50 ms | p99 ms | errors | health p50 ms | health p99 ms |"]
+    lines.append("|---|---|---|---|---|---|---|")
+    for row in report["load"]:
+        health = row["health"]
+        lines.append(
+            f"| {row['clients']} | {row['per_second']} | {row['p50_ms']} | {row['p99_ms']} | {row['errors']}"
+            f" | {health['p50_ms']} | {health['p99_ms']} |"
+        )
+    fresh = report["freshness"]
+    lines += [
+        "",
+        f"freshness (upsert → visible, {fresh['samples']} samples): p50 {fresh['visible']['p50_ms']} ms,"
+        f" p99 {fresh['visible']['p99_ms']} ms",
+        f"min_revision added wait: p50 {fresh['min_revision_wait']['p50_ms']} ms,"
+        f" p99 {fresh['min_revision_wait']['p99_ms']} ms",
+        f"rebuild from Postgres to serving {report['rebuild_from_postgres_seconds']} s;"
+        f" offline build from files {report['offline_build_seconds']} s;"
+        f" pg_trgm GIN index {report['pg_trgm_index_seconds']} s",
+        f"REST answers 503 (retried after 1 s, inside the timings): {report.get('rest_503_retries', 0)}",
+    ]
+    return "\n".join(lines)
