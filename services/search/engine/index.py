@@ -42,6 +42,7 @@ from services.search.engine.format import (
 )
 from services.search.engine.model import Skipped, SkipReason
 from services.search.engine.reader import SegmentData, SegmentReader
+from services.search.engine.record import Record
 
 LOCK_FILE = "LOCK"
 _OPEN_RETRIES = 5
@@ -66,8 +67,7 @@ def skipped_name(generation: int) -> str:
     return f"{SKIPPED_PREFIX}{generation:012d}.json"
 
 
-@dataclass(frozen=True, slots=True)
-class SegmentEntry:
+class SegmentEntry(Record):
     """SegmentEntry is a manifest's record of one live segment and its current deletion file."""
 
     name: str
@@ -82,8 +82,7 @@ class SegmentEntry:
         return self.doc_count - self.deleted_count
 
 
-@dataclass(frozen=True, slots=True)
-class SkippedRef:
+class SkippedRef(Record):
     """SkippedRef is a manifest's pointer to its skip list file."""
 
     file: str
@@ -91,8 +90,7 @@ class SkippedRef:
     count: int
 
 
-@dataclass(frozen=True, slots=True)
-class Manifest:
+class Manifest(Record):
     """Manifest is one generation of the index: its segments, deletions and skip list."""
 
     generation: int
