@@ -15,7 +15,6 @@ import contextlib
 import fcntl
 import json
 import os
-import shutil
 import threading
 import zlib
 from collections import Counter
@@ -431,6 +430,8 @@ class Index:
 
     def remove_orphans(self) -> None:
         """remove_orphans deletes files no manifest names (a crashed writer's leftovers); writer lock held."""
+        import shutil  # writers only: a reader never removes anything (and shutil loads bz2, lzma)
+
         with self._state:
             keep = set(self._manifest.files()) | set(self._pins)
             for name in os.listdir(self.path):
@@ -518,6 +519,8 @@ class Index:
         for key in [k for k in self._live if k[0] == rel or f"{k[0]}/{k[1]}" == rel]:
             del self._live[key]
         if "/" not in rel and rel.startswith("seg-") and target.is_dir():
+            import shutil  # see remove_orphans
+
             shutil.rmtree(target, ignore_errors=True)
         else:
             with contextlib.suppress(FileNotFoundError):
