@@ -13,8 +13,8 @@ quiet=(-q)
 
 stamp() { cat "$@" | sha256sum | cut -d' ' -f1; }
 
-# setup.py and the C source are in the stamp: an edited extension must be rebuilt.
-want=$(stamp pyproject.toml setup.py services/search/engine/_fastscan.c)
+# setup.py and the C/C++ sources are in the stamp: an edited extension must be rebuilt.
+want=$(stamp pyproject.toml setup.py services/search/engine/_fastscan.c services/search/engine/_re2shim.cc)
 if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.stamp 2>/dev/null)" != "$want" ]; then
   echo "bootstrap: installing the project into .venv" >&2
   [ -x .venv/bin/python ] || "$PY" -m venv .venv

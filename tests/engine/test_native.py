@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from re2 import _re2
 
 from services.search.engine import _fastscan, rank, trigrams, verify
 from services.search.engine.verify import LineMatch, LineMatcher
@@ -179,3 +180,65 @@ def test_scans_from_several_threads_agree() -> None:
         thread.join()
     for slot in range(2):
         assert results[slot] == expected * 20
+
+
+def _reference_regex(data: bytes, pattern: str) -> list[LineMatch]:
+    """_reference_regex asks RE2 (the Python binding) line by line, with ripgrep's iteration rule."""
+    regexp = verify.compile_regex(pattern)
+    pieces = data.split(b"\n")
+    if data.endswith(b"\n") or not data:
+        pieces = pieces[:-1]  # no line follows a final newline
+    out: list[LineMatch] = []
+    start = 0
+    for number, line in enumerate(pieces, 1):
+        end = start + len(line)
+        ranges: list[tuple[int, int]] = []
+        pos, last_end = start, -1
+        while pos <= end:
+            s, e = regexp.Match(UNANCHORED, data, pos, end)[0]
+            if s < 0:
+                break
+            if s == e == last_end:
+                pos = s + 1  # an empty match abutting the previous one is skipped
+                continue
+            ranges.append((s - start, e - start))
+            last_end = e
+            pos = e if e > s else e + 1
+        if ranges:
+            out.append(LineMatch(number, start, end, tuple(ranges)))
+        start = end + 1
+    return out
+
+
+UNANCHORED = _re2.RE2.Anchor.UNANCHORED
+REGEXES = [r"a", r"a*", r"^", r"$", r"^$", r"\bb", r"a|b\b", r"[ab]+$", r"(?i)k", r"^a*b?", r"\w+", r"\s"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.lists(ALPHABET, max_size=50).map(b"".join), pattern=st.sampled_from(REGEXES))
+def test_native_regex_scan_matches_a_line_by_line_reference(data: bytes, pattern: str) -> None:
+    expected = _reference_regex(data, pattern)
+    regex = verify.compile_native(pattern)
+    packed, lines, matches = _fastscan.regex_scan(regex, data, None, -1)
+    assert verify.unpack_groups(packed) == expected
+    assert (lines, matches) == (len(expected), sum(len(m.ranges) for m in expected))
+    assert _fastscan.regex_count(regex, memoryview(data), None) == len(expected)
+    assert verify.unpack_groups(_fastscan.regex_scan(regex, data, None, 1)[0]) == expected[:1]
+    # Listed lines (a prefilter's) give the same answer for the lines listed.
+    every = [(m.line_number, m.line_start, m.line_end) for m in _reference_regex(data, r"^")]
+    assert verify.unpack_groups(_fastscan.regex_scan(regex, data, every, -1)[0]) == expected
+    assert _fastscan.regex_count(regex, data, every) == len(expected)
+
+
+def test_native_regex_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="missing \\)"):
+        _fastscan.regex_compile(b"(", True, False)
+    regex = verify.compile_native("a")
+    with pytest.raises(ValueError):
+        _fastscan.regex_scan(regex, b"abc", [(1, 0, 9)], -1)  # a line beyond the data
+    with pytest.raises(ValueError):
+        _fastscan.regex_count(regex, b"abc", [(1, 2, 1)])
+    with pytest.raises((TypeError, ValueError)):
+        _fastscan.regex_count(object(), b"abc", None)
+    with pytest.raises(verify.InvalidPatternError, match=r"missing \): \($"):
+        verify.compile_native("(")

@@ -887,6 +887,287 @@ done:
     return result;
 }
 
+/* ---- Regexes: RE2 through _re2shim.cc, whole files at a time ----
+ *
+ *   regex_compile(pattern, case_sensitive, literal) -> capsule
+ *       RE2 compiled with verify.compile_regex's options (`pattern` already wrapped by it);
+ *       ValueError with RE2's message when RE2 rejects it.
+ *   regex_scan(regex, data, lines, limit) -> tuple[bytes, int, int]
+ *       verify.LineMatcher's regex strategy natively: every matching line in the groups
+ *       layout (see scan_literal), with the counts of lines and matches; at most `limit`
+ *       lines when limit > 0. `lines` None scans the whole buffer (one RE2 call per
+ *       matching line to find it, then one per further match in the line); otherwise it
+ *       lists the (line_number, line_start, line_end) lines to try (a prefilter's).
+ *   regex_count(regex, data, lines) -> int
+ *       The number of matching lines, one RE2 call per matching (or listed) line.
+ *
+ * Matches never span a newline (RE2's never_nl), `^`/`$` are multi-line, and within a line
+ * matches are leftmost-first and non-overlapping with an empty match abutting the previous
+ * one skipped, exactly as verify.py's Python loops did.
+ */
+void *kdb_re2_new(const char *pattern, size_t len, int case_sensitive, int literal, char *error,
+                  size_t error_cap);
+void kdb_re2_free(void *re);
+int kdb_re2_match(const void *re, const char *data, size_t len, size_t pos, size_t endpos, size_t *start,
+                  size_t *end);
+
+#define REGEX_CAPSULE "kotadb._fastscan.regex"
+
+static void regex_capsule_free(PyObject *capsule) {
+    void *re = PyCapsule_GetPointer(capsule, REGEX_CAPSULE);
+    if (re != NULL) {
+        kdb_re2_free(re);
+    }
+}
+
+static PyObject *fastscan_regex_compile(PyObject *self, PyObject *args) {
+    (void)self;
+    const char *pattern;
+    Py_ssize_t len;
+    int case_sensitive, literal;
+    if (!PyArg_ParseTuple(args, "y#pp", &pattern, &len, &case_sensitive, &literal)) {
+        return NULL;
+    }
+    char error[512] = {0};
+    void *re;
+    Py_BEGIN_ALLOW_THREADS;
+    re = kdb_re2_new(pattern, (size_t)len, case_sensitive, literal, error, sizeof error);
+    Py_END_ALLOW_THREADS;
+    if (re == NULL) {
+        PyErr_SetString(PyExc_ValueError, error);
+        return NULL;
+    }
+    PyObject *capsule = PyCapsule_New(re, REGEX_CAPSULE, regex_capsule_free);
+    if (capsule == NULL) {
+        kdb_re2_free(re);
+    }
+    return capsule;
+}
+
+/* line_ranges appends the (start, end) pairs, relative to `start`, of every match within
+   data[start:end] (one line), given the first match when have_first; returns how many, or
+   -1 when memory ran out. */
+static Py_ssize_t line_ranges(const void *re, const char *data, size_t len, size_t start, size_t end,
+                              int have_first, size_t s, size_t e, i64vec *out) {
+    Py_ssize_t n = 0;
+    long long last_end = -1;
+    int found = have_first ? 1 : kdb_re2_match(re, data, len, start, end, &s, &e);
+    while (found) {
+        size_t pos;
+        if (s == e && (long long)s == last_end) {
+            pos = s + 1; /* Rust's find_iter (ripgrep) skips an empty match abutting the last */
+        } else {
+            if (vec_push(out, (int64_t)(s - start)) < 0 || vec_push(out, (int64_t)(e - start)) < 0) {
+                return -1;
+            }
+            n++;
+            if (e == end && e > s) {
+                break; /* only an empty match abutting this one could follow */
+            }
+            last_end = (long long)e;
+            pos = e > s ? e : e + 1;
+        }
+        if (pos > end) {
+            break;
+        }
+        found = kdb_re2_match(re, data, len, pos, end, &s, &e);
+    }
+    return n;
+}
+
+typedef struct {
+    const void *re;
+    const char *data;
+    size_t len;
+    const int64_t *lines; /* (line_number, start, end) triples, or NULL for the whole buffer */
+    size_t line_count;
+    Py_ssize_t limit;
+    int count_only;
+    long long found_lines;
+    long long found_matches;
+} regex_scan_args;
+
+static int push_header(i64vec *out, long long number, size_t start, size_t end) {
+    return vec_push(out, number) < 0 || vec_push(out, (int64_t)start) < 0 || vec_push(out, (int64_t)end) < 0 ||
+                   vec_push(out, 0) < 0
+               ? -1
+               : 0;
+}
+
+/* regex_scan_whole finds the matching lines of the whole buffer (verify's _find_regex). */
+static int regex_scan_whole(regex_scan_args *a, i64vec *out) {
+    const char *data = a->data;
+    size_t len = a->len;
+    int no_last_line = len == 0 || data[len - 1] == '\n';
+    long long line_number = 1;
+    size_t counted = 0, pos = 0;
+    while (pos <= len) {
+        size_t s, e;
+        if (!kdb_re2_match(a->re, data, len, pos, len, &s, &e) || (s == len && no_last_line)) {
+            break;
+        }
+        const char *next = s < len ? memchr(data + s, '\n', len - s) : NULL;
+        size_t end = next != NULL ? (size_t)(next - data) : len;
+        a->found_lines++;
+        if (!a->count_only) {
+            const char *before = s > 0 ? memrchr(data, '\n', s) : NULL;
+            size_t start = before != NULL ? (size_t)(before - data) + 1 : 0;
+            line_number += count_newlines((const unsigned char *)data + counted, (Py_ssize_t)(start - counted));
+            counted = start;
+            size_t header = out->len;
+            if (push_header(out, line_number, start, end) < 0) {
+                return -1;
+            }
+            Py_ssize_t n = line_ranges(a->re, data, len, start, end, 1, s, e, out);
+            if (n < 0) {
+                return -1;
+            }
+            out->items[header + 3] = n;
+            a->found_matches += n;
+            if (a->found_lines == a->limit) {
+                break;
+            }
+        }
+        if (next == NULL) {
+            break;
+        }
+        pos = end + 1;
+    }
+    return 0;
+}
+
+/* regex_scan_listed tries only the listed lines (verify's _find_prefiltered). */
+static int regex_scan_listed(regex_scan_args *a, i64vec *out) {
+    for (size_t i = 0; i < a->line_count; i++) {
+        const int64_t *line = a->lines + 3 * i;
+        size_t start = (size_t)line[1], end = (size_t)line[2];
+        if (a->count_only) {
+            size_t s, e;
+            a->found_lines += kdb_re2_match(a->re, a->data, a->len, start, end, &s, &e);
+            continue;
+        }
+        size_t header = out->len;
+        if (push_header(out, line[0], start, end) < 0) {
+            return -1;
+        }
+        Py_ssize_t n = line_ranges(a->re, a->data, a->len, start, end, 0, 0, 0, out);
+        if (n < 0) {
+            return -1;
+        }
+        if (n == 0) {
+            out->len = header;
+            continue;
+        }
+        out->items[header + 3] = n;
+        a->found_lines++;
+        a->found_matches += n;
+        if (a->found_lines == a->limit) {
+            break;
+        }
+    }
+    return 0;
+}
+
+/* run_regex parses (regex, data, lines) and runs the scan without the GIL; 0 on success, -1
+   with a Python error set. */
+static int run_regex(PyObject *regex, Py_buffer *data, PyObject *lines, regex_scan_args *a, i64vec *out) {
+    a->re = PyCapsule_GetPointer(regex, REGEX_CAPSULE);
+    if (a->re == NULL) {
+        return -1;
+    }
+    a->data = (const char *)data->buf;
+    a->len = (size_t)data->len;
+    a->lines = NULL;
+    a->line_count = 0;
+    int64_t *triples = NULL;
+    if (lines != Py_None) {
+        PyObject *seq = PySequence_Fast(lines, "lines must be a sequence of (line_number, start, end)");
+        if (seq == NULL) {
+            return -1;
+        }
+        Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+        triples = PyMem_Malloc(sizeof(int64_t) * 3 * (size_t)(count > 0 ? count : 1));
+        if (triples == NULL) {
+            Py_DECREF(seq);
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (Py_ssize_t i = 0; i < count; i++) {
+            long long number, start, end;
+            PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
+            if (!PyArg_ParseTuple(item, "LLL", &number, &start, &end)) {
+                Py_DECREF(seq);
+                PyMem_Free(triples);
+                return -1;
+            }
+            if (start < 0 || end < start || (size_t)end > a->len) {
+                Py_DECREF(seq);
+                PyMem_Free(triples);
+                PyErr_SetString(PyExc_ValueError, "a listed line lies outside the data");
+                return -1;
+            }
+            triples[3 * i] = number;
+            triples[3 * i + 1] = start;
+            triples[3 * i + 2] = end;
+        }
+        Py_DECREF(seq);
+        a->lines = triples;
+        a->line_count = (size_t)count;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS;
+    rc = triples != NULL ? regex_scan_listed(a, out) : regex_scan_whole(a, out);
+    Py_END_ALLOW_THREADS;
+    PyMem_Free(triples);
+    if (rc < 0) {
+        PyErr_NoMemory();
+    }
+    return rc;
+}
+
+static PyObject *fastscan_regex_scan(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *regex, *lines;
+    Py_buffer data;
+    Py_ssize_t limit;
+    if (!PyArg_ParseTuple(args, "Oy*On", &regex, &data, &lines, &limit)) {
+        return NULL;
+    }
+    regex_scan_args a = {.limit = limit, .count_only = 0};
+    i64vec out = {NULL, 0, 0};
+    int rc = run_regex(regex, &data, lines, &a, &out);
+    PyBuffer_Release(&data);
+    if (rc < 0) {
+        free(out.items);
+        return NULL;
+    }
+    PyObject *packed = PyBytes_FromStringAndSize(out.items != NULL ? (const char *)out.items : "",
+                                                 (Py_ssize_t)(out.len * sizeof(int64_t)));
+    free(out.items);
+    if (packed == NULL) {
+        return NULL;
+    }
+    return Py_BuildValue("(NLL)", packed, a.found_lines, a.found_matches);
+}
+
+static PyObject *fastscan_regex_count(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *regex, *lines;
+    Py_buffer data;
+    if (!PyArg_ParseTuple(args, "Oy*O", &regex, &data, &lines)) {
+        return NULL;
+    }
+    regex_scan_args a = {.limit = -1, .count_only = 1};
+    i64vec out = {NULL, 0, 0};
+    int rc = run_regex(regex, &data, lines, &a, &out);
+    PyBuffer_Release(&data);
+    free(out.items);
+    if (rc < 0) {
+        return NULL;
+    }
+    return PyLong_FromLongLong(a.found_lines);
+}
+
 static PyMethodDef fastscan_methods[] = {
     {"find_literal", fastscan_find_literal, METH_VARARGS,
      "find_literal(data, needle, folded, guard, limit, line_type) lists the lines holding needle."},
@@ -904,6 +1185,12 @@ static PyMethodDef fastscan_methods[] = {
      "any_whole_word(data, lines) says whether any range of any line is a whole word (rank.is_whole_word)."},
     {"invert_postings", fastscan_invert_postings, METH_VARARGS,
      "invert_postings(docs) inverts per-document trigram ids into (ids, starts, ordinals) as bytes."},
+    {"regex_compile", fastscan_regex_compile, METH_VARARGS,
+     "regex_compile(pattern, case_sensitive, literal) compiles an RE2 pattern for regex_scan and regex_count."},
+    {"regex_scan", fastscan_regex_scan, METH_VARARGS,
+     "regex_scan(regex, data, lines, limit) packs the matching lines of data, with (lines, matches) counts."},
+    {"regex_count", fastscan_regex_count, METH_VARARGS,
+     "regex_count(regex, data, lines) counts the matching lines of data."},
     {NULL, NULL, 0, NULL},
 };
 

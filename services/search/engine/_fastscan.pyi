@@ -37,3 +37,14 @@ def any_whole_word(
 
 def invert_postings(docs: Sequence[Buffer | NDArray[Any]], /) -> tuple[bytes, bytes, bytes]:
     """invert_postings inverts per-document trigram ids into (ids, starts, ordinals) bytes."""
+
+def regex_compile(pattern: bytes, case_sensitive: bool, literal: bool, /) -> object:
+    """regex_compile compiles an RE2 pattern for regex_scan/regex_count (ValueError: RE2's message)."""
+
+def regex_scan(
+    regex: object, data: Buffer, lines: Sequence[tuple[int, int, int]] | None, limit: int, /
+) -> tuple[bytes, int, int]:
+    """regex_scan packs the matching lines of data (or of the listed lines) with (lines, matches) counts."""
+
+def regex_count(regex: object, data: Buffer, lines: Sequence[tuple[int, int, int]] | None, /) -> int:
+    """regex_count counts the matching lines of data (or of the listed lines)."""

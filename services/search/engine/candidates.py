@@ -11,7 +11,6 @@ ordinary files before tests, vendored and generated ones (rank.py's path weight)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pyroaring import BitMap
@@ -20,6 +19,7 @@ from services.search.engine.index import Snapshot
 from services.search.engine.matchtree import DocFacts, MatchTree
 from services.search.engine.plan import All, And, Empty, Or, Plan, Tri
 from services.search.engine.reader import SegmentReader
+from services.search.engine.record import Record
 
 if TYPE_CHECKING:
     import numpy as np
@@ -59,8 +59,7 @@ def evaluate_plan(plan: Plan, segment: SegmentReader) -> BitMap | None:
     raise TypeError(f"unknown plan node {plan!r}")
 
 
-@dataclass(frozen=True, slots=True)
-class Candidates:
+class Candidates(Record):
     """Candidates are a search's documents to verify, over every segment of its snapshot.
 
     Candidate i is ordinal `ords[i]` of segment `seg_ids[i]` with path weight `weights[i]`;

@@ -33,9 +33,9 @@ import binascii
 import hashlib
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 from services.search.engine.errors import CursorError as CursorError
+from services.search.engine.record import Record, field
 
 VERSION = 1
 _DEFAULT_KEY = b"kotadb-cursor-v1"
@@ -51,8 +51,7 @@ def rank_key(score: float, path: str, repository: str, external_id: str) -> Rank
     return (-score, path, repository, external_id)
 
 
-@dataclass(frozen=True, slots=True)
-class Position:
+class Position(Record):
     """Position is the rank key of the last file a page returned."""
 
     score: float
@@ -65,8 +64,7 @@ class Position:
         return rank_key(self.score, self.path, self.repository, self.external_id)
 
 
-@dataclass(frozen=True, slots=True)
-class Cursor:
+class Cursor(Record):
     """Cursor is a decoded pagination cursor (see the module docstring)."""
 
     generation: int

@@ -148,11 +148,11 @@ import os
 import struct
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from services.search.engine.errors import IndexFileError as IndexFileError
+from services.search.engine.record import Record
 
 if TYPE_CHECKING:
     import numpy as np
@@ -299,8 +299,7 @@ def dict_padding(n: int) -> int:
     return (-(HEADER_SIZE + 4 * n)) % 8
 
 
-@dataclass(frozen=True, slots=True)
-class PartInfo:
+class PartInfo(Record):
     """PartInfo is what a segment's meta.json records about one binary part."""
 
     size: int

@@ -15,7 +15,6 @@ import contextlib
 import fcntl
 import json
 import os
-import shutil
 import threading
 import zlib
 from collections import Counter
@@ -42,6 +41,7 @@ from services.search.engine.format import (
 )
 from services.search.engine.model import Skipped, SkipReason
 from services.search.engine.reader import SegmentData, SegmentReader
+from services.search.engine.record import Record
 
 LOCK_FILE = "LOCK"
 _OPEN_RETRIES = 5
@@ -66,8 +66,7 @@ def skipped_name(generation: int) -> str:
     return f"{SKIPPED_PREFIX}{generation:012d}.json"
 
 
-@dataclass(frozen=True, slots=True)
-class SegmentEntry:
+class SegmentEntry(Record):
     """SegmentEntry is a manifest's record of one live segment and its current deletion file."""
 
     name: str
@@ -82,8 +81,7 @@ class SegmentEntry:
         return self.doc_count - self.deleted_count
 
 
-@dataclass(frozen=True, slots=True)
-class SkippedRef:
+class SkippedRef(Record):
     """SkippedRef is a manifest's pointer to its skip list file."""
 
     file: str
@@ -91,8 +89,7 @@ class SkippedRef:
     count: int
 
 
-@dataclass(frozen=True, slots=True)
-class Manifest:
+class Manifest(Record):
     """Manifest is one generation of the index: its segments, deletions and skip list."""
 
     generation: int
@@ -433,6 +430,8 @@ class Index:
 
     def remove_orphans(self) -> None:
         """remove_orphans deletes files no manifest names (a crashed writer's leftovers); writer lock held."""
+        import shutil  # writers only: a reader never removes anything (and shutil loads bz2, lzma)
+
         with self._state:
             keep = set(self._manifest.files()) | set(self._pins)
             for name in os.listdir(self.path):
@@ -520,6 +519,8 @@ class Index:
         for key in [k for k in self._live if k[0] == rel or f"{k[0]}/{k[1]}" == rel]:
             del self._live[key]
         if "/" not in rel and rel.startswith("seg-") and target.is_dir():
+            import shutil  # see remove_orphans
+
             shutil.rmtree(target, ignore_errors=True)
         else:
             with contextlib.suppress(FileNotFoundError):

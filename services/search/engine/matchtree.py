@@ -38,11 +38,11 @@ from services.search.engine.query import (
     parse_query,
     plan_query,
 )
+from services.search.engine.record import Record
 from services.search.engine.verify import LineMatch, LineMatcher
 
 
-@dataclass(frozen=True, slots=True)
-class DocFacts:
+class DocFacts(Record):
     """DocFacts is the metadata of one document, enough for path, language and repo terms."""
 
     path: str

@@ -8,11 +8,11 @@ importing each other.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+
+from services.search.engine.record import Record, field
 
 
-@dataclass(frozen=True, slots=True)
-class Symbol:
+class Symbol(Record):
     """Symbol is one definition found by tree-sitter in a document.
 
     Lines are 1-based and inclusive; `start_byte`/`end_byte` are UTF-8 byte offsets of the
@@ -31,8 +31,7 @@ class Symbol:
     parent: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class SourceDocument:
+class SourceDocument(Record):
     """SourceDocument is one file handed to the index writer.
 
     `external_id` is opaque to the engine (the database's document id, or a path for the
@@ -58,8 +57,7 @@ class SkipReason(enum.StrEnum):
     EMPTY = "empty"
 
 
-@dataclass(frozen=True, slots=True)
-class Skipped:
+class Skipped(Record):
     """Skipped records a document the writer did not index, and why."""
 
     external_id: str

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass
 
 from services.search.engine import regexsyntax as rx
+from services.search.engine.record import Record
 
 # Exact sets above this many strings become prefix/suffix sets plus trigram constraints.
 MAX_EXACT = 16
@@ -43,8 +44,7 @@ MAX_AND = 64
 MAX_COPIES = 4
 
 
-@dataclass(frozen=True, slots=True)
-class All:
+class All(Record):
     """All is the plan without constraint: every document is a candidate."""
 
     def evaluate(self, has: Callable[[bytes], bool]) -> bool:
@@ -55,8 +55,7 @@ class All:
         return "ALL"
 
 
-@dataclass(frozen=True, slots=True)
-class Empty:
+class Empty(Record):
     """Empty is the plan no document satisfies."""
 
     def evaluate(self, has: Callable[[bytes], bool]) -> bool:
@@ -67,8 +66,7 @@ class Empty:
         return "NONE"
 
 
-@dataclass(frozen=True, slots=True)
-class Tri:
+class Tri(Record):
     """Tri requires one folded trigram (three bytes of content without a newline)."""
 
     gram: bytes
@@ -86,8 +84,7 @@ class Tri:
         return '"' + _escape(self.gram) + '"'
 
 
-@dataclass(frozen=True, slots=True)
-class And:
+class And(Record):
     """And requires all of its children (at least two, built by `and_`)."""
 
     children: tuple[Plan, ...]
@@ -100,8 +97,7 @@ class And:
         return " ".join(f"({child})" if isinstance(child, Or) else str(child) for child in self.children)
 
 
-@dataclass(frozen=True, slots=True)
-class Or:
+class Or(Record):
     """Or requires one of its children (at least two, built by `or_`)."""
 
     children: tuple[Plan, ...]

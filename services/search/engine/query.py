@@ -26,13 +26,12 @@ expected there. `plan_query` turns a query into the trigram plan the index evalu
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 
 import re2
 
 from services.search.engine.errors import QuerySyntaxError as QuerySyntaxError
-from services.search.engine.languages import normalize_language
 from services.search.engine.plan import ALL, Plan, and_, or_, plan_literal, plan_regex
+from services.search.engine.record import Record
 from services.search.engine.regexsyntax import has_upper_literal
 from services.search.engine.verify import InvalidPatternError, compile_regex
 
@@ -63,8 +62,7 @@ class ResultType(enum.StrEnum):
     SYMBOL = "symbol"
 
 
-@dataclass(frozen=True, slots=True)
-class Term:
+class Term(Record):
     """Term is one pattern matched against one field.
 
     `literal` terms match their text exactly; others are RE2 regexes. `case_sensitive` is
@@ -91,8 +89,7 @@ class Term:
         return f"{self.field}:{body}{'' if self.case_sensitive else 'i'}"
 
 
-@dataclass(frozen=True, slots=True)
-class Not:
+class Not(Record):
     """Not matches documents its child does not match."""
 
     child: Node
@@ -101,8 +98,7 @@ class Not:
         return f"(not {self.child})"
 
 
-@dataclass(frozen=True, slots=True)
-class And:
+class And(Record):
     """And matches documents all of its children match (at least two children)."""
 
     children: tuple[Node, ...]
@@ -111,8 +107,7 @@ class And:
         return "(and " + " ".join(map(str, self.children)) + ")"
 
 
-@dataclass(frozen=True, slots=True)
-class Or:
+class Or(Record):
     """Or matches documents any of its children match (at least two children)."""
 
     children: tuple[Node, ...]
@@ -124,8 +119,7 @@ class Or:
 Node = Term | Not | And | Or
 
 
-@dataclass(frozen=True, slots=True)
-class Query:
+class Query(Record):
     """Query is a parsed query: the expression and the query-wide settings."""
 
     expr: Node
@@ -182,8 +176,7 @@ _FIELDS = {"file", "path", "repo", "lang", "sym", "content", "case", "type"}
 _WORD_END = " \t\r\n\f\v"
 
 
-@dataclass(frozen=True, slots=True)
-class _RawTerm:
+class _RawTerm(Record):
     """_RawTerm is a term before `case:`/`type:` (which may come later) are applied."""
 
     field: Field | None  # None: a bare term, whose field depends on `type:`
@@ -191,13 +184,11 @@ class _RawTerm:
     literal: bool
 
 
-@dataclass(frozen=True, slots=True)
-class _RawNot:
+class _RawNot(Record):
     child: _RawNode
 
 
-@dataclass(frozen=True, slots=True)
-class _RawGroup:
+class _RawGroup(Record):
     conjunction: bool
     children: tuple[_RawNode, ...]
 
@@ -334,6 +325,9 @@ class _Parser:
             return None
         if name == "lang":
             value = self.phrase() if ch == '"' else self.word()
+            # Imported here: the language tables (compiled `re` patterns) serve `lang:` only.
+            from services.search.engine.languages import normalize_language
+
             language = normalize_language(value)
             if language is None:
                 raise self.fail(

@@ -13,7 +13,6 @@ import struct
 import sys
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,6 +39,7 @@ from services.search.engine.format import (
     load_checked_json,
 )
 from services.search.engine.model import Symbol
+from services.search.engine.record import Record
 from services.search.engine.trigrams import trigram_id
 
 if TYPE_CHECKING:
@@ -52,8 +52,7 @@ _STRINGS_LEN = struct.Struct("<I")
 _BIG_ENDIAN = sys.byteorder == "big"  # the format is little-endian; native views need a copy there
 
 
-@dataclass(frozen=True, slots=True)
-class DocRecord:
+class DocRecord(Record):
     """DocRecord is one row of a segment's document table; `content_hash` is the hex sha256 of the content."""
 
     external_id: str

@@ -12,9 +12,8 @@ Character classes are reduced to code point ranges; Unicode classes (`\\pL`, `\\
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from services.search.engine.errors import InvalidPatternError
+from services.search.engine.record import Record
 
 MAX_CODE_POINT = 0x10FFFF
 # RE2 rejects counted repetitions above this (re2/parse.cc's kMaxRepeat).
@@ -37,16 +36,14 @@ class RegexSyntaxError(InvalidPatternError):
         self.position = position
 
 
-@dataclass(frozen=True, slots=True)
-class Literal:
+class Literal(Record):
     """Literal is a run of characters; `fold` means ASCII and Unicode case-insensitive."""
 
     text: str
     fold: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class CharClass:
+class CharClass(Record):
     """CharClass is a set of code points given as sorted, merged, inclusive ranges.
 
     Negation has already been applied; `fold` asks the planner to add case variants.
@@ -61,39 +58,33 @@ class CharClass:
         return sum(hi - lo + 1 for lo, hi in self.ranges)
 
 
-@dataclass(frozen=True, slots=True)
-class AnyChar:
+class AnyChar(Record):
     """AnyChar is `.`, `\\C` or a class too general to enumerate (`\\pL`)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Assertion:
+class Assertion(Record):
     """Assertion is a zero-width test: `^`, `$`, `\\A`, `\\z`, `\\b` or `\\B`."""
 
     kind: str
 
 
-@dataclass(frozen=True, slots=True)
-class EmptyMatch:
+class EmptyMatch(Record):
     """EmptyMatch matches the empty string (an empty group or an empty alternative)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Concat:
+class Concat(Record):
     """Concat matches its items one after the other."""
 
     items: tuple[Node, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class Alternate:
+class Alternate(Record):
     """Alternate matches any one of its items."""
 
     items: tuple[Node, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class Repeat:
+class Repeat(Record):
     """Repeat matches `item` between `min` and `max` times (`max` None: unbounded)."""
 
     item: Node
@@ -105,8 +96,7 @@ class Repeat:
 Node = Literal | CharClass | AnyChar | Assertion | EmptyMatch | Concat | Alternate | Repeat
 
 
-@dataclass(frozen=True, slots=True)
-class ParsedRegex:
+class ParsedRegex(Record):
     """ParsedRegex is a parse tree plus facts the query language and verifier need.
 
     `has_upper` says a literal character of the pattern is upper case (for `case:auto`);

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from services.search.engine.query import Query
+from services.search.engine.record import Record
 from services.search.engine.results import SearchMode
 
 if TYPE_CHECKING:
@@ -57,8 +58,7 @@ def _no_pool() -> ProcessPoolExecutor:
     raise RuntimeError("this run has no worker processes")
 
 
-@dataclass(frozen=True, slots=True)
-class RunContext:
+class RunContext(Record):
     """RunContext is what a search run may use besides its snapshot and request.
 
     `clock` is the time source deadlines are compared with; `encode` turns a cursor into the

@@ -12,6 +12,7 @@ import enum
 from dataclasses import dataclass, field
 
 from services.search.engine.model import Symbol
+from services.search.engine.record import Record
 
 
 class SearchMode(enum.StrEnum):
@@ -33,8 +34,7 @@ class LimitReason(enum.StrEnum):
     DEADLINE = "deadline"
 
 
-@dataclass(frozen=True, slots=True)
-class MatchRange:
+class MatchRange(Record):
     """MatchRange is one match within a line: byte offsets and 1-based code-point columns.
 
     `start`/`end` are byte offsets relative to the line's first byte (end exclusive);
@@ -48,16 +48,14 @@ class MatchRange:
     end_column: int
 
 
-@dataclass(frozen=True, slots=True)
-class ContextLine:
+class ContextLine(Record):
     """ContextLine is a non-matching line shown around a match."""
 
     line_number: int
     text: str
 
 
-@dataclass(frozen=True, slots=True)
-class LineMatch:
+class LineMatch(Record):
     """LineMatch is one matching line of a file.
 
     `line_start` is the byte offset of the line in the file; `text` is the line without its
@@ -74,8 +72,7 @@ class LineMatch:
     symbol: Symbol | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class FileMatch:
+class FileMatch(Record):
     """FileMatch is one matching file with its score and the lines that matched.
 
     `match_count` counts matching lines truly; `line_matches` may hold fewer when the

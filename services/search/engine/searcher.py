@@ -36,7 +36,6 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from services.search.engine.candidates import evaluate_plan
-from services.search.engine.cursor import Cursor, decode_cursor, encode_cursor, query_fingerprint
 from services.search.engine.errors import SearchCancelled, SearchDeadlineError
 from services.search.engine.index import Index
 from services.search.engine.matchtree import MatchTree, compile_query, compile_regex_query
@@ -48,6 +47,7 @@ from services.search.engine.stream import MatchStream
 if TYPE_CHECKING:
     from concurrent.futures import ProcessPoolExecutor
 
+    from services.search.engine.cursor import Cursor
     from services.search.engine.symsearch import SymbolSearchResult
 
 __all__ = [
@@ -133,6 +133,9 @@ class Searcher:
         if request.regex and not isinstance(request.query, str):
             raise TypeError("regex=True needs the pattern as a string")
         self._check_deadline(request.deadline)
+        # Imported here: cursors (hashlib, base64) serve pages, never a stream or a count.
+        from services.search.engine.cursor import decode_cursor, query_fingerprint
+
         tree = self.compiled(request.query, request.regex)
         fingerprint = query_fingerprint(str(tree), "regex" if request.regex else "query")
         cursor = None
@@ -267,4 +270,6 @@ class Searcher:
 
     def encode(self, cursor: Cursor) -> str:
         """encode turns a cursor into the token handed to the caller."""
+        from services.search.engine.cursor import encode_cursor
+
         return encode_cursor(cursor, key=self._cursor_key) if self._cursor_key else encode_cursor(cursor)

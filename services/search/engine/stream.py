@@ -19,19 +19,18 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from functools import partial
 
 from services.search.engine.candidates import segment_candidates
 from services.search.engine.errors import SearchCancelled
 from services.search.engine.index import Snapshot
 from services.search.engine.matchtree import DocFacts, MatchTree
+from services.search.engine.record import Record
 from services.search.engine.results import LimitReason
 from services.search.engine.verify import pack_groups
 
 
-@dataclass(frozen=True, slots=True)
-class StreamedFile:
+class StreamedFile(Record):
     """StreamedFile is one matching file of a stream.
 
     `content` is the stored content (a view valid while the stream's snapshot is open);

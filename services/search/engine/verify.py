@@ -19,7 +19,11 @@ every regex match. Measured over Linux's `fs/` (2,078 files, 42 MB, one core of 
 * a regex that does not start with a literal but contains a required literal of 3+ bytes
   gets that literal's lines from `_fastscan.needle_lines` and runs RE2 only on them:
   `\\bkzalloc\\b.*GFP_ATOMIC` 14.0 -> 6.9 ms;
-* everything else runs RE2 over the whole buffer, one call per match, in multi-line mode.
+* everything else runs RE2 over the whole buffer in multi-line mode, from C
+  (`_fastscan.regex_scan`/`regex_count`, RE2 linked into the extension, GIL released):
+  one RE2 call finds each matching line and one more each further match in it, with no
+  Python call per line (`0x[0-9a-f]{8}` over Linux: 540k lines, 1.1 M calls, were 13.5 s
+  of Python loop through the binding). A prefiltered regex's candidate lines go the same way.
   For a regex that starts with a literal (RE2's prefix acceleration finds its lines) a
   native check first skips documents without its longest required literal:
   `struct task_struct \\*\\w+ = current` 17.4 -> 6.9 ms, `static int \\w+_probe\\(struct`
@@ -39,8 +43,6 @@ from services.search.engine import _fastscan
 from services.search.engine import regexsyntax as rx
 from services.search.engine.errors import InvalidPatternError as InvalidPatternError
 
-_UNANCHORED = _re2.RE2.Anchor.UNANCHORED
-_NO_SPAN = (-1, -1)
 # UTF-8 continuation bytes: deleting them from a byte string leaves one byte per character.
 _CONTINUATION = bytes(range(0x80, 0xC0))
 # Required literals shorter than this hit too often to be worth a prefilter pass.
@@ -102,13 +104,32 @@ def compile_regex(pattern: str, *, case_sensitive: bool = True, literal: bool = 
     options.log_errors = False
     options.case_sensitive = case_sensitive
     options.literal = literal
-    source = pattern if literal else "(?m)" + rx.line_anchored(pattern)
+    source = _source(pattern, literal)
     regexp = _re2.RE2(source.encode("utf-8", "surrogatepass"), options)
     if not regexp.ok():
         message = bytes(regexp.error()).decode("utf-8", "replace")
         # RE2 quotes the pattern it saw; show the user's pattern, not our multi-line wrapper.
         raise InvalidPatternError(message.replace(source, pattern) if source != pattern else message)
     return cast(CompiledRegex, regexp)
+
+
+def _source(pattern: str, literal: bool) -> str:
+    """_source is the pattern RE2 compiles: multi-line, with ripgrep's line anchors (regexsyntax)."""
+    return pattern if literal else "(?m)" + rx.line_anchored(pattern)
+
+
+def compile_native(pattern: str, *, case_sensitive: bool = True, literal: bool = False) -> object:
+    """compile_native compiles a pattern like compile_regex, for the C extension's regex scans.
+
+    Raises InvalidPatternError with RE2's message when RE2 rejects the pattern.
+    """
+    source = _source(pattern, literal)
+    try:
+        return _fastscan.regex_compile(source.encode("utf-8", "surrogatepass"), case_sensitive, literal)
+    except ValueError as exc:
+        # RE2 quotes the pattern it saw; show the user's pattern, not our multi-line wrapper.
+        message = str(exc).replace(source, pattern) if source != pattern else str(exc)
+        raise InvalidPatternError(message) from None
 
 
 def _literal_of(node: rx.Node) -> rx.Literal | None:
@@ -172,7 +193,7 @@ class LineMatcher:
         self.pattern = pattern
         self.case_sensitive = case_sensitive
         self.literal = literal
-        self._regexp = compile_regex(pattern, case_sensitive=case_sensitive, literal=literal)
+        self._regexp = compile_native(pattern, case_sensitive=case_sensitive, literal=literal)
         # The needle the native scanner looks for, and whether it compares ASCII-folded.
         self._needle: bytes | None = None
         self._needle_folded = False
@@ -249,6 +270,7 @@ class LineMatcher:
             return []
         limit = max_matches if max_matches is not None else -1
         needle = self._needle
+        lines: list[tuple[int, int, int]] | None = None
         if needle is not None:
             if self._pure_literal:
                 found = _fastscan.find_literal(
@@ -257,163 +279,74 @@ class LineMatcher:
                 if found is not None:
                     return found
             elif self._screen_only:
-                screens = [(needle, self._needle_folded, self._guard), *self._screens]
-                for screen, folded, guard in screens:
-                    if _fastscan.find_literal(content, screen, folded, guard, 1, LineMatch) == []:
-                        return []
+                if not self._screened(content):
+                    return []
             else:
                 lines = _fastscan.needle_lines(content, needle, self._needle_folded, self._guard)
-                if lines is not None:
-                    data = content if isinstance(content, bytes) else bytes(content)
-                    return self._find_prefiltered(data, lines, limit)
-        data = content if isinstance(content, bytes) else bytes(content)
-        return self._find_regex(data, limit)
+        packed, _, _ = _fastscan.regex_scan(self._regexp, content, lines, limit)
+        return unpack_groups(packed)
+
+    def _screened(self, content: bytes | bytearray | memoryview) -> bool:
+        """_screened says whether the document holds every required literal (screen-only regexes)."""
+        assert self._needle is not None
+        screens = [(self._needle, self._needle_folded, self._guard), *self._screens]
+        for screen, folded, guard in screens:
+            if _fastscan.find_literal(content, screen, folded, guard, 1, LineMatch) == []:
+                return False
+        return True
 
     def count(self, content: bytes | bytearray | memoryview) -> int:
         r"""LineMatcher.count returns the number of matching lines of the document.
 
-        Nothing is built per line: a literal is counted natively; a prefiltered regex asks
-        RE2 once per line holding its required literal; any other regex once per matching
-        line. On Linux, counting `^#include <linux/[a-z_]+\.h>$` (181,663 lines) this way
-        made 181k RE2 calls instead of 392k, and no LineMatch objects.
+        Nothing is built per line and nothing runs in Python per line: a literal is counted
+        natively; a regex by `_fastscan.regex_count`, RE2 called from C once per matching line
+        (a prefiltered regex: once per line holding its required literal).
         """
         needle = self._needle
+        lines: list[tuple[int, int, int]] | None = None
         if needle is not None:
             if self._pure_literal:
                 counted = _fastscan.count_literal(content, needle, self._needle_folded, self._guard)
                 if counted is not None:
                     return counted[0]
             elif self._screen_only:
-                if not self.matches(content):
+                if not self._screened(content):
                     return 0
             else:
                 lines = _fastscan.needle_lines(content, needle, self._needle_folded, self._guard)
-                if lines is not None:
-                    data = content if isinstance(content, bytes) else bytes(content)
-                    match = self._regexp.Match
-                    return sum(
-                        1 for _, start, end in lines if match(_UNANCHORED, data, start, end)[0] != _NO_SPAN
-                    )
-        data = content if isinstance(content, bytes) else bytes(content)
-        return self._count_regex(data)
-
-    def _count_regex(self, data: bytes) -> int:
-        """_count_regex counts matching lines with one RE2 call per matching line (see _find_regex)."""
-        match = self._regexp.Match
-        end_of_text = len(data)
-        no_last_line = end_of_text == 0 or data.endswith(b"\n")
-        count = pos = 0
-        while pos <= end_of_text:
-            s = match(_UNANCHORED, data, pos, end_of_text)[0][0]
-            if s < 0 or (s == end_of_text and no_last_line):
-                break
-            count += 1
-            end = data.find(b"\n", s)
-            if end < 0:
-                break
-            pos = end + 1
-        return count
+        return _fastscan.regex_count(self._regexp, content, lines)
 
     def groups(self, content: bytes | bytearray | memoryview) -> tuple[bytes, int, int]:
         """LineMatcher.groups returns the matching lines packed for `_fastscan.render_lines`.
 
-        Returns (groups, matching lines, matches); a literal is scanned and packed natively.
+        Returns (groups, matching lines, matches), scanned and packed natively.
         """
         needle = self._needle
-        if needle is not None and self._pure_literal:
-            packed = _fastscan.scan_literal(content, needle, self._needle_folded, self._guard)
-            if packed is not None:
-                return packed
-        elif needle is not None and not self._screen_only:
-            lines = _fastscan.needle_lines(content, needle, self._needle_folded, self._guard)
-            if lines is not None:
-                data = content if isinstance(content, bytes) else bytes(content)
-                return self._pack_prefiltered(data, lines)
-        # Other regexes (and the rare guarded literal) go through find: one RE2 call per
-        # match dominates there, the LineMatch objects are a small part.
-        found = self.find(content)
-        return pack_groups(found), len(found), sum(len(line.ranges) for line in found)
-
-    def _pack_prefiltered(self, data: bytes, lines: list[tuple[int, int, int]]) -> tuple[bytes, int, int]:
-        """_pack_prefiltered is _find_prefiltered writing packed groups, without a LineMatch per line."""
-        packed = array("q")
-        count = matches = 0
-        for line_number, start, end in lines:
-            ranges = self._line_ranges(data, start, end, None)
-            if ranges:
-                packed.extend((line_number, start, end, len(ranges)))
-                for pair in ranges:
-                    packed.extend(pair)
-                count += 1
-                matches += len(ranges)
-        return packed.tobytes(), count, matches
-
-    def _line_ranges(
-        self, data: bytes, start: int, end: int, first: tuple[int, int] | None
-    ) -> list[tuple[int, int]]:
-        """_line_ranges lists the matches within data[start:end] (one line), given its first."""
-        match = self._regexp.Match
-        ranges: list[tuple[int, int]] = []
-        last_end = -1
-        span = first if first is not None else match(_UNANCHORED, data, start, end)[0]
-        while span != _NO_SPAN:
-            s, e = span
-            if s == e and s == last_end:
-                # Rust's find_iter (ripgrep) never reports an empty match abutting the last one.
-                pos = s + 1
+        lines: list[tuple[int, int, int]] | None = None
+        if needle is not None:
+            if self._pure_literal:
+                packed = _fastscan.scan_literal(content, needle, self._needle_folded, self._guard)
+                if packed is not None:
+                    return packed
+            elif self._screen_only:
+                if not self._screened(content):
+                    return b"", 0, 0
             else:
-                ranges.append((s - start, e - start))
-                if e == end and e > s:
-                    # Only an empty match at the line's end could follow, and it would abut
-                    # this one: skipping the call halves RE2 calls for `...$` patterns.
-                    break
-                last_end = e
-                pos = e if e > s else e + 1
-            if pos > end:
-                break
-            span = match(_UNANCHORED, data, pos, end)[0]
-        return ranges
+                lines = _fastscan.needle_lines(content, needle, self._needle_folded, self._guard)
+        return _fastscan.regex_scan(self._regexp, content, lines, -1)
 
-    def _find_regex(self, data: bytes, limit: int) -> list[LineMatch]:
-        out: list[LineMatch] = []
-        match = self._regexp.Match
-        end_of_text = len(data)
-        # No line follows a final newline (nor exists in an empty document).
-        no_last_line = end_of_text == 0 or data.endswith(b"\n")
-        line_number, counted = 1, 0
-        pos = 0
-        while pos <= end_of_text:
-            span = match(_UNANCHORED, data, pos, end_of_text)[0]
-            if span == _NO_SPAN:
-                break
-            s = span[0]
-            if s == end_of_text and no_last_line:
-                break
-            start = data.rfind(b"\n", 0, s) + 1
-            end = data.find(b"\n", s)
-            if end < 0:
-                end = end_of_text
-            ranges = self._line_ranges(data, start, end, span)
-            line_number += data.count(b"\n", counted, start)
-            counted = start
-            out.append(LineMatch(line_number, start, end, tuple(ranges)))
-            if len(out) == limit:
-                break
-            pos = end + 1
-        return out
 
-    def _find_prefiltered(
-        self, data: bytes, lines: list[tuple[int, int, int]], limit: int
-    ) -> list[LineMatch]:
-        """_find_prefiltered runs RE2 on the lines that hold the required literal."""
-        out: list[LineMatch] = []
-        for line_number, start, end in lines:
-            ranges = self._line_ranges(data, start, end, None)
-            if ranges:
-                out.append(LineMatch(line_number, start, end, tuple(ranges)))
-                if len(out) == limit:
-                    break
-        return out
+def unpack_groups(packed: bytes) -> list[LineMatch]:
+    """unpack_groups turns packed groups (the layout `_fastscan.render_lines` reads) into LineMatches."""
+    values = memoryview(packed).cast("q")
+    out: list[LineMatch] = []
+    at = 0
+    while at < len(values):
+        number, start, end, count = values[at : at + 4]
+        pairs = values[at + 4 : at + 4 + 2 * count]
+        out.append(LineMatch(number, start, end, tuple(zip(pairs[::2], pairs[1::2], strict=True))))
+        at += 4 + 2 * count
+    return out
 
 
 def pack_groups(lines: Sequence[LineMatch]) -> bytes:

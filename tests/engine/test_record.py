@@ -1,0 +1,86 @@
+"""Record (engine/record.py) behaves like the frozen, slotted dataclasses it replaced."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+
+from services.search.engine.record import FrozenInstanceError, Record, field
+from services.search.engine.regexsyntax import Concat, Literal
+
+
+class Point(Record):
+    """Point is a two-field record with a default."""
+
+    x: int
+    y: int = 0
+
+
+class Bag(Record):
+    """Bag has a per-instance default and a check after construction."""
+
+    items: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if len(self.items) > 3:
+            raise ValueError("too many items")
+
+
+class Labelled(Point):
+    """Labelled extends Point with one more field."""
+
+    label: str = ""
+
+
+def test_construction_by_position_keyword_and_default() -> None:
+    assert Point(1) == Point(x=1) == Point(1, 0)
+    assert Point(1, y=2).y == 2
+    with pytest.raises(TypeError):
+        Point()  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        Point(1, 2, 3)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        Point(1, z=3)  # type: ignore[call-arg]
+
+
+def test_default_factory_gives_each_instance_its_own_value_and_post_init_runs() -> None:
+    first, second = Bag(), Bag()
+    assert first.items == [] and first.items is not second.items
+    with pytest.raises(ValueError, match="too many"):
+        Bag([1, 2, 3, 4])
+
+
+def test_fields_are_read_only_and_slotted() -> None:
+    point = Point(1, 2)
+    with pytest.raises(FrozenInstanceError):
+        point.x = 5  # type: ignore[misc]
+    with pytest.raises(FrozenInstanceError):
+        del point.x
+    assert not hasattr(point, "__dict__")
+    assert isinstance(FrozenInstanceError("x"), AttributeError)
+
+
+def test_equality_hash_and_repr_are_by_value_and_class() -> None:
+    assert Point(1, 2) == Point(1, 2) and hash(Point(1, 2)) == hash(Point(1, 2))
+    assert Point(1, 2) != Point(2, 1)
+    assert Point(1, 0) != Labelled(1, 0)  # same values, another class
+    assert Point(1, 2) != (1, 2)
+    assert len({Literal("ab", False), Literal("ab", False), Literal("ab", True)}) == 2
+    assert repr(Labelled(1, 2, "p")) == "Labelled(x=1, y=2, label='p')"
+
+
+def test_inheritance_pickling_copying_and_match() -> None:
+    item = Labelled(3, label="z")
+    assert (item.x, item.y, item.label) == (3, 0, "z")
+    assert Labelled.__match_args__ == ("x", "y", "label")
+    tree = Concat((Literal("a", False), Literal("b", True)))
+    for value in (item, tree, Bag([1])):
+        assert pickle.loads(pickle.dumps(value)) == value
+        assert copy.deepcopy(value) == value
+    match item:
+        case Labelled(x, y, label):
+            assert (x, y, label) == (3, 0, "z")
+        case _:  # pragma: no cover - the case above matches
+            pytest.fail("no match")
