@@ -14,6 +14,7 @@ but not committed are what `kotadb push` is for, and the printed examples say so
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,6 +46,21 @@ def project_checkout() -> Path | None:
     return root if (root / ".git").exists() else None
 
 
+def checkout_branch(checkout: Path) -> str:
+    """checkout_branch is the branch the checkout has out ("" when its HEAD is detached).
+
+    The demo repository tracks that branch rather than the remote's default, so a developer on a
+    feature branch sees their branch indexed; a detached HEAD has no branch a sync could follow.
+    """
+    found = subprocess.run(
+        ["git", "-C", str(checkout), "symbolic-ref", "--short", "-q", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return found.stdout.strip() if found.returncode == 0 else ""
+
+
 def register_demo_repository(stack: StackInfo, checkout: Path) -> DemoRepository:
     """register_demo_repository registers `checkout` for the demo user (or finds it) and syncs it.
 
@@ -61,7 +77,10 @@ def register_demo_repository(stack: StackInfo, checkout: Path) -> DemoRepository
             created = stub.CreateRepository(
                 ingest_pb2.CreateRepositoryRequest(
                     repository=repository_pb2.Repository(
-                        full_name=DEMO_REPOSITORY, url=url, provider=repository_pb2.Repository.GIT
+                        full_name=DEMO_REPOSITORY,
+                        url=url,
+                        default_branch=checkout_branch(checkout),
+                        provider=repository_pb2.Repository.GIT,
                     ),
                     sync=True,
                 ),
@@ -122,6 +141,9 @@ def register_logged(stack: StackInfo, log: Callable[[str], None]) -> DemoReposit
     checkout = project_checkout()
     if checkout is None:
         log("not running from a git checkout: no demo repository registered")
+        return None
+    if not checkout_branch(checkout):
+        log("the checkout's HEAD is detached (no branch a sync could follow): no demo repository registered")
         return None
     try:
         demo = register_demo_repository(stack, checkout)
