@@ -45,6 +45,7 @@ from services.cli import gateway
 from services.common import stack
 from services.common.identity import access_log_token
 from services.common.pgembed import free_port
+from services.common.stack import SERVICES
 from services.common.supervisor import ChildProcess, Supervisor
 
 __all__ = [
@@ -217,6 +218,32 @@ def start_envoy(
 def wait_gateway_healthy(envoy: Envoy, supervisor: Supervisor) -> None:
     """wait_gateway_healthy waits until the gateway's `/health` answers 200: every upstream SERVING."""
     wait_until(f"{envoy.url}/health", functools.partial(stack.probe_http, f"{envoy.url}/health"), supervisor)
+
+
+def spawn_services(supervisor: Supervisor, workdir: Path, env: dict[str, str]) -> dict[str, str]:
+    """spawn_services runs auth, ingest and search as `kotadb serve` processes and waits until each
+    is healthy; it returns each service's address by name."""
+    addresses = {name: spawn_service(supervisor, workdir, name, name, env)[0] for name in SERVICES}
+    for address in addresses.values():
+        wait_healthy(address, supervisor)
+    return addresses
+
+
+def start_gateway(
+    supervisor: Supervisor, workdir: Path, addresses: dict[str, str], identity_key: str
+) -> Envoy:
+    """start_gateway puts Envoy in front of `addresses` (spawn_services) and waits for its /health."""
+    envoy = start_envoy(
+        supervisor,
+        workdir,
+        "envoy",
+        auth=addresses["auth"],
+        ingest=addresses["ingest"],
+        search=addresses["search"],
+        identity_key=identity_key,
+    )
+    wait_gateway_healthy(envoy, supervisor)
+    return envoy
 
 
 def seed_key(

@@ -24,17 +24,15 @@ from typing import Any
 
 import pytest
 
-from services.cli import status
 from services.common.supervisor import Supervisor
 from tests.harness import (
     Envoy,
     free_port,
     seed_key,
     service_env,
-    spawn_service,
+    spawn_services,
     start_envoy,
     wait_gateway_healthy,
-    wait_healthy,
 )
 
 IDENTITY_KEY = "gateway-e2e-tests-identity-key-0123456789"
@@ -59,9 +57,7 @@ def gateways(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
     workdir = tmp_path_factory.mktemp("gateway-e2e")
     env = service_env(database_url, workdir, IDENTITY_KEY)
     with Supervisor(grace=20) as supervisor:
-        addresses = {name: spawn_service(supervisor, workdir, name, name, env)[0] for name in status.SERVICES}
-        for address in addresses.values():
-            wait_healthy(address, supervisor)
+        addresses = spawn_services(supervisor, workdir, env)
         auth, ingest, search = addresses["auth"], addresses["ingest"], addresses["search"]
 
         def envoy(name: str, search: str = search, limits: dict[str, Any] | None = None) -> Envoy:

@@ -18,16 +18,13 @@ from typing import Any
 import asyncpg
 import pytest
 
-from services.cli import status
 from services.common.supervisor import Supervisor
 from tests.harness import (
     Envoy,
     seed_key,
     service_env,
-    spawn_service,
-    start_envoy,
-    wait_gateway_healthy,
-    wait_healthy,
+    spawn_services,
+    start_gateway,
 )
 from tests.ingest.jobhelpers import SECRET_KEYS, SourceRepo, make_repository
 
@@ -59,19 +56,8 @@ def stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         KOTADB_INGEST_SECRET_KEYS=SECRET_KEYS,
     )
     with Supervisor(grace=20) as supervisor:
-        addresses = {name: spawn_service(supervisor, workdir, name, name, env)[0] for name in status.SERVICES}
-        for address in addresses.values():
-            wait_healthy(address, supervisor)
-        envoy = start_envoy(
-            supervisor,
-            workdir,
-            "envoy",
-            auth=addresses["auth"],
-            ingest=addresses["ingest"],
-            search=addresses["search"],
-            identity_key=IDENTITY_KEY,
-        )
-        wait_gateway_healthy(envoy, supervisor)
+        addresses = spawn_services(supervisor, workdir, env)
+        envoy = start_gateway(supervisor, workdir, addresses, IDENTITY_KEY)
         prefix = f"jobs-alice-{secrets.token_hex(4)}"
         alice = seed_key(database_url, email_prefix=prefix, permissions=("read", "write"), rate_limit=6000)
         bob = seed_key(database_url, email_prefix="jobs-bob", permissions=("read", "write"), rate_limit=6000)

@@ -24,17 +24,14 @@ import grpc
 import pytest
 from kotadb.v1 import ingest_pb2, ingest_pb2_grpc
 
-from services.cli import status
 from services.common.supervisor import Supervisor
 from services.ingest.secretbox import generate_key_spec
 from tests.harness import (
     Envoy,
     seed_key,
     service_env,
-    spawn_service,
-    start_envoy,
-    wait_gateway_healthy,
-    wait_healthy,
+    spawn_services,
+    start_gateway,
 )
 
 IDENTITY_KEY = "ingest-repos-gateway-identity-key-0123456789"
@@ -68,19 +65,8 @@ def stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         KOTADB_LOG_LEVEL="DEBUG",
     )
     with Supervisor(grace=20) as supervisor:
-        addresses = {name: spawn_service(supervisor, workdir, name, name, env)[0] for name in status.SERVICES}
-        for address in addresses.values():
-            wait_healthy(address, supervisor)
-        envoy = start_envoy(
-            supervisor,
-            workdir,
-            "envoy",
-            auth=addresses["auth"],
-            ingest=addresses["ingest"],
-            search=addresses["search"],
-            identity_key=IDENTITY_KEY,
-        )
-        wait_gateway_healthy(envoy, supervisor)
+        addresses = spawn_services(supervisor, workdir, env)
+        envoy = start_gateway(supervisor, workdir, addresses, IDENTITY_KEY)
         alice = seed_key(
             database_url, email_prefix="repos-alice", permissions=("read", "write"), rate_limit=6000
         )

@@ -24,7 +24,7 @@ from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
 from services.auth import keys
-from services.cli import gateway, status
+from services.cli import gateway
 from services.common import stack as stack_module
 from services.common.supervisor import Supervisor
 from tests.harness import (
@@ -33,10 +33,9 @@ from tests.harness import (
     port_file_probe,
     seed_key,
     service_env,
-    spawn_service,
+    spawn_services,
     start_envoy,
     wait_gateway_healthy,
-    wait_healthy,
     wait_until,
 )
 from tests.ingest.jobhelpers import SECRET_KEYS
@@ -75,9 +74,7 @@ def mcp_stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> It
         KOTADB_INGEST_SECRET_KEYS=SECRET_KEYS,
     )
     with Supervisor(grace=20) as supervisor:
-        addresses = {name: spawn_service(supervisor, workdir, name, name, env)[0] for name in status.SERVICES}
-        for address in addresses.values():
-            wait_healthy(address, supervisor)
+        addresses = spawn_services(supervisor, workdir, env)
         mcp_port = free_port()
         envoy = start_envoy(
             supervisor,

@@ -40,10 +40,8 @@ from services.common.supervisor import Supervisor
 from services.search.config import SearchSettings
 from tests.harness import (
     service_env,
-    spawn_service,
-    start_envoy,
-    wait_gateway_healthy,
-    wait_healthy,
+    spawn_services,
+    start_gateway,
     wait_until,
 )
 from tests.runtime.rpc import NOT_SERVING, SERVING, status_details, unpack_details, wait_for_health
@@ -249,19 +247,8 @@ def test_gateway_health_turns_503_while_the_database_hangs(
     workdir = tmp_path_factory.mktemp("db-hang-gateway")
     env = service_env(cluster.dsn, workdir, IDENTITY_KEY)
     with Supervisor(grace=20) as supervisor:
-        addresses = {name: spawn_service(supervisor, workdir, name, name, env)[0] for name in status.SERVICES}
-        for address in addresses.values():
-            wait_healthy(address, supervisor)
-        envoy = start_envoy(
-            supervisor,
-            workdir,
-            "envoy",
-            auth=addresses["auth"],
-            ingest=addresses["ingest"],
-            search=addresses["search"],
-            identity_key=IDENTITY_KEY,
-        )
-        wait_gateway_healthy(envoy, supervisor)
+        addresses = spawn_services(supervisor, workdir, env)
+        envoy = start_gateway(supervisor, workdir, addresses, IDENTITY_KEY)
         health = f"{envoy.url}/health"
         stats = f"{envoy.admin}/stats/prometheus"
         assert _healthy_hosts(stats) == {name: 1.0 for name in status.SERVICES}

@@ -27,16 +27,13 @@ import pytest
 from playwright.sync_api import Dialog, Page, expect, sync_playwright
 
 from services.auth.keys import hash_key
-from services.cli import status
 from services.common.supervisor import Supervisor
 from tests.harness import (
     Envoy,
     seed_key,
     service_env,
-    spawn_service,
-    start_envoy,
-    wait_gateway_healthy,
-    wait_healthy,
+    spawn_services,
+    start_gateway,
 )
 
 IDENTITY_KEY = "web-tests-identity-key-0123456789abcdef"
@@ -94,19 +91,8 @@ def site(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     workdir = tmp_path_factory.mktemp("web")
     env = service_env(database_url, workdir, IDENTITY_KEY, KOTADB_INGEST_SYMBOL_WORKERS="1")
     with Supervisor(grace=20) as supervisor:
-        addresses = {name: spawn_service(supervisor, workdir, name, name, env)[0] for name in status.SERVICES}
-        for address in addresses.values():
-            wait_healthy(address, supervisor)
-        envoy = start_envoy(
-            supervisor,
-            workdir,
-            "envoy",
-            auth=addresses["auth"],
-            ingest=addresses["ingest"],
-            search=addresses["search"],
-            identity_key=IDENTITY_KEY,
-        )
-        wait_gateway_healthy(envoy, supervisor)
+        addresses = spawn_services(supervisor, workdir, env)
+        envoy = start_gateway(supervisor, workdir, addresses, IDENTITY_KEY)
         key = seed_key(database_url, email_prefix="web", permissions=("read", "write"), rate_limit=6000)
         repository_id = asyncio.run(_github_repository(database_url, key))
         documents = [
