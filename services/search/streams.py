@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from services.search.engine import record
 from services.search.engine.errors import SearchCancelled
 from services.search.engine.hits import Hit, file_match
 from services.search.engine.plan import All
@@ -122,7 +123,7 @@ def _entry(segment: SegmentReader, hit: Hit, request: SearchRequest, max_lines: 
         return file_match(segment, hit, context_lines=context, with_symbols=symbols)
     shown = dataclasses.replace(hit, lines=hit.lines[:max_lines])
     entry = file_match(segment, shown, context_lines=context, with_symbols=symbols)
-    return dataclasses.replace(entry, match_count=len(hit.lines))
+    return record.replace(entry, match_count=len(hit.lines))
 
 
 def queue_emitter(

@@ -109,6 +109,9 @@ def test_restart_picks_a_new_port_when_the_old_one_is_taken(cluster_home: Path) 
     with EmbeddedPostgres(cluster_home, durable=False) as first:
         old_port = first.port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        # The first cluster's connections may leave the port in TIME_WAIT for a while; a listener
+        # with SO_REUSEADDR takes it anyway (as Postgres would) and then holds it for real.
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         squatter.bind(("127.0.0.1", old_port))
         squatter.listen(1)
         with EmbeddedPostgres(cluster_home, durable=False) as second:

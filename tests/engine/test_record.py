@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 
-from services.search.engine.record import FrozenInstanceError, Record, field
+from services.search.engine.record import FrozenInstanceError, Record, field, replace
 from services.search.engine.regexsyntax import Concat, Literal
 
 
@@ -84,3 +84,12 @@ def test_inheritance_pickling_copying_and_match() -> None:
             assert (x, y, label) == (3, 0, "z")
         case _:  # pragma: no cover - the case above matches
             pytest.fail("no match")
+
+
+def test_replace_copies_with_changes_and_refuses_unknown_fields() -> None:
+    original = Labelled(1, 2, label="a")
+    moved = replace(original, y=5)
+    assert moved == Labelled(1, 5, label="a") and original == Labelled(1, 2, label="a")
+    assert type(moved) is Labelled
+    with pytest.raises(TypeError, match="no fields"):
+        replace(original, z=1)

@@ -149,3 +149,16 @@ class Record(metaclass=RecordMeta):
 
     def __reduce__(self) -> tuple[type, tuple[Any, ...]]:
         return (type(self), self.__record_values__(self))
+
+
+R = TypeVar("R", bound=Record)
+
+
+def replace(item: R, **changes: Any) -> R:
+    """replace is `dataclasses.replace` for a Record: a copy of `item` with `changes` applied."""
+    unknown = set(changes) - set(item.__record_fields__)
+    if unknown:
+        raise TypeError(f"{type(item).__qualname__} has no fields {sorted(unknown)}")
+    values = dict(zip(item.__record_fields__, item.__record_values__(item), strict=True))
+    values.update(changes)
+    return type(item)(**values)
