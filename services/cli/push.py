@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import grpc
 from google.protobuf import field_mask_pb2
 from kotadb.v1 import document_pb2, ingest_pb2
 
@@ -221,6 +222,30 @@ async def _requests(
             )
 
 
+async def _refusal_behind(
+    stub: Stub, target: client.Target, error: grpc.aio.AioRpcError
+) -> grpc.aio.AioRpcError:
+    """_refusal_behind is the real refusal behind a stream cut while it was still uploading.
+
+    The gateway refuses a call from its headers (no permission, rate limited) and closes the
+    stream; a client still sending then sometimes sees only gRPC's INTERNAL "Internal error from
+    Core" instead of the status. An empty stream asks the same question without uploading
+    anything, so its refusal arrives intact; if it is accepted, the original error stands.
+    """
+    if error.code() != grpc.StatusCode.INTERNAL:
+        return error
+
+    async def nothing() -> AsyncIterator[ingest_pb2.StreamUpsertDocumentsRequest]:
+        return
+        yield  # an async generator that sends no message
+
+    try:
+        await stub.StreamUpsertDocuments(nothing(), metadata=client.call_metadata(target))
+    except grpc.aio.AioRpcError as refused:
+        return refused
+    return error
+
+
 async def _push(stub: Stub, target: client.Target, args: argparse.Namespace) -> int:
     root: Path = args.directory
     prefix = args.prefix.strip("/")
@@ -244,6 +269,9 @@ async def _push(stub: Stub, target: client.Target, args: argparse.Namespace) -> 
             response = await stub.StreamUpsertDocuments(
                 _requests(tree, repository_id, report, progress), metadata=client.call_metadata(target)
             )
+        except grpc.aio.AioRpcError as exc:
+            progress.clear()
+            raise await _refusal_behind(stub, target, exc) from None
         except BaseException:
             progress.clear()
             raise
