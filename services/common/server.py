@@ -372,11 +372,12 @@ class ServiceServer:
         await self._health.enter_graceful_shutdown()
         if self._readiness is not None:
             self._readiness.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._readiness
+            await self._bounded(self._readiness, _STOP_SLACK, "readiness task")
         for listener in self._listeners:
             try:
-                await listener.server.stop(grace)
+                await self._bounded(
+                    listener.server.stop(grace), grace + _STOP_SLACK, f"{listener.name} listener"
+                )
             except Exception:
                 log.exception("listener stop failed", extra={"fields": {"listener": listener.name}})
         if self._server is not None:
@@ -391,8 +392,9 @@ class ServiceServer:
                     extra={"fields": {"service": self.name, "waited_s": grace + _STOP_SLACK}},
                 )
         for hook in self._on_stop:
+            budget = max(1.0, grace)
             try:
-                await hook(max(1.0, grace))
+                await self._bounded(hook(budget), budget + _STOP_SLACK, "stop hook")
             except Exception:
                 log.exception("stop hook failed", extra={"fields": {"service": self.name}})
         await self.pool.close(wait=max(1.0, grace))
@@ -402,6 +404,23 @@ class ServiceServer:
                 "fields": {"service": self.name, "duration_ms": round((time.monotonic() - started) * 1000)}
             },
         )
+
+    async def _bounded(self, work: Awaitable[Any], seconds: float, what: str) -> None:
+        """_bounded waits at most `seconds` for one step of stop(), so no step can hang a shutdown.
+
+        asyncio.wait rather than wait_for: a stuck step may not honour cancellation either. A step
+        that raised has its exception re-raised; one that ran out of time is logged and left.
+        """
+        task = asyncio.ensure_future(work)
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+        if not done:
+            task.cancel()
+            log.error(
+                f"{what} did not stop in time", extra={"fields": {"service": self.name, "waited_s": seconds}}
+            )
+            return
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
 
     async def __aenter__(self) -> ServiceServer:
         await self.start()

@@ -258,7 +258,7 @@ class Metered:
 @pytest.fixture(scope="module")
 async def metered(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Metered]:
     workdir: Path = tmp_path_factory.mktemp("accesslog")
-    settings = ServiceSettings(database_url=database_url, port=0, shutdown_grace=1.0)
+    settings = ServiceSettings(database_url=database_url, port=0, metrics_port=0, shutdown_grace=1.0)
     pool = LazyPool(settings)
     recorder = UsageRecorder(pool, flush_interval=3600)  # the tests flush explicitly
     servicer = AccessLogServicer(recorder, TOKEN)

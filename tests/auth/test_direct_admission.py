@@ -95,7 +95,12 @@ async def stack(database_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
     clock = quota.FixedClock(datetime.datetime(2031, 6, 12, 8, 30, 20, tzinfo=datetime.UTC))
     auth = build_auth(
         AuthSettings(
-            database_url=database_url, port=0, check_port=0, readiness_interval=0.2, shutdown_grace=1.0
+            database_url=database_url,
+            port=0,
+            metrics_port=0,
+            check_port=0,
+            readiness_interval=0.2,
+            shutdown_grace=1.0,
         ),
         identity=IdentitySettings(identity_key=KEY),
         clock=clock,
@@ -105,6 +110,7 @@ async def stack(database_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
         SearchSettings(
             database_url=database_url,
             port=0,
+            metrics_port=0,
             readiness_interval=0.2,
             shutdown_grace=1.0,
             data_dir=tmp_path / "index",

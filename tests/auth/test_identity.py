@@ -192,7 +192,9 @@ class RecordingServicer(search_pb2_grpc.SearchServiceServicer):
 
 @pytest.fixture
 async def guarded(database_url: str) -> AsyncIterator[tuple[grpc.aio.Channel, RecordingServicer]]:
-    settings = ServiceSettings(database_url=database_url, port=0, readiness_interval=0.1, shutdown_grace=1.0)
+    settings = ServiceSettings(
+        database_url=database_url, port=0, metrics_port=0, readiness_interval=0.1, shutdown_grace=1.0
+    )
     servicer = RecordingServicer()
     server = ServiceServer(
         "identity-test",
@@ -290,7 +292,12 @@ async def test_direct_api_keys_are_checked_through_the_auth_service(
 ) -> None:
     auth = build_auth(
         AuthSettings(
-            database_url=database_url, port=0, check_port=0, readiness_interval=0.2, shutdown_grace=1.0
+            database_url=database_url,
+            port=0,
+            metrics_port=0,
+            check_port=0,
+            readiness_interval=0.2,
+            shutdown_grace=1.0,
         ),
         identity=IdentitySettings(identity_key=KEY),
     )

@@ -64,6 +64,7 @@ async def harness(database_url: str, pool: asyncpg.Pool) -> AsyncIterator[Harnes
     settings = AuthSettings(
         database_url=database_url,
         port=0,
+        metrics_port=0,
         readiness_interval=0.2,
         jwt_secret=SECRET,
         rotation_grace=3600.0,

@@ -31,7 +31,9 @@ IDENTITY_KEY = "server-clock-test-identity-key-0123456789"
 async def running(
     database_url: str,
 ) -> AsyncIterator[tuple[auth_pb2_grpc.AuthServiceAsyncStub, quota.FixedClock]]:
-    settings = AuthSettings(database_url=database_url, port=0, readiness_interval=0.2, jwt_secret=SECRET)
+    settings = AuthSettings(
+        database_url=database_url, port=0, metrics_port=0, readiness_interval=0.2, jwt_secret=SECRET
+    )
     clock = quota.FixedClock(dt.datetime.now(dt.UTC))
     built = server.build(settings, identity=IdentitySettings(identity_key=IDENTITY_KEY), clock=clock)
     port = await built.start()

@@ -49,6 +49,7 @@ def _server(
         database_url=database_url,
         host="127.0.0.1",
         port=0,
+        metrics_port=0,
         readiness_interval=0.1,
         shutdown_grace=0.5,
         db_pool_max=2,
