@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -97,7 +98,12 @@ def test_metrics_port_is_written_next_to_the_port_file(search: Running) -> None:
 def test_scrape_shows_calls_by_method_and_code_with_durations(search: Running) -> None:
     failed_code = asyncio.run(_calls(search.address))
     assert failed_code == grpc.StatusCode.UNAUTHENTICATED
-    content_type, _, samples = _scrape(search.metrics_url)
+    # A call is counted as its handler finishes, which may be just after the client has its answer.
+    for _ in range(100):
+        content_type, _, samples = _scrape(search.metrics_url)
+        if _value(samples, "kotadb_rpc_handled_total", service="search", method=SEARCH_CODE) is not None:
+            break
+        time.sleep(0.05)
     assert content_type.startswith("text/plain")
     handled = "kotadb_rpc_handled_total"
     ok = _value(samples, handled, service="search", method=HEALTH_CHECK, code="OK")

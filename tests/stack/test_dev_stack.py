@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,6 +54,17 @@ def _mcp_tools(gateway_url: str, key: str) -> tuple[int, str]:
 def _http_get(url: str) -> tuple[int, str, str]:
     with urllib.request.urlopen(url, timeout=10) as response:
         return int(response.status), response.headers.get("content-type", ""), response.read().decode()
+
+
+def _serving_health(url: str, limit: float = 60.0) -> tuple[int, str, str]:
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            return _http_get(url)
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503 or time.monotonic() > deadline:
+                raise
+        time.sleep(0.5)
 
 
 def _reflected_services(address: str) -> set[str]:
@@ -153,7 +165,9 @@ def test_dev_stack_starts_reports_stops_and_restarts(data_dir: Path) -> None:
         assert all(port > 0 for port in ports) and len(set(ports)) == len(ports)
         assert stack["database_url"].startswith("postgresql://")
 
-        status, content_type, body = _http_get(f"{stack['gateway']}/health")
+        # The demo repository starts syncing as the stack comes up; on a loaded machine a
+        # readiness probe may time out meanwhile, so /health is awaited (bounded), not sampled once.
+        status, content_type, body = _serving_health(f"{stack['gateway']}/health")
         assert status == 200 and content_type.startswith("application/json")
         assert json.loads(body)["status"] == "SERVING"
 
