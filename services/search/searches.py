@@ -248,12 +248,15 @@ class Searches:
         max_files: int,
         time_remaining: float | None,
         batch_files: int,
-    ) -> AsyncGenerator[StreamBatch | CodeAnswer, None]:
+        render: Callable[[StreamBatch], R],
+    ) -> AsyncGenerator[R | CodeAnswer, None]:
         """stream yields batches of matching files as they are verified, then the totals as a CodeAnswer.
 
-        At most `max_files` files are sent (capped by max_stream_files); the totals stay exact.
-        Files come in index order (streams.py). If the caller stops iterating (the client went
-        away), the engine's work is cancelled.
+        Each batch is yielded as `render(batch)`, built in the search thread (the servicer's
+        proto conversion stays off the event loop, as in `code_rendered`). At most `max_files`
+        files are sent (capped by max_stream_files); the totals stay exact. Files come in index
+        order (streams.py). If the caller stops iterating (the client went away), the engine's
+        work is cancelled.
         """
         if max_files < 0:
             raise _bad("max_file_count", "max_file_count must not be negative", "OUT_OF_RANGE")
@@ -272,7 +275,7 @@ class Searches:
         revision = opened.covered
         searcher = opened.searcher
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[StreamBatch] = asyncio.Queue(maxsize=STREAM_QUEUE_BATCHES)
+        queue: asyncio.Queue[R] = asyncio.Queue(maxsize=STREAM_QUEUE_BATCHES)
 
         def run(cancel: threading.Event) -> SearchResult:
             return stream_files(
@@ -281,12 +284,12 @@ class Searches:
                 limit=limit,
                 batch_files=batch_files,
                 max_lines=query.max_matches_per_file,
-                emit=queue_emitter(queue, loop, revision, cancel),
+                emit=queue_emitter(queue, loop, revision, cancel, render),
                 cancel=cancel,
             )
 
         work = asyncio.ensure_future(self.manager.run_search(run))
-        getter: asyncio.Future[StreamBatch] | None = None
+        getter: asyncio.Future[R] | None = None
         try:
             while True:
                 getter = asyncio.ensure_future(queue.get())

@@ -58,13 +58,18 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         """StreamSearchCode streams file matches in batches as they are verified, then a summary message."""
         tenant = _tenant()
         query = convert.stream_query_from_proto(request)
+        lines = query.max_matches_per_file
+
+        def render(batch: StreamBatch) -> search_pb2.StreamSearchCodeResponse:
+            return convert.stream_batch_to_proto(batch, lines)
+
         async for part in self._searches.stream(
-            tenant, query, request.max_file_count, context.time_remaining(), STREAM_BATCH_FILES
+            tenant, query, request.max_file_count, context.time_remaining(), STREAM_BATCH_FILES, render
         ):
-            if isinstance(part, StreamBatch):
-                yield convert.stream_batch_to_proto(part, query.max_matches_per_file)
-            else:
+            if isinstance(part, CodeAnswer):
                 yield convert.stream_summary_to_proto(part)
+            else:
+                yield part
 
     async def SearchSymbols(
         self, request: search_pb2.SearchSymbolsRequest, context: grpc.aio.ServicerContext[Any, Any]
