@@ -55,10 +55,11 @@ R = TypeVar("R")
 
 # Where a SearchCode call's time goes, so a slow answer can be blamed on one part: `ready` (the
 # tenant's index opened, min_revision waited for; on the event loop), `queue` (waiting for a
-# search thread), `engine` (the search) and `render` (the response built, in the search thread).
+# search thread), `engine` (the search), `render` (the response built, in the search thread)
+# and `resume` (from the thread's end until the loop runs the call again: the loop's lag).
 PHASE_SECONDS = metrics.histogram(
     "kotadb_search_phase_seconds",
-    "Seconds a SearchCode call spent in each phase: ready, queue, engine, render.",
+    "Seconds a SearchCode call spent in each phase: ready, queue, engine, render, resume.",
     ("phase",),
 )
 
@@ -229,17 +230,22 @@ class Searches:
         submitted = time.monotonic()
         PHASE_SECONDS.labels(phase="ready").observe(submitted - started)
 
+        finished = [0.0]
+
         def run(cancel: threading.Event) -> R:
             begun = time.monotonic()
             result = searcher.run(dataclasses.replace(request, cancel=cancel))
             searched = time.monotonic()
             rendered = render(CodeAnswer(result, revision, waited))
+            finished[0] = time.monotonic()
             PHASE_SECONDS.labels(phase="queue").observe(begun - submitted)
             PHASE_SECONDS.labels(phase="engine").observe(searched - begun)
-            PHASE_SECONDS.labels(phase="render").observe(time.monotonic() - searched)
+            PHASE_SECONDS.labels(phase="render").observe(finished[0] - searched)
             return rendered
 
-        return await self._engine(opened, self.manager.run_search(run))
+        answer = await self._engine(opened, self.manager.run_search(run))
+        PHASE_SECONDS.labels(phase="resume").observe(time.monotonic() - finished[0])
+        return answer
 
     async def stream(
         self,
