@@ -39,6 +39,7 @@ import http.client
 import json
 import multiprocessing
 import os
+import queue
 import shutil
 import tempfile
 import threading
@@ -286,8 +287,7 @@ def _load_level(
     samples: multiprocessing.Queue[Any] = spawn.Queue()
     poller = spawn.Process(target=_poll_health, args=(health_address, poll_stop, samples), daemon=True)
     poller.start()
-    if samples.get(timeout=120) != "ready":
-        raise RuntimeError("the health poller did not start")
+    _await_ready(poller, samples)
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         futures = [pool.submit(client, i) for i in range(clients)]
         started = time.perf_counter()
@@ -308,6 +308,19 @@ def _load_level(
         **_summary_ms(done),
         "health": _summary_ms(health),
     }
+
+
+def _await_ready(poller: Any, samples: Any) -> None:
+    """_await_ready waits for the health poller's "ready", failing as soon as the process has died."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if samples.get(timeout=1) == "ready":
+                return
+        except queue.Empty:
+            if not poller.is_alive():
+                raise RuntimeError(f"the health poller exited with {poller.exitcode}") from None
+    raise RuntimeError("the health poller did not connect in 120 s")
 
 
 def _poll_health(address: str, stop: Any, out: Any) -> None:
