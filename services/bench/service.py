@@ -6,13 +6,17 @@ bench API key, and then:
 
 * first-page latency of every query (one RE2 pattern a line, `--regex`), run `--runs` times on
   each side, after one warm-up: in-process (the engine's Searcher over an offline build of the
-  same tree), direct gRPC to the tenant's search replica (the key checked by auth), REST through Envoy
-  (`POST /v1/code:search`), and Postgres `pg_trgm` on the very `documents` table ingest wrote
+  same tree, and the page rendered into the same SearchCodeResponse the service sends: same page
+  size, mode, context and lines per file, so both sides do the same work; the engine alone is
+  reported too), direct gRPC to the tenant's search replica (the key checked by auth), REST
+  through Envoy (`POST /v1/code:search`), and Postgres `pg_trgm` on the very `documents` table ingest wrote
   (`content ~ pattern` with a GIN trigram index the bench creates, what a Supabase user would
   reach for); ratios to in-process per query, with the median and the worst query;
-* throughput and latency through REST with 1, 8 and 32 concurrent clients (threads, cycling over
-  the queries for `--load-seconds` each), and the latency of the search replica's gRPC health
-  check, polled every 50 ms while under that load;
+* throughput and latency through REST with 1, 8 and 32 concurrent clients (threads, each with
+  its own keep-alive connection, cycling over the queries for `--load-seconds` each), and the
+  latency of the search replica's gRPC health check, polled every 50 ms while under that load
+  from a process of its own (in the load generator's process the poller would wait for the
+  clients' GIL and the figure would be the bench's, not the service's);
 * freshness: a REST upsert of a file with a fresh word, then searches for the word every 5 ms
   until it is found: upsert response → visible, p50/p99; and the same search sent at once with
   `min_revision` set to the upsert's revision: its added wait (the response's stats.wait_duration);
@@ -31,14 +35,16 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import functools
+import http.client
 import json
+import multiprocessing
 import os
+import queue
 import shutil
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -56,9 +62,11 @@ from services.bench.search import build_ours, read_queries
 from services.cli import keys
 from services.common.identity import READ, WRITE
 from services.common.stack import StackInfo
+from services.search import convert
 from services.search.engine.index import Index
 from services.search.engine.results import SearchMode
 from services.search.engine.searcher import Searcher
+from services.search.searches import CodeAnswer
 
 FIRST_PAGE = 50
 CONCURRENCY = (1, 8, 32)
@@ -90,49 +98,92 @@ def _summary_ms(samples: list[float]) -> dict[str, float]:
     return {"p50_ms": _ms(summary.p50), "p99_ms": _ms(summary.p99), "max_ms": _ms(summary.max)}
 
 
+class RestError(OSError):
+    """RestError is a REST answer other than 2xx: its status and body."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(f"HTTP {status}: {body[:300]!r}")
+        self.status = status
+
+
 class Rest:
-    """Rest calls the gateway's REST API with a key (one urllib request each, like a plain client)."""
+    """Rest calls the gateway's REST API with a key, over one keep-alive HTTP/1.1 connection a thread.
+
+    A client that reconnects for every call (urllib) would add its own TCP and Envoy connection
+    set-up to every figure; the connection is opened again after any failure.
+    """
 
     def __init__(self, gateway: str, key: str) -> None:
         self.gateway = gateway
         self.key = key
+        self._where = urllib.parse.urlsplit(gateway)
+        self._local = threading.local()
 
     retried: int = 0
     """retried counts 503s that were retried (UNAVAILABLE is retryable; the report shows how often)."""
 
-    def _send(self, request: urllib.request.Request) -> dict[str, Any]:
-        for attempt in range(RETRIES):
+    def _connection(self) -> http.client.HTTPConnection:
+        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = http.client.HTTPConnection(
+                self._where.hostname or "127.0.0.1", self._where.port, timeout=120
+            )
+            self._local.conn = conn
+        return conn
+
+    def _exchange(
+        self, method: str, path: str, body: bytes | None, headers: dict[str, str]
+    ) -> tuple[int, bytes]:
+        for attempt in range(2):
+            conn = self._connection()
             try:
-                with urllib.request.urlopen(request, timeout=120) as response:
-                    answer: dict[str, Any] = json.loads(response.read())
+                conn.request(method, path, body=body, headers=headers)
+                response = conn.getresponse()
+                return response.status, response.read()
+            except (http.client.HTTPException, OSError) as exc:
+                conn.close()
+                self._local.conn = None
+                if attempt == 1:
+                    raise OSError(f"{method} {path}: {exc!r}") from exc
+        raise AssertionError("unreachable")
+
+    def _send(self, method: str, path: str, body: bytes | None = None) -> dict[str, Any]:
+        headers = {"authorization": f"Bearer {self.key}"}
+        if body is not None:
+            headers["content-type"] = "application/json"
+        for attempt in range(RETRIES):
+            status, raw = self._exchange(method, path, body, headers)
+            if 200 <= status < 300:
+                answer: dict[str, Any] = json.loads(raw)
                 return answer
-            except urllib.error.HTTPError as exc:
-                if exc.code != 503 or attempt == RETRIES - 1:
-                    raise
-                self.retried += 1
-                time.sleep(1.0)
+            if status != 503 or attempt == RETRIES - 1:
+                raise RestError(status, raw)
+            self.retried += 1
+            time.sleep(1.0)
         raise AssertionError("unreachable")
 
     def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """post sends one JSON request and returns the JSON answer (retrying a 503, raising otherwise)."""
-        request = urllib.request.Request(
-            f"{self.gateway}{path}",
-            data=json.dumps(body).encode(),
-            method="POST",
-            headers={"authorization": f"Bearer {self.key}", "content-type": "application/json"},
-        )
-        return self._send(request)
+        return self._send("POST", path, json.dumps(body).encode())
 
     def get(self, path: str) -> dict[str, Any]:
         """get sends one GET and returns the JSON answer (retrying a 503, raising otherwise)."""
-        headers = {"authorization": f"Bearer {self.key}"}
-        return self._send(urllib.request.Request(f"{self.gateway}{path}", headers=headers))
+        return self._send("GET", path)
 
     def search(self, pattern: str, **extra: Any) -> dict[str, Any]:
         """search runs one first-page regex search."""
         return self.post(
             "/v1/code:search", {"query": pattern, "regex": True, "pageSize": FIRST_PAGE, **extra}
         )
+
+
+def _in_process(searcher: Searcher, pattern: str) -> bytes:
+    """_in_process is the in-process side of a first page: the engine's search, then the same
+    SearchCodeResponse the service renders (convert.py), serialized, so the comparison holds the
+    same work on both sides."""
+    result = searcher.search(pattern, regex=True, limit_files=FIRST_PAGE, mode=SearchMode.FIRST_PAGE)
+    answer = CodeAnswer(result, 0, 0.0)
+    return convert.code_answer_to_proto(answer, convert.DEFAULT_MATCHES_PER_FILE).SerializeToString()
 
 
 def _time(fn: Callable[[], object], runs: int) -> list[float]:
@@ -160,7 +211,8 @@ def _latency(
     for pattern in queries:
         request = search_pb2.SearchCodeRequest(query=pattern, regex=True, page_size=FIRST_PAGE)
         sides: dict[str, Callable[[], object]] = {
-            "in_process": functools.partial(
+            "in_process": functools.partial(_in_process, searcher, pattern),
+            "in_process_engine": functools.partial(
                 searcher.search, pattern, regex=True, limit_files=FIRST_PAGE, mode=SearchMode.FIRST_PAGE
             ),
             "grpc": functools.partial(stub.SearchCode, request, metadata=metadata, timeout=120),
@@ -180,7 +232,7 @@ def _latency(
                 row[f"{side}_ratio"] = round(row[side] / base, 2)
         rows.append(row)
     summary: dict[str, Any] = {}
-    for side in ("in_process", "grpc", "rest", "pg_trgm", "grpc_ratio", "rest_ratio", "pg_trgm_ratio"):
+    for side in _SIDES:
         values = sorted(row[side] for row in rows if side in row)
         if values:
             worst = max(rows, key=lambda r: r.get(side, -1))
@@ -190,6 +242,18 @@ def _latency(
                 "worst_query": worst["query"],
             }
     return {"queries": rows, "summary": summary}
+
+
+_SIDES = (
+    "in_process",
+    "in_process_engine",
+    "grpc",
+    "rest",
+    "pg_trgm",
+    "grpc_ratio",
+    "rest_ratio",
+    "pg_trgm_ratio",
+)
 
 
 def _load_test(rest: Rest, queries: list[str], seconds: float, health_address: str) -> list[dict[str, Any]]:
@@ -204,7 +268,6 @@ def _load_level(
     stop = threading.Event()
     latencies: list[list[float]] = [[] for _ in range(clients)]
     errors = [0] * clients
-    health: list[float] = []
 
     def client(index: int) -> None:
         at = index
@@ -219,24 +282,23 @@ def _load_level(
                 continue
             latencies[index].append(time.perf_counter() - started)
 
-    def poll_health() -> None:
-        with grpc.insecure_channel(health_address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while not stop.is_set():
-                started = time.perf_counter()
-                stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
-                health.append(time.perf_counter() - started)
-                time.sleep(HEALTH_POLL)
-
-    with concurrent.futures.ThreadPoolExecutor(clients + 1) as pool:
+    spawn = multiprocessing.get_context("spawn")
+    poll_stop = spawn.Event()
+    samples: multiprocessing.Queue[Any] = spawn.Queue()
+    poller = spawn.Process(target=_poll_health, args=(health_address, poll_stop, samples), daemon=True)
+    poller.start()
+    _await_ready(poller, samples)
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         futures = [pool.submit(client, i) for i in range(clients)]
-        futures.append(pool.submit(poll_health))
         started = time.perf_counter()
         time.sleep(seconds)
         stop.set()
+        poll_stop.set()
         for future in futures:
             future.result()
         elapsed = time.perf_counter() - started
+    health = samples.get(timeout=60)
+    poller.join(timeout=30)
     done = [sample for per in latencies for sample in per]
     return {
         "clients": clients,
@@ -246,6 +308,37 @@ def _load_level(
         **_summary_ms(done),
         "health": _summary_ms(health),
     }
+
+
+def _await_ready(poller: Any, samples: Any) -> None:
+    """_await_ready waits for the health poller's "ready", failing as soon as the process has died."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if samples.get(timeout=1) == "ready":
+                return
+        except queue.Empty:
+            if not poller.is_alive():
+                raise RuntimeError(f"the health poller exited with {poller.exitcode}") from None
+    raise RuntimeError("the health poller did not connect in 120 s")
+
+
+def _poll_health(address: str, stop: Any, out: Any) -> None:
+    """_poll_health checks gRPC health every HEALTH_POLL seconds until `stop`, in a process of its own.
+
+    It puts "ready" on `out` once connected, then the list of latencies when stopped.
+    """
+    samples: list[float] = []
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        stub.Check(health_pb2.HealthCheckRequest(), timeout=30)
+        out.put("ready")
+        while not stop.is_set():
+            started = time.perf_counter()
+            stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            samples.append(time.perf_counter() - started)
+            time.sleep(HEALTH_POLL)
+    out.put(samples)
 
 
 def _freshness(rest: Rest, samples: int) -> dict[str, Any]:
@@ -404,7 +497,7 @@ def render_service_table(report: dict[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     summary = report["latency"]["summary"]
-    for side in ("in_process", "grpc", "rest", "pg_trgm", "grpc_ratio", "rest_ratio", "pg_trgm_ratio"):
+    for side in _SIDES:
         if side in summary:
             row = summary[side]
             lines.append(f"| {side} | {row['median']} | {row['worst']} | `{row['worst_query']}` |")

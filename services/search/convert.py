@@ -10,7 +10,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from kotadb.v1 import document_pb2, search_pb2
 
 from services.search.engine.model import Symbol
-from services.search.engine.results import FileMatch, LimitReason, MatchRange, SearchMode, SearchResult
+from services.search.engine.results import FileMatch, LimitReason, SearchMode, SearchResult
 from services.search.searches import (
     CodeAnswer,
     CodeQuery,
@@ -114,63 +114,63 @@ def symbol_query_from_proto(request: search_pb2.SearchSymbolsRequest) -> SymbolQ
     )
 
 
-def range_to_proto(match: MatchRange) -> search_pb2.Range:
-    """range_to_proto converts a line match range (engine columns are 1-based, the proto's 0-based)."""
-    return search_pb2.Range(
-        start_byte=match.start,
-        end_byte=match.end,
-        start_column=match.start_column - 1,
-        end_column=match.end_column - 1,
-    )
-
-
-def symbol_to_proto(symbol: Symbol) -> search_pb2.Symbol:
-    """symbol_to_proto converts an engine symbol."""
-    return search_pb2.Symbol(
-        name=symbol.name,
-        kind=symbol.kind,
-        qualified_name=symbol.qualified_name,
-        parent=symbol.parent,
-        start_line=symbol.start_line,
-        end_line=symbol.end_line,
-    )
-
-
 def file_match_to_proto(match: FileMatch, max_lines: int) -> search_pb2.FileMatch:
     """file_match_to_proto converts one matching file, keeping at most `max_lines` line matches."""
-    lines = []
-    definitions = {(s.start_line, s.name) for s in match.symbols}
+    out = search_pb2.FileMatch()
+    fill_file_match(out, match, max_lines)
+    return out
+
+
+def fill_file_match(out: search_pb2.FileMatch, match: FileMatch, max_lines: int) -> None:
+    """fill_file_match writes one matching file into `out`, keeping at most `max_lines` line matches.
+
+    Fields are set in place on messages added to their parents rather than built as keyword
+    messages and copied in: a first page has thousands of lines, ranges and symbols, and this
+    conversion runs once per search (searches.py runs it in the search thread, off the loop).
+    """
+    out.path = match.path
+    out.repository = match.repository
+    out.language = match.language
+    out.score = match.score
+    out.match_count = match.match_count
+    out.document_id = match.external_id
+    definitions = {s.start_line for s in match.symbols}
+    lines = out.line_matches
     for line in match.line_matches[:max_lines]:
-        proto = search_pb2.LineMatch(
-            line_number=line.line_number,
-            line=line.text,
-            ranges=[range_to_proto(r) for r in line.ranges],
-            before=[c.text for c in line.before],
-            after=[c.text for c in line.after],
-            is_definition=any(number == line.line_number for number, _ in definitions)
-            or (line.symbol is not None and line.symbol.start_line == line.line_number),
-        )
-        if line.symbol is not None:
-            proto.symbol.CopyFrom(symbol_to_proto(line.symbol))
-        lines.append(proto)
-    return search_pb2.FileMatch(
-        path=match.path,
-        repository=match.repository,
-        language=match.language,
-        score=match.score,
-        line_matches=lines,
-        match_count=match.match_count,
-        path_ranges=[
-            search_pb2.Range(
-                start_byte=a,
-                end_byte=b,
-                start_column=_column(match.path, a),
-                end_column=_column(match.path, b),
+        proto = lines.add()
+        number = line.line_number
+        proto.line_number = number
+        proto.line = line.text
+        ranges = proto.ranges
+        for r in line.ranges:
+            ranges.add(
+                start_byte=r.start,
+                end_byte=r.end,
+                start_column=r.start_column - 1,
+                end_column=r.end_column - 1,
             )
-            for a, b in match.path_ranges
-        ],
-        document_id=match.external_id,
-    )
+        if line.before:
+            proto.before.extend([c.text for c in line.before])
+        if line.after:
+            proto.after.extend([c.text for c in line.after])
+        symbol = line.symbol
+        proto.is_definition = number in definitions or (symbol is not None and symbol.start_line == number)
+        if symbol is not None:
+            _fill_symbol(proto.symbol, symbol)
+    path_ranges = out.path_ranges
+    for a, b in match.path_ranges:
+        path_ranges.add(
+            start_byte=a, end_byte=b, start_column=_column(match.path, a), end_column=_column(match.path, b)
+        )
+
+
+def _fill_symbol(out: search_pb2.Symbol, symbol: Symbol) -> None:
+    out.name = symbol.name
+    out.kind = symbol.kind
+    out.qualified_name = symbol.qualified_name
+    out.parent = symbol.parent
+    out.start_line = symbol.start_line
+    out.end_line = symbol.end_line
 
 
 def _limit_reason(result: SearchResult) -> search_pb2.SearchStats.LimitReason.ValueType:
@@ -206,8 +206,7 @@ def stats_to_proto(result: SearchResult, wait_seconds: float) -> search_pb2.Sear
 def code_answer_to_proto(answer: CodeAnswer, max_lines: int) -> search_pb2.SearchCodeResponse:
     """code_answer_to_proto renders one page of a code search."""
     result = answer.result
-    return search_pb2.SearchCodeResponse(
-        file_matches=[file_match_to_proto(f, max_lines) for f in result.files],
+    response = search_pb2.SearchCodeResponse(
         total_file_count=result.file_count,
         total_match_count=result.match_count,
         limit_hit=result.limit_hit,
@@ -216,15 +215,21 @@ def code_answer_to_proto(answer: CodeAnswer, max_lines: int) -> search_pb2.Searc
         next_page_token=result.next_cursor or "",
         index_revision=answer.revision,
     )
+    files = response.file_matches
+    for match in result.files:
+        fill_file_match(files.add(), match, max_lines)
+    return response
 
 
 def stream_batch_to_proto(batch: StreamBatch, max_lines: int) -> search_pb2.StreamSearchCodeResponse:
     """stream_batch_to_proto renders one batch of a streamed search, with the candidates verified so far."""
-    return search_pb2.StreamSearchCodeResponse(
-        file_matches=[file_match_to_proto(f, max_lines) for f in batch.files],
-        stats=search_pb2.SearchStats(files_verified=batch.verified),
-        index_revision=batch.revision,
+    response = search_pb2.StreamSearchCodeResponse(
+        stats=search_pb2.SearchStats(files_verified=batch.verified), index_revision=batch.revision
     )
+    files = response.file_matches
+    for match in batch.files:
+        fill_file_match(files.add(), match, max_lines)
+    return response
 
 
 def stream_summary_to_proto(answer: CodeAnswer) -> search_pb2.StreamSearchCodeResponse:

@@ -25,10 +25,11 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from services.common import metrics
 from services.common.errors import FieldViolation, InvalidArgument, KotaError
 from services.search.config import SearchSettings
 from services.search.engine.errors import EngineError, IndexFileError
@@ -50,6 +51,17 @@ DEADLINE_MARGIN = 0.05
 STREAM_QUEUE_BATCHES = 2
 
 T = TypeVar("T")
+R = TypeVar("R")
+
+# Where a SearchCode call's time goes, so a slow answer can be blamed on one part: `ready` (the
+# tenant's index opened, min_revision waited for; on the event loop), `queue` (waiting for a
+# search thread), `engine` (the search), `render` (the response built, in the search thread)
+# and `resume` (from the thread's end until the loop runs the call again: the loop's lag).
+PHASE_SECONDS = metrics.histogram(
+    "kotadb_search_phase_seconds",
+    "Seconds a SearchCode call spent in each phase: ready, queue, engine, render, resume.",
+    ("phase",),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +198,22 @@ class Searches:
 
     async def code(self, tenant: uuid.UUID, query: CodeQuery, time_remaining: float | None) -> CodeAnswer:
         """code runs one page of a code search."""
+        return await self.code_rendered(tenant, query, time_remaining, _same)
+
+    async def code_rendered(
+        self,
+        tenant: uuid.UUID,
+        query: CodeQuery,
+        time_remaining: float | None,
+        render: Callable[[CodeAnswer], R],
+    ) -> R:
+        """code_rendered runs one page of a code search and returns `render(answer)`.
+
+        `render` (the servicer's proto conversion) runs in the search thread right after the
+        engine, not on the event loop: building a page of thousands of line messages is Python
+        work that would otherwise delay every other call the loop serves, health checks included.
+        """
+        started = time.monotonic()
         deadline = self.deadline(query.timeout, time_remaining)
         opened, waited = await self.ready(tenant, query.min_revision, deadline)
         request = SearchRequest(
@@ -198,8 +226,26 @@ class Searches:
             regex=query.regex,
         )
         revision = opened.covered
-        result = await self._run(opened, request)
-        return CodeAnswer(result, revision, waited)
+        searcher = opened.searcher
+        submitted = time.monotonic()
+        PHASE_SECONDS.labels(phase="ready").observe(submitted - started)
+
+        finished = [0.0]
+
+        def run(cancel: threading.Event) -> R:
+            begun = time.monotonic()
+            result = searcher.run(dataclasses.replace(request, cancel=cancel))
+            searched = time.monotonic()
+            rendered = render(CodeAnswer(result, revision, waited))
+            finished[0] = time.monotonic()
+            PHASE_SECONDS.labels(phase="queue").observe(begun - submitted)
+            PHASE_SECONDS.labels(phase="engine").observe(searched - begun)
+            PHASE_SECONDS.labels(phase="render").observe(finished[0] - searched)
+            return rendered
+
+        answer = await self._engine(opened, self.manager.run_search(run))
+        PHASE_SECONDS.labels(phase="resume").observe(time.monotonic() - finished[0])
+        return answer
 
     async def stream(
         self,
@@ -208,12 +254,15 @@ class Searches:
         max_files: int,
         time_remaining: float | None,
         batch_files: int,
-    ) -> AsyncGenerator[StreamBatch | CodeAnswer, None]:
+        render: Callable[[StreamBatch], R],
+    ) -> AsyncGenerator[R | CodeAnswer, None]:
         """stream yields batches of matching files as they are verified, then the totals as a CodeAnswer.
 
-        At most `max_files` files are sent (capped by max_stream_files); the totals stay exact.
-        Files come in index order (streams.py). If the caller stops iterating (the client went
-        away), the engine's work is cancelled.
+        Each batch is yielded as `render(batch)`, built in the search thread (the servicer's
+        proto conversion stays off the event loop, as in `code_rendered`). At most `max_files`
+        files are sent (capped by max_stream_files); the totals stay exact. Files come in index
+        order (streams.py). If the caller stops iterating (the client went away), the engine's
+        work is cancelled.
         """
         if max_files < 0:
             raise _bad("max_file_count", "max_file_count must not be negative", "OUT_OF_RANGE")
@@ -232,7 +281,7 @@ class Searches:
         revision = opened.covered
         searcher = opened.searcher
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[StreamBatch] = asyncio.Queue(maxsize=STREAM_QUEUE_BATCHES)
+        queue: asyncio.Queue[R] = asyncio.Queue(maxsize=STREAM_QUEUE_BATCHES)
 
         def run(cancel: threading.Event) -> SearchResult:
             return stream_files(
@@ -241,12 +290,12 @@ class Searches:
                 limit=limit,
                 batch_files=batch_files,
                 max_lines=query.max_matches_per_file,
-                emit=queue_emitter(queue, loop, revision, cancel),
+                emit=queue_emitter(queue, loop, revision, cancel, render),
                 cancel=cancel,
             )
 
         work = asyncio.ensure_future(self.manager.run_search(run))
-        getter: asyncio.Future[StreamBatch] | None = None
+        getter: asyncio.Future[R] | None = None
         try:
             while True:
                 getter = asyncio.ensure_future(queue.get())
@@ -281,14 +330,6 @@ class Searches:
             raise await self.manager.corrupt(opened, exc) from exc
         except EngineError as exc:
             raise domain_error(exc) from exc
-
-    async def _run(self, opened: TenantIndex, request: SearchRequest) -> SearchResult:
-        searcher = opened.searcher
-
-        def run(cancel: threading.Event) -> SearchResult:
-            return searcher.run(dataclasses.replace(request, cancel=cancel))
-
-        return await self._engine(opened, self.manager.run_search(run))
 
     async def symbols(
         self, tenant: uuid.UUID, query: SymbolQuery, time_remaining: float | None
@@ -388,6 +429,10 @@ async def index_status(manager: TenantManager, tenant: uuid.UUID, opened: Tenant
         update_time=opened.update_time or opened.rebuilt_at,
         message=opened.message,
     )
+
+
+def _same(answer: CodeAnswer) -> CodeAnswer:
+    return answer
 
 
 def _symbol_score(match: SymbolMatch) -> float:

@@ -17,7 +17,7 @@ from kotadb.v1 import search_pb2, search_pb2_grpc
 from services.common.errors import PermissionDenied
 from services.common.identity import require_identity
 from services.search import convert
-from services.search.searches import Searches
+from services.search.searches import CodeAnswer, Searches
 from services.search.streams import StreamBatch
 
 # Files per StreamSearchCode message.
@@ -45,8 +45,12 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         """SearchCode runs a query and returns one page of file matches."""
         tenant = _tenant()
         query = convert.code_query_from_proto(request)
-        answer = await self._searches.code(tenant, query, context.time_remaining())
-        return convert.code_answer_to_proto(answer, query.max_matches_per_file)
+        lines = query.max_matches_per_file
+
+        def render(answer: CodeAnswer) -> search_pb2.SearchCodeResponse:
+            return convert.code_answer_to_proto(answer, lines)
+
+        return await self._searches.code_rendered(tenant, query, context.time_remaining(), render)
 
     async def StreamSearchCode(
         self, request: search_pb2.StreamSearchCodeRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -54,13 +58,18 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         """StreamSearchCode streams file matches in batches as they are verified, then a summary message."""
         tenant = _tenant()
         query = convert.stream_query_from_proto(request)
+        lines = query.max_matches_per_file
+
+        def render(batch: StreamBatch) -> search_pb2.StreamSearchCodeResponse:
+            return convert.stream_batch_to_proto(batch, lines)
+
         async for part in self._searches.stream(
-            tenant, query, request.max_file_count, context.time_remaining(), STREAM_BATCH_FILES
+            tenant, query, request.max_file_count, context.time_remaining(), STREAM_BATCH_FILES, render
         ):
-            if isinstance(part, StreamBatch):
-                yield convert.stream_batch_to_proto(part, query.max_matches_per_file)
-            else:
+            if isinstance(part, CodeAnswer):
                 yield convert.stream_summary_to_proto(part)
+            else:
+                yield part
 
     async def SearchSymbols(
         self, request: search_pb2.SearchSymbolsRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from services.search.engine import record
 from services.search.engine.errors import SearchCancelled
@@ -35,6 +36,8 @@ from services.search.engine.request import SearchRequest
 from services.search.engine.results import FileMatch, SearchResult, SearchStats
 from services.search.engine.searcher import Searcher
 from services.search.engine.searchrun import Run
+
+B = TypeVar("B")
 
 # Seconds a producer blocked on a full queue waits before looking at the cancellation event again.
 EMIT_POLL_SECONDS = 0.05
@@ -127,16 +130,22 @@ def _entry(segment: SegmentReader, hit: Hit, request: SearchRequest, max_lines: 
 
 
 def queue_emitter(
-    queue: asyncio.Queue[StreamBatch], loop: asyncio.AbstractEventLoop, revision: int, cancel: threading.Event
+    queue: asyncio.Queue[B],
+    loop: asyncio.AbstractEventLoop,
+    revision: int,
+    cancel: threading.Event,
+    render: Callable[[StreamBatch], B],
 ) -> Emit:
     """queue_emitter returns an `emit` that puts batches on a loop's bounded queue from a worker thread.
 
-    It blocks while the queue is full and raises SearchCancelled once `cancel` is set, so a
-    producer never outruns its consumer nor outlives it.
+    Each batch is put as `render(batch)`: the servicer's proto conversion runs in the worker
+    thread, so the event loop only hands finished messages on. It blocks while the queue is full and raises
+    SearchCancelled once `cancel` is set, so a producer never outruns its consumer nor outlives it.
     """
 
     def emit(files: tuple[FileMatch, ...], verified: int) -> None:
-        put = asyncio.run_coroutine_threadsafe(queue.put(StreamBatch(files, verified, revision)), loop)
+        message = render(StreamBatch(files, verified, revision))
+        put = asyncio.run_coroutine_threadsafe(queue.put(message), loop)
         while True:
             try:
                 put.result(timeout=EMIT_POLL_SECONDS)

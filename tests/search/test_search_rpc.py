@@ -9,8 +9,12 @@ from __future__ import annotations
 import pytest
 from kotadb.v1 import search_pb2
 
+from services.common import metrics
 from tests.conftest import UserFactory
 from tests.search.conftest import Services, caller, paths
+
+# The phases of kotadb_search_phase_seconds (services/search/searches.py).
+PHASES = ("ready", "queue", "engine", "render", "resume")
 
 PY = (
     "class Parser:\n    def parse_tokens(self, text):\n        return text.split()\n\n\n"
@@ -99,3 +103,19 @@ async def test_index_status_counts_only_the_callers_documents(
     assert [(s.reason, s.count) for s in status.skipped] == [(6, 1)]  # EMPTY
     assert status.segment_count >= 1 and status.index_bytes > 0 and status.content_bytes > 0
     assert status.state == search_pb2.IndexStatus.READY
+
+
+def _phase_counts() -> dict[str, float]:
+    return {
+        phase: metrics.REGISTRY.get_sample_value("kotadb_search_phase_seconds_count", {"phase": phase}) or 0.0
+        for phase in PHASES
+    }
+
+
+async def test_a_search_is_timed_in_every_phase(services: Services, user_factory: UserFactory) -> None:
+    alice = await user_factory()
+    written = await services.write(alice, {"a.py": PY})
+    before = _phase_counts()
+    found = await services.search(alice, "parse_tokens", min_revision=written.revision)
+    assert paths(found) == ["a.py"]
+    assert _phase_counts() == {phase: count + 1 for phase, count in before.items()}

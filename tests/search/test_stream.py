@@ -217,7 +217,7 @@ async def test_the_first_batch_leaves_before_the_search_has_finished(
     # still running, blocked on its bounded queue; closing the stream cancels it.
     searches = Searches(manager.settings, manager)
     query = convert.stream_query_from_proto(search_pb2.StreamSearchCodeRequest(query="needle"))
-    parts = searches.stream(user, query, 0, None, STREAM_BATCH_FILES)
+    parts = searches.stream(user, query, 0, None, STREAM_BATCH_FILES, lambda batch: batch)
     batch = await parts.__anext__()
     assert isinstance(batch, StreamBatch) and batch.verified == STREAM_BATCH_FILES
     assert manager.active_searches == 1
