@@ -144,6 +144,7 @@ def file_match_to_proto(match: FileMatch, max_lines: int) -> search_pb2.FileMatc
         proto = search_pb2.LineMatch(
             line_number=line.line_number,
             line=line.text,
+            line_start=line.line_start,
             ranges=[range_to_proto(r) for r in line.ranges],
             before=[c.text for c in line.before],
             after=[c.text for c in line.after],
