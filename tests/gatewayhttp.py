@@ -1,0 +1,110 @@
+"""The gateway stack the REST/gRPC test modules share, with two tenants, and their HTTP client.
+
+`two_tenants(database_url, workdir, identity_key, name, **env)` runs auth, ingest and search as
+`kotadb serve` processes (tests/harness.py's `spawn_services`) with Envoy in front, seeds one
+read-write API key for each of two users, and yields a `GatewayStack`; everything stops when
+the block ends. `http` sends one request with a bearer key and returns the status and raw body;
+`http_json` decodes the body: one JSON object, or the list of objects a streaming route writes
+one after another.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from services.common.supervisor import Supervisor
+from tests.harness import Envoy, seed_key, service_env, spawn_services, start_gateway
+
+# Seconds one REST call may take on a shared, busy machine.
+HTTP_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class GatewayStack:
+    """GatewayStack is a running gateway, its work directory (every process's log) and two tenants.
+
+    `alice` and `bob` are API key secrets; `alice_name` is the name of alice's key (unique per
+    stack), by which a test finds her user in the database.
+    """
+
+    envoy: Envoy
+    workdir: Path
+    alice: str
+    alice_name: str
+    bob: str
+
+
+@contextmanager
+def two_tenants(
+    database_url: str, workdir: Path, identity_key: str, name: str, **env: str
+) -> Iterator[GatewayStack]:
+    """two_tenants runs the services and Envoy with `env` on top of the harness's settings."""
+    environment = service_env(database_url, workdir, identity_key, **env)
+    with Supervisor(grace=20) as supervisor:
+        addresses = spawn_services(supervisor, workdir, environment)
+        envoy = start_gateway(supervisor, workdir, addresses, identity_key)
+        alice_name = f"{name}-alice-{secrets.token_hex(4)}"
+        alice = seed_key(
+            database_url, email_prefix=alice_name, permissions=("read", "write"), rate_limit=6000
+        )
+        bob = seed_key(
+            database_url, email_prefix=f"{name}-bob", permissions=("read", "write"), rate_limit=6000
+        )
+        yield GatewayStack(envoy, workdir, alice, alice_name, bob)
+
+
+def http(
+    method: str,
+    url: str,
+    key: str | None,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = HTTP_TIMEOUT,
+) -> tuple[int, bytes]:
+    """http sends one request (`body` as JSON, or raw bytes) and returns (status, body), errors included."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode() if body is not None else None
+    sent = dict(headers or {})
+    if key is not None:
+        sent["authorization"] = f"Bearer {key}"
+    if data is not None:
+        sent.setdefault("content-type", "application/json")
+    request = urllib.request.Request(url, data=data, method=method, headers=sent)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def http_json(
+    method: str,
+    url: str,
+    key: str | None,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = HTTP_TIMEOUT,
+) -> tuple[int, Any]:
+    """http_json is `http` with the body decoded (`{}` when empty, a list for a stream)."""
+    code, raw = http(method, url, key, body, headers, timeout)
+    return code, decode(raw)
+
+
+def decode(raw: bytes) -> Any:
+    """decode parses one JSON object, or several written one after another (a list of them)."""
+    text = raw.decode()
+    if not text.strip():
+        return {}
+    decoder, messages, at = json.JSONDecoder(), [], 0
+    while text[at:].strip():
+        at += len(text[at:]) - len(text[at:].lstrip())
+        message, at = decoder.raw_decode(text, at)
+        messages.append(message)
+    return messages[0] if len(messages) == 1 else messages
