@@ -5,7 +5,7 @@
 read-write API key for each of two users, and yields a `GatewayStack`; everything stops when
 the block ends. `http` sends one request with a bearer key and returns the status and raw body;
 `http_json` decodes the body: one JSON object, or the list of objects a streaming route writes
-one after another.
+one after another (`messages` makes either a list).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from services.common.supervisor import Supervisor
 from tests.harness import Envoy, seed_key, service_env, spawn_services, start_gateway
 
 # Seconds one REST call may take on a shared, busy machine.
-HTTP_TIMEOUT = 60.0
+HTTP_TIMEOUT = 120.0
 
 
 @dataclass(frozen=True)
@@ -98,13 +98,32 @@ def http_json(
 
 
 def decode(raw: bytes) -> Any:
-    """decode parses one JSON object, or several written one after another (a list of them)."""
-    text = raw.decode()
+    """decode parses one JSON object, or several written one after another (a list of them).
+
+    A body that is not JSON (Envoy's own plain-text answers, such as "no healthy upstream")
+    comes back as its text.
+    """
+    text = raw.decode(errors="replace")
     if not text.strip():
         return {}
     decoder, messages, at = json.JSONDecoder(), [], 0
-    while text[at:].strip():
-        at += len(text[at:]) - len(text[at:].lstrip())
-        message, at = decoder.raw_decode(text, at)
-        messages.append(message)
+    try:
+        while text[at:].strip():
+            at += len(text[at:]) - len(text[at:].lstrip())
+            message, at = decoder.raw_decode(text, at)
+            messages.append(message)
+    except json.JSONDecodeError:
+        return text
     return messages[0] if len(messages) == 1 else messages
+
+
+def messages(answer: Any) -> list[Any]:
+    """messages is a streaming route's decoded answer as a list (one message decodes alone)."""
+    return answer if isinstance(answer, list) else [answer]
+
+
+def error_reason(body: dict[str, Any]) -> str:
+    """error_reason is the `reason` of the google.rpc.ErrorInfo in an error answer's details."""
+    infos = [d for d in body.get("details", []) if d["@type"].endswith("/google.rpc.ErrorInfo")]
+    assert infos, body
+    return str(infos[0]["reason"])
