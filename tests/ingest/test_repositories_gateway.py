@@ -54,7 +54,7 @@ def _create(stack: GatewayStack, key: str, name: str, **extra: Any) -> dict[str,
         key,
         {"repository": {"fullName": f"octo/{name}", "url": PUBLIC_URL.format(name=name)}, **extra},
     )
-    assert code == 200, body
+    assert code == 200 and isinstance(body, dict), body
     return body
 
 
