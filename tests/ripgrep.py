@@ -2,11 +2,12 @@
 
 `TREE` is a handful of files whose matches of `PATTERN` make every shape of output: context
 groups that overlap, touch and stand apart, matches on the first and last lines, two matches
-on one line, multi-byte text before a match (byte offsets), a tab, and a file that does not
-match. `expected(root, stdout, flags)` runs ripgrep over the files a command printed, in the
-order it printed them (one thread, so ripgrep keeps that order), and returns ripgrep's output;
-`comparable(output)` blanks what cannot be equal (elapsed times, and counts of work ripgrep
-and the index do differently) so the rest is compared byte for byte.
+on one line, multi-byte text before a match (byte offsets), a tab, quotes, a backslash and a
+form feed (JSON escapes), and a file that does not match. `ripgrep(root, flags, paths)` runs
+ripgrep over the files a command printed, in the order it printed them (`printed_paths`; one
+thread, so ripgrep keeps that order); `comparable(output)` blanks what cannot be equal
+(elapsed times, and counts of work ripgrep and the index do differently) so that the rest is
+compared byte for byte.
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ _LONG[0] = "Parser at the top"
 _LONG[19] = "Parsing at the bottom"
 
 TREE: dict[str, str] = {
-    "docs/guide.md": "# Guide\n\nParsing is described here.\n\nNothing else.\n",
+    "docs/guide.md": "# Guide\n\nParsing is described here.\n\nNothing else.\n\x0cParsing, a new page\n",
     "src/alpha.txt": (
         "alpha\nbeta Parser\ngamma\ndelta\nepsilon\nzeta Parser Parser\neta\ntheta\n"
         "iota\nkappa\nlambda\nmu Parser\nnu\nxi\nomicron\npi\nrho\nsigma\ntau\nupsilon Parsing\n"
     ),
-    "src/cafe.py": "# café\ndef café_Parser():\n\treturn 'naïve Parsing'  # two\nprint(1)\n",
+    "src/cafe.py": (
+        '# café\ndef café_Parser():\n\treturn \'naïve Parsing\'  # two\nprint(1)\nprint("Parser", "\\\\")\n'
+    ),
     "src/edges.txt": "\n".join(_LONG) + "\n",
     "src/nothing.txt": "no match in here\nat all\n",
     "tests/test_parse.py": "from src import Parser\n\n\ndef test():\n    assert Parser\n",

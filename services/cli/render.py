@@ -27,9 +27,10 @@ times are this process's rendering time per file and its wall time overall.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from kotadb.v1 import search_pb2
@@ -45,8 +46,7 @@ RESET = b"\x1b[0m"
 Ranges = tuple[tuple[int, int], ...]
 
 
-@dataclass(frozen=True, slots=True)
-class Line:
+class Line(NamedTuple):
     """Line is one printed line: a match when `ranges` is set (byte ranges in `text`), else context.
 
     `offset` is the byte offset of the line's first byte in the file; `text` is the line
@@ -56,7 +56,7 @@ class Line:
     number: int
     offset: int
     text: bytes
-    ranges: Ranges | None = None
+    ranges: Ranges | None = None  # a tuple, not a frozen dataclass: the JSON stream makes one per line
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,8 +142,9 @@ class Printer:
         out = [b'{"type":"begin","data":{"path":{"text":%s}}}\n' % path]
         matched_lines = matches = 0
         for line in file.lines:
-            ends = file.size is None or line.offset + len(line.text) < file.size
-            text = line.text + b"\n" if ends else line.text
+            text = _json_text(line.text)
+            if file.size is None or line.offset + len(line.text) < file.size:
+                text = text[:-1] + b'\\n"'  # the line's newline, as ripgrep includes it
             submatches = b",".join(
                 b'{"match":{"text":%s},"start":%d,"end":%d}' % (_json_text(line.text[s:e]), s, e)
                 for s, e in line.ranges or ()
@@ -152,7 +153,7 @@ class Printer:
             out.append(
                 b'{"type":"%s","data":{"path":{"text":%s},"lines":{"text":%s},"line_number":%d,'
                 b'"absolute_offset":%d,"submatches":[%s]}}\n'
-                % (kind, path, _json_text(text), line.number, line.offset, submatches)
+                % (kind, path, text, line.number, line.offset, submatches)
             )
             if line.ranges is not None:
                 matched_lines += 1
@@ -220,11 +221,27 @@ def highlight(text: bytes, ranges: Ranges) -> bytes:
     return b"".join(parts)
 
 
+# Control bytes but tab: a JSON string literal escapes them (json.dumps, rarely needed); tab,
+# quote and backslash are escaped by replacement, and any other UTF-8 is written as it is.
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f]")
+
+
 def _json_text(value: str | bytes) -> bytes:
-    """_json_text is `value` as a JSON string literal, UTF-8 unescaped as serde_json (ripgrep) writes."""
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
-    return json.dumps(value, ensure_ascii=False).encode("utf-8", "surrogateescape")
+    """_json_text is `value` as a JSON string literal, UTF-8 unescaped as serde_json (ripgrep) writes.
+
+    Most source lines need no escape at all: they are copied between quotes, which costs a
+    tenth of json.dumps (the JSON stream renders tens of thousands of lines a second).
+    """
+    raw = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
+    if _CONTROL.search(raw) is None:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+        else:
+            return b'"%s"' % raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"').replace(b"\t", b"\\t")
+    text = raw.decode("utf-8", "replace")
+    return json.dumps(text, ensure_ascii=False).encode("utf-8", "surrogateescape")
 
 
 def _dumps(record: object) -> bytes:
@@ -309,10 +326,19 @@ def from_groups(path: str, content: bytes | memoryview, groups: bytes, context: 
     `_fastscan.render_lines` cuts them: before-context never reprints a line, after-context
     stops at the next match's line and at the end of the file.
     """
-    values = memoryview(groups).cast("q")
+    values = memoryview(groups).cast("q").tolist()
     data = bytes(content)
     size = len(data)
     lines: list[Line] = []
+    if not context:  # the common case, in one tight loop
+        at = 0
+        while at + 4 <= len(values):
+            number, start, end, count = values[at : at + 4]
+            pairs = values[at + 4 : at + 4 + 2 * count]
+            ranges = tuple(zip(pairs[::2], pairs[1::2], strict=True))
+            lines.append(Line(number, start, data[start:end], ranges))
+            at += 4 + 2 * count
+        return FileLines(path, tuple(lines), size)
     last_printed = 0
     at = 0
     while at + 4 <= len(values):
@@ -329,8 +355,7 @@ def from_groups(path: str, content: bytes | memoryview, groups: bytes, context: 
             stop = eol if eol >= 0 else start
             lines.append(Line(line, pos, data[pos:stop]))
             pos = stop + 1
-        ranges = tuple((pairs[i], pairs[i + 1]) for i in range(0, len(pairs), 2))
-        lines.append(Line(number, start, data[start:end], ranges))
+        lines.append(Line(number, start, data[start:end], tuple(zip(pairs[::2], pairs[1::2], strict=True))))
         last_printed = number
         last_end = min(end + 1, size)
         for line in range(number + 1, number + context + 1):
