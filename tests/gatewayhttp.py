@@ -3,9 +3,10 @@
 `two_tenants(database_url, workdir, identity_key, name, **env)` runs auth, ingest and search as
 `kotadb serve` processes (tests/harness.py's `spawn_services`) with Envoy in front, seeds one
 read-write API key for each of two users, and yields a `GatewayStack`; everything stops when
-the block ends. `http` sends one request with a bearer key and returns the status and raw body;
-`http_json` decodes the body: one JSON object, or the list of objects a streaming route writes
-one after another (`messages` makes either a list).
+the block ends. `fetch` sends one request with a bearer key and returns a `Reply` (status,
+headers, body); `http` returns the status and raw body; `http_json` decodes the body: one JSON
+object, or the list of objects a streaming route writes one after another (`messages` makes
+either a list).
 """
 
 from __future__ import annotations
@@ -61,15 +62,35 @@ def two_tenants(
         yield GatewayStack(envoy, workdir, alice, alice_name, bob)
 
 
-def http(
+@dataclass(frozen=True)
+class Reply:
+    """Reply is an HTTP answer: status, headers (lower-case names) and body."""
+
+    status: int
+    headers: dict[str, str]
+    raw: bytes
+
+    @property
+    def body(self) -> dict[str, Any]:
+        """body is the answer decoded as one JSON object."""
+        parsed: dict[str, Any] = json.loads(self.raw)
+        return parsed
+
+    @property
+    def reached_service(self) -> bool:
+        """reached_service is true when an upstream service produced the answer, not the gateway."""
+        return "x-envoy-upstream-service-time" in self.headers and "x-kotadb-error-reason" not in self.headers
+
+
+def fetch(
     method: str,
     url: str,
-    key: str | None,
+    key: str | None = None,
     body: Any = None,
     headers: dict[str, str] | None = None,
     timeout: float = HTTP_TIMEOUT,
-) -> tuple[int, bytes]:
-    """http sends one request (`body` as JSON, or raw bytes) and returns (status, body), errors included."""
+) -> Reply:
+    """fetch sends one request (`body` as JSON, or raw bytes) and returns the answer, errors included."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode() if body is not None else None
     sent = dict(headers or {})
     if key is not None:
@@ -79,9 +100,24 @@ def http(
     request = urllib.request.Request(url, data=data, method=method, headers=sent)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, response.read()
+            return Reply(
+                response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
+            )
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+        return Reply(exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read())
+
+
+def http(
+    method: str,
+    url: str,
+    key: str | None,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = HTTP_TIMEOUT,
+) -> tuple[int, bytes]:
+    """http is `fetch` as (status, raw body)."""
+    reply = fetch(method, url, key, body, headers, timeout)
+    return reply.status, reply.raw
 
 
 def http_json(
