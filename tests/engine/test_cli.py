@@ -300,3 +300,18 @@ def test_the_native_renderer_prints_the_printer_s_bytes(rg_tree: tuple[Path, Pat
             assert native == printer.render(from_groups(file.path, file.content, file.groups, context))
             compared += 1
     assert compared == len(ripgrep.matching_paths(rg_tree[0]))
+
+
+@pytest.mark.parametrize("mode", [[], ["--all"]], ids=["page", "all"])
+def test_colour_only_adds_escapes_to_what_ripgrep_prints(rg_tree: tuple[Path, Path], mode: list[str]) -> None:
+    _, index = rg_tree
+    argv = [str(index), ripgrep.PATTERN, "--regex", "--context", "2", *mode]
+    plain = kotadb("search", *argv, "--color", "never")
+    colored = kotadb("search", *argv, "--color", "always")
+    assert plain.returncode == colored.returncode == 0, colored.stderr
+    assert re.sub(r"\x1b\[[0-9;]*m", "", colored.stdout) == plain.stdout
+    # Paths, line numbers (of context lines too) and every match are coloured.
+    assert "\x1b[35msrc/edges.txt\x1b[0m-\x1b[32m2\x1b[0m-line 2\n" in colored.stdout
+    top = "\x1b[35msrc/edges.txt\x1b[0m:\x1b[32m1\x1b[0m:\x1b[1;31mParser\x1b[0m at the top\n"
+    assert top in colored.stdout
+    assert colored.stdout.count("\x1b[1;31m") == plain.stdout.count("Parser") + plain.stdout.count("Parsing")
