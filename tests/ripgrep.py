@@ -3,7 +3,7 @@
 `TREE` is a handful of files whose matches of `PATTERN` make every shape of output: context
 groups that overlap, touch and stand apart, matches on the first and last lines, two matches
 on one line, multi-byte text before a match (byte offsets), a tab, quotes, a backslash and a
-form feed (JSON escapes), and a file that does not match. `ripgrep(root, flags, paths)` runs
+form feed (JSON escapes), CRLF line ends, and a file that does not match. `ripgrep(root, flags, paths)` runs
 ripgrep over the files a command printed, in the order it printed them (`printed_paths`; one
 thread, so ripgrep keeps that order); `comparable(output)` blanks what cannot be equal
 (elapsed times, and counts of work ripgrep and the index do differently) so that the rest is
@@ -32,6 +32,7 @@ TREE: dict[str, str] = {
     "src/cafe.py": (
         '# café\ndef café_Parser():\n\treturn \'naïve Parsing\'  # two\nprint(1)\nprint("Parser", "\\\\")\n'
     ),
+    "src/crlf.txt": "one\r\nParser two\r\nthree\r\nfour\r\nfive\r\nsix\r\nParsing seven\r\n",
     "src/edges.txt": "\n".join(_LONG) + "\n",
     "src/nothing.txt": "no match in here\nat all\n",
     "tests/test_parse.py": "from src import Parser\n\n\ndef test():\n    assert Parser\n",
