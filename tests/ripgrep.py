@@ -3,11 +3,11 @@
 `TREE` is a handful of files whose matches of `PATTERN` make every shape of output: context
 groups that overlap, touch and stand apart, matches on the first and last lines, two matches
 on one line, multi-byte text before a match (byte offsets), a tab, quotes, a backslash and a
-form feed (JSON escapes), CRLF line ends, and a file that does not match. `ripgrep(root, flags, paths)` runs
-ripgrep over the files a command printed, in the order it printed them (`printed_paths`; one
-thread, so ripgrep keeps that order); `comparable(output)` blanks what cannot be equal
-(elapsed times, and counts of work ripgrep and the index do differently) so that the rest is
-compared byte for byte.
+form feed (JSON escapes), CRLF line ends, and a file that does not match.
+`ripgrep(root, flags, paths)` runs ripgrep over the files a command printed, in the order it
+printed them (`printed_paths`; one thread, so ripgrep keeps that order); `comparable(output)`
+blanks what cannot be equal (elapsed times, and counts of work ripgrep and the index do
+differently) so that the rest is compared byte for byte.
 """
 
 from __future__ import annotations
