@@ -13,7 +13,6 @@ stays machine-readable.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import struct
 import sys
@@ -24,16 +23,9 @@ from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 # Engine modules are imported inside each command: `kotadb index search` never loads the
 # builder (tree-sitter, the symbol pool) and `kotadb index --help` loads nothing of the engine.
 if TYPE_CHECKING:
+    from services.cli.render import Printer, Stats
+    from services.search.engine import MatchStream, Searcher, SearchResult
     from services.search.engine.build import BuildProgress
-    from services.search.engine.results import ContextLine, FileMatch, LineMatch, SearchResult
-    from services.search.engine.searcher import Searcher
-    from services.search.engine.stream import MatchStream
-
-# ripgrep's default palette: magenta paths, green line numbers, bold red matches.
-_PATH = "\x1b[35m"
-_LINE = "\x1b[32m"
-_MATCH = "\x1b[1;31m"
-_RESET = "\x1b[0m"
 
 
 def register(subparsers: Any) -> None:
@@ -79,7 +71,7 @@ def register(subparsers: Any) -> None:
     search.add_argument(
         "--json",
         action="store_true",
-        help='one object per output line: {"type":"match"|"context","path","line","text","ranges"}',
+        help="ripgrep's JSON Lines (as `rg --json`): begin, match, context, end and summary records",
     )
     search.add_argument("--cursor", default=None, help="continue after a previous page")
     search.add_argument("--color", choices=("auto", "always", "never"), default="auto")
@@ -210,71 +202,6 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _highlight(line: LineMatch, color: bool) -> str:
-    if not color or not line.ranges:
-        return line.text
-    raw = line.text.encode("utf-8")
-    parts: list[str] = []
-    at = 0
-    for rng in line.ranges:
-        if rng.end <= rng.start:
-            continue
-        parts.append(raw[at : rng.start].decode("utf-8", "replace"))
-        parts.append(_MATCH + raw[rng.start : rng.end].decode("utf-8", "replace") + _RESET)
-        at = rng.end
-    parts.append(raw[at:].decode("utf-8", "replace"))
-    return "".join(parts)
-
-
-def _print_file(out: TextIO, file: FileMatch, color: bool, context: int, *, first: bool) -> None:
-    path = f"{_PATH}{file.path}{_RESET}" if color else file.path
-    if not file.line_matches:
-        out.write(path + "\n")
-        return
-    last_printed = 0
-    for line in file.line_matches:
-        rows: list[tuple[int, str, str]] = [(c.line_number, "-", c.text) for c in line.before]
-        rows.append((line.line_number, ":", _highlight(line, color)))
-        rows += [(c.line_number, "-", c.text) for c in line.after]
-        for number, sep, text in rows:
-            if number <= last_printed:
-                continue
-            # `--` between context groups, within a file and across files (as ripgrep).
-            if context and (number > last_printed + 1 if last_printed else not first):
-                out.write("--\n")
-            num = f"{_LINE}{number}{_RESET}" if color else str(number)
-            out.write(f"{path}{sep}{num}{sep}{text}\n")
-            last_printed = number
-
-
-def _print_json(out: TextIO, result: SearchResult) -> None:
-    import json
-
-    for file in result.files:
-        if not file.line_matches:
-            ranges = [list(r) for r in file.path_ranges]
-            out.write(json.dumps({"type": "path", "path": file.path, "ranges": ranges}) + "\n")
-            continue
-        last_printed = 0
-        for line in file.line_matches:
-            rows: list[tuple[int, dict[str, object]]] = [
-                (c.line_number, _context_row(file, c)) for c in line.before
-            ]
-            match: dict[str, object] = {"type": "match", "path": file.path, "line": line.line_number}
-            match["text"] = line.text
-            match["ranges"] = [[r.start, r.end] for r in line.ranges]
-            rows.append((line.line_number, match))
-            rows += [(c.line_number, _context_row(file, c)) for c in line.after]
-            for number, row in rows:
-                if number > last_printed:
-                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    last_printed = number
-
-
-def _context_row(file: FileMatch, line: ContextLine) -> dict[str, object]:
-    return {"type": "context", "path": file.path, "line": line.line_number, "text": line.text}
-
-
 # Streamed output is handed to stdout in chunks of about this size: one write per file
 # would cost a system call per file (thousands for a common pattern).
 _FLUSH_BYTES = 1 << 20
@@ -287,7 +214,9 @@ _FLUSH_BYTES = 1 << 20
 SPLIT_MIN = 2000
 
 
-def _stream(args: argparse.Namespace, searcher: Searcher, deadline: float | None, color: bool) -> Summary:
+def _stream(
+    args: argparse.Namespace, searcher: Searcher, deadline: float | None, printer: Printer
+) -> Summary:
     """_stream prints every match (or per-file counts) in index order as the stream finds them.
 
     A large stream is cut in two contiguous halves: a forked child renders the second into
@@ -301,13 +230,13 @@ def _stream(args: argparse.Namespace, searcher: Searcher, deadline: float | None
             import tempfile
 
             with tempfile.TemporaryFile() as spool:
-                return _stream_split(args, found, out, spool, color)
-        _render(args, found, 0, total, out, color, first=True)
+                return _stream_split(args, found, out, spool, printer)
+        _render(args, found, 0, total, out, printer)
         return Summary(found.file_count, found.match_count, found.limit_reason, total, found.verified, False)
 
 
 def _stream_split(
-    args: argparse.Namespace, found: MatchStream, out: BinaryIO, spool: BinaryIO, color: bool
+    args: argparse.Namespace, found: MatchStream, out: BinaryIO, spool: BinaryIO, printer: Printer
 ) -> Summary:
     """_stream_split prints the first half of the stream while a forked child renders the second."""
     total = found.candidates
@@ -317,14 +246,16 @@ def _stream_split(
     if child == 0:  # pragma: no cover - the parent checks the child's output and totals
         code = 0
         try:
-            _render(args, found, middle, total, spool, color, first=False)
+            printer.printed_any = True  # the parent's half comes first
+            _render(args, found, middle, total, spool, printer)
             stopped = found.limit_reason is not None
-            spool.write(_COUNTS.pack(found.file_count, found.match_count, found.verified, stopped))
+            totals = (found.file_count, found.match_count, found.verified)
+            spool.write(_COUNTS.pack(*totals, *_stats_fields(printer.stats), stopped))
             spool.flush()
         except BaseException:
             code = 1
         os._exit(code)
-    _render(args, found, 0, middle, out, color, first=True)
+    _render(args, found, 0, middle, out, printer)
     _, status = os.waitpid(child, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError("the second half of the search failed in its worker process")
@@ -332,44 +263,59 @@ def _stream_split(
     if size < _COUNTS.size:
         raise RuntimeError("the search worker wrote no totals")
     spool.seek(size - _COUNTS.size)
-    files, lines, verified, stopped = _COUNTS.unpack(spool.read(_COUNTS.size))
+    files, lines, verified, *stats, stopped = _COUNTS.unpack(spool.read(_COUNTS.size))
     spool.seek(0)
     remaining = size - _COUNTS.size
-    if remaining and found.file_count == 0 and args.context and not args.json and not args.count:
-        spool.seek(3)  # the child's leading "--" separates nothing when this half printed no file
-        remaining -= 3
+    if remaining >= 3 and found.file_count == 0 and spool.read(3) == b"--\n":
+        remaining -= 3  # the child's leading "--" separates nothing when this half printed no file
+    else:
+        spool.seek(0)
     while remaining:
         chunk = spool.read(min(remaining, _FLUSH_BYTES))
         out.write(chunk)
         remaining -= len(chunk)
     out.flush()
+    from services.cli.render import Stats
+
+    printer.stats.add(Stats(*stats))
     reason = found.limit_reason or ("deadline" if stopped else None)
     counts = (found.file_count + files, found.match_count + lines)
     return Summary(*counts, reason, total, found.verified + verified, False)
 
 
-# The totals a forked stream worker appends to its output: files, lines, verified, stopped.
-_COUNTS = struct.Struct("<qqq?")
+# The totals a forked stream worker appends to its output: files, lines, verified, the
+# printer's statistics (services/cli/render.py's Stats, for the JSON summary), stopped.
+_COUNTS = struct.Struct("<qqqqqqqqd?")
+
+
+def _stats_fields(stats: Stats) -> tuple[int, int, int, int, int, float]:
+    return (
+        stats.searches_with_match,
+        stats.matched_lines,
+        stats.matches,
+        stats.bytes_searched,
+        stats.bytes_printed,
+        stats.elapsed,
+    )
 
 
 def _render(
-    args: argparse.Namespace,
-    found: MatchStream,
-    start: int,
-    stop: int,
-    out: BinaryIO,
-    color: bool,
-    *,
-    first: bool,
+    args: argparse.Namespace, found: MatchStream, start: int, stop: int, out: BinaryIO, printer: Printer
 ) -> None:
-    """_render writes the output of candidates [start, stop) of the stream to `out`."""
+    """_render writes the output of candidates [start, stop) of the stream to `out`.
+
+    Plain text goes through the C renderer (`_fastscan.render_lines`, the same bytes as
+    `Printer`'s, without building a Python object per line); colour and JSON go through
+    `Printer`, which decodes the lines.
+    """
     import json
 
+    from services.cli.render import from_groups
     from services.search.engine import _fastscan
 
     pending: list[bytes] = []
     size = 0
-    separate = args.context and not args.json and not args.count
+    native = not printer.color and not printer.as_json
     for file in found.files(start, stop):
         path = file.path.encode("utf-8", "surrogateescape")
         if args.count:
@@ -378,17 +324,13 @@ def _render(
                 chunk = (json.dumps(row, ensure_ascii=False) + "\n").encode()
             else:
                 chunk = b"%s:%d\n" % (path, file.line_count)
-        elif not file.groups:
-            row = {"type": "path", "path": file.path}
-            chunk = (json.dumps(row, ensure_ascii=False) + "\n").encode() if args.json else path + b"\n"
-        elif color:
-            chunk = _colored(file.content, file.groups, file.path, args.context)
+        elif native and file.groups:
+            if printer.context and printer.printed_any:
+                pending.append(b"--\n")  # ripgrep separates context groups across files too
+            chunk = _fastscan.render_lines(file.content, file.groups, path, False, args.context)
+            printer.printed_any = True
         else:
-            label = json.dumps(file.path, ensure_ascii=False).encode() if args.json else path
-            chunk = _fastscan.render_lines(file.content, file.groups, label, args.json, args.context)
-        if separate and not first:
-            pending.append(b"--\n")  # ripgrep separates context groups across files too
-        first = False
+            chunk = printer.render(from_groups(file.path, file.content, file.groups, args.context))
         pending.append(chunk)
         size += len(chunk)
         if size >= _FLUSH_BYTES:
@@ -396,28 +338,6 @@ def _render(
             pending, size = [], 0
     out.write(b"".join(pending))
     out.flush()
-
-
-def _colored(content: bytes | memoryview, groups: bytes, path: str, context: int) -> bytes:
-    """_colored renders one streamed file for a terminal, with ripgrep's colours (small output)."""
-    from services.search.engine.results import LineMatch, MatchRange
-
-    values = memoryview(groups).cast("q")
-    data = bytes(content)
-    lines: list[LineMatch] = []
-    at = 0
-    while at < len(values):
-        number, start, end, count = values[at : at + 4]
-        pairs = values[at + 4 : at + 4 + 2 * count]
-        ranges = tuple(MatchRange(pairs[i], pairs[i + 1], 0, 0) for i in range(0, len(pairs), 2))
-        lines.append(LineMatch(number, start, data[start:end].decode("utf-8", "replace"), ranges))
-        at += 4 + 2 * count
-    text = io.StringIO()
-    path_text = f"{_PATH}{path}{_RESET}"
-    for line in lines:
-        text.write(f"{path_text}:{_LINE}{line.line_number}{_RESET}:{_highlight(line, True)}\n")
-    del context  # context lines are not coloured: a terminal user reads them from the page mode
-    return text.getvalue().encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,14 +353,13 @@ class Summary:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from services.search.engine.errors import EngineError
-    from services.search.engine.index import Index
-    from services.search.engine.results import SearchMode
-    from services.search.engine.searcher import Searcher
+    from services.cli.render import Printer
+    from services.search.engine import EngineError, Index, Searcher, SearchMode
 
     if args.limit < 1:
         return _fail("--limit must be at least 1")
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty() and not args.json)
+    printer = Printer(color=color, context=args.context, as_json=args.json)
     deadline = time.monotonic() + args.timeout if args.timeout else None
     started = time.perf_counter()
     result: SearchResult | None = None
@@ -448,7 +367,7 @@ def _search(args: argparse.Namespace) -> int:
         with Index.open(args.index) as index:
             searcher = Searcher(index)
             if (args.all or args.count) and not args.cursor:
-                summary = _stream(args, searcher, deadline, color)
+                summary = _stream(args, searcher, deadline, printer)
             else:
                 result = searcher.search(
                     args.query,
@@ -460,7 +379,12 @@ def _search(args: argparse.Namespace) -> int:
                     regex=args.regex,
                     with_symbols=not args.json,
                 )
-                summary = _print_page(args, result, color)
+                summary = _print_page(result, printer)
+        if not args.count:
+            elapsed = time.perf_counter() - started
+            closing = printer.summary(searches=summary.verified, bytes_searched=None, elapsed_total=elapsed)
+            sys.stdout.buffer.write(closing)
+            sys.stdout.buffer.flush()
     except BrokenPipeError:
         # The reader (head, less) went away; stop quietly like grep does.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -480,13 +404,11 @@ def _search(args: argparse.Namespace) -> int:
     return 0 if summary.file_count else 1
 
 
-def _print_page(args: argparse.Namespace, result: SearchResult, color: bool) -> Summary:
-    out = sys.stdout
-    if args.json:
-        _print_json(out, result)
-    else:
-        for i, file in enumerate(result.files):
-            _print_file(out, file, color, args.context, first=i == 0)
+def _print_page(result: SearchResult, printer: Printer) -> Summary:
+    from services.cli.render import from_engine
+
+    out = sys.stdout.buffer
+    out.write(b"".join(printer.render(from_engine(file)) for file in result.files))
     out.flush()
     stats = result.stats
     reason = str(result.limit_reason) if result.limit_hit else None

@@ -9,10 +9,11 @@ They are client commands like `kotadb push` (services/cli/client.py): gRPC to th
 an API key from the flags, the environment or the dev stack, so the call is checked, rate
 limited and metered like any other, and the tenant is the key's owner.
 
-`kotadb search` prints what `kotadb index search` prints for an offline index, in the same
-ripgrep form (`path:line:text`, context lines as `path-line-text`, `--` between context groups
-within and across files, matches highlighted on a terminal), or with `--json` one object per
-line (`{"type": "match"|"context"|"path", "path", "line", "text", "ranges"}`). Without `--all`
+`kotadb search` prints what `kotadb index search` prints for an offline index, through the
+same renderer (services/cli/render.py): ripgrep's form (`path:line:text`, context lines as
+`path-line-text`, `--` between context groups within and across files, matches highlighted on
+a terminal), or with `--json` ripgrep's JSON Lines (`begin`, `match`, `context`, `end` and
+`summary` records, as `rg --json`). Without `--all`
 it prints the first page and, on stderr, the token of the next; with `--all` it streams every
 match (StreamSearchCode) and prints each batch as it arrives. `--min-revision R` (the revision
 `kotadb push` prints) waits until the index covers that write.
@@ -27,25 +28,19 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol, TextIO
+import time
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from kotadb.v1 import search_pb2, search_pb2_grpc
 
+    from services.cli import render
     from services.cli.client import Target
 
     Stub = search_pb2_grpc.SearchServiceAsyncStub
     Command = Callable[[Stub, Target, argparse.Namespace], Awaitable[int]]
-
-# ripgrep's default palette, as `kotadb index search` prints: magenta paths, green line
-# numbers, bold red matches.
-PATH_COLOR = "\x1b[35m"
-LINE_COLOR = "\x1b[32m"
-MATCH_COLOR = "\x1b[1;31m"
-RESET = "\x1b[0m"
 
 # Exit codes, as grep and `kotadb index search`.
 FOUND, NOTHING, ERROR = 0, 1, 2
@@ -131,97 +126,6 @@ def _run(command: Command, args: argparse.Namespace) -> int:
         return FOUND
 
 
-class _Range(Protocol):
-    start_byte: int
-    end_byte: int
-
-
-def highlight(text: str, ranges: Sequence[_Range], color: bool) -> str:
-    """highlight wraps each byte range of `text` in the match color (ranges are UTF-8 byte offsets)."""
-    if not color or not ranges:
-        return text
-    raw = text.encode("utf-8")
-    parts: list[str] = []
-    at = 0
-    for rng in ranges:
-        if rng.end_byte <= rng.start_byte or rng.start_byte < at:
-            continue
-        parts.append(raw[at : rng.start_byte].decode("utf-8", "replace"))
-        parts.append(MATCH_COLOR + raw[rng.start_byte : rng.end_byte].decode("utf-8", "replace") + RESET)
-        at = rng.end_byte
-    parts.append(raw[at:].decode("utf-8", "replace"))
-    return "".join(parts)
-
-
-class Printer:
-    """Printer renders file matches as `kotadb index search` does, across pages or stream batches.
-
-    It remembers whether a file was printed yet, so `--` separates context groups across files
-    (and batches) exactly as within one file.
-    """
-
-    def __init__(self, out: TextIO, *, color: bool, context: int, as_json: bool) -> None:
-        self.out = out
-        self.color = color
-        self.context = context
-        self.as_json = as_json
-        self.printed_any = False
-
-    def file(self, file: search_pb2.FileMatch) -> None:
-        """file prints one matching file's lines (or its path, for a path-only match)."""
-        if self.as_json:
-            self._json_file(file)
-        else:
-            self._text_file(file)
-        self.printed_any = True
-
-    def _rows(self, file: search_pb2.FileMatch) -> list[tuple[int, str, search_pb2.LineMatch | None]]:
-        """_rows lists (line number, text, match or None for context) once each, in line order."""
-        rows: list[tuple[int, str, search_pb2.LineMatch | None]] = []
-        last = 0
-        for line in file.line_matches:
-            first_before = line.line_number - len(line.before)
-            group: list[tuple[int, str, search_pb2.LineMatch | None]] = [
-                (first_before + i, text, None) for i, text in enumerate(line.before)
-            ]
-            group.append((line.line_number, line.line, line))
-            group += [(line.line_number + 1 + i, text, None) for i, text in enumerate(line.after)]
-            for number, text, match in group:
-                if number > last:
-                    rows.append((number, text, match))
-                    last = number
-        return rows
-
-    def _text_file(self, file: search_pb2.FileMatch) -> None:
-        path = f"{PATH_COLOR}{file.path}{RESET}" if self.color else file.path
-        if not file.line_matches:
-            self.out.write(path + "\n")
-            return
-        last = 0
-        for number, text, match in self._rows(file):
-            # `--` between context groups, within a file and across files (as ripgrep).
-            if self.context and (number > last + 1 if last else self.printed_any):
-                self.out.write("--\n")
-            sep = ":" if match is not None else "-"
-            shown = highlight(text, match.ranges, self.color) if match is not None else text
-            num = f"{LINE_COLOR}{number}{RESET}" if self.color else str(number)
-            self.out.write(f"{path}{sep}{num}{sep}{shown}\n")
-            last = number
-
-    def _json_file(self, file: search_pb2.FileMatch) -> None:
-        if not file.line_matches:
-            ranges = [[r.start_byte, r.end_byte] for r in file.path_ranges]
-            self.out.write(json.dumps({"type": "path", "path": file.path, "ranges": ranges}) + "\n")
-            return
-        for number, text, match in self._rows(file):
-            row: dict[str, object] = {"type": "context" if match is None else "match", "path": file.path}
-            row["line"] = number
-            row["text"] = text
-            if match is not None:
-                row["ranges"] = [[r.start_byte, r.end_byte] for r in match.ranges]
-            self.out.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 def _limit_reason(reason: int) -> str:
     from kotadb.v1 import search_pb2
 
@@ -232,28 +136,32 @@ async def _search(stub: Stub, target: Target, args: argparse.Namespace) -> int:
     """_search prints one page (SearchCode) or, with --all, every match as it streams in."""
     from kotadb.v1 import search_pb2
 
-    from services.cli import client
+    from services.cli import client, render
 
     if args.limit < 1 or args.context < 0 or args.min_revision < 0:
         client.fail("--limit must be at least 1; --context and --min-revision at least 0")
         return ERROR
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty() and not args.json)
-    printer = Printer(sys.stdout, color=color, context=args.context, as_json=args.json)
+    printer = render.Printer(color=color, context=args.context, as_json=args.json)
+    out = sys.stdout.buffer
     metadata = client.call_metadata(target)
+    started = time.perf_counter()
     if args.all:
         request = search_pb2.StreamSearchCodeRequest(
             query=args.query, context_lines=args.context, min_revision=args.min_revision, regex=args.regex
         )
         files = matches = revision = 0
         limited = ""
+        stats = search_pb2.SearchStats()
         async for message in stub.StreamSearchCode(request, metadata=metadata):
-            for file in message.file_matches:
-                printer.file(file)
-            sys.stdout.flush()
+            out.write(b"".join(printer.render(render.from_proto(file)) for file in message.file_matches))
+            out.flush()
             if message.done:
                 files, matches = message.total_file_count, message.total_match_count
                 revision = message.index_revision
                 limited = _limit_reason(message.limit_reason) if message.limit_hit else ""
+                stats = message.stats
+        _close(printer, stats, started)
         _summary(files, matches, limited, revision, "")
         return FOUND if files else NOTHING
     page_request = search_pb2.SearchCodeRequest(
@@ -265,13 +173,23 @@ async def _search(stub: Stub, target: Target, args: argparse.Namespace) -> int:
         regex=args.regex,
     )
     page: search_pb2.SearchCodeResponse = await stub.SearchCode(page_request, metadata=metadata)
-    for file in page.file_matches:
-        printer.file(file)
-    sys.stdout.flush()
+    out.write(b"".join(printer.render(render.from_proto(file)) for file in page.file_matches))
+    _close(printer, page.stats, started)
     limited = _limit_reason(page.limit_reason) if page.limit_hit else ""
     totals = (page.total_file_count, page.total_match_count)
     _summary(*totals, limited, page.index_revision, page.next_page_token)
     return FOUND if page.file_matches else NOTHING
+
+
+def _close(printer: render.Printer, stats: search_pb2.SearchStats, started: float) -> None:
+    """_close ends `--json` output with ripgrep's summary record (the service's counts of work)."""
+    closing = printer.summary(
+        searches=stats.files_verified,
+        bytes_searched=stats.bytes_verified or None,
+        elapsed_total=time.perf_counter() - started,
+    )
+    sys.stdout.buffer.write(closing)
+    sys.stdout.buffer.flush()
 
 
 def _summary(files: int, matches: int, limited: str, revision: int, next_token: str) -> None:

@@ -141,6 +141,7 @@ def fill_file_match(out: search_pb2.FileMatch, match: FileMatch, max_lines: int)
         number = line.line_number
         proto.line_number = number
         proto.line = line.text
+        proto.line_start = line.line_start
         ranges = proto.ranges
         for r in line.ranges:
             ranges.add(

@@ -18,13 +18,10 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
-import json
 import os
 import signal
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +37,7 @@ from services.common import migrate
 from services.common.pgembed import EmbeddedPostgres
 from services.common.supervisor import Supervisor
 from tests.auth.test_ratelimit import insert_key
+from tests.gatewayhttp import Reply, fetch
 from tests.harness import (
     seed_key,
     service_env,
@@ -91,48 +89,6 @@ def stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     workdir = tmp_path_factory.mktemp("gateway-auth")
     with Supervisor(grace=20) as supervisor:
         yield _start_stack(supervisor, workdir, database_url)
-
-
-@dataclasses.dataclass(frozen=True)
-class Reply:
-    """Reply is an HTTP answer: status, headers (lower-case names) and body."""
-
-    status: int
-    headers: dict[str, str]
-    raw: bytes
-
-    @property
-    def body(self) -> dict[str, Any]:
-        parsed: dict[str, Any] = json.loads(self.raw)
-        return parsed
-
-    @property
-    def reached_service(self) -> bool:
-        """reached_service is true when an upstream service produced the answer, not the gateway."""
-        return "x-envoy-upstream-service-time" in self.headers and "x-kotadb-error-reason" not in self.headers
-
-
-def http(
-    method: str,
-    url: str,
-    *,
-    key: str | None = None,
-    body: bytes | None = None,
-    headers: dict[str, str] | None = None,
-) -> Reply:
-    sent = dict(headers or {})
-    if key is not None:
-        sent["authorization"] = f"Bearer {key}"
-    if body is not None:
-        sent["content-type"] = "application/json"
-    request = urllib.request.Request(url, data=body, method=method, headers=sent)
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return Reply(
-                response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
-            )
-    except urllib.error.HTTPError as exc:
-        return Reply(exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,18 +201,18 @@ async def test_each_credential_case_over_rest_and_grpc(
     }
     for key, call, status_code, reason in cases:
         method, path, body = rest[call]
-        _assert_http_denied(http(method, stack.url + path, key=key, body=body), status_code, reason)
+        _assert_http_denied(fetch(method, stack.url + path, key=key, body=body), status_code, reason)
         _assert_grpc_denied(grpc_call(stack.target, call, key=key), status_code, reason)
 
     for key in (valid, rotating):
-        reply = http("GET", stack.url + "/v1/index", key=key)
+        reply = fetch("GET", stack.url + "/v1/index", key=key)
         assert reply.reached_service, (reply.status, reply.headers, reply.raw)
         assert reply.headers["ratelimit-limit"] == "1000"
         assert int(reply.headers["ratelimit-remaining"]) < 1000
         assert _reached_service(grpc_call(stack.target, "search", key=key))
     # x-api-key is accepted like a bearer token; the write key may ingest.
-    assert http("GET", stack.url + "/v1/index", headers={"x-api-key": valid}).reached_service
-    assert http("POST", stack.url + "/v1/documents:batchUpsert", key=writer, body=b"{}").reached_service
+    assert fetch("GET", stack.url + "/v1/index", headers={"x-api-key": valid}).reached_service
+    assert fetch("POST", stack.url + "/v1/documents:batchUpsert", key=writer, body=b"{}").reached_service
     assert _reached_service(grpc_call(stack.target, "ingest", key=writer))
 
 
@@ -265,16 +221,16 @@ async def test_client_supplied_identity_headers_buy_nothing(
 ) -> None:
     victim = await user_factory()
     forged = {"x-kotadb-identity": "eyJzdWIiOiJ4In0.c2lnbmF0dXJl", "x-kotadb-tenant": str(victim)}
-    _assert_http_denied(http("GET", stack.url + "/v1/index", headers=forged), 401, "MISSING_CREDENTIALS")
+    _assert_http_denied(fetch("GET", stack.url + "/v1/index", headers=forged), 401, "MISSING_CREDENTIALS")
     reply = grpc_call(stack.target, "search", extra=[("x-kotadb-identity", forged["x-kotadb-identity"])])
     _assert_grpc_denied(reply, 401, "MISSING_CREDENTIALS")
     # With a valid key of another user, the forged headers are replaced by Check's own.
     other = await user_factory()
     secret, _ = await insert_key(pool, other)
-    assert http("GET", stack.url + "/v1/index", key=secret, headers=forged).reached_service
+    assert fetch("GET", stack.url + "/v1/index", key=secret, headers=forged).reached_service
     # The webhook route skips Check, and the services refuse a forged identity there too
     # (the route strips it; a non-webhook method would need a valid signature).
-    webhook = http("POST", stack.url + "/v1/webhooks/github/some-repository", body=b"{}", headers=forged)
+    webhook = fetch("POST", stack.url + "/v1/webhooks/github/some-repository", body=b"{}", headers=forged)
     assert webhook.reached_service, (webhook.status, webhook.raw)
     assert webhook.body.get("code") != grpc.StatusCode.UNAUTHENTICATED.value[0], webhook.body
 
@@ -285,16 +241,16 @@ async def test_revocation_applies_at_once_across_both_replicas(
     user = await user_factory()
     secret, key_id = await insert_key(pool, user)
     for _ in range(6):  # round-robin: both replicas have the key cached now
-        assert http("GET", stack.url + "/v1/index", key=secret).reached_service
+        assert fetch("GET", stack.url + "/v1/index", key=secret).reached_service
     await pool.execute("update public.api_keys set revoked_at = now() where id = $1", key_id)
     # Replicas admit cached keys from memory; the change reaches them by NOTIFY, which the issue
     # allows one second for. Wait for the first refusal within that second, then every request
     # on either replica must be refused.
     deadline = time.monotonic() + 1.0
-    while http("GET", stack.url + "/v1/index", key=secret).reached_service:
+    while fetch("GET", stack.url + "/v1/index", key=secret).reached_service:
         assert time.monotonic() < deadline, "revocation took more than a second to apply"
     for _ in range(6):
-        _assert_http_denied(http("GET", stack.url + "/v1/index", key=secret), 401, "API_KEY_REVOKED")
+        _assert_http_denied(fetch("GET", stack.url + "/v1/index", key=secret), 401, "API_KEY_REVOKED")
 
 
 async def test_200_concurrent_requests_against_a_limit_of_50_admit_exactly_50(
@@ -304,7 +260,7 @@ async def test_200_concurrent_requests_against_a_limit_of_50_admit_exactly_50(
     secret, key_id = await insert_key(pool, user, rate_limit=50)
 
     def one(_: int) -> Reply:
-        return http("GET", stack.url + "/v1/index", key=secret)
+        return fetch("GET", stack.url + "/v1/index", key=secret)
 
     # Stay clear of a minute boundary, which would legitimately open a second window.
     if datetime.datetime.now(UTC).second >= 50:
@@ -338,10 +294,10 @@ def test_postgres_outage_fails_closed_with_503_and_recovers(tmp_path_factory: py
         with Supervisor(grace=20) as supervisor:
             # One auth replica; its cache is off so every check needs the database.
             outage = _start_stack(supervisor, workdir, dsn, auth_replicas=1, KOTADB_AUTH_KEY_CACHE_TTL="0")
-            assert http("GET", outage.url + "/v1/index", key=secret).reached_service
+            assert fetch("GET", outage.url + "/v1/index", key=secret).reached_service
 
             cluster.stop()
-            reply = http("GET", outage.url + "/v1/index", key=secret)
+            reply = fetch("GET", outage.url + "/v1/index", key=secret)
             _assert_http_denied(reply, 503, "DATABASE_UNAVAILABLE")
             grpc_reply = grpc_call(outage.target, "search", key=secret)
             assert grpc_reply.code == grpc.StatusCode.UNAVAILABLE
@@ -349,7 +305,7 @@ def test_postgres_outage_fails_closed_with_503_and_recovers(tmp_path_factory: py
             cluster.start()
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
-                reply = http("GET", outage.url + "/v1/index", key=secret)
+                reply = fetch("GET", outage.url + "/v1/index", key=secret)
                 if reply.reached_service:
                     break
                 assert reply.status == 503, (reply.status, reply.raw)
@@ -377,7 +333,7 @@ def test_a_hung_postgres_gets_checks_json_503_through_the_gateway(
         secret = seed_key(dsn, email_prefix="hang")
         with Supervisor(grace=20) as supervisor:
             hang = _start_stack(supervisor, workdir, dsn, auth_replicas=1, KOTADB_AUTH_KEY_CACHE_TTL="0")
-            assert http("GET", hang.url + "/v1/index", key=secret).reached_service
+            assert fetch("GET", hang.url + "/v1/index", key=secret).reached_service
 
             pid = cluster.postmaster_pid or int(
                 (cluster.pgdata / "postmaster.pid").read_text().splitlines()[0]
@@ -388,7 +344,7 @@ def test_a_hung_postgres_gets_checks_json_503_through_the_gateway(
                 os.kill(process.pid, signal.SIGSTOP)
             for _ in range(3):
                 _assert_http_denied(
-                    http("GET", hang.url + "/v1/index", key=secret), 503, "DATABASE_UNAVAILABLE"
+                    fetch("GET", hang.url + "/v1/index", key=secret), 503, "DATABASE_UNAVAILABLE"
                 )
             assert grpc_call(hang.target, "search", key=secret).code == grpc.StatusCode.UNAVAILABLE
 
@@ -396,11 +352,11 @@ def test_a_hung_postgres_gets_checks_json_503_through_the_gateway(
                 os.kill(process.pid, signal.SIGCONT)
             stopped = []
             deadline = time.monotonic() + 60
-            reply = http("GET", hang.url + "/v1/index", key=secret)
+            reply = fetch("GET", hang.url + "/v1/index", key=secret)
             while not reply.reached_service and time.monotonic() < deadline:
                 assert reply.status == 503, (reply.status, reply.raw)
                 time.sleep(0.5)
-                reply = http("GET", hang.url + "/v1/index", key=secret)
+                reply = fetch("GET", hang.url + "/v1/index", key=secret)
             assert reply.reached_service, (reply.status, reply.raw)
     finally:
         for process in stopped:

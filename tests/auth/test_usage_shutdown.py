@@ -14,8 +14,6 @@ from __future__ import annotations
 import functools
 import json
 import secrets
-import urllib.error
-import urllib.request
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -31,21 +29,10 @@ from services.common.identity import READ, Identity
 from services.common.settings import env_settings
 from services.common.supervisor import Supervisor
 from tests.conftest import UserFactory
+from tests.gatewayhttp import http
 from tests.harness import serve, service_env, start_envoy, wait_gateway_healthy, wait_until
 
 INDEX_METHOD = "/kotadb.v1.SearchService/GetIndexStatus"
-
-
-def _http(url: str, key: str | None) -> int:
-    headers = {} if key is None else {"authorization": f"Bearer {key}"}
-    request = urllib.request.Request(url, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            response.read()
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        exc.read()
-        return int(exc.code)
 
 
 def _metered(log_path: Path) -> int:
@@ -96,9 +83,9 @@ async def test_sigterm_writes_every_queued_usage_row(
         wait_gateway_healthy(envoy, supervisor)
         url = envoy.url
 
-        rest_statuses = Counter(_http(f"{url}/v1/index", key) for _ in range(12))
-        refused = [_http(f"{url}/v1/index", None) for _ in range(3)]
-        refused += [_http(f"{url}/v1/index", "kdb_live_not-a-key") for _ in range(3)]
+        rest_statuses = Counter(http("GET", f"{url}/v1/index", key)[0] for _ in range(12))
+        refused = [http("GET", f"{url}/v1/index", None)[0] for _ in range(3)]
+        refused += [http("GET", f"{url}/v1/index", "kdb_live_not-a-key")[0] for _ in range(3)]
         assert refused == [401] * 6
         grpc_codes: Counter[int] = Counter()
         with grpc.insecure_channel(envoy.target) as channel:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import ripgrep
+
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN_CORPUS = Path(__file__).parent / "goldens" / "corpus"
 
@@ -92,18 +94,28 @@ def test_search_json_all_is_one_object_per_line(built: tuple[Path, Path]) -> Non
     src, index = built
     proc = kotadb("search", str(index), r"Pars(er|e)\b", "--regex", "--all", "--json")
     assert proc.returncode == 0, proc.stderr
-    rows = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert rows and all(set(row) == {"type", "path", "line", "text", "ranges"} for row in rows)
+    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert {r["type"] for r in records} == {"begin", "match", "end", "summary"}
+    assert records[-1]["type"] == "summary"
+    rows = [r["data"] for r in records if r["type"] == "match"]
     for row in rows:
-        line = (src / row["path"]).read_bytes().split(b"\n")[row["line"] - 1]
-        assert row["type"] == "match" and row["text"] == line.decode()
-        assert row["ranges"] and all(line[s:e] in (b"Parser", b"Parse") for s, e in row["ranges"])
+        data = (src / row["path"]["text"]).read_bytes()
+        line = data.split(b"\n")[row["line_number"] - 1]
+        assert row["lines"]["text"] == line.decode() + "\n"
+        assert data[row["absolute_offset"] :].startswith(line + b"\n")
+        assert row["submatches"]
+        for sub in row["submatches"]:
+            assert line[sub["start"] : sub["end"]] in (b"Parser", b"Parse")
+            assert sub["match"]["text"] == line[sub["start"] : sub["end"]].decode()
     # --all streams in index order: paths ascending.
-    paths = [row["path"] for row in rows]
+    paths = [row["path"]["text"] for row in rows]
     assert paths == sorted(paths)
-    found = {(r["path"], r["line"]) for r in rows}
+    found = {(r["path"]["text"], r["line_number"]) for r in rows}
     assert {("src/config.go", 5), ("src/config.go", 6), ("src/parser.py", 4)} <= found
     assert ("src/reparser.rb", 2) not in found  # "Reparser" is another word
+    summary = records[-1]["data"]["stats"]
+    assert summary["matched_lines"] == len(rows)
+    assert summary["matches"] == sum(len(row["submatches"]) for row in rows)
 
 
 def test_search_all_and_pages_print_like_ripgrep_across_files(built: tuple[Path, Path]) -> None:
@@ -124,9 +136,10 @@ def test_search_all_and_pages_print_like_ripgrep_across_files(built: tuple[Path,
         assert len({row[1] for row in rows if row is not None}) >= 2
     json_rows = kotadb("search", str(index), "Parser", "--regex", "--all", "--json", "--context", "1")
     records = [json.loads(line) for line in json_rows.stdout.splitlines()]
-    assert {row["type"] for row in records} == {"match", "context"}
-    for row in records:
-        assert row["text"] == (src / row["path"]).read_bytes().decode().split("\n")[row["line"] - 1]
+    assert {row["type"] for row in records} == {"begin", "match", "context", "end", "summary"}
+    for row in (r["data"] for r in records if r["type"] in ("match", "context")):
+        text = (src / row["path"]["text"]).read_bytes().decode().split("\n")[row["line_number"] - 1]
+        assert row["lines"]["text"] == text + "\n"
 
 
 def test_search_count_prints_lines_per_file_and_exact_totals(built: tuple[Path, Path]) -> None:
@@ -195,7 +208,8 @@ def test_rebuild_replaces_changed_and_drops_deleted_files(tmp_path: Path) -> Non
     stats = json.loads(kotadb("stats", str(index), "--json").stdout)
     assert stats["documents"] == 9
     found = kotadb("search", str(index), "parser", "--all", "--json")
-    paths = {json.loads(line)["path"] for line in found.stdout.splitlines()}
+    records = [json.loads(line) for line in found.stdout.splitlines()]
+    paths = {r["data"]["path"]["text"] for r in records if r["type"] == "begin"}
     assert "src/reparser.rb" not in paths and "docs/notes.md" not in paths
     assert "docs/new.txt" in paths
 
@@ -217,8 +231,87 @@ def test_a_stream_split_over_a_forked_worker_prints_what_one_process_prints(
     monkeypatch.setattr(index_cli, "SPLIT_MIN", 1)  # every stream splits, into a forked child
     assert main(argv) == 0
     split = capfd.readouterr()
-    assert split.out == whole.out and whole.out
+    # Elapsed times (in --json's end and summary records) are the only bytes that may differ.
+    same = ripgrep.comparable(split.out.encode(), sizes_known=True)
+    assert same == ripgrep.comparable(whole.out.encode(), sizes_known=True) and whole.out
     # Searched, not matched at the start: a forked child of a process that has used gRPC may
     # print gRPC's fork warning on stderr first.
     totals = re.compile(r"^\d+ files, \d+ lines; \d+ candidates, \d+ verified", re.MULTILINE)
     assert totals.search(split.err)[0] == totals.search(whole.err)[0]  # type: ignore[index]
+
+
+@pytest.fixture(scope="module")
+def rg_tree(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("rg")
+    src = ripgrep.write_tree(base / "src")
+    index = base / "index"
+    proc = kotadb("build", str(src), "--out", str(index), "--workers", "1", "--no-symbols")
+    assert proc.returncode == 0, proc.stderr
+    return src, index
+
+
+RG_FLAGS = [[], ["--context", "2"], ["--json"], ["--json", "--context", "2"]]
+
+
+@pytest.mark.parametrize("flags", RG_FLAGS, ids=["plain", "context", "json", "json-context"])
+@pytest.mark.parametrize("mode", ["page", "all"])
+def test_search_prints_ripgrep_s_bytes(rg_tree: tuple[Path, Path], flags: list[str], mode: str) -> None:
+    src, index = rg_tree
+    extra = ["--all"] if mode == "all" else []
+    command = ["index", "search", str(index), ripgrep.PATTERN, "--regex", "--color", "never"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "services.cli", *command, *extra, *flags],
+        cwd=REPO,
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=False,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    as_json = "--json" in flags
+    paths = ripgrep.printed_paths(proc.stdout, as_json)
+    assert set(paths) == ripgrep.matching_paths(src) and len(paths) == len(set(paths))
+    rg_flags = ["--json" if f == "--json" else f for f in flags]
+    expected = ripgrep.ripgrep(src, rg_flags, paths)
+    # The stream knows each file's size (ripgrep's bytes_searched); a ranked page does not.
+    sizes = mode == "all"
+    ours = ripgrep.comparable(proc.stdout, sizes_known=sizes)
+    assert ours == ripgrep.comparable(expected, sizes_known=sizes)
+    if as_json:
+        types = ripgrep.record_types(proc.stdout)
+        assert types[0] == "begin" and types[-1] == "summary" and types.count("begin") == len(paths)
+
+
+@pytest.mark.parametrize("context", [0, 2])
+def test_the_native_renderer_prints_the_printer_s_bytes(rg_tree: tuple[Path, Path], context: int) -> None:
+    from services.cli.render import Printer, from_groups
+    from services.search.engine import Index, Searcher, _fastscan
+
+    _, index = rg_tree
+    printer = Printer(color=False, context=context, as_json=False)
+    compared = 0
+    with Index.open(index) as opened, Searcher(opened).stream(ripgrep.PATTERN, regex=True) as found:
+        for file in found.files(0, found.candidates):
+            if not file.groups:
+                continue
+            path = file.path.encode()
+            native = _fastscan.render_lines(file.content, file.groups, path, False, context)
+            printer.printed_any = False
+            assert native == printer.render(from_groups(file.path, file.content, file.groups, context))
+            compared += 1
+    assert compared == len(ripgrep.matching_paths(rg_tree[0]))
+
+
+@pytest.mark.parametrize("mode", [[], ["--all"]], ids=["page", "all"])
+def test_colour_only_adds_escapes_to_what_ripgrep_prints(rg_tree: tuple[Path, Path], mode: list[str]) -> None:
+    _, index = rg_tree
+    argv = [str(index), ripgrep.PATTERN, "--regex", "--context", "2", *mode]
+    plain = kotadb("search", *argv, "--color", "never")
+    colored = kotadb("search", *argv, "--color", "always")
+    assert plain.returncode == colored.returncode == 0, colored.stderr
+    assert re.sub(r"\x1b\[[0-9;]*m", "", colored.stdout) == plain.stdout
+    # Paths, line numbers (of context lines too) and every match are coloured.
+    assert "\x1b[35msrc/edges.txt\x1b[0m-\x1b[32m2\x1b[0m-line 2\n" in colored.stdout
+    top = "\x1b[35msrc/edges.txt\x1b[0m:\x1b[32m1\x1b[0m:\x1b[1;31mParser\x1b[0m at the top\n"
+    assert top in colored.stdout
+    assert colored.stdout.count("\x1b[1;31m") == plain.stdout.count("Parser") + plain.stdout.count("Parsing")

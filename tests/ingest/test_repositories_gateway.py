@@ -12,27 +12,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from kotadb.v1 import ingest_pb2, ingest_pb2_grpc
 
-from services.common.supervisor import Supervisor
 from services.ingest.secretbox import generate_key_spec
-from tests.harness import (
-    Envoy,
-    seed_key,
-    service_env,
-    spawn_services,
-    start_gateway,
-)
+from tests.gatewayhttp import GatewayStack, error_reason, http_json, two_tenants
 
 IDENTITY_KEY = "ingest-repos-gateway-identity-key-0123456789"
 SECRET_KEYS = generate_key_spec("gw1")
@@ -41,76 +30,35 @@ TOKEN = "ghp_GatewayAccessToken9876543210zyxwvu"
 PUBLIC_URL = "https://140.82.112.3/octo/{name}.git"
 
 
-@dataclass(frozen=True)
-class Stack:
-    """Stack is the gateway, the directory holding every process's log, and two tenants' API keys."""
-
-    envoy: Envoy
-    workdir: Path
-    alice: str
-    bob: str
-
-
 @pytest.fixture(scope="module")
-def stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayStack]:
     workdir = tmp_path_factory.mktemp("repos-gateway")
-    env = service_env(
+    with two_tenants(
         database_url,
         workdir,
         IDENTITY_KEY,
+        "repos",
         KOTADB_INGEST_SYMBOL_WORKERS="1",
         # No job workers: queued jobs stay queued, so a sync request folds into them.
         KOTADB_INGEST_WORKERS="0",
         KOTADB_INGEST_SECRET_KEYS=SECRET_KEYS,
         KOTADB_LOG_LEVEL="DEBUG",
-    )
-    with Supervisor(grace=20) as supervisor:
-        addresses = spawn_services(supervisor, workdir, env)
-        envoy = start_gateway(supervisor, workdir, addresses, IDENTITY_KEY)
-        alice = seed_key(
-            database_url, email_prefix="repos-alice", permissions=("read", "write"), rate_limit=6000
-        )
-        bob = seed_key(database_url, email_prefix="repos-bob", permissions=("read", "write"), rate_limit=6000)
-        yield Stack(envoy, workdir, alice, bob)
+    ) as stack:
+        yield stack
 
 
-def _http(
-    method: str, url: str, key: str | None, body: Any = None, headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, Any]]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode() if body is not None else None
-    sent = dict(headers or {})
-    if key is not None:
-        sent["authorization"] = f"Bearer {key}"
-    if data is not None:
-        sent.setdefault("content-type", "application/json")
-    request = urllib.request.Request(url, data=data, method=method, headers=sent)
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            code, raw = response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        code, raw = exc.code, exc.read()
-    parsed: dict[str, Any] = json.loads(raw or b"{}")
-    return code, parsed
-
-
-def _reason(body: dict[str, Any]) -> str:
-    infos = [d for d in body.get("details", []) if d["@type"].endswith("/google.rpc.ErrorInfo")]
-    assert infos, body
-    return str(infos[0]["reason"])
-
-
-def _create(stack: Stack, key: str, name: str, **extra: Any) -> dict[str, Any]:
-    code, body = _http(
+def _create(stack: GatewayStack, key: str, name: str, **extra: Any) -> dict[str, Any]:
+    code, body = http_json(
         "POST",
         f"{stack.envoy.url}/v1/repositories",
         key,
         {"repository": {"fullName": f"octo/{name}", "url": PUBLIC_URL.format(name=name)}, **extra},
     )
-    assert code == 200, body
+    assert code == 200 and isinstance(body, dict), body
     return body
 
 
-def test_rest_lifecycle_of_a_repository(stack: Stack) -> None:
+def test_rest_lifecycle_of_a_repository(stack: GatewayStack) -> None:
     base = f"{stack.envoy.url}/v1/repositories"
     created = _create(stack, stack.alice, "life", accessToken=TOKEN, sync=True)
     repo = created["repository"]
@@ -118,7 +66,7 @@ def test_rest_lifecycle_of_a_repository(stack: Stack) -> None:
     assert repo["webhookUrl"] == f"/v1/webhooks/github/{repo['id']}"
     assert created["job"]["kind"] == "FULL_SYNC" and created["job"]["state"] == "QUEUED"
 
-    code, patched = _http(
+    code, patched = http_json(
         "PATCH",
         f"{base}/{repo['id']}?updateMask=defaultBranch,excludeGlobs",
         stack.alice,
@@ -130,21 +78,21 @@ def test_rest_lifecycle_of_a_repository(stack: Stack) -> None:
         ["vendor/**"],
         "0",
     )
-    code, rotated = _http("POST", f"{base}/{repo['id']}:rotateWebhookSecret", stack.alice, {})
+    code, rotated = http_json("POST", f"{base}/{repo['id']}:rotateWebhookSecret", stack.alice, {})
     assert code == 200 and rotated["webhookSecret"] not in ("", created["webhookSecret"]), rotated
-    code, job = _http("POST", f"{base}/{repo['id']}:sync", stack.alice, {"full": True})
+    code, job = http_json("POST", f"{base}/{repo['id']}:sync", stack.alice, {"full": True})
     assert code == 200 and job["id"] == created["job"]["id"], job  # folded into the queued job
-    code, listed = _http("GET", f"{base}?pageSize=100", stack.alice)
+    code, listed = http_json("GET", f"{base}?pageSize=100", stack.alice)
     assert code == 200 and repo["id"] in [r["id"] for r in listed["repositories"]]
-    code, _ = _http("DELETE", f"{base}/{repo['id']}", stack.alice)
+    code, _ = http_json("DELETE", f"{base}/{repo['id']}", stack.alice)
     assert code == 200
-    code, gone = _http("GET", f"{base}/{repo['id']}", stack.alice)
-    assert code == 404 and _reason(gone) == "REPOSITORY_NOT_FOUND"
+    code, gone = http_json("GET", f"{base}/{repo['id']}", stack.alice)
+    assert code == 404 and error_reason(gone) == "REPOSITORY_NOT_FOUND"
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "169.254.169.254", "[::1]", "10.0.0.1"])
-def test_rest_refuses_internal_urls(stack: Stack, host: str) -> None:
-    code, body = _http(
+def test_rest_refuses_internal_urls(stack: GatewayStack, host: str) -> None:
+    code, body = http_json(
         "POST",
         f"{stack.envoy.url}/v1/repositories",
         stack.alice,
@@ -156,7 +104,7 @@ def test_rest_refuses_internal_urls(stack: Stack, host: str) -> None:
     assert requests[0]["fieldViolations"][0]["reason"] == "URL_HOST_FORBIDDEN"
 
 
-def test_tenant_b_cannot_touch_tenant_a_repositories(stack: Stack) -> None:
+def test_tenant_b_cannot_touch_tenant_a_repositories(stack: GatewayStack) -> None:
     base = f"{stack.envoy.url}/v1/repositories"
     repo = _create(stack, stack.alice, f"private-{uuid.uuid4().hex[:6]}")["repository"]
     attempts = [
@@ -167,9 +115,9 @@ def test_tenant_b_cannot_touch_tenant_a_repositories(stack: Stack) -> None:
         ("DELETE", f"{base}/{repo['id']}", None),
     ]
     for method, url, body in attempts:
-        code, answer = _http(method, url, stack.bob, body)
-        assert code == 404 and _reason(answer) == "REPOSITORY_NOT_FOUND", (method, url, answer)
-    code, listed = _http("GET", f"{base}?pageSize=1000", stack.bob)
+        code, answer = http_json(method, url, stack.bob, body)
+        assert code == 404 and error_reason(answer) == "REPOSITORY_NOT_FOUND", (method, url, answer)
+    code, listed = http_json("GET", f"{base}?pageSize=1000", stack.bob)
     assert code == 200 and repo["id"] not in [r["id"] for r in listed.get("repositories", [])]
     # The same over gRPC through the gateway.
     with grpc.insecure_channel(stack.envoy.target) as channel:
@@ -196,7 +144,7 @@ def test_tenant_b_cannot_touch_tenant_a_repositories(stack: Stack) -> None:
         assert mine.id == repo["id"]
 
 
-def test_webhook_needs_no_api_key_but_other_routes_do(stack: Stack) -> None:
+def test_webhook_needs_no_api_key_but_other_routes_do(stack: GatewayStack) -> None:
     created = _create(stack, stack.alice, f"hooked-{uuid.uuid4().hex[:6]}")
     repo, secret = created["repository"], created["webhookSecret"]
     payload = json.dumps(
@@ -208,23 +156,23 @@ def test_webhook_needs_no_api_key_but_other_routes_do(stack: Stack) -> None:
         "X-Hub-Signature-256": "sha256=" + hmac.new(secret.encode(), payload, hashlib.sha256).hexdigest(),
     }
     url = f"{stack.envoy.url}{repo['webhookUrl']}"
-    code, answer = _http("POST", url, None, payload, headers)
+    code, answer = http_json("POST", url, None, payload, headers)
     assert code == 200 and answer["job"]["kind"] == "INCREMENTAL_SYNC", answer
     # A client-supplied identity header on the webhook route is dropped, never trusted.
-    code, answer = _http(
+    code, answer = http_json(
         "POST", url, None, payload, {**headers, "X-GitHub-Delivery": "forged", "x-kotadb-identity": "x.y"}
     )
     assert code == 200, answer
-    code, answer = _http("POST", url, None, payload, {**headers, "X-Hub-Signature-256": "sha256=00"})
+    code, answer = http_json("POST", url, None, payload, {**headers, "X-Hub-Signature-256": "sha256=00"})
     assert code == 401, answer
     # Every other route still needs the key.
-    code, _ = _http("GET", f"{stack.envoy.url}/v1/repositories/{repo['id']}", None)
+    code, _ = http_json("GET", f"{stack.envoy.url}/v1/repositories/{repo['id']}", None)
     assert code == 401
 
 
-def test_no_secret_reaches_any_log(stack: Stack) -> None:
+def test_no_secret_reaches_any_log(stack: GatewayStack) -> None:
     created = _create(stack, stack.alice, f"logged-{uuid.uuid4().hex[:6]}", accessToken=TOKEN)
-    code, refused = _http(
+    code, refused = http_json(
         "POST",
         f"{stack.envoy.url}/v1/repositories",
         stack.alice,

@@ -7,7 +7,10 @@ import logging
 import os
 import threading
 import uuid
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -15,6 +18,8 @@ import pytest
 from services.common import db
 from services.ingest import gitfetch, queue
 from services.ingest.documents import DocumentWriter
+from services.ingest.worker import Worker
+from tests.conftest import UserFactory
 from tests.ingest.jobhelpers import (
     SourceRepo,
     clean_queue,
@@ -31,10 +36,52 @@ APP_PY = "def hello():\n    return 1\n\n\nclass Greeter:\n    def greet(self):\n
 UTIL_GO = "package util\n\nfunc Add(a, b int) int { return a + b }\n"
 
 
+@dataclass
+class Sync:
+    """Sync is one test's setup: a git repository to sync, its owner, and a worker to run.
+
+    The queue is cleaned first (jobs other tests left runnable are ended), so the worker sees
+    only this test's jobs; checkouts go to `work`.
+    """
+
+    pool: asyncpg.Pool
+    database_url: str
+    writer: DocumentWriter
+    repo: SourceRepo
+    user: uuid.UUID
+    work: Path
+
+    async def repository(self, url: str | None = None, *, token: str | None = None) -> uuid.UUID:
+        """repository registers a repository of this user (by default `repo`) and returns its id."""
+        return await make_repository(self.pool, self.user, url or self.repo.url, token=token)
+
+    async def enqueue(self, repository_id: uuid.UUID, kind: str = "sync", **params: Any) -> queue.JobRecord:
+        """enqueue queues (or folds) a job for `repository_id`."""
+        return await enqueue(self.pool, self.user, repository_id, kind, **params)
+
+    async def run(self, repository_id: uuid.UUID, kind: str = "sync", **params: Any) -> queue.JobRecord:
+        """run queues a job and waits until it ends (a worker must be running)."""
+        return await wait_job(self.pool, (await self.enqueue(repository_id, kind, **params)).id)
+
+    def worker(self, **overrides: Any) -> AbstractAsyncContextManager[Worker]:
+        """worker runs a worker with the test settings and `overrides` for the block."""
+        return running_worker(
+            self.pool, worker_settings(self.database_url, self.work, **overrides), self.writer
+        )
+
+
 @pytest.fixture
-async def fresh_queue(pool: asyncpg.Pool) -> None:
-    """fresh_queue ends jobs other tests left runnable, so this test's worker sees only its own."""
+async def sync(
+    pool: asyncpg.Pool,
+    database_url: str,
+    user_factory: UserFactory,
+    document_writer: DocumentWriter,
+    tmp_path: Path,
+) -> Sync:
+    """sync is this test's Sync, on a fresh queue, with its repository under tmp_path/src."""
     await clean_queue(pool)
+    user = await user_factory()
+    return Sync(pool, database_url, document_writer, SourceRepo(tmp_path / "src"), user, tmp_path / "work")
 
 
 def _base_tree(repo: SourceRepo) -> None:
@@ -46,14 +93,9 @@ def _base_tree(repo: SourceRepo) -> None:
 
 
 async def test_full_sync_indexes_the_tree_and_records_every_skip(
-    pool: asyncpg.Pool,
-    database_url: str,
-    user_factory,
-    document_writer: DocumentWriter,
-    tmp_path: Path,
-    fresh_queue,
+    sync: Sync,
 ) -> None:
-    repo = SourceRepo(tmp_path / "src")
+    repo, pool = sync.repo, sync.pool
     _base_tree(repo)
     repo.write("bin/blob.bin", b"\x7fELF\x00\x01\x02binary")
     repo.write("latin1.txt", b"caf\xe9 au lait\n")
@@ -64,11 +106,9 @@ async def test_full_sync_indexes_the_tree_and_records_every_skip(
     repo.symlink("link_out", "/etc/passwd")
     repo.symlink("docs/link_in", "../src/app.py")
     head = repo.commit("first")
-    user = await user_factory()
-    repository_id = await make_repository(pool, user, repo.url)
-    job = await enqueue(pool, user, repository_id, "sync")
-    settings = worker_settings(database_url, tmp_path / "work")
-    async with running_worker(pool, settings, document_writer):
+    repository_id = await sync.repository()
+    job = await sync.enqueue(repository_id, "sync")
+    async with sync.worker():
         done = await wait_job(pool, job.id)
     assert done.state == "succeeded", done.error
     docs = await live_documents(pool, repository_id)
@@ -110,30 +150,21 @@ async def test_full_sync_indexes_the_tree_and_records_every_skip(
     assert kinds[:4] == ["queued", "claimed", "fetching", "diffing"]
     assert kinds[-1] == "finished" and kinds.count("progress") >= 2  # 5 files in batches of 3
     usage = await pool.fetchval(
-        "select sum(tokens) from public.token_usage where user_id = $1 and purpose = 'indexing'", user
+        "select sum(tokens) from public.token_usage where user_id = $1 and purpose = 'indexing'", sync.user
     )
     expected_bytes = sum(len(repo.tree()[p]) for p in docs)
     assert usage == -(-expected_bytes // 1024)
 
 
 async def test_incremental_sync_changes_only_the_pushed_paths_and_force_push_resyncs(
-    pool: asyncpg.Pool,
-    database_url: str,
-    user_factory,
-    document_writer: DocumentWriter,
-    tmp_path: Path,
-    fresh_queue,
+    sync: Sync,
 ) -> None:
-    repo = SourceRepo(tmp_path / "src")
+    repo, pool = sync.repo, sync.pool
     _base_tree(repo)
     first = repo.commit("first")
-    user = await user_factory()
-    repository_id = await make_repository(pool, user, repo.url)
-    settings = worker_settings(database_url, tmp_path / "work")
-    async with running_worker(pool, settings, document_writer):
-        assert (
-            await wait_job(pool, (await enqueue(pool, user, repository_id, "sync")).id)
-        ).state == "succeeded"
+    repository_id = await sync.repository()
+    async with sync.worker():
+        assert (await sync.run(repository_id, "sync")).state == "succeeded"
         before = await live_documents(pool, repository_id)
         high_water = await pool.fetchval("select max(revision) from public.document_changes")
         # One commit that adds, modifies, renames and removes files.
@@ -142,7 +173,7 @@ async def test_incremental_sync_changes_only_the_pushed_paths_and_force_push_res
         repo.git("mv", "src/util.go", "src/utils.go")
         repo.git("rm", "--quiet", "src/app.py")
         second = repo.commit("second")
-        job = await enqueue(pool, user, repository_id, "webhook_push", commit_sha=second)
+        job = await sync.enqueue(repository_id, "webhook_push", commit_sha=second)
         done = await wait_job(pool, job.id)
         assert done.state == "succeeded", done.error
         after = await live_documents(pool, repository_id)
@@ -169,15 +200,15 @@ async def test_incremental_sync_changes_only_the_pushed_paths_and_force_push_res
         repo.write("lib/a.py", "A = 'rewritten'\n")
         repo.write("other.txt", "after the force push\n")
         rewritten = repo.commit("rewritten history")
-        forced = await wait_job(pool, (await enqueue(pool, user, repository_id, "webhook_push")).id)
+        forced = await sync.run(repository_id, "webhook_push")
         assert forced.state == "succeeded", forced.error
         diffing = await pool.fetchval(
             "select message from public.indexing_job_events where job_id = $1 and kind = 'diffing'", forced.id
         )
         assert diffing.startswith("full sync")
         # The end state equals a fresh sync of the same head into a new repository record.
-        fresh_id = await make_repository(pool, user, repo.url)
-        fresh = await wait_job(pool, (await enqueue(pool, user, fresh_id, "sync")).id)
+        fresh_id = await sync.repository(repo.url)
+        fresh = await sync.run(fresh_id, "sync")
         assert fresh.progress["commit_sha"] == forced.progress["commit_sha"] == rewritten
     forced_docs = {p: h for p, (h, _) in (await live_documents(pool, repository_id)).items()}
     fresh_docs = {p: h for p, (h, _) in (await live_documents(pool, fresh_id)).items()}
@@ -186,39 +217,28 @@ async def test_incremental_sync_changes_only_the_pushed_paths_and_force_push_res
 
 
 async def test_a_burst_of_pushes_is_one_job_and_a_rerun_changes_nothing(
-    pool: asyncpg.Pool,
-    database_url: str,
-    user_factory,
-    document_writer: DocumentWriter,
-    tmp_path: Path,
-    fresh_queue,
+    sync: Sync,
 ) -> None:
-    repo = SourceRepo(tmp_path / "src")
+    repo, pool = sync.repo, sync.pool
     _base_tree(repo)
     repo.commit("first")
-    user = await user_factory()
-    repository_id = await make_repository(pool, user, repo.url)
+    repository_id = await sync.repository()
     jobs = set()
     for index in range(20):
         repo.write(f"burst/file{index}.py", f"N = {index}\n")
         if index % 3 == 0 and index:
             repo.git("rm", "--quiet", f"burst/file{index - 1}.py")
         jobs.add(
-            (
-                await enqueue(
-                    pool, user, repository_id, "webhook_push", commit_sha=repo.commit(f"push {index}")
-                )
-            ).id
+            (await sync.enqueue(repository_id, "webhook_push", commit_sha=repo.commit(f"push {index}"))).id
         )
     assert len(jobs) == 1
-    settings = worker_settings(database_url, tmp_path / "work")
-    async with running_worker(pool, settings, document_writer):
+    async with sync.worker():
         done = await wait_job(pool, jobs.pop())
         assert done.state == "succeeded" and done.params["folded"] == 19
         docs = await live_documents(pool, repository_id)
         assert set(docs) == set(repo.tree())
         # Running the same sync again leaves every document as it was.
-        again = await wait_job(pool, (await enqueue(pool, user, repository_id, "sync")).id)
+        again = await sync.run(repository_id, "sync")
         assert again.state == "succeeded"
     assert await live_documents(pool, repository_id) == docs
     assert await pool.fetchval(
@@ -227,28 +247,21 @@ async def test_a_burst_of_pushes_is_one_job_and_a_rerun_changes_nothing(
 
 
 async def test_cancel_stops_a_running_sync_at_a_checkpoint(
-    pool: asyncpg.Pool,
-    database_url: str,
-    user_factory,
-    document_writer: DocumentWriter,
-    tmp_path: Path,
-    fresh_queue,
+    sync: Sync,
 ) -> None:
-    repo = SourceRepo(tmp_path / "src")
+    repo, pool = sync.repo, sync.pool
     for index in range(150):
         repo.write(f"many/f{index:03}.py", f"def f{index}():\n    return {index}\n")
     repo.commit("many files")
-    user = await user_factory()
-    repository_id = await make_repository(pool, user, repo.url)
-    job = await enqueue(pool, user, repository_id, "sync")
-    settings = worker_settings(database_url, tmp_path / "work", sync_batch_files=1)
-    async with running_worker(pool, settings, document_writer):
+    repository_id = await sync.repository()
+    job = await sync.enqueue(repository_id, "sync")
+    async with sync.worker(sync_batch_files=1):
         for _ in range(6000):  # until the first batch committed
             if "progress" in await event_kinds(pool, job.id):
                 break
             await asyncio.sleep(0.02)
         async with db.as_service(pool) as conn:
-            await queue.cancel(conn, job.id, user_id=user)
+            await queue.cancel(conn, job.id, user_id=sync.user)
         done = await wait_job(pool, job.id)
     assert done.state == "cancelled"
     assert 0 < done.progress["files_indexed"] < 150
@@ -260,19 +273,13 @@ async def test_cancel_stops_a_running_sync_at_a_checkpoint(
 
 
 async def test_a_missing_remote_fails_after_its_attempts_with_the_error(
-    pool: asyncpg.Pool,
-    database_url: str,
-    user_factory,
-    document_writer: DocumentWriter,
-    tmp_path: Path,
-    fresh_queue,
+    sync: Sync,
 ) -> None:
-    user = await user_factory()
-    token = "ghp_" + uuid.uuid4().hex
-    repository_id = await make_repository(pool, user, (tmp_path / "nowhere").as_uri(), token=token)
-    job = await enqueue(pool, user, repository_id, "sync")
+    pool, token = sync.pool, "ghp_" + uuid.uuid4().hex
+    repository_id = await sync.repository((sync.work.parent / "nowhere").as_uri(), token=token)
+    job = await sync.enqueue(repository_id, "sync")
     await pool.execute("update public.indexing_jobs set max_attempts = 2 where id = $1", job.id)
-    async with running_worker(pool, worker_settings(database_url, tmp_path / "work"), document_writer):
+    async with sync.worker():
         done = await wait_job(pool, job.id)
     assert done.state == "failed" and done.attempt == 2
     assert (
@@ -295,12 +302,8 @@ async def test_a_missing_remote_fails_after_its_attempts_with_the_error(
 
 
 async def test_an_access_token_never_shows_in_command_lines_events_errors_or_logs(
-    pool: asyncpg.Pool,
-    database_url: str,
-    user_factory,
-    document_writer: DocumentWriter,
+    sync: Sync,
     tmp_path: Path,
-    fresh_queue,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     token = "ghp_" + uuid.uuid4().hex
@@ -310,12 +313,11 @@ async def test_an_access_token_never_shows_in_command_lines_events_errors_or_log
         "credential", "fill", token=token, stdin=b"protocol=https\nhost=git.example.test\n\n"
     )
     assert f"password={token}".encode() in answer
-    repo = SourceRepo(tmp_path / "src")
+    repo, pool = sync.repo, sync.pool
     for index in range(60):
         repo.write(f"pkg/m{index}.py", f"V = {index}\n" * 20)
     repo.commit("files")
-    user = await user_factory()
-    repository_id = await make_repository(pool, user, repo.url, token=token)
+    repository_id = await sync.repository(repo.url, token=token)
     seen: list[str] = []
     stop = threading.Event()
 
@@ -341,10 +343,10 @@ async def test_an_access_token_never_shows_in_command_lines_events_errors_or_log
     scanner.start()
     caplog.set_level(logging.DEBUG)
     try:
-        async with running_worker(pool, worker_settings(database_url, tmp_path / "work"), document_writer):
-            done = await wait_job(pool, (await enqueue(pool, user, repository_id, "sync")).id)
-            failing_id = await make_repository(pool, user, (tmp_path / "gone").as_uri(), token=token)
-            failing = await enqueue(pool, user, failing_id, "sync")
+        async with sync.worker():
+            done = await sync.run(repository_id, "sync")
+            failing_id = await sync.repository((tmp_path / "gone").as_uri(), token=token)
+            failing = await sync.enqueue(failing_id, "sync")
             await pool.execute("update public.indexing_jobs set max_attempts = 1 where id = $1", failing.id)
             failed = await wait_job(pool, failing.id)
     finally:
@@ -390,25 +392,18 @@ async def test_https_fetches_connect_only_to_the_checked_addresses(tmp_path: Pat
 
 
 async def test_checkouts_of_deleted_repositories_are_removed(
-    pool: asyncpg.Pool,
-    database_url: str,
-    user_factory,
-    document_writer: DocumentWriter,
-    tmp_path: Path,
-    fresh_queue,
+    sync: Sync,
 ) -> None:
-    repo = SourceRepo(tmp_path / "src")
+    repo, pool = sync.repo, sync.pool
     _base_tree(repo)
     repo.commit("first")
-    user = await user_factory()
-    kept_id = await make_repository(pool, user, repo.url)
-    dropped_id = await make_repository(pool, user, repo.url)
-    settings = worker_settings(database_url, tmp_path / "work")
-    async with running_worker(pool, settings, document_writer) as worker:
+    kept_id = await sync.repository(repo.url)
+    dropped_id = await sync.repository(repo.url)
+    async with sync.worker() as worker:
         for repository_id in (kept_id, dropped_id):
-            assert (await wait_job(pool, (await enqueue(pool, user, repository_id)).id)).state == "succeeded"
-        assert (tmp_path / "work" / str(dropped_id)).is_dir()
+            assert (await sync.run(repository_id)).state == "succeeded"
+        assert (sync.work / str(dropped_id)).is_dir()
         await pool.execute("delete from public.repositories where id = $1", dropped_id)
         assert await worker.prune_checkouts() == 1
-    assert not (tmp_path / "work" / str(dropped_id)).exists()
-    assert (tmp_path / "work" / str(kept_id) / ".git").is_dir()
+    assert not (sync.work / str(dropped_id)).exists()
+    assert (sync.work / str(kept_id) / ".git").is_dir()

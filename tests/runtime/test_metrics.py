@@ -31,6 +31,7 @@ from services.common.pgembed import free_port
 from services.common.server import LazyPool, ServiceServer, bind, listener_port_file
 from services.common.supervisor import Supervisor
 from services.search.config import SearchSettings
+from tests.gatewayhttp import http
 from tests.harness import service_env, spawn_service, wait_healthy
 
 IDENTITY_KEY = "metrics-tests-identity-key-0123456789abcdef"
@@ -133,21 +134,12 @@ def test_scrape_shows_readiness_and_the_database_pool(search: Running) -> None:
     assert "# TYPE kotadb_db_timeouts_total counter" in text
 
 
-def _http(url: str, method: str = "GET") -> int:
-    request = urllib.request.Request(url, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
-
-
 def test_metrics_listener_answers_only_get_metrics(search: Running) -> None:
     base = search.metrics_url.removesuffix("/metrics")
-    assert _http(f"{base}/metrics?name[]=x") == 200
-    assert _http(f"{base}/metrics", "HEAD") == 200
-    assert _http(f"{base}/") == 404
-    assert _http(f"{base}/metrics", "POST") == 405
+    assert http("GET", f"{base}/metrics?name[]=x", None)[0] == 200
+    assert http("HEAD", f"{base}/metrics", None)[0] == 200
+    assert http("GET", f"{base}/", None)[0] == 404
+    assert http("POST", f"{base}/metrics", None)[0] == 405
 
 
 async def test_metrics_listener_drops_an_oversized_or_garbled_request() -> None:
@@ -200,7 +192,8 @@ async def test_metrics_listener_binds_its_own_host(tmp_path: Path) -> None:
     await server.start(port_file=port_file)
     try:
         port = int(listener_port_file(port_file, "metrics").read_text())
-        assert await asyncio.to_thread(_http, f"http://127.0.0.2:{port}/metrics") == 200
+        code, _ = await asyncio.to_thread(http, "GET", f"http://127.0.0.2:{port}/metrics", None)
+        assert code == 200
         with pytest.raises(OSError):
             await asyncio.open_connection("127.0.0.1", port)
     finally:

@@ -21,21 +21,10 @@ from typing import Any
 import pytest
 
 from services.common.supervisor import Supervisor
+from tests.gatewayhttp import http_json
 from tests.harness import Envoy, seed_key, service_env, spawn_service, start_envoy, wait_healthy, wait_until
 
 IDENTITY_KEY = "search-health-tests-identity-key-0123456789"
-
-
-def _get(url: str, key: str = "") -> tuple[int, dict[str, Any]]:
-    headers = {"authorization": f"Bearer {key}"} if key else {}
-    request = urllib.request.Request(url, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            code, raw = response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        code, raw = exc.code, exc.read()
-    body: dict[str, Any] = json.loads(raw)
-    return code, body
 
 
 def _stack(
@@ -62,7 +51,7 @@ def _stack(
         key = seed_key(database_url, email_prefix=name, permissions=("read", "write"), rate_limit=6000)
 
         def answered() -> tuple[bool, str]:
-            code, body = _get(f"{envoy.url}/health")
+            code, body = http_json("GET", f"{envoy.url}/health", None)
             # Envoy's first active health checks, then the services' first readiness rounds.
             ready = "services" in body and all(s in body["services"] for s in ("auth", "ingest", "search"))
             return ready and code in (200, 503), f"{code} {body}"
@@ -95,11 +84,11 @@ def test_health_carries_every_service_s_own_answer(fresh: tuple[Envoy, str]) -> 
     envoy, _ = fresh
 
     def healthy() -> tuple[bool, str]:
-        code, body = _get(f"{envoy.url}/health")
+        code, body = http_json("GET", f"{envoy.url}/health", None)
         return code == 200, f"{code} {body}"
 
     wait_until("fresh /health 200", healthy, Supervisor())
-    code, body = _get(f"{envoy.url}/health")
+    code, body = http_json("GET", f"{envoy.url}/health", None)
     assert code == 200 and body["status"] == "SERVING"
     assert {name: answer["service"] for name, answer in body["services"].items()} == {
         "auth": "auth",
@@ -117,7 +106,7 @@ def test_lag_past_the_threshold_turns_health_unhealthy_while_search_goes_on(
     lagging: tuple[Envoy, str],
 ) -> None:
     envoy, key = lagging
-    code, body = _get(f"{envoy.url}/health")
+    code, body = http_json("GET", f"{envoy.url}/health", None)
     assert code == 503
     assert body["status"] == "NOT_SERVING" and body["reason"] == "BACKENDS_NOT_SERVING"
     feed = _components(body, "search")["change_feed"]

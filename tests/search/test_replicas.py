@@ -21,8 +21,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +30,7 @@ import pytest
 
 from services.common import stack as stacklib
 from services.common.supervisor import ChildProcess, Supervisor
+from tests.gatewayhttp import http_json, messages
 from tests.harness import (
     Envoy,
     kotadb,
@@ -73,26 +72,9 @@ class Replicas:
     supervisor: Supervisor
 
 
-def _http(method: str, url: str, key: str, body: Any = None) -> tuple[int, Any]:
-    data = json.dumps(body).encode() if body is not None else None
-    headers = {"authorization": f"Bearer {key}"}
-    if data is not None:
-        headers["content-type"] = "application/json"
-    request = urllib.request.Request(url, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            code, raw = response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        code, raw = exc.code, exc.read()
-    try:
-        return code, json.loads(raw)
-    except json.JSONDecodeError:
-        return code, raw.decode(errors="replace")
-
-
 def _write(envoy: Envoy, tenant: Tenant, files: dict[str, str]) -> None:
     body = {"documents": [{"path": p, "text": t} for p, t in files.items()]}
-    code, answer = _http("POST", f"{envoy.url}/v1/documents:batchUpsert", tenant.key, body)
+    code, answer = http_json("POST", f"{envoy.url}/v1/documents:batchUpsert", tenant.key, body)
     assert code == 200, answer
     tenant.revision = int(answer["revision"])
     tenant.paths |= set(files)
@@ -101,14 +83,14 @@ def _write(envoy: Envoy, tenant: Tenant, files: dict[str, str]) -> None:
 def _answer(envoy: Envoy, tenant: Tenant) -> tuple[int, Any]:
     """_answer searches the tenant's word at its revision: (HTTP status, sorted paths or the error)."""
     body = {"query": tenant.word, "pageSize": 100, "minRevision": str(tenant.revision)}
-    code, answer = _http("POST", f"{envoy.url}/v1/code:search", tenant.key, body)
+    code, answer = http_json("POST", f"{envoy.url}/v1/code:search", tenant.key, body)
     if code != 200:
         return code, answer
     return code, sorted(f["path"] for f in answer.get("fileMatches", []))
 
 
 def _replica(envoy: Envoy, tenant: Tenant) -> str:
-    code, answer = _http("GET", f"{envoy.url}/v1/index", tenant.key)
+    code, answer = http_json("GET", f"{envoy.url}/v1/index", tenant.key)
     assert code == 200, answer
     return str(answer["replica"])
 
@@ -252,12 +234,18 @@ def test_kotadb_search_symbols_and_index_status_through_the_gateway(replicas: Re
     as_json = kotadb("search", tenant.word, "--json", "--context", "1", env=env)
     assert as_json.returncode == 0, as_json.stderr
     records = [json.loads(line) for line in as_json.stdout.splitlines()]
-    notes = [r for r in records if r["path"] == f"t{index}/notes.txt"]
-    assert notes == [
-        {"type": "match", "path": f"t{index}/notes.txt", "line": 1, "text": f"see {tenant.word}",
-         "ranges": [[4, 4 + len(tenant.word)]]},
-        {"type": "context", "path": f"t{index}/notes.txt", "line": 2, "text": "and more"},
-    ]  # fmt: skip
+    notes = [r for r in records if r["data"].get("path", {}).get("text") == f"t{index}/notes.txt"]
+    path = {"text": f"t{index}/notes.txt"}
+    assert [r["type"] for r in notes] == ["begin", "match", "context", "end"]
+    assert notes[1]["data"] == {
+        "path": path, "lines": {"text": f"see {tenant.word}\n"}, "line_number": 1, "absolute_offset": 0,
+        "submatches": [{"match": {"text": tenant.word}, "start": 4, "end": 4 + len(tenant.word)}],
+    }  # fmt: skip
+    assert notes[2]["data"] == {
+        "path": path, "lines": {"text": "and more\n"}, "line_number": 2,
+        "absolute_offset": len(f"see {tenant.word}\n"), "submatches": [],
+    }  # fmt: skip
+    assert records[-1]["type"] == "summary"
 
     streamed = kotadb("search", tenant.word, "--all", "--color", "never", env=env)
     assert streamed.returncode == 0, streamed.stderr
@@ -288,42 +276,30 @@ def test_kotadb_search_symbols_and_index_status_through_the_gateway(replicas: Re
     assert refused.stderr.startswith("kotadb: UNAUTHENTICATED")
 
 
-def _messages(raw: Any) -> list[dict[str, Any]]:
-    """_messages splits a streamed answer (one JSON object after another) into its messages."""
-    if isinstance(raw, dict):
-        return [raw]
-    decoder, found, at = json.JSONDecoder(), [], 0
-    while raw[at:].strip():
-        at += len(raw[at:]) - len(raw[at:].lstrip())
-        message, at = decoder.raw_decode(raw, at)
-        found.append(message)
-    return found
-
-
 def test_tenants_on_different_replicas_see_nothing_of_each_other(replicas: Replicas) -> None:
     base = replicas.envoy.url
     owner = next(t for t in replicas.tenants if t.replica == REPLICAS[0])
     other = next(t for t in replicas.tenants if t.replica == REPLICAS[1])
     for me, them in ((owner, other), (other, owner)):
-        code, mine = _http("POST", f"{base}/v1/code:streamSearch", me.key, {"query": me.word})
-        streamed = sorted(f["path"] for m in _messages(mine) for f in m.get("fileMatches", []))
+        code, mine = http_json("POST", f"{base}/v1/code:streamSearch", me.key, {"query": me.word})
+        streamed = sorted(f["path"] for m in messages(mine) for f in m.get("fileMatches", []))
         assert code == 200 and streamed == sorted(me.paths)
-        code, theirs = _http("POST", f"{base}/v1/code:streamSearch", me.key, {"query": them.word})
-        assert code == 200 and [m.get("fileMatches", []) for m in _messages(theirs)] == [[]]
-        code, symbols = _http("POST", f"{base}/v1/symbols:search", me.key, {"query": f"{them.word}_fn"})
+        code, theirs = http_json("POST", f"{base}/v1/code:streamSearch", me.key, {"query": them.word})
+        assert code == 200 and [m.get("fileMatches", []) for m in messages(theirs)] == [[]]
+        code, symbols = http_json("POST", f"{base}/v1/symbols:search", me.key, {"query": f"{them.word}_fn"})
         assert code == 200 and symbols.get("symbols", []) == [], symbols
-        code, own_symbols = _http("POST", f"{base}/v1/symbols:search", me.key, {"query": f"{me.word}_fn"})
+        code, own_symbols = http_json("POST", f"{base}/v1/symbols:search", me.key, {"query": f"{me.word}_fn"})
         assert code == 200 and [s["name"] for s in own_symbols["symbols"]] == [f"{me.word}_fn"]
 
         # A page token is bound to its tenant (and every replica shares the key that signs it).
         body = {"query": me.word, "pageSize": 1, "mode": "SEARCH_MODE_EXHAUSTIVE"}
-        code, first = _http("POST", f"{base}/v1/code:search", me.key, body)
+        code, first = http_json("POST", f"{base}/v1/code:search", me.key, body)
         assert code == 200 and first["nextPageToken"], first
-        code, refused = _http(
+        code, refused = http_json(
             "POST", f"{base}/v1/code:search", them.key, {**body, "pageToken": first["nextPageToken"]}
         )
         assert code == 400, refused
-        code, second = _http(
+        code, second = http_json(
             "POST", f"{base}/v1/code:search", me.key, {**body, "pageToken": first["nextPageToken"]}
         )
         assert code == 200 and len(second["fileMatches"]) == 1

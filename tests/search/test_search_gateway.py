@@ -8,93 +8,39 @@ routes), index status, or through A's page token.
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
 
 import grpc
 import pytest
 from kotadb.v1 import search_pb2, search_pb2_grpc
 
-from services.common.supervisor import Supervisor
-from tests.harness import (
-    Envoy,
-    seed_key,
-    service_env,
-    spawn_services,
-    start_gateway,
-)
+from tests.gatewayhttp import GatewayStack, http_json, two_tenants
 
 IDENTITY_KEY = "search-gateway-tests-identity-key-0123456789"
 PY = "class Lexer:\n    def next_token(self):\n        return 'secret_alpha'\n"
 
 
-@dataclass(frozen=True)
-class Stack:
-    """Stack is the gateway of this module and one API key for each of two tenants."""
-
-    envoy: Envoy
-    alice: str
-    bob: str
-
-
 @pytest.fixture(scope="module")
-def stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayStack]:
     workdir = tmp_path_factory.mktemp("search-gateway")
-    env = service_env(database_url, workdir, IDENTITY_KEY, KOTADB_INGEST_SYMBOL_WORKERS="1")
-    env["KOTADB_SEARCH_LISTEN_URL"] = database_url
-    with Supervisor(grace=20) as supervisor:
-        addresses = spawn_services(supervisor, workdir, env)
-        envoy = start_gateway(supervisor, workdir, addresses, IDENTITY_KEY)
-        alice = seed_key(
-            database_url, email_prefix="search-alice", permissions=("read", "write"), rate_limit=6000
-        )
-        bob = seed_key(
-            database_url, email_prefix="search-bob", permissions=("read", "write"), rate_limit=6000
-        )
-        yield Stack(envoy, alice, bob)
+    env = {"KOTADB_INGEST_SYMBOL_WORKERS": "1", "KOTADB_SEARCH_LISTEN_URL": database_url}
+    with two_tenants(database_url, workdir, IDENTITY_KEY, "search", **env) as stack:
+        yield stack
 
 
-def _http(method: str, url: str, key: str, body: Any = None) -> tuple[int, Any]:
-    data = json.dumps(body).encode() if body is not None else None
-    headers = {"authorization": f"Bearer {key}"}
-    if data is not None:
-        headers["content-type"] = "application/json"
-    request = urllib.request.Request(url, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            code, raw = response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        code, raw = exc.code, exc.read()
-    text = raw.decode()
-    try:
-        return code, json.loads(text)
-    except json.JSONDecodeError:
-        # Streaming routes answer one JSON object per message, one after the other.
-        decoder, messages, at = json.JSONDecoder(), [], 0
-        while text[at:].strip():
-            at += len(text[at:]) - len(text[at:].lstrip())
-            message, at = decoder.raw_decode(text, at)
-            messages.append(message)
-        return code, messages
-
-
-def _write(stack: Stack, key: str, files: dict[str, str]) -> int:
+def _write(stack: GatewayStack, key: str, files: dict[str, str]) -> int:
     body = {"documents": [{"path": p, "text": t} for p, t in files.items()]}
-    code, answer = _http("POST", f"{stack.envoy.url}/v1/documents:batchUpsert", key, body)
+    code, answer = http_json("POST", f"{stack.envoy.url}/v1/documents:batchUpsert", key, body)
     assert code == 200, answer
     return int(answer["revision"])
 
 
-def test_each_tenant_sees_only_its_own_code_over_rest(stack: Stack) -> None:
+def test_each_tenant_sees_only_its_own_code_over_rest(stack: GatewayStack) -> None:
     base = stack.envoy.url
     revision = _write(stack, stack.alice, {f"lex/l{i}.py": PY for i in range(3)})
     bob_revision = _write(stack, stack.bob, {"bob/notes.txt": "nothing to see\n"})
 
-    code, found = _http(
+    code, found = http_json(
         "POST",
         f"{base}/v1/code:search",
         stack.alice,
@@ -113,7 +59,7 @@ def test_each_tenant_sees_only_its_own_code_over_rest(stack: Stack) -> None:
         line["lineNumber"] == 3 and line["ranges"][0]["endByte"] - line["ranges"][0].get("startByte", 0) == 12
     )
 
-    code, theirs = _http(
+    code, theirs = http_json(
         "POST",
         f"{base}/v1/code:search",
         stack.bob,
@@ -121,7 +67,7 @@ def test_each_tenant_sees_only_its_own_code_over_rest(stack: Stack) -> None:
     )
     assert code == 200 and theirs.get("fileMatches", []) == [] and int(theirs.get("totalFileCount", 0)) == 0
 
-    code, refused = _http(
+    code, refused = http_json(
         "POST",
         f"{base}/v1/code:search",
         stack.bob,
@@ -133,7 +79,7 @@ def test_each_tenant_sees_only_its_own_code_over_rest(stack: Stack) -> None:
         },
     )
     assert code == 400, refused
-    code, rest = _http(
+    code, rest = http_json(
         "POST",
         f"{base}/v1/code:search",
         stack.alice,
@@ -146,16 +92,16 @@ def test_each_tenant_sees_only_its_own_code_over_rest(stack: Stack) -> None:
     )
     assert code == 200 and [f["path"] for f in rest["fileMatches"]] == ["lex/l2.py"]
 
-    code, stream = _http("POST", f"{base}/v1/code:streamSearch", stack.alice, {"query": "secret_alpha"})
+    code, stream = http_json("POST", f"{base}/v1/code:streamSearch", stack.alice, {"query": "secret_alpha"})
     assert code == 200, stream
     messages = stream if isinstance(stream, list) else [stream]
     streamed = [f["path"] for m in messages for f in m.get("fileMatches", [])]
     assert sorted(streamed) == ["lex/l0.py", "lex/l1.py", "lex/l2.py"] and messages[-1]["done"]
-    code, bob_stream = _http("POST", f"{base}/v1/code:streamSearch", stack.bob, {"query": "secret_alpha"})
+    code, bob_stream = http_json("POST", f"{base}/v1/code:streamSearch", stack.bob, {"query": "secret_alpha"})
     bob_messages = bob_stream if isinstance(bob_stream, list) else [bob_stream]
     assert code == 200 and [m.get("fileMatches", []) for m in bob_messages] == [[]]
 
-    code, symbols = _http(
+    code, symbols = http_json(
         "POST", f"{base}/api/v1/symbols/search", stack.alice, {"pattern": "next_tok", "limit": 10}
     )
     assert code == 200 and {s["path"] for s in symbols["symbols"]} == {f"lex/l{i}.py" for i in range(3)}
@@ -163,16 +109,16 @@ def test_each_tenant_sees_only_its_own_code_over_rest(stack: Stack) -> None:
         ("/api/v1/symbols/search", {"pattern": "next_tok", "limit": 10}),
         ("/v1/symbols:search", {"query": "Lexer"}),
     ):
-        code, none = _http("POST", f"{base}{route}", stack.bob, body)
+        code, none = http_json("POST", f"{base}{route}", stack.bob, body)
         assert code == 200 and none.get("symbols", []) == [] and int(none.get("totalCount", 0)) == 0
 
-    code, mine = _http("GET", f"{base}/v1/index", stack.alice)
-    code_b, bobs = _http("GET", f"{base}/v1/index", stack.bob)
+    code, mine = http_json("GET", f"{base}/v1/index", stack.alice)
+    code_b, bobs = http_json("GET", f"{base}/v1/index", stack.bob)
     assert code == code_b == 200
     assert int(mine["documentCount"]) == 3 and int(bobs["documentCount"]) == 1
 
 
-def test_grpc_through_the_gateway_is_scoped_to_the_key(stack: Stack) -> None:
+def test_grpc_through_the_gateway_is_scoped_to_the_key(stack: GatewayStack) -> None:
     revision = _write(stack, stack.alice, {"grpc/only_alice.txt": "gateway_grpc_marker\n"})
     with grpc.insecure_channel(stack.envoy.target) as channel:
         stub = search_pb2_grpc.SearchServiceStub(channel)

@@ -37,6 +37,7 @@ from kotadb.v1 import auth_pb2, auth_pb2_grpc, ingest_pb2, ingest_pb2_grpc, sear
 from services.cli.keys import DEMO_USER_ID
 from services.common.identity import access_log_token
 from services.common.stack import StackInfo
+from tests.gatewayhttp import http
 from tests.harness import DevStack, kotadb
 
 SETTLE_LIMIT = 60.0
@@ -76,15 +77,6 @@ def _keys(dev: DevStack, *args: str) -> dict[str, object]:
     assert result.returncode == 0, result.stdout + result.stderr
     document: dict[str, object] = json.loads(result.stdout)
     return document
-
-
-def _get(url: str, token: str | None = None) -> int:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
 
 
 def _grpc_code(target: str, call: str, token: str) -> grpc.StatusCode:
@@ -175,7 +167,7 @@ def test_no_secret_reaches_a_log_or_a_readable_file(dev: DevStack, jwt_secret: s
         (f"{gateway}/v1/usage?api_key={key_secrets['admin key']}&key={unknown}", None, 401),
     ]
     for url, token, expected in requests:
-        assert _get(url, token) == expected, url
+        assert http("GET", url, token, timeout=10)[0] == expected, url
     target = gateway.removeprefix("http://")
     assert _grpc_code(target, "ListApiKeys", key_secrets["admin key"]) == grpc.StatusCode.OK
     assert _grpc_code(info.grpc["auth"], "ListApiKeys", key_secrets["admin key"]) == grpc.StatusCode.OK

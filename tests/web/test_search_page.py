@@ -13,7 +13,6 @@ docs/search-*.png were made).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import urllib.request
@@ -28,6 +27,7 @@ from playwright.sync_api import Dialog, Page, expect, sync_playwright
 
 from services.auth.keys import hash_key
 from services.common.supervisor import Supervisor
+from tests.gatewayhttp import http_json
 from tests.harness import (
     Envoy,
     seed_key,
@@ -57,14 +57,8 @@ class Site:
 
 
 def _post(url: str, key: str, body: Any) -> dict[str, Any]:
-    request = urllib.request.Request(
-        url,
-        data=json.dumps(body).encode(),
-        method="POST",
-        headers={"authorization": f"Bearer {key}", "content-type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=60) as response:
-        answer: dict[str, Any] = json.loads(response.read())
+    code, answer = http_json("POST", url, key, body)
+    assert code == 200 and isinstance(answer, dict), answer
     return answer
 
 

@@ -201,12 +201,17 @@ class LineMatch(_message.Message):
     AFTER_FIELD_NUMBER: _builtins.int
     SYMBOL_FIELD_NUMBER: _builtins.int
     IS_DEFINITION_FIELD_NUMBER: _builtins.int
+    LINE_START_FIELD_NUMBER: _builtins.int
     line_number: _builtins.int
     """line_number is the 1-based line number."""
     line: _builtins.str
     """line is the line's text, without its newline."""
     is_definition: _builtins.bool
     """is_definition is true when the match is the name of a symbol definition."""
+    line_start: _builtins.int
+    """line_start is the byte offset of the line's first byte in the file (ripgrep's
+    absolute_offset); context lines follow from it, each ending with one newline.
+    """
     @_builtins.property
     def ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___Range]:
         """ranges are the matches within the line, in order."""
@@ -233,10 +238,11 @@ class LineMatch(_message.Message):
         after: _abc.Iterable[_builtins.str] | None = ...,
         symbol: Global___Symbol | None = ...,
         is_definition: _builtins.bool = ...,
+        line_start: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["symbol", b"symbol"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "before", b"before", "is_definition", b"is_definition", "line", b"line", "line_number", b"line_number", "ranges", b"ranges", "symbol", b"symbol"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "before", b"before", "is_definition", b"is_definition", "line", b"line", "line_number", b"line_number", "line_start", b"line_start", "ranges", b"ranges", "symbol", b"symbol"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
