@@ -28,9 +28,9 @@ from types import ModuleType
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from services.search.engine import symbols  # noqa: E402
 from services.search.engine.languages import detect_language  # noqa: E402
 from services.search.engine.model import Symbol  # noqa: E402
+from services.search.engine.symbols import symbols  # noqa: E402
 
 Extract = Callable[[bytes, str], tuple[Symbol, ...]]
 Found = list[tuple[Symbol, ...]]
@@ -39,7 +39,7 @@ Found = list[tuple[Symbol, ...]]
 def load_revision(rev: str) -> ModuleType:
     """load_revision imports symbols.py as of git revision `rev` as a module of its own."""
     source = subprocess.run(
-        ["git", "-C", str(ROOT), "show", f"{rev}:services/search/engine/symbols.py"],
+        ["git", "-C", str(ROOT), "show", f"{rev}:services/search/engine/symbols/symbols.py"],
         check=True,
         capture_output=True,
     ).stdout

@@ -56,9 +56,9 @@ from services.bench.search import build_ours, read_queries
 from services.cli import keys
 from services.common.identity import READ, WRITE
 from services.common.stack import StackInfo
-from services.search.engine.index import Index
-from services.search.engine.results import SearchMode
-from services.search.engine.searcher import Searcher
+from services.search.engine.index.index import Index
+from services.search.engine.search.results import SearchMode
+from services.search.engine.search.searcher import Searcher
 
 FIRST_PAGE = 50
 CONCURRENCY = (1, 8, 32)

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 # Engine modules are imported inside each command: `kotadb index search` never loads the
 # builder (tree-sitter, the symbol pool) and `kotadb index --help` loads nothing of the engine.
 if TYPE_CHECKING:
-    from services.search.engine.build import BuildProgress
-    from services.search.engine.results import ContextLine, FileMatch, LineMatch, SearchResult
-    from services.search.engine.searcher import Searcher
-    from services.search.engine.stream import MatchStream
+    from services.search.engine.index.build import BuildProgress
+    from services.search.engine.search.results import ContextLine, FileMatch, LineMatch, SearchResult
+    from services.search.engine.search.searcher import Searcher
+    from services.search.engine.search.stream import MatchStream
 
 # ripgrep's default palette: magenta paths, green line numbers, bold red matches.
 _PATH = "\x1b[35m"
@@ -136,8 +136,8 @@ class _ProgressBar:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from services.search.engine.build import build_index
-    from services.search.engine.format import IndexFileError
+    from services.search.engine.index.build import build_index
+    from services.search.engine.index.format import IndexFileError
 
     if not os.path.isdir(args.src):
         return _fail(f"{args.src}: not a directory")
@@ -167,8 +167,8 @@ def _build(args: argparse.Namespace) -> int:
 def _stats(args: argparse.Namespace) -> int:
     import json
 
-    from services.search.engine.format import IndexFileError
-    from services.search.engine.index import Index
+    from services.search.engine.index.format import IndexFileError
+    from services.search.engine.index.index import Index
 
     try:
         with Index.open(args.index) as index:
@@ -400,7 +400,7 @@ def _render(
 
 def _colored(content: bytes | memoryview, groups: bytes, path: str, context: int) -> bytes:
     """_colored renders one streamed file for a terminal, with ripgrep's colours (small output)."""
-    from services.search.engine.results import LineMatch, MatchRange
+    from services.search.engine.search.results import LineMatch, MatchRange
 
     values = memoryview(groups).cast("q")
     data = bytes(content)
@@ -434,9 +434,9 @@ class Summary:
 
 def _search(args: argparse.Namespace) -> int:
     from services.search.engine.errors import EngineError
-    from services.search.engine.index import Index
-    from services.search.engine.results import SearchMode
-    from services.search.engine.searcher import Searcher
+    from services.search.engine.index.index import Index
+    from services.search.engine.search.results import SearchMode
+    from services.search.engine.search.searcher import Searcher
 
     if args.limit < 1:
         return _fail("--limit must be at least 1")
@@ -503,9 +503,9 @@ def _print_page(args: argparse.Namespace, result: SearchResult, color: bool) -> 
 def _symbols(args: argparse.Namespace) -> int:
     import json
 
-    from services.search.engine.format import IndexFileError
-    from services.search.engine.index import Index
-    from services.search.engine.searcher import Searcher
+    from services.search.engine.index.format import IndexFileError
+    from services.search.engine.index.index import Index
+    from services.search.engine.search.searcher import Searcher
 
     try:
         with Index.open(args.index) as index:

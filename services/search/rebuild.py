@@ -34,9 +34,9 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.search.engine.index import Index
+from services.search.engine.index.index import Index
+from services.search.engine.index.writer import IndexWriter
 from services.search.engine.model import SourceDocument, Symbol
-from services.search.engine.writer import IndexWriter
 from services.search.store import DocumentRow, SearchStore
 from services.search.tailer import RevisionRule
 

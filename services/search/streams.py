@@ -28,13 +28,13 @@ from dataclasses import dataclass
 
 from services.search.engine import record
 from services.search.engine.errors import SearchCancelled
-from services.search.engine.hits import Hit, file_match
-from services.search.engine.plan import All
-from services.search.engine.reader import SegmentReader
-from services.search.engine.request import SearchRequest
-from services.search.engine.results import FileMatch, SearchResult, SearchStats
-from services.search.engine.searcher import Searcher
-from services.search.engine.searchrun import Run
+from services.search.engine.index.reader import SegmentReader
+from services.search.engine.query.plan import All
+from services.search.engine.search.hits import Hit, file_match
+from services.search.engine.search.request import SearchRequest
+from services.search.engine.search.results import FileMatch, SearchResult, SearchStats
+from services.search.engine.search.searcher import Searcher
+from services.search.engine.search.searchrun import Run
 
 # Seconds a producer blocked on a full queue waits before looking at the cancellation event again.
 EMIT_POLL_SECONDS = 0.05

@@ -33,14 +33,20 @@ if TYPE_CHECKING:
         SearchCancelled,
         SearchDeadlineError,
     )
-    from services.search.engine.format import IndexCorruptError, IndexNotFoundError, IndexVersionError
-    from services.search.engine.index import Index, IndexLockedError, Snapshot
+    from services.search.engine.index.format import IndexCorruptError, IndexNotFoundError, IndexVersionError
+    from services.search.engine.index.index import Index, IndexLockedError, Snapshot
+    from services.search.engine.index.writer import IndexWriter
     from services.search.engine.model import SourceDocument, Symbol
-    from services.search.engine.request import RunContext, SearchRequest
-    from services.search.engine.results import FileMatch, LimitReason, LineMatch, SearchMode, SearchResult
-    from services.search.engine.searcher import Searcher
-    from services.search.engine.stream import MatchStream, StreamedFile
-    from services.search.engine.writer import IndexWriter
+    from services.search.engine.search.request import RunContext, SearchRequest
+    from services.search.engine.search.results import (
+        FileMatch,
+        LimitReason,
+        LineMatch,
+        SearchMode,
+        SearchResult,
+    )
+    from services.search.engine.search.searcher import Searcher
+    from services.search.engine.search.stream import MatchStream, StreamedFile
 
 _EXPORTS = {
     "CursorError": "errors",
@@ -50,25 +56,25 @@ _EXPORTS = {
     "QuerySyntaxError": "errors",
     "SearchCancelled": "errors",
     "SearchDeadlineError": "errors",
-    "IndexCorruptError": "format",
-    "IndexNotFoundError": "format",
-    "IndexVersionError": "format",
-    "Index": "index",
-    "IndexLockedError": "index",
-    "Snapshot": "index",
+    "IndexCorruptError": "index.format",
+    "IndexNotFoundError": "index.format",
+    "IndexVersionError": "index.format",
+    "Index": "index.index",
+    "IndexLockedError": "index.index",
+    "Snapshot": "index.index",
     "SourceDocument": "model",
     "Symbol": "model",
-    "RunContext": "request",
-    "SearchRequest": "request",
-    "FileMatch": "results",
-    "LimitReason": "results",
-    "LineMatch": "results",
-    "SearchMode": "results",
-    "SearchResult": "results",
-    "Searcher": "searcher",
-    "MatchStream": "stream",
-    "StreamedFile": "stream",
-    "IndexWriter": "writer",
+    "RunContext": "search.request",
+    "SearchRequest": "search.request",
+    "FileMatch": "search.results",
+    "LimitReason": "search.results",
+    "LineMatch": "search.results",
+    "SearchMode": "search.results",
+    "SearchResult": "search.results",
+    "Searcher": "search.searcher",
+    "MatchStream": "search.stream",
+    "StreamedFile": "search.stream",
+    "IndexWriter": "index.writer",
 }
 
 __all__ = [
