@@ -1,6 +1,6 @@
 """streams holds StreamSearchCode's work: matching files sent in batches as they are verified.
 
-A streamed search walks the engine's `MatchStream` (engine/stream.py) over one pinned
+A streamed search walks the engine's `MatchStream` (engine/search/stream.py) over one pinned
 snapshot, in index order (segment by segment, documents in the order they were added): the
 stream rejects non-matching candidates with its native matchers, and each file it yields
 becomes the same result entry an exhaustive SearchCode builds for that file (`Run.check`

@@ -4,18 +4,24 @@ This is its public surface; callers import from here::
 
     from services.search.engine import Index, IndexWriter, Searcher, SearchMode, EngineError
 
-Modules by data direction (pyproject.toml's import-linter contracts keep the layering):
+Sub-packages by data direction (pyproject.toml's import-linter contracts keep the layering:
+search over index and query, all of them over symbols and the base, no cycles):
 
-* index, written: model (plain data), languages, symbols / symbolpool (tree-sitter), trigrams,
-  postings, facts, builder (one segment), writer, merge, build (a source tree), format (the
-  on-disk layout, described once), errors;
-* index, read: reader (one segment), index (snapshots of the live segments);
-* query: query (the query language), regexsyntax, plan (trigram plans), matchtree;
-* search: request, candidates, verify, searchrun (ranked pages), hits, page, stream (every
-  match in index order, and counts), rank, cursor, results, searcher, symsearch.
+* index/ — the on-disk index, written and read: format (the layout, described once), trigrams,
+  postings, facts, builder (one segment), writer, merge, build (a source tree), reader (one
+  segment), index (snapshots of the live segments);
+* query/ — what a query compiles to: query (the query language), regexsyntax, plan (trigram
+  plans), verify (exact line matching), matchtree;
+* search/ — runs over a snapshot: request, candidates, searchrun (ranked pages), hits, page,
+  stream (every match in index order, and counts), rank, cursor, results, searcher;
+* symbols/ — tree-sitter definitions: symbols (one document), pygaps, symbolpool (worker
+  processes), symsearch (symbol search ranking);
+* the base, here: errors (the one error tree), model (plain data), record, languages, and the
+  C extension _fastscan.
 
 Names are resolved on first use (PEP 562), so importing one module of the engine (the
-ingest service imports languages and symbols) does not load the rest.
+ingest service imports languages and symbols.symbols) does not load the rest; the sub-packages'
+__init__ files import nothing either.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ FIRST_PAGE mode verifies candidates in order of their path prior and stops once 
 `limit_files` files at whole-word rank or better, or `OVERSAMPLE` times `limit_files`
 matching files of any rank, or when what remains cannot outrank what it has. EXHAUSTIVE mode
 (and any page requested with a cursor) verifies every candidate in index order. Candidates
-can be verified in one thread, on a thread pool (`Run._verify_parallel`) or split over worker
-processes (`Run._verify_processes`, with `process_check` running in the workers).
+are verified in the calling thread or split over worker processes (`Run._verify_processes`,
+with `process_check` running in the workers).
 """
 
 from __future__ import annotations
