@@ -58,11 +58,6 @@ class PostingsBuilder:
         """doc_count is the number of documents added so far."""
         return len(self._per_doc)
 
-    @property
-    def pair_count(self) -> int:
-        """pair_count is the number of (trigram, document) pairs added so far."""
-        return self._pairs
-
     def add(self, trigram_ids: NDArray[np.uint32]) -> int:
         """add records the distinct trigram ids of the next document and returns its ordinal."""
         self._per_doc.append(np.ascontiguousarray(trigram_ids, dtype=np.uint32))

@@ -8,7 +8,6 @@ tests, where per-byte Python loops would run at about 2 MB/s.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from services.search.engine import _fastscan
@@ -100,8 +99,3 @@ def sorted_trigrams(content: bytes | memoryview) -> NDArray[np.uint32]:
 def query_trigrams(literal: bytes) -> list[bytes]:
     """query_trigrams returns the distinct folded trigrams of `literal` that the index holds, ascending."""
     return [trigram_bytes(int(t)) for t in sorted_trigrams(literal)]
-
-
-def trigram_set(ids: Iterable[int]) -> set[bytes]:
-    """trigram_set converts trigram ids to a set of three-byte strings (for tests and diagnostics)."""
-    return {trigram_bytes(int(t)) for t in ids}
