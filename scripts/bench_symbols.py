@@ -28,21 +28,38 @@ from types import ModuleType
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from services.search.engine import symbols  # noqa: E402
 from services.search.engine.languages import detect_language  # noqa: E402
 from services.search.engine.model import Symbol  # noqa: E402
+from services.search.engine.symbols import symbols  # noqa: E402
 
 Extract = Callable[[bytes, str], tuple[Symbol, ...]]
 Found = list[tuple[Symbol, ...]]
 
 
+# Where symbols.py has lived: its sub-package since the engine was grouped by data direction.
+SYMBOLS_PATHS = ("services/search/engine/symbols/symbols.py", "services/search/engine/symbols.py")
+# What a revision from before the grouping imports, and where it is today.
+MOVED = (
+    (b"from services.search.engine import pygaps", b"from services.search.engine.symbols import pygaps"),
+    (b'resources.files("services.search.engine")', b'resources.files("services.search.engine.symbols")'),
+)
+
+
+def revision_source(rev: str) -> bytes:
+    """revision_source is symbols.py at `rev`, its imports pointed at today's layout."""
+    for path in SYMBOLS_PATHS:
+        shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], capture_output=True)
+        if shown.returncode == 0:
+            source = shown.stdout
+            for before, now in MOVED:
+                source = source.replace(before, now)
+            return source
+    raise SystemExit(f"symbols.py not found at {rev} (looked at {', '.join(SYMBOLS_PATHS)})")
+
+
 def load_revision(rev: str) -> ModuleType:
     """load_revision imports symbols.py as of git revision `rev` as a module of its own."""
-    source = subprocess.run(
-        ["git", "-C", str(ROOT), "show", f"{rev}:services/search/engine/symbols.py"],
-        check=True,
-        capture_output=True,
-    ).stdout
+    source = revision_source(rev)
     folder = Path(tempfile.mkdtemp(prefix="bench-symbols-"))
     path = folder / "symbols_at_rev.py"
     path.write_bytes(source)

@@ -48,12 +48,12 @@ from services.bench.pgtrgm import PgTrgmPeer
 from services.bench.report import MIB, Target, machine, median_or_none, ratio
 from services.bench.ripgrep import RipgrepPeer
 from services.bench.searchcold import CliPeer, RipgrepCountPeer, render_stream
-from services.search.engine.build import walk_sources
-from services.search.engine.index import Index
+from services.search.engine.index.build import walk_sources
+from services.search.engine.index.index import Index
 from services.search.engine.languages import detect_language
-from services.search.engine.results import SearchMode, SearchResult
-from services.search.engine.searcher import Searcher
-from services.search.engine.symbolpool import SymbolExtractor
+from services.search.engine.search.results import SearchMode, SearchResult
+from services.search.engine.search.searcher import Searcher
+from services.search.engine.symbols.symbolpool import SymbolExtractor
 
 FIRST_PAGE_FILES = 50
 T = TypeVar("T")

@@ -15,7 +15,7 @@ from pathlib import Path
 from services.bench.measure import ProcessRun, run_process
 from services.bench.ripgrep import ripgrep_argv
 from services.search.engine import _fastscan
-from services.search.engine.searcher import Searcher
+from services.search.engine.search.searcher import Searcher
 
 
 class CliPeer:

@@ -27,8 +27,8 @@ c0, t0 = time.process_time(), time.perf_counter()
 from services.cli.main import build_parser
 t1 = time.perf_counter()
 build_parser("index")
-from services.search.engine.index import Index
-from services.search.engine.searcher import Searcher
+from services.search.engine.index.index import Index
+from services.search.engine.search.searcher import Searcher
 c2, t2 = time.process_time(), time.perf_counter()
 snap = Index.open(sys.argv[1]).snapshot()
 snap.segments[0].postings(b"the")

@@ -63,9 +63,9 @@ from services.cli import keys
 from services.common.identity import READ, WRITE
 from services.common.stack import StackInfo
 from services.search import convert
-from services.search.engine.index import Index
-from services.search.engine.results import SearchMode
-from services.search.engine.searcher import Searcher
+from services.search.engine.index.index import Index
+from services.search.engine.search.results import SearchMode
+from services.search.engine.search.searcher import Searcher
 from services.search.searches import CodeAnswer
 
 FIRST_PAGE = 50

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 if TYPE_CHECKING:
     from services.cli.render import Printer, Stats
     from services.search.engine import MatchStream, Searcher, SearchResult
-    from services.search.engine.build import BuildProgress
+    from services.search.engine.index.build import BuildProgress
 
 
 def register(subparsers: Any) -> None:
@@ -128,8 +128,8 @@ class _ProgressBar:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from services.search.engine.build import build_index
-    from services.search.engine.format import IndexFileError
+    from services.search.engine.index.build import build_index
+    from services.search.engine.index.format import IndexFileError
 
     if not os.path.isdir(args.src):
         return _fail(f"{args.src}: not a directory")
@@ -159,8 +159,8 @@ def _build(args: argparse.Namespace) -> int:
 def _stats(args: argparse.Namespace) -> int:
     import json
 
-    from services.search.engine.format import IndexFileError
-    from services.search.engine.index import Index
+    from services.search.engine.index.format import IndexFileError
+    from services.search.engine.index.index import Index
 
     try:
         with Index.open(args.index) as index:
@@ -425,9 +425,9 @@ def _print_page(result: SearchResult, printer: Printer) -> Summary:
 def _symbols(args: argparse.Namespace) -> int:
     import json
 
-    from services.search.engine.format import IndexFileError
-    from services.search.engine.index import Index
-    from services.search.engine.searcher import Searcher
+    from services.search.engine.index.format import IndexFileError
+    from services.search.engine.index.index import Index
+    from services.search.engine.search.searcher import Searcher
 
     try:
         with Index.open(args.index) as index:

@@ -1,6 +1,6 @@
 """Symbolizer: tree-sitter symbols and index guardrails for ingested documents, off the event loop.
 
-The engine's `extract_symbols` (services/search/engine/symbols.py) is CPU-bound and holds the
+The engine's `extract_symbols` (services/search/engine/symbols/symbols.py) is CPU-bound and holds the
 GIL while it parses, so it runs in worker processes (`concurrent.futures.ProcessPoolExecutor`,
 `forkserver` start method: safe in a process that already runs gRPC and asyncio threads),
 awaited through `loop.run_in_executor` so the event loop keeps serving other calls. The pool is
@@ -23,10 +23,10 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
-from services.search.engine import builder
+from services.search.engine.index import builder
+from services.search.engine.index.trigrams import distinct_trigrams
 from services.search.engine.model import Symbol
-from services.search.engine.symbols import SYMBOL_LANGUAGES, extract_symbols
-from services.search.engine.trigrams import distinct_trigrams
+from services.search.engine.symbols.symbols import SYMBOL_LANGUAGES, extract_symbols
 
 # Bytes of source per task: large enough that pickling and scheduling stay small next to the
 # parse (~15 MB per CPU-second on C, symbolpool.py), small enough that two workers share a batch.

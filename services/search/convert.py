@@ -10,7 +10,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from kotadb.v1 import document_pb2, search_pb2
 
 from services.search.engine.model import Symbol
-from services.search.engine.results import FileMatch, LimitReason, SearchMode, SearchResult
+from services.search.engine.search.results import FileMatch, LimitReason, SearchMode, SearchResult
 from services.search.searches import (
     CodeAnswer,
     CodeQuery,

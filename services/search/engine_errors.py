@@ -51,8 +51,8 @@ from services.search.engine.errors import (
     SearchCancelled,
     SearchDeadlineError,
 )
-from services.search.engine.format import IndexCorruptError, IndexNotFoundError, IndexVersionError
-from services.search.engine.index import IndexLockedError
+from services.search.engine.index.format import IndexCorruptError, IndexNotFoundError, IndexVersionError
+from services.search.engine.index.index import IndexLockedError
 
 # Seconds a client should wait before retrying a search whose index is being (re)built.
 INDEX_RETRY_SECONDS = 1.0

@@ -6,7 +6,7 @@ Layout of the search volume (`KOTADB_SEARCH_DATA_DIR`)::
       cursor.key                 random page-token key, when no cursor secret is configured
       <tenant uuid>/             one tenant, replaced whole by a rebuild
         state.json               {"version", "tenant", "revision", "rebuilt_at"}
-        index/                   the engine's index directory (engine/format.py)
+        index/                   the engine's index directory (engine/index/format.py)
       .build-<tenant>-<hex>/     a build in progress (removed at start)
       .old-<tenant>-<hex>/       a replaced build being deleted (removed at start)
 
@@ -34,9 +34,9 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.search.engine.index import Index
+from services.search.engine.index.index import Index
+from services.search.engine.index.writer import IndexWriter
 from services.search.engine.model import SourceDocument, Symbol
-from services.search.engine.writer import IndexWriter
 from services.search.store import DocumentRow, SearchStore
 from services.search.tailer import RevisionRule
 

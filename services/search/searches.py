@@ -33,9 +33,9 @@ from services.common import metrics
 from services.common.errors import FieldViolation, InvalidArgument, KotaError
 from services.search.config import SearchSettings
 from services.search.engine.errors import EngineError, IndexFileError
-from services.search.engine.results import SearchMode, SearchResult
-from services.search.engine.searcher import SearchRequest
-from services.search.engine.symsearch import SymbolCandidate, SymbolMatch, search_symbols
+from services.search.engine.search.results import SearchMode, SearchResult
+from services.search.engine.search.searcher import SearchRequest
+from services.search.engine.symbols.symsearch import SymbolCandidate, SymbolMatch, search_symbols
 from services.search.engine_errors import domain_error
 from services.search.streams import StreamBatch, queue_emitter, stream_files
 from services.search.tenants import TenantIndex, TenantManager

@@ -1,6 +1,6 @@
 """streams holds StreamSearchCode's work: matching files sent in batches as they are verified.
 
-A streamed search walks the engine's `MatchStream` (engine/stream.py) over one pinned
+A streamed search walks the engine's `MatchStream` (engine/search/stream.py) over one pinned
 snapshot, in index order (segment by segment, documents in the order they were added): the
 stream rejects non-matching candidates with its native matchers, and each file it yields
 becomes the same result entry an exhaustive SearchCode builds for that file (`Run.check`
@@ -29,13 +29,13 @@ from typing import TypeVar
 
 from services.search.engine import record
 from services.search.engine.errors import SearchCancelled
-from services.search.engine.hits import Hit, file_match
-from services.search.engine.plan import All
-from services.search.engine.reader import SegmentReader
-from services.search.engine.request import SearchRequest
-from services.search.engine.results import FileMatch, SearchResult, SearchStats
-from services.search.engine.searcher import Searcher
-from services.search.engine.searchrun import Run
+from services.search.engine.index.reader import SegmentReader
+from services.search.engine.query.plan import All
+from services.search.engine.search.hits import Hit, file_match
+from services.search.engine.search.request import SearchRequest
+from services.search.engine.search.results import FileMatch, SearchResult, SearchStats
+from services.search.engine.search.searcher import Searcher
+from services.search.engine.search.searchrun import Run
 
 B = TypeVar("B")
 

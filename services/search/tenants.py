@@ -43,10 +43,10 @@ from typing import TypeVar
 
 from services.common.errors import Unavailable
 from services.search.config import SearchSettings
-from services.search.engine.format import IndexFileError
-from services.search.engine.index import Index
-from services.search.engine.searcher import Searcher
-from services.search.engine.writer import IndexWriter
+from services.search.engine.index.format import IndexFileError
+from services.search.engine.index.index import Index
+from services.search.engine.index.writer import IndexWriter
+from services.search.engine.search.searcher import Searcher
 from services.search.rebuild import (
     INDEX_DIR,
     TenantState,

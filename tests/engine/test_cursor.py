@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.search.engine.cursor import (
+from services.search.engine.search.cursor import (
     Cursor,
     CursorError,
     Position,

@@ -25,10 +25,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from services.bench.ripgrep import search_lines
-from services.search.engine.build import build_index, walk_sources
-from services.search.engine.index import Index
-from services.search.engine.results import SearchMode
-from services.search.engine.searcher import Searcher
+from services.search.engine.index.build import build_index, walk_sources
+from services.search.engine.index.index import Index
+from services.search.engine.search.results import SearchMode
+from services.search.engine.search.searcher import Searcher
 
 REPO = Path(__file__).resolve().parents[2]
 CORPUS_SCRIPT = REPO / "scripts" / "corpus.sh"

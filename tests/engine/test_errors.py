@@ -25,12 +25,12 @@ from services.search.engine.errors import (
     SearchCancelled,
     SearchDeadlineError,
 )
-from services.search.engine.format import IndexCorruptError, IndexNotFoundError, IndexVersionError
-from services.search.engine.index import Index, IndexLockedError
+from services.search.engine.index.format import IndexCorruptError, IndexNotFoundError, IndexVersionError
+from services.search.engine.index.index import Index, IndexLockedError
+from services.search.engine.index.writer import IndexWriter
 from services.search.engine.model import SourceDocument
-from services.search.engine.regexsyntax import RegexSyntaxError
-from services.search.engine.searcher import Searcher
-from services.search.engine.writer import IndexWriter
+from services.search.engine.query.regexsyntax import RegexSyntaxError
+from services.search.engine.search.searcher import Searcher
 from services.search.engine_errors import INDEX_RETRY_SECONDS, domain_error
 
 FIXTURE = Path(__file__).parent / "fixtures" / "format_v1" / "index"

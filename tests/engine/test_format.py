@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from pyroaring import BitMap
 
-from services.search.engine.format import (
+from services.search.engine.index.format import (
     FACT_GENERATED_CONTENT,
     FACT_GENERATED_PATH,
     FACT_PRESENT,
@@ -33,12 +33,12 @@ from services.search.engine.format import (
     IndexVersionError,
     dump_checked_json,
 )
-from services.search.engine.index import Index
+from services.search.engine.index.index import Index
+from services.search.engine.index.trigrams import sorted_trigrams, trigram_bytes
+from services.search.engine.index.writer import IndexWriter
 from services.search.engine.model import SkipReason, SourceDocument, Symbol
-from services.search.engine.results import SearchMode
-from services.search.engine.searcher import Searcher
-from services.search.engine.trigrams import sorted_trigrams, trigram_bytes
-from services.search.engine.writer import IndexWriter
+from services.search.engine.search.results import SearchMode
+from services.search.engine.search.searcher import Searcher
 
 FIXTURE = Path(__file__).parent / "fixtures" / "format_v1"
 SOURCES = FIXTURE / "src"

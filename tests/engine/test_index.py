@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from services.search.engine.format import IndexCorruptError, IndexNotFoundError
-from services.search.engine.index import Index, IndexLockedError, list_generations
-from services.search.engine.merge import TieredMergePolicy
+from services.search.engine.index.format import IndexCorruptError, IndexNotFoundError
+from services.search.engine.index.index import Index, IndexLockedError, list_generations
+from services.search.engine.index.merge import TieredMergePolicy
+from services.search.engine.index.writer import IndexWriter
 from services.search.engine.model import SkipReason, SourceDocument
-from services.search.engine.writer import IndexWriter
 
 
 def add(index: Index, *docs: tuple[str, bytes], delete: tuple[str, ...] = ()) -> int:
@@ -83,8 +83,8 @@ def test_other_processes_see_commits_and_cannot_write_concurrently(tmp_path: Pat
     add(index, ("a", b"from the parent"))
     script = (
         "import sys\n"
-        "from services.search.engine.index import Index, IndexLockedError\n"
-        "from services.search.engine.writer import IndexWriter\n"
+        "from services.search.engine.index.index import Index, IndexLockedError\n"
+        "from services.search.engine.index.writer import IndexWriter\n"
         "from services.search.engine.model import SourceDocument\n"
         "index = Index.open(sys.argv[1])\n"
         "try:\n"
@@ -181,7 +181,7 @@ def test_writer_lists_live_external_ids(tmp_path: Path) -> None:
 
 READER = """
 import os, sys, pathlib
-from services.search.engine.index import Index
+from services.search.engine.index.index import Index
 root, stop, seen_file = (pathlib.Path(a) for a in sys.argv[1:4])
 index = Index.open(root)
 seen = set()

@@ -9,11 +9,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.search.engine.index import Index, Snapshot
-from services.search.engine.merge import SegmentSize, TieredMergePolicy
+from services.search.engine.index.index import Index, Snapshot
+from services.search.engine.index.merge import SegmentSize, TieredMergePolicy
+from services.search.engine.index.trigrams import query_trigrams
+from services.search.engine.index.writer import IndexWriter
 from services.search.engine.model import SourceDocument, Symbol
-from services.search.engine.trigrams import query_trigrams
-from services.search.engine.writer import IndexWriter
 
 
 def doc(external_id: str, text: str, symbols: tuple[Symbol, ...] = ()) -> SourceDocument:

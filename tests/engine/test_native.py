@@ -11,8 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from re2 import _re2
 
-from services.search.engine import _fastscan, rank, trigrams, verify
-from services.search.engine.verify import LineMatch, LineMatcher
+from services.search.engine import _fastscan
+from services.search.engine.index import trigrams
+from services.search.engine.query import verify
+from services.search.engine.query.verify import LineMatch, LineMatcher
+from services.search.engine.search import rank
 
 ALPHABET = st.sampled_from([b"a", b"b", b"A", b"B", b"\n", b" ", b"_", "\u212a".encode(), "\u017f".encode()])
 

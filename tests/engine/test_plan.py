@@ -1,4 +1,4 @@
-"""Tests for the regex → trigram planner and the plan algebra (services/search/engine/plan.py)."""
+"""Tests for the regex → trigram planner and the plan algebra (services/search/engine/query/plan.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.search.engine.plan import (
+from services.search.engine.query.plan import (
     ALL,
     EMPTY,
     And,
@@ -23,7 +23,7 @@ from services.search.engine.plan import (
     plan_trigrams,
     trigram_id,
 )
-from services.search.engine.verify import LineMatcher
+from services.search.engine.query.verify import LineMatcher
 
 BENCH_QUERIES = pathlib.Path(__file__).resolve().parents[2] / "services" / "bench" / "queries"
 

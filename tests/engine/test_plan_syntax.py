@@ -1,4 +1,4 @@
-"""Tests for the planning parser of RE2 syntax (services/search/engine/regexsyntax.py)."""
+"""Tests for the planning parser of RE2 syntax (services/search/engine/query/regexsyntax.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from services.search.engine.plan import evaluate_on, plan_regex
-from services.search.engine.regexsyntax import (
+from services.search.engine.query.plan import evaluate_on, plan_regex
+from services.search.engine.query.regexsyntax import (
     MAX_CODE_POINT,
     Alternate,
     AnyChar,
@@ -24,7 +24,7 @@ from services.search.engine.regexsyntax import (
     line_anchored,
     parse_regex,
 )
-from services.search.engine.verify import InvalidPatternError, LineMatcher
+from services.search.engine.query.verify import InvalidPatternError, LineMatcher
 
 TREES = [
     # Runs of literal characters are one node.

@@ -1,10 +1,10 @@
-"""Tests for the query language (services/search/engine/query.py)."""
+"""Tests for the query language (services/search/engine/query/query.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from services.search.engine.query import (
+from services.search.engine.query.query import (
     Case,
     Field,
     QuerySyntaxError,

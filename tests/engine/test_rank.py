@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.search.engine import rank
-from services.search.engine.facts import path_facts
-from services.search.engine.format import FACT_GENERATED_CONTENT
+from services.search.engine.index.facts import path_facts
+from services.search.engine.index.format import FACT_GENERATED_CONTENT
 from services.search.engine.model import Symbol
-from services.search.engine.results import columns_for, match_range
+from services.search.engine.search import rank
+from services.search.engine.search.results import columns_for, match_range
 
 
 @pytest.mark.parametrize(

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from services.search.engine.format import BLOCK_SIZE, HEADER_SIZE, IndexCorruptError, dump_checked_json
-from services.search.engine.index import Index
+from services.search.engine.index.format import BLOCK_SIZE, HEADER_SIZE, IndexCorruptError, dump_checked_json
+from services.search.engine.index.index import Index
+from services.search.engine.index.reader import SegmentData
+from services.search.engine.index.writer import IndexWriter
 from services.search.engine.model import SourceDocument
-from services.search.engine.reader import SegmentData
-from services.search.engine.writer import IndexWriter
 
 
 def build(root: Path, docs: list[tuple[str, bytes]]) -> Path:

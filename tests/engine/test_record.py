@@ -7,8 +7,8 @@ import pickle
 
 import pytest
 
+from services.search.engine.query.regexsyntax import Concat, Literal
 from services.search.engine.record import FrozenInstanceError, Record, field, replace
-from services.search.engine.regexsyntax import Concat, Literal
 
 
 class Point(Record):

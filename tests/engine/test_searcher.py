@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from services.search.engine.build import build_index
-from services.search.engine.cursor import CursorError
-from services.search.engine.index import Index
+from services.search.engine.index.build import build_index
+from services.search.engine.index.index import Index
+from services.search.engine.index.writer import IndexWriter
 from services.search.engine.model import SourceDocument
-from services.search.engine.query import QuerySyntaxError
-from services.search.engine.results import LimitReason, SearchMode, SearchResult
-from services.search.engine.searcher import SearchCancelled, Searcher
-from services.search.engine.verify import InvalidPatternError
-from services.search.engine.writer import IndexWriter
+from services.search.engine.query.query import QuerySyntaxError
+from services.search.engine.query.verify import InvalidPatternError
+from services.search.engine.search.cursor import CursorError
+from services.search.engine.search.results import LimitReason, SearchMode, SearchResult
+from services.search.engine.search.searcher import SearchCancelled, Searcher
 
 GOLDENS = Path(__file__).parent / "goldens"
 GOLDEN_CORPUS = GOLDENS / "corpus"

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from services.search.engine import _fastscan
-from services.search.engine.build import build_index
 from services.search.engine.errors import SearchCancelled
-from services.search.engine.index import Index
-from services.search.engine.results import LimitReason, SearchMode
-from services.search.engine.searcher import Searcher
+from services.search.engine.index.build import build_index
+from services.search.engine.index.index import Index
+from services.search.engine.search.results import LimitReason, SearchMode
+from services.search.engine.search.searcher import Searcher
 
 GOLDEN_CORPUS = Path(__file__).parent / "goldens" / "corpus"
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from pyroaring import FrozenBitMap
 
-from services.search.engine.format import IndexCorruptError
-from services.search.engine.index import Index
+from services.search.engine.index.format import IndexCorruptError
+from services.search.engine.index.index import Index
+from services.search.engine.index.reader import SegmentData, SegmentReader
+from services.search.engine.index.writer import IndexWriter
 from services.search.engine.model import SourceDocument, Symbol
-from services.search.engine.reader import SegmentData, SegmentReader
-from services.search.engine.writer import IndexWriter
 
 PARSER = (
     Symbol("Parser", "class", "Parser", 1, 9, 6, 12),

@@ -21,10 +21,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.search.engine import symbols
 from services.search.engine.model import Symbol
-from services.search.engine.symbolpool import SymbolExtractor, extract_many
-from services.search.engine.symbols import MAX_SYMBOLS, SYMBOL_LANGUAGES, extract_symbols
+from services.search.engine.symbols import symbols
+from services.search.engine.symbols.symbolpool import SymbolExtractor, extract_many
+from services.search.engine.symbols.symbols import MAX_SYMBOLS, SYMBOL_LANGUAGES, extract_symbols
 
 Row = tuple[str, str, int, int, str]
 

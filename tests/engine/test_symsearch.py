@@ -11,8 +11,8 @@ from collections.abc import Callable
 import pytest
 
 from services.search.engine.model import Symbol
-from services.search.engine.symbols import extract_symbols
-from services.search.engine.symsearch import (
+from services.search.engine.symbols.symbols import extract_symbols
+from services.search.engine.symbols.symsearch import (
     MatchTier,
     SymbolCandidate,
     enclosing_symbol,

@@ -10,8 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pyroaring import BitMap
 
-from services.search.engine.postings import PostingsBuilder, decode_postings, encode_all, encode_postings
-from services.search.engine.trigrams import (
+from services.search.engine.index.postings import (
+    PostingsBuilder,
+    decode_postings,
+    encode_all,
+    encode_postings,
+)
+from services.search.engine.index.trigrams import (
     distinct_trigrams,
     fold_ascii,
     query_trigrams,

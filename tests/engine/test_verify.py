@@ -1,4 +1,4 @@
-"""Tests for the line-oriented verifier (services/search/engine/verify.py), including a
+"""Tests for the line-oriented verifier (services/search/engine/query/verify.py), including a
 differential check against ripgrep on real stdlib source."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.search.engine import _fastscan
-from services.search.engine.verify import (
+from services.search.engine.query.verify import (
     InvalidPatternError,
     LineMatch,
     LineMatcher,

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from services.search.engine.builder import Limits
-from services.search.engine.index import Index, IndexLockedError, Snapshot
+from services.search.engine.index.builder import Limits
+from services.search.engine.index.index import Index, IndexLockedError, Snapshot
+from services.search.engine.index.trigrams import query_trigrams
+from services.search.engine.index.writer import IndexWriter
 from services.search.engine.model import SkipReason, SourceDocument, Symbol
-from services.search.engine.trigrams import query_trigrams
-from services.search.engine.writer import IndexWriter
 
 SYMS = (
     Symbol("Greeter", "class", "Greeter", 1, 3, 6, 13),

@@ -4,18 +4,24 @@ This is its public surface; callers import from here::
 
     from services.search.engine import Index, IndexWriter, Searcher, SearchMode, EngineError
 
-Modules by data direction (pyproject.toml's import-linter contracts keep the layering):
+Sub-packages by data direction (pyproject.toml's import-linter contracts keep the layering:
+search over index and query, all of them over symbols and the base, no cycles):
 
-* index, written: model (plain data), languages, symbols / symbolpool (tree-sitter), trigrams,
-  postings, facts, builder (one segment), writer, merge, build (a source tree), format (the
-  on-disk layout, described once), errors;
-* index, read: reader (one segment), index (snapshots of the live segments);
-* query: query (the query language), regexsyntax, plan (trigram plans), matchtree;
-* search: request, candidates, verify, searchrun (ranked pages), hits, page, stream (every
-  match in index order, and counts), rank, cursor, results, searcher, symsearch.
+* index/ — the on-disk index, written and read: format (the layout, described once), trigrams,
+  postings, facts, builder (one segment), writer, merge, build (a source tree), reader (one
+  segment), index (snapshots of the live segments);
+* query/ — what a query compiles to: query (the query language), regexsyntax, plan (trigram
+  plans), verify (exact line matching), matchtree;
+* search/ — runs over a snapshot: request, candidates, searchrun (ranked pages), hits, page,
+  stream (every match in index order, and counts), rank, cursor, results, searcher;
+* symbols/ — tree-sitter definitions: symbols (one document), pygaps, symbolpool (worker
+  processes), symsearch (symbol search ranking);
+* the base, here: errors (the one error tree), model (plain data), record, languages, and the
+  C extension _fastscan.
 
 Names are resolved on first use (PEP 562), so importing one module of the engine (the
-ingest service imports languages and symbols) does not load the rest.
+ingest service imports languages and symbols.symbols) does not load the rest; the sub-packages'
+__init__ files import nothing either.
 """
 
 from __future__ import annotations
@@ -33,14 +39,20 @@ if TYPE_CHECKING:
         SearchCancelled,
         SearchDeadlineError,
     )
-    from services.search.engine.format import IndexCorruptError, IndexNotFoundError, IndexVersionError
-    from services.search.engine.index import Index, IndexLockedError, Snapshot
+    from services.search.engine.index.format import IndexCorruptError, IndexNotFoundError, IndexVersionError
+    from services.search.engine.index.index import Index, IndexLockedError, Snapshot
+    from services.search.engine.index.writer import IndexWriter
     from services.search.engine.model import SourceDocument, Symbol
-    from services.search.engine.request import RunContext, SearchRequest
-    from services.search.engine.results import FileMatch, LimitReason, LineMatch, SearchMode, SearchResult
-    from services.search.engine.searcher import Searcher
-    from services.search.engine.stream import MatchStream, StreamedFile
-    from services.search.engine.writer import IndexWriter
+    from services.search.engine.search.request import RunContext, SearchRequest
+    from services.search.engine.search.results import (
+        FileMatch,
+        LimitReason,
+        LineMatch,
+        SearchMode,
+        SearchResult,
+    )
+    from services.search.engine.search.searcher import Searcher
+    from services.search.engine.search.stream import MatchStream, StreamedFile
 
 _EXPORTS = {
     "CursorError": "errors",
@@ -50,25 +62,25 @@ _EXPORTS = {
     "QuerySyntaxError": "errors",
     "SearchCancelled": "errors",
     "SearchDeadlineError": "errors",
-    "IndexCorruptError": "format",
-    "IndexNotFoundError": "format",
-    "IndexVersionError": "format",
-    "Index": "index",
-    "IndexLockedError": "index",
-    "Snapshot": "index",
+    "IndexCorruptError": "index.format",
+    "IndexNotFoundError": "index.format",
+    "IndexVersionError": "index.format",
+    "Index": "index.index",
+    "IndexLockedError": "index.index",
+    "Snapshot": "index.index",
     "SourceDocument": "model",
     "Symbol": "model",
-    "RunContext": "request",
-    "SearchRequest": "request",
-    "FileMatch": "results",
-    "LimitReason": "results",
-    "LineMatch": "results",
-    "SearchMode": "results",
-    "SearchResult": "results",
-    "Searcher": "searcher",
-    "MatchStream": "stream",
-    "StreamedFile": "stream",
-    "IndexWriter": "writer",
+    "RunContext": "search.request",
+    "SearchRequest": "search.request",
+    "FileMatch": "search.results",
+    "LimitReason": "search.results",
+    "LineMatch": "search.results",
+    "SearchMode": "search.results",
+    "SearchResult": "search.results",
+    "Searcher": "search.searcher",
+    "MatchStream": "search.stream",
+    "StreamedFile": "search.stream",
+    "IndexWriter": "index.writer",
 }
 
 __all__ = [

@@ -1,0 +1,133 @@
+"""Candidates: the documents a search must verify, found by evaluating its plan on bitmaps.
+
+Per segment the trigram plan (plan.py) is evaluated on roaring bitmaps (And is intersection,
+Or is union, All is every document) and intersected with the segment's live set; then the
+query's cheap terms (path, language, repository) prune candidates without touching content.
+The survivors of the whole snapshot become flat arrays (segment index, ordinal, path weight)
+plus the order to verify them in: index order for exact searches, and for first pages
+ordinary files before tests, vendored and generated ones (rank.py's path weight).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from pyroaring import BitMap
+
+from services.search.engine.index.index import Snapshot
+from services.search.engine.index.reader import SegmentReader
+from services.search.engine.query.matchtree import DocFacts, MatchTree
+from services.search.engine.query.plan import All, And, Empty, Or, Plan, Tri
+from services.search.engine.record import Record
+
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
+
+
+def evaluate_plan(plan: Plan, segment: SegmentReader) -> BitMap | None:
+    """evaluate_plan returns the segment's ordinals satisfying plan, or None for "every document".
+
+    Deleted ordinals may be included; the caller intersects with the live set.
+    """
+    if isinstance(plan, All):
+        return None
+    if isinstance(plan, Empty):
+        return BitMap()
+    if isinstance(plan, Tri):
+        return segment.postings(plan.gram)
+    if isinstance(plan, And):
+        result: BitMap | None = None
+        # Trigram leaves first: they are cheap and usually the most selective.
+        for child in sorted(plan.children, key=lambda c: 0 if isinstance(c, Tri) else 1):
+            bits = evaluate_plan(child, segment)
+            if bits is None:
+                continue
+            result = bits if result is None else result & bits
+            if not result:
+                return result
+        return result
+    if isinstance(plan, Or):
+        union = BitMap()
+        for child in plan.children:
+            bits = evaluate_plan(child, segment)
+            if bits is None:
+                return None
+            union |= bits
+        return union
+    raise TypeError(f"unknown plan node {plan!r}")
+
+
+class Candidates(Record):
+    """Candidates are a search's documents to verify, over every segment of its snapshot.
+
+    Candidate i is ordinal `ords[i]` of segment `seg_ids[i]` with path weight `weights[i]`;
+    `sequence` lists candidate positions in the order to verify them. `scan` says the plan
+    had no usable trigram, so every live document is a candidate (a bounded scan).
+    """
+
+    seg_ids: NDArray[np.int64]
+    ords: NDArray[np.int64]
+    weights: NDArray[np.float64]
+    sequence: NDArray[np.int64]
+    scan: bool
+
+    @property
+    def count(self) -> int:
+        """count is the number of candidates."""
+        return len(self.ords)
+
+
+def collect_candidates(snap: Snapshot, tree: MatchTree, *, exact: bool) -> Candidates:
+    """collect_candidates evaluates the tree's plan on every segment of the snapshot.
+
+    With `exact` the candidates are verified in index order, else in first-page order (by
+    path weight, read from the candidates' stored facts: nothing here is proportional to
+    the segment, only to its candidates).
+    """
+    import numpy as np
+
+    from services.search.engine.search import rank
+
+    plan = tree.plan
+    order: list[tuple[int, NDArray[np.int64]]] = []
+    weights_all: list[NDArray[np.float64]] = []
+    for seg_index, segment in enumerate(snap.segments):
+        ordinals = np.asarray(segment_candidates(tree, segment), dtype=np.int64)
+        order.append((seg_index, ordinals))
+        weights_all.append(rank.prior_weights(segment.facts(ordinals)) if len(ordinals) else np.empty(0))
+    seg_ids: NDArray[np.int64] = (
+        np.concatenate([np.full(len(o), i, dtype=np.int64) for i, o in order])
+        if order
+        else np.empty(0, dtype=np.int64)
+    )
+    ords = np.concatenate([o for _, o in order]) if order else np.empty(0, dtype=np.int64)
+    weights = np.concatenate(weights_all) if weights_all else np.empty(0)
+    # FIRST_PAGE: ordinary files first; within a weight, index order (segments are path-sorted).
+    sequence = np.arange(len(ords)) if exact else np.lexsort((ords, seg_ids, -weights))
+    return Candidates(seg_ids, ords, weights, sequence, isinstance(plan, All))
+
+
+def segment_candidates(tree: MatchTree, segment: SegmentReader) -> Sequence[int]:
+    """segment_candidates lists one segment's candidates in ordinal order, metadata terms applied.
+
+    This is all a stream needs (it verifies in index order): no numpy, no weights.
+    """
+    bits = evaluate_plan(tree.plan, segment)
+    live = segment.live if bits is None else bits & segment.live
+    ordinals: Sequence[int] = live.to_array()
+    if tree.has_metadata_terms and len(ordinals):
+        ordinals = prune_by_metadata(tree, segment, ordinals)
+    return ordinals
+
+
+def prune_by_metadata(tree: MatchTree, segment: SegmentReader, ordinals: Sequence[int]) -> list[int]:
+    """prune_by_metadata drops candidates that the query's path, language and repository terms exclude."""
+    kept: list[int] = []
+    for ordinal in ordinals:
+        doc = segment.doc(ordinal)
+        facts = DocFacts(path=doc.path, language=doc.language, repository=doc.repository)
+        if tree.prefilter(facts) is not False:
+            kept.append(ordinal)
+    return kept
