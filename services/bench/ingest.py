@@ -238,9 +238,11 @@ async def _postmaster(database_url: str) -> int:
     conn = await asyncpg.connect(database_url)
     try:
         backend = int(await conn.fetchval("select pg_backend_pid()"))
+        # Read while the backend lives: it exits with the connection.
+        stat = (Path("/proc") / str(backend) / "stat").read_text()
     finally:
         await conn.close()
-    return int((Path("/proc") / str(backend) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    return int(stat.rsplit(")", 1)[1].split()[1])
 
 
 _PHASE_SUM = re.compile(r'^kotadb_ingest_batch_phase_seconds_sum\{phase="(\w+)"\} (\S+)$', re.MULTILINE)
