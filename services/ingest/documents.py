@@ -17,8 +17,9 @@ the parse's (seconds): the change feed's readers wait for the oldest open transa
    tags): an identical one is a no-op answered with its stored revision and `unchanged` (the
    revision trigger stamps every write, so the decision is made before writing);
 3. writes the changed ones with what `prepare` found in them (tree-sitter symbols, the
-   engine's index guardrails; services/ingest/symbolizer.py): documents and symbols in one
-   statement each per repository; the documents trigger appends their change-feed rows.
+   engine's index guardrails; services/ingest/symbolizer.py): the documents in one statement
+   per repository, their symbols by COPY (services/ingest/documentstore.py); the documents
+   trigger appends their change-feed rows. Each phase is timed (services/ingest/batchtiming.py).
    Every valid item is analyzed, identical ones too (which ones are identical is only known
    inside the transaction); pushes and syncs send only changed files anyway.
 

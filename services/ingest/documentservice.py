@@ -8,8 +8,9 @@ verified identity's user id, never a request field. On top of the writer it adds
   with a different batch is refused (REQUEST_ID_REUSED);
 * streams: `upsert_stream` commits one transaction per `stream_batch_items` documents or
   `stream_batch_bytes` content bytes, whichever comes first, so memory stays bounded whatever
-  the stream's length; a stream's request id makes each of its batches idempotent, so a retried
-  stream replays the batches that committed and writes the rest;
+  the stream's length (at most three batches: one read, one extracting, one committing, which
+  overlap); a stream's request id makes each of its batches idempotent, so a retried stream
+  replays the batches that committed and writes the rest;
 * reads: GetDocument, and ListDocuments by keyset on (path, id), whose page tokens carry the
   last row seen and a digest of the filters (a token reused with other filters is refused), so
   pages stay stable while others write;
