@@ -17,8 +17,9 @@ the parse's (seconds): the change feed's readers wait for the oldest open transa
    tags): an identical one is a no-op answered with its stored revision and `unchanged` (the
    revision trigger stamps every write, so the decision is made before writing);
 3. writes the changed ones with what `prepare` found in them (tree-sitter symbols, the
-   engine's index guardrails; services/ingest/symbolizer.py): documents and symbols in one
-   statement each per repository; the documents trigger appends their change-feed rows.
+   engine's index guardrails; services/ingest/symbolizer.py): the documents in one statement
+   per repository, their symbols by COPY (services/ingest/documentstore.py); the documents
+   trigger appends their change-feed rows. Each phase is timed (services/ingest/batchtiming.py).
    Every valid item is analyzed, identical ones too (which ones are identical is only known
    inside the transaction); pushes and syncs send only changed files anyway.
 
@@ -38,6 +39,7 @@ from typing import Any
 from services.common.db import Connection
 from services.common.errors import FieldViolation, InvalidArgument
 from services.ingest import documentstore as store
+from services.ingest.batchtiming import BatchTimer
 from services.ingest.symbolizer import Analysis, Symbolizer
 from services.search.engine.languages import detect_language, normalize_language
 
@@ -184,6 +186,7 @@ class PreparedBatch:
     refused: Mapping[int, ItemResult]
     valid: tuple[_Valid, ...]
     analyses: Mapping[int, Analysis]
+    timer: BatchTimer = field(default_factory=BatchTimer)
 
 
 def _violation(index: int, name: str, description: str, reason: str) -> FieldViolation:
@@ -434,24 +437,34 @@ class DocumentWriter:
         """upsert prepares and writes one batch in the caller's transaction (extraction included)."""
         return await self.write(conn, user_id, await self.prepare(items, first_index=first_index))
 
-    async def prepare(self, items: Sequence[DocumentInput], *, first_index: int = 0) -> PreparedBatch:
+    async def prepare(
+        self, items: Sequence[DocumentInput], *, first_index: int = 0, timer: BatchTimer | None = None
+    ) -> PreparedBatch:
         """prepare checks every item and analyzes the valid ones in worker processes (no database)."""
+        timer = timer or BatchTimer()
+        timer.documents += len(items)
         refused: dict[int, ItemResult] = {}
         valid: list[_Valid] = []
-        for offset, item in enumerate(items):
-            index = first_index + offset
-            checked = check_item(index, item, self.limits)
-            if isinstance(checked, list):
-                refused[index] = ItemResult(index, item.path, item.repository_id, violations=tuple(checked))
-            else:
-                valid.append(checked)
-        analyses = await self.symbolizer.analyze_many([(v.raw, v.row.language or "") for v in valid])
+        with timer.phase("check"):
+            for offset, item in enumerate(items):
+                index = first_index + offset
+                checked = check_item(index, item, self.limits)
+                if isinstance(checked, list):
+                    refused[index] = ItemResult(
+                        index, item.path, item.repository_id, violations=tuple(checked)
+                    )
+                else:
+                    valid.append(checked)
+        timer.size += sum(len(v.raw) for v in valid)
+        with timer.phase("extract"):
+            analyses = await self.symbolizer.analyze_many([(v.raw, v.row.language or "") for v in valid])
         return PreparedBatch(
             first_index,
             len(items),
             refused,
             tuple(valid),
             {v.index: a for v, a in zip(valid, analyses, strict=True)},
+            timer,
         )
 
     async def write(self, conn: Connection, user_id: uuid.UUID, prepared: PreparedBatch) -> BatchOutcome:
@@ -459,7 +472,9 @@ class DocumentWriter:
         results: dict[int, ItemResult] = dict(prepared.refused)
         valid = prepared.valid
         wanted = {v.repository_id for v in valid if v.repository_id is not None}
-        visible = await store.visible_repositories(conn, user_id, sorted(wanted))
+        timer = prepared.timer
+        with timer.phase("read"):
+            visible = await store.visible_repositories(conn, user_id, sorted(wanted))
         groups: dict[uuid.UUID | None, dict[str, _Valid]] = {}
         for v in valid:
             refusal: FieldViolation | None = None
@@ -476,7 +491,9 @@ class DocumentWriter:
             else:
                 group[v.row.path] = v
         for repository_id, by_path in groups.items():
-            results.update(await self._write_group(conn, user_id, repository_id, by_path, prepared.analyses))
+            results.update(
+                await self._write_group(conn, user_id, repository_id, by_path, prepared.analyses, timer)
+            )
         ordered = tuple(results[prepared.first_index + i] for i in range(prepared.size))
         return BatchOutcome(ordered, max((r.revision for r in ordered), default=0))
 
@@ -487,12 +504,14 @@ class DocumentWriter:
         repository_id: uuid.UUID | None,
         by_path: dict[str, _Valid],
         analyzed: Mapping[int, Analysis],
+        timer: BatchTimer,
     ) -> dict[int, ItemResult]:
         """_write_group writes one repository's changed items; identical ones are answered unchanged."""
         if not by_path:
             return {}
         results: dict[int, ItemResult] = {}
-        states = await store.current_states(conn, user_id, repository_id, list(by_path))
+        with timer.phase("read"):
+            states = await store.current_states(conn, user_id, repository_id, list(by_path))
         changed: list[_Valid] = []
         # Path order: two batches touching the same paths lock them in the same order (no deadlock).
         for path, v in sorted(by_path.items()):
@@ -508,13 +527,17 @@ class DocumentWriter:
             dataclasses.replace(v.row, index_skip=a.index_skip, index_skip_detail=a.index_skip_detail)
             for v, a in zip(changed, analyses, strict=True)
         ]
-        written = await store.upsert_documents(conn, user_id, repository_id, rows)
+        with timer.phase("documents"):
+            written = await store.upsert_documents(conn, user_id, repository_id, rows)
         symbols = [
             (written[v.row.path].id, a.symbols)
             for v, a in zip(changed, analyses, strict=True)
             if v.row.path in written
         ]
-        await store.replace_symbols(conn, user_id, symbols)
+        with timer.phase("symbols"):
+            created = {w.id for w in written.values() if w.created}
+            timer.symbols += await store.replace_symbols(conn, user_id, symbols, new_documents=created)
+        timer.written += len(written)
         # A concurrent identical write can win the row between the read and the upsert.
         raced = await store.current_states(
             conn, user_id, repository_id, [v.row.path for v in changed if v.row.path not in written]

@@ -8,8 +8,9 @@ verified identity's user id, never a request field. On top of the writer it adds
   with a different batch is refused (REQUEST_ID_REUSED);
 * streams: `upsert_stream` commits one transaction per `stream_batch_items` documents or
   `stream_batch_bytes` content bytes, whichever comes first, so memory stays bounded whatever
-  the stream's length; a stream's request id makes each of its batches idempotent, so a retried
-  stream replays the batches that committed and writes the rest;
+  the stream's length (at most three batches: one read, one extracting, one committing, which
+  overlap); a stream's request id makes each of its batches idempotent, so a retried stream
+  replays the batches that committed and writes the rest;
 * reads: GetDocument, and ListDocuments by keyset on (path, id), whose page tokens carry the
   last row seen and a digest of the filters (a token reused with other filters is refused), so
   pages stay stable while others write;
@@ -18,10 +19,13 @@ verified identity's user id, never a request field. On top of the writer it adds
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import collections
 import hashlib
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +34,7 @@ from services.common import db
 from services.common.errors import FieldViolation, InvalidArgument, NotFound
 from services.common.server import LazyPool
 from services.ingest import documentstore as store
+from services.ingest.batchtiming import BatchTimer
 from services.ingest.config import IngestSettings
 from services.ingest.documents import (
     MAX_REQUEST_ID_CHARS,
@@ -38,6 +43,7 @@ from services.ingest.documents import (
     DocumentLimits,
     DocumentWriter,
     ItemResult,
+    PreparedBatch,
     check_request,
     fingerprint,
 )
@@ -205,21 +211,40 @@ class DocumentService:
         Symbols are extracted before the transaction opens, so it only reads and writes.
         """
         prepared = await self.writer.prepare(items, first_index=first_index)
+        return await self._commit(user_id, items, prepared, method, request_id)
+
+    async def _commit(
+        self,
+        user_id: uuid.UUID,
+        items: Sequence[DocumentInput],
+        prepared: PreparedBatch,
+        method: str,
+        request_id: str,
+    ) -> BatchOutcome:
+        """_commit writes a prepared batch in one transaction as the user, with its request id."""
+        timer = prepared.timer
         pool = await self._pool.get()
+        began = time.perf_counter()
         async with db.as_user(pool, user_id) as conn:
+            timer.add("begin", time.perf_counter() - began)
             if request_id:
-                digest = fingerprint(items)
-                claim = await store.claim_request(
-                    conn, user_id, method, request_id, digest, self.settings.request_retention
-                )
+                with timer.phase("request_id"):
+                    digest = fingerprint(items)
+                    claim = await store.claim_request(
+                        conn, user_id, method, request_id, digest, self.settings.request_retention
+                    )
                 if not claim.owned:
                     if claim.fingerprint != digest or claim.response is None:
                         raise _reused(request_id)
                     return BatchOutcome.from_json(claim.response)
             outcome = await self.writer.write(conn, user_id, prepared)
             if request_id:
-                await store.record_response(conn, user_id, method, request_id, outcome.to_json())
-            return outcome
+                with timer.phase("request_id"):
+                    await store.record_response(conn, user_id, method, request_id, outcome.to_json())
+            committing = time.perf_counter()
+        timer.add("commit", time.perf_counter() - committing)
+        timer.record()
+        return outcome
 
     async def upsert_stream(
         self, user_id: uuid.UUID, stream: AsyncIterator[tuple[DocumentInput, str]]
@@ -227,38 +252,39 @@ class DocumentService:
         """upsert_stream writes `(document, request_id)` pairs in batches, one transaction each.
 
         The request id is the first message's; each batch is recorded under it with the batch's
-        number, so a retried stream replays what committed and writes the rest.
+        number, so a retried stream replays what committed and writes the rest. Batches go
+        through a pipeline (`_StreamPipeline`): while batch N is written and committed, batch
+        N+1's symbols are extracted and batch N+2 is read from the stream; batches still commit
+        one at a time, in order, and at most those three are held.
         """
         summary = StreamOutcome(self.settings.stream_max_results)
+        pipeline = _StreamPipeline(self, user_id, summary)
         batch: list[DocumentInput] = []
         size = 0
         request_id: str | None = None
         first_index = 0
-        async for item, item_request_id in stream:
-            if request_id is None:
-                request_id = item_request_id
-                check_request_id(request_id)
-            batch.append(item)
-            size += item.content_size()
-            if len(batch) >= self.settings.stream_batch_items or size >= self.settings.stream_batch_bytes:
-                await self._stream_batch(user_id, batch, request_id, first_index, summary)
-                first_index += len(batch)
-                batch, size = [], 0
-        if batch:
-            await self._stream_batch(user_id, batch, request_id or "", first_index, summary)
+        timer = BatchTimer()
+        try:
+            waiting = time.perf_counter()
+            async for item, item_request_id in stream:
+                timer.add("receive", time.perf_counter() - waiting)
+                if request_id is None:
+                    request_id = item_request_id
+                    check_request_id(request_id)
+                batch.append(item)
+                size += item.content_size()
+                if len(batch) >= self.settings.stream_batch_items or size >= self.settings.stream_batch_bytes:
+                    await pipeline.submit(batch, request_id, first_index, timer)
+                    first_index += len(batch)
+                    batch, size = [], 0
+                    timer = BatchTimer()
+                waiting = time.perf_counter()
+            if batch:
+                await pipeline.submit(batch, request_id or "", first_index, timer)
+            await pipeline.finish()
+        finally:
+            await pipeline.cancel()
         return summary
-
-    async def _stream_batch(
-        self,
-        user_id: uuid.UUID,
-        batch: list[DocumentInput],
-        request_id: str,
-        first_index: int,
-        summary: StreamOutcome,
-    ) -> None:
-        """_stream_batch commits one stream batch under the stream's request id and the batch's number."""
-        method = f"{STREAM_METHOD}#{summary.batches}"
-        summary.add(await self._batch(user_id, batch, method, request_id, first_index=first_index))
 
     async def get(self, user_id: uuid.UUID, document_id: str, *, with_content: bool) -> store.DocumentRow:
         """get returns one of the caller's documents (a tombstone too), or raises NotFound."""
@@ -317,6 +343,68 @@ class DocumentService:
     def close(self) -> None:
         """close stops the symbol workers."""
         self.symbolizer.close()
+
+
+class _StreamPipeline:
+    """_StreamPipeline overlaps one stream's batches: extract the next while the current commits.
+
+    Each submitted batch runs in a task that extracts its symbols, waits for the batch before it
+    to commit, then commits. `submit` first waits until fewer than two batches are in flight, so
+    at most three are held (one being read by the caller, one extracting, one committing);
+    commits keep the stream's order, a batch commits as soon as it is ready (a slow stream's
+    batches are not held back), and once a batch fails none after it commits: the failure
+    reaches the caller at the next `submit` or at `finish`. `cancel` stops whatever is still
+    running (a transaction in flight rolls back).
+    """
+
+    def __init__(self, service: DocumentService, user_id: uuid.UUID, summary: StreamOutcome) -> None:
+        self._service = service
+        self._user_id = user_id
+        self._summary = summary
+        self._number = 0
+        self._tasks: collections.deque[asyncio.Task[None]] = collections.deque()
+
+    async def submit(
+        self, batch: list[DocumentInput], request_id: str, first_index: int, timer: BatchTimer
+    ) -> None:
+        """submit starts `batch` once fewer than two batches are in flight."""
+        while len(self._tasks) >= 2:
+            await self._tasks.popleft()
+        previous = self._tasks[-1] if self._tasks else None
+        method = f"{STREAM_METHOD}#{self._number}"
+        self._number += 1
+        self._tasks.append(
+            asyncio.create_task(self._run(batch, request_id, first_index, timer, method, previous))
+        )
+
+    async def finish(self) -> None:
+        """finish waits for every submitted batch to commit, in order."""
+        while self._tasks:
+            await self._tasks.popleft()
+
+    async def _run(
+        self,
+        batch: list[DocumentInput],
+        request_id: str,
+        first_index: int,
+        timer: BatchTimer,
+        method: str,
+        previous: asyncio.Task[None] | None,
+    ) -> None:
+        """_run extracts one batch, waits for its predecessor's commit, then commits it."""
+        prepared = await self._service.writer.prepare(batch, first_index=first_index, timer=timer)
+        if previous is not None:
+            await previous  # its failure is this batch's too: nothing commits after a failed batch
+        outcome = await self._service._commit(self._user_id, batch, prepared, method, request_id)
+        self._summary.add(outcome)
+
+    async def cancel(self) -> None:
+        """cancel stops the batches still in flight and waits for them to wind down."""
+        tasks = list(self._tasks)
+        self._tasks.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def parse_id(value: str, name: str) -> uuid.UUID:

@@ -506,6 +506,7 @@ class Sync:
                 f"{self.progress['files_processed']}/{self.progress['files_total']} files",
                 progress=self._public_progress(),
             )
+        prepared.timer.record()  # the batch's phases (services/ingest/batchtiming.py); no commit phase
         return refused
 
     async def _delete(self, source: SyncSource, paths: Sequence[str]) -> None:

@@ -7,6 +7,7 @@ Every refusal is checked for its status, reason and field, and for having writte
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator
 
@@ -16,6 +17,7 @@ import pytest
 from google.protobuf import field_mask_pb2
 from kotadb.v1 import document_pb2, ingest_pb2
 
+from services.common import metrics
 from tests.conftest import UserFactory
 from tests.ingest.conftest import IngestServer, RepositoryFactory, caller_metadata
 from tests.runtime.rpc import status_details, unpack_details
@@ -191,6 +193,58 @@ async def test_stream_commits_in_batches_while_it_reads(
     replay = await stub.StreamUpsertDocuments(messages(), metadata=ingest_server.caller(user), timeout=120)
     assert list(replay.results) == list(response.results) and replay.created_count == 8
     assert await _count(pool, user, "document_changes") == feed
+
+
+async def test_a_failed_stream_batch_stops_the_batches_after_it_and_phases_are_recorded(
+    ingest_server: IngestServer,
+    pool: asyncpg.Pool,
+    user_factory: UserFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Batches are extracted ahead, but none commits after a failed one; every batch is timed."""
+    user = await user_factory()
+    stub = ingest_server.stub()
+    caller = ingest_server.caller(user)
+
+    def sample(phase: str) -> float:
+        value = metrics.REGISTRY.get_sample_value("kotadb_ingest_batch_phase_seconds_count", {"phase": phase})
+        return value or 0.0
+
+    def stream(texts: list[str]) -> AsyncIterator[ingest_pb2.StreamUpsertDocumentsRequest]:
+        async def messages() -> AsyncIterator[ingest_pb2.StreamUpsertDocumentsRequest]:
+            for i, text in enumerate(texts):
+                yield ingest_pb2.StreamUpsertDocumentsRequest(
+                    document=_doc(f"p/{i}.py", text), request_id="pipe-1"
+                )
+
+        return messages()
+
+    before = {phase: sample(phase) for phase in ("receive", "extract", "documents", "symbols", "commit")}
+    with caplog.at_level(logging.DEBUG, logger="kotadb.ingest.batches"):
+        first = await stub.StreamUpsertDocuments(
+            stream([f"def f{i}():\n    pass\n" for i in range(6)]), metadata=caller, timeout=120
+        )
+    assert first.batch_count == 2 and first.created_count == 6
+    assert all(sample(phase) == before[phase] + 2 for phase in before)
+    lines = [r for r in caplog.records if r.getMessage() == "ingest batch"]
+    assert [(r.fields["documents"], r.fields["written"], r.fields["symbols"]) for r in lines] == [  # type: ignore[attr-defined]
+        (3, 3, 3),
+        (3, 3, 3),
+    ]
+
+    # The same request id with another second batch: the first replays, the second is refused
+    # as a reused id, and the third (new paths, already read and extracted) never commits.
+    texts = [f"def f{i}():\n    pass\n" for i in range(3)] + [f"g{i} = 1\n" for i in range(3, 30)]
+    await _refused(
+        stub.StreamUpsertDocuments(stream(texts), metadata=caller, timeout=120),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "REQUEST_ID_REUSED",
+    )
+    assert await _count(pool, user) == 6
+    changed = await pool.fetchval(
+        "select count(*) from public.documents where user_id = $1 and content like 'g%'", user
+    )
+    assert changed == 0
 
 
 async def test_get_list_and_delete_with_filters_masks_and_stable_pages(

@@ -334,3 +334,19 @@ async def test_prepare_extracts_before_the_transaction_and_write_only_writes(
         ("main", "function"),
     ]
     assert [(path, op) for _, path, op in await _changes(pool, user)] == [("src/greet.py", "upsert")]
+
+
+async def test_ingest_transactions_take_the_ingest_statement_timeout(
+    database_url: str, user_factory: UserFactory
+) -> None:
+    """Batch writes run under KOTADB_INGEST_DB_STATEMENT_TIMEOUT, not the 1.5 s tuned for auth's checks."""
+    user = await user_factory()
+    settings = IngestSettings(database_url=database_url, db_pool_min=1, db_pool_max=2)
+    assert settings.db_statement_timeout > CommonSettings(database_url=database_url).db_statement_timeout
+    lazy = LazyPool(settings)  # as services/ingest/server.py gives it to DocumentService
+    await lazy.connect()
+    try:
+        async with db.as_user(lazy.get(), user) as conn:
+            assert await conn.fetchval("show statement_timeout") == f"{settings.db_statement_timeout:.0f}s"
+    finally:
+        await lazy.close(wait=5)
