@@ -192,11 +192,11 @@ class Printer:
         stats = self.stats
         record = {
             "data": {
-                "elapsed_total": _duration(elapsed_total),
+                "elapsed_total": _duration(elapsed_total, keys_sorted=True),
                 "stats": {
                     "bytes_printed": stats.bytes_printed,
                     "bytes_searched": stats.bytes_searched if bytes_searched is None else bytes_searched,
-                    "elapsed": _duration(stats.elapsed),
+                    "elapsed": _duration(stats.elapsed, keys_sorted=True),
                     "matched_lines": stats.matched_lines,
                     "matches": stats.matches,
                     "searches": max(searches, stats.searches_with_match),
@@ -251,10 +251,16 @@ def _dumps(record: object) -> bytes:
     return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 
 
-def _duration(seconds: float) -> dict[str, object]:
-    """_duration is ripgrep's elapsed time object."""
+def _duration(seconds: float, *, keys_sorted: bool = False) -> dict[str, object]:
+    """_duration is ripgrep's elapsed time object.
+
+    ripgrep writes an `end` record's keys in declaration order (secs, nanos, human) and the
+    `summary` record's sorted (it is built as a JSON map), hence `keys_sorted`.
+    """
     whole = int(seconds)
-    return {"secs": whole, "nanos": int((seconds - whole) * 1e9), "human": f"{seconds:.6f}s"}
+    nanos = int((seconds - whole) * 1e9)
+    value: dict[str, object] = {"secs": whole, "nanos": nanos, "human": f"{seconds:.6f}s"}
+    return dict(sorted(value.items())) if keys_sorted else value
 
 
 def _rows(
