@@ -470,7 +470,9 @@ static int buf_num(bytebuf *b, long long v) {
 }
 
 /* buf_json_text appends text as the inside of a JSON string (the input is valid UTF-8: files
-   that are not are never indexed, so only quotes, backslashes and control bytes need escaping). */
+   that are not are never indexed, so only quotes, backslashes and control bytes need escaping),
+   escaped as serde_json (ripgrep) and Python's json escape them: \t \r \b \f short, any other
+   control byte as \u00xx, DEL and non-ASCII as they are. A line never holds its '\n'. */
 static int buf_json_text(bytebuf *b, const unsigned char *p, size_t n) {
     static const char hex[] = "0123456789abcdef";
     if (buf_reserve(b, n + 2)) {
