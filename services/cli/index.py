@@ -304,18 +304,20 @@ def _render(
 ) -> None:
     """_render writes the output of candidates [start, stop) of the stream to `out`.
 
-    Plain text goes through the C renderer (`_fastscan.render_lines`, the same bytes as
-    `Printer`'s, without building a Python object per line); colour and JSON go through
-    `Printer`, which decodes the lines.
+    Plain text goes through the C renderer (`_fastscan.render_lines`) and JSON through its
+    JSON mode (`_fastscan.render_json`, which also returns the `end` record's statistics for
+    the closing summary): the same bytes as `Printer`'s, without building a Python object per
+    line. Only colour goes through `Printer`, which decodes the lines.
     """
     import json
 
-    from services.cli.render import from_groups
+    from services.cli.render import Stats, from_groups, json_text
     from services.search.engine import _fastscan
 
     pending: list[bytes] = []
     size = 0
     native = not printer.color and not printer.as_json
+    stats = printer.stats
     for file in found.files(start, stop):
         path = file.path.encode("utf-8", "surrogateescape")
         if args.count:
@@ -324,6 +326,11 @@ def _render(
                 chunk = (json.dumps(row, ensure_ascii=False) + "\n").encode()
             else:
                 chunk = b"%s:%d\n" % (path, file.line_count)
+        elif printer.as_json:
+            rendered = _fastscan.render_json(file.content, file.groups, json_text(file.path), args.context)
+            chunk, lines, matches, printed, elapsed = rendered
+            stats.add(Stats(1, lines, matches, len(file.content), printed, elapsed))
+            printer.printed_any = True
         elif native and file.groups:
             if printer.context and printer.printed_any:
                 pending.append(b"--\n")  # ripgrep separates context groups across files too

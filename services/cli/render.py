@@ -15,9 +15,9 @@ match groups of the engine's C scanner). `Printer` turns them into ripgrep's byt
   `absolute_offset`, `submatches` with each match's text and byte range in the line) and an
   `end` record with the file's statistics; one `summary` record closes the output.
 
-The C fast path of `kotadb index search --all` (`_fastscan.render_lines`) prints plain text
-without colour and must produce exactly `Printer`'s bytes; tests/engine/test_cli.py checks both
-against ripgrep on the same tree.
+The C fast path of `kotadb index search --all` (`_fastscan.render_lines` for plain text
+without colour, `_fastscan.render_json` for `--json`) must produce exactly `Printer`'s bytes;
+tests/engine/test_cli.py checks both against ripgrep on the same tree.
 
 What ripgrep knows and a result may not: a file's size (`bytes_searched`, 0 when unknown) and
 whether its last line ends with a newline (assumed, unless the size says otherwise). Elapsed
@@ -138,15 +138,15 @@ class Printer:
 
     def _json(self, file: FileLines) -> bytes:
         started = time.perf_counter()
-        path = _json_text(file.path)
+        path = json_text(file.path)
         out = [b'{"type":"begin","data":{"path":{"text":%s}}}\n' % path]
         matched_lines = matches = 0
         for line in file.lines:
-            text = _json_text(line.text)
+            text = json_text(line.text)
             if file.size is None or line.offset + len(line.text) < file.size:
                 text = text[:-1] + b'\\n"'  # the line's newline, as ripgrep includes it
             submatches = b",".join(
-                b'{"match":{"text":%s},"start":%d,"end":%d}' % (_json_text(line.text[s:e]), s, e)
+                b'{"match":{"text":%s},"start":%d,"end":%d}' % (json_text(line.text[s:e]), s, e)
                 for s, e in line.ranges or ()
             )
             kind = b"context" if line.ranges is None else b"match"
@@ -192,11 +192,11 @@ class Printer:
         stats = self.stats
         record = {
             "data": {
-                "elapsed_total": _duration(elapsed_total),
+                "elapsed_total": _duration(elapsed_total, keys_sorted=True),
                 "stats": {
                     "bytes_printed": stats.bytes_printed,
                     "bytes_searched": stats.bytes_searched if bytes_searched is None else bytes_searched,
-                    "elapsed": _duration(stats.elapsed),
+                    "elapsed": _duration(stats.elapsed, keys_sorted=True),
                     "matched_lines": stats.matched_lines,
                     "matches": stats.matches,
                     "searches": max(searches, stats.searches_with_match),
@@ -226,11 +226,14 @@ def highlight(text: bytes, ranges: Ranges) -> bytes:
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f]")
 
 
-def _json_text(value: str | bytes) -> bytes:
-    """_json_text is `value` as a JSON string literal, UTF-8 unescaped as serde_json (ripgrep) writes.
+def json_text(value: str | bytes) -> bytes:
+    """json_text is `value` as a JSON string literal, UTF-8 unescaped as serde_json (ripgrep) writes.
 
     Most source lines need no escape at all: they are copied between quotes, which costs a
-    tenth of json.dumps (the JSON stream renders tens of thousands of lines a second).
+    tenth of json.dumps (the JSON stream renders tens of thousands of lines a second). Where
+    ripgrep prints a line that is not UTF-8 as `{"bytes": base64}`, this decodes it with
+    U+FFFD: the engine never indexes such a file (the builder skips it as invalid UTF-8), so
+    only a path could differ.
     """
     raw = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
     if _CONTROL.search(raw) is None:
@@ -248,10 +251,16 @@ def _dumps(record: object) -> bytes:
     return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 
 
-def _duration(seconds: float) -> dict[str, object]:
-    """_duration is ripgrep's elapsed time object."""
+def _duration(seconds: float, *, keys_sorted: bool = False) -> dict[str, object]:
+    """_duration is ripgrep's elapsed time object.
+
+    ripgrep writes an `end` record's keys in declaration order (secs, nanos, human) and the
+    `summary` record's sorted (it is built as a JSON map), hence `keys_sorted`.
+    """
     whole = int(seconds)
-    return {"secs": whole, "nanos": int((seconds - whole) * 1e9), "human": f"{seconds:.6f}s"}
+    nanos = int((seconds - whole) * 1e9)
+    value: dict[str, object] = {"secs": whole, "nanos": nanos, "human": f"{seconds:.6f}s"}
+    return dict(sorted(value.items())) if keys_sorted else value
 
 
 def _rows(

@@ -315,3 +315,92 @@ def test_colour_only_adds_escapes_to_what_ripgrep_prints(rg_tree: tuple[Path, Pa
     top = "\x1b[35msrc/edges.txt\x1b[0m:\x1b[32m1\x1b[0m:\x1b[1;31mParser\x1b[0m at the top\n"
     assert top in colored.stdout
     assert colored.stdout.count("\x1b[1;31m") == plain.stdout.count("Parser") + plain.stdout.count("Parsing")
+
+
+# What ripgrep's JSON escapes and line ends can make of a line, around ripgrep.PATTERN: control
+# bytes (ESC, DEL, backspace, unit separator, a form feed), quotes and backslashes inside and
+# next to a match, a match in the last bytes of a file without a trailing newline, CRLF with
+# context lines, and multi-byte text before, between and after two matches on one line.
+JSON_TREE = {
+    "a/escapes.txt": 'say "Parser"\\\\ here\x01\x1b[0m\x7f Parsing\n\tctl\x0c Parser\x08\n\x1fnext\nlast\n',
+    "a/tail.txt": "first\nsecond\nthird\nfourth Parsing",
+    "b/crlf.md": "Parser\r\nctx\r\n\r\nmore\r\nfill\r\nfill\r\nParsing é\r\nafter\r\n",
+    "b/wide.txt": "日本語 Parser 한국어 Parsing ☃\nπ\nλ\nμ\nδ\nξ Parser\n",
+    "c/none.txt": "nothing to see\n",
+}
+
+
+@pytest.fixture(scope="module")
+def json_tree(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("rgjson")
+    for name, text in JSON_TREE.items():
+        (base / "src" / name).parent.mkdir(parents=True, exist_ok=True)
+        (base / "src" / name).write_bytes(text.encode())
+    index = base / "index"
+    proc = kotadb("build", str(base / "src"), "--out", str(index), "--workers", "1", "--no-symbols")
+    assert proc.returncode == 0, proc.stderr
+    return base / "src", index
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-process", "forked"])
+@pytest.mark.parametrize("context", [0, 2])
+def test_native_json_stream_prints_ripgrep_s_json(
+    json_tree: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    capfdbinary: pytest.CaptureFixture[bytes],
+    context: int,
+    split: bool,
+) -> None:
+    # `--all --json` renders in C (the forked worker's half too), byte for byte as `rg --json`.
+    from services.cli import index as index_cli
+    from services.cli.main import main
+
+    src, index = json_tree
+    if split:
+        monkeypatch.setattr(index_cli, "SPLIT_MIN", 1)
+    argv = ["index", "search", str(index), ripgrep.PATTERN, "--regex", "--all", "--json"]
+    assert main([*argv, "--context", str(context)]) == 0
+    out = capfdbinary.readouterr().out
+    paths = ripgrep.printed_paths(out, True)
+    assert paths == sorted(set(JSON_TREE) - {"c/none.txt"})
+    expected = ripgrep.ripgrep(src, ["--json", "--context", str(context)], paths)
+    assert ripgrep.comparable(out, sizes_known=True) == ripgrep.comparable(expected, sizes_known=True)
+    assert b"\\u0001\\u001b[0m\x7f" in out and b'"text":"fourth Parsing"}' in out  # as serde_json
+    # Elapsed times are blanked above, but not the order of their keys (sorted in the summary).
+    keys = re.compile(rb'"(?:elapsed|elapsed_total)":\{"(\w+)":\S+?,"(\w+)":\S+?,"(\w+)"')
+    assert keys.findall(out) == keys.findall(expected) != []
+
+
+@pytest.mark.parametrize("tree", ["rg", "json"])
+@pytest.mark.parametrize("context", [0, 1, 2])
+def test_the_native_json_renderer_prints_the_printer_s_json(
+    request: pytest.FixtureRequest, tree: str, context: int
+) -> None:
+    from services.cli.render import Printer, from_groups, json_text
+    from services.search.engine import Index, Searcher, _fastscan
+
+    src, index = request.getfixturevalue(f"{tree}_tree")
+    printer = Printer(color=False, context=context, as_json=True)
+    counted = {"lines": 0, "matches": 0, "printed": 0, "size": 0}
+    compared = 0
+    with Index.open(index) as opened, Searcher(opened).stream(ripgrep.PATTERN, regex=True) as found:
+        for file in found.files(0, found.candidates):
+            path = json_text(file.path)
+            content, groups = file.content, file.groups
+            native, lines, matches, printed, _ = _fastscan.render_json(content, groups, path, context)
+            python = printer.render(from_groups(file.path, content, groups, context))
+            assert _blank(native) == _blank(python)
+            assert _blank(_fastscan.render_lines(content, groups, path, True, context)) == _blank(native)
+            assert printed == len(native) - len(native.splitlines(keepends=True)[-1])
+            for key, value in (("lines", lines), ("matches", matches), ("printed", printed)):
+                counted[key] += value
+            counted["size"] += len(file.content)
+            compared += 1
+    assert compared == len(ripgrep.matching_paths(src))
+    stats = printer.stats
+    expected = [stats.matched_lines, stats.matches, stats.bytes_printed, stats.bytes_searched]
+    assert list(counted.values()) == expected
+
+
+def _blank(records: bytes) -> bytes:
+    return ripgrep.comparable(records, sizes_known=True)

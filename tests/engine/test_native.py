@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pathlib
+import re
+import subprocess
 import threading
 from importlib.machinery import EXTENSION_SUFFIXES
 
@@ -245,3 +248,87 @@ def test_native_regex_rejects_bad_arguments() -> None:
         _fastscan.regex_count(object(), b"abc", None)
     with pytest.raises(verify.InvalidPatternError, match=r"missing \): \($"):
         verify.compile_native("(")
+
+
+# Bytes that JSON escapes or that sit next to an escape: quote, backslash, tab, form feed,
+# backspace, other control bytes, DEL (not escaped), CR, and two- and three-byte UTF-8.
+JSON_ALPHABET = st.sampled_from(
+    [
+        b"a",
+        b"b",
+        b'"',
+        b"\\",
+        b"\t",
+        b"\x0c",
+        b"\x08",
+        b"\x01",
+        b"\x1f",
+        b"\x7f",
+        b"\r",
+        b"\n",
+        b" ",
+        b"\xc3\xa9",
+        b"\xe2\x98\x83",
+    ]
+)
+JSON_PATTERNS = ["a", 'ab|"', "\u00e9+", r"\\", r"\t|\x0c", r"\x01|\x7f", "b\r", "(?i)A\u2603", "^"]
+
+
+def _without_elapsed(records: bytes) -> bytes:
+    return re.sub(rb'"elapsed":\{[^}]*\}', b'"elapsed":{}', records)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.lists(JSON_ALPHABET, max_size=60).map(b"".join),
+    pattern=st.sampled_from(JSON_PATTERNS),
+    context=st.integers(0, 3),
+)
+def test_native_json_records_equal_the_printer_s(data: bytes, pattern: str, context: int) -> None:
+    # render_json prints services/cli/render.py's JSON byte for byte, `end` statistics included.
+    from services.cli.render import Printer, from_groups, json_text
+
+    groups, lines, matches = LineMatcher(pattern, case_sensitive=True).groups(data)
+    native, native_lines, native_matches, printed, elapsed = _fastscan.render_json(
+        data, groups, json_text('d/\u00e9 "q".txt'), context
+    )
+    printer = Printer(color=False, context=context, as_json=True)
+    python = printer.render(from_groups('d/\u00e9 "q".txt', data, groups, context))
+    assert _without_elapsed(native) == _without_elapsed(python)
+    assert (native_lines, native_matches) == (lines, matches)
+    stats = printer.stats
+    assert (printed, lines, matches) == (stats.bytes_printed, stats.matched_lines, stats.matches)
+    assert elapsed >= 0
+    assert _fastscan.render_lines(data, groups, json_text('d/\u00e9 "q".txt'), True, context).startswith(
+        native.split(b"\n", 1)[0]
+    )
+
+
+@pytest.mark.parametrize("context", [0, 2])
+def test_native_json_records_equal_ripgrep_s(tmp_path: pathlib.Path, context: int) -> None:
+    # One file with every escape, CRLF, two matches on a line and no trailing newline, as `rg --json`.
+    data = (
+        'x "q"\\ \x01\x1b\x7f\x0c\x08 \u00e9 q\r\nplain\r\n\r\n\tq and q \u2603\n'
+        "1\n2\n3\n4\n5\n6\nq at the end"
+    ).encode()
+    (tmp_path / "f.txt").write_bytes(data)
+    rg = subprocess.run(
+        ["rg", "--json", "--context", str(context), "-e", "q", "--", "f.txt"],
+        cwd=tmp_path,
+        capture_output=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    groups, _, _ = LineMatcher("q", case_sensitive=True).groups(data)
+    native, lines, matches, _, _ = _fastscan.render_json(data, groups, b'"f.txt"', context)
+    # ripgrep's records for the file, without the closing summary.
+    assert _without_elapsed(native) == _without_elapsed(b"".join(rg.splitlines(keepends=True)[:-1]))
+    assert (lines, matches) == (3, 5)
+
+
+def test_native_json_rejects_ranges_outside_the_line() -> None:
+    groups = np.array([1, 0, 3, 1, 2, 5], dtype=np.int64).tobytes()  # a range past the line's end
+    with pytest.raises(ValueError, match="groups do not describe lines"):
+        _fastscan.render_json(b"abc\n", groups, b'"p"', 0)
+    inside = groups[:-16] + np.array([0, 0], dtype=np.int64).tobytes()
+    assert _fastscan.render_json(b"abc\n", inside, b'"p"', 0)[1] == 1

@@ -318,15 +318,24 @@ def test_rendered_lines_equal_ripgrep_output(corpus: pathlib.Path, pattern: str,
 
 
 def test_rendered_json_lines_carry_text_and_context() -> None:
+    # ripgrep's records (tests/engine/test_native.py compares them with `rg --json` byte for byte).
     data = b'a "x"\tx\nplain\nb\n\n\nx\n'
     groups, _, _ = LineMatcher("x", case_sensitive=True).groups(data)
     rows = [json.loads(r) for r in _fastscan.render_lines(data, groups, b'"p.c"', True, 1).splitlines()]
-    assert rows == [
-        {"type": "match", "path": "p.c", "line": 1, "text": 'a "x"\tx', "ranges": [[3, 4], [6, 7]]},
-        {"type": "context", "path": "p.c", "line": 2, "text": "plain"},
-        {"type": "context", "path": "p.c", "line": 5, "text": ""},
-        {"type": "match", "path": "p.c", "line": 6, "text": "x", "ranges": [[0, 1]]},
-    ]
+    path = {"text": "p.c"}
+    assert [row["type"] for row in rows] == ["begin", "match", "context", "context", "match", "end"]
+    assert [row["data"].get("line_number") for row in rows[1:-1]] == [1, 2, 5, 6]
+    assert rows[1]["data"] == {
+        "path": path,
+        "lines": {"text": 'a "x"\tx\n'},
+        "line_number": 1,
+        "absolute_offset": 0,
+        "submatches": [
+            {"match": {"text": "x"}, "start": 3, "end": 4},
+            {"match": {"text": "x"}, "start": 6, "end": 7},
+        ],
+    }
+    assert rows[-1]["data"]["stats"]["matched_lines"] == 2 and rows[-1]["data"]["stats"]["matches"] == 3
 
 
 @pytest.mark.parametrize(("pattern", "rg_pattern", "case_sensitive"), _PATTERNS[:6])

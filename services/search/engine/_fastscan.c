@@ -30,10 +30,15 @@
  *   render_lines(data, groups, path, json, context) -> bytes
  *       The output lines of one file's matches in the groups layout: `path:N:text` per
  *       match and `path-N-text` per context line, `--` between non-adjacent groups (grep
- *       and ripgrep's format), or with `json` one object per line:
- *       {"type":"match","path":P,"line":N,"text":T,"ranges":[[s,e],...]} and
- *       {"type":"context","path":P,"line":N,"text":T}; `path` is given already rendered
- *       (a JSON string literal in json mode). Text is the line without its newline.
+ *       and ripgrep's format), or with `json` ripgrep's JSON Lines for the file (`rg
+ *       --json`): a `begin` record, one `match` or `context` record per printed line
+ *       (`lines.text` with the line's newline, `line_number`, `absolute_offset`, and
+ *       `submatches` with each range's text and bytes relative to the line) and an `end`
+ *       record with the file's statistics; `path` is given already rendered (a JSON string
+ *       literal in json mode), and services/cli/render.py's Printer prints the same bytes.
+ *   render_json(data, groups, path, context) -> tuple[bytes, int, int, int, float]
+ *       render_lines' JSON records with the statistics of its `end` record: (records,
+ *       matched lines, matches, bytes printed before `end`, elapsed seconds).
  *   distinct_trigrams(data) -> bytes
  *       The distinct ASCII-folded trigram ids of `data` (uint32, native byte order, first
  *       occurrence order), leaving out trigrams that contain a newline byte.
@@ -465,7 +470,9 @@ static int buf_num(bytebuf *b, long long v) {
 }
 
 /* buf_json_text appends text as the inside of a JSON string (the input is valid UTF-8: files
-   that are not are never indexed, so only quotes, backslashes and control bytes need escaping). */
+   that are not are never indexed, so only quotes, backslashes and control bytes need escaping),
+   escaped as serde_json (ripgrep) and Python's json escape them: \t \r \b \f short, any other
+   control byte as \u00xx, DEL and non-ASCII as they are. A line never holds its '\n'. */
 static int buf_json_text(bytebuf *b, const unsigned char *p, size_t n) {
     static const char hex[] = "0123456789abcdef";
     if (buf_reserve(b, n + 2)) {
@@ -501,65 +508,111 @@ static int buf_json_text(bytebuf *b, const unsigned char *p, size_t n) {
     return buf_put(b, p + run, n - run);
 }
 
+#include <time.h> /* clock_gettime: the elapsed time of a JSON `end` record */
+
+/* BUF_LIT appends a string literal. */
+#define BUF_LIT(b, s) buf_put((b), (s), sizeof(s) - 1)
+
 typedef struct {
     bytebuf out;
+    const unsigned char *hay; /* the file's content */
+    Py_ssize_t n;             /* its length */
     const unsigned char *path;
     size_t path_len;
     int json;
+    long long matched_lines; /* the JSON `end` record's statistics */
+    long long matches;
+    long long bytes_printed;
+    double elapsed;
 } render_state;
 
-/* emit_line appends one output line: a match (`ranges` non-NULL) or a context line. */
-static int emit_line(render_state *r, long long number, const unsigned char *text, size_t len,
-                     const int64_t *ranges, int64_t range_count) {
+/* emit_json appends ripgrep's `match` (`ranges` non-NULL) or `context` record for the line
+   hay[start:stop]: its text gets the newline back unless it is the file's unterminated last
+   line, and a range outside the line is an error (-2) rather than a read past it. */
+static int emit_json(render_state *r, long long number, Py_ssize_t start, Py_ssize_t stop, const int64_t *ranges,
+                     int64_t range_count) {
     bytebuf *b = &r->out;
-    if (r->json) {
-        const char *head = ranges ? "{\"type\":\"match\",\"path\":" : "{\"type\":\"context\",\"path\":";
-        if (buf_put(b, head, strlen(head)) || buf_put(b, r->path, r->path_len) || buf_put(b, ",\"line\":", 8) ||
-            buf_num(b, number) || buf_put(b, ",\"text\":\"", 9) || buf_json_text(b, text, len) ||
-            buf_put(b, "\"", 1)) {
+    const unsigned char *text = r->hay + start;
+    size_t len = (size_t)(stop - start);
+    if ((ranges ? BUF_LIT(b, "{\"type\":\"match\",\"data\":{\"path\":{\"text\":")
+                : BUF_LIT(b, "{\"type\":\"context\",\"data\":{\"path\":{\"text\":")) ||
+        buf_put(b, r->path, r->path_len) || BUF_LIT(b, "},\"lines\":{\"text\":\"") || buf_json_text(b, text, len) ||
+        (stop < r->n && BUF_LIT(b, "\\n")) || BUF_LIT(b, "\"},\"line_number\":") || buf_num(b, number) ||
+        BUF_LIT(b, ",\"absolute_offset\":") || buf_num(b, start) || BUF_LIT(b, ",\"submatches\":[")) {
+        return -1;
+    }
+    for (int64_t i = 0; ranges && i < range_count; i++) {
+        int64_t s = ranges[2 * i], e = ranges[2 * i + 1];
+        if (s < 0 || e < s || (size_t)e > len) {
+            return -2;
+        }
+        if ((i && BUF_LIT(b, ",")) || BUF_LIT(b, "{\"match\":{\"text\":\"") ||
+            buf_json_text(b, text + s, (size_t)(e - s)) || BUF_LIT(b, "\"},\"start\":") || buf_num(b, s) ||
+            BUF_LIT(b, ",\"end\":") || buf_num(b, e) || BUF_LIT(b, "}")) {
             return -1;
         }
-        if (ranges) {
-            if (buf_put(b, ",\"ranges\":[", 11)) {
-                return -1;
-            }
-            for (int64_t i = 0; i < range_count; i++) {
-                if ((i && buf_put(b, ",", 1)) || buf_put(b, "[", 1) || buf_num(b, ranges[2 * i]) ||
-                    buf_put(b, ",", 1) || buf_num(b, ranges[2 * i + 1]) || buf_put(b, "]", 1)) {
-                    return -1;
-                }
-            }
-            if (buf_put(b, "]", 1)) {
-                return -1;
-            }
-        }
-        return buf_put(b, "}\n", 2);
     }
+    if (ranges) {
+        r->matched_lines++;
+        r->matches += range_count;
+    }
+    return BUF_LIT(b, "]}}\n");
+}
+
+/* emit_line appends one output line hay[start:stop]: a match (`ranges` non-NULL) or a context line. */
+static int emit_line(render_state *r, long long number, Py_ssize_t start, Py_ssize_t stop, const int64_t *ranges,
+                     int64_t range_count) {
+    if (r->json) {
+        return emit_json(r, number, start, stop, ranges, range_count);
+    }
+    bytebuf *b = &r->out;
     char sep = ranges ? ':' : '-';
     return buf_put(b, r->path, r->path_len) || buf_put(b, &sep, 1) || buf_num(b, number) || buf_put(b, &sep, 1) ||
-                   buf_put(b, text, len) || buf_put(b, "\n", 1)
+                   buf_put(b, r->hay + start, (size_t)(stop - start)) || buf_put(b, "\n", 1)
                ? -1
                : 0;
 }
 
-static PyObject *fastscan_render_lines(PyObject *self, PyObject *args) {
-    (void)self;
-    Py_buffer data, groups, path;
-    int json;
-    Py_ssize_t context;
-    if (!PyArg_ParseTuple(args, "y*y*y*pn", &data, &groups, &path, &json, &context)) {
-        return NULL;
-    }
-    const unsigned char *hay = data.buf;
-    Py_ssize_t n = data.len;
-    const int64_t *g = groups.buf;
-    size_t count = (size_t)groups.len / sizeof(int64_t);
-    render_state r = {{NULL, 0, 0}, path.buf, (size_t)path.len, json};
+static double seconds_since(const struct timespec *from) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (double)(now.tv_sec - from->tv_sec) + (double)(now.tv_nsec - from->tv_nsec) / 1e9;
+}
+
+/* json_end appends ripgrep's `end` record; `elapsed` is written as serde writes a Duration
+   and as render.py's _duration does (whole seconds, nanoseconds, and six decimals). */
+static int json_end(render_state *r) {
+    bytebuf *b = &r->out;
+    long long whole = (long long)r->elapsed;
+    long long nanos = (long long)((r->elapsed - (double)whole) * 1e9);
+    char human[48];
+    int human_len = snprintf(human, sizeof human, "%.6fs", r->elapsed);
+    return BUF_LIT(b, "{\"type\":\"end\",\"data\":{\"path\":{\"text\":") || buf_put(b, r->path, r->path_len) ||
+                   BUF_LIT(b, "},\"binary_offset\":null,\"stats\":{\"elapsed\":{\"secs\":") || buf_num(b, whole) ||
+                   BUF_LIT(b, ",\"nanos\":") || buf_num(b, nanos) || BUF_LIT(b, ",\"human\":\"") ||
+                   buf_put(b, human, (size_t)human_len) ||
+                   BUF_LIT(b, "\"},\"searches\":1,\"searches_with_match\":1,\"bytes_searched\":") || buf_num(b, r->n) ||
+                   BUF_LIT(b, ",\"bytes_printed\":") || buf_num(b, r->bytes_printed) ||
+                   BUF_LIT(b, ",\"matched_lines\":") || buf_num(b, r->matched_lines) || BUF_LIT(b, ",\"matches\":") ||
+                   buf_num(b, r->matches) || BUF_LIT(b, "}}}\n")
+               ? -1
+               : 0;
+}
+
+/* render_file renders the groups into r->out without the GIL: 0, -1 (no memory) or -2 (groups
+   that do not describe lines of the data). */
+static int render_file(render_state *r, const int64_t *g, size_t count, Py_ssize_t context) {
+    const unsigned char *hay = r->hay;
+    Py_ssize_t n = r->n;
+    struct timespec started;
+    clock_gettime(CLOCK_MONOTONIC, &started);
     int rc = 0;
-    if (context < 0) {
-        context = 0;
+    if (r->json) {
+        rc = BUF_LIT(&r->out, "{\"type\":\"begin\",\"data\":{\"path\":{\"text\":") ||
+                     buf_put(&r->out, r->path, r->path_len) || BUF_LIT(&r->out, "}}}\n")
+                 ? -1
+                 : 0;
     }
-    Py_BEGIN_ALLOW_THREADS;
     long long last_printed = 0; /* line number of the last line written */
     Py_ssize_t last_end = 0;    /* byte offset just past that line's newline */
     for (size_t at = 0; at + 4 <= count && rc == 0;) {
@@ -581,8 +634,8 @@ static PyObject *fastscan_render_lines(PyObject *self, PyObject *args) {
         if (first < 1) {
             first = 1;
         }
-        if (!json && context && last_printed && first > last_printed + 1) {
-            rc = buf_put(&r.out, "--\n", 3);
+        if (!r->json && context && last_printed && first > last_printed + 1) {
+            rc = buf_put(&r->out, "--\n", 3);
         }
         Py_ssize_t pos = start;
         for (long long k = number - first; k > 0; k--) { /* walk back k lines */
@@ -594,11 +647,11 @@ static PyObject *fastscan_render_lines(PyObject *self, PyObject *args) {
         for (long long line = first; line < number && rc == 0; line++) {
             const unsigned char *eol = memchr(hay + pos, '\n', (size_t)(start - pos));
             Py_ssize_t stop = eol ? eol - hay : start;
-            rc = emit_line(&r, line, hay + pos, (size_t)(stop - pos), NULL, 0);
+            rc = emit_line(r, line, pos, stop, NULL, 0);
             pos = stop + 1;
         }
         if (rc == 0) {
-            rc = emit_line(&r, number, hay + start, (size_t)(end - start), pairs, ranges);
+            rc = emit_line(r, number, start, end, pairs, ranges);
         }
         last_printed = number;
         last_end = end < n ? end + 1 : n;
@@ -609,26 +662,68 @@ static PyObject *fastscan_render_lines(PyObject *self, PyObject *args) {
             }
             const unsigned char *eol = memchr(hay + last_end, '\n', (size_t)(n - last_end));
             Py_ssize_t stop = eol ? eol - hay : n;
-            rc = emit_line(&r, line, hay + last_end, (size_t)(stop - last_end), NULL, 0);
+            rc = emit_line(r, line, last_end, stop, NULL, 0);
             last_printed = line;
             last_end = stop < n ? stop + 1 : n;
         }
     }
+    if (rc == 0 && r->json) {
+        r->bytes_printed = (long long)r->out.len;
+        r->elapsed = seconds_since(&started);
+        rc = json_end(r);
+    }
+    return rc;
+}
+
+/* render_call parses (data, groups, path[, json], context) and renders; NULL with an exception set on error. */
+static PyObject *render_call(PyObject *args, int with_json_flag, render_state *r) {
+    Py_buffer data, groups, path;
+    int json = 1;
+    Py_ssize_t context;
+    if (with_json_flag ? !PyArg_ParseTuple(args, "y*y*y*pn", &data, &groups, &path, &json, &context)
+                       : !PyArg_ParseTuple(args, "y*y*y*n", &data, &groups, &path, &context)) {
+        return NULL;
+    }
+    memset(r, 0, sizeof *r);
+    r->hay = data.buf;
+    r->n = data.len;
+    r->path = path.buf;
+    r->path_len = (size_t)path.len;
+    r->json = json;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS;
+    rc = render_file(r, groups.buf, (size_t)groups.len / sizeof(int64_t), context < 0 ? 0 : context);
     Py_END_ALLOW_THREADS;
     PyBuffer_Release(&data);
     PyBuffer_Release(&groups);
     PyBuffer_Release(&path);
     if (rc != 0) {
-        free(r.out.data);
+        free(r->out.data);
         if (rc == -2) {
             PyErr_SetString(PyExc_ValueError, "groups do not describe lines of data");
             return NULL;
         }
         return PyErr_NoMemory();
     }
-    PyObject *result = PyBytes_FromStringAndSize(r.out.data ? r.out.data : "", (Py_ssize_t)r.out.len);
-    free(r.out.data);
+    PyObject *result = PyBytes_FromStringAndSize(r->out.data ? r->out.data : "", (Py_ssize_t)r->out.len);
+    free(r->out.data);
     return result;
+}
+
+static PyObject *fastscan_render_lines(PyObject *self, PyObject *args) {
+    (void)self;
+    render_state r;
+    return render_call(args, 1, &r);
+}
+
+static PyObject *fastscan_render_json(PyObject *self, PyObject *args) {
+    (void)self;
+    render_state r;
+    PyObject *records = render_call(args, 0, &r);
+    if (records == NULL) {
+        return NULL;
+    }
+    return Py_BuildValue("(NLLLd)", records, r.matched_lines, r.matches, r.bytes_printed, r.elapsed);
 }
 
 /* One bit per trigram id, per thread: threads extract documents in parallel without the GIL. */
@@ -1179,6 +1274,8 @@ static PyMethodDef fastscan_methods[] = {
      "count_literal(data, needle, folded, guard) returns (matching lines, matches)."},
     {"render_lines", fastscan_render_lines, METH_VARARGS,
      "render_lines(data, groups, path, json, context) renders one file's matches as output lines."},
+    {"render_json", fastscan_render_json, METH_VARARGS,
+     "render_json(data, groups, path, context) renders one file's matches as ripgrep's JSON, with its stats."},
     {"distinct_trigrams", fastscan_distinct_trigrams, METH_VARARGS,
      "distinct_trigrams(data) returns the distinct folded trigram ids without newlines as uint32 bytes."},
     {"any_whole_word", fastscan_any_whole_word, METH_VARARGS,

@@ -25,7 +25,12 @@ def count_literal(data: Buffer, needle: bytes, folded: bool, guard: bool, /) -> 
     """count_literal returns (matching lines, matches) of find_literal without per-line objects."""
 
 def render_lines(data: Buffer, groups: Buffer, path: bytes, json: bool, context: int, /) -> bytes:
-    """render_lines renders one file's packed matching lines as grep-style or JSON output lines."""
+    """render_lines renders one file's packed matching lines as grep-style lines or ripgrep's JSON records."""
+
+def render_json(
+    data: Buffer, groups: Buffer, path: bytes, context: int, /
+) -> tuple[bytes, int, int, int, float]:
+    """render_json is render_lines' JSON with matched lines, matches, bytes printed, elapsed (its end)."""
 
 def distinct_trigrams(data: Buffer, /) -> bytes:
     """distinct_trigrams returns the distinct folded trigram ids without newlines, as uint32 bytes."""
