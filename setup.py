@@ -1,7 +1,8 @@
 """setup.py declares the engine's C extension; everything else about the package is in pyproject.toml.
 
 The extension is C (`_fastscan.c`) plus a small C++ file (`_re2shim.cc`) that calls RE2, so
-regex scans run natively; it links the system RE2 (Debian: `apt-get install libre2-dev`).
+regex scans run natively; it links the system RE2 (Debian: `apt-get install libre2-dev`) and
+zlib (its crc32 for the tails a folded CRC leaves).
 """
 
 from typing import Any
@@ -50,7 +51,7 @@ setup(
         Extension(
             "services.search.engine._fastscan",
             sources=["services/search/engine/_fastscan.c", "services/search/engine/_re2shim.cc"],
-            libraries=["re2"],
+            libraries=["re2", "z"],
             language="c++",
         )
     ],

@@ -1168,6 +1168,121 @@ static PyObject *fastscan_regex_count(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong(a.found_lines);
 }
 
+/* ---- crc32: zlib's CRC-32, folded with carry-less multiplication where the CPU has it ----
+ *
+ *   crc32(data, value=0) -> int
+ *       zlib.crc32(data, value), the same number: the index's lazy checksum blocks are
+ *       verified on the query path, and zlib's table-driven loop (~1.3 GB/s here) was the
+ *       largest cost of a fresh process's regex scan (690 ms of a 2 s `0x[0-9a-f]{8}` count).
+ *
+ * With PCLMULQDQ (checked once at run time) the buffer is folded 64 bytes at a time into
+ * four 128-bit lanes, the lanes into one, then reduced to 32 bits (Barrett). The constants
+ * are x^k mod P(x) for the reflected polynomial 0xEDB88320, the ones Intel's paper "Fast CRC
+ * Computation for Generic Polynomials Using PCLMULQDQ" derives; tests compare with zlib.
+ */
+#include <zlib.h>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define HAVE_CLMUL_CRC 1
+
+__attribute__((target("pclmul,sse4.1"))) static uint32_t crc32_clmul(uint32_t crc, const unsigned char *p,
+                                                                       size_t len) {
+    /* len >= 64 and a multiple of 16; crc is the raw (not inverted) register. */
+    const __m128i k1k2 = _mm_set_epi64x(0x1c6e41596LL, 0x154442bd4LL);
+    const __m128i k3k4 = _mm_set_epi64x(0x0ccaa009eLL, 0x1751997d0LL);
+    const __m128i k5 = _mm_set_epi64x(0, 0x163cd6124LL);
+    const __m128i poly = _mm_set_epi64x(0x1f7011641LL, 0x1db710641LL);
+    const __m128i mask32 = _mm_set_epi32(0, 0, 0, -1);
+    __m128i x1 = _mm_loadu_si128((const __m128i *)p);
+    __m128i x2 = _mm_loadu_si128((const __m128i *)(p + 16));
+    __m128i x3 = _mm_loadu_si128((const __m128i *)(p + 32));
+    __m128i x4 = _mm_loadu_si128((const __m128i *)(p + 48));
+    x1 = _mm_xor_si128(x1, _mm_cvtsi32_si128((int)crc));
+    p += 64;
+    len -= 64;
+#define FOLD(x, k, next)                                                                           \
+    do {                                                                                           \
+        __m128i lo_ = _mm_clmulepi64_si128((x), (k), 0x00);                                        \
+        (x) = _mm_xor_si128(_mm_xor_si128(_mm_clmulepi64_si128((x), (k), 0x11), lo_), (next));     \
+    } while (0)
+    while (len >= 64) {
+        FOLD(x1, k1k2, _mm_loadu_si128((const __m128i *)p));
+        FOLD(x2, k1k2, _mm_loadu_si128((const __m128i *)(p + 16)));
+        FOLD(x3, k1k2, _mm_loadu_si128((const __m128i *)(p + 32)));
+        FOLD(x4, k1k2, _mm_loadu_si128((const __m128i *)(p + 48)));
+        p += 64;
+        len -= 64;
+    }
+    FOLD(x1, k3k4, x2);
+    FOLD(x1, k3k4, x3);
+    FOLD(x1, k3k4, x4);
+    while (len >= 16) {
+        FOLD(x1, k3k4, _mm_loadu_si128((const __m128i *)p));
+        p += 16;
+        len -= 16;
+    }
+#undef FOLD
+    /* 128 -> 64 bits (appending 32 zero bits), 64 -> 32, then Barrett reduction. */
+    x2 = _mm_clmulepi64_si128(x1, k3k4, 0x10);
+    x1 = _mm_xor_si128(_mm_srli_si128(x1, 8), x2);
+    x2 = _mm_srli_si128(x1, 4);
+    x1 = _mm_xor_si128(_mm_clmulepi64_si128(_mm_and_si128(x1, mask32), k5, 0x00), x2);
+    x2 = x1;
+    x1 = _mm_clmulepi64_si128(_mm_and_si128(x1, mask32), poly, 0x10);
+    x1 = _mm_clmulepi64_si128(_mm_and_si128(x1, mask32), poly, 0x00);
+    return (uint32_t)_mm_extract_epi32(_mm_xor_si128(x1, x2), 1);
+}
+#endif
+
+static int clmul_usable = -1;
+
+/* crc32_of is zlib's crc32(value, data, n). */
+static uint32_t crc32_of(uint32_t value, const unsigned char *data, size_t n) {
+#ifdef HAVE_CLMUL_CRC
+    if (clmul_usable && n >= 64) {
+        size_t body = n & ~(size_t)15;
+        uint32_t raw = crc32_clmul(~value, data, body);
+        value = ~raw;
+        data += body;
+        n -= body;
+    }
+#endif
+    /* zlib's crc32 takes a uInt length; feed it in pieces. */
+    while (n > 0) {
+        uInt piece = n > (1u << 30) ? (1u << 30) : (uInt)n;
+        value = (uint32_t)crc32(value, data, piece);
+        data += piece;
+        n -= piece;
+    }
+    return value;
+}
+
+static PyObject *fastscan_crc32(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer data;
+    unsigned long value = 0;
+    if (!PyArg_ParseTuple(args, "y*|k", &data, &value)) {
+        return NULL;
+    }
+    uint32_t crc;
+    if (data.len >= 4096) {
+        Py_BEGIN_ALLOW_THREADS;
+        crc = crc32_of((uint32_t)value, data.buf, (size_t)data.len);
+        Py_END_ALLOW_THREADS;
+    } else {
+        crc = crc32_of((uint32_t)value, data.buf, (size_t)data.len);
+    }
+    PyBuffer_Release(&data);
+    return PyLong_FromUnsignedLong(crc);
+}
+
+static PyObject *fastscan_crc32_accelerated(PyObject *self, PyObject *args) {
+    (void)self;
+    (void)args;
+    return PyBool_FromLong(clmul_usable > 0);
+}
+
 static PyMethodDef fastscan_methods[] = {
     {"find_literal", fastscan_find_literal, METH_VARARGS,
      "find_literal(data, needle, folded, guard, limit, line_type) lists the lines holding needle."},
@@ -1191,6 +1306,9 @@ static PyMethodDef fastscan_methods[] = {
      "regex_scan(regex, data, lines, limit) packs the matching lines of data, with (lines, matches) counts."},
     {"regex_count", fastscan_regex_count, METH_VARARGS,
      "regex_count(regex, data, lines) counts the matching lines of data."},
+    {"crc32", fastscan_crc32, METH_VARARGS, "crc32(data, value=0) is zlib.crc32(data, value), computed faster."},
+    {"crc32_accelerated", fastscan_crc32_accelerated, METH_NOARGS,
+     "crc32_accelerated() says whether crc32 folds with PCLMULQDQ on this CPU."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1201,5 +1319,11 @@ static struct PyModuleDef fastscan_module = {
 
 PyMODINIT_FUNC PyInit__fastscan(void) {
     init_fold_table();
+#ifdef HAVE_CLMUL_CRC
+    __builtin_cpu_init();
+    clmul_usable = __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse4.1");
+#else
+    clmul_usable = 0;
+#endif
     return PyModule_Create(&fastscan_module);
 }

@@ -48,3 +48,9 @@ def regex_scan(
 
 def regex_count(regex: object, data: Buffer, lines: Sequence[tuple[int, int, int]] | None, /) -> int:
     """regex_count counts the matching lines of data (or of the listed lines)."""
+
+def crc32(data: Buffer, value: int = 0, /) -> int:
+    """crc32 is zlib.crc32(data, value), folded with PCLMULQDQ when the CPU has it."""
+
+def crc32_accelerated() -> bool:
+    """crc32_accelerated says whether crc32 folds with PCLMULQDQ on this CPU."""
