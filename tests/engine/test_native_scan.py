@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.search.engine import _fastscan, format
+from services.search.engine import _fastscan, format, verify
 
 
 def test_crc32_is_zlibs_for_every_length_around_the_folding_steps() -> None:
@@ -57,3 +57,106 @@ def test_a_corrupt_block_is_still_caught_by_the_lazy_check(tmp_path: Path) -> No
         broken.region(format.BLOCK_SIZE, format.BLOCK_SIZE + 10)
     with pytest.raises(format.IndexCorruptError):
         broken.verify()
+
+
+# Regexes with a required literal (the needle the scan looks for), and their needle.
+NEEDLE_REGEXES = [
+    (r"abc\w*z", b"abc", False),
+    (r"\babc\b", b"abc", False),
+    (r"abc$", b"abc", False),
+    (r"^abc", b"abc", False),
+    (r"x+abc", b"abc", False),
+    (r"abc.*xyz", b"xyz", False),
+    (r"abc\r$", b"abc\r", False),
+    (r"(?i)abc.z", b"abc", True),
+    (r"(?i)\bask\w*", b"ask", True),
+]
+PIECES = st.sampled_from(
+    [b"abc", b"ABC", b"aBc", b"xyz", b"x", b"z", b" ", b"\n", b"\r\n", b"\r", b"_", "\u212a".encode(), b"ask"]
+)
+
+
+def _whole(pattern: str, data: bytes, limit: int = -1) -> tuple[bytes, int, int]:
+    return _fastscan.regex_scan(verify.compile_native(pattern), data, None, limit)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    data=st.lists(PIECES, max_size=40).map(b"".join),
+    case=st.sampled_from(NEEDLE_REGEXES),
+    limit=st.sampled_from([-1, 1, 2]),
+)
+def test_needle_scan_equals_re2_over_the_whole_buffer(
+    data: bytes, case: tuple[str, bytes, bool], limit: int
+) -> None:
+    pattern, needle, folded = case
+    regex = verify.compile_native(pattern)
+    expected = _whole(pattern, data, limit)
+    # Without the guard a folded needle misses KELVIN SIGN (RE2's (?i) k); the guard hands
+    # such a document back (None) so the caller scans it whole.
+    guard = folded and b"k" in needle
+    found = _fastscan.regex_scan_needle(regex, data, needle, folded, guard, limit)
+    if found is None:
+        assert guard and "\u212a".encode() in data
+        return
+    assert found == expected
+    counted = _fastscan.regex_count_needle(regex, memoryview(data), needle, folded, guard)
+    assert counted == _fastscan.regex_count(regex, data, None)
+
+
+def test_needle_scan_at_the_edges_of_the_buffer() -> None:
+    regex = verify.compile_native(r"ab\w+")
+    cases = [
+        b"abc",  # one line, no newline
+        b"abc\n",  # trailing newline
+        b"\n\nabc",  # empty lines first, last line without newline
+        b"abd\r\nab\r\nabe\r\n",  # CRLF: \r is not a word byte, so `ab\r` does not match
+        b"ab\nab x\nxabyab\n\n",  # the needle in lines the regex does not match
+        b"ab",  # the needle ends the buffer
+        b"",
+        b"\n",
+    ]
+    for data in cases:
+        found = _fastscan.regex_scan_needle(regex, data, b"ab", False, False, -1)
+        assert found == _whole(r"ab\w+", data), data
+        assert _fastscan.regex_count_needle(regex, data, b"ab", False, False) == _fastscan.regex_count(
+            regex, data, None
+        )
+    data = b"xx\nabc abd\r\nab\nabz"
+    packed, lines, matches = _fastscan.regex_scan_needle(regex, data, b"ab", False, False, -1) or (b"", 0, 0)
+    assert (lines, matches) == (2, 3)
+    assert [(m.line_number, m.line_start, m.line_end, m.ranges) for m in verify.unpack_groups(packed)] == [
+        (2, 3, 11, ((0, 3), (4, 7))),
+        (4, 15, 18, ((0, 3),)),
+    ]
+
+
+def test_needle_scan_folds_case_and_guards_kelvin_sign() -> None:
+    regex = verify.compile_native(r"park\w", case_sensitive=False)
+    data = "PARKS\nparking\nPar\u212aa\n".encode()
+    # Folded needle: the ASCII lines are found; KELVIN SIGN makes the scan hand back None.
+    assert _fastscan.regex_scan_needle(regex, data, b"park", True, True, -1) is None
+    assert _fastscan.regex_count_needle(regex, data, b"park", True, True) is None
+    ascii_only = b"PARKS\nparking\nPark\n"
+    assert _fastscan.regex_scan_needle(regex, ascii_only, b"park", True, True, -1) == _fastscan.regex_scan(
+        regex, ascii_only, None, -1
+    )
+    assert _fastscan.regex_count_needle(regex, ascii_only, b"park", True, True) == 2
+    # Through LineMatcher the guarded document is scanned whole: RE2 finds all three lines.
+    matcher = verify.LineMatcher(r"park\w", case_sensitive=False)
+    assert matcher.strategy == "prefilter"
+    assert [m.line_number for m in matcher.find(data)] == [1, 2, 3]
+    assert matcher.count(data) == 3
+    assert matcher.groups(data)[1:] == (3, 3)
+
+
+def test_needle_scan_rejects_bad_arguments() -> None:
+    regex = verify.compile_native(r"ab\w")
+    with pytest.raises(ValueError):
+        _fastscan.regex_scan_needle(regex, b"abc", b"", False, False, -1)
+    with pytest.raises(ValueError):
+        _fastscan.regex_count_needle(regex, b"abc", b"a\nb", False, False)
+    with pytest.raises(TypeError):
+        _fastscan.regex_count_needle(regex, b"abc", "ab", False, False)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        _fastscan.regex_count_needle(object(), b"abc", b"ab", False, False)

@@ -357,35 +357,50 @@ static PyObject *fastscan_needle_lines(PyObject *self, PyObject *args) {
     return lines;
 }
 
-static PyObject *fastscan_scan_literal(PyObject *self, PyObject *args) {
-    (void)self;
+/* literal_counted parses (data, needle, folded, guard), scans with ranges into `out` and
+   counts its lines and matches: scan_literal and count_literal share it. Returns 0, 1 when
+   `guard` found KELVIN SIGN or LONG S, or -1 with a Python error set. */
+static int literal_counted(PyObject *args, i64vec *out, long long *lines, long long *matches) {
     scan_args a;
     PyObject *needle_obj;
     int folded, guard;
     if (!PyArg_ParseTuple(args, "y*Opp", &a.data, &needle_obj, &folded, &guard)) {
-        return NULL;
+        return -1;
     }
     if (parse_needle(needle_obj, &a) < 0) {
         PyBuffer_Release(&a.data);
-        return NULL;
+        return -1;
     }
-    i64vec out = {NULL, 0, 0};
-    int rc = run_scan(&a, folded, guard, -1, 1, &out);
+    int rc = run_scan(&a, folded, guard, -1, 1, out);
     PyBuffer_Release(&a.data);
+    if (rc < 0) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    *lines = 0;
+    *matches = 0;
+    for (size_t at = 0; rc == 0 && at + 4 <= out->len;) {
+        ++*lines;
+        *matches += out->items[at + 3];
+        at += 4 + 2 * (size_t)out->items[at + 3];
+    }
+    return rc;
+}
+
+static PyObject *fastscan_scan_literal(PyObject *self, PyObject *args) {
+    (void)self;
+    i64vec out = {NULL, 0, 0};
+    long long lines, matches;
+    int rc = literal_counted(args, &out, &lines, &matches);
     if (rc != 0) {
         free(out.items);
-        if (rc > 0) {
-            Py_RETURN_NONE;
+        if (rc < 0) {
+            return NULL;
         }
-        return PyErr_NoMemory();
+        Py_RETURN_NONE;
     }
-    long long lines = 0, matches = 0;
-    for (size_t at = 0; at + 4 <= out.len;) {
-        lines++;
-        matches += out.items[at + 3];
-        at += 4 + 2 * (size_t)out.items[at + 3];
-    }
-    PyObject *packed = PyBytes_FromStringAndSize((const char *)out.items, (Py_ssize_t)(out.len * sizeof(int64_t)));
+    PyObject *packed = PyBytes_FromStringAndSize(out.items != NULL ? (const char *)out.items : "",
+                                                 (Py_ssize_t)(out.len * sizeof(int64_t)));
     free(out.items);
     if (packed == NULL) {
         return NULL;
@@ -395,33 +410,16 @@ static PyObject *fastscan_scan_literal(PyObject *self, PyObject *args) {
 
 static PyObject *fastscan_count_literal(PyObject *self, PyObject *args) {
     (void)self;
-    scan_args a;
-    PyObject *needle_obj;
-    int folded, guard;
-    if (!PyArg_ParseTuple(args, "y*Opp", &a.data, &needle_obj, &folded, &guard)) {
-        return NULL;
-    }
-    if (parse_needle(needle_obj, &a) < 0) {
-        PyBuffer_Release(&a.data);
-        return NULL;
-    }
     i64vec out = {NULL, 0, 0};
-    int rc = run_scan(&a, folded, guard, -1, 1, &out);
-    PyBuffer_Release(&a.data);
-    if (rc != 0) {
-        free(out.items);
-        if (rc > 0) {
-            Py_RETURN_NONE;
-        }
-        return PyErr_NoMemory();
-    }
-    long long lines = 0, matches = 0;
-    for (size_t at = 0; at + 4 <= out.len;) {
-        lines++;
-        matches += out.items[at + 3];
-        at += 4 + 2 * (size_t)out.items[at + 3];
-    }
+    long long lines, matches;
+    int rc = literal_counted(args, &out, &lines, &matches);
     free(out.items);
+    if (rc != 0) {
+        if (rc < 0) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
     return Py_BuildValue("(LL)", lines, matches);
 }
 
@@ -900,6 +898,12 @@ done:
  *       lists the (line_number, line_start, line_end) lines to try (a prefilter's).
  *   regex_count(regex, data, lines) -> int
  *       The number of matching lines, one RE2 call per matching (or listed) line.
+ *   regex_scan_needle(regex, data, needle, folded, guard, limit) -> tuple[bytes, int, int] | None
+ *   regex_count_needle(regex, data, needle, folded, guard) -> int | None
+ *       regex_scan and regex_count over the lines holding `needle`, a literal every match
+ *       contains (found as find_literal finds it: memmem, on the folded copy when `folded`),
+ *       in one pass: no list of lines crosses into Python, and RE2 reads only those lines.
+ *       None when `guard` finds KELVIN SIGN or LONG S (scan the whole buffer instead).
  *
  * Matches never span a newline (RE2's never_nl), `^`/`$` are multi-line, and within a line
  * matches are leftmost-first and non-overlapping with an empty match abutting the previous
@@ -1066,6 +1070,142 @@ static int regex_scan_listed(regex_scan_args *a, i64vec *out) {
         }
     }
     return 0;
+}
+
+/* regex_scan_needle runs RE2 only on the lines holding the needle (found with memmem in
+   `hay`: data itself, or its folded copy, which has the same newlines): every match lies
+   in one line and holds every required literal, so no other line can match. */
+static int regex_scan_needle(regex_scan_args *a, const unsigned char *hay, const unsigned char *needle, size_t m,
+                             i64vec *out) {
+    const char *data = a->data;
+    size_t len = a->len;
+    long long line_number = 1;
+    size_t counted = 0, pos = 0; /* pos is always the start of a line */
+    while (pos + m <= len) {
+        const unsigned char *hit = memmem(hay + pos, len - pos, needle, m);
+        if (hit == NULL) {
+            break;
+        }
+        size_t at = (size_t)(hit - hay);
+        const unsigned char *before = at > pos ? memrchr(hay + pos, '\n', at - pos) : NULL;
+        size_t start = before != NULL ? (size_t)(before - hay) + 1 : pos;
+        const unsigned char *eol = memchr(hay + at, '\n', len - at);
+        size_t end = eol != NULL ? (size_t)(eol - hay) : len;
+        if (a->count_only) {
+            size_t s, e;
+            a->found_lines += kdb_re2_match(a->re, data, len, start, end, &s, &e);
+        } else {
+            line_number += count_newlines(hay + counted, (Py_ssize_t)(start - counted));
+            counted = start;
+            size_t header = out->len;
+            if (push_header(out, line_number, start, end) < 0) {
+                return -1;
+            }
+            Py_ssize_t n = line_ranges(a->re, data, len, start, end, 0, 0, 0, out);
+            if (n < 0) {
+                return -1;
+            }
+            if (n == 0) {
+                out->len = header;
+            } else {
+                out->items[header + 3] = n;
+                a->found_lines++;
+                a->found_matches += n;
+                if (a->found_lines == a->limit) {
+                    break;
+                }
+            }
+        }
+        if (eol == NULL) {
+            break;
+        }
+        pos = end + 1;
+    }
+    return 0;
+}
+
+/* run_needle_regex parses (regex, data, needle, folded, guard) and scans the needle's lines
+   without the GIL: 0 on success, 1 when `guard` found KELVIN SIGN or LONG S (the caller
+   scans the whole buffer instead), -1 with a Python error set. */
+static int run_needle_regex(PyObject *regex, Py_buffer *data, PyObject *needle_obj, int folded, int guard,
+                            regex_scan_args *a, i64vec *out) {
+    scan_args n;
+    a->re = PyCapsule_GetPointer(regex, REGEX_CAPSULE);
+    if (a->re == NULL || parse_needle(needle_obj, &n) < 0) {
+        return -1;
+    }
+    a->data = (const char *)data->buf;
+    a->len = (size_t)data->len;
+    int rc = 0;
+    Py_BEGIN_ALLOW_THREADS;
+    const unsigned char *hay = data->buf;
+    int unsafe = 0;
+    if (folded) {
+        hay = folded_copy(hay, data->len, guard, &unsafe);
+    }
+    if (hay == NULL) {
+        rc = -1;
+    } else if (guard && unsafe) {
+        rc = 1;
+    } else {
+        rc = regex_scan_needle(a, hay, n.needle, (size_t)n.needle_len, out);
+    }
+    Py_END_ALLOW_THREADS;
+    if (rc < 0) {
+        PyErr_NoMemory();
+    }
+    return rc;
+}
+
+static PyObject *fastscan_regex_scan_needle(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *regex, *needle;
+    Py_buffer data;
+    int folded, guard;
+    Py_ssize_t limit;
+    if (!PyArg_ParseTuple(args, "Oy*Oppn", &regex, &data, &needle, &folded, &guard, &limit)) {
+        return NULL;
+    }
+    regex_scan_args a = {.limit = limit, .count_only = 0};
+    i64vec out = {NULL, 0, 0};
+    int rc = run_needle_regex(regex, &data, needle, folded, guard, &a, &out);
+    PyBuffer_Release(&data);
+    if (rc != 0) {
+        free(out.items);
+        if (rc < 0) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    PyObject *packed = PyBytes_FromStringAndSize(out.items != NULL ? (const char *)out.items : "",
+                                                 (Py_ssize_t)(out.len * sizeof(int64_t)));
+    free(out.items);
+    if (packed == NULL) {
+        return NULL;
+    }
+    return Py_BuildValue("(NLL)", packed, a.found_lines, a.found_matches);
+}
+
+static PyObject *fastscan_regex_count_needle(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *regex, *needle;
+    Py_buffer data;
+    int folded, guard;
+    if (!PyArg_ParseTuple(args, "Oy*Opp", &regex, &data, &needle, &folded, &guard)) {
+        return NULL;
+    }
+    regex_scan_args a = {.limit = -1, .count_only = 1};
+    i64vec out = {NULL, 0, 0};
+    int rc = run_needle_regex(regex, &data, needle, folded, guard, &a, &out);
+    PyBuffer_Release(&data);
+    free(out.items);
+    if (rc != 0) {
+        if (rc < 0) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    return PyLong_FromLongLong(a.found_lines);
 }
 
 /* run_regex parses (regex, data, lines) and runs the scan without the GIL; 0 on success, -1
@@ -1306,6 +1446,10 @@ static PyMethodDef fastscan_methods[] = {
      "regex_scan(regex, data, lines, limit) packs the matching lines of data, with (lines, matches) counts."},
     {"regex_count", fastscan_regex_count, METH_VARARGS,
      "regex_count(regex, data, lines) counts the matching lines of data."},
+    {"regex_scan_needle", fastscan_regex_scan_needle, METH_VARARGS,
+     "regex_scan_needle(regex, data, needle, folded, guard, limit) is regex_scan over the needle's lines."},
+    {"regex_count_needle", fastscan_regex_count_needle, METH_VARARGS,
+     "regex_count_needle(regex, data, needle, folded, guard) is regex_count over the needle's lines."},
     {"crc32", fastscan_crc32, METH_VARARGS, "crc32(data, value=0) is zlib.crc32(data, value), computed faster."},
     {"crc32_accelerated", fastscan_crc32_accelerated, METH_NOARGS,
      "crc32_accelerated() says whether crc32 folds with PCLMULQDQ on this CPU."},
