@@ -1,7 +1,8 @@
 """setup.py declares the engine's C extension; everything else about the package is in pyproject.toml.
 
 The extension is C (`_fastscan.c`) plus a small C++ file (`_re2shim.cc`) that calls RE2, so
-regex scans run natively; it links the system RE2 (Debian: `apt-get install libre2-dev`).
+regex scans run natively; it links the system RE2 (Debian: `apt-get install libre2-dev`) and
+zlib (its crc32 for the tails a folded CRC leaves).
 """
 
 from typing import Any
@@ -14,26 +15,27 @@ CXX_FLAGS = ["-O3", "-std=c++17", "-Wall", "-Wextra"]
 
 
 class BuildExt(build_ext):
-    """BuildExt gives C and C++ sources their own flags and says plainly when RE2 is missing."""
+    """BuildExt gives C and C++ sources their own flags and says plainly when RE2 or zlib is missing."""
 
     def build_extensions(self) -> None:
-        """BuildExt.build_extensions checks for RE2's header, then compiles each source with its flags."""
+        """BuildExt.build_extensions checks for RE2's and zlib's headers, then compiles each source."""
         import os
         import tempfile
 
         from setuptools.errors import CompileError
 
         with tempfile.TemporaryDirectory() as scratch:
-            probe = os.path.join(scratch, "probe.cc")
-            with open(probe, "w") as source:
-                source.write("#include <re2/re2.h>\nint main() { return 0; }\n")
-            try:
-                self.compiler.compile([probe], output_dir=scratch, extra_postargs=["-std=c++17"])
-            except CompileError:
-                raise SystemExit(
-                    "error: RE2's C++ header <re2/re2.h> was not found; the search engine's C extension "
-                    "links RE2. Install it (Debian/Ubuntu: `apt-get install libre2-dev`) and build again."
-                ) from None
+            for header, package in (("re2/re2.h", "libre2-dev"), ("zlib.h", "zlib1g-dev")):
+                probe = os.path.join(scratch, "probe.cc")
+                with open(probe, "w") as source:
+                    source.write(f"#include <{header}>\nint main() {{ return 0; }}\n")
+                try:
+                    self.compiler.compile([probe], output_dir=scratch, extra_postargs=["-std=c++17"])
+                except CompileError:
+                    raise SystemExit(
+                        f"error: the header <{header}> was not found; the search engine's C extension "
+                        f"links it. Install it (Debian/Ubuntu: `apt-get install {package}`) and build again."
+                    ) from None
         original = self.compiler._compile
 
         def compile_one(obj: str, src: str, ext: str, cc_args: Any, postargs: Any, pp_opts: Any) -> None:
@@ -50,7 +52,7 @@ setup(
         Extension(
             "services.search.engine._fastscan",
             sources=["services/search/engine/_fastscan.c", "services/search/engine/_re2shim.cc"],
-            libraries=["re2"],
+            libraries=["re2", "z"],
             language="c++",
         )
     ],

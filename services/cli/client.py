@@ -19,13 +19,14 @@ import sys
 import urllib.parse
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
-import grpc
-from google.rpc import error_details_pb2, status_pb2
+if TYPE_CHECKING:
+    # Imported where used: building `kotadb index`'s parser adds these flags (for `index
+    # status`), and gRPC, protobuf and the dev stack cost a local `index search` ~170 ms.
+    import grpc
 
-from services.cli import status
-from services.common.stack import StackInfo
+    from services.common.stack import StackInfo
 
 # gRPC messages a push sends can be large (one document up to the server's 10 MiB hard limit).
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
@@ -73,6 +74,8 @@ def resolve_target(args: argparse.Namespace) -> Target:
 
 
 def _dev_stack(data_dir: Path | None) -> StackInfo | None:
+    from services.cli import status
+
     try:
         return status.load_stack(data_dir or status.default_data_dir())
     except (OSError, ValueError):
@@ -92,6 +95,8 @@ def target_from_url(url: str, key: str) -> Target:
 
 def open_channel(target: Target) -> grpc.aio.Channel:
     """open_channel opens an asyncio gRPC channel to the gateway (TLS when the URL was https)."""
+    import grpc
+
     options = [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -124,6 +129,8 @@ class FailedCall(Protocol):
 
 def describe_rpc_error(error: FailedCall | grpc.RpcError) -> str:
     """describe_rpc_error renders a failed call as `STATUS REASON: message`, with field violations."""
+    from google.rpc import error_details_pb2, status_pb2
+
     error = cast(FailedCall, error)
     status_code = error.code()
     code = status_code.name if status_code is not None else "UNKNOWN"

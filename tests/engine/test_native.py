@@ -102,16 +102,16 @@ def test_any_whole_word_agrees_with_rank(data: bytes, picks: list[tuple[int, int
 
 
 def test_required_literal_screen_keeps_re2_results() -> None:
-    # A regex starting with a literal runs RE2 over the document only if every required
-    # literal is present; the answers must be RE2's either way.
+    # A regex starting with a literal runs RE2 only on the lines holding its longest required
+    # literal; the answers must be RE2's either way.
     matcher = LineMatcher(r"struct task \*\w+ = current", case_sensitive=True)
-    assert matcher.strategy == "regex"
+    assert matcher.strategy == "prefilter"
     assert matcher.find(b"struct task *p = other;\nx = current;\n") == []
     content = b"struct task *p = current;\nstruct task *q = current;\n"
     assert [m.line_number for m in matcher.find(content)] == [1, 2]
     # Folded screens defer to RE2 when the document holds KELVIN SIGN (RE2's (?i) k).
     folded = LineMatcher(r"(?i)mark\w+ kelvin", case_sensitive=True)
-    assert folded.strategy == "regex"
+    assert folded.strategy == "prefilter"
     assert [m.line_number for m in folded.find("MARKs \u212aELVIN\n".encode())] == [1]
     assert folded.find(b"marks celsius\n") == []
 

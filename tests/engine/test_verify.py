@@ -54,7 +54,7 @@ def test_prefilter_path_agrees_with_whole_buffer_regex() -> None:
     matcher = LineMatcher(r"[A-Z]\w+Error\(Exception\)", case_sensitive=True)
     assert matcher.strategy == "prefilter"
     plain = LineMatcher(r"class \w+Error\(Exception\)", case_sensitive=True)
-    assert plain.strategy == "regex"
+    assert plain.strategy == "prefilter"
     assert _found(matcher, content) == [(1, [(6, 25)]), (4, [(6, 25)])]
     assert _found(plain, content) == [(1, [(0, 25)]), (4, [(0, 25)])]
 

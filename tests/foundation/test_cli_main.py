@@ -57,6 +57,14 @@ def test_chosen_command_imports_only_its_module() -> None:
     assert "LOADED ['services.cli.migrate']" in _loaded("migrate", "--help")
 
 
+def test_index_commands_load_no_grpc() -> None:
+    # `kotadb index` also registers `index status` (a gateway client): its flags must not pull
+    # gRPC, protobuf or the dev stack into every local `kotadb index search`.
+    out = _loaded("index", "search", "--help")
+    assert "'services.cli.index'" in out
+    assert out.rstrip().endswith("[]"), out
+
+
 def test_unknown_command_is_an_error() -> None:
     with pytest.raises(SystemExit) as exc:
         cli_main.main(["no-such-command"])

@@ -53,3 +53,19 @@ def regex_scan(
 
 def regex_count(regex: object, data: Buffer, lines: Sequence[tuple[int, int, int]] | None, /) -> int:
     """regex_count counts the matching lines of data (or of the listed lines)."""
+
+def regex_scan_needle(
+    regex: object, data: Buffer, needle: bytes, folded: bool, guard: bool, limit: int, /
+) -> tuple[bytes, int, int] | None:
+    """regex_scan_needle is regex_scan over the lines holding needle (None: the guard tripped)."""
+
+def regex_count_needle(
+    regex: object, data: Buffer, needle: bytes, folded: bool, guard: bool, /
+) -> int | None:
+    """regex_count_needle is regex_count over the lines holding needle (None as regex_scan_needle)."""
+
+def crc32(data: Buffer, value: int = 0, /) -> int:
+    """crc32 is zlib.crc32(data, value), folded with PCLMULQDQ when the CPU has it."""
+
+def crc32_accelerated() -> bool:
+    """crc32_accelerated says whether crc32 folds with PCLMULQDQ on this CPU."""

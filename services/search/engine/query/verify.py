@@ -16,18 +16,17 @@ every regex match. Measured over Linux's `fs/` (2,078 files, 42 MB, one core of 
   to RE2 for a document that holds KELVIN SIGN or LONG S when the needle has `k`/`s` (RE2's
   `(?i)` matches them): `(?i)fixme` 18.2 (RE2) -> 15.1 ms, `spin_lock` case-insensitive
   87.9 -> 15.2 ms, `(?i)struct` 446 -> 47 ms;
-* a regex that does not start with a literal but contains a required literal of 3+ bytes
-  gets that literal's lines from `_fastscan.needle_lines` and runs RE2 only on them:
-  `\\bkzalloc\\b.*GFP_ATOMIC` 14.0 -> 6.9 ms;
+* a regex that contains a required literal of 3+ bytes (every match holds it; the longest
+  is taken) runs RE2 only on the lines holding it, found with memmem in one native pass
+  (`_fastscan.regex_scan_needle`/`regex_count_needle`): `\\bkzalloc\\b.*GFP_ATOMIC` 14.0 ->
+  6.9 ms over `fs/`; over the Linux candidates of `static int \\w+_probe\\(struct
+  platform_device`, 154 -> 48 ms against screening documents for its literals and running
+  RE2 over each whole file (2026-12-07);
 * everything else runs RE2 over the whole buffer in multi-line mode, from C
   (`_fastscan.regex_scan`/`regex_count`, RE2 linked into the extension, GIL released):
   one RE2 call finds each matching line and one more each further match in it, with no
   Python call per line (`0x[0-9a-f]{8}` over Linux: 540k lines, 1.1 M calls, were 13.5 s
-  of Python loop through the binding). A prefiltered regex's candidate lines go the same way.
-  For a regex that starts with a literal (RE2's prefix acceleration finds its lines) a
-  native check first skips documents without its longest required literal:
-  `struct task_struct \\*\\w+ = current` 17.4 -> 6.9 ms, `static int \\w+_probe\\(struct`
-  19.5 -> 6.6 ms (as fast as prefiltering lines, here, where few documents hold the literal).
+  of Python loop through the binding).
 """
 
 from __future__ import annotations
@@ -176,12 +175,6 @@ def _searchable(literal: rx.Literal) -> bool:
     )
 
 
-def _starts_with_literal(node: rx.Node) -> bool:
-    """_starts_with_literal says RE2 can accelerate the search with a literal prefix."""
-    first = node.items[0] if isinstance(node, rx.Concat) else node
-    return isinstance(first, rx.Literal)
-
-
 class LineMatcher:
     """LineMatcher finds the matching lines of documents for one pattern.
 
@@ -200,13 +193,9 @@ class LineMatcher:
         # A folded needle with k or s must give way to RE2 in documents holding KELVIN SIGN
         # or LONG S (RE2's (?i) matches them); the scanner checks while it folds.
         self._guard = False
-        # True when the needle alone decides matches (no RE2 run needed).
+        # True when the needle alone decides matches (no RE2 run needed); otherwise the
+        # needle is a literal every match holds, and RE2 runs only on the lines holding it.
         self._pure_literal = False
-        # True when the needle only screens documents for the regex strategy: a document
-        # without it cannot match, so RE2 never runs over it.
-        self._screen_only = False
-        # Further required literals screened for, as (needle, folded, guard).
-        self._screens: list[tuple[bytes, bool, bool]] = []
         text: str | None = pattern if literal else None
         fold = literal and not case_sensitive
         required: rx.Literal | None = None
@@ -220,31 +209,16 @@ class LineMatcher:
                 if whole is not None and (case_sensitive or whole.fold):
                     text, fold = whole.text, whole.fold
                 elif whole is None:
+                    # The longest literal every match holds: its lines are found with
+                    # memmem and RE2 reads only those (`static int \w+_probe\(struct
+                    # platform_device` over 5,082 Linux candidates: 154 -> 48 ms against
+                    # RE2 over each whole file that holds both its literals).
                     required = _required_literal(root)
-                    # RE2's own prefix acceleration finds the lines of a regex that starts
-                    # with a literal; the required literal then only screens documents:
-                    # `struct task_struct \*\w+ = current` over 1,615 Linux candidates
-                    # (93 match) runs RE2 on the few that hold "struct task_struct *".
-                    self._screen_only = _starts_with_literal(root)
-                    if self._screen_only:
-                        # Every required literal screens: in Linux, 612 of that query's
-                        # candidates hold "struct task_struct *", 320 also " = current".
-                        self._screens = [
-                            (
-                                (lit.text.lower() if lit.fold else lit.text).encode("utf-8", "surrogatepass"),
-                                lit.fold,
-                                lit.fold and bool(_UNSAFE_FOLD & set(lit.text)),
-                            )
-                            for lit in _required_literals(root)
-                            if lit != required and _searchable(lit)
-                        ]
         if text and "\n" not in text and (not fold or text.isascii()):
             self._set_needle(text, fold)
             self._pure_literal = True
         elif required is not None and _searchable(required):
             self._set_needle(required.text, required.fold)
-        else:
-            self._screen_only = False
 
     def _set_needle(self, text: str, fold: bool) -> None:
         self._needle = (text.lower() if fold else text).encode("utf-8", "surrogatepass")
@@ -256,7 +230,7 @@ class LineMatcher:
         """LineMatcher.strategy names the search path: "literal", "prefilter" or "regex"."""
         if self._pure_literal:
             return "literal"
-        return "prefilter" if self._needle is not None and not self._screen_only else "regex"
+        return "prefilter" if self._needle is not None else "regex"
 
     def matches(self, content: bytes | bytearray | memoryview) -> bool:
         """LineMatcher.matches says whether any line of the document matches."""
@@ -270,7 +244,6 @@ class LineMatcher:
             return []
         limit = max_matches if max_matches is not None else -1
         needle = self._needle
-        lines: list[tuple[int, int, int]] | None = None
         if needle is not None:
             if self._pure_literal:
                 found = _fastscan.find_literal(
@@ -278,22 +251,14 @@ class LineMatcher:
                 )
                 if found is not None:
                     return found
-            elif self._screen_only:
-                if not self._screened(content):
-                    return []
             else:
-                lines = _fastscan.needle_lines(content, needle, self._needle_folded, self._guard)
-        packed, _, _ = _fastscan.regex_scan(self._regexp, content, lines, limit)
+                scanned = _fastscan.regex_scan_needle(
+                    self._regexp, content, needle, self._needle_folded, self._guard, limit
+                )
+                if scanned is not None:
+                    return unpack_groups(scanned[0])
+        packed, _, _ = _fastscan.regex_scan(self._regexp, content, None, limit)
         return unpack_groups(packed)
-
-    def _screened(self, content: bytes | bytearray | memoryview) -> bool:
-        """_screened says whether the document holds every required literal (screen-only regexes)."""
-        assert self._needle is not None
-        screens = [(self._needle, self._needle_folded, self._guard), *self._screens]
-        for screen, folded, guard in screens:
-            if _fastscan.find_literal(content, screen, folded, guard, 1, LineMatch) == []:
-                return False
-        return True
 
     def count(self, content: bytes | bytearray | memoryview) -> int:
         r"""LineMatcher.count returns the number of matching lines of the document.
@@ -303,18 +268,18 @@ class LineMatcher:
         (a prefiltered regex: once per line holding its required literal).
         """
         needle = self._needle
-        lines: list[tuple[int, int, int]] | None = None
         if needle is not None:
             if self._pure_literal:
                 counted = _fastscan.count_literal(content, needle, self._needle_folded, self._guard)
                 if counted is not None:
                     return counted[0]
-            elif self._screen_only:
-                if not self._screened(content):
-                    return 0
             else:
-                lines = _fastscan.needle_lines(content, needle, self._needle_folded, self._guard)
-        return _fastscan.regex_count(self._regexp, content, lines)
+                lines = _fastscan.regex_count_needle(
+                    self._regexp, content, needle, self._needle_folded, self._guard
+                )
+                if lines is not None:
+                    return lines
+        return _fastscan.regex_count(self._regexp, content, None)
 
     def groups(self, content: bytes | bytearray | memoryview) -> tuple[bytes, int, int]:
         """LineMatcher.groups returns the matching lines packed for `_fastscan.render_lines`.
@@ -322,18 +287,18 @@ class LineMatcher:
         Returns (groups, matching lines, matches), scanned and packed natively.
         """
         needle = self._needle
-        lines: list[tuple[int, int, int]] | None = None
         if needle is not None:
             if self._pure_literal:
                 packed = _fastscan.scan_literal(content, needle, self._needle_folded, self._guard)
                 if packed is not None:
                     return packed
-            elif self._screen_only:
-                if not self._screened(content):
-                    return b"", 0, 0
             else:
-                lines = _fastscan.needle_lines(content, needle, self._needle_folded, self._guard)
-        return _fastscan.regex_scan(self._regexp, content, lines, -1)
+                scanned = _fastscan.regex_scan_needle(
+                    self._regexp, content, needle, self._needle_folded, self._guard, -1
+                )
+                if scanned is not None:
+                    return scanned
+        return _fastscan.regex_scan(self._regexp, content, None, -1)
 
 
 def unpack_groups(packed: bytes) -> list[LineMatch]:
