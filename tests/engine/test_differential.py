@@ -160,14 +160,19 @@ def test_cli_subprocess_matches_ripgrep(corpus: Corpus) -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    rows = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert rows and all(set(row) == {"type", "path", "line", "text", "ranges"} for row in rows)
-    assert {(row["path"], row["line"]) for row in rows} == truth(corpus, pattern)
-    for row in rows:
-        line = (corpus.root / row["path"]).read_bytes().split(b"\n")[row["line"] - 1]
-        assert row["text"] == line.decode()
-        for start, end in row["ranges"]:
-            assert re2.search(pattern.encode(), line[start:end])
+    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    # ripgrep's --json records: begin/match/end per file, one summary at the end.
+    assert records and records[-1]["type"] == "summary"
+    matches = [r["data"] for r in records if r["type"] == "match"]
+    assert {r["type"] for r in records} <= {"begin", "match", "end", "summary"}
+    assert {(m["path"]["text"], m["line_number"]) for m in matches} == truth(corpus, pattern)
+    for m in matches:
+        line = (corpus.root / m["path"]["text"]).read_bytes().split(b"\n")[m["line_number"] - 1]
+        assert m["lines"]["text"].rstrip("\n") == line.decode()
+        assert m["submatches"]
+        for sub in m["submatches"]:
+            assert re2.search(pattern.encode(), line[sub["start"] : sub["end"]])
+            assert line[sub["start"] : sub["end"]].decode() == sub["match"]["text"]
 
 
 @st.composite

@@ -10,7 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.search.engine import _fastscan, format, verify
+from services.search.engine import _fastscan
+from services.search.engine.index import format
+from services.search.engine.query import verify
 
 
 def test_crc32_is_zlibs_for_every_length_around_the_folding_steps() -> None:
