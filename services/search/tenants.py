@@ -122,6 +122,7 @@ class TenantManager:
         self._opening: dict[uuid.UUID, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self._verified: set[uuid.UUID] = set()
         self._rebuilds: dict[uuid.UUID, asyncio.Task[None]] = {}
+        self._getting: dict[uuid.UUID, asyncio.Task[TenantIndex]] = {}
         self._startup: asyncio.Task[None] | None = None
         self._cursor_secret = b""
         self._count_lock = threading.Lock()
@@ -142,7 +143,8 @@ class TenantManager:
 
     async def stop(self, _grace: float = 0.0) -> None:
         """stop ends the tailer, rebuilds and startup, then closes every tenant."""
-        tasks = [t for t in (self._startup, *self._rebuilds.values()) if t is not None]
+        running = (self._startup, *self._rebuilds.values(), *self._getting.values())
+        tasks = [t for t in running if t is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -184,11 +186,24 @@ class TenantManager:
         return tenant in self._open
 
     async def get(self, tenant: uuid.UUID) -> TenantIndex:
-        """get returns the tenant's open index, opening, verifying or building it first if needed."""
+        """get returns the tenant's open index, opening, verifying or building it first if needed.
+
+        The opening runs as a task of its own that every caller waits for: a caller that goes
+        away (a deadline, Envoy's route timeout) leaves it running, so a build longer than any
+        one request (a large tenant) still finishes and the next request finds it open.
+        """
         found = self._open.get(tenant)
         if found is not None:
             self._open.move_to_end(tenant)
             return found
+        task = self._getting.get(tenant)
+        if task is None:
+            task = asyncio.create_task(self._get(tenant), name=f"search-open-{tenant}")
+            self._getting[tenant] = task
+            task.add_done_callback(lambda t: _retrieved(self._getting, tenant, t))
+        return await asyncio.shield(task)
+
+    async def _get(self, tenant: uuid.UUID) -> TenantIndex:
         async with self._opening[tenant]:
             found = self._open.get(tenant)
             if found is not None:
@@ -475,6 +490,16 @@ class TenantManager:
         except asyncio.CancelledError:
             cancel.set()
             raise
+
+
+def _retrieved(
+    getting: dict[uuid.UUID, asyncio.Task[TenantIndex]], tenant: uuid.UUID, task: asyncio.Task[TenantIndex]
+) -> None:
+    """_retrieved forgets a finished opening; its error was raised to its callers (if none, it is dropped)."""
+    if getting.get(tenant) is task:
+        del getting[tenant]
+    if not task.cancelled():
+        task.exception()
 
 
 def _log_serving(tenant: uuid.UUID, built: Built, opening: float) -> None:

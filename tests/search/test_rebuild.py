@@ -10,7 +10,8 @@ multi-byte names). Then:
 * a build whose fetch runs ahead of the writer and whose segments are built in worker
   processes yields the same documents, symbols and search results as a sequential one;
 * with a slow writer, the fetch runs ahead only as far as its queue allows;
-* a build cancelled mid-way (as on shutdown) leaves no directory, connection or process behind.
+* a build cancelled mid-way (as on shutdown) leaves no directory, connection or process behind;
+* the first search of a tenant starts its build, which goes on when that caller goes away.
 """
 
 from __future__ import annotations
@@ -261,3 +262,24 @@ async def test_a_cancelled_build_leaves_nothing_behind(
     # The pool's connections are usable again: the stream's transactions were ended.
     async with open_stream(build_pool, tenant, 100) as stream:
         assert stream.size == TenantSize(14, stream.size.bytes) and stream.size.bytes > 0
+
+
+async def test_a_caller_going_away_does_not_cancel_the_build_it_started(
+    services: Services, user_factory: UserFactory, pool: asyncpg.Pool
+) -> None:
+    tenant = await _tenant(services, user_factory, pool)
+    manager = services.manager
+    caller = asyncio.create_task(manager.get(tenant))
+    for _ in range(3):
+        await asyncio.sleep(0)  # the build has started: its first queries are in flight
+    assert not manager.is_open(tenant)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    deadline = time.monotonic() + 60
+    while not manager.is_open(tenant):
+        assert time.monotonic() < deadline, "the build was abandoned with its first caller"
+        await asyncio.sleep(0.05)
+    opened = await manager.get(tenant)
+    with opened.index.snapshot() as snap:
+        assert snap.doc_count == 14
