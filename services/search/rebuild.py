@@ -18,8 +18,8 @@ and symbols as stored by ingest (nothing is re-parsed; buildstream.py), into a n
 that then replaces the tenant's directory.
 
 A build is a pipeline: the fetch task reads batches at most `QUEUED_BATCHES` ahead of the
-writer (two Postgres backends: documents, and the symbols of the batch before), the writer adds
-them in the write thread, and a tenant above one segment has its segments built by
+writer (several Postgres backends in one snapshot: documents, and the symbols of earlier
+batches), the writer adds them in the write thread, and a tenant above one segment has its segments built by
 `BUILD_WORKERS` processes, so the database, this process and the segment builders use the
 cores at once. Memory is bounded by the queue (a few batches of documents) plus the writer's
 segments in flight (one per worker, each a few times `BUILD_FLUSH_BYTES`). Each phase is timed

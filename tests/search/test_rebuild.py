@@ -141,17 +141,18 @@ async def test_packed_symbols_and_the_build_equal_the_symbol_object_path(
     ids = [r["id"] for r in await pool.fetch("select id from public.documents where user_id = $1", tenant)]
     rows = await store.documents(tenant, ids)
 
-    streamed = 0
-    async with open_stream(build_pool, tenant, 5) as stream:
-        assert stream.size.documents == len(rows) == 14
-        async for batch in stream.batches():
-            for found in batch:
-                reference = source_document(rows[uuid.UUID(found.document.external_id)])
-                assert found.document.content == reference.content
-                assert found.symbols == encode_symbols(reference.symbols)
-                assert found.symbol_count == len(reference.symbols)
-                streamed += 1
-    assert streamed == 14
+    for connections in (1, 2, 3):
+        streamed: list[str] = []
+        async with open_stream(build_pool, tenant, 5, symbol_connections=connections) as stream:
+            assert stream.size.documents == len(rows) == 14
+            async for batch in stream.batches():
+                for found in batch:
+                    reference = source_document(rows[uuid.UUID(found.document.external_id)])
+                    assert found.document.content == reference.content
+                    assert found.symbols == encode_symbols(reference.symbols)
+                    assert found.symbol_count == len(reference.symbols)
+                    streamed.append(found.document.path)
+        assert sorted(streamed) == sorted(r.path for r in rows.values())  # each document once
     assert sum(len(r.symbols) for r in rows.values()) > 12 * 4  # ingest stored symbols, plus ours
 
     built = await _build(services, build_pool, tenant, tmp_path / "data", batch=4, queued=1)
