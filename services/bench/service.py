@@ -355,7 +355,7 @@ def _rebuild(
                 deadlines += 1
         seconds = time.perf_counter() - started
     out: dict[str, Any] = {"seconds": round(seconds, 2), "replica": replica, "deadline_retries": deadlines}
-    phases = _serving_fields(stack_dir / "logs", user)
+    phases = _serving_fields(stack_dir / "logs" / f"{replica}.log", user)
     out.update(phases)
     megabytes = float(phases.get("bytes", 0)) / 1e6
     if megabytes:
@@ -370,11 +370,11 @@ def _drop_copies(stack_dir: Path, user: uuid.UUID) -> None:
         shutil.rmtree(directory)
 
 
-def _serving_fields(logs: Path, user: uuid.UUID) -> dict[str, Any]:
-    """_serving_fields finds the last "the index of tenant … serves" line for `user` in the search logs."""
+def _serving_fields(log: Path, user: uuid.UUID) -> dict[str, Any]:
+    """_serving_fields finds the last "the index of tenant … serves" line for `user` in a replica's log."""
     found: dict[str, Any] = {}
-    for path in sorted(logs.glob("search*.log")):
-        for line in path.read_text(errors="replace").splitlines():
+    if log.exists():
+        for line in log.read_text(errors="replace").splitlines():
             if str(user) not in line or "serves" not in line:
                 continue
             try:
