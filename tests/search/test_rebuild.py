@@ -11,7 +11,8 @@ multi-byte names). Then:
   processes yields the same documents, symbols and search results as a sequential one;
 * with a slow writer, the fetch runs ahead only as far as its queue allows;
 * a build cancelled mid-way (as on shutdown) leaves no directory, connection or process behind;
-* the first search of a tenant starts its build, which goes on when that caller goes away.
+* the first search of a tenant starts its build, which goes on when that caller goes away, and
+  ends cleanly when the server stops.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from services.search.rebuild import Built, build_tenant, source_document
 from services.search.store import SearchStore
 from services.search.tailer import RevisionRule
 from tests.conftest import UserFactory
-from tests.search.conftest import Services
+from tests.search.conftest import Services, start_search_server
 
 PY = """class Shape{i}:
     \"\"\"A shape.\"\"\"
@@ -284,3 +285,24 @@ async def test_a_caller_going_away_does_not_cancel_the_build_it_started(
     opened = await manager.get(tenant)
     with opened.index.snapshot() as snap:
         assert snap.doc_count == 14
+
+
+async def test_stopping_the_server_ends_a_first_build_cleanly(
+    services: Services, user_factory: UserFactory, pool: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> None:
+    tenant = await _tenant(services, user_factory, pool)
+    data_dir = tmp_path / "stopping"
+    server, manager, _address = await start_search_server(database_url, data_dir)
+    try:
+        caller = asyncio.create_task(manager.get(tenant))
+        for _ in range(3):
+            await asyncio.sleep(0)  # the opening task runs: its build has started
+        assert not manager.is_open(tenant)
+    finally:
+        await server.stop(0)
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert not manager.is_open(tenant)
+    assert [p.name for p in data_dir.iterdir() if p.name.startswith((".build-", ".old-"))] == []
+    assert not (data_dir / str(tenant)).exists()
+    assert _segment_workers() == []
