@@ -60,6 +60,7 @@ from services.bench.ingest import DevStack, _load, _machine, _push
 from services.bench.measure import summarize
 from services.bench.pgtrgm import UnsupportedPattern, translate_pattern
 from services.bench.search import build_ours, read_queries
+from services.bench.servicerebuild import drop_copies, rebuild_from_postgres, render_rebuild, warm_up
 from services.cli import keys
 from services.common.identity import READ, WRITE
 from services.common.stack import StackInfo
@@ -73,20 +74,6 @@ HEALTH_POLL = 0.05
 FRESHNESS_POLL = 0.005
 PUSH_ATTEMPTS = 8
 RETRIES = 30
-# Seconds the warm-up waits for the tenant's first build through the gateway (Linux: minutes).
-WARM_UP_LIMIT = 1800.0
-# The fields of the search replica's "serves" log line that the report carries (tenants.py).
-REBUILD_FIELDS = (
-    "documents",
-    "bytes",
-    "symbols",
-    "workers",
-    "fetch_wait_s",
-    "index_s",
-    "write_s",
-    "build_s",
-    "open_s",
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,92 +287,6 @@ def _freshness(rest: Rest, samples: int) -> dict[str, Any]:
     return {"visible": _summary_ms(visible), "min_revision_wait": _summary_ms(waits), "samples": samples}
 
 
-def _warm_up(rest: Rest, queries: list[str]) -> dict[str, Any]:
-    """_warm_up sends every query once through the gateway; returns how long the first answer took.
-
-    The tenant's replica builds it from Postgres on first use. A large tenant (Linux) takes longer
-    than Envoy's 30 s route timeout, which answers 504 while the build goes on (tenants.py keeps
-    it running): such answers are retried, and counted.
-    """
-    started = time.perf_counter()
-    timeouts = 0
-    first = 0.0
-    for i, pattern in enumerate(queries):
-        while True:
-            try:
-                rest.search(pattern)
-                break
-            except urllib.error.HTTPError as exc:
-                if exc.code != 504 or time.perf_counter() - started > WARM_UP_LIMIT:
-                    raise
-                timeouts += 1
-        if i == 0:
-            first = time.perf_counter() - started
-    return {"seconds": round(first, 2), "gateway_timeouts": timeouts}
-
-
-def _rebuild(
-    stack: StackInfo,
-    replica: str,
-    metadata: tuple[tuple[str, str], ...],
-    user: uuid.UUID,
-    stack_dir: Path,
-    offline_seconds: float,
-) -> dict[str, Any]:
-    """_rebuild times a replica that never saw the tenant from its first query to its answer.
-
-    That is the whole rebuild from Postgres to serving (tenants.py builds a missing tenant on
-    first use); the replica's log line for it gives the phases and what was read. Throughput
-    is the content indexed per second, next to the offline build of the same files.
-    """
-    request = search_pb2.SearchCodeRequest(query="zzqqxx", page_size=1)
-    deadlines = 0
-    with grpc.insecure_channel(stack.grpc[replica]) as cold:
-        cold_stub = search_pb2_grpc.SearchServiceStub(cold)
-        started = time.perf_counter()
-        while True:
-            try:
-                cold_stub.SearchCode(request, metadata=metadata, timeout=1800)
-                break
-            except grpc.RpcError as exc:
-                # The search's own time budget (10 s by default) runs while the replica builds;
-                # past it the call ends DEADLINE_EXCEEDED and the build goes on (tenants.py).
-                if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED or time.perf_counter() - started > 1800:
-                    raise
-                deadlines += 1
-        seconds = time.perf_counter() - started
-    out: dict[str, Any] = {"seconds": round(seconds, 2), "replica": replica, "deadline_retries": deadlines}
-    phases = _serving_fields(stack_dir / "logs" / f"{replica}.log", user)
-    out.update(phases)
-    megabytes = float(phases.get("bytes", 0)) / 1e6
-    if megabytes:
-        out["mb_per_second"] = round(megabytes / seconds, 1)
-        out["offline_mb_per_second"] = round(megabytes / offline_seconds, 1)
-    return out
-
-
-def _drop_copies(stack_dir: Path, user: uuid.UUID) -> None:
-    """_drop_copies deletes the replicas' copies of a tenant an earlier run pushed: both build it again."""
-    for directory in stack_dir.glob(f"search*/{user}"):
-        shutil.rmtree(directory)
-
-
-def _serving_fields(log: Path, user: uuid.UUID) -> dict[str, Any]:
-    """_serving_fields finds the last "the index of tenant … serves" line for `user` in a replica's log."""
-    found: dict[str, Any] = {}
-    if log.exists():
-        for line in log.read_text(errors="replace").splitlines():
-            if str(user) not in line or "serves" not in line:
-                continue
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if entry.get("tenant") == str(user) and "build_s" in entry:
-                found = {k: entry[k] for k in REBUILD_FIELDS if k in entry}
-    return found
-
-
 def _bench_key(database_url: str, user: uuid.UUID) -> str:
     """_bench_key issues a read+write key for a user of its own (not the demo user, whose
     repository `kotadb dev` is syncing meanwhile: its writes would queue behind that sync's), with
@@ -444,7 +345,7 @@ def run_service_bench(options: ServiceBenchOptions, echo: Callable[[str], None])
     stack_dir = work / "dev"
     if options.tenant:
         # Before the replicas start: they reopen what they find on their volume.
-        _drop_copies(stack_dir, options.tenant)
+        drop_copies(stack_dir, options.tenant)
     dev = DevStack(stack_dir, env, "--search-replicas", "2")
     try:
         stack: StackInfo = dev.wait()
@@ -472,7 +373,7 @@ def run_service_bench(options: ServiceBenchOptions, echo: Callable[[str], None])
         )
         report["offline_build_seconds"] = round(build.seconds, 2)
         # Every query once through the gateway: the tenant's replica builds it and catches up.
-        report["first_answer"] = _warm_up(rest, queries)
+        report["first_answer"] = warm_up(rest.search, queries)
         echo(f"the owner replica answered first after {report['first_answer']['seconds']} s")
 
         metadata = (("authorization", f"Bearer {key}"),)
@@ -481,7 +382,7 @@ def run_service_bench(options: ServiceBenchOptions, echo: Callable[[str], None])
         owner = rest.get("/v1/index")["replica"]
         cold_name = "search" if owner == "search-2" else "search-2"
         report["replicas"] = {"owner": owner, "rebuilt_on": cold_name}
-        report["rebuild"] = _rebuild(stack, cold_name, metadata, user, stack_dir, build.seconds)
+        report["rebuild"] = rebuild_from_postgres(stack, cold_name, metadata, user, stack_dir, build.seconds)
         report["rebuild_from_postgres_seconds"] = report["rebuild"]["seconds"]
         echo(f"rebuild from Postgres {report['rebuild']}, offline build {build.seconds:.1f} s")
 
@@ -565,36 +466,7 @@ def render_service_table(report: dict[str, Any]) -> str:
         f" offline build from files {report['offline_build_seconds']} s;"
         f" pg_trgm GIN index {report['pg_trgm_index_seconds']} s"
         f"{'' if report.get('pg_trgm_index_built', True) else ' (not built: pg_trgm skipped)'}",
-        *_render_rebuild(report),
+        *render_rebuild(report),
         f"REST answers 503 (retried after 1 s, inside the timings): {report.get('rest_503_retries', 0)}",
     ]
     return "\n".join(lines)
-
-
-def _render_rebuild(report: dict[str, Any]) -> list[str]:
-    """_render_rebuild is the rebuild's phases and throughput, and the pg_trgm queries skipped."""
-    lines: list[str] = []
-    rebuild = report.get("rebuild", {})
-    if "build_s" in rebuild:
-        lines.append(
-            f"rebuild phases: {rebuild['documents']} documents, {rebuild['bytes'] / 1e6:.1f} MB,"
-            f" {rebuild['symbols']} symbols, {rebuild['workers']} segment workers;"
-            f" build {rebuild['build_s']} s"
-            f" (writer waiting on the fetch {rebuild['fetch_wait_s']} s, adding {rebuild['index_s']} s,"
-            f" final commit {rebuild['write_s']} s), open {rebuild['open_s']} s;"
-            f" {rebuild.get('mb_per_second')} MB/s to serving vs {rebuild.get('offline_mb_per_second')} MB/s"
-            " offline (same documents)"
-        )
-    if "first_answer" in report:
-        first = report["first_answer"]
-        lines.append(
-            f"first answer through REST (the owner replica building the tenant): {first['seconds']} s,"
-            f" {first['gateway_timeouts']} gateway timeouts (504) retried meanwhile"
-        )
-    reasons: dict[str, list[str]] = {}
-    for row in report["latency"]["queries"]:
-        if "pg_trgm_skipped" in row:
-            reasons.setdefault(row["pg_trgm_skipped"], []).append(f"`{row['query']}`")
-    for reason, queries in reasons.items():
-        lines.append(f"pg_trgm skipped, {reason}: {len(queries)} queries ({', '.join(queries)})")
-    return lines
