@@ -17,6 +17,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,24 @@ def register(subparsers: Any) -> None:
     service.add_argument("--freshness-samples", type=int, default=50, help="upserts timed (default 50)")
     service.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     service.add_argument("--work-dir", type=Path, default=None, help="keep the stack and indexes here")
+    service.add_argument(
+        "--tenant",
+        type=uuid.UUID,
+        default=None,
+        help="reuse this user's corpus, pushed by an earlier run with the same --work-dir (no push)",
+    )
+    service.add_argument(
+        "--pg-trgm-index-timeout",
+        type=float,
+        default=900.0,
+        help="seconds the pg_trgm GIN index may take to build; past it pg_trgm is skipped (default 900)",
+    )
+    service.add_argument(
+        "--pg-trgm-query-timeout",
+        type=float,
+        default=10.0,
+        help="seconds one pg_trgm query may run; past it the query is reported as skipped (default 10)",
+    )
     service.set_defaults(func=_service)
 
 
@@ -256,6 +275,9 @@ def _service(args: argparse.Namespace) -> int:
         runs=args.runs,
         load_seconds=args.load_seconds,
         freshness_samples=args.freshness_samples,
+        pg_trgm_index_timeout=args.pg_trgm_index_timeout,
+        pg_trgm_query_timeout=args.pg_trgm_query_timeout,
+        tenant=args.tenant,
     )
     report = run_service_bench(options, echo=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(render_service_table(report))

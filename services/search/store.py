@@ -10,7 +10,7 @@ tailer.py; their order matters and is explained there.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -121,6 +121,11 @@ class SearchStore:
     def __init__(self, pool: LazyPool) -> None:
         self._pool = pool
 
+    @property
+    def pool(self) -> LazyPool:
+        """pool is the shared pool (a rebuild's stream holds one of its connections, buildstream.py)."""
+        return self._pool
+
     async def check_ready(self) -> None:
         """check_ready raises unless the tables the search service reads exist."""
         await require_tables(self._pool, TABLES)
@@ -214,43 +219,6 @@ class SearchStore:
             symbols = await _symbols(conn, tenant, [r["id"] for r in rows])
         return {r["id"]: _document(r, symbols.get(r["id"], ())) for r in rows}
 
-    async def stream_documents(
-        self, tenant: uuid.UUID, batch: int
-    ) -> AsyncIterator[tuple[Snapshot, list[DocumentRow]]]:
-        """stream_documents yields every live, indexable document of the tenant, `batch` at a time.
-
-        One REPEATABLE READ transaction and a server-side cursor: every batch comes from the same
-        snapshot, which is yielded with each batch; there is always at least one (maybe empty) batch.
-        """
-        pool = self._pool.get()
-        with db.translated_errors():
-            async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
-                snap = await conn.fetchrow(
-                    "select pg_catalog.pg_snapshot_xmax(s)::text::bigint as xmax,"
-                    " array(select x::text::bigint from pg_catalog.pg_snapshot_xip(s) x) as xip"
-                    " from pg_catalog.pg_current_snapshot() s"
-                )
-                assert snap is not None
-                snapshot = Snapshot(int(snap["xmax"]), frozenset(int(x) for x in snap["xip"]))
-                cursor = conn.cursor(
-                    f"select {_DOCUMENT_COLUMNS} from public.documents d"
-                    " left join public.repositories r on r.id = d.repository_id and r.user_id = d.user_id"
-                    " where d.user_id = $1 and d.deleted_at is null and d.index_skip is null"
-                    " order by d.id",
-                    tenant,
-                    prefetch=batch,
-                )
-                rows: list[asyncpg.Record] = []
-                sent = False
-                async for row in cursor:
-                    rows.append(row)
-                    if len(rows) >= batch:
-                        yield snapshot, await _with_symbols(conn, tenant, rows)
-                        rows, sent = [], True
-                if rows or not sent:
-                    # Always one batch, possibly empty: callers need the snapshot.
-                    yield snapshot, await _with_symbols(conn, tenant, rows)
-
     async def tenant_counts(self, tenant: uuid.UUID) -> TenantCounts:
         """tenant_counts reads the tenant's head revision, live documents and skips by reason."""
         async with db.as_service(self._pool.get()) as conn:
@@ -301,14 +269,6 @@ async def _symbols(
             )
         )
     return {k: tuple(v) for k, v in out.items()}
-
-
-async def _with_symbols(
-    conn: Connection, tenant: uuid.UUID, rows: Sequence[asyncpg.Record]
-) -> list[DocumentRow]:
-    """_with_symbols attaches each document's symbols to a batch of document rows."""
-    symbols = await _symbols(conn, tenant, [r["id"] for r in rows])
-    return [_document(r, symbols.get(r["id"], ())) for r in rows]
 
 
 def _document(r: asyncpg.Record, symbols: tuple[SymbolRow, ...]) -> DocumentRow:

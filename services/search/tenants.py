@@ -49,6 +49,7 @@ from services.search.engine.index.writer import IndexWriter
 from services.search.engine.search.searcher import Searcher
 from services.search.rebuild import (
     INDEX_DIR,
+    Built,
     TenantState,
     build_tenant,
     clean_leftovers,
@@ -121,6 +122,7 @@ class TenantManager:
         self._opening: dict[uuid.UUID, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self._verified: set[uuid.UUID] = set()
         self._rebuilds: dict[uuid.UUID, asyncio.Task[None]] = {}
+        self._getting: dict[uuid.UUID, asyncio.Task[TenantIndex]] = {}
         self._startup: asyncio.Task[None] | None = None
         self._cursor_secret = b""
         self._count_lock = threading.Lock()
@@ -141,7 +143,8 @@ class TenantManager:
 
     async def stop(self, _grace: float = 0.0) -> None:
         """stop ends the tailer, rebuilds and startup, then closes every tenant."""
-        tasks = [t for t in (self._startup, *self._rebuilds.values()) if t is not None]
+        running = (self._startup, *self._rebuilds.values(), *self._getting.values())
+        tasks = [t for t in running if t is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -183,11 +186,24 @@ class TenantManager:
         return tenant in self._open
 
     async def get(self, tenant: uuid.UUID) -> TenantIndex:
-        """get returns the tenant's open index, opening, verifying or building it first if needed."""
+        """get returns the tenant's open index, opening, verifying or building it first if needed.
+
+        The opening runs as a task of its own that every caller waits for: a caller that goes
+        away (a deadline, Envoy's route timeout) leaves it running, so a build longer than any
+        one request (a large tenant) still finishes and the next request finds it open.
+        """
         found = self._open.get(tenant)
         if found is not None:
             self._open.move_to_end(tenant)
             return found
+        task = self._getting.get(tenant)
+        if task is None:
+            task = asyncio.create_task(self._get(tenant), name=f"search-open-{tenant}")
+            self._getting[tenant] = task
+            task.add_done_callback(lambda t: _retrieved(self._getting, tenant, t))
+        return await asyncio.shield(task)
+
+    async def _get(self, tenant: uuid.UUID) -> TenantIndex:
         async with self._opening[tenant]:
             found = self._open.get(tenant)
             if found is not None:
@@ -206,16 +222,19 @@ class TenantManager:
                 return await self._open_dir(tenant, directory, state, verify=tenant not in self._verified)
             except IndexFileError as exc:
                 log.warning("index of tenant %s is unusable (%s); rebuilding from Postgres", tenant, exc)
-        build, state = await self._build(tenant)
-        await self._in(self.write_pool, swap_in, self.data_dir, tenant, build)
-        opened = await self._open_dir(tenant, directory, state, verify=False)
+        built = await self._build(tenant)
+        mark = time.monotonic()
+        await self._in(self.write_pool, swap_in, self.data_dir, tenant, built.path)
+        opened = await self._open_dir(tenant, directory, built.state, verify=False)
+        _log_serving(tenant, built, time.monotonic() - mark)
         await self._enforce_disk_budget(keep=tenant)
         return opened
 
-    async def _build(self, tenant: uuid.UUID) -> tuple[Path, TenantState]:
+    async def _build(self, tenant: uuid.UUID) -> Built:
         return await build_tenant(
-            self.store,
+            self.store.pool,
             self.rule,
+            self.store,
             tenant,
             self.data_dir,
             self.write_pool,
@@ -407,18 +426,20 @@ class TenantManager:
         tenant = opened.tenant
         try:
             # The old index keeps serving and tailing while the new one is built beside it.
-            build, state = await self._build(tenant)
+            built = await self._build(tenant)
             async with self._opening[tenant], opened.lock:
+                mark = time.monotonic()
                 # Out of the table first, so that no new search picks the index being closed.
                 self._open.pop(tenant, None)
                 await self._in(self.write_pool, opened.writer.close)
                 opened.searcher.close()
                 opened.index.close()
-                await self._in(self.write_pool, swap_in, self.data_dir, tenant, build)
-                fresh = await self._open_dir(tenant, opened.directory, state, verify=False)
+                await self._in(self.write_pool, swap_in, self.data_dir, tenant, built.path)
+                fresh = await self._open_dir(tenant, opened.directory, built.state, verify=False)
                 fresh.update_time = opened.update_time
                 self._open[tenant] = fresh
-                opened.advance(state.revision)
+                opened.advance(built.state.revision)
+                _log_serving(tenant, built, time.monotonic() - mark)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -469,6 +490,28 @@ class TenantManager:
         except asyncio.CancelledError:
             cancel.set()
             raise
+
+
+def _retrieved(
+    getting: dict[uuid.UUID, asyncio.Task[TenantIndex]], tenant: uuid.UUID, task: asyncio.Task[TenantIndex]
+) -> None:
+    """_retrieved forgets a finished opening; its error was raised to its callers (if none, it is dropped)."""
+    if getting.get(tenant) is task:
+        del getting[tenant]
+    if not task.cancelled():
+        task.exception()
+
+
+def _log_serving(tenant: uuid.UUID, built: Built, opening: float) -> None:
+    """_log_serving logs a rebuild's phases once the new index serves (the bench reads these fields)."""
+    fields = {"tenant": str(tenant), **built.stats.fields(), "open_s": round(opening, 3)}
+    log.info(
+        "the index of tenant %s serves: built in %.3f s, opened in %.3f s",
+        tenant,
+        built.stats.total,
+        opening,
+        extra={"fields": fields},
+    )
 
 
 def _tenant_sizes(data_dir: Path) -> list[tuple[float, uuid.UUID, int]]:

@@ -124,8 +124,18 @@ class PendingDoc(NamedTuple):
     trigrams: NDArray[np.uint32] | None = None
 
 
-def pending_from_source(seq: int, doc: SourceDocument, trigrams: NDArray[np.uint32] | None) -> PendingDoc:
-    """pending_from_source converts an accepted SourceDocument for the builder."""
+def pending_from_source(
+    seq: int,
+    doc: SourceDocument,
+    trigrams: NDArray[np.uint32] | None,
+    packed_symbols: tuple[bytes, int] | None = None,
+) -> PendingDoc:
+    """pending_from_source converts an accepted SourceDocument for the builder.
+
+    `packed_symbols` (records as encode_symbols packs them, and their count) stands for
+    `doc.symbols` when given.
+    """
+    blob, count = packed_symbols or (encode_symbols(doc.symbols), len(doc.symbols))
     return PendingDoc(
         seq,
         doc.external_id,
@@ -133,8 +143,8 @@ def pending_from_source(seq: int, doc: SourceDocument, trigrams: NDArray[np.uint
         doc.repository,
         doc.language,
         doc.content,
-        encode_symbols(doc.symbols),
-        len(doc.symbols),
+        blob,
+        count,
         b"",
         trigrams,
     )

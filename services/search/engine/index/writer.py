@@ -128,11 +128,12 @@ class IndexWriter:
         self._latest[external_id] = self._seq
         return self._seq
 
-    def add(self, doc: SourceDocument) -> Skipped | None:
+    def add(self, doc: SourceDocument, *, packed_symbols: tuple[bytes, int] | None = None) -> Skipped | None:
         """add indexes `doc` (replacing any document with its external id) or returns why it was skipped.
 
         A skipped document still removes the previous version of its id: the index must not
-        serve content the source no longer has.
+        serve content the source no longer has. `packed_symbols` (builder.encode_symbols' bytes
+        and the symbol count) replaces `doc.symbols`, for callers that hold symbols packed.
         """
         seq = self._next_seq(doc.external_id)
         old = self._buffer.pop(doc.external_id, None)
@@ -148,7 +149,7 @@ class IndexWriter:
             self.skipped.append(skip)
             return skip
         self._skips.pop(doc.external_id, None)
-        self._buffer[doc.external_id] = pending_from_source(seq, doc, trigrams)
+        self._buffer[doc.external_id] = pending_from_source(seq, doc, trigrams, packed_symbols)
         self._buffer_bytes += len(doc.content)
         if self._buffer_bytes >= self.flush_bytes:
             self.flush()
