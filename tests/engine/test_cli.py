@@ -184,6 +184,32 @@ def test_search_exit_codes(built: tuple[Path, Path]) -> None:
     assert missing.returncode == 2
 
 
+# Runs `kotadb ARGS` in a fresh interpreter, then prints the standard modules it never needed.
+_STARTUP_PROBE = """
+import sys
+from services.cli import main
+code = main.main(sys.argv[1:])
+unneeded = ("dataclasses", "inspect", "shutil", "services.cli.client")
+print("LOADED", sorted(m for m in unneeded if m in sys.modules))
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("mode", [["--all"], ["--all", "--json"], ["--count"]])
+def test_a_streamed_search_starts_without_dataclasses_inspect_or_shutil(
+    built: tuple[Path, Path], mode: list[str]
+) -> None:
+    # Each is milliseconds of every `kotadb index search` process (issue #14: csearch + 0.1 s).
+    _, index = built
+    args = ["index", "search", str(index), "Parser", *mode]
+    proc = subprocess.run(
+        [sys.executable, "-c", _STARTUP_PROBE, *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "src/parser.py" in proc.stdout
+    assert proc.stdout.rstrip().endswith("LOADED []"), proc.stdout[-300:]
+
+
 def test_symbols_command(built: tuple[Path, Path]) -> None:
     _, index = built
     proc = kotadb("symbols", str(index), "Parser", "--json", "--kind", "class")
