@@ -31,6 +31,7 @@ from services.search.engine.index.format import (
     IndexFileError,
     IndexNotFoundError,
     IndexVersionError,
+    PartInfo,
     canonical_json,
     dump_checked_json,
     load_checked_json,
@@ -413,3 +414,10 @@ def test_checked_json_in_another_layout_still_loads(tmp_path: Path) -> None:
     path.write_text(f'{{"format": 2, "b": [1, 2], "a": "x", "checksum": {checksum + 1}}}')
     with pytest.raises(IndexCorruptError, match="checksum mismatch"):
         load_checked_json(path)
+
+
+@pytest.mark.parametrize("blocks", [[1, "2"], [1, 2.0], [None], "12", [[1]]])
+def test_a_part_entry_whose_block_sums_are_not_integers_is_malformed(blocks: object) -> None:
+    with pytest.raises(IndexCorruptError, match="malformed part entry"):
+        PartInfo.from_json(Path("meta.json"), {"size": 10, "crc32": 1, "blocks": blocks})
+    assert PartInfo.from_json(Path("meta.json"), {"size": 10, "crc32": 1, "blocks": [3, 4]}).blocks == (3, 4)
