@@ -99,7 +99,7 @@ def _add_search(commands: Any) -> None:
     search.add_argument(
         "--timeout", type=float, default=None, metavar="SECONDS", help="deadline for the search"
     )
-    search.set_defaults(func=_search)
+    search.set_defaults(func=_search, quick_exit=True)  # see services/cli/main.py's run
 
 
 def _add_symbols(commands: Any) -> None:
