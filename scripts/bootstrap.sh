@@ -13,13 +13,28 @@ quiet=(-q)
 
 stamp() { cat "$@" | sha256sum | cut -d' ' -f1; }
 
-# setup.py and the C/C++ sources are in the stamp: an edited extension must be rebuilt.
-want=$(stamp pyproject.toml setup.py services/search/engine/_fastscan.c services/search/engine/_re2shim.cc)
+# setup.py and the C/C++ sources are in the stamp: an edited extension must be rebuilt. So is
+# the install mode, so that a .venv made the older way is reinstalled.
+install_mode=compat
+want=$( (stamp pyproject.toml setup.py services/search/engine/_fastscan.c services/search/engine/_re2shim.cc; echo "$install_mode") | stamp)
 if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.stamp 2>/dev/null)" != "$want" ]; then
   echo "bootstrap: installing the project into .venv" >&2
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
   .venv/bin/python -m pip install "${quiet[@]}" --upgrade pip >/dev/null
-  .venv/bin/python -m pip install "${quiet[@]}" -e '.[dev]'
+  # A compat editable install puts the checkout on sys.path with a .pth line; the default one
+  # installs an import finder that every Python process pays for at start-up (pathlib, re and
+  # importlib.util loaded by `site`, ~14 ms of each `kotadb` command). The compat .pth names
+  # only the checkout, so the generated stubs' root (gen/python) gets a .pth of its own.
+  # setuptools calls the mode transitional: should a release drop it, the default install
+  # (slower to start, same behaviour) is used instead.
+  site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  if .venv/bin/python -m pip install "${quiet[@]}" -e '.[dev]' --config-settings editable_mode="$install_mode"; then
+    echo "$PWD/gen/python" > "$site/kotadb-gen-python.pth"
+  else
+    echo "bootstrap: the compat editable install failed; installing the default way" >&2
+    rm -f "$site/kotadb-gen-python.pth"
+    .venv/bin/python -m pip install "${quiet[@]}" -e '.[dev]'
+  fi
   echo "$want" > .venv/.stamp
 fi
 

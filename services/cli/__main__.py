@@ -1,7 +1,5 @@
 """Allows `python -m services.cli`."""
 
-import sys
+from services.cli.main import run
 
-from services.cli.main import main
-
-sys.exit(main())
+run()

@@ -17,8 +17,8 @@ import os
 import struct
 import sys
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple, TextIO
 
 # Engine modules are imported inside each command: `kotadb index search` never loads the
 # builder (tree-sitter, the symbol pool) and `kotadb index --help` loads nothing of the engine.
@@ -29,13 +29,30 @@ if TYPE_CHECKING:
 
 
 def register(subparsers: Any) -> None:
-    """register adds `kotadb index` and its sub-commands."""
+    """register adds `kotadb index` and all its sub-commands."""
+    register_for(subparsers, ())
+
+
+def register_for(subparsers: Any, words: Sequence[str]) -> None:
+    """register_for adds `kotadb index` with only the sub-command `words` (those after `index`) name.
+
+    When they name none of them (`kotadb index --help`, a misspelt sub-command) every one is
+    added, so that help and errors list them all. One parser instead of five is a few ms of
+    every `kotadb index search`: each parser's help strings go through gettext, and `index
+    status`'s flags import the gateway client.
+    """
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "index", help="build, inspect and search an offline index", description=__doc__
     )
     commands = parser.add_subparsers(dest="index_command", metavar="SUBCOMMAND")
     commands.required = True
+    only = words[0] if words and words[0] in _SUBCOMMANDS else None
+    for name, add in _SUBCOMMANDS.items():
+        if only is None or name == only:
+            add(commands)
 
+
+def _add_build(commands: Any) -> None:
     build = commands.add_parser("build", help="index a source tree")
     build.add_argument("src", metavar="SRC_DIR", help="directory to index")
     build.add_argument(
@@ -47,11 +64,15 @@ def register(subparsers: Any) -> None:
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.set_defaults(func=_build)
 
+
+def _add_stats(commands: Any) -> None:
     stats = commands.add_parser("stats", help="describe an index")
     stats.add_argument("index", metavar="INDEX_DIR")
     stats.add_argument("--json", action="store_true", help="print one JSON object")
     stats.set_defaults(func=_stats)
 
+
+def _add_search(commands: Any) -> None:
     search = commands.add_parser("search", help="search an index")
     search.add_argument("index", metavar="INDEX_DIR")
     search.add_argument("query", metavar="QUERY")
@@ -78,8 +99,10 @@ def register(subparsers: Any) -> None:
     search.add_argument(
         "--timeout", type=float, default=None, metavar="SECONDS", help="deadline for the search"
     )
-    search.set_defaults(func=_search)
+    search.set_defaults(func=_search, quick_exit=True)  # see services/cli/main.py's run
 
+
+def _add_symbols(commands: Any) -> None:
     symbols = commands.add_parser("symbols", help="search symbol definitions")
     symbols.add_argument("index", metavar="INDEX_DIR")
     symbols.add_argument("pattern", metavar="PATTERN")
@@ -89,10 +112,22 @@ def register(subparsers: Any) -> None:
     symbols.add_argument("--json", action="store_true", help="one JSON object per symbol")
     symbols.set_defaults(func=_symbols)
 
+
+def _add_status(commands: Any) -> None:
     # The service's index of the caller's documents, not an offline one (a gateway client).
     from services.cli.search import add_index_status
 
     add_index_status(commands)
+
+
+# Each sub-command of `kotadb index` and the function adding its parser, in help order.
+_SUBCOMMANDS: dict[str, Callable[[Any], None]] = {
+    "build": _add_build,
+    "stats": _add_stats,
+    "search": _add_search,
+    "symbols": _add_symbols,
+    "status": _add_status,
+}
 
 
 def _fail(message: str) -> int:
@@ -347,8 +382,7 @@ def _render(
     out.flush()
 
 
-@dataclass(frozen=True, slots=True)
-class Summary:
+class Summary(NamedTuple):
     """Summary is what the stderr line reports about a finished search."""
 
     file_count: int

@@ -29,8 +29,11 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
+
+# Records, not dataclasses: importing `dataclasses` (and `inspect`) was ~10 ms of every
+# `kotadb index search` process.
+from services.search.engine.record import Record, field
 
 if TYPE_CHECKING:
     from kotadb.v1 import search_pb2
@@ -59,8 +62,7 @@ class Line(NamedTuple):
     ranges: Ranges | None = None  # a tuple, not a frozen dataclass: the JSON stream makes one per line
 
 
-@dataclass(frozen=True, slots=True)
-class FileLines:
+class FileLines(Record):
     """FileLines is one matching file's printed lines in line order, each once.
 
     No lines means the file matched by its path alone (a `file:` query). `size` is the
@@ -72,8 +74,7 @@ class FileLines:
     size: int | None = None
 
 
-@dataclass(slots=True)
-class Stats:
+class Stats(Record, frozen=False):
     """Stats is what ripgrep's `end` and `summary` records count (and what the printer printed)."""
 
     searches_with_match: int = 0
@@ -93,8 +94,7 @@ class Stats:
         self.elapsed += other.elapsed
 
 
-@dataclass(slots=True)
-class Printer:
+class Printer(Record, frozen=False):
     """Printer renders files one after another, remembering what separates them.
 
     `printed_any` says whether some file was printed before the first one given here, so that

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import dataclasses
 import hashlib
 import hmac
 import json
@@ -32,6 +31,7 @@ from typing import TypeVar
 from services.common import metrics
 from services.common.errors import FieldViolation, InvalidArgument, KotaError
 from services.search.config import SearchSettings
+from services.search.engine import record
 from services.search.engine.errors import EngineError, IndexFileError
 from services.search.engine.search.results import SearchMode, SearchResult
 from services.search.engine.search.searcher import SearchRequest
@@ -234,7 +234,7 @@ class Searches:
 
         def run(cancel: threading.Event) -> R:
             begun = time.monotonic()
-            result = searcher.run(dataclasses.replace(request, cancel=cancel))
+            result = searcher.run(record.replace(request, cancel=cancel))
             searched = time.monotonic()
             rendered = render(CodeAnswer(result, revision, waited))
             finished[0] = time.monotonic()
@@ -286,7 +286,7 @@ class Searches:
         def run(cancel: threading.Event) -> SearchResult:
             return stream_files(
                 searcher,
-                dataclasses.replace(request, cancel=cancel),
+                record.replace(request, cancel=cancel),
                 limit=limit,
                 batch_files=batch_files,
                 max_lines=query.max_matches_per_file,

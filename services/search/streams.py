@@ -20,7 +20,6 @@ checked between files by the stream, and by `emit` while it waits for room.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -124,7 +123,7 @@ def _entry(segment: SegmentReader, hit: Hit, request: SearchRequest, max_lines: 
     context, symbols = request.context_lines, request.with_symbols
     if len(hit.lines) <= max_lines:
         return file_match(segment, hit, context_lines=context, with_symbols=symbols)
-    shown = dataclasses.replace(hit, lines=hit.lines[:max_lines])
+    shown = record.replace(hit, lines=hit.lines[:max_lines])
     entry = file_match(segment, shown, context_lines=context, with_symbols=symbols)
     return record.replace(entry, match_count=len(hit.lines))
 

@@ -184,6 +184,66 @@ def test_search_exit_codes(built: tuple[Path, Path]) -> None:
     assert missing.returncode == 2
 
 
+# Runs `kotadb ARGS` in a fresh interpreter, then prints the standard modules it never needed.
+_STARTUP_PROBE = """
+import sys
+from services.cli import main
+code = main.main(sys.argv[1:])
+unneeded = ("dataclasses", "inspect", "shutil", "services.cli.client")
+print("LOADED", sorted(m for m in unneeded if m in sys.modules))
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("mode", [["--all"], ["--all", "--json"], ["--count"]])
+def test_a_streamed_search_starts_without_dataclasses_inspect_or_shutil(
+    built: tuple[Path, Path], mode: list[str]
+) -> None:
+    # Each is milliseconds of every `kotadb index search` process (issue #14: csearch + 0.1 s).
+    _, index = built
+    args = ["index", "search", str(index), "Parser", *mode]
+    proc = subprocess.run(
+        [sys.executable, "-c", _STARTUP_PROBE, *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "src/parser.py" in proc.stdout
+    assert proc.stdout.rstrip().endswith("LOADED []"), proc.stdout[-300:]
+
+
+def test_the_console_command_ends_a_search_without_interpreter_teardown(built: tuple[Path, Path]) -> None:
+    # `kotadb index search` exits with os._exit once its output is flushed (services/cli/main.py's
+    # run): every line still arrives, but an atexit hook never runs. Other commands exit normally.
+    _, index = built
+    probe = "import atexit; atexit.register(print, 'TEARDOWN'); from services.cli.main import run; run()"
+    search = subprocess.run(
+        [sys.executable, "-c", probe, "index", "search", str(index), "Parser", "--all"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert search.returncode == 0, search.stderr
+    assert search.stdout == kotadb("search", str(index), "Parser", "--all").stdout
+    assert "src/parser.py" in search.stdout and "TEARDOWN" not in search.stdout
+    assert " files, " in search.stderr
+    nothing = subprocess.run(
+        [sys.executable, "-c", probe, "index", "search", str(index), "zzzznotthere"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert nothing.returncode == 1 and nothing.stdout == ""
+    stats = subprocess.run(
+        [sys.executable, "-c", probe, "index", "stats", str(index)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert stats.returncode == 0 and stats.stdout.rstrip().endswith("TEARDOWN")
+
+
 def test_symbols_command(built: tuple[Path, Path]) -> None:
     _, index = built
     proc = kotadb("symbols", str(index), "Parser", "--json", "--kind", "class")

@@ -31,7 +31,10 @@ from services.search.engine.index.format import (
     IndexFileError,
     IndexNotFoundError,
     IndexVersionError,
+    PartInfo,
+    canonical_json,
     dump_checked_json,
+    load_checked_json,
 )
 from services.search.engine.index.index import Index
 from services.search.engine.index.trigrams import sorted_trigrams, trigram_bytes
@@ -347,3 +350,74 @@ def test_corruption_raises_a_typed_error_naming_the_file(v1: Path, rel: str, dam
         return
     assert isinstance(err.value, IndexCorruptError), err.value
     assert err.value.path == str(target), err.value
+
+
+# dump_checked_json's output in every shape the fast check must tell apart: plain, a string with
+# spaces, a nested `checksum` key, escapes and non-ASCII (both checked the original way), an
+# object with nothing but the version, and the checksum as the last key.
+CHECKED_JSON = [
+    {"format": 2, "parts": {"dict.bin": {"blocks": [1, 22, 333], "size": 9}}, "kind": "kotadb-segment"},
+    {"format": 2, "name": "a b  c", "empty": [], "nested": {}},
+    {"format": 2, "inner": {"checksum": 3}},
+    {"format": 2, "path": 'caf\u00e9 \\ "q"'},
+    {"format": 2},
+    {"format": 2, "a": [1.5, None, True]},
+]
+
+
+def _checked_json_reference(path: Path) -> dict[str, object] | None:
+    """_checked_json_reference is load_checked_json as the format defines it: parse, re-serialise."""
+    try:
+        obj = json.loads(path.read_bytes())
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or obj.get("format") != 2:
+        return None
+    checksum = obj.pop("checksum", None)
+    return obj if checksum == zlib.crc32(canonical_json(obj)) else None
+
+
+@pytest.mark.parametrize("obj", CHECKED_JSON)
+def test_checked_json_read_as_bytes_agrees_with_the_canonical_check(
+    tmp_path: Path, obj: dict[str, object]
+) -> None:
+    # load_checked_json checks the bytes as read rather than re-serialising the parsed object:
+    # every one-byte change must get the answer the canonical check gives.
+    path = tmp_path / "meta.json"
+    raw = dump_checked_json(obj)
+    path.write_bytes(raw)
+    assert load_checked_json(path) == obj
+    refused = 0
+    for at in range(len(raw)):
+        for byte in (0x20, 0x0A, 0x22, 0x2C, 0x31, 0x7D):
+            if raw[at] == byte:
+                continue
+            path.write_bytes(raw[:at] + bytes([byte]) + raw[at + 1 :])
+            expected = _checked_json_reference(path)
+            try:
+                got: dict[str, object] | None = load_checked_json(path)
+            except IndexFileError:
+                got = None
+            assert got == expected, (at, byte)
+            refused += got is None
+    assert refused > len(raw)  # most changes are damage
+
+
+def test_checked_json_in_another_layout_still_loads(tmp_path: Path) -> None:
+    # A file written with other whitespace or key order (by hand, or an older writer) is checked
+    # against its canonical form as before.
+    body = {"format": 2, "b": [1, 2], "a": "x"}
+    checksum = zlib.crc32(canonical_json(body))
+    path = tmp_path / "manifest.json"
+    path.write_text(f'{{"checksum" :{checksum},\t"format":2, "b":[1,\r\n2], "a":"x"}}')
+    assert load_checked_json(path) == body
+    path.write_text(f'{{"format": 2, "b": [1, 2], "a": "x", "checksum": {checksum + 1}}}')
+    with pytest.raises(IndexCorruptError, match="checksum mismatch"):
+        load_checked_json(path)
+
+
+@pytest.mark.parametrize("blocks", [[1, "2"], [1, 2.0], [None], "12", [[1]]])
+def test_a_part_entry_whose_block_sums_are_not_integers_is_malformed(blocks: object) -> None:
+    with pytest.raises(IndexCorruptError, match="malformed part entry"):
+        PartInfo.from_json(Path("meta.json"), {"size": 10, "crc32": 1, "blocks": blocks})
+    assert PartInfo.from_json(Path("meta.json"), {"size": 10, "crc32": 1, "blocks": [3, 4]}).blocks == (3, 4)

@@ -93,3 +93,44 @@ def test_replace_copies_with_changes_and_refuses_unknown_fields() -> None:
     assert type(moved) is Labelled
     with pytest.raises(TypeError, match="no fields"):
         replace(original, z=1)
+
+
+class Tally(Record, frozen=False):
+    """Tally is a mutable record, as a `@dataclass(slots=True)`."""
+
+    count: int
+    seen: list[str] = field(default_factory=list)
+
+
+class NamedTally(Tally, frozen=False):
+    """NamedTally extends a mutable record."""
+
+    name: str = ""
+
+
+def test_mutable_records_assign_compare_by_value_and_are_unhashable() -> None:
+    tally = Tally(1)
+    tally.count += 1
+    tally.seen.append("a")
+    assert tally == Tally(2, ["a"]) and tally != Tally(2)
+    assert not hasattr(tally, "__dict__")
+    with pytest.raises(AttributeError):
+        tally.other = 1
+    with pytest.raises(TypeError, match="unhashable"):
+        hash(tally)
+    named = NamedTally(1, name="n")
+    named.name = "m"
+    assert replace(named, count=5) == NamedTally(5, [], "m")
+    assert pickle.loads(pickle.dumps(named)) == named and copy.copy(named) == named
+
+
+def test_frozen_and_mutable_records_do_not_mix() -> None:
+    with pytest.raises(TypeError, match="frozen and a mutable"):
+
+        class Broken(Tally):  # type: ignore[misc]  # frozen by default, over a mutable base
+            extra: int = 0
+
+    with pytest.raises(TypeError, match="frozen and a mutable"):
+
+        class AlsoBroken(Point, frozen=False):  # type: ignore[misc]
+            extra: int = 0

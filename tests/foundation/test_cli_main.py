@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 
@@ -63,6 +64,28 @@ def test_index_commands_load_no_grpc() -> None:
     out = _loaded("index", "search", "--help")
     assert "'services.cli.index'" in out
     assert out.rstrip().endswith("[]"), out
+
+
+def test_a_sub_command_builds_only_its_own_parser() -> None:
+    # `kotadb index search` builds neither the other groups nor `index status` (whose flags
+    # import the gateway client); `kotadb index --help` still lists every sub-command.
+    assert "LOADED ['services.cli.index'] []" in _loaded("index", "search", "--help")
+    listing = _loaded("index", "--help")
+    for sub in ("build", "stats", "search", "symbols", "status"):
+        assert sub in listing
+    probe = [sys.executable, "-c", _PROBE, "index", "serch"]
+    misspelt = subprocess.run(probe, capture_output=True, text=True, check=False)
+    assert "choose from 'build', 'stats', 'search', 'symbols', 'status'" in misspelt.stderr
+
+
+@pytest.mark.parametrize("columns", ["50", "not a number", "0", None])
+def test_help_width_is_what_argparse_would_use(monkeypatch: pytest.MonkeyPatch, columns: str | None) -> None:
+    # The CLI's parsers skip importing shutil, but must wrap help exactly as argparse does.
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    assert cli_main.help_width() == shutil.get_terminal_size().columns - 2
 
 
 def test_unknown_command_is_an_error() -> None:

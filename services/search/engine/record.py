@@ -14,8 +14,13 @@ for everything the engine uses -
 from generic methods, and compiles its `__init__` only when the class is first constructed
 (so a class the run never builds costs nothing). mypy types a Record as a frozen dataclass
 (PEP 681), so constructors and read-only fields are checked as before. Unlike a dataclass, a
-Record is unknown to `dataclasses.fields` and `dataclasses.replace`: classes that need those
-stay dataclasses.
+Record is unknown to `dataclasses.fields` and `dataclasses.replace` (`replace` here does the
+latter); classes that need the former stay dataclasses.
+
+`class Tally(Record, frozen=False)` is the mutable form, for `@dataclass(slots=True)`: fields
+can be assigned, equality is still by value and, as for such a dataclass, instances are
+unhashable. A class and its bases are all frozen or all mutable. Importing `dataclasses`
+costs ~10 ms by itself (it loads `inspect`), which `kotadb index search` no longer pays.
 """
 
 from __future__ import annotations
@@ -94,9 +99,14 @@ _MISSING: Any = object()
 class RecordMeta(type):
     """RecordMeta builds Record classes: slots and field lists from the annotations, no code compiled."""
 
-    def __new__(mcls, name: str, bases: tuple[type, ...], namespace: dict[str, Any]) -> RecordMeta:
+    def __new__(
+        mcls, name: str, bases: tuple[type, ...], namespace: dict[str, Any], *, frozen: bool = True
+    ) -> RecordMeta:
         inherited: tuple[str, ...] = ()
         defaults: dict[str, object] = {}
+        for base in bases:
+            if getattr(base, "__record_frozen__", None) not in (None, frozen):
+                raise TypeError(f"{name}: a frozen and a mutable Record cannot inherit from each other")
         for base in reversed(bases):
             inherited += tuple(f for f in getattr(base, "__record_fields__", ()) if f not in inherited)
             defaults.update(getattr(base, "__record_defaults__", {}))
@@ -112,7 +122,12 @@ class RecordMeta(type):
         namespace["__record_values__"] = staticmethod(_values(fields))
         namespace["__match_args__"] = fields
         namespace.setdefault("__init__", _lazy_init)
-        if "__eq__" in namespace and "__hash__" not in namespace:
+        namespace["__record_frozen__"] = frozen if bases else None  # Record itself is either
+        if not frozen:
+            namespace.setdefault("__setattr__", object.__setattr__)
+            namespace.setdefault("__delattr__", object.__delattr__)
+            namespace.setdefault("__hash__", None)  # as a mutable dataclass with eq: unhashable
+        elif "__eq__" in namespace and "__hash__" not in namespace:
             namespace["__hash__"] = Record.__hash__  # as a frozen dataclass keeps a hash
         return super().__new__(mcls, name, bases, namespace)
 
@@ -123,6 +138,7 @@ class Record(metaclass=RecordMeta):
     __slots__ = ()
     __record_fields__: ClassVar[tuple[str, ...]]
     __record_defaults__: ClassVar[dict[str, object]]
+    __record_frozen__: ClassVar[bool]
 
     @staticmethod
     def __record_values__(item: Any) -> tuple[Any, ...]:

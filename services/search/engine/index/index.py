@@ -19,7 +19,6 @@ import threading
 import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -41,7 +40,7 @@ from services.search.engine.index.format import (
 )
 from services.search.engine.index.reader import SegmentData, SegmentReader
 from services.search.engine.model import Skipped, SkipReason
-from services.search.engine.record import Record
+from services.search.engine.record import Record, field
 
 LOCK_FILE = "LOCK"
 _OPEN_RETRIES = 5
@@ -262,8 +261,7 @@ class Snapshot:
         self.close()
 
 
-@dataclass(slots=True)
-class IndexStats:
+class IndexStats(Record, frozen=False):
     """IndexStats summarises an index for `kotadb index stats`: sizes are bytes on disk."""
 
     generation: int

@@ -20,7 +20,6 @@ document are those of its positive content terms (a term under `-` never highlig
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import re2
 
@@ -39,7 +38,7 @@ from services.search.engine.query.query import (
     plan_query,
 )
 from services.search.engine.query.verify import LineMatch, LineMatcher
-from services.search.engine.record import Record
+from services.search.engine.record import Record, field
 
 
 class DocFacts(Record):
@@ -50,8 +49,7 @@ class DocFacts(Record):
     repository: str
 
 
-@dataclass(slots=True)
-class Outcome:
+class Outcome(Record, frozen=False):
     """Outcome is what a matching document contributes: lines, symbols, path ranges.
 
     `filename_match` is true when a positive content or path term also matches the file's
@@ -71,8 +69,7 @@ def _compile_re2(pattern: str, case_sensitive: bool) -> re2._Regexp:
     return re2.compile(pattern.encode("utf-8"), options)
 
 
-@dataclass(slots=True)
-class _Compiled:
+class _Compiled(Record, frozen=False):
     """_Compiled is one term with its matcher; `index` keys the per-document cache."""
 
     term: Term
@@ -84,8 +81,7 @@ class _Compiled:
     sym_qualified: bool = False
 
 
-@dataclass(slots=True)
-class _DocState:
+class _DocState(Record, frozen=False):
     facts_of: Callable[[], DocFacts]
     content: bytes
     symbols: Callable[[], Sequence[Symbol]]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Set
-from dataclasses import dataclass
 
 from services.search.engine.query import regexsyntax as rx
 from services.search.engine.record import Record
@@ -313,8 +312,7 @@ def _char_strings(cps: Iterable[int], fold: bool) -> set[bytes]:
 # Cox's analysis.
 
 
-@dataclass(slots=True)
-class _Info:
+class _Info(Record, frozen=False):
     can_empty: bool
     exact: set[bytes] | None
     prefix: set[bytes]

@@ -9,18 +9,17 @@ boundary as a plain tuple (`HitRow`) when verification is split over worker proc
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from services.search.engine.index.reader import SegmentReader
 from services.search.engine.model import Symbol
 from services.search.engine.query.verify import LineMatch as RawLineMatch
+from services.search.engine.record import Record
 from services.search.engine.search import rank
 from services.search.engine.search.cursor import RankKey, rank_key
 from services.search.engine.search.results import ContextLine, FileMatch, LineMatch, MatchRange, match_range
 
 
-@dataclass(slots=True)
-class Hit:
+class Hit(Record, frozen=False):
     """Hit is one verified, matching file before its page entry is built."""
 
     key: RankKey

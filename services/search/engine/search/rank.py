@@ -22,13 +22,13 @@ that order times the best possible tier, so a first page sees ordinary files fir
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from services.search.engine.model import Symbol
+from services.search.engine.record import Record
 
 DEFINITION = 100.0
 WHOLE_WORD = 10.0
@@ -43,8 +43,7 @@ GENERATED_WEIGHT = 0.1
 _BROADCAST_LIMIT = 4096
 
 
-@dataclass(frozen=True, slots=True)
-class RankSignals:
+class RankSignals(Record):
     """RankSignals are the facts about one matching file that its score is computed from."""
 
     definition: bool = False

@@ -10,7 +10,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from services.search.engine.query.query import Query
@@ -28,8 +27,7 @@ DEFAULT_LIMIT_FILES = 50
 PROCESS_MIN = 1024
 
 
-@dataclass(frozen=True, slots=True)
-class SearchRequest:
+class SearchRequest(Record):
     """SearchRequest is everything a search needs besides the index.
 
     `query` is query-language text or a parsed Query; with `regex=True` it is one RE2
@@ -39,7 +37,8 @@ class SearchRequest:
     MATCH_LIMIT). `deadline` is a `time.monotonic()` instant. `cursor` continues a previous
     page of the same query on the same snapshot generation. `with_symbols=False` leaves
     out the enclosing symbol of each line (ranking still uses definitions), which saves
-    decoding symbol records when a caller only wants lines.
+    decoding symbol records when a caller only wants lines. `cancel`, once set, stops
+    the search with SearchCancelled (it takes part in equality, by identity).
     """
 
     query: str | Query
@@ -51,7 +50,7 @@ class SearchRequest:
     deadline: float | None = None
     regex: bool = False
     with_symbols: bool = True
-    cancel: threading.Event | None = field(default=None, compare=False)
+    cancel: threading.Event | None = None
 
 
 def _no_pool() -> ProcessPoolExecutor:

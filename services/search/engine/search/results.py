@@ -1,7 +1,7 @@
 """The shapes a search returns: files with line matches, totals, limits, stats and a cursor.
 
-Everything here is a frozen dataclass so that results can cross threads, be cached and be
-compared in tests. Byte offsets are UTF-8 byte offsets; columns count Unicode code points,
+Everything here is a frozen Record (record.py) so that results can cross threads, be cached
+and be compared in tests. Byte offsets are UTF-8 byte offsets; columns count Unicode code points,
 1-based, as editors and `grep --column` do. A `LineMatch`'s ranges are relative to the start
 of its line, so a client can highlight `line` without knowing the rest of the file.
 """
@@ -9,10 +9,9 @@ of its line, so a client can highlight `line` without knowing the rest of the fi
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
 
 from services.search.engine.model import Symbol
-from services.search.engine.record import Record
+from services.search.engine.record import Record, field
 
 
 class SearchMode(enum.StrEnum):
@@ -92,8 +91,7 @@ class FileMatch(Record):
     symbols: tuple[Symbol, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class SearchStats:
+class SearchStats(Record):
     """SearchStats describes the work a search did.
 
     `candidates` is the number of documents the trigram plan (and filters) left to verify;
@@ -112,8 +110,7 @@ class SearchStats:
     plan: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class SearchResult:
+class SearchResult(Record):
     """SearchResult is one page of a search.
 
     `file_count` and `match_count` are the true numbers of matching files and lines when

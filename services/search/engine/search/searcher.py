@@ -32,13 +32,13 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from services.search.engine.errors import SearchCancelled, SearchDeadlineError
 from services.search.engine.index.index import Index
 from services.search.engine.query.matchtree import MatchTree, compile_query, compile_regex_query
 from services.search.engine.query.query import Query
+from services.search.engine.record import replace
 from services.search.engine.search.candidates import evaluate_plan
 from services.search.engine.search.request import DEFAULT_LIMIT_FILES, PROCESS_MIN, RunContext, SearchRequest
 from services.search.engine.search.results import SearchMode, SearchResult

@@ -20,7 +20,6 @@ from __future__ import annotations
 import heapq
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 
 import numpy as np
 from numpy.typing import NDArray
@@ -32,6 +31,7 @@ from services.search.engine.index.reader import DocRecord
 from services.search.engine.query.matchtree import DocFacts, MatchTree, compile_query, compile_regex_query
 from services.search.engine.query.query import Query
 from services.search.engine.query.verify import LineMatch as RawLineMatch
+from services.search.engine.record import replace
 from services.search.engine.search import rank
 from services.search.engine.search.candidates import collect_candidates
 from services.search.engine.search.cursor import Cursor, path_digest, rank_key
