@@ -10,7 +10,9 @@ Every call is scoped to one tenant, the verified caller's, and runs on that tena
   issued is refused as INVALID_ARGUMENT.
 * Page tokens: code search uses the engine's cursor, keyed per tenant (tenants.py), so another
   tenant's token fails its integrity check and another query's fails its fingerprint; symbol
-  search uses an offset token with the same keyed tag.
+  search uses an offset token with the same keyed tag. A code search page with a next page
+  pins its snapshot (pins.py), and the token's next page reads that same snapshot however the
+  index changed meanwhile, until the pin is released (PAGE_TOKEN_EXPIRED after that).
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ from services.common import metrics
 from services.common.errors import FieldViolation, InvalidArgument, KotaError
 from services.search.config import SearchSettings
 from services.search.engine.errors import EngineError, IndexFileError
+from services.search.engine.search.cursor import CursorError, decode_cursor
 from services.search.engine.search.results import SearchMode, SearchResult
-from services.search.engine.search.searcher import SearchRequest
+from services.search.engine.search.searcher import Searcher, SearchRequest
 from services.search.engine.symbols.symsearch import SymbolCandidate, SymbolMatch, search_symbols
 from services.search.engine_errors import domain_error
 from services.search.streams import StreamBatch, queue_emitter, stream_files
@@ -227,6 +230,7 @@ class Searches:
         )
         revision = opened.covered
         searcher = opened.searcher
+        generation = self._token_generation(tenant, query.page_token) if query.page_token else None
         submitted = time.monotonic()
         PHASE_SECONDS.labels(phase="ready").observe(submitted - started)
 
@@ -234,7 +238,7 @@ class Searches:
 
         def run(cancel: threading.Event) -> R:
             begun = time.monotonic()
-            result = searcher.run(dataclasses.replace(request, cancel=cancel))
+            result = self._paged(tenant, searcher, dataclasses.replace(request, cancel=cancel), generation)
             searched = time.monotonic()
             rendered = render(CodeAnswer(result, revision, waited))
             finished[0] = time.monotonic()
@@ -246,6 +250,36 @@ class Searches:
         answer = await self._engine(opened, self.manager.run_search(run))
         PHASE_SECONDS.labels(phase="resume").observe(time.monotonic() - finished[0])
         return answer
+
+    def _token_generation(self, tenant: uuid.UUID, token: str) -> int:
+        """_token_generation is the snapshot generation a page token was issued on (its tag checked)."""
+        try:
+            return decode_cursor(token, key=self.manager.cursor_key(tenant)).generation
+        except CursorError as exc:
+            raise domain_error(exc) from exc
+
+    def _paged(
+        self, tenant: uuid.UUID, searcher: Searcher, request: SearchRequest, generation: int | None
+    ) -> SearchResult:
+        """_paged runs one page (in a search thread) on the snapshot its token's first page pinned.
+
+        Without a token, or when that pin is gone, the page runs on a fresh snapshot (the engine
+        then refuses a token of another generation as stale); a page with a next page leaves
+        its snapshot pinned for the token it returns (pins.py).
+        """
+        pins = self.manager.pins
+        with pins.lease(tenant, searcher.index, generation) as pinned:
+            if pinned is not None:
+                return searcher.run(request, snapshot=pinned)
+        snapshot = searcher.index.snapshot()
+        kept = False
+        try:
+            result = searcher.run(request, snapshot=snapshot)
+            kept = result.next_cursor is not None and pins.pin(tenant, snapshot)
+            return result
+        finally:
+            if not kept:
+                snapshot.close()
 
     async def stream(
         self,

@@ -47,6 +47,7 @@ from services.search.engine.index.format import IndexFileError
 from services.search.engine.index.index import Index
 from services.search.engine.index.writer import IndexWriter
 from services.search.engine.search.searcher import Searcher
+from services.search.pins import PagePins
 from services.search.rebuild import (
     INDEX_DIR,
     Built,
@@ -125,6 +126,8 @@ class TenantManager:
         self._getting: dict[uuid.UUID, asyncio.Task[TenantIndex]] = {}
         self._startup: asyncio.Task[None] | None = None
         self._cursor_secret = b""
+        self.pins = PagePins(ttl=settings.page_snapshot_ttl, per_tenant=settings.page_snapshots_per_tenant)
+        """pins holds the snapshots that pages with a next page were computed on (pins.py)."""
         self._count_lock = threading.Lock()
         self.active_searches = 0
         """active_searches counts searches running in the search pool now."""
@@ -300,6 +303,7 @@ class TenantManager:
         if opened is None:
             return
         async with opened.lock:
+            await self._in(self.write_pool, self.pins.drop, tenant)
             await self._in(self.write_pool, opened.writer.close)
             opened.searcher.close()
             opened.index.close()
@@ -431,6 +435,7 @@ class TenantManager:
                 mark = time.monotonic()
                 # Out of the table first, so that no new search picks the index being closed.
                 self._open.pop(tenant, None)
+                await self._in(self.write_pool, self.pins.drop, tenant)
                 await self._in(self.write_pool, opened.writer.close)
                 opened.searcher.close()
                 opened.index.close()
