@@ -5,6 +5,9 @@ Every call is scoped to one tenant, the verified caller's, and runs on that tena
 * Time: a search gets the request's `timeout` (default `default_timeout`), never more than
   `max_timeout` nor the gRPC deadline minus a small margin; waiting for `min_revision` spends
   the same budget. The engine stops at the deadline and reports `limit_hit` with DEADLINE.
+* A tenant whose index is still being built (its first use on this replica) is waited for
+  within the same budget; past it the call fails UNAVAILABLE (INDEX_BUILDING) with RetryInfo
+  while the build goes on (tenants.py).
 * `min_revision`: the call waits until the tenant's covered revision reaches it (tailer.py);
   past the budget it fails UNAVAILABLE with RetryInfo. A revision the database has never
   issued is refused as INVALID_ARGUMENT.
@@ -187,7 +190,7 @@ class Searches:
     async def ready(self, tenant: uuid.UUID, min_revision: int, deadline: float) -> tuple[TenantIndex, float]:
         """ready returns the tenant's index once it covers `min_revision`, and the seconds waited."""
         started = time.monotonic()
-        opened = await self.manager.get(tenant)
+        opened = await self.manager.get(tenant, deadline)
         if opened.covered < min_revision:
             head = await self.manager.store.head_revision()
             if min_revision > head:

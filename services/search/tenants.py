@@ -67,6 +67,10 @@ T = TypeVar("T")
 READY, BUILDING, REBUILDING, ERROR = "READY", "BUILDING", "REBUILDING", "ERROR"
 # Segments above which a tenant's writer merges after applying changes.
 MERGE_ABOVE = 8
+# Seconds a caller is told to wait before retrying a search whose tenant index is being built.
+BUILD_RETRY_SECONDS = 2.0
+# Seconds of a caller's budget kept back from waiting for an opening, to answer in time.
+OPEN_RESERVE = 0.02
 
 
 @dataclass
@@ -188,12 +192,14 @@ class TenantManager:
         """is_open tells whether the tenant's index is open in this process."""
         return tenant in self._open
 
-    async def get(self, tenant: uuid.UUID) -> TenantIndex:
+    async def get(self, tenant: uuid.UUID, deadline: float | None = None) -> TenantIndex:
         """get returns the tenant's open index, opening, verifying or building it first if needed.
 
         The opening runs as a task of its own that every caller waits for: a caller that goes
         away (a deadline, Envoy's route timeout) leaves it running, so a build longer than any
-        one request (a large tenant) still finishes and the next request finds it open.
+        one request (a large tenant) still finishes and the next request finds it open. A
+        caller with a `deadline` (monotonic) waits for it until then only, and gets
+        UNAVAILABLE (INDEX_BUILDING, with RetryInfo) instead of running out of time.
         """
         found = self._open.get(tenant)
         if found is not None:
@@ -204,7 +210,18 @@ class TenantManager:
             task = asyncio.create_task(self._get(tenant), name=f"search-open-{tenant}")
             self._getting[tenant] = task
             task.add_done_callback(lambda t: _retrieved(self._getting, tenant, t))
-        return await asyncio.shield(task)
+        if deadline is None:
+            return await asyncio.shield(task)
+        # asyncio.wait leaves the task running when the time is up or this caller is cancelled.
+        await asyncio.wait((task,), timeout=max(0.0, deadline - time.monotonic() - OPEN_RESERVE))
+        if task.done():
+            return task.result()
+        raise Unavailable(
+            "the index of this tenant is being built (its first use on this replica, or a rebuild"
+            " from Postgres); retry in a few seconds",
+            reason="INDEX_BUILDING",
+            retry_after=BUILD_RETRY_SECONDS,
+        )
 
     async def _get(self, tenant: uuid.UUID) -> TenantIndex:
         async with self._opening[tenant]:
@@ -411,7 +428,7 @@ class TenantManager:
                 )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(opened.advanced.wait(), timeout=min(remaining, 0.25))
-            opened = self._open.get(opened.tenant) or await self.get(opened.tenant)
+            opened = self._open.get(opened.tenant) or await self.get(opened.tenant, deadline)
         return opened
 
     # Rebuilds ----------------------------------------------------------------------------------
