@@ -44,7 +44,7 @@ from services.search.engine.search.searcher import Searcher, SearchRequest
 from services.search.engine.symbols.symsearch import SymbolCandidate, SymbolMatch, search_symbols
 from services.search.engine_errors import domain_error
 from services.search.streams import StreamBatch, queue_emitter, stream_files
-from services.search.tenants import TenantIndex, TenantManager
+from services.search.tenants import LOST_ERRORS, TenantIndex, TenantManager
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -359,12 +359,16 @@ class Searches:
     async def _engine(self, opened: TenantIndex, work: Awaitable[T]) -> T:
         """_engine awaits engine work and raises its errors as domain errors (engine_errors.py).
 
-        A file of the index that fails a check starts a rebuild (TenantManager.corrupt).
+        A file of the index that fails a check starts a rebuild (TenantManager.corrupt); a
+        tenant directory deleted or made unreadable under the process drops the tenant, which
+        is built again from Postgres (TenantManager.lost).
         """
         try:
             return await work
         except IndexFileError as exc:
             raise await self.manager.corrupt(opened, exc) from exc
+        except LOST_ERRORS as exc:
+            raise await self.manager.lost(opened, exc) from exc
         except EngineError as exc:
             raise domain_error(exc) from exc
 

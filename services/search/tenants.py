@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import hashlib
 import hmac
 import logging
@@ -44,7 +45,7 @@ from typing import TypeVar
 from services.common.errors import Unavailable
 from services.search.config import SearchSettings
 from services.search.engine.index.format import IndexFileError
-from services.search.engine.index.index import Index
+from services.search.engine.index.index import Index, manifest_name
 from services.search.engine.index.writer import IndexWriter
 from services.search.engine.search.searcher import Searcher
 from services.search.pins import PagePins
@@ -71,6 +72,15 @@ MERGE_ABOVE = 8
 BUILD_RETRY_SECONDS = 2.0
 # Seconds of a caller's budget kept back from waiting for an opening, to answer in time.
 OPEN_RESERVE = 0.02
+# What reading or writing a tenant directory raises once it was deleted (or made unreadable) under
+# this process: the tenant is then dropped and rebuilt from Postgres (`TenantManager.lost`).
+LOST_ERRORS: tuple[type[OSError], ...] = (FileNotFoundError, NotADirectoryError, PermissionError)
+# What makes a tenant's files unusable: a failed check, or a lost directory.
+UNUSABLE_ERRORS: tuple[type[Exception], ...] = (IndexFileError, *LOST_ERRORS)
+
+
+class TenantLostError(Exception):
+    """TenantLostError reports that a tenant's directory could not be read or written (LOST_ERRORS)."""
 
 
 @dataclass
@@ -205,11 +215,7 @@ class TenantManager:
         if found is not None:
             self._open.move_to_end(tenant)
             return found
-        task = self._getting.get(tenant)
-        if task is None:
-            task = asyncio.create_task(self._get(tenant), name=f"search-open-{tenant}")
-            self._getting[tenant] = task
-            task.add_done_callback(lambda t: _retrieved(self._getting, tenant, t))
+        task = self._opening_task(tenant)
         if deadline is None:
             return await asyncio.shield(task)
         # asyncio.wait leaves the task running when the time is up or this caller is cancelled.
@@ -222,6 +228,15 @@ class TenantManager:
             reason="INDEX_BUILDING",
             retry_after=BUILD_RETRY_SECONDS,
         )
+
+    def _opening_task(self, tenant: uuid.UUID) -> asyncio.Task[TenantIndex]:
+        """_opening_task is the running opening of the tenant, started if there is none."""
+        task = self._getting.get(tenant)
+        if task is None:
+            task = asyncio.create_task(self._get(tenant), name=f"search-open-{tenant}")
+            self._getting[tenant] = task
+            task.add_done_callback(lambda t: _retrieved(self._getting, tenant, t))
+        return task
 
     async def _get(self, tenant: uuid.UUID) -> TenantIndex:
         async with self._opening[tenant]:
@@ -240,7 +255,7 @@ class TenantManager:
         if state is not None:
             try:
                 return await self._open_dir(tenant, directory, state, verify=tenant not in self._verified)
-            except IndexFileError as exc:
+            except UNUSABLE_ERRORS as exc:
                 log.warning("index of tenant %s is unusable (%s); rebuilding from Postgres", tenant, exc)
         built = await self._build(tenant)
         mark = time.monotonic()
@@ -321,7 +336,11 @@ class TenantManager:
             return
         async with opened.lock:
             await self._in(self.write_pool, self.pins.drop, tenant)
-            await self._in(self.write_pool, opened.writer.close)
+            try:
+                await self._in(self.write_pool, opened.writer.close)
+            except UNUSABLE_ERRORS as exc:
+                # A directory deleted under us: uncommitted changes are replayed from the feed.
+                log.warning("closing the writer of tenant %s failed: %s", tenant, exc)
             opened.searcher.close()
             opened.index.close()
 
@@ -355,10 +374,20 @@ class TenantManager:
     # Tailing -----------------------------------------------------------------------------------
 
     async def sync(self, tenant: uuid.UUID, watermark: Watermark) -> None:
-        """sync applies the tenant's visible feed rows in batches and advances its covered revision."""
+        """sync applies the tenant's visible feed rows in batches and advances its covered revision.
+
+        A tenant whose directory is gone is dropped and rebuilt (`lost`), not retried forever:
+        the other tenants' syncs in the same round go on.
+        """
         opened = self._open.get(tenant)
         if opened is None:
             return
+        try:
+            await self._sync(opened, tenant, watermark)
+        except TenantLostError as exc:
+            await self.lost(opened, exc.__cause__ or exc)
+
+    async def _sync(self, opened: TenantIndex, tenant: uuid.UUID, watermark: Watermark) -> None:
         merge = False
         async with opened.lock:
             if self._open.get(tenant) is not opened:
@@ -384,12 +413,12 @@ class TenantManager:
                     opened.advance(reach)
                     if fresh:
                         state = TenantState(tenant, opened.covered, opened.rebuilt_at)
-                        await self._in(self.write_pool, state.save, opened.directory)
+                        await self._on_disk(state.save, opened.directory)
                 if not full:
                     break
                 after = changes[-1].revision
             if merge and len(opened.index.manifest.segments) > MERGE_ABOVE:
-                await self._in(self.write_pool, opened.writer.merge)
+                await self._on_disk(opened.writer.merge)
                 # The searcher caches per-segment facts by segment path; a fresh one drops those of
                 # merged-away segments (searches in flight keep the old one).
                 opened.searcher = Searcher(opened.index, cursor_key=self.cursor_key(tenant))
@@ -400,6 +429,11 @@ class TenantManager:
         writer = opened.writer
 
         def write() -> None:
+            # The writer would recreate a deleted directory around its new segment, under a
+            # manifest naming segments that are gone: a lost directory must stop it first.
+            current = opened.index.path / manifest_name(opened.index.manifest.generation)
+            if not current.is_file():
+                raise FileNotFoundError(errno.ENOENT, "the index's current manifest is gone")
             for document_id in ids:
                 row = documents.get(document_id)
                 if row is None:
@@ -408,8 +442,15 @@ class TenantManager:
                     writer.add(source_document(row))
             writer.commit(merge=False)
 
-        await self._in(self.write_pool, write)
+        await self._on_disk(write)
         opened.update_time = time.time()
+
+    async def _on_disk(self, fn: Callable[..., T], *args: object) -> T:
+        """_on_disk runs index writing in the write pool; a lost directory raises TenantLostError."""
+        try:
+            return await self._in(self.write_pool, fn, *args)
+        except LOST_ERRORS as exc:
+            raise TenantLostError(str(exc)) from exc
 
     async def wait_covered(self, opened: TenantIndex, revision: int, deadline: float) -> TenantIndex:
         """wait_covered waits until the tenant covers `revision`; returns its (maybe rebuilt) index.
@@ -486,6 +527,29 @@ class TenantManager:
             await self.rebuild(opened.tenant)
         return Unavailable(
             "the index is being rebuilt; retry shortly", reason="INDEX_REBUILDING", retry_after=1.0
+        )
+
+    async def lost(self, opened: TenantIndex, exc: BaseException) -> Unavailable:
+        """lost drops a tenant whose directory is missing or unreadable and starts rebuilding it.
+
+        It returns the error to raise: the tenant is out of memory (its pins, writer and cached
+        segments released) and its opening, a build from Postgres, runs as usual (`get`), so
+        the next search waits for it. A search that raced with a swap or an eviction only
+        needs to try again.
+        """
+        tenant = opened.tenant
+        if self._open.get(tenant) is not opened:
+            return Unavailable(
+                "the index was replaced during the search; retry", reason="INDEX_REPLACED", retry_after=0.1
+            )
+        log.warning("the directory of tenant %s is lost (%s); rebuilding from Postgres", tenant, exc)
+        await self._close(tenant)
+        self._verified.discard(tenant)
+        self._opening_task(tenant)
+        return Unavailable(
+            "the index of this tenant is being rebuilt; retry shortly",
+            reason="INDEX_REBUILDING",
+            retry_after=1.0,
         )
 
     async def _in(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args: object) -> T:
