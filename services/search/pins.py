@@ -1,5 +1,9 @@
 """pins keeps the index snapshots that first pages were computed on, so their next pages read the same.
 
+It also holds the page tokens' key: one secret per deployment (a setting shared by every
+replica, or a random one kept on the volume), from which each tenant's key is derived, so
+another tenant's token fails its integrity check.
+
 A page token (the engine's cursor, engine/search/cursor.py) names the snapshot generation its
 page was computed on, and the engine serves the next page only on that generation: results
 are ranked within one snapshot, and a page over a newer one could repeat or skip files. In a
@@ -24,12 +28,17 @@ snapshot may delete the files only it kept alive, so it happens outside the lock
 from __future__ import annotations
 
 import collections
+import hashlib
+import hmac
+import os
+import secrets
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from services.search.engine.index.index import Index, Snapshot
 
@@ -157,3 +166,23 @@ def _close(snapshots: list[Snapshot | None]) -> None:
     for snapshot in snapshots:
         if snapshot is not None:
             snapshot.close()
+
+
+def load_cursor_secret(configured: str, data_dir: Path) -> bytes:
+    """load_cursor_secret is the configured secret, else the volume's `cursor.key` (made on first use)."""
+    if configured:
+        return configured.encode()
+    path = data_dir / "cursor.key"
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        secret = secrets.token_bytes(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(secret)
+        return secret
+
+
+def tenant_cursor_key(secret: bytes, tenant: uuid.UUID) -> bytes:
+    """tenant_cursor_key derives the key of one tenant's page tokens from the deployment's secret."""
+    return hmac.new(secret, b"kotadb-cursor\0" + tenant.bytes, hashlib.sha256).digest()

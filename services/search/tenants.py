@@ -27,11 +27,8 @@ import asyncio
 import collections
 import contextlib
 import errno
-import hashlib
-import hmac
 import logging
 import os
-import secrets
 import shutil
 import threading
 import time
@@ -48,7 +45,7 @@ from services.search.engine.index.format import IndexFileError
 from services.search.engine.index.index import Index, manifest_name
 from services.search.engine.index.writer import IndexWriter
 from services.search.engine.search.searcher import Searcher
-from services.search.pins import PagePins
+from services.search.pins import PagePins, load_cursor_secret, tenant_cursor_key
 from services.search.rebuild import (
     INDEX_DIR,
     Built,
@@ -72,8 +69,7 @@ MERGE_ABOVE = 8
 BUILD_RETRY_SECONDS = 2.0
 # Seconds of a caller's budget kept back from waiting for an opening, to answer in time.
 OPEN_RESERVE = 0.02
-# What reading or writing a tenant directory raises once it was deleted (or made unreadable) under
-# this process: the tenant is then dropped and rebuilt from Postgres (`TenantManager.lost`).
+# What touching a tenant directory deleted or made unreadable under us raises (TenantManager.lost).
 LOST_ERRORS: tuple[type[OSError], ...] = (FileNotFoundError, NotADirectoryError, PermissionError)
 # What makes a tenant's files unusable: a failed check, or a lost directory.
 UNUSABLE_ERRORS: tuple[type[Exception], ...] = (IndexFileError, *LOST_ERRORS)
@@ -154,7 +150,8 @@ class TenantManager:
         """start prepares the volume, starts the tailer and reopens the tenants found on disk."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         await self._in(self.write_pool, clean_leftovers, self.data_dir)
-        self._cursor_secret = await self._in(self.write_pool, self._load_cursor_secret)
+        secret = self.settings.cursor_secret
+        self._cursor_secret = await self._in(self.write_pool, load_cursor_secret, secret, self.data_dir)
         self.tailer.start()
         self._startup = asyncio.create_task(self._reopen_all(), name="search-startup")
 
@@ -313,20 +310,7 @@ class TenantManager:
 
     def cursor_key(self, tenant: uuid.UUID) -> bytes:
         """cursor_key keys the tenant's page tokens, so another tenant's token fails its check."""
-        return hmac.new(self._cursor_secret, b"kotadb-cursor\0" + tenant.bytes, hashlib.sha256).digest()
-
-    def _load_cursor_secret(self) -> bytes:
-        if self.settings.cursor_secret:
-            return self.settings.cursor_secret.encode()
-        path = self.data_dir / "cursor.key"
-        try:
-            return path.read_bytes()
-        except FileNotFoundError:
-            secret = secrets.token_bytes(32)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as out:
-                out.write(secret)
-            return secret
+        return tenant_cursor_key(self._cursor_secret, tenant)
 
     # Closing, eviction, disk budget ------------------------------------------------------------
 
@@ -530,27 +514,19 @@ class TenantManager:
         )
 
     async def lost(self, opened: TenantIndex, exc: BaseException) -> Unavailable:
-        """lost drops a tenant whose directory is missing or unreadable and starts rebuilding it.
+        """lost drops a tenant whose directory is missing or unreadable, starts its build, returns the error.
 
-        It returns the error to raise: the tenant is out of memory (its pins, writer and cached
-        segments released) and its opening, a build from Postgres, runs as usual (`get`), so
-        the next search waits for it. A search that raced with a swap or an eviction only
-        needs to try again.
+        The next search waits for that build (`get`); one that raced with a swap or an eviction
+        only needs to try again (as in `corrupt`).
         """
         tenant = opened.tenant
         if self._open.get(tenant) is not opened:
-            return Unavailable(
-                "the index was replaced during the search; retry", reason="INDEX_REPLACED", retry_after=0.1
-            )
+            return await self.corrupt(opened, exc)
         log.warning("the directory of tenant %s is lost (%s); rebuilding from Postgres", tenant, exc)
         await self._close(tenant)
         self._verified.discard(tenant)
         self._opening_task(tenant)
-        return Unavailable(
-            "the index of this tenant is being rebuilt; retry shortly",
-            reason="INDEX_REBUILDING",
-            retry_after=1.0,
-        )
+        return Unavailable("the index is being rebuilt; retry soon", reason="INDEX_REBUILDING", retry_after=1)
 
     async def _in(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
