@@ -420,9 +420,9 @@ class Searches:
         token = _encode_offset(next_offset, key, fingerprint) if next_offset < total else ""
         return SymbolAnswer(tuple(hits), total, token, revision)
 
-    async def status(self, tenant: uuid.UUID) -> StatusAnswer:
-        """status reports the tenant's index (opening or building it first)."""
-        opened = await self.manager.get(tenant)
+    async def status(self, tenant: uuid.UUID, time_remaining: float | None = None) -> StatusAnswer:
+        """status reports the tenant's index (opening or building it first, within the call's budget)."""
+        opened = await self.manager.get(tenant, self.deadline(None, time_remaining))
         return await self._engine(opened, index_status(self.manager, tenant, opened))
 
     async def rebuild(self, tenant: uuid.UUID) -> StatusAnswer:

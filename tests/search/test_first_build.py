@@ -4,7 +4,8 @@ A fresh search server (empty volume) builds a tenant's index on its first use. T
 at a gate (the manager's build is wrapped), standing in for a large tenant on a cold replica:
 a search with a short budget answers UNAVAILABLE, reason INDEX_BUILDING, with RetryInfo, before
 its deadline; the build goes on in its own task, and once it ends the next search is served by
-it (one build, not one per caller). `kotadb search` prints that answer as one line.
+it (one build, not one per caller). Symbol search and GetIndexStatus answer the same way.
+`kotadb search` prints that answer as one line.
 """
 
 from __future__ import annotations
@@ -74,12 +75,18 @@ async def test_a_search_during_the_first_build_is_unavailable_with_retry_info(
             line = describe_rpc_error(raised.value)
             assert line.startswith("UNAVAILABLE INDEX_BUILDING: the index of this tenant is being built")
             assert line.endswith(f"(retry after {int(BUILD_RETRY_SECONDS)}s)") and "\n" not in line
-        # Symbol search waits for the same build within its deadline.
+        # Symbol search and the index status wait for the same build within their deadlines.
         with pytest.raises(grpc.aio.AioRpcError) as symbols:
             await handle.search_stub().SearchSymbols(
                 search_pb2.SearchSymbolsRequest(query="building_"), metadata=caller(user), timeout=0.3
             )
         assert symbols.value.code() == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(grpc.aio.AioRpcError) as status:
+            await handle.search_stub().GetIndexStatus(
+                search_pb2.GetIndexStatusRequest(), metadata=caller(user), timeout=0.3
+            )
+        assert status.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert unpack_details(status_details(status.value))["ErrorInfo"].reason == "INDEX_BUILDING"
         assert not handle.manager.is_open(user)
 
         gate.set()
