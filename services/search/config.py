@@ -74,6 +74,19 @@ class SearchSettings(ServiceSettings):
     max_stream_files: int = setting(
         10000, minimum=1, help="Most files one StreamSearchCode call returns (limit_hit past it)."
     )
+    page_snapshot_ttl: float = setting(
+        300.0,
+        minimum=0.01,
+        help="Seconds the index snapshot of a page with a next page stays pinned after its last use, so"
+        " its page token reads the same snapshot while the index changes; past it the token expires"
+        " (PAGE_TOKEN_EXPIRED).",
+    )
+    page_snapshots_per_tenant: int = setting(
+        8,
+        minimum=1,
+        help="Most pinned page snapshots per open tenant (files and mappings kept alive); the least"
+        " recently used is released first.",
+    )
     max_page_offset: int = setting(
         10000, minimum=1, help="Deepest symbol an offset page token of SearchSymbols may reach."
     )

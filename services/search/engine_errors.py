@@ -27,8 +27,9 @@ Index errors are the server's, not the caller's: the message names no file path 
 internals), and a corrupt or missing index is UNAVAILABLE because the service rebuilds it.
 The search service catches `IndexFileError` before this mapping to start that rebuild
 (tenants.py's `TenantManager.corrupt`, reason INDEX_REBUILDING); the index rows answer
-where no rebuild can be started. SearchCancelled only happens once the client has gone, so nobody reads its
-status.
+where no rebuild can be started. A page token expires only once the snapshot its first page
+pinned is released (pins.py) and the index has changed since. SearchCancelled only happens
+once the client has gone, so nobody reads its status.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def domain_error(
     if isinstance(exc, CursorError):
         if exc.reason == "stale_generation":
             return FailedPrecondition(
-                "the index changed since this page token was issued; start the search again",
+                "this page token has expired: the index changed and the snapshot its first page read"
+                " is no longer kept; start the search again",
                 reason="PAGE_TOKEN_EXPIRED",
             )
         return InvalidArgument(

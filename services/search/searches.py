@@ -5,12 +5,17 @@ Every call is scoped to one tenant, the verified caller's, and runs on that tena
 * Time: a search gets the request's `timeout` (default `default_timeout`), never more than
   `max_timeout` nor the gRPC deadline minus a small margin; waiting for `min_revision` spends
   the same budget. The engine stops at the deadline and reports `limit_hit` with DEADLINE.
+* A tenant whose index is still being built (its first use on this replica) is waited for
+  within the same budget; past it the call fails UNAVAILABLE (INDEX_BUILDING) with RetryInfo
+  while the build goes on (tenants.py).
 * `min_revision`: the call waits until the tenant's covered revision reaches it (tailer.py);
   past the budget it fails UNAVAILABLE with RetryInfo. A revision the database has never
   issued is refused as INVALID_ARGUMENT.
 * Page tokens: code search uses the engine's cursor, keyed per tenant (tenants.py), so another
   tenant's token fails its integrity check and another query's fails its fingerprint; symbol
-  search uses an offset token with the same keyed tag.
+  search uses an offset token with the same keyed tag. A code search page with a next page
+  pins its snapshot (pins.py), and the token's next page reads that same snapshot however the
+  index changed meanwhile, until the pin is released (PAGE_TOKEN_EXPIRED after that).
 """
 
 from __future__ import annotations
@@ -33,12 +38,13 @@ from services.common.errors import FieldViolation, InvalidArgument, KotaError
 from services.search.config import SearchSettings
 from services.search.engine import record
 from services.search.engine.errors import EngineError, IndexFileError
+from services.search.engine.search.cursor import CursorError, decode_cursor
 from services.search.engine.search.results import SearchMode, SearchResult
-from services.search.engine.search.searcher import SearchRequest
+from services.search.engine.search.searcher import Searcher, SearchRequest
 from services.search.engine.symbols.symsearch import SymbolCandidate, SymbolMatch, search_symbols
 from services.search.engine_errors import domain_error
 from services.search.streams import StreamBatch, queue_emitter, stream_files
-from services.search.tenants import TenantIndex, TenantManager
+from services.search.tenants import LOST_ERRORS, TenantIndex, TenantManager
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -184,7 +190,7 @@ class Searches:
     async def ready(self, tenant: uuid.UUID, min_revision: int, deadline: float) -> tuple[TenantIndex, float]:
         """ready returns the tenant's index once it covers `min_revision`, and the seconds waited."""
         started = time.monotonic()
-        opened = await self.manager.get(tenant)
+        opened = await self.manager.get(tenant, deadline)
         if opened.covered < min_revision:
             head = await self.manager.store.head_revision()
             if min_revision > head:
@@ -227,6 +233,7 @@ class Searches:
         )
         revision = opened.covered
         searcher = opened.searcher
+        generation = self._token_generation(tenant, query.page_token) if query.page_token else None
         submitted = time.monotonic()
         PHASE_SECONDS.labels(phase="ready").observe(submitted - started)
 
@@ -234,7 +241,7 @@ class Searches:
 
         def run(cancel: threading.Event) -> R:
             begun = time.monotonic()
-            result = searcher.run(record.replace(request, cancel=cancel))
+            result = self._paged(tenant, searcher, record.replace(request, cancel=cancel), generation)
             searched = time.monotonic()
             rendered = render(CodeAnswer(result, revision, waited))
             finished[0] = time.monotonic()
@@ -246,6 +253,36 @@ class Searches:
         answer = await self._engine(opened, self.manager.run_search(run))
         PHASE_SECONDS.labels(phase="resume").observe(time.monotonic() - finished[0])
         return answer
+
+    def _token_generation(self, tenant: uuid.UUID, token: str) -> int:
+        """_token_generation is the snapshot generation a page token was issued on (its tag checked)."""
+        try:
+            return decode_cursor(token, key=self.manager.cursor_key(tenant)).generation
+        except CursorError as exc:
+            raise domain_error(exc) from exc
+
+    def _paged(
+        self, tenant: uuid.UUID, searcher: Searcher, request: SearchRequest, generation: int | None
+    ) -> SearchResult:
+        """_paged runs one page (in a search thread) on the snapshot its token's first page pinned.
+
+        Without a token, or when that pin is gone, the page runs on a fresh snapshot (the engine
+        then refuses a token of another generation as stale); a page with a next page leaves
+        its snapshot pinned for the token it returns (pins.py).
+        """
+        pins = self.manager.pins
+        with pins.lease(tenant, searcher.index, generation) as pinned:
+            if pinned is not None:
+                return searcher.run(request, snapshot=pinned)
+        snapshot = searcher.index.snapshot()
+        kept = False
+        try:
+            result = searcher.run(request, snapshot=snapshot)
+            kept = result.next_cursor is not None and pins.pin(tenant, snapshot)
+            return result
+        finally:
+            if not kept:
+                snapshot.close()
 
     async def stream(
         self,
@@ -322,12 +359,16 @@ class Searches:
     async def _engine(self, opened: TenantIndex, work: Awaitable[T]) -> T:
         """_engine awaits engine work and raises its errors as domain errors (engine_errors.py).
 
-        A file of the index that fails a check starts a rebuild (TenantManager.corrupt).
+        A file of the index that fails a check starts a rebuild (TenantManager.corrupt); a
+        tenant directory deleted or made unreadable under the process drops the tenant, which
+        is built again from Postgres (TenantManager.lost).
         """
         try:
             return await work
         except IndexFileError as exc:
             raise await self.manager.corrupt(opened, exc) from exc
+        except LOST_ERRORS as exc:
+            raise await self.manager.lost(opened, exc) from exc
         except EngineError as exc:
             raise domain_error(exc) from exc
 
@@ -379,9 +420,9 @@ class Searches:
         token = _encode_offset(next_offset, key, fingerprint) if next_offset < total else ""
         return SymbolAnswer(tuple(hits), total, token, revision)
 
-    async def status(self, tenant: uuid.UUID) -> StatusAnswer:
-        """status reports the tenant's index (opening or building it first)."""
-        opened = await self.manager.get(tenant)
+    async def status(self, tenant: uuid.UUID, time_remaining: float | None = None) -> StatusAnswer:
+        """status reports the tenant's index (opening or building it first, within the call's budget)."""
+        opened = await self.manager.get(tenant, self.deadline(None, time_remaining))
         return await self._engine(opened, index_status(self.manager, tenant, opened))
 
     async def rebuild(self, tenant: uuid.UUID) -> StatusAnswer:

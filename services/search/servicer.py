@@ -84,7 +84,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         self, request: search_pb2.GetIndexStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> search_pb2.IndexStatus:
         """GetIndexStatus reports the caller's index coverage and size."""
-        answer = await self._searches.status(_tenant())
+        answer = await self._searches.status(_tenant(), context.time_remaining())
         return convert.status_to_proto(answer, self._replica)
 
     async def RebuildIndex(

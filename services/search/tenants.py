@@ -26,11 +26,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import hashlib
-import hmac
+import errno
 import logging
 import os
-import secrets
 import shutil
 import threading
 import time
@@ -44,9 +42,10 @@ from typing import TypeVar
 from services.common.errors import Unavailable
 from services.search.config import SearchSettings
 from services.search.engine.index.format import IndexFileError
-from services.search.engine.index.index import Index
+from services.search.engine.index.index import Index, manifest_name
 from services.search.engine.index.writer import IndexWriter
 from services.search.engine.search.searcher import Searcher
+from services.search.pins import PagePins, load_cursor_secret, tenant_cursor_key
 from services.search.rebuild import (
     INDEX_DIR,
     Built,
@@ -66,6 +65,18 @@ T = TypeVar("T")
 READY, BUILDING, REBUILDING, ERROR = "READY", "BUILDING", "REBUILDING", "ERROR"
 # Segments above which a tenant's writer merges after applying changes.
 MERGE_ABOVE = 8
+# Seconds a caller is told to wait before retrying a search whose tenant index is being built.
+BUILD_RETRY_SECONDS = 2.0
+# Seconds of a caller's budget kept back from waiting for an opening, to answer in time.
+OPEN_RESERVE = 0.02
+# What touching a tenant directory deleted or made unreadable under us raises (TenantManager.lost).
+LOST_ERRORS: tuple[type[OSError], ...] = (FileNotFoundError, NotADirectoryError, PermissionError)
+# What makes a tenant's files unusable: a failed check, or a lost directory.
+UNUSABLE_ERRORS: tuple[type[Exception], ...] = (IndexFileError, *LOST_ERRORS)
+
+
+class TenantLostError(Exception):
+    """TenantLostError reports that a tenant's directory could not be read or written (LOST_ERRORS)."""
 
 
 @dataclass
@@ -125,6 +136,8 @@ class TenantManager:
         self._getting: dict[uuid.UUID, asyncio.Task[TenantIndex]] = {}
         self._startup: asyncio.Task[None] | None = None
         self._cursor_secret = b""
+        self.pins = PagePins(ttl=settings.page_snapshot_ttl, per_tenant=settings.page_snapshots_per_tenant)
+        """pins holds the snapshots that pages with a next page were computed on (pins.py)."""
         self._count_lock = threading.Lock()
         self.active_searches = 0
         """active_searches counts searches running in the search pool now."""
@@ -137,7 +150,8 @@ class TenantManager:
         """start prepares the volume, starts the tailer and reopens the tenants found on disk."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         await self._in(self.write_pool, clean_leftovers, self.data_dir)
-        self._cursor_secret = await self._in(self.write_pool, self._load_cursor_secret)
+        secret = self.settings.cursor_secret
+        self._cursor_secret = await self._in(self.write_pool, load_cursor_secret, secret, self.data_dir)
         self.tailer.start()
         self._startup = asyncio.create_task(self._reopen_all(), name="search-startup")
 
@@ -185,23 +199,41 @@ class TenantManager:
         """is_open tells whether the tenant's index is open in this process."""
         return tenant in self._open
 
-    async def get(self, tenant: uuid.UUID) -> TenantIndex:
+    async def get(self, tenant: uuid.UUID, deadline: float | None = None) -> TenantIndex:
         """get returns the tenant's open index, opening, verifying or building it first if needed.
 
         The opening runs as a task of its own that every caller waits for: a caller that goes
         away (a deadline, Envoy's route timeout) leaves it running, so a build longer than any
-        one request (a large tenant) still finishes and the next request finds it open.
+        one request (a large tenant) still finishes and the next request finds it open. A
+        caller with a `deadline` (monotonic) waits for it until then only, and gets
+        UNAVAILABLE (INDEX_BUILDING, with RetryInfo) instead of running out of time.
         """
         found = self._open.get(tenant)
         if found is not None:
             self._open.move_to_end(tenant)
             return found
+        task = self._opening_task(tenant)
+        if deadline is None:
+            return await asyncio.shield(task)
+        # asyncio.wait leaves the task running when the time is up or this caller is cancelled.
+        await asyncio.wait((task,), timeout=max(0.0, deadline - time.monotonic() - OPEN_RESERVE))
+        if task.done():
+            return task.result()
+        raise Unavailable(
+            "the index of this tenant is being built (its first use on this replica, or a rebuild"
+            " from Postgres); retry in a few seconds",
+            reason="INDEX_BUILDING",
+            retry_after=BUILD_RETRY_SECONDS,
+        )
+
+    def _opening_task(self, tenant: uuid.UUID) -> asyncio.Task[TenantIndex]:
+        """_opening_task is the running opening of the tenant, started if there is none."""
         task = self._getting.get(tenant)
         if task is None:
             task = asyncio.create_task(self._get(tenant), name=f"search-open-{tenant}")
             self._getting[tenant] = task
             task.add_done_callback(lambda t: _retrieved(self._getting, tenant, t))
-        return await asyncio.shield(task)
+        return task
 
     async def _get(self, tenant: uuid.UUID) -> TenantIndex:
         async with self._opening[tenant]:
@@ -220,7 +252,7 @@ class TenantManager:
         if state is not None:
             try:
                 return await self._open_dir(tenant, directory, state, verify=tenant not in self._verified)
-            except IndexFileError as exc:
+            except UNUSABLE_ERRORS as exc:
                 log.warning("index of tenant %s is unusable (%s); rebuilding from Postgres", tenant, exc)
         built = await self._build(tenant)
         mark = time.monotonic()
@@ -278,20 +310,7 @@ class TenantManager:
 
     def cursor_key(self, tenant: uuid.UUID) -> bytes:
         """cursor_key keys the tenant's page tokens, so another tenant's token fails its check."""
-        return hmac.new(self._cursor_secret, b"kotadb-cursor\0" + tenant.bytes, hashlib.sha256).digest()
-
-    def _load_cursor_secret(self) -> bytes:
-        if self.settings.cursor_secret:
-            return self.settings.cursor_secret.encode()
-        path = self.data_dir / "cursor.key"
-        try:
-            return path.read_bytes()
-        except FileNotFoundError:
-            secret = secrets.token_bytes(32)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as out:
-                out.write(secret)
-            return secret
+        return tenant_cursor_key(self._cursor_secret, tenant)
 
     # Closing, eviction, disk budget ------------------------------------------------------------
 
@@ -300,7 +319,12 @@ class TenantManager:
         if opened is None:
             return
         async with opened.lock:
-            await self._in(self.write_pool, opened.writer.close)
+            await self._in(self.write_pool, self.pins.drop, tenant)
+            try:
+                await self._in(self.write_pool, opened.writer.close)
+            except UNUSABLE_ERRORS as exc:
+                # A directory deleted under us: uncommitted changes are replayed from the feed.
+                log.warning("closing the writer of tenant %s failed: %s", tenant, exc)
             opened.searcher.close()
             opened.index.close()
 
@@ -334,10 +358,20 @@ class TenantManager:
     # Tailing -----------------------------------------------------------------------------------
 
     async def sync(self, tenant: uuid.UUID, watermark: Watermark) -> None:
-        """sync applies the tenant's visible feed rows in batches and advances its covered revision."""
+        """sync applies the tenant's visible feed rows in batches and advances its covered revision.
+
+        A tenant whose directory is gone is dropped and rebuilt (`lost`), not retried forever:
+        the other tenants' syncs in the same round go on.
+        """
         opened = self._open.get(tenant)
         if opened is None:
             return
+        try:
+            await self._sync(opened, tenant, watermark)
+        except TenantLostError as exc:
+            await self.lost(opened, exc.__cause__ or exc)
+
+    async def _sync(self, opened: TenantIndex, tenant: uuid.UUID, watermark: Watermark) -> None:
         merge = False
         async with opened.lock:
             if self._open.get(tenant) is not opened:
@@ -363,12 +397,12 @@ class TenantManager:
                     opened.advance(reach)
                     if fresh:
                         state = TenantState(tenant, opened.covered, opened.rebuilt_at)
-                        await self._in(self.write_pool, state.save, opened.directory)
+                        await self._on_disk(state.save, opened.directory)
                 if not full:
                     break
                 after = changes[-1].revision
             if merge and len(opened.index.manifest.segments) > MERGE_ABOVE:
-                await self._in(self.write_pool, opened.writer.merge)
+                await self._on_disk(opened.writer.merge)
                 # The searcher caches per-segment facts by segment path; a fresh one drops those of
                 # merged-away segments (searches in flight keep the old one).
                 opened.searcher = Searcher(opened.index, cursor_key=self.cursor_key(tenant))
@@ -379,6 +413,11 @@ class TenantManager:
         writer = opened.writer
 
         def write() -> None:
+            # The writer would recreate a deleted directory around its new segment, under a
+            # manifest naming segments that are gone: a lost directory must stop it first.
+            current = opened.index.path / manifest_name(opened.index.manifest.generation)
+            if not current.is_file():
+                raise FileNotFoundError(errno.ENOENT, "the index's current manifest is gone")
             for document_id in ids:
                 row = documents.get(document_id)
                 if row is None:
@@ -387,8 +426,15 @@ class TenantManager:
                     writer.add(source_document(row))
             writer.commit(merge=False)
 
-        await self._in(self.write_pool, write)
+        await self._on_disk(write)
         opened.update_time = time.time()
+
+    async def _on_disk(self, fn: Callable[..., T], *args: object) -> T:
+        """_on_disk runs index writing in the write pool; a lost directory raises TenantLostError."""
+        try:
+            return await self._in(self.write_pool, fn, *args)
+        except LOST_ERRORS as exc:
+            raise TenantLostError(str(exc)) from exc
 
     async def wait_covered(self, opened: TenantIndex, revision: int, deadline: float) -> TenantIndex:
         """wait_covered waits until the tenant covers `revision`; returns its (maybe rebuilt) index.
@@ -407,7 +453,7 @@ class TenantManager:
                 )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(opened.advanced.wait(), timeout=min(remaining, 0.25))
-            opened = self._open.get(opened.tenant) or await self.get(opened.tenant)
+            opened = self._open.get(opened.tenant) or await self.get(opened.tenant, deadline)
         return opened
 
     # Rebuilds ----------------------------------------------------------------------------------
@@ -431,6 +477,7 @@ class TenantManager:
                 mark = time.monotonic()
                 # Out of the table first, so that no new search picks the index being closed.
                 self._open.pop(tenant, None)
+                await self._in(self.write_pool, self.pins.drop, tenant)
                 await self._in(self.write_pool, opened.writer.close)
                 opened.searcher.close()
                 opened.index.close()
@@ -465,6 +512,21 @@ class TenantManager:
         return Unavailable(
             "the index is being rebuilt; retry shortly", reason="INDEX_REBUILDING", retry_after=1.0
         )
+
+    async def lost(self, opened: TenantIndex, exc: BaseException) -> Unavailable:
+        """lost drops a tenant whose directory is missing or unreadable, starts its build, returns the error.
+
+        The next search waits for that build (`get`); one that raced with a swap or an eviction
+        only needs to try again (as in `corrupt`).
+        """
+        tenant = opened.tenant
+        if self._open.get(tenant) is not opened:
+            return await self.corrupt(opened, exc)
+        log.warning("the directory of tenant %s is lost (%s); rebuilding from Postgres", tenant, exc)
+        await self._close(tenant)
+        self._verified.discard(tenant)
+        self._opening_task(tenant)
+        return Unavailable("the index is being rebuilt; retry soon", reason="INDEX_REBUILDING", retry_after=1)
 
     async def _in(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)

@@ -47,6 +47,7 @@ from services.search.engine.search.stream import MatchStream
 if TYPE_CHECKING:
     from concurrent.futures import ProcessPoolExecutor
 
+    from services.search.engine.index.index import Snapshot
     from services.search.engine.search.cursor import Cursor
     from services.search.engine.symbols.symsearch import SymbolSearchResult
 
@@ -123,8 +124,12 @@ class Searcher:
             )
         )
 
-    def run(self, request: SearchRequest) -> SearchResult:
-        """run executes a SearchRequest on a fresh snapshot of the index."""
+    def run(self, request: SearchRequest, *, snapshot: Snapshot | None = None) -> SearchResult:
+        """run executes a SearchRequest on a fresh snapshot of the index, or on `snapshot`.
+
+        A caller that keeps a snapshot open (the search service pins the one a first page
+        used) passes it to serve later pages of the same generation; it stays open after.
+        """
         started = time.perf_counter()
         if request.limit_files is not None and request.limit_files < 1:
             raise ValueError("limit_files must be at least 1")
@@ -148,7 +153,7 @@ class Searcher:
         # Imported here: ranking loads numpy (~100 ms), which a stream or count never needs.
         from services.search.engine.search.searchrun import Run
 
-        with self.index.snapshot() as snap:
+        with contextlib.nullcontext(snapshot) if snapshot else self.index.snapshot() as snap:
             if cursor is not None:
                 cursor.check(generation=snap.generation, fingerprint=fingerprint)
             result = Run(self.context(), snap, tree, request, cursor, fingerprint).execute()
