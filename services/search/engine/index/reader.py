@@ -47,6 +47,11 @@ if TYPE_CHECKING:
     from numpy.typing import NDArray
 
 _CONTENT_SPAN = struct.Struct("<QQ")
+# symbols_off, symbols_len, symbol_count of a document record (format.py's DOC_RECORD), from byte 24.
+_SYMBOLS_SPAN = struct.Struct("<Q4xII")
+_SYMBOLS_AT = 24
+_FACTS = struct.Struct("<I")
+_FACTS_AT = 44
 _STRINGS_SPAN = struct.Struct("<Q")
 _STRINGS_LEN = struct.Struct("<I")
 _BIG_ENDIAN = sys.byteorder == "big"  # the format is little-endian; native views need a copy there
@@ -69,21 +74,33 @@ class SymbolSpans:
     `spans` is an (n, 4) array of `start_line, end_line, start_byte, end_byte` per symbol, a
     view of the mapped file (the fixed-size records of format.py's symbols.bin layout), which
     is what ranking needs for every matching file; `symbol(i)` decodes the i-th full record,
-    which only a reported enclosing definition needs.
+    which only a reported enclosing definition needs. The array is made on first use: a
+    file without symbols (`count` 0) never touches numpy.
     """
 
-    __slots__ = ("_fields", "_raw", "count", "spans")
+    __slots__ = ("_fields_view", "_raw", "count")
 
     def __init__(self, raw: memoryview, count: int) -> None:
-        import numpy as np
-
-        width = SYMBOL_RECORD.size // 4
         self._raw = raw
-        self._fields: NDArray[np.uint32] = np.frombuffer(raw, dtype="<u4", count=count * width).reshape(
-            count, width
-        )
+        self._fields_view: NDArray[np.uint32] | None = None
         self.count = count
-        self.spans: NDArray[np.uint32] = self._fields[:, :4]
+
+    @property
+    def _fields(self) -> NDArray[np.uint32]:
+        fields = self._fields_view
+        if fields is None:
+            import numpy as np
+
+            width = SYMBOL_RECORD.size // 4
+            count = self.count
+            fields = np.frombuffer(self._raw, dtype="<u4", count=count * width).reshape(count, width)
+            self._fields_view = fields
+        return fields
+
+    @property
+    def spans(self) -> NDArray[np.uint32]:
+        """spans is the (count, 4) array of `start_line, end_line, start_byte, end_byte` per symbol."""
+        return self._fields[:, :4]
 
     def symbol(self, i: int) -> Symbol:
         """symbol decodes the i-th symbol record with its strings (IndexError when out of range)."""
@@ -158,12 +175,19 @@ class SegmentData:
             else self._dict.view[offsets_start : offsets_start + 8 * (n + 1)].cast("Q")
         )
         self._strings_base = HEADER_SIZE + DOC_RECORD_SIZE * self.doc_count
+        # One byte per posting list: 1 once its ordinals were checked against the table.
+        self._lists_checked = bytearray(n)
         # Version 1 stored no facts: they are worked out per ordinal when a query first needs them.
         self.stores_facts = self.format >= 2
         self._worked_facts: dict[int, int] = {}
+        # True once every block of the document table is verified and every record's facts
+        # checked (`_note_table`): `facts` then reads its field without checking per call.
+        self._table_checked = False
+        self._table_blocks = -(-(HEADER_SIZE + DOC_RECORD_SIZE * self.doc_count) // self.block_size)
         if not self._docs.lazy:
             # Version 1: the tables were verified whole above, so check their offsets now.
             self._check_tables()
+            self._table_checked = True
 
     @functools.cached_property
     def trigram_ids(self) -> NDArray[np.uint32]:
@@ -250,10 +274,20 @@ class SegmentData:
                 self._check_facts(rec["facts"])
 
     def _check_facts(self, facts: NDArray[np.uint32]) -> None:
-        import numpy as np
-
-        if not bool(np.all(facts & FACT_PRESENT)):
+        if not bool((facts & FACT_PRESENT).all()):
             raise IndexCorruptError(self._docs.path, "a document record carries no facts")
+
+    def _note_table(self) -> None:
+        """_note_table remembers the document table as checked once its last block is verified.
+
+        Then every record's facts are checked at once (a few microseconds per thousand
+        documents), so no later `facts` call checks blocks or facts again.
+        """
+        if self._docs.unverified and self._docs.verified_blocks.find(0, 0, self._table_blocks) >= 0:
+            return
+        if self.stores_facts:
+            self._check_facts(self.records["facts"])
+        self._table_checked = True
 
     def verify(self) -> None:
         """verify checks every part's whole-file checksum and the tables' offsets now.
@@ -263,27 +297,99 @@ class SegmentData:
         for part in self.parts.values():
             part.verify()
         self._check_tables()
+        self._table_checked = True
 
     def postings(self, tri: bytes) -> BitMap:
         """postings returns the ordinals of documents containing trigram `tri` (looked up as given)."""
+        i, _ = self.posting_list(tri)
+        return BitMap() if i < 0 else self.postings_at(i)
+
+    def posting_list(self, tri: bytes) -> tuple[int, int]:
+        """posting_list finds trigram `tri`: (its list number, the list's size in bytes), or (-1, 0).
+
+        The size lets a caller decode the shortest lists of an intersection first.
+        """
         tid = trigram_id(tri)
         ids = self._id_view
         i = bisect.bisect_left(ids, tid)
         if i >= len(ids):
-            return BitMap()
-        # The probes above read unverified ids; the entry used and its offsets are verified.
-        self._dict.region(HEADER_SIZE + 4 * i, HEADER_SIZE + 4 * i + 4)
-        self._dict.region(self._offsets_start + 8 * i, self._offsets_start + 8 * i + 16)
+            return -1, 0
+        if self._dict.unverified:
+            self._verify_entry(i)
         if ids[i] != tid:
-            return BitMap()
+            return -1, 0
+        return i, self._offset_view[i + 1] - self._offset_view[i]
+
+    def _verify_entry(self, i: int) -> None:
+        # The bisection probes read unverified ids; the entry used and its offsets are verified
+        # (until every block of dict.bin is, after which the caller skips this).
+        self._dict.record(HEADER_SIZE + 4 * i, 4)
+        self._dict.record(self._offsets_start + 8 * i, 16)
+
+    def intersect(self, grams: Sequence[bytes]) -> BitMap:
+        """intersect returns the ordinals containing every trigram of `grams` (deleted ones included).
+
+        Every trigram is looked up before any list is decoded, so a missing one costs no
+        decoding, and the shortest lists are decoded first, so an intersection that empties
+        early never decodes the long ones. The result is the same in any order.
+        """
+        if not grams:
+            raise ValueError("intersect needs at least one trigram")
+        ids = self._id_view
+        n = len(ids)
+        offsets = self._offset_view
+        bisect_left = bisect.bisect_left
+        part = self._dict
+        verified, size, offsets_at = part.verified_blocks, part.block_size, self._offsets_start
+        found: list[tuple[int, int]] = []
+        for tri in grams:
+            tid = trigram_id(tri)
+            i = bisect_left(ids, tid)
+            if i >= n:
+                return BitMap()
+            # _verify_entry unless the blocks of the id (4-aligned: one block) and of the two
+            # offsets (16 bytes: at most two blocks) are verified already.
+            if part.unverified and not (
+                verified[(HEADER_SIZE + 4 * i) // size]
+                and verified[(offsets_at + 8 * i) // size]
+                and verified[(offsets_at + 8 * i + 15) // size]
+            ):
+                self._verify_entry(i)
+            if ids[i] != tid:
+                return BitMap()
+            found.append((offsets[i + 1] - offsets[i], i))
+        found.sort()
+        result: BitMap | None = None
+        for _, i in found:
+            bits = self.postings_at(i)
+            if result is None:
+                result = bits
+            else:
+                result &= bits  # each list is decoded afresh: in place is safe
+            if not result:
+                break
+        assert result is not None  # grams is not empty
+        return result
+
+    def postings_at(self, i: int) -> BitMap:
+        """postings_at decodes posting list `i` (a number from posting_list).
+
+        Its ordinals are checked against the table the first time the list is read; the
+        list's bytes are checked on every read (their blocks' checksums, once per block).
+        """
+        if not 0 <= i < self.trigram_count:
+            raise IndexError(f"posting list {i} out of range for {self.name} ({self.trigram_count} lists)")
         start = HEADER_SIZE + self._offset_view[i]
         end = HEADER_SIZE + self._offset_view[i + 1]
         try:
             bitmap = BitMap.deserialize(self._postings.region(start, end))  # type: ignore[arg-type]
         except (ValueError, MemoryError) as exc:
             raise IndexCorruptError(self._postings.path, f"undecodable posting list {i}: {exc}") from exc
-        if len(bitmap) and bitmap.max() >= self.doc_count:
-            raise IndexCorruptError(self._postings.path, f"posting list {i} names an ordinal past the table")
+        if not self._lists_checked[i]:
+            if len(bitmap) and bitmap.max() >= self.doc_count:
+                detail = f"posting list {i} names an ordinal past the table"
+                raise IndexCorruptError(self._postings.path, detail)
+            self._lists_checked[i] = 1
         return bitmap
 
     def _check_ordinal(self, ordinal: int) -> None:
@@ -317,29 +423,41 @@ class SegmentData:
         return DocRecord(external_id, path, repository, language, size, digest.hex())
 
     def _record(self, ordinal: int) -> memoryview:
-        at = HEADER_SIZE + DOC_RECORD_SIZE * ordinal
-        return self._docs.region(at, at + DOC_RECORD_SIZE)
+        return self._docs.record(HEADER_SIZE + DOC_RECORD_SIZE * ordinal, DOC_RECORD_SIZE)
 
     def records_of(self, ordinals: NDArray[np.int64]) -> NDArray[np.void]:
         """records_of returns the table rows of `ordinals`, their blocks verified."""
+        self._check_records(ordinals)
+        rows: NDArray[np.void] = self.records[ordinals]
+        return rows
+
+    def _check_records(self, ordinals: NDArray[np.int64]) -> None:
         if len(ordinals) and (int(ordinals.min()) < 0 or int(ordinals.max()) >= self.doc_count):
             raise IndexError(f"ordinal out of range for {self.name} ({self.doc_count} documents)")
         self._docs.check_records(HEADER_SIZE + DOC_RECORD_SIZE * ordinals, DOC_RECORD_SIZE)
-        rows: NDArray[np.void] = self.records[ordinals]
-        return rows
 
     def facts(self, ordinals: NDArray[np.int64]) -> NDArray[np.uint8]:
         """facts returns the `facts` bits (format.py) of each ordinal, for candidate weights.
 
-        Version 2 segments read them from the document table; version 1 segments work out
-        the path bits from each path (no content bit), once per ordinal, so a query pays only
-        for its own candidates.
+        Version 2 segments read them from the document table (checked per call until every
+        block of the table is verified, then every record's facts once: `_note_table`);
+        version 1 segments work out the path bits from each path (no content bit), once per
+        ordinal, so a query pays only for its own candidates.
         """
         import numpy as np
 
         if self.stores_facts:
-            facts = self.records_of(ordinals)["facts"]
-            self._check_facts(facts)
+            # The one field of the rows, not whole rows: a fancy index over the structured
+            # table would copy 80 bytes per candidate.
+            if self._table_checked:
+                if len(ordinals) and (int(ordinals.min()) < 0 or int(ordinals.max()) >= self.doc_count):
+                    raise IndexError(f"ordinal out of range for {self.name} ({self.doc_count} documents)")
+                facts = self.records["facts"][ordinals]
+            else:
+                self._check_records(ordinals)
+                facts = self.records["facts"][ordinals]
+                self._check_facts(facts)
+                self._note_table()
             return (facts & 0xFF).astype(np.uint8)
         from services.search.engine.index.facts import path_facts  # version 1 only: spare the import
 
@@ -354,11 +472,15 @@ class SegmentData:
 
     def doc_facts(self, ordinal: int, content: bytes | memoryview) -> int:
         """doc_facts returns every `facts` bit of one document; `content` is its stored content."""
-        import numpy as np
-
         self._check_ordinal(ordinal)
         if self.stores_facts:
-            return int(self.facts(np.array([ordinal], dtype=np.int64))[0])
+            # One record read with struct (called per matching file: no numpy for one value).
+            (facts,) = _FACTS.unpack_from(self._record(ordinal), _FACTS_AT)
+            if not facts & FACT_PRESENT:
+                raise IndexCorruptError(self._docs.path, "a document record carries no facts")
+            return int(facts & 0xFF)
+        import numpy as np
+
         from services.search.engine.index.facts import content_facts  # version 1 only: spare the import
 
         return int(self.facts(np.array([ordinal], dtype=np.int64))[0]) | content_facts(content)
@@ -372,15 +494,12 @@ class SegmentData:
 
     def symbols(self, ordinal: int) -> tuple[Symbol, ...]:
         """symbols returns the symbol records stored for `ordinal`."""
-        import numpy as np
-
         self._check_ordinal(ordinal)
-        rec = self.records_of(np.array([ordinal], dtype=np.int64))[0]
-        count = int(rec["symbol_count"])
+        symbols_off, symbols_len, count = _SYMBOLS_SPAN.unpack_from(self._record(ordinal), _SYMBOLS_AT)
         if count == 0:
             return ()
-        start = HEADER_SIZE + int(rec["symbols_off"])
-        blob = bytes(self._symbols.region(start, start + int(rec["symbols_len"])))
+        start = HEADER_SIZE + symbols_off
+        blob = bytes(self._symbols.region(start, start + symbols_len))
         try:
             return decode_symbols(blob, count)
         except (ValueError, IndexError) as exc:
@@ -388,13 +507,10 @@ class SegmentData:
 
     def symbol_spans(self, ordinal: int) -> SymbolSpans:
         """symbol_spans returns the symbols stored for `ordinal` as spans, strings decoded on demand."""
-        import numpy as np
-
         self._check_ordinal(ordinal)
-        rec = self.records_of(np.array([ordinal], dtype=np.int64))[0]
-        count = int(rec["symbol_count"])
-        start = HEADER_SIZE + int(rec["symbols_off"])
-        end = start + int(rec["symbols_len"]) if count else start
+        symbols_off, symbols_len, count = _SYMBOLS_SPAN.unpack_from(self._record(ordinal), _SYMBOLS_AT)
+        start = HEADER_SIZE + symbols_off
+        end = start + symbols_len if count else start
         if count * SYMBOL_RECORD.size > end - start:
             raise IndexCorruptError(self._symbols.path, f"symbol records of document {ordinal} are truncated")
         return SymbolSpans(self._symbols.region(start, end), count)
@@ -481,6 +597,10 @@ class SegmentReader:
     def postings(self, tri: bytes) -> BitMap:
         """postings returns the ordinals containing folded trigram `tri` (deleted ordinals included)."""
         return self.data.postings(tri)
+
+    def intersect(self, grams: Sequence[bytes]) -> BitMap:
+        """intersect returns the ordinals containing every trigram of `grams` (SegmentData.intersect)."""
+        return self.data.intersect(grams)
 
     def doc(self, ordinal: int) -> DocRecord:
         """doc returns the document table row of `ordinal`."""
