@@ -47,11 +47,8 @@ if TYPE_CHECKING:
     from numpy.typing import NDArray
 
 _CONTENT_SPAN = struct.Struct("<QQ")
-# symbols_off, symbols_len, symbol_count of a document record (format.py's DOC_RECORD), from byte 24.
-_SYMBOLS_SPAN = struct.Struct("<Q4xII")
-_SYMBOLS_AT = 24
-_FACTS = struct.Struct("<I")
-_FACTS_AT = 44
+_SYMBOLS_SPAN, _SYMBOLS_AT = struct.Struct("<Q4xII"), 24  # symbols_off, symbols_len, symbol_count
+_FACTS, _FACTS_AT = struct.Struct("<I"), 44  # the facts field of a document record (DOC_RECORD)
 _STRINGS_SPAN = struct.Struct("<Q")
 _STRINGS_LEN = struct.Struct("<I")
 _BIG_ENDIAN = sys.byteorder == "big"  # the format is little-endian; native views need a copy there
@@ -87,15 +84,12 @@ class SymbolSpans:
 
     @property
     def _fields(self) -> NDArray[np.uint32]:
-        fields = self._fields_view
-        if fields is None:
+        if self._fields_view is None:
             import numpy as np
 
-            width = SYMBOL_RECORD.size // 4
-            count = self.count
-            fields = np.frombuffer(self._raw, dtype="<u4", count=count * width).reshape(count, width)
-            self._fields_view = fields
-        return fields
+            n, width = self.count, SYMBOL_RECORD.size // 4
+            self._fields_view = np.frombuffer(self._raw, dtype="<u4", count=n * width).reshape(n, width)
+        return self._fields_view
 
     @property
     def spans(self) -> NDArray[np.uint32]:
@@ -278,11 +272,8 @@ class SegmentData:
             raise IndexCorruptError(self._docs.path, "a document record carries no facts")
 
     def _note_table(self) -> None:
-        """_note_table remembers the document table as checked once its last block is verified.
-
-        Then every record's facts are checked at once (a few microseconds per thousand
-        documents), so no later `facts` call checks blocks or facts again.
-        """
+        # Once the table's last block is verified, check every record's facts (microseconds
+        # per thousand documents) so that no later `facts` call checks blocks or facts again.
         if self._docs.unverified and self._docs.verified_blocks.find(0, 0, self._table_blocks) >= 0:
             return
         if self.stores_facts:
@@ -290,10 +281,7 @@ class SegmentData:
         self._table_checked = True
 
     def verify(self) -> None:
-        """verify checks every part's whole-file checksum and the tables' offsets now.
-
-        Raises IndexCorruptError on a mismatch.
-        """
+        """verify checks every part's whole-file checksum and the tables' offsets now (IndexCorruptError)."""
         for part in self.parts.values():
             part.verify()
         self._check_tables()
@@ -301,46 +289,23 @@ class SegmentData:
 
     def postings(self, tri: bytes) -> BitMap:
         """postings returns the ordinals of documents containing trigram `tri` (looked up as given)."""
-        i, _ = self.posting_list(tri)
-        return BitMap() if i < 0 else self.postings_at(i)
-
-    def posting_list(self, tri: bytes) -> tuple[int, int]:
-        """posting_list finds trigram `tri`: (its list number, the list's size in bytes), or (-1, 0).
-
-        The size lets a caller decode the shortest lists of an intersection first.
-        """
-        tid = trigram_id(tri)
-        ids = self._id_view
-        i = bisect.bisect_left(ids, tid)
-        if i >= len(ids):
-            return -1, 0
-        if self._dict.unverified:
-            self._verify_entry(i)
-        if ids[i] != tid:
-            return -1, 0
-        return i, self._offset_view[i + 1] - self._offset_view[i]
+        return self.intersect((tri,))
 
     def _verify_entry(self, i: int) -> None:
-        # The bisection probes read unverified ids; the entry used and its offsets are verified
-        # (until every block of dict.bin is, after which the caller skips this).
+        # The bisection probes read unverified ids; the entry used and its offsets are verified.
         self._dict.record(HEADER_SIZE + 4 * i, 4)
         self._dict.record(self._offsets_start + 8 * i, 16)
 
     def intersect(self, grams: Sequence[bytes]) -> BitMap:
         """intersect returns the ordinals containing every trigram of `grams` (deleted ones included).
 
-        Every trigram is looked up before any list is decoded, so a missing one costs no
-        decoding, and the shortest lists are decoded first, so an intersection that empties
-        early never decodes the long ones. The result is the same in any order.
+        All are looked up before any list is decoded (a missing one costs no decoding), then
+        decoded shortest first (an intersection that empties early skips the long ones).
         """
         if not grams:
             raise ValueError("intersect needs at least one trigram")
-        ids = self._id_view
-        n = len(ids)
-        offsets = self._offset_view
-        bisect_left = bisect.bisect_left
-        part = self._dict
-        verified, size, offsets_at = part.verified_blocks, part.block_size, self._offsets_start
+        ids, offsets, bisect_left, part = self._id_view, self._offset_view, bisect.bisect_left, self._dict
+        n, verified, size, offsets_at = len(ids), part.verified_blocks, part.block_size, self._offsets_start
         found: list[tuple[int, int]] = []
         for tri in grams:
             tid = trigram_id(tri)
@@ -359,24 +324,15 @@ class SegmentData:
                 return BitMap()
             found.append((offsets[i + 1] - offsets[i], i))
         found.sort()
-        result: BitMap | None = None
-        for _, i in found:
-            bits = self.postings_at(i)
-            if result is None:
-                result = bits
-            else:
-                result &= bits  # each list is decoded afresh: in place is safe
+        result = self.postings_at(found[0][1])
+        for _, i in found[1:]:
             if not result:
                 break
-        assert result is not None  # grams is not empty
+            result &= self.postings_at(i)  # each list is decoded afresh: in place is safe
         return result
 
     def postings_at(self, i: int) -> BitMap:
-        """postings_at decodes posting list `i` (a number from posting_list).
-
-        Its ordinals are checked against the table the first time the list is read; the
-        list's bytes are checked on every read (their blocks' checksums, once per block).
-        """
+        """postings_at decodes posting list `i`; its ordinals are checked against the table on first read."""
         if not 0 <= i < self.trigram_count:
             raise IndexError(f"posting list {i} out of range for {self.name} ({self.trigram_count} lists)")
         start = HEADER_SIZE + self._offset_view[i]
@@ -431,10 +387,11 @@ class SegmentData:
         rows: NDArray[np.void] = self.records[ordinals]
         return rows
 
-    def _check_records(self, ordinals: NDArray[np.int64]) -> None:
+    def _check_records(self, ordinals: NDArray[np.int64], *, blocks: bool = True) -> None:
         if len(ordinals) and (int(ordinals.min()) < 0 or int(ordinals.max()) >= self.doc_count):
             raise IndexError(f"ordinal out of range for {self.name} ({self.doc_count} documents)")
-        self._docs.check_records(HEADER_SIZE + DOC_RECORD_SIZE * ordinals, DOC_RECORD_SIZE)
+        if blocks:
+            self._docs.check_records(HEADER_SIZE + DOC_RECORD_SIZE * ordinals, DOC_RECORD_SIZE)
 
     def facts(self, ordinals: NDArray[np.int64]) -> NDArray[np.uint8]:
         """facts returns the `facts` bits (format.py) of each ordinal, for candidate weights.
@@ -447,15 +404,12 @@ class SegmentData:
         import numpy as np
 
         if self.stores_facts:
-            # The one field of the rows, not whole rows: a fancy index over the structured
-            # table would copy 80 bytes per candidate.
-            if self._table_checked:
-                if len(ordinals) and (int(ordinals.min()) < 0 or int(ordinals.max()) >= self.doc_count):
-                    raise IndexError(f"ordinal out of range for {self.name} ({self.doc_count} documents)")
-                facts = self.records["facts"][ordinals]
-            else:
-                self._check_records(ordinals)
-                facts = self.records["facts"][ordinals]
+            checked = self._table_checked
+            self._check_records(ordinals, blocks=not checked)
+            # The one field of the rows, not whole rows (a fancy index over the structured
+            # table would copy 80 bytes per candidate).
+            facts = self.records["facts"][ordinals]
+            if not checked:
                 self._check_facts(facts)
                 self._note_table()
             return (facts & 0xFF).astype(np.uint8)
