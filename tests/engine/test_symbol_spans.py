@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
 from pyroaring import FrozenBitMap
 
-from services.search.engine.index.format import IndexCorruptError
+from services.search.engine.index.format import (
+    DOC_RECORD_SIZE,
+    HEADER_SIZE,
+    IndexCorruptError,
+    dump_checked_json,
+)
 from services.search.engine.index.index import Index
 from services.search.engine.index.reader import SegmentData, SegmentReader
 from services.search.engine.index.writer import IndexWriter
@@ -59,8 +67,16 @@ def test_a_document_without_symbols_has_no_spans(tmp_path: Path) -> None:
 def test_truncated_records_are_corruption(tmp_path: Path) -> None:
     segment = _segment(tmp_path / "idx")
     ordinal = _ordinal(segment, "with")
-    # A symbols_len shorter than the fixed-size records it must hold.
-    segment.data.records = segment.data.records.copy()
-    segment.data.records[ordinal]["symbols_len"] = 8
-    with pytest.raises(IndexCorruptError):
-        segment.symbol_spans(ordinal)
+    # A symbols_len shorter than the fixed-size records it must hold, with checksums that
+    # match (a writer bug, not bit rot): the record is read from the file itself.
+    seg_dir = segment.data.path
+    raw = bytearray((seg_dir / "docs.bin").read_bytes())
+    struct.pack_into("<I", raw, HEADER_SIZE + DOC_RECORD_SIZE * ordinal + 36, 8)  # symbols_len
+    meta = json.loads((seg_dir / "meta.json").read_bytes())
+    size = meta["block_size"]
+    meta["parts"]["docs.bin"]["crc32"] = zlib.crc32(raw)
+    meta["parts"]["docs.bin"]["blocks"] = [zlib.crc32(raw[i : i + size]) for i in range(0, len(raw), size)]
+    (seg_dir / "docs.bin").write_bytes(bytes(raw))
+    (seg_dir / "meta.json").write_bytes(dump_checked_json(meta))
+    with pytest.raises(IndexCorruptError, match="truncated"):
+        SegmentData(seg_dir).symbol_spans(ordinal)

@@ -105,7 +105,10 @@ good for the life of the open segment — the dictionary entry a lookup lands on
 search probes unverified ids; the entry and its offsets are verified before use), the
 document records of a query's candidates, the content it verifies. Offsets read from a part are
 bounds-checked where they are used, so a corrupt offset is an error, never a read outside a
-file. ``Snapshot.verify()`` (or ``SegmentReader.verify()``) checks everything eagerly, as a
+file. What is checked is remembered so a warm query pays nothing per read: a part with no
+unverified block left skips the block test, a posting list's ordinals are checked against the
+table once, and a document table whose blocks are all verified has every record's facts
+checked once. ``Snapshot.verify()`` (or ``SegmentReader.verify()``) checks everything eagerly, as a
 service should at start. Version 1 segments (128 KiB blocks) verify ``dict.bin`` and
 ``docs.bin`` whole at open, as they have no block checksums for them. Skip lists are read and
 checked on demand. Any mismatch raises ``IndexCorruptError`` naming the file; a newer format raises
@@ -146,6 +149,7 @@ import json
 import mmap
 import os
 import struct
+import threading
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -469,25 +473,61 @@ class MappedPart:
             raise IndexCorruptError(path, detail)
         # One byte per block: 1 once verified. Concurrent readers may verify a block twice; harmless.
         self._verified = bytearray(nblocks if lazy else 0)
+        # How many blocks are still unverified: at 0 (a warm part, or one checked whole) a read
+        # skips the per-block test. It only drops under the lock, after its block's byte is set.
+        self.unverified = nblocks if lazy else 0
+        self._lock = threading.Lock()
         if not lazy:
             self.verify()
+
+    @property
+    def verified_blocks(self) -> bytearray:
+        """verified_blocks holds one byte per block of a lazy part, 1 once it is verified (read it only).
+
+        A reader checking many small entries tests these bytes itself, one call for all of them.
+        """
+        return self._verified
 
     def verify(self) -> None:
         """verify checks the whole-file crc32, raising IndexCorruptError on mismatch."""
         if _fastscan.crc32(self.view) != self.info.crc32:
             raise IndexCorruptError(self.path, "checksum mismatch")
         if self.lazy:
-            self._verified[:] = b"\x01" * len(self._verified)
+            with self._lock:
+                self._verified[:] = b"\x01" * len(self._verified)
+                self.unverified = 0
 
     def region(self, start: int, end: int) -> memoryview:
         """region returns bytes [start, end) of the file, verifying the blocks it covers if lazy."""
         if start < 0 or end > len(self.view) or start > end:
             raise IndexCorruptError(self.path, f"reference to bytes [{start}, {end}) outside the file")
-        if self.lazy and end > start:
+        if self.unverified and end > start:
             size = self.block_size
+            verified = self._verified
             for block in range(start // size, (end - 1) // size + 1):
-                if not self._verified[block]:
+                if not verified[block]:
                     self._verify_block(block)
+        return self.view[start:end]
+
+    def record(self, start: int, length: int) -> memoryview:
+        """record is `region(start, start + length)` for a short fixed-size record (one Python call).
+
+        A record of a table is read per candidate, so the warm path is a bounds test and a
+        slice: its blocks are tested only while the part still has unverified blocks.
+        """
+        end = start + length
+        if length > self.block_size:
+            return self.region(start, end)
+        if start < 0 or end > len(self.view) or length < 0:
+            raise IndexCorruptError(self.path, f"reference to bytes [{start}, {end}) outside the file")
+        if self.unverified and length:
+            size = self.block_size
+            verified = self._verified
+            first, last = start // size, (end - 1) // size
+            if not verified[first]:
+                self._verify_block(first)
+            if last != first and not verified[last]:
+                self._verify_block(last)
         return self.view[start:end]
 
     def check_records(self, starts: NDArray[np.int64], length: int) -> None:
@@ -498,7 +538,7 @@ class MappedPart:
         """
         import numpy as np
 
-        if not self.lazy or not len(starts):
+        if not self.unverified or not len(starts):
             return
         if int(starts.min()) < 0 or int(starts.max()) + length > len(self.view):
             raise IndexCorruptError(self.path, "a record lies outside the file")
@@ -518,4 +558,7 @@ class MappedPart:
         # these blocks were the largest cost of a fresh process's scan over many files.
         if _fastscan.crc32(self.view[lo : lo + self.block_size]) != self.info.blocks[block]:
             raise IndexCorruptError(self.path, f"checksum mismatch in block {block}")
-        self._verified[block] = 1
+        with self._lock:
+            if not self._verified[block]:
+                self._verified[block] = 1
+                self.unverified -= 1

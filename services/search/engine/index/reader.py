@@ -47,6 +47,8 @@ if TYPE_CHECKING:
     from numpy.typing import NDArray
 
 _CONTENT_SPAN = struct.Struct("<QQ")
+_SYMBOLS_SPAN, _SYMBOLS_AT = struct.Struct("<Q4xII"), 24  # symbols_off, symbols_len, symbol_count
+_FACTS, _FACTS_AT = struct.Struct("<I"), 44  # the facts field of a document record (DOC_RECORD)
 _STRINGS_SPAN = struct.Struct("<Q")
 _STRINGS_LEN = struct.Struct("<I")
 _BIG_ENDIAN = sys.byteorder == "big"  # the format is little-endian; native views need a copy there
@@ -69,21 +71,30 @@ class SymbolSpans:
     `spans` is an (n, 4) array of `start_line, end_line, start_byte, end_byte` per symbol, a
     view of the mapped file (the fixed-size records of format.py's symbols.bin layout), which
     is what ranking needs for every matching file; `symbol(i)` decodes the i-th full record,
-    which only a reported enclosing definition needs.
+    which only a reported enclosing definition needs. The array is made on first use: a
+    file without symbols (`count` 0) never touches numpy.
     """
 
-    __slots__ = ("_fields", "_raw", "count", "spans")
+    __slots__ = ("_fields_view", "_raw", "count")
 
     def __init__(self, raw: memoryview, count: int) -> None:
-        import numpy as np
-
-        width = SYMBOL_RECORD.size // 4
         self._raw = raw
-        self._fields: NDArray[np.uint32] = np.frombuffer(raw, dtype="<u4", count=count * width).reshape(
-            count, width
-        )
+        self._fields_view: NDArray[np.uint32] | None = None
         self.count = count
-        self.spans: NDArray[np.uint32] = self._fields[:, :4]
+
+    @property
+    def _fields(self) -> NDArray[np.uint32]:
+        if self._fields_view is None:
+            import numpy as np
+
+            n, width = self.count, SYMBOL_RECORD.size // 4
+            self._fields_view = np.frombuffer(self._raw, dtype="<u4", count=n * width).reshape(n, width)
+        return self._fields_view
+
+    @property
+    def spans(self) -> NDArray[np.uint32]:
+        """spans is the (count, 4) array of `start_line, end_line, start_byte, end_byte` per symbol."""
+        return self._fields[:, :4]
 
     def symbol(self, i: int) -> Symbol:
         """symbol decodes the i-th symbol record with its strings (IndexError when out of range)."""
@@ -158,12 +169,19 @@ class SegmentData:
             else self._dict.view[offsets_start : offsets_start + 8 * (n + 1)].cast("Q")
         )
         self._strings_base = HEADER_SIZE + DOC_RECORD_SIZE * self.doc_count
+        # One byte per posting list: 1 once its ordinals were checked against the table.
+        self._lists_checked = bytearray(n)
         # Version 1 stored no facts: they are worked out per ordinal when a query first needs them.
         self.stores_facts = self.format >= 2
         self._worked_facts: dict[int, int] = {}
+        # True once every block of the document table is verified and every record's facts
+        # checked (`_note_table`): `facts` then reads its field without checking per call.
+        self._table_checked = False
+        self._table_blocks = -(-(HEADER_SIZE + DOC_RECORD_SIZE * self.doc_count) // self.block_size)
         if not self._docs.lazy:
             # Version 1: the tables were verified whole above, so check their offsets now.
             self._check_tables()
+            self._table_checked = True
 
     @functools.cached_property
     def trigram_ids(self) -> NDArray[np.uint32]:
@@ -250,40 +268,84 @@ class SegmentData:
                 self._check_facts(rec["facts"])
 
     def _check_facts(self, facts: NDArray[np.uint32]) -> None:
-        import numpy as np
-
-        if not bool(np.all(facts & FACT_PRESENT)):
+        if not bool((facts & FACT_PRESENT).all()):
             raise IndexCorruptError(self._docs.path, "a document record carries no facts")
 
-    def verify(self) -> None:
-        """verify checks every part's whole-file checksum and the tables' offsets now.
+    def _note_table(self) -> None:
+        # Once the table's last block is verified, check every record's facts (microseconds
+        # per thousand documents) so that no later `facts` call checks blocks or facts again.
+        if self._docs.unverified and self._docs.verified_blocks.find(0, 0, self._table_blocks) >= 0:
+            return
+        if self.stores_facts:
+            self._check_facts(self.records["facts"])
+        self._table_checked = True
 
-        Raises IndexCorruptError on a mismatch.
-        """
+    def verify(self) -> None:
+        """verify checks every part's whole-file checksum and the tables' offsets now (IndexCorruptError)."""
         for part in self.parts.values():
             part.verify()
         self._check_tables()
+        self._table_checked = True
 
     def postings(self, tri: bytes) -> BitMap:
         """postings returns the ordinals of documents containing trigram `tri` (looked up as given)."""
-        tid = trigram_id(tri)
-        ids = self._id_view
-        i = bisect.bisect_left(ids, tid)
-        if i >= len(ids):
-            return BitMap()
-        # The probes above read unverified ids; the entry used and its offsets are verified.
-        self._dict.region(HEADER_SIZE + 4 * i, HEADER_SIZE + 4 * i + 4)
-        self._dict.region(self._offsets_start + 8 * i, self._offsets_start + 8 * i + 16)
-        if ids[i] != tid:
-            return BitMap()
+        return self.intersect((tri,))
+
+    def _verify_entry(self, i: int) -> None:
+        # The bisection probes read unverified ids; the entry used and its offsets are verified.
+        self._dict.record(HEADER_SIZE + 4 * i, 4)
+        self._dict.record(self._offsets_start + 8 * i, 16)
+
+    def intersect(self, grams: Sequence[bytes]) -> BitMap:
+        """intersect returns the ordinals containing every trigram of `grams` (deleted ones included).
+
+        All are looked up before any list is decoded (a missing one costs no decoding), then
+        decoded shortest first (an intersection that empties early skips the long ones).
+        """
+        if not grams:
+            raise ValueError("intersect needs at least one trigram")
+        ids, offsets, bisect_left, part = self._id_view, self._offset_view, bisect.bisect_left, self._dict
+        n, verified, size, offsets_at = len(ids), part.verified_blocks, part.block_size, self._offsets_start
+        found: list[tuple[int, int]] = []
+        for tri in grams:
+            tid = trigram_id(tri)
+            i = bisect_left(ids, tid)
+            if i >= n:
+                return BitMap()
+            # _verify_entry unless the blocks of the id (4-aligned: one block) and of the two
+            # offsets (16 bytes: at most two blocks) are verified already.
+            if part.unverified and not (
+                verified[(HEADER_SIZE + 4 * i) // size]
+                and verified[(offsets_at + 8 * i) // size]
+                and verified[(offsets_at + 8 * i + 15) // size]
+            ):
+                self._verify_entry(i)
+            if ids[i] != tid:
+                return BitMap()
+            found.append((offsets[i + 1] - offsets[i], i))
+        found.sort()
+        result = self.postings_at(found[0][1])
+        for _, i in found[1:]:
+            if not result:
+                break
+            result &= self.postings_at(i)  # each list is decoded afresh: in place is safe
+        return result
+
+    def postings_at(self, i: int) -> BitMap:
+        """postings_at decodes posting list `i`; its ordinals are checked against the table on first read."""
+        if not 0 <= i < self.trigram_count:
+            raise IndexError(f"posting list {i} out of range for {self.name} ({self.trigram_count} lists)")
         start = HEADER_SIZE + self._offset_view[i]
         end = HEADER_SIZE + self._offset_view[i + 1]
         try:
             bitmap = BitMap.deserialize(self._postings.region(start, end))  # type: ignore[arg-type]
         except (ValueError, MemoryError) as exc:
             raise IndexCorruptError(self._postings.path, f"undecodable posting list {i}: {exc}") from exc
-        if len(bitmap) and bitmap.max() >= self.doc_count:
-            raise IndexCorruptError(self._postings.path, f"posting list {i} names an ordinal past the table")
+        if not self._lists_checked[i]:
+            if len(bitmap) and bitmap.max() >= self.doc_count:
+                detail = f"posting list {i} names an ordinal past the table"
+                raise IndexCorruptError(self._postings.path, detail)
+            self._lists_checked[i] = 1
         return bitmap
 
     def _check_ordinal(self, ordinal: int) -> None:
@@ -317,29 +379,39 @@ class SegmentData:
         return DocRecord(external_id, path, repository, language, size, digest.hex())
 
     def _record(self, ordinal: int) -> memoryview:
-        at = HEADER_SIZE + DOC_RECORD_SIZE * ordinal
-        return self._docs.region(at, at + DOC_RECORD_SIZE)
+        return self._docs.record(HEADER_SIZE + DOC_RECORD_SIZE * ordinal, DOC_RECORD_SIZE)
 
     def records_of(self, ordinals: NDArray[np.int64]) -> NDArray[np.void]:
         """records_of returns the table rows of `ordinals`, their blocks verified."""
-        if len(ordinals) and (int(ordinals.min()) < 0 or int(ordinals.max()) >= self.doc_count):
-            raise IndexError(f"ordinal out of range for {self.name} ({self.doc_count} documents)")
-        self._docs.check_records(HEADER_SIZE + DOC_RECORD_SIZE * ordinals, DOC_RECORD_SIZE)
+        self._check_records(ordinals)
         rows: NDArray[np.void] = self.records[ordinals]
         return rows
+
+    def _check_records(self, ordinals: NDArray[np.int64], *, blocks: bool = True) -> None:
+        if len(ordinals) and (int(ordinals.min()) < 0 or int(ordinals.max()) >= self.doc_count):
+            raise IndexError(f"ordinal out of range for {self.name} ({self.doc_count} documents)")
+        if blocks:
+            self._docs.check_records(HEADER_SIZE + DOC_RECORD_SIZE * ordinals, DOC_RECORD_SIZE)
 
     def facts(self, ordinals: NDArray[np.int64]) -> NDArray[np.uint8]:
         """facts returns the `facts` bits (format.py) of each ordinal, for candidate weights.
 
-        Version 2 segments read them from the document table; version 1 segments work out
-        the path bits from each path (no content bit), once per ordinal, so a query pays only
-        for its own candidates.
+        Version 2 segments read them from the document table (checked per call until every
+        block of the table is verified, then every record's facts once: `_note_table`);
+        version 1 segments work out the path bits from each path (no content bit), once per
+        ordinal, so a query pays only for its own candidates.
         """
         import numpy as np
 
         if self.stores_facts:
-            facts = self.records_of(ordinals)["facts"]
-            self._check_facts(facts)
+            checked = self._table_checked
+            self._check_records(ordinals, blocks=not checked)
+            # The one field of the rows, not whole rows (a fancy index over the structured
+            # table would copy 80 bytes per candidate).
+            facts = self.records["facts"][ordinals]
+            if not checked:
+                self._check_facts(facts)
+                self._note_table()
             return (facts & 0xFF).astype(np.uint8)
         from services.search.engine.index.facts import path_facts  # version 1 only: spare the import
 
@@ -354,11 +426,15 @@ class SegmentData:
 
     def doc_facts(self, ordinal: int, content: bytes | memoryview) -> int:
         """doc_facts returns every `facts` bit of one document; `content` is its stored content."""
-        import numpy as np
-
         self._check_ordinal(ordinal)
         if self.stores_facts:
-            return int(self.facts(np.array([ordinal], dtype=np.int64))[0])
+            # One record read with struct (called per matching file: no numpy for one value).
+            (facts,) = _FACTS.unpack_from(self._record(ordinal), _FACTS_AT)
+            if not facts & FACT_PRESENT:
+                raise IndexCorruptError(self._docs.path, "a document record carries no facts")
+            return int(facts & 0xFF)
+        import numpy as np
+
         from services.search.engine.index.facts import content_facts  # version 1 only: spare the import
 
         return int(self.facts(np.array([ordinal], dtype=np.int64))[0]) | content_facts(content)
@@ -372,15 +448,12 @@ class SegmentData:
 
     def symbols(self, ordinal: int) -> tuple[Symbol, ...]:
         """symbols returns the symbol records stored for `ordinal`."""
-        import numpy as np
-
         self._check_ordinal(ordinal)
-        rec = self.records_of(np.array([ordinal], dtype=np.int64))[0]
-        count = int(rec["symbol_count"])
+        symbols_off, symbols_len, count = _SYMBOLS_SPAN.unpack_from(self._record(ordinal), _SYMBOLS_AT)
         if count == 0:
             return ()
-        start = HEADER_SIZE + int(rec["symbols_off"])
-        blob = bytes(self._symbols.region(start, start + int(rec["symbols_len"])))
+        start = HEADER_SIZE + symbols_off
+        blob = bytes(self._symbols.region(start, start + symbols_len))
         try:
             return decode_symbols(blob, count)
         except (ValueError, IndexError) as exc:
@@ -388,13 +461,10 @@ class SegmentData:
 
     def symbol_spans(self, ordinal: int) -> SymbolSpans:
         """symbol_spans returns the symbols stored for `ordinal` as spans, strings decoded on demand."""
-        import numpy as np
-
         self._check_ordinal(ordinal)
-        rec = self.records_of(np.array([ordinal], dtype=np.int64))[0]
-        count = int(rec["symbol_count"])
-        start = HEADER_SIZE + int(rec["symbols_off"])
-        end = start + int(rec["symbols_len"]) if count else start
+        symbols_off, symbols_len, count = _SYMBOLS_SPAN.unpack_from(self._record(ordinal), _SYMBOLS_AT)
+        start = HEADER_SIZE + symbols_off
+        end = start + symbols_len if count else start
         if count * SYMBOL_RECORD.size > end - start:
             raise IndexCorruptError(self._symbols.path, f"symbol records of document {ordinal} are truncated")
         return SymbolSpans(self._symbols.region(start, end), count)
@@ -481,6 +551,10 @@ class SegmentReader:
     def postings(self, tri: bytes) -> BitMap:
         """postings returns the ordinals containing folded trigram `tri` (deleted ordinals included)."""
         return self.data.postings(tri)
+
+    def intersect(self, grams: Sequence[bytes]) -> BitMap:
+        """intersect returns the ordinals containing every trigram of `grams` (SegmentData.intersect)."""
+        return self.data.intersect(grams)
 
     def doc(self, ordinal: int) -> DocRecord:
         """doc returns the document table row of `ordinal`."""

@@ -38,9 +38,15 @@ def evaluate_plan(plan: Plan, segment: SegmentReader) -> BitMap | None:
     if isinstance(plan, Tri):
         return segment.postings(plan.gram)
     if isinstance(plan, And):
-        result: BitMap | None = None
-        # Trigram leaves first: they are cheap and usually the most selective.
-        for child in sorted(plan.children, key=lambda c: 0 if isinstance(c, Tri) else 1):
+        # Trigram leaves first, in one call (shortest lists first, see SegmentReader.intersect):
+        # they are cheap and usually the most selective.
+        grams = [child.gram for child in plan.children if isinstance(child, Tri)]
+        result: BitMap | None = segment.intersect(grams) if grams else None
+        if result is not None and not result:
+            return result
+        for child in plan.children:
+            if isinstance(child, Tri):
+                continue
             bits = evaluate_plan(child, segment)
             if bits is None:
                 continue
@@ -91,19 +97,25 @@ def collect_candidates(snap: Snapshot, tree: MatchTree, *, exact: bool) -> Candi
     from services.search.engine.search import rank
 
     plan = tree.plan
-    order: list[tuple[int, NDArray[np.int64]]] = []
-    weights_all: list[NDArray[np.float64]] = []
+    seg_list: list[int] = []
+    ord_list: list[NDArray[np.int64]] = []
+    facts_list: list[NDArray[np.uint8]] = []
     for seg_index, segment in enumerate(snap.segments):
-        ordinals = np.asarray(segment_candidates(tree, segment), dtype=np.int64)
-        order.append((seg_index, ordinals))
-        weights_all.append(rank.prior_weights(segment.facts(ordinals)) if len(ordinals) else np.empty(0))
-    seg_ids: NDArray[np.int64] = (
-        np.concatenate([np.full(len(o), i, dtype=np.int64) for i, o in order])
-        if order
-        else np.empty(0, dtype=np.int64)
-    )
-    ords = np.concatenate([o for _, o in order]) if order else np.empty(0, dtype=np.int64)
-    weights = np.concatenate(weights_all) if weights_all else np.empty(0)
+        found = segment_candidates(tree, segment)
+        if not len(found):
+            continue
+        ordinals = np.asarray(found, dtype=np.int64)
+        seg_list.append(seg_index)
+        ord_list.append(ordinals)
+        facts_list.append(segment.facts(ordinals))
+    if ord_list:
+        # One numpy pass over the whole snapshot, not one per segment.
+        ords = np.concatenate(ord_list)
+        seg_ids = np.repeat(np.array(seg_list, dtype=np.int64), [len(o) for o in ord_list])
+        weights = rank.prior_weights(np.concatenate(facts_list))
+    else:
+        ords = seg_ids = np.empty(0, dtype=np.int64)
+        weights = np.empty(0)
     # FIRST_PAGE: ordinary files first; within a weight, index order (segments are path-sorted).
     sequence = np.arange(len(ords)) if exact else np.lexsort((ords, seg_ids, -weights))
     return Candidates(seg_ids, ords, weights, sequence, isinstance(plan, All))

@@ -165,6 +165,8 @@ def symbol_table(segment: SegmentReader, ordinal: int) -> rank.SymbolTable:
     as a match's enclosing definition.
     """
     spans = segment.symbol_spans(ordinal)
+    if not spans.count:
+        return rank.SymbolTable.empty()
     return rank.SymbolTable(spans.spans, spans.symbol)
 
 

@@ -27,7 +27,8 @@ from numpy.typing import NDArray
 from services.search.engine import _fastscan
 from services.search.engine.errors import SearchCancelled as SearchCancelled
 from services.search.engine.index.index import Index, Snapshot
-from services.search.engine.index.reader import DocRecord
+from services.search.engine.index.reader import DocRecord, SegmentReader
+from services.search.engine.model import Symbol
 from services.search.engine.query.matchtree import DocFacts, MatchTree, compile_query, compile_regex_query
 from services.search.engine.query.query import Query
 from services.search.engine.query.verify import LineMatch as RawLineMatch
@@ -226,6 +227,21 @@ class Run:
     def _check(self, seg_index: int, ordinal: int) -> Hit | None:
         """_check verifies one candidate and scores it; it touches no shared run state."""
         segment = self.snap.segments[seg_index]
+        sole = self.tree.sole_matcher
+        if sole is not None:
+            # A query of one content term: its lines are exactly the matcher's
+            # (MatchTree.sole_matcher), found on the mapped content without a copy and
+            # without walking the tree; only a matching file decodes its record. This halved
+            # the cost of a candidate that does not match (most of a selective first page).
+            view = segment.content(ordinal)
+            lines = sole.find(view)
+            if not lines:
+                return None
+            doc = segment.doc(ordinal)
+            base = doc.path.rsplit("/", 1)[-1].encode("utf-8")
+            return self._hit(
+                seg_index, segment, ordinal, doc, view, lines, (), (), bool(sole.find(base, max_matches=1))
+            )
         content = bytes(segment.content(ordinal))
         record: list[DocRecord] = []
 
@@ -237,14 +253,45 @@ class Run:
         if outcome is None:
             return None
         doc = record[0] if record else segment.doc(ordinal)
-        lines = outcome.lines
+        return self._hit(
+            seg_index,
+            segment,
+            ordinal,
+            doc,
+            content,
+            outcome.lines,
+            outcome.symbols,
+            outcome.path_ranges,
+            outcome.filename_match,
+        )
+
+    def _hit(
+        self,
+        seg_index: int,
+        segment: SegmentReader,
+        ordinal: int,
+        doc: DocRecord,
+        content: bytes | memoryview,
+        lines: list[RawLineMatch],
+        symbols: tuple[Symbol, ...],
+        path_ranges: tuple[tuple[int, int], ...],
+        filename_match: bool,
+    ) -> Hit:
+        """_hit scores a matching file and makes its Hit."""
         table = symbol_table(segment, ordinal)
-        weight = rank.facts_weight(segment.doc_facts(ordinal, content))
-        signals = self._signals(content, lines, outcome.filename_match, table)
-        if outcome.symbols:
-            # A sym: or type:symbol match is a definition by construction.
-            signals = replace(signals, definition=True)
-        score = rank.score(signals, weight)
+        # The whole-word test is rank.is_whole_word's, run natively over every range (a file
+        # with thousands of matching lines cost ~1 ms in Python).
+        whole_word = _fastscan.any_whole_word(content, lines)
+        # A sym: or type:symbol match is a definition by construction; otherwise absolute
+        # spans are built only when the file has definitions to compare them with.
+        definition = bool(symbols) or (bool(table) and table.defines(_absolute_ranges(lines)))
+        score = rank.score_of(
+            definition=definition,
+            whole_word=whole_word,
+            content_match=bool(lines),
+            filename_match=filename_match,
+            weight=rank.facts_weight(segment.doc_facts(ordinal, content)),
+        )
         return Hit(
             key=rank_key(score, doc.path, doc.repository, doc.external_id),
             segment=seg_index,
@@ -255,8 +302,8 @@ class Run:
             external_id=doc.external_id,
             score=score,
             lines=lines,
-            symbols=outcome.symbols,
-            path_ranges=outcome.path_ranges,
+            symbols=symbols,
+            path_ranges=path_ranges,
             table=table,
         )
 
@@ -285,27 +332,10 @@ class Run:
         elif found.key < self.heap[0].key:
             heapq.heapreplace(self.heap, found)
 
-    def _signals(
-        self,
-        content: bytes,
-        lines: Sequence[RawLineMatch],
-        filename_match: bool,
-        table: rank.SymbolTable,
-    ) -> rank.RankSignals:
-        # The whole-word test is rank.is_whole_word's, run natively over every range (a file
-        # with thousands of matching lines cost ~1 ms in Python); absolute spans are built
-        # only when the file has definitions to compare them with.
-        whole_word = _fastscan.any_whole_word(content, lines)
-        definition = False
-        if table:
-            spans = [(m.line_start + s, m.line_start + e) for m in lines for s, e in m.ranges]
-            definition = table.defines(spans)
-        return rank.RankSignals(
-            definition=definition,
-            whole_word=whole_word,
-            content_match=bool(lines),
-            filename_match=filename_match,
-        )
+
+def _absolute_ranges(lines: Sequence[RawLineMatch]) -> list[tuple[int, int]]:
+    """_absolute_ranges turns line-relative match ranges into byte ranges of the file."""
+    return [(m.line_start + s, m.line_start + e) for m in lines for s, e in m.ranges]
 
 
 class SegmentGone(Exception):
