@@ -32,7 +32,6 @@ from services.search.engine.model import Symbol
 from services.search.engine.query.matchtree import DocFacts, MatchTree, compile_query, compile_regex_query
 from services.search.engine.query.query import Query
 from services.search.engine.query.verify import LineMatch as RawLineMatch
-from services.search.engine.record import replace
 from services.search.engine.search import rank
 from services.search.engine.search.candidates import collect_candidates
 from services.search.engine.search.cursor import Cursor, path_digest, rank_key
