@@ -63,6 +63,27 @@ def test_snapshot_pins_its_generation_and_files(tmp_path: Path) -> None:
     assert list_generations(root) == [2]
 
 
+def test_a_closed_index_never_deletes_files_a_late_snapshot_releases(tmp_path: Path) -> None:
+    # A rebuild swaps a new index in under the same path while a search may still hold a
+    # snapshot of the old one; segment names repeat across indexes, so the old index, once
+    # closed, must not unlink what its snapshot releases: it could be the new index's file.
+    root = tmp_path / "idx"
+    index = Index.create(root)
+    add(index, ("a", b"first alpha"), ("b", b"first bravo"))
+    old = index.snapshot()
+    add(index, ("a", b"second alpha"), delete=("b",))
+    first = old.segments[0].name
+    index.close()
+    old.close()
+    assert (root / first).is_dir()
+    # The next writer collects it as an orphan.
+    reopened = Index.open(root)
+    with IndexWriter(reopened, merge_policy=None):
+        pass
+    assert not (root / first).exists()
+    assert ids(reopened) == {"a"}
+
+
 def test_deletion_files_are_replaced_and_collected(tmp_path: Path) -> None:
     root = tmp_path / "idx"
     index = Index.create(root)

@@ -295,6 +295,7 @@ class Index:
         self._pins: Counter[str] = Counter()
         self._data: dict[str, SegmentData] = {}
         self._live: dict[tuple[str, str | None], FrozenBitMap] = {}
+        self._closed = False
         self._pin(manifest.files())
 
     @classmethod
@@ -446,8 +447,15 @@ class Index:
                             (self.path / rel).unlink()
 
     def close(self) -> None:
-        """close drops cached segments; open snapshots keep working until closed."""
+        """close drops cached segments; open snapshots keep working until closed.
+
+        After close the index never deletes a file: its directory may since have been replaced
+        by another index under the same path (a rebuild's swap), whose files have the same
+        names, so a snapshot closed late only forgets what it pinned. What it would have
+        deleted is an orphan the next writer removes (`remove_orphans`).
+        """
         with self._state:
+            self._closed = True
             self._data.clear()
             self._live.clear()
 
@@ -516,6 +524,8 @@ class Index:
             del self._data[rel]
         for key in [k for k in self._live if k[0] == rel or f"{k[0]}/{k[1]}" == rel]:
             del self._live[key]
+        if self._closed:
+            return
         if "/" not in rel and rel.startswith("seg-") and target.is_dir():
             import shutil  # see remove_orphans
 
