@@ -240,7 +240,7 @@ def _stream_split(
 ) -> Summary:
     """_stream_split prints the first half of the stream while a forked child renders the second."""
     total = found.candidates
-    middle = total // 2
+    middle = found.middle()
     sys.stdout.flush()
     child = os.fork()
     if child == 0:  # pragma: no cover - the parent checks the child's output and totals

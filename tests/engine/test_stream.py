@@ -18,6 +18,7 @@ from services.search.engine.errors import SearchCancelled
 from services.search.engine.index.build import build_index
 from services.search.engine.index.format import IndexCorruptError
 from services.search.engine.index.index import Index
+from services.search.engine.search import stream
 from services.search.engine.search.results import LimitReason, SearchMode
 from services.search.engine.search.searcher import Searcher
 
@@ -162,3 +163,19 @@ def test_a_corrupt_content_block_stops_a_count_where_it_lies(tmp_path: Path) -> 
             else:
                 yielded.extend(f.path for f in counted)
         assert yielded == expected and victim.path not in yielded
+
+
+def test_middle_cuts_a_count_by_content_bytes(searcher: Searcher) -> None:
+    with searcher.stream(r"\w", regex=True, lines=False) as found:
+        total = found.candidates
+        middle = found.middle()
+        whole = list(found.counts(0, total))
+    with searcher.stream(r"\w", regex=True, lines=False) as files:
+        sizes = [len(f.content) for f in files]
+    assert 0 < middle <= total and len(sizes) == total  # every file has a word
+    cost = [size + stream.MIDDLE_COST for size in sizes]
+    assert sum(cost[: middle - 1]) < sum(cost) / 2 <= sum(cost[:middle])
+    with searcher.stream(r"\w", regex=True, lines=False) as again:
+        assert [*again.counts(0, middle), *again.counts(middle, total)] == whole
+    with searcher.stream(r"\w", regex=True) as lines:  # not a count: half the candidates
+        assert lines.middle() == lines.candidates // 2

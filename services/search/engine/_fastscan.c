@@ -1009,6 +1009,7 @@ void *kdb_re2_new(const char *pattern, size_t len, int case_sensitive, int liter
 void kdb_re2_free(void *re);
 int kdb_re2_match(const void *re, const char *data, size_t len, size_t pos, size_t endpos, size_t *start,
                   size_t *end);
+int kdb_re2_test(const void *re, const char *data, size_t len, size_t pos, size_t endpos);
 
 #define REGEX_CAPSULE "kotadb._fastscan.regex"
 
@@ -1141,8 +1142,7 @@ static int regex_scan_listed(regex_scan_args *a, i64vec *out) {
         const int64_t *line = a->lines + 3 * i;
         size_t start = (size_t)line[1], end = (size_t)line[2];
         if (a->count_only) {
-            size_t s, e;
-            a->found_lines += kdb_re2_match(a->re, a->data, a->len, start, end, &s, &e);
+            a->found_lines += kdb_re2_test(a->re, a->data, a->len, start, end);
             continue;
         }
         size_t header = out->len;
@@ -1187,8 +1187,7 @@ static int regex_scan_needle(regex_scan_args *a, const unsigned char *hay, const
         const unsigned char *eol = memchr(hay + at, '\n', len - at);
         size_t end = eol != NULL ? (size_t)(eol - hay) : len;
         if (a->count_only) {
-            size_t s, e;
-            a->found_lines += kdb_re2_match(a->re, data, len, start, end, &s, &e);
+            a->found_lines += kdb_re2_test(a->re, data, len, start, end);
         } else {
             line_number += count_newlines(hay + counted, (Py_ssize_t)(start - counted));
             counted = start;
