@@ -18,6 +18,7 @@ from services.search.engine.errors import SearchCancelled
 from services.search.engine.index.build import build_index
 from services.search.engine.index.format import IndexCorruptError
 from services.search.engine.index.index import Index
+from services.search.engine.query.verify import LineMatcher
 from services.search.engine.search import stream
 from services.search.engine.search.results import LimitReason, SearchMode
 from services.search.engine.search.searcher import Searcher
@@ -179,3 +180,25 @@ def test_middle_cuts_a_count_by_content_bytes(searcher: Searcher) -> None:
         assert [*again.counts(0, middle), *again.counts(middle, total)] == whole
     with searcher.stream(r"\w", regex=True) as lines:  # not a count: half the candidates
         assert lines.middle() == lines.candidates // 2
+
+
+def test_a_stream_told_to_count_midway_counts_the_rest_in_batches(
+    searcher: Searcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with searcher.stream("(?i)parser", regex=True) as whole:
+        expected = [(f.path, f.line_count) for f in whole]
+    assert len(expected) > 2
+
+    def one_at_a_time(self: LineMatcher, content: bytes) -> int:
+        raise AssertionError("counted file by file")
+
+    monkeypatch.setattr(LineMatcher, "count", one_at_a_time)
+    with searcher.stream("(?i)parser", regex=True) as found:
+        files = iter(found)
+        head = next(files)
+        assert head.groups  # lines while `lines` is set
+        found.lines = False  # as the search service does once it has its page
+        rest = list(files)
+    assert not any(f.groups for f in rest)
+    assert [(f.path, f.line_count) for f in [head, *rest]] == expected
+    assert (found.verified, found.file_count) == (found.candidates, len(expected))

@@ -172,7 +172,7 @@ class MatchStream:
         sole = self.tree.sole_matcher
         if sole is not None and not self.lines:
             return self._counted(sole, start, stop)
-        return self._each(start, stop)
+        return self._each(start, stop, handover=True)
 
     def _stopped(self) -> bool:
         if self.cancel is not None and self.cancel.is_set():
@@ -267,14 +267,21 @@ class MatchStream:
                 wanted = [spans[2 * (at + i) + k] for i in hits for k in (0, 1)]
                 yield _Batch(seg_index, matched, lines, names, content, wanted)
 
-    def _each(self, start: int, stop: int) -> Iterator[StreamedFile]:
-        """_each is `files` one candidate at a time (a query tree, or lines wanted)."""
+    def _each(self, start: int, stop: int, *, handover: bool = False) -> Iterator[StreamedFile]:
+        """_each is `files` one candidate at a time (a query tree, or lines wanted).
+
+        With `handover`, a caller that sets `lines` to False mid-stream (the search service,
+        once it has the files it shows) has the rest counted in batches (`_counted`).
+        """
         sole = self.tree.sole_matcher
         segments = self.snap.segments
-        for seg_index, lo, hi, _ in self._ranges(start, stop):
+        for seg_index, lo, hi, first in self._ranges(start, stop):
             segment = segments[seg_index]
             ordinals = self._found()[seg_index][1]
             for i in range(lo, hi):
+                if handover and sole is not None and not self.lines:
+                    yield from self._counted(sole, first + i, stop)
+                    return
                 if self._stopped():
                     return
                 ordinal = ordinals[i]
