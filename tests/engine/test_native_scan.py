@@ -278,9 +278,11 @@ def test_record_spans_reads_offsets_and_sizes() -> None:
     with pytest.raises(ValueError):
         _fastscan.record_spans(table, _spans([3]), 4, record.size, 7, 21, 16, 24, 4)
     assert _fastscan.record_spans(table, b"", 4, record.size, 0, 0, 0, 8, 8) == b""
-    for ordinals, limit in (([5], 1000), ([-1], 1000), ([4], 143)):
-        with pytest.raises(ValueError):
-            _fastscan.record_spans(table, _spans(ordinals), 4, record.size, 100, limit, 0, 8, 8)
+    for ordinals in ([5], [-1], [0, 5]):
+        with pytest.raises(IndexError):
+            _fastscan.record_spans(table, _spans(ordinals), 4, record.size, 100, 1000, 0, 8, 8)
+    with pytest.raises(ValueError):
+        _fastscan.record_spans(table, _spans([4]), 4, record.size, 100, 143, 0, 8, 8)
     with pytest.raises(ValueError):
         _fastscan.record_spans(table, _spans([0]), 4, record.size, 0, 10, 0, 30, 4)  # field past the record
 

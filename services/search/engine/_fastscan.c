@@ -1524,8 +1524,8 @@ static PyObject *fastscan_crc32_accelerated(PyObject *self, PyObject *args) {
  *       For each ordinal (int64 buffer) the record at table_start + record_size * ordinal of
  *       `table` holds a little-endian u64 offset at byte offset_at and a size (u32 or u64 by
  *       size_bytes) at size_at; the result holds (base + offset, base + offset + size) per
- *       ordinal as int64 pairs. ValueError when a record lies outside `table` or a span ends
- *       past `limit`.
+ *       ordinal as int64 pairs. IndexError when a record lies outside `table`, ValueError
+ *       when a span ends past `limit`.
  *   split_strings(data, spans, fields, keep) -> list[tuple[str, ...]]
  *       Each span of `data` decoded as UTF-8 (strictly) and split at NUL into exactly
  *       `fields` strings, of which the first `keep` are returned; ValueError otherwise.
@@ -1583,6 +1583,7 @@ static PyObject *fastscan_record_spans(PyObject *self, PyObject *args) {
     Py_ssize_t n = ords.len / (Py_ssize_t)sizeof(int64_t);
     PyObject *out = NULL;
     const char *error = NULL;
+    PyObject *kind = PyExc_ValueError;
     if (table_start < 0 || table_start > table.len || base < 0 || limit < base || (size_bytes != 4 && size_bytes != 8) ||
         offset_at < 0 || size_at < 0 || offset_at + 8 > record_size || size_at + size_bytes > record_size) {
         error = "invalid table layout";
@@ -1600,6 +1601,7 @@ static PyObject *fastscan_record_spans(PyObject *self, PyObject *args) {
         int64_t ordinal = ordinals[i];
         if (ordinal < 0 || ordinal >= (table.len - table_start) / record_size) {
             error = "a record lies outside the table";
+            kind = PyExc_IndexError;
             break;
         }
         const unsigned char *row = rows + table_start + ordinal * record_size;
@@ -1619,7 +1621,7 @@ done:
     PyBuffer_Release(&ords);
     if (error != NULL) {
         Py_XDECREF(out);
-        PyErr_SetString(PyExc_ValueError, error);
+        PyErr_SetString(kind, error);
         return NULL;
     }
     return out;

@@ -134,18 +134,23 @@ class MatchStream:
         if self.tree.sole_matcher is None or self.lines or total < 2:
             return total // 2
         cost = MIDDLE_COST
-        sizes: list[int] = []
+        weights: list[tuple[memoryview, int]] = []  # per segment: its spans and their weight
         for seg_index, _ in self._found():
             try:
                 spans = memoryview(self.spans(seg_index)).cast("q")
             except IndexFileError:
                 return total // 2  # the stream itself will report the corruption where it lies
-            sizes += [end - start + cost for start, end in zip(spans[::2], spans[1::2], strict=True)]
-        half, acc = sum(sizes) / 2, 0
-        for i, size in enumerate(sizes):
-            acc += size
-            if acc >= half:
-                return i + 1
+            weights.append((spans, sum(spans[1::2]) - sum(spans[0::2]) + cost * (len(spans) // 2)))
+        half, acc, at = sum(weight for _, weight in weights) / 2, 0, 0
+        for spans, weight in weights:
+            if acc + weight < half:
+                acc += weight
+                at += len(spans) // 2
+                continue
+            for i in range(len(spans) // 2):
+                acc += spans[2 * i + 1] - spans[2 * i] + cost
+                if acc >= half:
+                    return at + i + 1
         return total
 
     def _ranges(self, start: int, stop: int) -> Iterator[tuple[int, int, int, int]]:
