@@ -10,8 +10,16 @@ query that is one content term is matched directly by its LineMatcher, natively 
 literal (`_fastscan.scan_literal`, `count_literal`); any other query is evaluated with
 its match tree, as a ranked search would.
 
-The deadline and the cancellation event are checked between files; a stream cut short by
-the deadline ends early with `limit_reason` DEADLINE, so its totals are lower bounds.
+Counting one content term goes a batch of candidates at a time: one native call each
+verifies their content blocks, counts their matching lines and reads the names of the
+matching ones, so Python touches only matching files (`MatchStream.counts` not even a
+StreamedFile). On Linux, `kotadb index search --count` of `0x[0-9a-f]{8}` (37,551
+candidates) went from 572 to 423 ms and `^#include <linux/[a-z_]+\\.h>$` from 601 to
+457 ms (median of 5, load 3).
+
+The deadline and the cancellation event are checked between files (between batches when
+counting); a stream cut short by the deadline ends early with `limit_reason` DEADLINE, so
+its totals are lower bounds.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ COUNT_BATCH = 128
 # What a candidate costs a counting stream besides its bytes, in bytes (MatchStream.middle):
 # on Linux, cutting `0x[0-9a-f]{8}` (37,551 candidates) at half the candidates left 37% of
 # the bytes in the first half (199 / 239 ms of CPU per half), at half the bytes 243 / 190,
-# with 16 KiB per candidate 216 / 225; `^#include <linux/[a-z_]+\.h>$` 138 / 161 -> 141 / 148.
+# with 16 KiB per candidate 216 / 225; `^#include <linux/[a-z_]+\\.h>$` 138 / 161 -> 141 / 148.
 MIDDLE_COST = 16384
 
 
