@@ -275,7 +275,7 @@ def _stream_split(
 ) -> Summary:
     """_stream_split prints the first half of the stream while a forked child renders the second."""
     total = found.candidates
-    middle = total // 2
+    middle = found.middle()
     sys.stdout.flush()
     child = os.fork()
     if child == 0:  # pragma: no cover - the parent checks the child's output and totals
@@ -351,17 +351,27 @@ def _render(
 
     pending: list[bytes] = []
     size = 0
+    if args.count:
+        # Counts need only each file's path and count: `MatchStream.counts` builds nothing else.
+        for name, lines in found.counts(start, stop):
+            if args.json:
+                row = {"type": "count", "path": name, "lines": lines}
+                chunk = (json.dumps(row, ensure_ascii=False) + "\n").encode()
+            else:
+                chunk = b"%s:%d\n" % (name.encode("utf-8", "surrogateescape"), lines)
+            pending.append(chunk)
+            size += len(chunk)
+            if size >= _FLUSH_BYTES:
+                out.write(b"".join(pending))
+                pending, size = [], 0
+        out.write(b"".join(pending))
+        out.flush()
+        return
     native = not printer.color and not printer.as_json
     stats = printer.stats
     for file in found.files(start, stop):
         path = file.path.encode("utf-8", "surrogateescape")
-        if args.count:
-            if args.json:
-                row = {"type": "count", "path": file.path, "lines": file.line_count}
-                chunk = (json.dumps(row, ensure_ascii=False) + "\n").encode()
-            else:
-                chunk = b"%s:%d\n" % (path, file.line_count)
-        elif printer.as_json:
+        if printer.as_json:
             rendered = _fastscan.render_json(file.content, file.groups, json_text(file.path), args.context)
             chunk, lines, matches, printed, elapsed = rendered
             stats.add(Stats(1, lines, matches, len(file.content), printed, elapsed))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import array
 import os
+import struct
 import zlib
 from pathlib import Path
 
@@ -162,3 +164,137 @@ def test_needle_scan_rejects_bad_arguments() -> None:
         _fastscan.regex_count_needle(regex, b"abc", "ab", False, False)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         _fastscan.regex_count_needle(object(), b"abc", b"ab", False, False)
+
+
+# ---- batches: record_spans, verify_blocks, split_strings, count_spans (a counting stream) ----
+
+# Patterns of every LineMatcher strategy: literal, folded literal (guarded for k and s),
+# prefiltered regex (plain and folded) and a regex without a literal.
+COUNT_PATTERNS = [
+    ("abc", True),
+    ("ask", False),
+    (r"abc\w*z", True),
+    (r"(?i)\bask\w*", True),
+    (r"x+abc", True),
+    (r"^\s*$", True),
+    (r"z$", True),
+]
+
+
+def _spans(bounds: list[int]) -> bytes:
+    return array.array("q", bounds).tobytes()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    docs=st.lists(st.lists(PIECES, max_size=12).map(b"".join), max_size=8),
+    case=st.sampled_from(COUNT_PATTERNS),
+    pad=st.binary(max_size=5),
+)
+def test_count_spans_equals_the_per_file_count(docs: list[bytes], case: tuple[str, bool], pad: bytes) -> None:
+    pattern, sensitive = case
+    matcher = verify.LineMatcher(pattern, case_sensitive=sensitive)
+    data = pad + b"".join(docs)  # the last document ends the buffer
+    bounds: list[int] = []
+    at = len(pad)
+    for doc in docs:
+        bounds += [at, at + len(doc)]
+        at += len(doc)
+    found = memoryview(matcher.count_spans(memoryview(data), _spans(bounds))).cast("q").tolist()
+    assert found == [matcher.count(doc) for doc in docs]
+    # Spans may repeat, overlap and come in any order: each is counted alone.
+    backwards = [b for i in reversed(range(len(docs))) for b in bounds[2 * i : 2 * i + 2]] * 2
+    found = memoryview(matcher.count_spans(data, _spans(backwards))).cast("q").tolist()
+    assert found == [matcher.count(doc) for doc in reversed(docs)] * 2
+
+
+def test_count_spans_of_no_candidates_and_of_bad_spans() -> None:
+    matcher = verify.LineMatcher("abc", case_sensitive=True)
+    assert matcher.count_spans(b"abc", b"") == b""
+    assert memoryview(matcher.count_spans(b"x\nabc", _spans([2, 5, 5, 5]))).cast("q").tolist() == [1, 0]
+    for bad in ([0, 4], [-1, 2], [2, 1]):
+        with pytest.raises(ValueError):
+            matcher.count_spans(b"abc", _spans(bad))
+    with pytest.raises(ValueError):
+        matcher.count_spans(b"abc", b"\0" * 12)  # not (start, end) pairs
+    with pytest.raises(ValueError):
+        _fastscan.count_spans(object(), None, False, False, False, b"abc", _spans([0, 3]))
+
+
+def _blocked(tmp_path: Path, payload: bytes) -> tuple[format.MappedPart, format.PartInfo]:
+    writer = format.PartWriter(tmp_path / "part", b"TEST", 1, lazy=True)
+    writer.write(payload)
+    info = writer.finish()
+    return format.MappedPart(tmp_path / "part", b"TEST", info, lazy=True), info
+
+
+def test_verify_blocks_checks_each_covered_block_once(tmp_path: Path) -> None:
+    size = format.BLOCK_SIZE
+    part, info = _blocked(tmp_path, os.urandom(4 * size + 100))
+    total = len(part.view)
+    sums = array.array("I", info.blocks)
+    verified = bytearray(len(info.blocks))
+    assert _fastscan.verify_blocks(part.view, b"", size, verified, sums) == -1 and not any(verified)
+    # An empty span covers nothing; a span ending the file covers the short last block.
+    spans = _spans([size + 1, size + 1, total - 3, total, 10, size + 10])
+    assert _fastscan.verify_blocks(part.view, spans, size, verified, sums) == -1
+    assert list(verified) == [1, 1, 0, 0, 1]
+    # A wrong sum of a block already verified is not looked at again; an unverified one fails.
+    sums[0] ^= 1
+    sums[2] ^= 1
+    assert _fastscan.verify_blocks(part.view, _spans([0, total]), size, verified, sums) == 2
+    assert list(verified) == [1, 1, 0, 0, 1]
+    for bad in ([0, total + 1], [-1, 0], [5, 4]):
+        with pytest.raises(ValueError):
+            _fastscan.verify_blocks(part.view, _spans(bad), size, verified, sums)
+    with pytest.raises(ValueError):
+        _fastscan.verify_blocks(part.view, _spans([0, 1]), size, bytearray(2), sums)  # short table
+
+
+def test_check_spans_raises_the_format_error_on_a_corrupt_block(tmp_path: Path) -> None:
+    size = format.BLOCK_SIZE
+    payload = os.urandom(3 * size + 100)
+    _, info = _blocked(tmp_path, payload)
+    raw = bytearray((tmp_path / "part").read_bytes())
+    raw[2 * size + 7] ^= 1
+    (tmp_path / "broken").write_bytes(bytes(raw))
+    broken = format.MappedPart(tmp_path / "broken", b"TEST", info, lazy=True)
+    broken.check_spans(_spans([0, 2 * size]))  # the blocks before the corrupt one are good
+    with pytest.raises(format.IndexCorruptError, match="block 2"):
+        broken.check_spans(_spans([size, len(raw)]))
+    with pytest.raises(format.IndexCorruptError, match="block 2"):
+        broken.region(2 * size, 2 * size + 1)  # still unverified, so still refused
+    with pytest.raises(format.IndexCorruptError):
+        broken.check_spans(_spans([0, len(raw) + 1]))
+
+
+def test_record_spans_reads_offsets_and_sizes() -> None:
+    record = struct.Struct("<QQQI4x")  # offset u64, size u64, offset u64, size u32
+    table = b"HEAD" + b"".join(record.pack(10 * i, i, 3 * i, 2 * i) for i in range(5))
+    found = _fastscan.record_spans(table, _spans([4, 0, 2]), 4, record.size, 100, 200, 0, 8, 8)
+    assert memoryview(found).cast("q").tolist() == [140, 144, 100, 100, 120, 122]
+    found = _fastscan.record_spans(table, _spans([3]), 4, record.size, 7, 22, 16, 24, 4)
+    assert memoryview(found).cast("q").tolist() == [16, 22]  # a span may end at the limit
+    with pytest.raises(ValueError):
+        _fastscan.record_spans(table, _spans([3]), 4, record.size, 7, 21, 16, 24, 4)
+    assert _fastscan.record_spans(table, b"", 4, record.size, 0, 0, 0, 8, 8) == b""
+    for ordinals in ([5], [-1], [0, 5]):
+        with pytest.raises(IndexError):
+            _fastscan.record_spans(table, _spans(ordinals), 4, record.size, 100, 1000, 0, 8, 8)
+    with pytest.raises(ValueError):
+        _fastscan.record_spans(table, _spans([4]), 4, record.size, 100, 143, 0, 8, 8)
+    with pytest.raises(ValueError):
+        _fastscan.record_spans(table, _spans([0]), 4, record.size, 0, 10, 0, 30, 4)  # field past the record
+
+
+def test_split_strings_decodes_exactly_the_expected_fields() -> None:
+    data = "id\0src/ä.c\0repo\0c\0x\0y\0z\0w".encode()
+    first = len("id\0src/ä.c\0repo\0c".encode())
+    assert _fastscan.split_strings(data, _spans([0, first]), 4, 3) == [("id", "src/ä.c", "repo")]
+    assert _fastscan.split_strings(data, b"", 4, 3) == []
+    assert _fastscan.split_strings(b"\0\0\0", _spans([0, 3]), 4, 4) == [("", "", "", "")]
+    for span in ([0, len(data)], [0, first - 2]):  # too many fields; too few
+        with pytest.raises(ValueError):
+            _fastscan.split_strings(data, _spans(span), 4, 3)
+    with pytest.raises(ValueError):  # invalid UTF-8 in a field not returned is still an error
+        _fastscan.split_strings(b"a\0b\0c\0\xff", _spans([0, 7]), 4, 3)

@@ -16,7 +16,10 @@ import pytest
 from services.search.engine import _fastscan
 from services.search.engine.errors import SearchCancelled
 from services.search.engine.index.build import build_index
+from services.search.engine.index.format import IndexCorruptError
 from services.search.engine.index.index import Index
+from services.search.engine.query.verify import LineMatcher
+from services.search.engine.search import stream
 from services.search.engine.search.results import LimitReason, SearchMode
 from services.search.engine.search.searcher import Searcher
 
@@ -112,3 +115,90 @@ def test_deadline_and_cancel_stop_a_stream(searcher: Searcher) -> None:
         cancel.set()
         with pytest.raises(SearchCancelled):
             next(stream)
+
+
+@pytest.mark.parametrize(("query", "regex"), QUERIES)
+def test_counts_are_the_counted_files(searcher: Searcher, query: str, regex: bool) -> None:
+    with searcher.stream(query, regex=regex, lines=False) as found:
+        files = [(f.path, f.line_count) for f in found]
+    with searcher.stream(query, regex=regex, lines=False) as counted:
+        total = counted.candidates
+        cut = total // 3
+        pairs = [*counted.counts(0, cut), *counted.counts(cut, total)]
+    assert pairs == files
+    assert (counted.file_count, counted.match_count, counted.verified) == (
+        found.file_count,
+        found.match_count,
+        total,
+    )
+
+
+def test_a_corrupt_content_block_stops_a_count_where_it_lies(tmp_path: Path) -> None:
+    out = tmp_path / "index"
+    build_index(GOLDEN_CORPUS, out, workers=1, symbols=False)
+    with Index.open(out) as index, Searcher(index).stream(r"\w", regex=True, lines=False) as found:
+        files = list(found)
+        victim = files[len(files) // 2]
+        segment = found.snap.segments[victim.segment]
+        start, _ = memoryview(segment.content_spans([victim.ordinal])).cast("q")
+    content = out / segment.name / "content.bin"
+    raw = bytearray(content.read_bytes())
+    raw[start] ^= 0x20
+    content.write_bytes(bytes(raw))
+    expected: list[str] = []
+    with (
+        Index.open(out) as index,
+        Searcher(index).stream(r"\w", regex=True) as lines,  # file by file
+        pytest.raises(IndexCorruptError),
+    ):
+        expected.extend(f.path for f in lines)
+    for count in (False, True):
+        yielded: list[str] = []
+        with (
+            Index.open(out) as index,
+            Searcher(index).stream(r"\w", regex=True, lines=False) as counted,
+            pytest.raises(IndexCorruptError, match="checksum mismatch"),
+        ):
+            if count:
+                yielded.extend(path for path, _ in counted.counts(0, counted.candidates))
+            else:
+                yielded.extend(f.path for f in counted)
+        assert yielded == expected and victim.path not in yielded
+
+
+def test_middle_cuts_a_count_by_content_bytes(searcher: Searcher) -> None:
+    with searcher.stream(r"\w", regex=True, lines=False) as found:
+        total = found.candidates
+        middle = found.middle()
+        whole = list(found.counts(0, total))
+    with searcher.stream(r"\w", regex=True, lines=False) as files:
+        sizes = [len(f.content) for f in files]
+    assert 0 < middle <= total and len(sizes) == total  # every file has a word
+    cost = [size + stream.MIDDLE_COST for size in sizes]
+    assert sum(cost[: middle - 1]) < sum(cost) / 2 <= sum(cost[:middle])
+    with searcher.stream(r"\w", regex=True, lines=False) as again:
+        assert [*again.counts(0, middle), *again.counts(middle, total)] == whole
+    with searcher.stream(r"\w", regex=True) as lines:  # not a count: half the candidates
+        assert lines.middle() == lines.candidates // 2
+
+
+def test_a_stream_told_to_count_midway_counts_the_rest_in_batches(
+    searcher: Searcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with searcher.stream("(?i)parser", regex=True) as whole:
+        expected = [(f.path, f.line_count) for f in whole]
+    assert len(expected) > 2
+
+    def one_at_a_time(self: LineMatcher, content: bytes) -> int:
+        raise AssertionError("counted file by file")
+
+    monkeypatch.setattr(LineMatcher, "count", one_at_a_time)
+    with searcher.stream("(?i)parser", regex=True) as found:
+        files = iter(found)
+        head = next(files)
+        assert head.groups  # lines while `lines` is set
+        found.lines = False  # as the search service does once it has its page
+        rest = list(files)
+    assert not any(f.groups for f in rest)
+    assert [(f.path, f.line_count) for f in [head, *rest]] == expected
+    assert (found.verified, found.file_count) == (found.candidates, len(expected))

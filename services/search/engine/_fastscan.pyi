@@ -69,3 +69,28 @@ def crc32(data: Buffer, value: int = 0, /) -> int:
 
 def crc32_accelerated() -> bool:
     """crc32_accelerated says whether crc32 folds with PCLMULQDQ on this CPU."""
+
+def record_spans(
+    table: Buffer,
+    ordinals: Buffer,
+    table_start: int,
+    record_size: int,
+    base: int,
+    limit: int,
+    offset_at: int,
+    size_at: int,
+    size_bytes: int,
+    /,
+) -> bytes:
+    """record_spans reads an (offset, size) of each record as int64 (start, end) pairs after base."""
+
+def split_strings(data: Buffer, spans: Buffer, fields: int, keep: int, /) -> list[tuple[str, ...]]:
+    """split_strings decodes each span, split at NUL into `fields` strings, and keeps the first `keep`."""
+
+def verify_blocks(data: Buffer, spans: Buffer, block_size: int, verified: Buffer, sums: Buffer, /) -> int:
+    """verify_blocks checks the unverified blocks the int64 spans cover: -1, or the first bad block."""
+
+def count_spans(
+    regex: object, needle: bytes | None, pure: bool, folded: bool, guard: bool, data: Buffer, spans: Buffer, /
+) -> bytes:
+    """count_spans counts the matching lines of each int64 (start, end) span of data, as int64 counts."""

@@ -52,4 +52,10 @@ int kdb_re2_match(const void *re, const char *data, size_t len, size_t pos, size
     return 1;
 }
 
+// kdb_re2_test says whether data[pos:endpos] holds a match (the context as kdb_re2_match's):
+// asking for no bounds lets RE2 stop at the first match state, which is all a count needs.
+int kdb_re2_test(const void *re, const char *data, size_t len, size_t pos, size_t endpos) {
+    re2::StringPiece text(data, len);
+    return static_cast<const RE2 *>(re)->Match(text, pos, endpos, RE2::UNANCHORED, nullptr, 0) ? 1 : 0;
+}
 }  // extern "C"

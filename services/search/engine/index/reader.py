@@ -7,6 +7,7 @@ one snapshot, so two snapshots can see different deletions of the same segment.
 
 from __future__ import annotations
 
+import array
 import bisect
 import functools
 import struct
@@ -14,10 +15,11 @@ import sys
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from pyroaring import BitMap, FrozenBitMap
 
+from services.search.engine import _fastscan
 from services.search.engine.index.format import (
     DOC_RECORD,
     DOC_RECORD_SIZE,
@@ -446,6 +448,65 @@ class SegmentData:
         start = HEADER_SIZE + content_off
         return self._content.region(start, start + size)
 
+    def content_spans(self, ordinals: Sequence[int]) -> bytes:
+        """content_spans returns where each ordinal's content lies: int64 (start, end) pairs of content.bin.
+
+        It reads the ordinals' document records (their blocks verified) in one native call
+        (`_fastscan.record_spans`), for a stream that counts a segment's candidates in
+        batches; `verified_content` then checks a batch's content blocks.
+        """
+        return self._record_spans(ordinals, HEADER_SIZE, self._content, 0, 8, 8)
+
+    def names_of(self, ordinals: Sequence[int]) -> list[tuple[str, str, str]]:
+        """names_of returns `names` of each ordinal, their strings verified and decoded in native batches."""
+        spans = self._record_spans(ordinals, self._strings_base, self._docs, 16, 32, 4)
+        self._docs.check_spans(spans)
+        try:
+            found = cast("list[tuple[str, str, str]]", _fastscan.split_strings(self._docs.view, spans, 4, 3))
+        except ValueError as exc:
+            raise IndexCorruptError(self._docs.path, f"malformed strings of a document: {exc}") from exc
+        return found
+
+    def _record_spans(
+        self,
+        ordinals: Sequence[int],
+        base: int,
+        part: MappedPart,
+        offset_at: int,
+        size_at: int,
+        size_bytes: int,
+    ) -> bytes:
+        if not len(ordinals):
+            return b""
+        # The whole table is verified (once): cheaper than finding which blocks the records
+        # lie in. An ordinal past it raises IndexError, as _check_ordinal does.
+        table = self._docs.region(0, HEADER_SIZE + DOC_RECORD_SIZE * self.doc_count)
+        wanted = array.array("q", ordinals)
+        try:
+            return _fastscan.record_spans(
+                table,
+                wanted,
+                HEADER_SIZE,
+                DOC_RECORD_SIZE,
+                base,
+                part.info.size,
+                offset_at,
+                size_at,
+                size_bytes,
+            )
+        except ValueError as exc:
+            raise IndexCorruptError(
+                self._docs.path, f"a document points past the end of {part.path.name}"
+            ) from exc
+
+    def verified_content(self, spans: bytes | memoryview) -> memoryview:
+        """verified_content checks the content blocks `spans` cover and returns all of content.bin.
+
+        The returned view is the whole mapped file; only the spans' bytes are verified.
+        """
+        self._content.check_spans(spans)
+        return self._content.view
+
     def symbols(self, ordinal: int) -> tuple[Symbol, ...]:
         """symbols returns the symbol records stored for `ordinal`."""
         self._check_ordinal(ordinal)
@@ -588,6 +649,18 @@ class SegmentReader:
     def names(self, ordinal: int) -> tuple[str, str, str]:
         """names returns (external_id, path, repository) of `ordinal` (SegmentData.names)."""
         return self.data.names(ordinal)
+
+    def content_spans(self, ordinals: Sequence[int]) -> bytes:
+        """content_spans returns the content spans of `ordinals` (SegmentData.content_spans)."""
+        return self.data.content_spans(ordinals)
+
+    def names_of(self, ordinals: Sequence[int]) -> list[tuple[str, str, str]]:
+        """names_of returns `names` of each of `ordinals` (SegmentData.names_of)."""
+        return self.data.names_of(ordinals)
+
+    def verified_content(self, spans: bytes | memoryview) -> memoryview:
+        """verified_content checks the spans' content and returns content.bin (see SegmentData)."""
+        return self.data.verified_content(spans)
 
     def verify(self) -> None:
         """verify checks every checksum of the segment now."""

@@ -281,6 +281,16 @@ class LineMatcher:
                     return lines
         return _fastscan.regex_count(self._regexp, content, None)
 
+    def count_spans(self, data: bytes | memoryview, spans: bytes | memoryview) -> bytes:
+        """LineMatcher.count_spans counts the matching lines of many documents in one native call.
+
+        `spans` are int64 (start, end) pairs of `data`; the result holds one int64 count per
+        span, what `count` returns for that span alone (`_fastscan.count_spans`).
+        """
+        return _fastscan.count_spans(
+            self._regexp, self._needle, self._pure_literal, self._needle_folded, self._guard, data, spans
+        )
+
     def groups(self, content: bytes | bytearray | memoryview) -> tuple[bytes, int, int]:
         """LineMatcher.groups returns the matching lines packed for `_fastscan.render_lines`.
 
