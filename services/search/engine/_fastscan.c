@@ -392,6 +392,18 @@ static int literal_counted(PyObject *args, i64vec *out, long long *lines, long l
     return rc;
 }
 
+/* packed_groups hands `out` over as (its int64 groups as bytes, lines, matches) and frees it. */
+static PyObject *packed_groups(i64vec *out, long long lines, long long matches) {
+    PyObject *packed = PyBytes_FromStringAndSize(out->items != NULL ? (const char *)out->items : "",
+                                                 (Py_ssize_t)(out->len * sizeof(int64_t)));
+    free(out->items);
+    out->items = NULL;
+    if (packed == NULL) {
+        return NULL;
+    }
+    return Py_BuildValue("(NLL)", packed, lines, matches);
+}
+
 static PyObject *fastscan_scan_literal(PyObject *self, PyObject *args) {
     (void)self;
     i64vec out = {NULL, 0, 0};
@@ -404,13 +416,7 @@ static PyObject *fastscan_scan_literal(PyObject *self, PyObject *args) {
         }
         Py_RETURN_NONE;
     }
-    PyObject *packed = PyBytes_FromStringAndSize(out.items != NULL ? (const char *)out.items : "",
-                                                 (Py_ssize_t)(out.len * sizeof(int64_t)));
-    free(out.items);
-    if (packed == NULL) {
-        return NULL;
-    }
-    return Py_BuildValue("(NLL)", packed, lines, matches);
+    return packed_groups(&out, lines, matches);
 }
 
 static PyObject *fastscan_count_literal(PyObject *self, PyObject *args) {
@@ -1271,13 +1277,7 @@ static PyObject *fastscan_regex_scan_needle(PyObject *self, PyObject *args) {
         }
         Py_RETURN_NONE;
     }
-    PyObject *packed = PyBytes_FromStringAndSize(out.items != NULL ? (const char *)out.items : "",
-                                                 (Py_ssize_t)(out.len * sizeof(int64_t)));
-    free(out.items);
-    if (packed == NULL) {
-        return NULL;
-    }
-    return Py_BuildValue("(NLL)", packed, a.found_lines, a.found_matches);
+    return packed_groups(&out, a.found_lines, a.found_matches);
 }
 
 static PyObject *fastscan_regex_count_needle(PyObject *self, PyObject *args) {
@@ -1375,13 +1375,7 @@ static PyObject *fastscan_regex_scan(PyObject *self, PyObject *args) {
         free(out.items);
         return NULL;
     }
-    PyObject *packed = PyBytes_FromStringAndSize(out.items != NULL ? (const char *)out.items : "",
-                                                 (Py_ssize_t)(out.len * sizeof(int64_t)));
-    free(out.items);
-    if (packed == NULL) {
-        return NULL;
-    }
-    return Py_BuildValue("(NLL)", packed, a.found_lines, a.found_matches);
+    return packed_groups(&out, a.found_lines, a.found_matches);
 }
 
 static PyObject *fastscan_regex_count(PyObject *self, PyObject *args) {
