@@ -349,23 +349,16 @@ def _render(
     from services.cli.render import Stats, from_groups, json_text
     from services.search.engine import _fastscan
 
-    pending: list[bytes] = []
-    size = 0
+    sink = _Sink(out)
     if args.count:
         # Counts need only each file's path and count: `MatchStream.counts` builds nothing else.
         for name, lines in found.counts(start, stop):
             if args.json:
                 row = {"type": "count", "path": name, "lines": lines}
-                chunk = (json.dumps(row, ensure_ascii=False) + "\n").encode()
+                sink.add((json.dumps(row, ensure_ascii=False) + "\n").encode())
             else:
-                chunk = b"%s:%d\n" % (name.encode("utf-8", "surrogateescape"), lines)
-            pending.append(chunk)
-            size += len(chunk)
-            if size >= _FLUSH_BYTES:
-                out.write(b"".join(pending))
-                pending, size = [], 0
-        out.write(b"".join(pending))
-        out.flush()
+                sink.add(b"%s:%d\n" % (name.encode("utf-8", "surrogateescape"), lines))
+        sink.close()
         return
     native = not printer.color and not printer.as_json
     stats = printer.stats
@@ -378,18 +371,34 @@ def _render(
             printer.printed_any = True
         elif native and file.groups:
             if printer.context and printer.printed_any:
-                pending.append(b"--\n")  # ripgrep separates context groups across files too
+                sink.add(b"--\n")  # ripgrep separates context groups across files too
             chunk = _fastscan.render_lines(file.content, file.groups, path, False, args.context)
             printer.printed_any = True
         else:
             chunk = printer.render(from_groups(file.path, file.content, file.groups, args.context))
-        pending.append(chunk)
-        size += len(chunk)
-        if size >= _FLUSH_BYTES:
-            out.write(b"".join(pending))
-            pending, size = [], 0
-    out.write(b"".join(pending))
-    out.flush()
+        sink.add(chunk)
+    sink.close()
+
+
+class _Sink:
+    """_Sink hands streamed output to `out` in chunks of about _FLUSH_BYTES, then flushes it."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self.pending: list[bytes] = []
+        self.size = 0
+
+    def add(self, chunk: bytes) -> None:
+        self.pending.append(chunk)
+        self.size += len(chunk)
+        if self.size >= _FLUSH_BYTES:
+            self.out.write(b"".join(self.pending))
+            self.pending, self.size = [], 0
+
+    def close(self) -> None:
+        self.out.write(b"".join(self.pending))
+        self.pending, self.size = [], 0
+        self.out.flush()
 
 
 class Summary(NamedTuple):
