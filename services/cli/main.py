@@ -81,6 +81,10 @@ def chosen_command(argv: Sequence[str]) -> str | None:
     return None
 
 
+# Groups whose process talks gRPC and also starts child processes (the dev stack, benchmarks).
+_FORK_SENSITIVE = frozenset({"dev", "bench", "serve"})
+
+
 def build_parser(chosen: str | None = None, rest: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """build_parser assembles the top-level parser, importing only the `chosen` group's module.
 
@@ -90,6 +94,10 @@ def build_parser(chosen: str | None = None, rest: Sequence[str] | None = None) -
     no top-level option before the group, only the group's own parser prints help or errors.
     Each parser left out saves its help strings' gettext look-ups.
     """
+    if chosen is None or chosen in _FORK_SENSITIVE:
+        # Before gRPC is first imported (services/common/forksafety.py): these processes use
+        # gRPC and start children, and as root `EmbeddedPostgres` runs pg_ctl through fork().
+        importlib.import_module("services.common.forksafety")
     parser = Parser(prog="kotadb", description="KotaDB code search: services and tools.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
