@@ -90,6 +90,28 @@ def test_symbol_table_enclosing_is_innermost() -> None:
     assert not rank.SymbolTable.from_symbols([]) and table
 
 
+def test_symbol_table_enclosing_many_decodes_each_definition_once() -> None:
+    symbols = _symbols()
+    # A same-width sibling starting later wins the tie, as `enclosing` has always chosen.
+    symbols.append(Symbol("qux", "function", "qux", 5, 6, 0, 0))
+    decoded: list[int] = []
+
+    def decode(i: int) -> Symbol:
+        decoded.append(i)
+        return symbols[i]
+
+    table = rank.SymbolTable(
+        np.array([(s.start_line, s.end_line, s.start_byte, s.end_byte) for s in symbols], dtype=np.uint32),
+        decode,
+    )
+    lines = [1, 2, 3, 3, 4, 5, 6, 7]
+    found = table.enclosing_many(lines)
+    assert [s.name if s else None for s in found] == ["Foo", "bar", "bar", "bar", None, "baz", "baz", None]
+    assert sorted(decoded) == [0, 1, 2]  # three definitions, each decoded once
+    assert [table.enclosing(line) for line in lines] == found
+    assert rank.SymbolTable.from_symbols([]).enclosing_many([1, 2]) == [None, None]
+
+
 def test_symbol_table_defines_by_covering_the_name() -> None:
     table = rank.SymbolTable.from_symbols(_symbols())
     line2_start = len("class Foo:\n")

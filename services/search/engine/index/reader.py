@@ -77,11 +77,12 @@ class SymbolSpans:
     file without symbols (`count` 0) never touches numpy.
     """
 
-    __slots__ = ("_fields_view", "_raw", "count")
+    __slots__ = ("_fields_view", "_offsets", "_raw", "count")
 
     def __init__(self, raw: memoryview, count: int) -> None:
         self._raw = raw
         self._fields_view: NDArray[np.uint32] | None = None
+        self._offsets: list[int] | None = None
         self.count = count
 
     @property
@@ -104,14 +105,18 @@ class SymbolSpans:
 
         if not 0 <= i < self.count:
             raise IndexError(i)
-        lengths = self._fields[:, 4:8].astype(np.int64)
-        at = self.count * SYMBOL_RECORD.size + int(lengths[:i].sum())
+        fields = self._fields
+        if self._offsets is None:
+            # Where each record's strings start: computed once, for every symbol decoded later.
+            ends = np.cumsum(fields[:, 4:8].sum(axis=1, dtype=np.int64))
+            self._offsets = [0, *ends.tolist()]
+        at = self.count * SYMBOL_RECORD.size + self._offsets[i]
+        start_line, end_line, start_byte, end_byte, *lengths = fields[i, :8].tolist()
         texts: list[str] = []
-        for length in lengths[i].tolist():
+        for length in lengths:
             texts.append(bytes(self._raw[at : at + length]).decode("utf-8", "replace"))
             at += length
         name, kind, qualified, parent = texts
-        start_line, end_line, start_byte, end_byte = (int(v) for v in self._fields[i, :4])
         return Symbol(name, kind, qualified, start_line, end_line, start_byte, end_byte, parent)
 
 

@@ -101,7 +101,8 @@ def file_match(segment: SegmentReader, found: Hit, *, context_lines: int, with_s
         table = found.table if found.table is not None else symbol_table(segment, found.ordinal)
     line_starts: list[int] | None = None
     line_matches: list[LineMatch] = []
-    for raw in found.lines:
+    enclosing = table.enclosing_many([raw.line_number for raw in found.lines]) if table else None
+    for at, raw in enumerate(found.lines):
         line = bytes(view[raw.line_start : raw.line_end])
         if line.isascii():
             # One byte per column: no need to count characters.
@@ -124,7 +125,7 @@ def file_match(segment: SegmentReader, found: Hit, *, context_lines: int, with_s
                 ranges=ranges,
                 before=before,
                 after=after,
-                symbol=table.enclosing(raw.line_number) if table else None,
+                symbol=enclosing[at] if enclosing is not None else None,
             )
         )
     return FileMatch(

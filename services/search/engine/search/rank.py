@@ -218,16 +218,37 @@ class SymbolTable:
 
     def enclosing(self, line_number: int) -> Symbol | None:
         """enclosing returns the innermost definition whose line span contains line_number."""
+        return self.enclosing_many((line_number,))[0]
+
+    def enclosing_many(self, line_numbers: Sequence[int]) -> list[Symbol | None]:
+        """enclosing_many is `enclosing` for each of a file's matching lines.
+
+        Innermost is the shortest span; among equals the one starting last, then the first
+        recorded. Each definition found is decoded once, however many of the lines it
+        encloses, and a run of lines inside the same definition is answered from the last.
+        """
         spans = self._spans
         if not len(spans):
-            return None
-        inside = np.flatnonzero((spans[:, 0] <= line_number) & (spans[:, 1] >= line_number))
-        if not len(inside):
-            return None
-        # Innermost: the shortest span; among equals, the one starting last.
-        width = spans[inside, 1] - spans[inside, 0]
-        best = inside[np.lexsort((-spans[inside, 0], width))[0]]
-        return self._symbol(int(best))
+            return [None] * len(line_numbers)
+        starts = spans[:, 0]
+        ends = spans[:, 1]
+        decoded: dict[int, Symbol] = {}
+        out: list[Symbol | None] = []
+        for line in line_numbers:
+            inside = np.flatnonzero((starts <= line) & (ends >= line))
+            if not len(inside):
+                out.append(None)
+                continue
+            if len(inside) == 1:
+                best = int(inside[0])
+            else:
+                width = ends[inside].astype(np.int64) - starts[inside]
+                best = int(inside[np.lexsort((-starts[inside].astype(np.int64), width))[0]])
+            symbol = decoded.get(best)
+            if symbol is None:
+                symbol = decoded[best] = self._symbol(best)
+            out.append(symbol)
+        return out
 
 
 def _no_symbol(i: int) -> Symbol:
