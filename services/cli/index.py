@@ -61,6 +61,13 @@ def _add_build(commands: Any) -> None:
     build.add_argument("--repository", default="", help="repository name stored with every document")
     build.add_argument("--workers", type=int, default=2, help="symbol-extraction processes (default 2)")
     build.add_argument("--no-symbols", action="store_true", help="skip tree-sitter symbol extraction")
+    build.add_argument(
+        "--segment-mb",
+        type=int,
+        default=256,
+        help="content per segment in MiB, 1 to 1024 (default 256): fewer segments answer faster, "
+        "a build holds a few times one segment in memory",
+    )
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.set_defaults(func=_build)
 
@@ -168,6 +175,8 @@ def _build(args: argparse.Namespace) -> int:
 
     if not os.path.isdir(args.src):
         return _fail(f"{args.src}: not a directory")
+    if not 1 <= args.segment_mb <= 1024:
+        return _fail("--segment-mb must be between 1 and 1024")
     bar = _ProgressBar(sys.stderr, not args.quiet)
     try:
         report = build_index(
@@ -177,6 +186,7 @@ def _build(args: argparse.Namespace) -> int:
             workers=args.workers,
             symbols=not args.no_symbols,
             progress=bar,
+            segment_bytes=args.segment_mb << 20,
         )
     except IndexFileError as exc:
         return _fail(str(exc))

@@ -464,3 +464,11 @@ def test_the_native_json_renderer_prints_the_printer_s_json(
 
 def _blank(records: bytes) -> bytes:
     return ripgrep.comparable(records, sizes_known=True)
+
+
+def test_build_refuses_a_segment_size_out_of_range(tmp_path: Path) -> None:
+    for size in ("0", "1025"):
+        proc = kotadb("build", str(GOLDEN_CORPUS), "--out", str(tmp_path / "index"), "--segment-mb", size)
+        assert proc.returncode != 0
+        assert "--segment-mb must be between 1 and 1024" in proc.stderr
+        assert not (tmp_path / "index").exists()

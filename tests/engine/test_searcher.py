@@ -60,6 +60,24 @@ def many(tmp_path: Path) -> Iterator[tuple[Path, Index]]:
         yield out, index
 
 
+def test_build_segment_size_sets_the_segment_count_not_the_results(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _write_many(src)
+    small, large = tmp_path / "small", tmp_path / "large"
+    build_index(src, small, workers=1, symbols=False, segment_bytes=600)
+    build_index(src, large, workers=1, symbols=False)
+    with Index.open(small) as many_segments, Index.open(large) as one_segment:
+        # 90 files of ~30-60 bytes: a 600-byte flush makes a segment of every dozen or so.
+        assert len(many_segments.manifest.segments) > 3
+        assert len(one_segment.manifest.segments) == 1
+        for query in ("needle", "def needle", "haystack"):
+            split = Searcher(many_segments).search(query, mode=SearchMode.EXHAUSTIVE, limit_files=None)
+            whole = Searcher(one_segment).search(query, mode=SearchMode.EXHAUSTIVE, limit_files=None)
+            assert _rows(split) == _rows(whole) and split.match_count == whole.match_count > 0
+    with pytest.raises(ValueError, match="segment_bytes"):
+        build_index(src, tmp_path / "none", workers=1, symbols=False, segment_bytes=0)
+
+
 def _rows(result: SearchResult) -> list[tuple[str, float]]:
     return [(f.path, f.score) for f in result.files]
 
