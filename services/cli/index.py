@@ -64,7 +64,6 @@ def _add_build(commands: Any) -> None:
     build.add_argument(
         "--segment-mb",
         type=int,
-        default=256,
         help="content per segment in MiB, 1 to 1024 (default 256): fewer segments answer faster, "
         "a build holds a few times one segment in memory",
     )
@@ -170,13 +169,14 @@ class _ProgressBar:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from services.search.engine.index.build import build_index
+    from services.search.engine.index.build import BUILD_SEGMENT_BYTES, MAX_SEGMENT_BYTES, build_index
     from services.search.engine.index.format import IndexFileError
 
     if not os.path.isdir(args.src):
         return _fail(f"{args.src}: not a directory")
-    if not 1 <= args.segment_mb <= 1024:
-        return _fail("--segment-mb must be between 1 and 1024")
+    segment_bytes = BUILD_SEGMENT_BYTES if args.segment_mb is None else args.segment_mb << 20
+    if not 1 << 20 <= segment_bytes <= MAX_SEGMENT_BYTES:
+        return _fail(f"--segment-mb must be between 1 and {MAX_SEGMENT_BYTES >> 20}")
     bar = _ProgressBar(sys.stderr, not args.quiet)
     try:
         report = build_index(
@@ -186,7 +186,7 @@ def _build(args: argparse.Namespace) -> int:
             workers=args.workers,
             symbols=not args.no_symbols,
             progress=bar,
-            segment_bytes=args.segment_mb << 20,
+            segment_bytes=segment_bytes,
         )
     except IndexFileError as exc:
         return _fail(str(exc))

@@ -92,7 +92,7 @@ def test_symbol_table_enclosing_is_innermost() -> None:
 
 def test_symbol_table_enclosing_many_decodes_each_definition_once() -> None:
     symbols = _symbols()
-    # A same-width sibling starting later wins the tie, as `enclosing` has always chosen.
+    # A sibling with the same span: the first recorded wins the tie, as `enclosing` has always chosen.
     symbols.append(Symbol("qux", "function", "qux", 5, 6, 0, 0))
     decoded: list[int] = []
 

@@ -44,8 +44,8 @@ A query pays some costs once per segment (its meta.json read and checked when th
 a dictionary lookup per trigram, a candidate set), so a built tree answers faster in fewer,
 larger segments. Measured on Linux 6.1 (BENCHMARKS.md): 15 segments became 4; a `kotadb index
 search` process that finds nothing took 25 ms less and the warm first page's median query 28 %
-less; the build took as long, with a peak RSS of 983 MB instead of 475 MB (one segment's
-documents are held while the next is read).
+less; the build took about as long (30 s against 28 s), with a peak RSS of 948 MB instead of
+475 MB (one segment's documents are held while the next is read).
 """
 MAX_SEGMENT_BYTES = 1 << 30
 """MAX_SEGMENT_BYTES bounds `segment_bytes`: memory of a build is a few times one segment."""

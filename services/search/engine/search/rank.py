@@ -224,8 +224,7 @@ class SymbolTable:
         """enclosing_many is `enclosing` for each of a file's matching lines.
 
         Innermost is the shortest span; among equals the one starting last, then the first
-        recorded. Each definition found is decoded once, however many of the lines it
-        encloses, and a run of lines inside the same definition is answered from the last.
+        recorded. Each definition found is decoded once, however many of the lines it encloses.
         """
         spans = self._spans
         if not len(spans):
