@@ -49,16 +49,25 @@ def _cell(row: Mapping[str, Any], column: str) -> float | None:
 
 
 def _table(
-    report: Mapping[str, Any], title: str, columns: Sequence[tuple[str, str]], ratios: Sequence[str]
+    report: Mapping[str, Any],
+    title: str,
+    columns: Sequence[tuple[str, str]],
+    ratios: Sequence[str],
+    differences: Sequence[str] = (),
 ) -> list[str]:
     rows = report.get("queries", [])
     present = [(key, label) for key, label in columns if any(_cell(r, key) is not None for r in rows)]
     cells = [(max(9, len(label)), label) for _, label in present]
+    cells += [(max(9, len(name) + 3), f"{name} ms") for name in differences]
     cells += [(max(9, len(name)), name) for name in ratios]
     lines = [title, f"{'query':<44} {'files':>6} {'lines':>7}" + "".join(f" {t:>{w}}" for w, t in cells)]
 
-    def values(ms: Mapping[str, Any], ratio_of: Mapping[str, Any]) -> str:
-        shown = [_ms(ms.get(key)) for key, _ in present] + [_ratio(ratio_of.get(name)) for name in ratios]
+    def values(ms: Mapping[str, Any], ratio_of: Mapping[str, Any], diff_of: Mapping[str, Any]) -> str:
+        shown = (
+            [_ms(ms.get(key)) for key, _ in present]
+            + [_ms(diff_of.get(name)) for name in differences]
+            + [_ratio(ratio_of.get(name)) for name in ratios]
+        )
         return "".join(f" {v:>{w}}" for (w, _), v in zip(cells, shown, strict=True))
 
     for row in rows:
@@ -67,11 +76,12 @@ def _table(
         ms = {key: _cell(row, key) for key, _ in present}
         lines.append(
             f"{shown:<44} {row.get('files', 0):>6} {row.get('lines', 0):>7}"
-            + values(ms, row.get("ratios", {}))
+            + values(ms, row.get("ratios", {}), row.get("differences_ms", {}))
         )
     for label, summary in (("MEDIAN", report.get("medians", {})), ("WORST", report.get("worst", {}))):
         lines.append(
-            f"{label:<44} {'':>6} {'':>7}" + values(summary.get("ms", {}), summary.get("ratios", {}))
+            f"{label:<44} {'':>6} {'':>7}"
+            + values(summary.get("ms", {}), summary.get("ratios", {}), summary.get("differences_ms", {}))
         )
     return lines
 
@@ -122,6 +132,7 @@ def render_search_table(report: Mapping[str, Any]) -> str:
         "processes, a new one per query, as typed at a shell (ms, p50 of runs)",
         PROCESS_COLUMNS,
         ["cli / csearch", "cli / ripgrep", "cli count / ripgrep", "cli count / rg -c"],
+        ["cli - csearch"],
     )
     targets = report.get("targets", [])
     if targets:

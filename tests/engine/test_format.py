@@ -1,12 +1,14 @@
 """Golden tests of the on-disk format (format.py): byte layout, the v1 fixture, versions, corruption.
 
 The fixture under fixtures/format_v1/index was built by this module from fixtures/format_v1/src;
-it is kept as written by format version 1 (this code now writes version 2, which added the
-document facts), so it must never be regenerated: it proves old indexes still open.
+it is kept as written by format version 1 (this code now writes version 3: 2 added the document
+facts, 3 stores block checksums as base64), so it must never be regenerated: it proves old
+indexes still open. Version 2 segments are made from version 3 ones by `downgrade_to_v2`.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import shutil
@@ -32,9 +34,11 @@ from services.search.engine.index.format import (
     IndexNotFoundError,
     IndexVersionError,
     PartInfo,
+    block_sums_json,
     canonical_json,
     dump_checked_json,
     load_checked_json,
+    pack_block_sums,
 )
 from services.search.engine.index.index import Index
 from services.search.engine.index.trigrams import sorted_trigrams, trigram_bytes
@@ -152,25 +156,29 @@ def test_golden_bytes_of_a_one_document_segment(tmp_path: Path) -> None:
     header = struct.Struct("<4sIQ")
     # dict.bin: header, ids of "abc" and "bcd" (folded), pad to 8, offsets 0, 18, 36.
     raw = (seg / "dict.bin").read_bytes()
-    assert header.unpack_from(raw) == (b"KTRI", 2, 2)
+    assert header.unpack_from(raw) == (b"KTRI", 3, 2)
     assert np.frombuffer(raw, "<u4", 2, HEADER_SIZE).tolist() == [0x616263, 0x626364]
     assert raw[24:24] == b"" and len(raw) == 16 + 8 + 0 + 24
     assert np.frombuffer(raw, "<u8", 3, 24).tolist() == [0, 18, 36]
     # postings.bin: two portable roaring bitmaps of {0}.
     raw = (seg / "postings.bin").read_bytes()
-    assert header.unpack_from(raw) == (b"KPST", 2, 2)
+    assert header.unpack_from(raw) == (b"KPST", 3, 2)
     assert raw[16:] == BitMap([0]).serialize() * 2
     # content.bin: the raw bytes, case preserved.
-    assert (seg / "content.bin").read_bytes() == header.pack(b"KCNT", 2, 1) + b"aBcd"
+    assert (seg / "content.bin").read_bytes() == header.pack(b"KCNT", 3, 1) + b"aBcd"
     # docs.bin: one 80-byte record, then the NUL-joined strings.
     raw = (seg / "docs.bin").read_bytes()
     strings = b"id-1\0a.txt\0r\0text"
     # facts: 0x80 (present), and none of test, vendored, generated.
     record = struct.pack("<QQQQIIII", 0, 4, 0, 0, len(strings), 0, 0, 0x80) + hashlib.sha256(b"aBcd").digest()
-    assert raw == header.pack(b"KDOC", 2, 1) + record + strings
-    assert (seg / "symbols.bin").read_bytes() == header.pack(b"KSYM", 2, 0)
+    assert raw == header.pack(b"KDOC", 3, 1) + record + strings
+    assert (seg / "symbols.bin").read_bytes() == header.pack(b"KSYM", 3, 0)
     meta = json.loads((seg / "meta.json").read_bytes())
-    assert meta["format"] == FORMAT_VERSION == 2
+    assert meta["format"] == FORMAT_VERSION == 3
+    # Block checksums: one base64 string of little-endian u32 per part (here one block each).
+    for name in ("dict.bin", "postings.bin", "docs.bin", "content.bin", "symbols.bin"):
+        raw = (seg / name).read_bytes()
+        assert meta["parts"][name]["blocks"] == base64.b64encode(struct.pack("<I", zlib.crc32(raw))).decode()
     assert (meta["doc_count"], meta["trigram_count"], meta["content_bytes"]) == (1, 2, 4)
     assert meta["parts"]["content.bin"]["crc32"] == zlib.crc32((seg / "content.bin").read_bytes())
     manifest = json.loads((tmp_path / "idx" / "manifest-000000000001.json").read_bytes())
@@ -238,7 +246,9 @@ def test_a_version_2_record_without_facts_is_corrupt(tmp_path: Path) -> None:
     size = body["block_size"]
     entry = body["parts"]["docs.bin"]
     entry["crc32"] = zlib.crc32(raw)
-    entry["blocks"] = [zlib.crc32(raw[i : i + size]) for i in range(0, len(raw), size)]
+    entry["blocks"] = block_sums_json(
+        pack_block_sums([zlib.crc32(raw[i : i + size]) for i in range(0, len(raw), size)])
+    )
     rewrite_json(meta, parts=body["parts"])
     with Index.open(tmp_path / "idx").snapshot() as snap, pytest.raises(IndexCorruptError, match="no facts"):
         snap.segments[0].facts(np.array([0], dtype=np.int64))
@@ -256,7 +266,7 @@ def test_future_manifest_version_is_rejected(v1: Path) -> None:
     with pytest.raises(IndexVersionError) as err:
         Index.open(v1)
     assert err.value.path == str(manifest)
-    assert err.value.found == 3 and "format version 3 is not supported" in str(err.value)
+    assert err.value.found == 4 and "format version 4 is not supported" in str(err.value)
 
 
 def test_future_segment_version_is_rejected(v1: Path) -> None:
@@ -416,8 +426,100 @@ def test_checked_json_in_another_layout_still_loads(tmp_path: Path) -> None:
         load_checked_json(path)
 
 
-@pytest.mark.parametrize("blocks", [[1, "2"], [1, 2.0], [None], "12", [[1]]])
-def test_a_part_entry_whose_block_sums_are_not_integers_is_malformed(blocks: object) -> None:
+@pytest.mark.parametrize("blocks", [[1, "2"], [1, 2.0], [None], "12", [[1]], {"a": 1}])
+def test_a_version_2_part_entry_whose_block_sums_are_not_integers_is_malformed(blocks: object) -> None:
     with pytest.raises(IndexCorruptError, match="malformed part entry"):
-        PartInfo.from_json(Path("meta.json"), {"size": 10, "crc32": 1, "blocks": blocks})
-    assert PartInfo.from_json(Path("meta.json"), {"size": 10, "crc32": 1, "blocks": [3, 4]}).blocks == (3, 4)
+        PartInfo.from_json(Path("meta.json"), {"size": 10, "crc32": 1, "blocks": blocks}, 2)
+    info = PartInfo.from_json(Path("meta.json"), {"size": 10, "crc32": 1, "blocks": [3, 4]}, 2)
+    assert info.blocks == struct.pack("<II", 3, 4) and info.block_count == 2 and info.block_sum(1) == 4
+
+
+@pytest.mark.parametrize("blocks", [[-1], [2**32]])
+def test_a_version_2_block_sum_outside_u32_is_corrupt(blocks: list[int]) -> None:
+    with pytest.raises(IndexCorruptError, match="out of range"):
+        PartInfo.from_json(Path("meta.json"), {"size": 10, "crc32": 1, "blocks": blocks}, 2)
+
+
+@pytest.mark.parametrize(
+    ("blocks", "message"),
+    [
+        ([3, 4], "malformed part entry"),  # the version 2 form in a version 3 file
+        (7, "malformed part entry"),
+        ("AAA", "malformed block checksums"),  # base64 without its padding
+        ("AA=A", "malformed block checksums"),  # padding inside the data
+        ("AAAA AAA=", "malformed block checksums"),  # whitespace is not base64
+        ("AAAA", "not whole u32s"),  # three bytes
+        ("éééé", "malformed block checksums"),
+    ],
+)
+def test_a_version_3_part_entry_whose_block_sums_are_not_base64_u32s_is_malformed(
+    blocks: object, message: str
+) -> None:
+    with pytest.raises(IndexCorruptError, match=message):
+        PartInfo.from_json(Path("meta.json"), {"size": 10, "crc32": 1, "blocks": blocks}, 3)
+    info = PartInfo.from_json(Path("meta.json"), {"size": 10, "crc32": 1, "blocks": "AwAAAAQAAAA="}, 3)
+    assert info.blocks == struct.pack("<II", 3, 4) and info.block_sum(0) == 3
+    assert info.to_json() == {"size": 10, "crc32": 1, "blocks": "AwAAAAQAAAA="}
+    assert PartInfo.from_json(Path("meta.json"), {"size": 10, "crc32": 1}, 3).block_count == 0
+
+
+def downgrade_to_v2(root: Path) -> None:
+    """downgrade_to_v2 rewrites every segment of the index at `root` as format version 2 wrote it.
+
+    Each part's header says version 2 (its checksums recomputed) and meta.json lists the block
+    checksums as JSON numbers; the manifest says version 2.
+    """
+    for seg in sorted(root.glob("seg-*")):
+        meta = json.loads((seg / "meta.json").read_bytes())
+        size = meta["block_size"]
+        for name, entry in meta["parts"].items():
+            raw = bytearray((seg / name).read_bytes())
+            struct.pack_into("<I", raw, 4, 2)
+            (seg / name).write_bytes(bytes(raw))
+            entry["crc32"] = zlib.crc32(raw)
+            entry["blocks"] = [zlib.crc32(raw[i : i + size]) for i in range(0, len(raw), size)]
+        meta["format"] = 2
+        (seg / "meta.json").write_bytes(dump_checked_json(meta))
+    for manifest in root.glob("manifest-*.json"):
+        rewrite_json(manifest, format=2)
+
+
+def test_version_2_indexes_open_and_answer_as_version_3_ones(tmp_path: Path) -> None:
+    for name in ("v3", "v2"):
+        index = Index.create(tmp_path / name)
+        with IndexWriter(index) as writer:
+            for doc in fixture_documents():
+                writer.add(doc)
+            writer.commit()
+    downgrade_to_v2(tmp_path / "v2")
+    assert '"blocks": [' in (tmp_path / "v2" / "seg-00000000" / "meta.json").read_text()
+
+    def answers(root: Path) -> list[tuple[str, list[int]]]:  # (path, matching line numbers)
+        with Index.open(root).snapshot() as snap:
+            (seg,) = snap.segments
+            seg.verify()
+            expected = 2 if root.name == "v2" else 3
+            assert seg.data.format == expected and seg.data.stores_facts
+        searcher = Searcher(Index.open(root))
+        out = []
+        for query in ("def", "package", "Greeter"):
+            result = searcher.search(query, mode=SearchMode.EXHAUSTIVE, limit_files=None)
+            out += [(f.path, [m.line_number for m in f.line_matches]) for f in result.files]
+        return out
+
+    want = answers(tmp_path / "v3")
+    assert want and answers(tmp_path / "v2") == want
+
+
+def test_a_damaged_version_2_block_is_caught_on_first_read(tmp_path: Path) -> None:
+    index = Index.create(tmp_path / "idx")
+    with IndexWriter(index) as writer:
+        writer.add(SourceDocument("id-1", "a.txt", b"needle in a haystack\n" * 10, "r", "text"))
+        writer.commit()
+    downgrade_to_v2(tmp_path / "idx")
+    seg = tmp_path / "idx" / "seg-00000000"
+    meta = json.loads((seg / "meta.json").read_bytes())
+    meta["parts"]["content.bin"]["blocks"][0] ^= 1
+    (seg / "meta.json").write_bytes(dump_checked_json(meta))
+    with Index.open(tmp_path / "idx").snapshot() as snap, pytest.raises(IndexCorruptError, match="block 0"):
+        bytes(snap.segments[0].content(0))

@@ -232,8 +232,9 @@ def test_verify_blocks_checks_each_covered_block_once(tmp_path: Path) -> None:
     size = format.BLOCK_SIZE
     part, info = _blocked(tmp_path, os.urandom(4 * size + 100))
     total = len(part.view)
-    sums = array.array("I", info.blocks)
-    verified = bytearray(len(info.blocks))
+    sums = array.array("I")
+    sums.frombytes(info.blocks)
+    verified = bytearray(info.block_count)
     assert _fastscan.verify_blocks(part.view, b"", size, verified, sums) == -1 and not any(verified)
     # An empty span covers nothing; a span ending the file covers the short last block.
     spans = _spans([size + 1, size + 1, total - 3, total, 10, size + 10])

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from services.search.engine.index.format import BLOCK_SIZE, HEADER_SIZE, IndexCorruptError, dump_checked_json
+from services.search.engine.index.format import (
+    BLOCK_SIZE,
+    HEADER_SIZE,
+    IndexCorruptError,
+    block_sums_json,
+    dump_checked_json,
+    pack_block_sums,
+)
 from services.search.engine.index.index import Index
 from services.search.engine.index.reader import SegmentData
 from services.search.engine.index.writer import IndexWriter
@@ -87,7 +94,9 @@ def test_a_table_pointing_outside_its_files_is_rejected_when_read(tmp_path: Path
     meta = json.loads((seg_dir / "meta.json").read_bytes())
     size = meta["block_size"]
     meta["parts"]["docs.bin"]["crc32"] = zlib.crc32(docs)
-    meta["parts"]["docs.bin"]["blocks"] = [zlib.crc32(docs[i : i + size]) for i in range(0, len(docs), size)]
+    meta["parts"]["docs.bin"]["blocks"] = block_sums_json(
+        pack_block_sums([zlib.crc32(docs[i : i + size]) for i in range(0, len(docs), size)])
+    )
     (seg_dir / "meta.json").write_bytes(dump_checked_json(meta))
     data = SegmentData(seg_dir)  # opening reads no table in full (format.py)
     with pytest.raises(IndexCorruptError) as err:

@@ -14,7 +14,9 @@ from services.search.engine.index.format import (
     DOC_RECORD_SIZE,
     HEADER_SIZE,
     IndexCorruptError,
+    block_sums_json,
     dump_checked_json,
+    pack_block_sums,
 )
 from services.search.engine.index.index import Index
 from services.search.engine.index.reader import SegmentData, SegmentReader
@@ -75,8 +77,11 @@ def test_truncated_records_are_corruption(tmp_path: Path) -> None:
     meta = json.loads((seg_dir / "meta.json").read_bytes())
     size = meta["block_size"]
     meta["parts"]["docs.bin"]["crc32"] = zlib.crc32(raw)
-    meta["parts"]["docs.bin"]["blocks"] = [zlib.crc32(raw[i : i + size]) for i in range(0, len(raw), size)]
+    meta["parts"]["docs.bin"]["blocks"] = block_sums_json(
+        pack_block_sums([zlib.crc32(raw[i : i + size]) for i in range(0, len(raw), size)])
+    )
     (seg_dir / "docs.bin").write_bytes(bytes(raw))
     (seg_dir / "meta.json").write_bytes(dump_checked_json(meta))
-    with pytest.raises(IndexCorruptError, match="truncated"):
+    # Matched on the message, not only the word: the test's own temporary path says "truncated".
+    with pytest.raises(IndexCorruptError, match=f"symbol records of document {ordinal} are truncated"):
         SegmentData(seg_dir).symbol_spans(ordinal)

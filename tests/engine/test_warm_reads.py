@@ -19,7 +19,14 @@ import pytest
 from pyroaring import BitMap
 
 from services.search.engine.index.build import build_index
-from services.search.engine.index.format import BLOCK_SIZE, HEADER_SIZE, IndexCorruptError, dump_checked_json
+from services.search.engine.index.format import (
+    BLOCK_SIZE,
+    HEADER_SIZE,
+    IndexCorruptError,
+    block_sums_json,
+    dump_checked_json,
+    pack_block_sums,
+)
 from services.search.engine.index.index import Index
 from services.search.engine.index.reader import SegmentData
 from services.search.engine.index.trigrams import trigram_id
@@ -46,7 +53,9 @@ def rewrite_part(seg_dir: Path, part: str, raw: bytes) -> None:
     meta = json.loads((seg_dir / "meta.json").read_bytes())
     size = meta["block_size"]
     meta["parts"][part]["crc32"] = zlib.crc32(raw)
-    meta["parts"][part]["blocks"] = [zlib.crc32(raw[i : i + size]) for i in range(0, len(raw), size)]
+    meta["parts"][part]["blocks"] = block_sums_json(
+        pack_block_sums([zlib.crc32(raw[i : i + size]) for i in range(0, len(raw), size)])
+    )
     (seg_dir / "meta.json").write_bytes(dump_checked_json(meta))
 
 

@@ -1,7 +1,7 @@
 """facts works out a document's ranking facts, the `facts` bits of its record (format.py).
 
-The builder stores them in every version 2 segment; the reader works them out per candidate
-for version 1 segments, which stored none. The rules are languages.py's (test, vendored and
+The builder stores them in every segment of format version 2 or later; the reader works them
+out per candidate for version 1 segments, which stored none. The rules are languages.py's (test, vendored and
 generated paths, generated-code markers).
 """
 

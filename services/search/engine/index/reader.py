@@ -142,7 +142,7 @@ class SegmentData:
             self.format = int(meta["format"])
             self.block_size = int(meta.get("block_size", V1_BLOCK_SIZE))
             parts = meta["parts"]
-            infos = {name: PartInfo.from_json(meta_path, parts[name]) for name in PART_FILES}
+            infos = {name: PartInfo.from_json(meta_path, parts[name], self.format) for name in PART_FILES}
         except (KeyError, TypeError, ValueError) as exc:
             raise IndexCorruptError(meta_path, f"missing or malformed field: {exc}") from exc
         if self.block_size < 1024 or self.block_size & (self.block_size - 1):
