@@ -291,7 +291,10 @@ class EmbeddedPostgres:
         except BaseException:
             self.stop()
             raise
-        self._dsn = f"postgresql://{SUPERUSER}@127.0.0.1:{self._port}/{quote(self.database)}"
+        # The cluster listens on loopback without TLS: sslmode=disable spares every connection
+        # asyncpg's default TLS probe (one more round trip, refused by the server), whose
+        # abandoned future asyncio reported as "exception was never retrieved" at exit.
+        self._dsn = f"postgresql://{SUPERUSER}@127.0.0.1:{self._port}/{quote(self.database)}?sslmode=disable"
         return self._dsn
 
     def stop(self) -> None:
