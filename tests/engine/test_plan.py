@@ -158,6 +158,35 @@ PLAN_TABLE: list[tuple[str, bool, str]] = [
         '"0x0"|"0x1"|"0x2"|"0x3"|"0x4"|"0x5"|"0x6"|"0x7"|"0x8"|"0x9"|"0xa"|"0xb"|"0xc"|"0xd"|"0xe"|"0xf"',
     ),
     (r"ops->open\(", False, '"->o" ">op" "en(" "ope" "ops" "pen" "ps-" "s->"'),
+    # More Linux queries (linux-extra.txt): no literal of three bytes is a scan (ALL).
+    ("(?i)todo", False, '"odo" "tod"'),
+    (r"struct \w+_ops \{", False, '"_op" "ct " "ops" "ps " "ruc" "s {" "str" "tru" "uct"'),
+    (
+        r"printk\(KERN_ERR",
+        False,
+        '"(ke" "_er" "ern" "err" "int" "k(k" "ker" "n_e" "ntk" "pri" "rin" "rn_" "tk("',
+    ),
+    (
+        "^static const struct file_operations",
+        False,
+        '" co" " fi" " st" "_op" "ati" "c c" "con" "ct " "e_o" "era" "fil" "ic " "ile" "ion" "le_"'
+        ' "nst" "ons" "ope" "per" "rat" "ruc" "st " "sta" "str" "t f" "t s" "tat" "tic" "tio" "tru" "uct"',
+    ),
+    ("[A-Z]{20,}", False, "ALL"),
+    (r"\w+_init\(void\)", False, '"(vo" "_in" "id)" "ini" "it(" "nit" "oid" "t(v" "voi"'),
+    ("goto out;", False, '" ou" "got" "o o" "oto" "out" "to " "ut;"'),
+    (
+        r"(kmalloc|kzalloc)\(sizeof",
+        False,
+        '"(si" "all" "c(s" "eof" "ize" "llo" "loc" "oc(" "siz" "zeo" (("kma" "mal")|("kza" "zal"))',
+    ),
+    ("ab", False, "ALL"),
+    (r"\bmutex_lock\b", False, '"_lo" "ex_" "loc" "mut" "ock" "tex" "ute" "x_l"'),
+    (
+        r"(?i)copyright \(c\) 2005",
+        False,
+        '" (c" " 20" "(c)" ") 2" "005" "200" "c) " "cop" "ght" "ht " "igh" "opy" "pyr" "rig" "t (" "yri"',
+    ),
     ("def __init__", False, '" __" "__i" "_in" "def" "ef " "f _" "ini" "it_" "nit" "t__"'),
     ("ZIP_DEFLATED", False, '"_de" "ate" "def" "efl" "fla" "ip_" "lat" "p_d" "ted" "zip"'),
     (
