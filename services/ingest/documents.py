@@ -40,10 +40,12 @@ from services.common.db import Connection
 from services.common.errors import FieldViolation, InvalidArgument
 from services.ingest import documentstore as store
 from services.ingest.batchtiming import BatchTimer
+from services.ingest.paths import MAX_PATH_BYTES as MAX_PATH_BYTES
+from services.ingest.paths import check_path
+from services.ingest.paths import has_control as _has_control
 from services.ingest.symbolizer import Analysis, Symbolizer
 from services.search.engine.languages import detect_language, normalize_language
 
-MAX_PATH_BYTES = 4096
 MAX_TITLE_CHARS = 512
 MAX_TAG_CHARS = 64
 MAX_METADATA_KEY_CHARS = 256
@@ -192,31 +194,6 @@ class PreparedBatch:
 def _violation(index: int, name: str, description: str, reason: str) -> FieldViolation:
     """_violation is a field violation on field `name` of the item at `index`."""
     return FieldViolation(f"documents[{index}].{name}", description, reason)
-
-
-def _has_control(text: str) -> bool:
-    """_has_control tells whether `text` holds C0/C1 control characters or DEL (NUL included)."""
-    return any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in text)
-
-
-def check_path(path: str) -> tuple[str, str] | None:
-    """check_path returns (reason, description) when `path` is not a safe relative path, else None."""
-    if not path:
-        return "PATH_EMPTY", "the path is empty"
-    if len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
-        return "PATH_TOO_LONG", f"the path is longer than {MAX_PATH_BYTES} bytes"
-    if _has_control(path):
-        return "PATH_CONTROL_CHARACTER", "the path contains a control character"
-    if "\\" in path:
-        return "PATH_BACKSLASH", "the path contains a backslash; use '/' as the separator"
-    if path.startswith("/"):
-        return "PATH_ABSOLUTE", "the path is absolute; give it relative to the repository root"
-    parts = path.split("/")
-    if ".." in parts:
-        return "PATH_TRAVERSAL", "the path contains a '..' segment"
-    if any(part in ("", ".") for part in parts):
-        return "PATH_NOT_CANONICAL", "the path contains an empty or '.' segment"
-    return None
 
 
 def check_item(index: int, item: DocumentInput, limits: DocumentLimits) -> _Valid | list[FieldViolation]:

@@ -14,7 +14,7 @@ Rules, in the order they are applied:
   O_NOFOLLOW one path component at a time, so a directory replaced by a link between the walk
   and the read is refused too.
 * Paths a document may not have (`..`, backslashes, control characters, not UTF-8, too long;
-  the document rules of services/ingest/documents.py) are refused (`bad_path`).
+  the document rules of services/ingest/paths.py) are refused (`bad_path`).
 * Include and exclude globs (`fnmatch` on the whole relative path, `*` crossing `/`) pick
   files (`excluded`); machine-written files (lock files, minified bundles, protobuf stubs:
   the engine's `is_generated`) are left out (`generated`).
@@ -32,7 +32,7 @@ import stat
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from services.ingest.documents import check_path
+from services.ingest.paths import check_path
 from services.search.engine.languages import is_generated
 
 # A NUL in the first 8 KiB is how git itself tells binary from text.

@@ -66,6 +66,14 @@ def test_index_commands_load_no_grpc() -> None:
     assert out.rstrip().endswith("[]"), out
 
 
+def test_push_loads_no_database_driver_and_no_numpy() -> None:
+    # `kotadb push` checks paths with the service's rule (services/ingest/paths.py), not through
+    # the module that writes documents (asyncpg, the symbol extractor, numpy: ~0.1 s per push).
+    out = _loaded("push", "--help")
+    assert "'services.cli.push'" in out
+    assert out.rstrip().endswith("['grpc']"), out
+
+
 def test_a_sub_command_builds_only_its_own_parser() -> None:
     # `kotadb index search` builds neither the other groups nor `index status` (whose flags
     # import the gateway client); `kotadb index --help` still lists every sub-command.
