@@ -38,10 +38,16 @@ from services.common.errors import FieldViolation, InvalidArgument, KotaError
 from services.search.config import SearchSettings
 from services.search.engine import record
 from services.search.engine.errors import EngineError, IndexFileError
+from services.search.engine.search.candidates import symbol_documents
 from services.search.engine.search.cursor import CursorError, decode_cursor
 from services.search.engine.search.results import SearchMode, SearchResult
 from services.search.engine.search.searcher import Searcher, SearchRequest
-from services.search.engine.symbols.symsearch import SymbolCandidate, SymbolMatch, search_symbols
+from services.search.engine.symbols.symsearch import (
+    SymbolCandidate,
+    SymbolMatch,
+    search_symbols,
+    symbol_needle,
+)
 from services.search.engine_errors import domain_error
 from services.search.streams import StreamBatch, queue_emitter, stream_files
 from services.search.tenants import LOST_ERRORS, TenantIndex, TenantManager
@@ -386,6 +392,8 @@ class Searches:
         revision = opened.covered
         index = opened.index
 
+        needle = symbol_needle(query.pattern)
+
         def run(cancel: threading.Event) -> tuple[list[SymbolHit], int]:
             with index.snapshot() as snap:
                 where: dict[tuple[str, str], tuple[int, int, str]] = {}
@@ -393,7 +401,7 @@ class Searches:
                 for position, segment in enumerate(snap.segments):
                     if cancel.is_set():
                         return [], 0
-                    for ordinal in segment.live:
+                    for ordinal in symbol_documents(segment, needle):
                         found = segment.symbols(ordinal)
                         if not found:
                             continue

@@ -462,6 +462,19 @@ class SegmentData:
         """
         return self._record_spans(ordinals, HEADER_SIZE, self._content, 0, 8, 8)
 
+    def symbols_spans(self, ordinals: Sequence[int]) -> bytes:
+        """symbols_spans returns where each ordinal's symbol records lie: int64 (start, end) pairs.
+
+        A symbol search screens documents natively over these spans (`verified_symbols` checks
+        their blocks) and decodes the symbols of the documents that pass only.
+        """
+        return self._record_spans(ordinals, HEADER_SIZE, self._symbols, _SYMBOLS_AT, _SYMBOLS_AT + 12, 4)
+
+    def verified_symbols(self, spans: bytes | memoryview) -> memoryview:
+        """verified_symbols checks the symbols.bin blocks `spans` cover and returns all of symbols.bin."""
+        self._symbols.check_spans(spans)
+        return self._symbols.view
+
     def names_of(self, ordinals: Sequence[int]) -> list[tuple[str, str, str]]:
         """names_of returns `names` of each ordinal, their strings verified and decoded in native batches."""
         spans = self._record_spans(ordinals, self._strings_base, self._docs, 16, 32, 4)
@@ -658,6 +671,14 @@ class SegmentReader:
     def content_spans(self, ordinals: Sequence[int]) -> bytes:
         """content_spans returns the content spans of `ordinals` (SegmentData.content_spans)."""
         return self.data.content_spans(ordinals)
+
+    def symbols_spans(self, ordinals: Sequence[int]) -> bytes:
+        """symbols_spans returns the symbol record spans of `ordinals` (SegmentData.symbols_spans)."""
+        return self.data.symbols_spans(ordinals)
+
+    def verified_symbols(self, spans: bytes | memoryview) -> memoryview:
+        """verified_symbols checks the spans' symbol records and returns symbols.bin (see SegmentData)."""
+        return self.data.verified_symbols(spans)
 
     def names_of(self, ordinals: Sequence[int]) -> list[tuple[str, str, str]]:
         """names_of returns `names` of each of `ordinals` (SegmentData.names_of)."""

@@ -10,7 +10,8 @@ ordinary files before tests, vendored and generated ones (rank.py's path weight)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import array
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from pyroaring import BitMap
@@ -19,6 +20,7 @@ from services.search.engine.index.index import Snapshot
 from services.search.engine.index.reader import SegmentReader
 from services.search.engine.query.matchtree import DocFacts, MatchTree
 from services.search.engine.query.plan import All, And, Empty, Or, Plan, Tri
+from services.search.engine.query.verify import LineMatcher
 from services.search.engine.record import Record
 
 if TYPE_CHECKING:
@@ -143,3 +145,21 @@ def prune_by_metadata(tree: MatchTree, segment: SegmentReader, ordinals: Sequenc
         if tree.prefilter(facts) is not False:
             kept.append(ordinal)
     return kept
+
+
+def symbol_documents(segment: SegmentReader, needle: str | None) -> Iterable[int]:
+    """symbol_documents lists the live ordinals whose symbols a symbol search must decode, in order.
+
+    With a `needle` (symsearch.symbol_needle: text every matching symbol holds, ignoring
+    case) only documents whose stored symbol records hold it are listed, found in one native
+    pass over the segment's symbols.bin; decoding every symbol in Python made a query cost
+    ~5 us per symbol of the index (the standard library's 86,000: 0.3 s). Without one, every
+    live document is.
+    """
+    if needle is None:
+        return segment.live
+    ordinals = array.array("q", segment.live.to_array())
+    spans = segment.symbols_spans(ordinals)
+    data = segment.verified_symbols(spans)
+    counts = LineMatcher(needle, case_sensitive=False, literal=True).count_spans(data, spans)
+    return [ordinal for ordinal, found in zip(ordinals, memoryview(counts).cast("q"), strict=True) if found]

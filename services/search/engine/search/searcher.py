@@ -233,13 +233,15 @@ class Searcher:
         Ranking and counting are symsearch.search_symbols'; this feeds it one snapshot.
         """
         # Imported here: symsearch loads the tree-sitter kinds, which a text search never needs.
-        from services.search.engine.symbols.symsearch import SymbolCandidate, search_symbols
+        from services.search.engine.search.candidates import symbol_documents
+        from services.search.engine.symbols.symsearch import SymbolCandidate, search_symbols, symbol_needle
 
+        needle = symbol_needle(pattern)
         with self.index.snapshot() as snap:
 
             def candidates() -> Iterator[SymbolCandidate]:
                 for segment in snap.segments:
-                    for ordinal in segment.live:
+                    for ordinal in symbol_documents(segment, needle):
                         found = segment.symbols(ordinal)
                         if not found:
                             continue

@@ -211,6 +211,27 @@ def _normalize(name: str) -> str:
     return _QUALIFIED_SEPARATOR.sub(".", name) if "::" in name else name
 
 
+def symbol_needle(pattern: str) -> str | None:
+    """symbol_needle is ASCII text that every symbol matching `pattern` holds, or None if there is none.
+
+    A symbol search may then decode only the documents whose stored symbols hold the needle,
+    compared with ASCII case folding (RE2's `(?i)` for an ASCII needle, KELVIN SIGN and LONG S
+    included). It is given for a plain pattern (identifiers joined by `.` or `::`), which has
+    no regex tier, so every match holds the pattern's longest piece between separators in its
+    name or qualified name, ignoring case. Python's `lower()`, which the literal tiers use,
+    gives ASCII from two other letters only: KELVIN SIGN (`k`, which the folding covers) and
+    LATIN CAPITAL LETTER I WITH DOT ABOVE (`i` and a combining dot, so it can match an ASCII
+    pattern only at its last letter): a trailing `i` is left out of the needle.
+    """
+    pattern = pattern.strip()
+    if not pattern.isascii() or not _PLAIN.fullmatch(pattern):
+        return None
+    needle = max(_QUALIFIED_SEPARATOR.split(pattern), key=len)
+    if needle[-1:] in ("i", "I"):
+        needle = needle[:-1]
+    return needle or None
+
+
 def search_symbols(
     pattern: str,
     candidates: Iterable[SymbolCandidate | tuple[Symbol, str, str, str]],

@@ -1,0 +1,185 @@
+"""Symbol search decodes only the documents whose stored symbols hold the pattern's needle.
+
+`symsearch.symbol_needle` picks text every matching symbol holds (for plain patterns), and
+`candidates.symbol_documents` screens a segment's symbols.bin for it natively. The answers
+must be exactly those of the full scan (every symbol of every live document through
+`search_symbols`), including names whose lowercase gains ASCII letters from KELVIN SIGN or
+from I WITH DOT ABOVE, names with LONG S (which RE2's case folding equates with `s`), and
+qualified names written with either separator.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.search.engine.index.index import Index
+from services.search.engine.index.reader import SegmentData
+from services.search.engine.index.writer import IndexWriter
+from services.search.engine.model import SourceDocument, Symbol
+from services.search.engine.search.searcher import Searcher
+from services.search.engine.symbols.symsearch import SymbolCandidate, search_symbols, symbol_needle
+
+NAMES = [
+    "Kelvin",
+    "\u212aelvin",  # KELVIN SIGN: lower() is "kelvin"
+    "\u0130ndex",  # I WITH DOT ABOVE: lower() is "i\u0307ndex"
+    "fo\u0130",
+    "\u017ftream",  # LONG S: lower() keeps it; RE2's (?i) s matches it
+    "stream",
+    "get_widget_size",
+    "$scope",
+    "na\u00efve",
+    "Parser",
+    "parse",
+]
+QUALIFIED = [
+    ("size", "Widget::size"),
+    ("size", "pkg.Widget.size"),
+    ("open", "ops.open"),
+    ("Open", "File::Open"),
+]
+
+
+def _documents(names: list[str]) -> list[SourceDocument]:
+    docs = []
+    for i, name in enumerate(names):
+        content = f"def {name}():\n    pass\n".encode()
+        symbol = Symbol(name, "function", name, 1, 2, 4, 4 + len(name.encode()))
+        docs.append(SourceDocument(f"id-{i}", f"src/f{i}.py", content, "r", "python", (symbol,)))
+    for i, (name, qualified) in enumerate(QUALIFIED):
+        content = f"x {name}\n".encode()
+        symbol = Symbol(name, "method", qualified, 1, 1, 2, 2 + len(name))
+        docs.append(SourceDocument(f"q-{i}", f"lib/q{i}.cc", content, "r", "cpp", (symbol,)))
+    docs.append(SourceDocument("plain", "README.md", b"no symbols here\n", "r", "markdown"))
+    return docs
+
+
+def _index(root: Path, docs: list[SourceDocument]) -> Index:
+    index = Index.create(root)
+    with IndexWriter(index) as writer:
+        half = len(docs) // 2
+        for doc in docs[:half]:
+            writer.add(doc)
+        writer.commit(merge=False)  # two segments
+        for doc in docs[half:]:
+            writer.add(doc)
+        writer.commit(merge=False)
+    return index
+
+
+def _full_scan(index: Index, pattern: str, limit: int) -> list[tuple[str, str, str]]:
+    with index.snapshot() as snap:
+        candidates = [
+            SymbolCandidate(symbol, seg.doc(o).path, seg.doc(o).repository, seg.doc(o).language)
+            for seg in snap.segments
+            for o in seg.live
+            for symbol in seg.symbols(o)
+        ]
+    result = search_symbols(pattern, candidates, limit=limit)
+    return [(m.path, m.symbol.qualified_name, m.tier.name) for m in result.matches] + [
+        ("total", str(result.total), "")
+    ]
+
+
+def _searched(index: Index, pattern: str, limit: int) -> list[tuple[str, str, str]]:
+    result = Searcher(index).symbols(pattern, limit=limit)
+    return [(m.path, m.symbol.qualified_name, m.tier.name) for m in result.matches] + [
+        ("total", str(result.total), "")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "needle"),
+    [
+        ("kelvin", "kelvin"),
+        ("Widget::size", "Widget"),
+        ("pkg.Widget.size", "Widget"),
+        ("fooi", "foo"),
+        ("I", None),
+        ("parse", "parse"),
+        ("get_.*", None),  # a regex tier: no needle
+        ("na\u00efve", None),  # not ASCII
+        ("$scope", "$scope"),
+        ("  open  ", "open"),
+        ("", None),
+    ],
+)
+def test_symbol_needle(pattern: str, needle: str | None) -> None:
+    assert symbol_needle(pattern) == needle
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "kelvin",
+        "KELVIN",
+        "k",
+        "elvin",
+        "index",
+        "i",
+        "foi",
+        "FOI",
+        "stream",
+        "s",
+        "tream",
+        "size",
+        "Widget::size",
+        "widget.SIZE",
+        "ops::open",
+        "open",
+        "$scope",
+        "scope",
+        "parse",
+        "Parse",
+        "get_.*",
+        "^p",
+        "na\u00efve",
+        "NA\u00cfVE",
+        "nothing_matches_this",
+    ],
+)
+def test_prefiltered_symbol_search_equals_the_full_scan(tmp_path: Path, pattern: str) -> None:
+    index = _index(tmp_path / "idx", _documents(NAMES))
+    for limit in (1, 50):
+        assert _searched(index, pattern, limit) == _full_scan(index, pattern, limit)
+
+
+ALPHABET = st.sampled_from(["a", "b", "K", "k", "s", "S", "i", "I", "\u212a", "\u0130", "\u017f", "_", "."])
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    names=st.lists(st.lists(ALPHABET, min_size=1, max_size=6).map("".join), min_size=1, max_size=8),
+    pattern=st.lists(
+        st.sampled_from(["a", "b", "k", "K", "s", "i", "I", "_", "."]), min_size=1, max_size=4
+    ).map("".join),
+)
+def test_any_plain_pattern_over_tricky_names_equals_the_full_scan(
+    tmp_path_factory: pytest.TempPathFactory, names: list[str], pattern: str
+) -> None:
+    index = _index(tmp_path_factory.mktemp("idx") / "idx", _documents(names))
+    assert _searched(index, pattern, 50) == _full_scan(index, pattern, 50)
+
+
+def test_only_documents_holding_the_needle_are_decoded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    index = _index(tmp_path / "idx", _documents(NAMES))
+    decoded: list[int] = []
+    original = SegmentData.symbols
+
+    def spy(self: SegmentData, ordinal: int) -> tuple[Symbol, ...]:
+        decoded.append(ordinal)
+        return original(self, ordinal)
+
+    monkeypatch.setattr(SegmentData, "symbols", spy)
+    result = Searcher(index).symbols("get_widget")
+    assert [m.symbol.name for m in result.matches] == ["get_widget_size"]
+    assert len(decoded) == 1  # not one per live document (16 here)
+    decoded.clear()
+    Searcher(index).symbols("get_.*")  # a regex: every live document is read, README.md too
+    assert len(decoded) == len(NAMES) + len(QUALIFIED) + 1
