@@ -38,7 +38,7 @@ from services.common.errors import FieldViolation, InvalidArgument, KotaError
 from services.search.config import SearchSettings
 from services.search.engine import record
 from services.search.engine.errors import EngineError, IndexFileError
-from services.search.engine.search.candidates import symbol_documents
+from services.search.engine.search.candidates import symbol_documents, symbol_search_needle
 from services.search.engine.search.cursor import CursorError, decode_cursor
 from services.search.engine.search.results import SearchMode, SearchResult
 from services.search.engine.search.searcher import Searcher, SearchRequest
@@ -46,7 +46,6 @@ from services.search.engine.symbols.symsearch import (
     SymbolCandidate,
     SymbolMatch,
     search_symbols,
-    symbol_needle,
 )
 from services.search.engine_errors import domain_error
 from services.search.streams import StreamBatch, queue_emitter, stream_files
@@ -392,7 +391,7 @@ class Searches:
         revision = opened.covered
         index = opened.index
 
-        needle = symbol_needle(query.pattern)
+        needle = symbol_search_needle(query.pattern)
 
         def run(cancel: threading.Event) -> tuple[list[SymbolHit], int]:
             with index.snapshot() as snap:

@@ -20,6 +20,7 @@ from services.search.engine.index.index import Index
 from services.search.engine.index.reader import SegmentData
 from services.search.engine.index.writer import IndexWriter
 from services.search.engine.model import SourceDocument, Symbol
+from services.search.engine.search.candidates import symbol_search_needle
 from services.search.engine.search.searcher import Searcher
 from services.search.engine.symbols.symsearch import SymbolCandidate, search_symbols, symbol_needle
 
@@ -113,6 +114,26 @@ def test_symbol_needle(pattern: str, needle: str | None) -> None:
 
 
 @pytest.mark.parametrize(
+    ("pattern", "needle"),
+    [
+        ("get_.*", "get_"),
+        ("^sys_", "sys_"),
+        (r"get_\w+_size$", "_size"),
+        ("[kK]elvin", "elvin"),
+        (r"foo\.bar", None),  # the literal holds a separator the qualified tiers rewrite
+        (r"\x41BC", None),  # "ABC" is not written as such in the pattern
+        ("a::b.*", None),  # `::` is rewritten for the literal tiers
+        ("[a-z]+", None),  # no literal at all
+        ("(parse", None),  # not a valid regex
+        ("^fooi", "foo"),
+        ("kelvin", "kelvin"),  # plain patterns as symbol_needle gives them
+    ],
+)
+def test_symbol_search_needle_takes_a_regexs_required_text(pattern: str, needle: str | None) -> None:
+    assert symbol_search_needle(pattern) == needle
+
+
+@pytest.mark.parametrize(
     "pattern",
     [
         "kelvin",
@@ -137,6 +158,12 @@ def test_symbol_needle(pattern: str, needle: str | None) -> None:
         "Parse",
         "get_.*",
         "^p",
+        "size$",
+        "(?i)KELVIN",
+        "[kK]elvin",
+        r"get_\w+_size",
+        "[a-z]+",
+        "elvin$",
         "na\u00efve",
         "NA\u00cfVE",
         "nothing_matches_this",
@@ -151,14 +178,21 @@ def test_prefiltered_symbol_search_equals_the_full_scan(tmp_path: Path, pattern:
 ALPHABET = st.sampled_from(["a", "b", "K", "k", "s", "S", "i", "I", "\u212a", "\u0130", "\u017f", "_", "."])
 
 
-@settings(max_examples=150, deadline=None)
+PLAIN_PIECES = st.sampled_from(["a", "b", "k", "K", "s", "i", "I", "_", "."])
+REGEX_PIECES = st.sampled_from(
+    ["a", "b", "k", "s", "i", "I", "_", "^", "$", ".*", "[kK]", "\\w", "+", "(", "|"]
+)
+
+
+@settings(max_examples=200, deadline=None)
 @given(
     names=st.lists(st.lists(ALPHABET, min_size=1, max_size=6).map("".join), min_size=1, max_size=8),
-    pattern=st.lists(
-        st.sampled_from(["a", "b", "k", "K", "s", "i", "I", "_", "."]), min_size=1, max_size=4
-    ).map("".join),
+    pattern=st.one_of(
+        st.lists(PLAIN_PIECES, min_size=1, max_size=4).map("".join),
+        st.lists(REGEX_PIECES, min_size=1, max_size=5).map("".join),
+    ),
 )
-def test_any_plain_pattern_over_tricky_names_equals_the_full_scan(
+def test_any_pattern_over_tricky_names_equals_the_full_scan(
     tmp_path_factory: pytest.TempPathFactory, names: list[str], pattern: str
 ) -> None:
     index = _index(tmp_path_factory.mktemp("idx") / "idx", _documents(names))
@@ -177,9 +211,10 @@ def test_only_documents_holding_the_needle_are_decoded(
         return original(self, ordinal)
 
     monkeypatch.setattr(SegmentData, "symbols", spy)
-    result = Searcher(index).symbols("get_widget")
-    assert [m.symbol.name for m in result.matches] == ["get_widget_size"]
-    assert len(decoded) == 1  # not one per live document (16 here)
-    decoded.clear()
-    Searcher(index).symbols("get_.*")  # a regex: every live document is read, README.md too
+    for pattern in ("get_widget", r"get_\w+_size"):
+        result = Searcher(index).symbols(pattern)
+        assert [m.symbol.name for m in result.matches] == ["get_widget_size"]
+        assert len(decoded) == 1  # not one per live document (16 here)
+        decoded.clear()
+    Searcher(index).symbols("[a-z]+")  # a regex with no required text: every live document
     assert len(decoded) == len(NAMES) + len(QUALIFIED) + 1

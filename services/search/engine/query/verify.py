@@ -168,6 +168,20 @@ def _required_literal(node: rx.Node) -> rx.Literal | None:
     return best
 
 
+def required_text(pattern: str, *, case_sensitive: bool) -> str | None:
+    """required_text is the longest run of literal text every match of the RE2 `pattern` holds, if any.
+
+    None when the pattern has none or does not parse. Under `case_sensitive=False` the text
+    holds wherever a match does, compared as RE2's `(?i)` compares.
+    """
+    try:
+        root = rx.parse_regex(pattern, case_insensitive=not case_sensitive).root
+    except (rx.RegexSyntaxError, RecursionError):
+        return None
+    found = _literal_of(root) or _required_literal(root)
+    return None if found is None else found.text
+
+
 def _searchable(literal: rx.Literal) -> bool:
     """_searchable says the native scanner can look for the literal (see LineMatcher)."""
     return (

@@ -20,7 +20,7 @@ from services.search.engine.index.index import Snapshot
 from services.search.engine.index.reader import SegmentReader
 from services.search.engine.query.matchtree import DocFacts, MatchTree
 from services.search.engine.query.plan import All, And, Empty, Or, Plan, Tri
-from services.search.engine.query.verify import LineMatcher
+from services.search.engine.query.verify import LineMatcher, required_text
 from services.search.engine.record import Record
 
 if TYPE_CHECKING:
@@ -147,10 +147,18 @@ def prune_by_metadata(tree: MatchTree, segment: SegmentReader, ordinals: Sequenc
     return kept
 
 
+def symbol_search_needle(pattern: str) -> str | None:
+    """symbol_search_needle is symsearch.symbol_needle with RE2's analysis for regex patterns."""
+    # Imported here: symsearch loads the tree-sitter kinds, which a text search never needs.
+    from services.search.engine.symbols.symsearch import symbol_needle
+
+    return symbol_needle(pattern, lambda regex: required_text(regex, case_sensitive=False))
+
+
 def symbol_documents(segment: SegmentReader, needle: str | None) -> Iterable[int]:
     """symbol_documents lists the live ordinals whose symbols a symbol search must decode, in order.
 
-    With a `needle` (symsearch.symbol_needle: text every matching symbol holds, ignoring
+    With a `needle` (`symbol_search_needle`: text every matching symbol holds, ignoring
     case) only documents whose stored symbol records hold it are listed, found in one native
     pass over the segment's symbols.bin; decoding every symbol in Python made a query cost
     ~5 us per symbol of the index (the standard library's 86,000: 0.3 s). Without one, every

@@ -233,10 +233,10 @@ class Searcher:
         Ranking and counting are symsearch.search_symbols'; this feeds it one snapshot.
         """
         # Imported here: symsearch loads the tree-sitter kinds, which a text search never needs.
-        from services.search.engine.search.candidates import symbol_documents
-        from services.search.engine.symbols.symsearch import SymbolCandidate, search_symbols, symbol_needle
+        from services.search.engine.search.candidates import symbol_documents, symbol_search_needle
+        from services.search.engine.symbols.symsearch import SymbolCandidate, search_symbols
 
-        needle = symbol_needle(pattern)
+        needle = symbol_search_needle(pattern)
         with self.index.snapshot() as snap:
 
             def candidates() -> Iterator[SymbolCandidate]:

@@ -26,7 +26,7 @@ import bisect
 import enum
 import heapq
 import re
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -211,22 +211,35 @@ def _normalize(name: str) -> str:
     return _QUALIFIED_SEPARATOR.sub(".", name) if "::" in name else name
 
 
-def symbol_needle(pattern: str) -> str | None:
+def symbol_needle(pattern: str, required: Callable[[str], str | None] | None = None) -> str | None:
     """symbol_needle is ASCII text that every symbol matching `pattern` holds, or None if there is none.
 
     A symbol search may then decode only the documents whose stored symbols hold the needle,
     compared with ASCII case folding (RE2's `(?i)` for an ASCII needle, KELVIN SIGN and LONG S
-    included). It is given for a plain pattern (identifiers joined by `.` or `::`), which has
-    no regex tier, so every match holds the pattern's longest piece between separators in its
-    name or qualified name, ignoring case. Python's `lower()`, which the literal tiers use,
-    gives ASCII from two other letters only: KELVIN SIGN (`k`, which the folding covers) and
-    LATIN CAPITAL LETTER I WITH DOT ABOVE (`i` and a combining dot, so it can match an ASCII
-    pattern only at its last letter): a trailing `i` is left out of the needle.
+    included). For a plain pattern (identifiers joined by `.` or `::`, no regex tier) it is
+    the longest piece between separators: every match holds it in its name or qualified name,
+    ignoring case. For a regex, `required` gives text every regex match holds (the query
+    layer's RE2 analysis); it serves only when it lies within the pattern itself, so that the
+    literal tiers' matches, which hold the whole pattern, hold it too, and has no separator
+    (`.` or `:`), which the qualified tiers rewrite. Python's `lower()`, which the literal tiers
+    use, gives ASCII from two other letters only: KELVIN SIGN (`k`, covered by the folding)
+    and LATIN CAPITAL LETTER I WITH DOT ABOVE (`i` and a combining dot, so it can match an
+    ASCII pattern only at its last letter): a trailing `i` is left out of the needle.
     """
     pattern = pattern.strip()
-    if not pattern.isascii() or not _PLAIN.fullmatch(pattern):
+    if not pattern.isascii():
         return None
-    needle = max(_QUALIFIED_SEPARATOR.split(pattern), key=len)
+    if _PLAIN.fullmatch(pattern):
+        needle = max(_QUALIFIED_SEPARATOR.split(pattern), key=len)
+    else:
+        if required is None or "::" in pattern or _regex(pattern, case_sensitive=False) is None:
+            return None
+        found = required(pattern)
+        if found is None or not found.isascii() or any(c in found for c in ".:\n"):
+            return None
+        if found.lower() not in pattern.lower():
+            return None
+        needle = found
     if needle[-1:] in ("i", "I"):
         needle = needle[:-1]
     return needle or None
