@@ -38,7 +38,7 @@ from services.common.errors import FieldViolation, InvalidArgument, KotaError
 from services.search.config import SearchSettings
 from services.search.engine import record
 from services.search.engine.errors import EngineError, IndexFileError
-from services.search.engine.search.candidates import symbol_documents, symbol_search_needle
+from services.search.engine.search.candidates import symbol_candidates, symbol_search_needle
 from services.search.engine.search.cursor import CursorError, decode_cursor
 from services.search.engine.search.results import SearchMode, SearchResult
 from services.search.engine.search.searcher import Searcher, SearchRequest
@@ -400,10 +400,7 @@ class Searches:
                 for position, segment in enumerate(snap.segments):
                     if cancel.is_set():
                         return [], 0
-                    for ordinal in symbol_documents(segment, needle):
-                        found = segment.symbols(ordinal)
-                        if not found:
-                            continue
+                    for ordinal, found in symbol_candidates(segment, needle):
                         doc = segment.doc(ordinal)
                         if not _keep(query, doc.path, doc.repository, doc.language):
                             continue

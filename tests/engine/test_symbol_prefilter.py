@@ -1,7 +1,8 @@
 """Symbol search decodes only the documents whose stored symbols hold the pattern's needle.
 
-`symsearch.symbol_needle` picks text every matching symbol holds (for plain patterns), and
-`candidates.symbol_documents` screens a segment's symbols.bin for it natively. The answers
+`symsearch.symbol_needle` picks text every matching symbol holds (for plain patterns; a regex's
+required text through `candidates.symbol_search_needle`), and `candidates.symbol_candidates`
+screens a segment's symbols.bin for it natively (`_fastscan.symbol_hits`). The answers
 must be exactly those of the full scan (every symbol of every live document through
 `search_symbols`), including names whose lowercase gains ASCII letters from KELVIN SIGN or
 from I WITH DOT ABOVE, names with LONG S (which RE2's case folding equates with `s`), and
@@ -16,6 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from services.search.engine import _fastscan
+from services.search.engine.index import reader
+from services.search.engine.index.format import SYMBOL_RECORD, IndexCorruptError
 from services.search.engine.index.index import Index
 from services.search.engine.index.reader import SegmentData
 from services.search.engine.index.writer import IndexWriter
@@ -199,22 +203,107 @@ def test_any_pattern_over_tricky_names_equals_the_full_scan(
     assert _searched(index, pattern, 50) == _full_scan(index, pattern, 50)
 
 
-def test_only_documents_holding_the_needle_are_decoded(
+def test_only_symbols_that_may_hold_the_needle_are_decoded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     index = _index(tmp_path / "idx", _documents(NAMES))
-    decoded: list[int] = []
-    original = SegmentData.symbols
+    decoded: list[str] = []
+    whole: list[int] = []
+    original_at, original_symbols = reader.decode_symbol_at, SegmentData.symbols
 
-    def spy(self: SegmentData, ordinal: int) -> tuple[Symbol, ...]:
-        decoded.append(ordinal)
-        return original(self, ordinal)
+    def spy_at(data: memoryview, record_at: int, strings_at: int) -> Symbol:
+        symbol = original_at(data, record_at, strings_at)
+        decoded.append(symbol.name)
+        return symbol
 
-    monkeypatch.setattr(SegmentData, "symbols", spy)
-    for pattern in ("get_widget", r"get_\w+_size"):
+    def spy_symbols(self: SegmentData, ordinal: int) -> tuple[Symbol, ...]:
+        whole.append(ordinal)
+        return original_symbols(self, ordinal)
+
+    monkeypatch.setattr(reader, "decode_symbol_at", spy_at)
+    monkeypatch.setattr(SegmentData, "symbols", spy_symbols)
+    # Names with a non-ASCII byte are always decoded: their case folds beyond ASCII.
+    non_ascii = sorted(name for name in NAMES if not name.isascii())
+    for pattern in ("get_widget", "GET_WIDGET", r"get_\w+_size"):
         result = Searcher(index).symbols(pattern)
         assert [m.symbol.name for m in result.matches] == ["get_widget_size"]
-        assert len(decoded) == 1  # not one per live document (16 here)
+        assert sorted(decoded) == sorted(["get_widget_size", *non_ascii]) and not whole
         decoded.clear()
     Searcher(index).symbols("[a-z]+")  # a regex with no required text: every live document
-    assert len(decoded) == len(NAMES) + len(QUALIFIED) + 1
+    assert not decoded and len(whole) == len(NAMES) + len(QUALIFIED) + 1  # README.md too
+
+
+def _block(*symbols: tuple[str, str, str, str]) -> bytes:
+    records = b"".join(
+        SYMBOL_RECORD.pack(1, 2, 3, 4, *(len(text.encode()) for text in texts)) for texts in symbols
+    )
+    return records + b"".join(text.encode() for texts in symbols for text in texts)
+
+
+def _spans(*bounds: int) -> bytes:
+    import array
+
+    return array.array("q", bounds).tobytes()
+
+
+def test_symbol_hits_reads_each_block_and_reports_record_and_string_offsets() -> None:
+    first = _block(("Alpha", "function", "m.Alpha", ""), ("beta", "method", "Kls.beta", "Kls"))
+    second = _block(("gamma", "class", "gamma", ""), ("\u212aey", "function", "\u212aey", ""))
+    data = b"xx" + first + second
+    spans = _spans(2, 2 + len(first), 2 + len(first), len(data), 2, 2)
+    hits = memoryview(_fastscan.symbol_hits(data, spans, b"ALPHA")).cast("q").tolist()
+    in_second = 2 + len(first)
+    # Alpha (block 0, symbol 0), and the KELVIN SIGN name (block 1, symbol 1): non-ASCII.
+    assert hits == [0, 0, 2, 2 + 64, 1, 1, in_second + 32, in_second + 64 + len("gammaclassgamma")]
+    # The qualified name counts as well as the name; a non-ASCII name is always a hit.
+    assert memoryview(_fastscan.symbol_hits(data, spans, b"kls")).cast("q").tolist()[:2] == [0, 1]
+    assert memoryview(_fastscan.symbol_hits(data, spans, b"")).cast("q").tolist()[::4] == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize(
+    ("data", "spans", "needle", "message"),
+    [
+        (_block(("a", "b", "c", "d"))[:-1], None, b"a", "does not parse"),  # strings cut short
+        (_block(("a", "b", "c", "d")) + b"z", None, b"a", "does not parse"),  # a byte too many
+        (b"\x00" * 31, None, b"a", "does not parse"),  # shorter than one record
+        (_block(("a", "b", "c", "d")), _spans(0, 99), b"a", "outside"),
+        (_block(("a", "b", "c", "d")), None, b"a" * 257, "longer than 256"),
+    ],
+)
+def test_symbol_hits_refuses_what_does_not_parse(
+    data: bytes, spans: bytes | None, needle: bytes, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        _fastscan.symbol_hits(data, spans if spans is not None else _spans(0, len(data)), needle)
+
+
+def test_a_malformed_symbols_block_is_index_corruption(tmp_path: Path) -> None:
+    import json
+    import struct
+    import zlib
+
+    from services.search.engine.index.format import (
+        DOC_RECORD_SIZE,
+        HEADER_SIZE,
+        block_sums_json,
+        dump_checked_json,
+        pack_block_sums,
+    )
+
+    index = _index(tmp_path / "idx", _documents(["alpha"]))
+    with index.snapshot() as snap:
+        seg_dir = snap.segments[0].data.path
+        ordinal = next(o for o in snap.segments[0].live if snap.segments[0].symbols(o))
+    raw = bytearray((seg_dir / "docs.bin").read_bytes())
+    (length,) = struct.unpack_from("<I", raw, HEADER_SIZE + DOC_RECORD_SIZE * ordinal + 36)
+    struct.pack_into("<I", raw, HEADER_SIZE + DOC_RECORD_SIZE * ordinal + 36, length - 1)  # symbols_len
+    meta = json.loads((seg_dir / "meta.json").read_bytes())
+    size = meta["block_size"]
+    meta["parts"]["docs.bin"]["crc32"] = zlib.crc32(raw)
+    meta["parts"]["docs.bin"]["blocks"] = block_sums_json(
+        pack_block_sums([zlib.crc32(raw[i : i + size]) for i in range(0, len(raw), size)])
+    )
+    (seg_dir / "docs.bin").write_bytes(bytes(raw))
+    (seg_dir / "meta.json").write_bytes(dump_checked_json(meta))
+    with pytest.raises(IndexCorruptError, match="malformed symbols: a symbols block does not parse"):
+        Searcher(Index.open(tmp_path / "idx")).symbols("alpha")

@@ -1923,7 +1923,138 @@ static PyObject *fastscan_count_spans(PyObject *self, PyObject *args) {
     return out;
 }
 
+/* ---- symbol_hits: the symbols of many documents whose names may match a symbol search ----
+ *
+ *   symbol_hits(data, spans, needle) -> bytes
+ *       Each span of `data` is one document's symbols.bin block (format.py): n records of
+ *       eight little-endian u32 (start_line, end_line, start_byte, end_byte, then the byte
+ *       lengths of name, kind, qualified name and parent), then those strings in order. n is
+ *       not stored in the block: it is the first n whose records and strings fill the span
+ *       exactly (a larger n would need more bytes). For each symbol whose name or qualified
+ *       name holds `needle` (ASCII, compared with ASCII case folding) or holds any non-ASCII
+ *       byte (whose case a search folds beyond ASCII: KELVIN SIGN, LONG S, I WITH DOT ABOVE),
+ *       the result holds int64 (span index, symbol index, offset in `data` of its record,
+ *       offset of its first string). ValueError when a span lies outside `data` or a block
+ *       does not parse. A symbol search decodes only these symbols.
+ */
+
+static int holds_folded(const unsigned char *text, size_t n, const unsigned char *needle, size_t m) {
+    for (size_t i = 0; i < n; i++) {
+        if (text[i] >= 0x80) {
+            return 1;
+        }
+    }
+    if (m == 0) {
+        return 1;
+    }
+    for (size_t i = 0; i + m <= n; i++) {
+        size_t j = 0;
+        while (j < m && fold_table[text[i + j]] == needle[j]) {
+            j++;
+        }
+        if (j == m) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static uint32_t read_le32(const unsigned char *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static PyObject *fastscan_symbol_hits(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer data, spans_view, needle_view;
+    PyObject *spans_obj;
+    if (!PyArg_ParseTuple(args, "y*Oy*", &data, &spans_obj, &needle_view)) {
+        return NULL;
+    }
+    if (int64_buffer(spans_obj, &spans_view, "spans") < 0) {
+        PyBuffer_Release(&data);
+        PyBuffer_Release(&needle_view);
+        return NULL;
+    }
+    const int64_t *spans = spans_view.buf;
+    Py_ssize_t n_spans = spans_view.len / (Py_ssize_t)(2 * sizeof(int64_t));
+    size_t m = (size_t)needle_view.len;
+    unsigned char folded_needle[256];
+    const char *error = NULL;
+    i64vec out = {NULL, 0, 0};
+    int nomem = 0;
+    if (m > sizeof folded_needle) {
+        error = "the needle is longer than 256 bytes";
+    } else {
+        for (size_t i = 0; i < m; i++) {
+            folded_needle[i] = fold_table[((const unsigned char *)needle_view.buf)[i]];
+        }
+    }
+    const unsigned char *bytes = data.buf;
+    Py_BEGIN_ALLOW_THREADS;
+    for (Py_ssize_t s = 0; s < n_spans && error == NULL && !nomem; s++) {
+        int64_t start = spans[2 * s], end = spans[2 * s + 1];
+        if (start < 0 || end < start || end > data.len) {
+            error = "a span lies outside the data";
+            break;
+        }
+        const unsigned char *block = bytes + start;
+        uint64_t len = (uint64_t)(end - start);
+        /* Find n: records (32 bytes each) and their strings fill the block exactly. */
+        uint64_t count = 0, strings = 0;
+        while (len != 0 && 32 * count + strings != len) {
+            if (32 * (count + 1) > len) {
+                error = "a symbols block does not parse";
+                break;
+            }
+            const unsigned char *rec = block + 32 * count;
+            strings += (uint64_t)read_le32(rec + 16) + read_le32(rec + 20) + read_le32(rec + 24) + read_le32(rec + 28);
+            count++;
+            if (32 * count + strings > len) {
+                error = "a symbols block does not parse";
+                break;
+            }
+        }
+        if (error != NULL) {
+            break;
+        }
+        uint64_t at = 32 * count; /* the current symbol's first string, from the block's start */
+        for (uint64_t i = 0; i < count; i++) {
+            const unsigned char *rec = block + 32 * i;
+            uint32_t name_len = read_le32(rec + 16), kind_len = read_le32(rec + 20);
+            uint32_t qual_len = read_le32(rec + 24), parent_len = read_le32(rec + 28);
+            const unsigned char *name = block + at;
+            const unsigned char *qual = name + name_len + kind_len;
+            if (holds_folded(name, name_len, folded_needle, m) || holds_folded(qual, qual_len, folded_needle, m)) {
+                if (vec_push(&out, s) || vec_push(&out, (int64_t)i) || vec_push(&out, start + 32 * (int64_t)i) ||
+                    vec_push(&out, start + (int64_t)at)) {
+                    nomem = 1;
+                    break;
+                }
+            }
+            at += (uint64_t)name_len + kind_len + qual_len + parent_len;
+        }
+    }
+    Py_END_ALLOW_THREADS;
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&spans_view);
+    PyBuffer_Release(&needle_view);
+    if (nomem) {
+        free(out.items);
+        return PyErr_NoMemory();
+    }
+    if (error != NULL) {
+        free(out.items);
+        PyErr_SetString(PyExc_ValueError, error);
+        return NULL;
+    }
+    PyObject *result = PyBytes_FromStringAndSize((const char *)out.items, (Py_ssize_t)(out.len * sizeof(int64_t)));
+    free(out.items);
+    return result;
+}
+
 static PyMethodDef fastscan_methods[] = {
+    {"symbol_hits", fastscan_symbol_hits, METH_VARARGS,
+     "symbol_hits(data, spans, needle) lists the symbols whose name or qualified name may hold needle."},
     {"find_literal", fastscan_find_literal, METH_VARARGS,
      "find_literal(data, needle, folded, guard, limit, line_type) lists the lines holding needle."},
     {"needle_lines", fastscan_needle_lines, METH_VARARGS,

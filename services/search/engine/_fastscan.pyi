@@ -94,3 +94,8 @@ def count_spans(
     regex: object, needle: bytes | None, pure: bool, folded: bool, guard: bool, data: Buffer, spans: Buffer, /
 ) -> bytes:
     """count_spans counts the matching lines of each int64 (start, end) span of data, as int64 counts."""
+
+def symbol_hits(data: Buffer, spans: Buffer, needle: bytes, /) -> bytes:
+    """symbol_hits lists, as int64 (span, symbol, record offset, strings offset), the symbols of each
+    span (one document's symbols.bin block) whose name or qualified name holds the ASCII needle
+    under ASCII case folding, or holds a non-ASCII byte."""

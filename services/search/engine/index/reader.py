@@ -475,6 +475,34 @@ class SegmentData:
         self._symbols.check_spans(spans)
         return self._symbols.view
 
+    def symbols_holding(self, ordinals: Sequence[int], needle: str) -> list[tuple[int, list[Symbol]]]:
+        """symbols_holding returns, per ordinal with any, the symbols whose names may hold `needle`.
+
+        One native pass over the ordinals' symbol blocks (`_fastscan.symbol_hits`) keeps each
+        symbol whose name or qualified name holds the ASCII `needle` under ASCII case folding,
+        or holds a non-ASCII byte; only those are decoded. Ordinals come back in the given order
+        and symbols in stored order.
+        """
+        spans = self.symbols_spans(ordinals)
+        data = self.verified_symbols(spans)
+        try:
+            hits = memoryview(_fastscan.symbol_hits(data, spans, needle.encode("ascii"))).cast("q")
+        except ValueError as exc:
+            raise IndexCorruptError(self._symbols.path, f"malformed symbols: {exc}") from exc
+        out: list[tuple[int, list[Symbol]]] = []
+        last = -1
+        for at in range(0, len(hits), 4):
+            index, _, record_at, strings_at = hits[at : at + 4]
+            if index != last:
+                out.append((ordinals[index], []))
+                last = index
+            try:
+                out[-1][1].append(decode_symbol_at(data, record_at, strings_at))
+            except (ValueError, IndexError) as exc:
+                detail = f"malformed symbols of document {ordinals[index]}"
+                raise IndexCorruptError(self._symbols.path, detail) from exc
+        return out
+
     def names_of(self, ordinals: Sequence[int]) -> list[tuple[str, str, str]]:
         """names_of returns `names` of each ordinal, their strings verified and decoded in native batches."""
         spans = self._record_spans(ordinals, self._strings_base, self._docs, 16, 32, 4)
@@ -581,6 +609,17 @@ class SegmentData:
         return deleted
 
 
+def decode_symbol_at(data: memoryview, record_at: int, strings_at: int) -> Symbol:
+    """decode_symbol_at unpacks the symbol whose record and strings start at these offsets of `data`."""
+    start_line, end_line, start_byte, end_byte, *lengths = SYMBOL_RECORD.unpack_from(data, record_at)
+    texts = []
+    for length in lengths:
+        texts.append(bytes(data[strings_at : strings_at + length]).decode())
+        strings_at += length
+    name, kind, qualified, parent = texts
+    return Symbol(name, kind, qualified, start_line, end_line, start_byte, end_byte, parent)
+
+
 def decode_symbols(blob: bytes, count: int) -> tuple[Symbol, ...]:
     """decode_symbols unpacks `count` symbol records in the symbols.bin layout (format.py)."""
     records = [SYMBOL_RECORD.unpack_from(blob, i * SYMBOL_RECORD.size) for i in range(count)]
@@ -679,6 +718,10 @@ class SegmentReader:
     def verified_symbols(self, spans: bytes | memoryview) -> memoryview:
         """verified_symbols checks the spans' symbol records and returns symbols.bin (see SegmentData)."""
         return self.data.verified_symbols(spans)
+
+    def symbols_holding(self, ordinals: Sequence[int], needle: str) -> list[tuple[int, list[Symbol]]]:
+        """symbols_holding returns the symbols of `ordinals` that may hold `needle` (see SegmentData)."""
+        return self.data.symbols_holding(ordinals, needle)
 
     def names_of(self, ordinals: Sequence[int]) -> list[tuple[str, str, str]]:
         """names_of returns `names` of each of `ordinals` (SegmentData.names_of)."""

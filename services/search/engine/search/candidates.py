@@ -11,16 +11,17 @@ ordinary files before tests, vendored and generated ones (rank.py's path weight)
 from __future__ import annotations
 
 import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from pyroaring import BitMap
 
 from services.search.engine.index.index import Snapshot
 from services.search.engine.index.reader import SegmentReader
+from services.search.engine.model import Symbol
 from services.search.engine.query.matchtree import DocFacts, MatchTree
 from services.search.engine.query.plan import All, And, Empty, Or, Plan, Tri
-from services.search.engine.query.verify import LineMatcher, required_text
+from services.search.engine.query.verify import required_text
 from services.search.engine.record import Record
 
 if TYPE_CHECKING:
@@ -155,19 +156,18 @@ def symbol_search_needle(pattern: str) -> str | None:
     return symbol_needle(pattern, lambda regex: required_text(regex, case_sensitive=False))
 
 
-def symbol_documents(segment: SegmentReader, needle: str | None) -> Iterable[int]:
-    """symbol_documents lists the live ordinals whose symbols a symbol search must decode, in order.
+def symbol_candidates(segment: SegmentReader, needle: str | None) -> Iterator[tuple[int, Sequence[Symbol]]]:
+    """symbol_candidates yields (ordinal, symbols) of the live documents a symbol search must rank.
 
-    With a `needle` (`symbol_search_needle`: text every matching symbol holds, ignoring
-    case) only documents whose stored symbol records hold it are listed, found in one native
-    pass over the segment's symbols.bin; decoding every symbol in Python made a query cost
-    ~5 us per symbol of the index (the standard library's 86,000: 0.3 s). Without one, every
-    live document is.
+    With a `needle` (`symbol_search_needle`: text every matching symbol holds, ignoring case)
+    only the symbols whose name or qualified name may hold it are decoded, found in one native
+    pass over the segment's symbols.bin: decoding every symbol in Python cost ~5 us per symbol
+    of the index (Linux's: 9 s a query). Without one, every live document's symbols are.
     """
     if needle is None:
-        return segment.live
-    ordinals = array.array("q", segment.live.to_array())
-    spans = segment.symbols_spans(ordinals)
-    data = segment.verified_symbols(spans)
-    counts = LineMatcher(needle, case_sensitive=False, literal=True).count_spans(data, spans)
-    return [ordinal for ordinal, found in zip(ordinals, memoryview(counts).cast("q"), strict=True) if found]
+        for ordinal in segment.live:
+            found = segment.symbols(ordinal)
+            if found:
+                yield ordinal, found
+        return
+    yield from segment.symbols_holding(array.array("q", segment.live.to_array()), needle)

@@ -233,7 +233,7 @@ class Searcher:
         Ranking and counting are symsearch.search_symbols'; this feeds it one snapshot.
         """
         # Imported here: symsearch loads the tree-sitter kinds, which a text search never needs.
-        from services.search.engine.search.candidates import symbol_documents, symbol_search_needle
+        from services.search.engine.search.candidates import symbol_candidates, symbol_search_needle
         from services.search.engine.symbols.symsearch import SymbolCandidate, search_symbols
 
         needle = symbol_search_needle(pattern)
@@ -241,10 +241,7 @@ class Searcher:
 
             def candidates() -> Iterator[SymbolCandidate]:
                 for segment in snap.segments:
-                    for ordinal in symbol_documents(segment, needle):
-                        found = segment.symbols(ordinal)
-                        if not found:
-                            continue
+                    for ordinal, found in symbol_candidates(segment, needle):
                         doc = segment.doc(ordinal)
                         for symbol in found:
                             yield SymbolCandidate(symbol, doc.path, doc.repository, doc.language)
