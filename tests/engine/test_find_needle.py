@@ -19,22 +19,7 @@ from hypothesis import strategies as st
 
 from services.search.engine import _fastscan
 from services.search.engine.query import verify
-
-
-def reference_lines(data: bytes, needle: bytes) -> list[verify.LineMatch]:
-    """reference_lines is what find_literal answers, worked out with bytes.find."""
-    out: list[verify.LineMatch] = []
-    start = 0
-    for number, line in enumerate(data.split(b"\n"), start=1):
-        ranges: list[tuple[int, int]] = []
-        at = line.find(needle)
-        while at >= 0:
-            ranges.append((at, at + len(needle)))
-            at = line.find(needle, at + len(needle))
-        if ranges:
-            out.append(verify.LineMatch(number, start, start + len(line), tuple(ranges)))
-        start += len(line) + 1
-    return out
+from tests.engine.lines import reference_lines
 
 
 def find_literal(data: bytes, needle: bytes) -> list[verify.LineMatch]:

@@ -19,25 +19,9 @@ from services.search.engine.index import trigrams
 from services.search.engine.query import verify
 from services.search.engine.query.verify import LineMatch, LineMatcher
 from services.search.engine.search import rank
+from tests.engine.lines import reference_lines
 
 ALPHABET = st.sampled_from([b"a", b"b", b"A", b"B", b"\n", b" ", b"_", "\u212a".encode(), "\u017f".encode()])
-
-
-def _reference_lines(data: bytes, needle: bytes, folded: bool) -> list[LineMatch]:
-    """_reference_lines splits the document into lines and finds the needle in each."""
-    hay = data.lower() if folded else data
-    out: list[LineMatch] = []
-    start = 0
-    for number, line in enumerate(hay.split(b"\n"), 1):
-        ranges: list[tuple[int, int]] = []
-        at = line.find(needle)
-        while at >= 0:
-            ranges.append((at, at + len(needle)))
-            at = line.find(needle, at + len(needle))
-        if ranges:
-            out.append(LineMatch(number, start, start + len(line), tuple(ranges)))
-        start += len(line) + 1
-    return out
 
 
 def test_the_native_extension_is_in_use() -> None:
@@ -56,14 +40,12 @@ def test_the_native_extension_is_in_use() -> None:
 )
 def test_find_literal_matches_a_line_by_line_reference(data: bytes, needle: bytes, folded: bool) -> None:
     found = _fastscan.find_literal(data, needle, folded, False, -1, LineMatch)
-    assert found == _reference_lines(data, needle, folded)
+    assert found == reference_lines(data, needle, folded)
     assert all(type(line) is LineMatch for line in found or [])
     limited = _fastscan.find_literal(data, needle, folded, False, 1, LineMatch)
-    assert limited == _reference_lines(data, needle, folded)[:1]
+    assert limited == reference_lines(data, needle, folded)[:1]
     lines = _fastscan.needle_lines(memoryview(data), needle, folded, False)
-    assert lines == [
-        (m.line_number, m.line_start, m.line_end) for m in _reference_lines(data, needle, folded)
-    ]
+    assert lines == [(m.line_number, m.line_start, m.line_end) for m in reference_lines(data, needle, folded)]
 
 
 def test_guard_defers_to_re2_when_kelvin_sign_or_long_s_is_present() -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import zlib
 from pathlib import Path
 
 import pytest
@@ -12,14 +10,12 @@ from services.search.engine.index.format import (
     BLOCK_SIZE,
     HEADER_SIZE,
     IndexCorruptError,
-    block_sums_json,
-    dump_checked_json,
-    pack_block_sums,
 )
 from services.search.engine.index.index import Index
 from services.search.engine.index.reader import SegmentData
 from services.search.engine.index.writer import IndexWriter
 from services.search.engine.model import SourceDocument
+from tests.engine.segments import rewrite_part
 
 
 def build(root: Path, docs: list[tuple[str, bytes]]) -> Path:
@@ -90,14 +86,7 @@ def test_a_table_pointing_outside_its_files_is_rejected_when_read(tmp_path: Path
     # caught: rewrite docs.bin so a record claims more content than content.bin holds.
     docs = bytearray((seg_dir / "docs.bin").read_bytes())
     docs[HEADER_SIZE + 8] = 200
-    (seg_dir / "docs.bin").write_bytes(bytes(docs))
-    meta = json.loads((seg_dir / "meta.json").read_bytes())
-    size = meta["block_size"]
-    meta["parts"]["docs.bin"]["crc32"] = zlib.crc32(docs)
-    meta["parts"]["docs.bin"]["blocks"] = block_sums_json(
-        pack_block_sums([zlib.crc32(docs[i : i + size]) for i in range(0, len(docs), size)])
-    )
-    (seg_dir / "meta.json").write_bytes(dump_checked_json(meta))
+    rewrite_part(seg_dir, "docs.bin", bytes(docs))
     data = SegmentData(seg_dir)  # opening reads no table in full (format.py)
     with pytest.raises(IndexCorruptError) as err:
         data.content(0)

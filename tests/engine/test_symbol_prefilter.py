@@ -27,6 +27,7 @@ from services.search.engine.model import SourceDocument, Symbol
 from services.search.engine.search.candidates import symbol_search_needle
 from services.search.engine.search.searcher import Searcher
 from services.search.engine.symbols.symsearch import SymbolCandidate, search_symbols, symbol_needle
+from tests.engine.segments import rewrite_part
 
 NAMES = [
     "Kelvin",
@@ -278,17 +279,9 @@ def test_symbol_hits_refuses_what_does_not_parse(
 
 
 def test_a_malformed_symbols_block_is_index_corruption(tmp_path: Path) -> None:
-    import json
     import struct
-    import zlib
 
-    from services.search.engine.index.format import (
-        DOC_RECORD_SIZE,
-        HEADER_SIZE,
-        block_sums_json,
-        dump_checked_json,
-        pack_block_sums,
-    )
+    from services.search.engine.index.format import DOC_RECORD_SIZE, HEADER_SIZE
 
     index = _index(tmp_path / "idx", _documents(["alpha"]))
     with index.snapshot() as snap:
@@ -297,13 +290,6 @@ def test_a_malformed_symbols_block_is_index_corruption(tmp_path: Path) -> None:
     raw = bytearray((seg_dir / "docs.bin").read_bytes())
     (length,) = struct.unpack_from("<I", raw, HEADER_SIZE + DOC_RECORD_SIZE * ordinal + 36)
     struct.pack_into("<I", raw, HEADER_SIZE + DOC_RECORD_SIZE * ordinal + 36, length - 1)  # symbols_len
-    meta = json.loads((seg_dir / "meta.json").read_bytes())
-    size = meta["block_size"]
-    meta["parts"]["docs.bin"]["crc32"] = zlib.crc32(raw)
-    meta["parts"]["docs.bin"]["blocks"] = block_sums_json(
-        pack_block_sums([zlib.crc32(raw[i : i + size]) for i in range(0, len(raw), size)])
-    )
-    (seg_dir / "docs.bin").write_bytes(bytes(raw))
-    (seg_dir / "meta.json").write_bytes(dump_checked_json(meta))
+    rewrite_part(seg_dir, "docs.bin", bytes(raw))
     with pytest.raises(IndexCorruptError, match="malformed symbols: a symbols block does not parse"):
         Searcher(Index.open(tmp_path / "idx")).symbols("alpha")

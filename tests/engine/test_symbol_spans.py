@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import struct
-import zlib
 from pathlib import Path
 
 import pytest
@@ -14,14 +12,12 @@ from services.search.engine.index.format import (
     DOC_RECORD_SIZE,
     HEADER_SIZE,
     IndexCorruptError,
-    block_sums_json,
-    dump_checked_json,
-    pack_block_sums,
 )
 from services.search.engine.index.index import Index
 from services.search.engine.index.reader import SegmentData, SegmentReader
 from services.search.engine.index.writer import IndexWriter
 from services.search.engine.model import SourceDocument, Symbol
+from tests.engine.segments import rewrite_part
 
 PARSER = (
     Symbol("Parser", "class", "Parser", 1, 9, 6, 12),
@@ -74,14 +70,7 @@ def test_truncated_records_are_corruption(tmp_path: Path) -> None:
     seg_dir = segment.data.path
     raw = bytearray((seg_dir / "docs.bin").read_bytes())
     struct.pack_into("<I", raw, HEADER_SIZE + DOC_RECORD_SIZE * ordinal + 36, 8)  # symbols_len
-    meta = json.loads((seg_dir / "meta.json").read_bytes())
-    size = meta["block_size"]
-    meta["parts"]["docs.bin"]["crc32"] = zlib.crc32(raw)
-    meta["parts"]["docs.bin"]["blocks"] = block_sums_json(
-        pack_block_sums([zlib.crc32(raw[i : i + size]) for i in range(0, len(raw), size)])
-    )
-    (seg_dir / "docs.bin").write_bytes(bytes(raw))
-    (seg_dir / "meta.json").write_bytes(dump_checked_json(meta))
+    rewrite_part(seg_dir, "docs.bin", bytes(raw))
     # Matched on the message, not only the word: the test's own temporary path says "truncated".
     with pytest.raises(IndexCorruptError, match=f"symbol records of document {ordinal} are truncated"):
         SegmentData(seg_dir).symbol_spans(ordinal)

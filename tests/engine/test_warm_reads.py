@@ -8,9 +8,7 @@ happened nor change any result.
 from __future__ import annotations
 
 import functools
-import json
 import struct
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,9 +21,6 @@ from services.search.engine.index.format import (
     BLOCK_SIZE,
     HEADER_SIZE,
     IndexCorruptError,
-    block_sums_json,
-    dump_checked_json,
-    pack_block_sums,
 )
 from services.search.engine.index.index import Index
 from services.search.engine.index.reader import SegmentData
@@ -34,6 +29,7 @@ from services.search.engine.index.writer import IndexWriter
 from services.search.engine.model import SourceDocument
 from services.search.engine.search.results import SearchMode
 from services.search.engine.search.searcher import Searcher
+from tests.engine.segments import rewrite_part
 
 GOLDEN_CORPUS = Path(__file__).parent / "goldens" / "corpus"
 
@@ -45,18 +41,6 @@ def build(root: Path, docs: list[tuple[str, bytes]]) -> Path:
             assert writer.add(SourceDocument(external_id, external_id, content)) is None
         writer.commit()
     return root / index.manifest.segments[0].name
-
-
-def rewrite_part(seg_dir: Path, part: str, raw: bytes) -> None:
-    """rewrite_part replaces a part and its checksums in meta.json (a writer bug, not bit rot)."""
-    (seg_dir / part).write_bytes(raw)
-    meta = json.loads((seg_dir / "meta.json").read_bytes())
-    size = meta["block_size"]
-    meta["parts"][part]["crc32"] = zlib.crc32(raw)
-    meta["parts"][part]["blocks"] = block_sums_json(
-        pack_block_sums([zlib.crc32(raw[i : i + size]) for i in range(0, len(raw), size)])
-    )
-    (seg_dir / "meta.json").write_bytes(dump_checked_json(meta))
 
 
 def test_intersect_equals_the_plain_intersection(tmp_path: Path) -> None:
