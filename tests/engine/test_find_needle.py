@@ -88,3 +88,27 @@ def test_a_run_of_the_needles_first_byte_then_the_needle() -> None:
         needle = b"a" * (m - 1) + b"b"
         data = b"a" * 10_000 + b"b"
         assert find_literal(data, needle) == [verify.LineMatch(1, 0, len(data), ((10_001 - m, 10_001),))]
+
+
+def test_needles_drawn_from_real_source_files_equal_bytes_find() -> None:
+    # This repository's own sources: needles of 2 to 40 bytes cut at fixed pseudo-random
+    # offsets (so they occur), and the same needles with one byte changed (so most do not).
+    import random
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "services"
+    files = sorted(p for p in root.rglob("*") if p.suffix in (".py", ".c", ".cc") and p.is_file())
+    rng = random.Random(20261207)
+    for path in rng.sample(files, 25):
+        data = path.read_bytes()
+        for _ in range(8):
+            m = rng.randint(2, 40)
+            at = rng.randrange(0, max(1, len(data) - m))
+            needle = data[at : at + m]
+            if not needle or b"\n" in needle:
+                continue
+            changed = needle[:-1] + bytes([(needle[-1] + 1) % 256 or 1])
+            for probe in (needle, changed):
+                if b"\n" in probe:
+                    continue
+                assert find_literal(data, probe) == reference_lines(data, probe), (path.name, probe)
