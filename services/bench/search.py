@@ -213,8 +213,9 @@ def run_bench(options: BenchOptions, *, echo: Callable[[str], None] = print) -> 
                 "index_bytes": built.index_bytes,
             }
             peers.append(cs)
-        peers.append(CliPeer(index_dir, count=False))
-        peers.append(CliPeer(index_dir, count=True))
+        peers.append(CliPeer(index_dir, mode="all"))
+        peers.append(CliPeer(index_dir, mode="count"))
+        peers.append(CliPeer(index_dir, mode="page"))
         if options.with_ripgrep:
             peers.append(RipgrepPeer(corpus))
             peers.append(RipgrepCountPeer(corpus))
@@ -363,7 +364,10 @@ def _column_ms(row: dict[str, Any], column: str) -> float | None:
 
 # Differences in ms, ours minus the peer's, for the bound "at most the peer's time plus Python's
 # own start-up": a ratio hides it where the peer answers in a few ms.
-DIFFERENCES: tuple[tuple[str, str, str], ...] = (("cli - csearch", "kotadb-cli", "csearch"),)
+DIFFERENCES: tuple[tuple[str, str, str], ...] = (
+    ("cli - csearch", "kotadb-cli", "csearch"),
+    ("page - csearch", "kotadb-cli-page", "csearch"),
+)
 
 
 def _ratios(row: dict[str, Any]) -> dict[str, float | None]:

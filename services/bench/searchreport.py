@@ -21,6 +21,7 @@ WARM_COLUMNS = (
 PROCESS_COLUMNS = (
     ("kotadb-cli", "cli --all"),
     ("kotadb-cli-count", "cli count"),
+    ("kotadb-cli-page", "cli page"),
     ("csearch", "csearch"),
     ("ripgrep", "ripgrep"),
     ("ripgrep-count", "rg -c"),
@@ -132,7 +133,7 @@ def render_search_table(report: Mapping[str, Any]) -> str:
         "processes, a new one per query, as typed at a shell (ms, p50 of runs)",
         PROCESS_COLUMNS,
         ["cli / csearch", "cli / ripgrep", "cli count / ripgrep", "cli count / rg -c"],
-        ["cli - csearch"],
+        ["cli - csearch", "page - csearch"],
     )
     targets = report.get("targets", [])
     if targets:

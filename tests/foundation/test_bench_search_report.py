@@ -70,4 +70,17 @@ def test_every_query_within_the_bound_meets_it_and_the_table_shows_the_column() 
 def test_a_query_without_a_csearch_time_has_no_difference() -> None:
     row = _row("a", 100.0, 400.0)
     del row["peers"]["csearch"]
-    assert search._differences(row) == {"cli - csearch": None}
+    assert search._differences(row) == {"cli - csearch": None, "page - csearch": None}
+
+
+def test_the_first_page_column_is_shown_with_its_difference_but_bears_no_target() -> None:
+    row = _row("a", 100.0, 5.0)
+    row["peers"]["kotadb-cli-page"] = {"p50_ms": 130.0}
+    row["differences_ms"] = search._differences(row)
+    report = _report([row])
+    assert report["worst"]["differences_ms"]["page - csearch"] == 125.0
+    # The +0.1 s target is on `--all`, the output csearch prints; the ranked page is shown only.
+    assert _target(report, "cli --all: worst per-query time over csearch")["measured"] == 95.0
+    assert not any("csearch" in t["name"] and "page" in t["name"] for t in report["targets"])
+    lines = render_search_table(report).splitlines()
+    assert any("cli page" in line and "page - csearch ms" in line for line in lines)
