@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -100,3 +101,15 @@ def test_unknown_command_is_an_error() -> None:
     with pytest.raises(SystemExit) as exc:
         cli_main.main(["no-such-command"])
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "1"), ("4", "4")])
+def test_index_commands_start_openblas_with_one_thread_unless_told(given: str | None, expected: str) -> None:
+    # numpy (ranking a first page) starts OpenBLAS, which would start a thread per core for
+    # no linear algebra; a value the user set is kept.
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    if given is not None:
+        env["OPENBLAS_NUM_THREADS"] = given
+    probe = "import os, services.cli.index; print(os.environ['OPENBLAS_NUM_THREADS'])"
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=env)
+    assert run.stdout.strip() == expected
