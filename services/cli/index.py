@@ -20,11 +20,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple, TextIO
 
-# Ranking a first page loads numpy, whose OpenBLAS starts a thread per core at import (a
-# search does no linear algebra): one thread saved ~60 ms of CPU and ~9 ms of a default
-# `kotadb index search` here. A value the user set is kept.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
 # Engine modules are imported inside each command: `kotadb index search` never loads the
 # builder (tree-sitter, the symbol pool) and `kotadb index --help` loads nothing of the engine.
 if TYPE_CHECKING:
@@ -428,6 +423,10 @@ class Summary(NamedTuple):
 
 
 def _search(args: argparse.Namespace) -> int:
+    # Ranking a first page loads numpy, whose OpenBLAS starts a thread per core at import (a
+    # search does no linear algebra): one thread saved ~60 ms of CPU and ~9 ms of a default
+    # `kotadb index search` here. A value the user set is kept.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from services.cli.render import Printer
     from services.search.engine import EngineError, Index, Searcher, SearchMode
 

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -32,6 +33,7 @@ def test_help_table_matches_each_module(name: str) -> None:
 # it imported.
 _PROBE = """
 import sys
+from pathlib import Path
 from services.cli import main
 try:
     main.main(sys.argv[1:])
@@ -104,12 +106,27 @@ def test_unknown_command_is_an_error() -> None:
 
 
 @pytest.mark.parametrize(("given", "expected"), [(None, "1"), ("4", "4")])
-def test_index_commands_start_openblas_with_one_thread_unless_told(given: str | None, expected: str) -> None:
-    # numpy (ranking a first page) starts OpenBLAS, which would start a thread per core for
-    # no linear algebra; a value the user set is kept.
+def test_a_ranked_search_starts_openblas_with_one_thread_unless_told(
+    tmp_path: Path, given: str | None, expected: str
+) -> None:
+    # Ranking a first page imports numpy, which starts OpenBLAS, which would start a thread
+    # per core for no linear algebra; a value the user set is kept.
+    from services.search.engine.index.index import Index
+    from services.search.engine.index.writer import IndexWriter
+    from services.search.engine.model import SourceDocument
+
+    with IndexWriter(Index.create(tmp_path / "idx")) as writer:
+        writer.add(SourceDocument("a", "a.txt", b"needle\n"))
+        writer.commit()
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
     if given is not None:
         env["OPENBLAS_NUM_THREADS"] = given
-    probe = "import os, services.cli.index; print(os.environ['OPENBLAS_NUM_THREADS'])"
-    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=env)
-    assert run.stdout.strip() == expected
+    probe = (
+        "import os, sys\n"
+        "from services.cli import main\n"
+        "main.main(['index', 'search', sys.argv[1], 'needle'])\n"
+        "print('PROBE', os.environ.get('OPENBLAS_NUM_THREADS'), 'numpy' in sys.modules)"
+    )
+    argv = [sys.executable, "-c", probe, str(tmp_path / "idx")]
+    run = subprocess.run(argv, capture_output=True, text=True, check=True, env=env)
+    assert f"PROBE {expected} True" in run.stdout

@@ -462,19 +462,6 @@ class SegmentData:
         """
         return self._record_spans(ordinals, HEADER_SIZE, self._content, 0, 8, 8)
 
-    def symbols_spans(self, ordinals: Sequence[int]) -> bytes:
-        """symbols_spans returns where each ordinal's symbol records lie: int64 (start, end) pairs.
-
-        A symbol search screens documents natively over these spans (`verified_symbols` checks
-        their blocks) and decodes the symbols of the documents that pass only.
-        """
-        return self._record_spans(ordinals, HEADER_SIZE, self._symbols, _SYMBOLS_AT, _SYMBOLS_AT + 12, 4)
-
-    def verified_symbols(self, spans: bytes | memoryview) -> memoryview:
-        """verified_symbols checks the symbols.bin blocks `spans` cover and returns all of symbols.bin."""
-        self._symbols.check_spans(spans)
-        return self._symbols.view
-
     def symbols_holding(self, ordinals: Sequence[int], needle: str) -> list[tuple[int, list[Symbol]]]:
         """symbols_holding returns, per ordinal with any, the symbols whose names may hold `needle`.
 
@@ -483,8 +470,9 @@ class SegmentData:
         or holds a non-ASCII byte; only those are decoded. Ordinals come back in the given order
         and symbols in stored order.
         """
-        spans = self.symbols_spans(ordinals)
-        data = self.verified_symbols(spans)
+        spans = self._record_spans(ordinals, HEADER_SIZE, self._symbols, _SYMBOLS_AT, _SYMBOLS_AT + 12, 4)
+        self._symbols.check_spans(spans)
+        data = self._symbols.view
         try:
             hits = memoryview(_fastscan.symbol_hits(data, spans, needle.encode("ascii"))).cast("q")
         except ValueError as exc:
@@ -497,7 +485,7 @@ class SegmentData:
                 out.append((ordinals[index], []))
                 last = index
             try:
-                out[-1][1].append(decode_symbol_at(data, record_at, strings_at))
+                out[-1][1].append(decode_symbol_at(data, record_at, strings_at)[0])
             except (ValueError, IndexError) as exc:
                 detail = f"malformed symbols of document {ordinals[index]}"
                 raise IndexCorruptError(self._symbols.path, detail) from exc
@@ -609,31 +597,30 @@ class SegmentData:
         return deleted
 
 
-def decode_symbol_at(data: memoryview, record_at: int, strings_at: int) -> Symbol:
-    """decode_symbol_at unpacks the symbol whose record and strings start at these offsets of `data`."""
+def decode_symbol_at(data: bytes | memoryview, record_at: int, strings_at: int) -> tuple[Symbol, int]:
+    """decode_symbol_at unpacks the symbol whose record and strings start at these offsets of `data`.
+
+    Returns the symbol and where the strings after its own begin; ValueError when the strings
+    run past `data` or are not UTF-8.
+    """
     start_line, end_line, start_byte, end_byte, *lengths = SYMBOL_RECORD.unpack_from(data, record_at)
     texts = []
     for length in lengths:
-        texts.append(bytes(data[strings_at : strings_at + length]).decode())
+        if strings_at + length > len(data):
+            raise ValueError("symbol strings run past the record")
+        texts.append(str(data[strings_at : strings_at + length], "utf-8"))
         strings_at += length
     name, kind, qualified, parent = texts
-    return Symbol(name, kind, qualified, start_line, end_line, start_byte, end_byte, parent)
+    return Symbol(name, kind, qualified, start_line, end_line, start_byte, end_byte, parent), strings_at
 
 
 def decode_symbols(blob: bytes, count: int) -> tuple[Symbol, ...]:
     """decode_symbols unpacks `count` symbol records in the symbols.bin layout (format.py)."""
-    records = [SYMBOL_RECORD.unpack_from(blob, i * SYMBOL_RECORD.size) for i in range(count)]
-    pos = count * SYMBOL_RECORD.size
     out = []
-    for start_line, end_line, start_byte, end_byte, *lengths in records:
-        texts = []
-        for length in lengths:
-            if pos + length > len(blob):
-                raise ValueError("symbol strings run past the record")
-            texts.append(blob[pos : pos + length].decode())
-            pos += length
-        name, kind, qualified, parent = texts
-        out.append(Symbol(name, kind, qualified, start_line, end_line, start_byte, end_byte, parent))
+    pos = count * SYMBOL_RECORD.size
+    for i in range(count):
+        symbol, pos = decode_symbol_at(blob, i * SYMBOL_RECORD.size, pos)
+        out.append(symbol)
     if pos != len(blob):
         raise ValueError("trailing bytes after symbol strings")
     return tuple(out)
@@ -710,14 +697,6 @@ class SegmentReader:
     def content_spans(self, ordinals: Sequence[int]) -> bytes:
         """content_spans returns the content spans of `ordinals` (SegmentData.content_spans)."""
         return self.data.content_spans(ordinals)
-
-    def symbols_spans(self, ordinals: Sequence[int]) -> bytes:
-        """symbols_spans returns the symbol record spans of `ordinals` (SegmentData.symbols_spans)."""
-        return self.data.symbols_spans(ordinals)
-
-    def verified_symbols(self, spans: bytes | memoryview) -> memoryview:
-        """verified_symbols checks the spans' symbol records and returns symbols.bin (see SegmentData)."""
-        return self.data.verified_symbols(spans)
 
     def symbols_holding(self, ordinals: Sequence[int], needle: str) -> list[tuple[int, list[Symbol]]]:
         """symbols_holding returns the symbols of `ordinals` that may hold `needle` (see SegmentData)."""

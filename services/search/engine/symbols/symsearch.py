@@ -212,19 +212,18 @@ def _normalize(name: str) -> str:
 
 
 def symbol_needle(pattern: str, required: Callable[[str], str | None] | None = None) -> str | None:
-    """symbol_needle is ASCII text that every symbol matching `pattern` holds, or None if there is none.
+    """symbol_needle is ASCII text every matching symbol with an ASCII name holds, or None if there is none.
 
-    A symbol search may then decode only the documents whose stored symbols hold the needle,
-    compared with ASCII case folding (RE2's `(?i)` for an ASCII needle, KELVIN SIGN and LONG S
-    included). For a plain pattern (identifiers joined by `.` or `::`, no regex tier) it is
-    the longest piece between separators: every match holds it in its name or qualified name,
-    ignoring case. For a regex, `required` gives text every regex match holds (the query
-    layer's RE2 analysis); it serves only when it lies within the pattern itself, so that the
-    literal tiers' matches, which hold the whole pattern, hold it too, and has no separator
-    (`.` or `:`), which the qualified tiers rewrite. Python's `lower()`, which the literal tiers
-    use, gives ASCII from two other letters only: KELVIN SIGN (`k`, covered by the folding)
-    and LATIN CAPITAL LETTER I WITH DOT ABOVE (`i` and a combining dot, so it can match an
-    ASCII pattern only at its last letter): a trailing `i` is left out of the needle.
+    A symbol search may then decode only the symbols whose name or qualified name holds the
+    needle under ASCII case folding, plus every symbol with a non-ASCII byte in those names
+    (`_fastscan.symbol_hits`): case folds beyond ASCII (KELVIN SIGN lowers to `k`, I WITH DOT
+    ABOVE to `i` and a combining dot, RE2's `(?i)` matches LONG S with `s`), so only an ASCII
+    name is judged by the needle alone. For a plain pattern (identifiers joined by `.` or `::`,
+    no regex tier) the needle is the longest piece between separators: every match holds it
+    in its name or qualified name, ignoring case. For a regex, `required` gives text every
+    regex match holds (the query layer's RE2 analysis); it serves only when it lies within the
+    pattern itself, so that the literal tiers' matches, which hold the whole pattern, hold it
+    too, and has no separator (`.` or `:`), which the qualified tiers rewrite.
     """
     pattern = pattern.strip()
     if not pattern.isascii():
@@ -240,8 +239,6 @@ def symbol_needle(pattern: str, required: Callable[[str], str | None] | None = N
         if found.lower() not in pattern.lower():
             return None
         needle = found
-    if needle[-1:] in ("i", "I"):
-        needle = needle[:-1]
     return needle or None
 
 
