@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import pwd
+import random
 import shutil
 import socket
 import stat
@@ -87,12 +88,45 @@ def find_pg_bin_dir() -> Path | None:
     return Path(found).resolve().parent if found else None
 
 
+# Ports handed to a child that binds them later (Postgres, Envoy) come from below the kernel's
+# ephemeral range: a port picked from inside it can be taken, before the child binds, by any
+# outgoing connection or `bind(("127.0.0.1", 0))` in the meantime (seen in CI as Envoy's
+# "Address already in use" while the services it fronts were starting).
+_PICK_FLOOR = 10000
+_PICK_ATTEMPTS = 200
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def ephemeral_floor() -> int | None:
+    """ephemeral_floor is the lowest port the kernel hands out for port 0, or None if unknown."""
+    try:
+        low = int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return low if low > _PICK_FLOOR + 1000 else None
+
+
 def free_port() -> int:
-    """free_port asks the kernel for a currently unused TCP port on 127.0.0.1."""
+    """free_port returns a TCP port on 127.0.0.1 that is unused now and that the kernel will not
+    give to a port-0 bind or an outgoing connection (it lies below the ephemeral range).
+
+    Where the ephemeral range is unknown or leaves no room below it, the kernel picks.
+    """
+    ceiling = ephemeral_floor()
+    if ceiling is not None:
+        rng = random.SystemRandom()
+        for _ in range(_PICK_ATTEMPTS):
+            port = rng.randrange(_PICK_FLOOR, ceiling)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        picked: int = sock.getsockname()[1]
+        return picked
 
 
 def port_is_free(port: int) -> bool:

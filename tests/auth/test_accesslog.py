@@ -14,7 +14,6 @@ import contextlib
 import datetime
 import functools
 import json
-import socket
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from services.auth.accesslog import AccessLogServicer, access_log_binding, usage
 from services.auth.metering import UsageRecorder
 from services.cli import gateway, status
 from services.common.identity import ACCESS_LOG_TOKEN_HEADER, access_log_token
+from services.common.pgembed import free_port
 from services.common.server import LazyPool, ServiceServer
 from services.common.settings import ServiceSettings
 from services.common.supervisor import Supervisor
@@ -142,13 +142,6 @@ def test_entries_that_are_not_metered(why: str, entry: accesslog_pb2.HTTPAccessL
 
 
 TOKEN = access_log_token("accesslog-tests-identity-key-0123456789abcdef")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _envoy_config(listen: int, admin: int, backend: int) -> str:
@@ -265,7 +258,7 @@ async def metered(database_url: str, tmp_path_factory: pytest.TempPathFactory) -
     server = ServiceServer("metering-test", settings, pool=pool, bindings=[access_log_binding(servicer)])
     backend = await server.start()
     await pool.connect()
-    listen, admin = _free_port(), _free_port()
+    listen, admin = free_port(), free_port()
     config_path = workdir / "envoy.yaml"
     config_path.write_text(_envoy_config(listen, admin, backend))
     argv = [gateway.find_envoy(), "-c", str(config_path), "--disable-hot-restart", "--log-level", "warn"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -238,3 +239,33 @@ def test_sweep_removes_only_orphaned_spill_dirs(tmp_path: Path) -> None:
     assert pgembed.sweep_spill_dirs(root) == [orphan]
     assert not orphan.exists()
     assert linked.exists() and young.exists() and foreign.exists()
+
+
+def test_free_port_lies_below_the_ephemeral_range() -> None:
+    """A picked port cannot be taken by a port-0 bind or an outgoing connection meanwhile."""
+    floor = pgembed.ephemeral_floor()
+    assert floor is not None, "this Linux host reports its ephemeral range"
+    ports = {pgembed.free_port() for _ in range(50)}
+    assert all(10000 <= port < floor for port in ports)
+    assert len(ports) > 1  # picked at random, so parallel pickers rarely meet
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", ports.pop()))  # and it was free
+
+
+def test_free_port_skips_a_taken_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", pgembed.free_port()))
+        taken.listen()
+        held = taken.getsockname()[1]
+        choices = iter([held, held, held + 1 if held + 1 < 30000 else held - 1])
+        monkeypatch.setattr(random.SystemRandom, "randrange", lambda _self, _a, _b: next(choices))
+        port = pgembed.free_port()
+    assert port != held
+
+
+def test_free_port_falls_back_to_the_kernel_without_a_known_range(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(pgembed, "_EPHEMERAL_RANGE", tmp_path / "absent")
+    assert pgembed.ephemeral_floor() is None
+    assert 0 < pgembed.free_port() < 65536
