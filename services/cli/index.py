@@ -423,10 +423,6 @@ class Summary(NamedTuple):
 
 
 def _search(args: argparse.Namespace) -> int:
-    # Ranking a first page loads numpy, whose OpenBLAS starts a thread per core at import (a
-    # search does no linear algebra): one thread saved ~60 ms of CPU and ~9 ms of a default
-    # `kotadb index search` here. A value the user set is kept.
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from services.cli.render import Printer
     from services.search.engine import EngineError, Index, Searcher, SearchMode
 

@@ -207,10 +207,8 @@ def test_version_2_segments_store_each_documents_facts(tmp_path: Path) -> None:
     with index.snapshot() as snap:
         (seg,) = snap.segments
         assert seg.data.stores_facts
-        ordinals = np.arange(seg.doc_count, dtype=np.int64)
-        got = dict(
-            zip((seg.doc(o).path for o in range(seg.doc_count)), seg.facts(ordinals).tolist(), strict=True)
-        )
+        ordinals = range(seg.doc_count)
+        got = dict(zip((seg.doc(o).path for o in ordinals), seg.facts(ordinals), strict=True))
         assert got == want
         for o in range(seg.doc_count):
             assert seg.doc_facts(o, seg.content(o)) == want[seg.doc(o).path]
@@ -221,10 +219,10 @@ def test_version_1_segments_work_facts_out_per_candidate(v1: Path) -> None:
     with index.snapshot() as snap:
         for seg in snap.segments:
             assert seg.data.format == 1 and not seg.data.stores_facts
-            live = np.array(sorted(seg.live), dtype=np.int64)
-            assert seg.facts(live).tolist() == [FACT_PRESENT] * len(live)  # no test/vendored/generated
+            live = sorted(seg.live)
+            assert list(seg.facts(live)) == [FACT_PRESENT] * len(live)  # no test/vendored/generated
             # Only the ordinals asked for were classified: nothing proportional to the segment.
-            assert set(seg.data._worked_facts) == set(live.tolist())
+            assert set(seg.data._worked_facts) == set(live)
 
 
 def test_version_1_indexes_answer_searches(v1: Path) -> None:
@@ -251,7 +249,7 @@ def test_a_version_2_record_without_facts_is_corrupt(tmp_path: Path) -> None:
     )
     rewrite_json(meta, parts=body["parts"])
     with Index.open(tmp_path / "idx").snapshot() as snap, pytest.raises(IndexCorruptError, match="no facts"):
-        snap.segments[0].facts(np.array([0], dtype=np.int64))
+        snap.segments[0].facts([0])
 
 
 def rewrite_json(path: Path, **changes: object) -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
+import struct
 
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.search.engine import _fastscan
 from services.search.engine.index.facts import path_facts
 from services.search.engine.index.format import FACT_GENERATED_CONTENT
 from services.search.engine.model import Symbol
@@ -56,14 +60,22 @@ def test_is_whole_word(line: bytes, start: int, end: int, whole: bool) -> None:
 
 def test_prior_weights_bound_the_final_weight_and_order_paths() -> None:
     paths = ["src/main.py", "tests/test_main.py", "vendor/lib/x.go", "api/x.pb.go"]
-    facts = np.array([path_facts(p) for p in paths], dtype=np.uint8)
-    ordinary, test, vendored, generated = rank.prior_weights(facts).tolist()
+    facts = bytes(path_facts(p) for p in paths)
+    ordinary, test, vendored, generated = map(rank.prior_weight, facts)
     assert ordinary == 1.0
     assert ordinary > test > 0 and ordinary > vendored > 0 and ordinary > generated > 0
     # The content marker only ever lowers the final weight below the path-only prior.
-    marked = int(facts[0]) | FACT_GENERATED_CONTENT
-    assert rank.facts_weight(marked) < ordinary == rank.facts_weight(int(facts[0]))
-    assert rank.facts_weight(int(facts[1])) == test
+    marked = facts[0] | FACT_GENERATED_CONTENT
+    assert rank.facts_weight(marked) < ordinary == rank.facts_weight(facts[0])
+    assert rank.facts_weight(facts[1]) == test
+    # A first page verifies the ordinary file first, then test, vendored, generated.
+    assert list(rank.prior_order(facts[::-1])) == [3, 2, 1, 0]
+
+
+@given(st.binary(max_size=300))
+def test_prior_order_is_a_stable_sort_by_prior_weight(facts: bytes) -> None:
+    want = sorted(range(len(facts)), key=lambda i: -rank.prior_weight(facts[i]))  # sorted() is stable
+    assert list(rank.prior_order(facts)) == want
 
 
 def _symbols() -> list[Symbol]:
@@ -100,10 +112,11 @@ def test_symbol_table_enclosing_many_decodes_each_definition_once() -> None:
         decoded.append(i)
         return symbols[i]
 
-    table = rank.SymbolTable(
-        np.array([(s.start_line, s.end_line, s.start_byte, s.end_byte) for s in symbols], dtype=np.uint32),
-        decode,
+    # Records as a segment stores them: 32 bytes, the four spans first.
+    records = b"".join(
+        struct.pack("<8I", s.start_line, s.end_line, s.start_byte, s.end_byte, 9, 9, 9, 9) for s in symbols
     )
+    table = rank.SymbolTable(records, len(symbols), 32, decode)
     lines = [1, 2, 3, 3, 4, 5, 6, 7]
     found = table.enclosing_many(lines)
     assert [s.name if s else None for s in found] == ["Foo", "bar", "bar", "bar", None, "baz", "baz", None]
@@ -123,6 +136,49 @@ def test_symbol_table_defines_by_covering_the_name() -> None:
     assert table.defines([(line2_start + 12, line2_start + 16), (0, 9)])  # "class Foo"
     assert not table.defines([(30, 38)])
     assert not table.defines([])
+
+
+def _defines(spans: list[tuple[int, int, int, int]], ranges: list[tuple[int, int]]) -> bool:
+    """_defines is SymbolTable.defines stated directly: some range holds some named span."""
+    return any(s < e and lo <= s and e <= hi for _, _, s, e in spans for lo, hi in ranges)
+
+
+def _enclosing(spans: list[tuple[int, int, int, int]], line: int) -> int | None:
+    """_enclosing is SymbolTable.enclosing stated directly, as an index into spans."""
+    inside = [i for i, (start, end, _, _) in enumerate(spans) if start <= line <= end]
+    return min(inside, key=lambda i: (spans[i][1] - spans[i][0], -spans[i][0], i), default=None)
+
+
+_SPAN = st.tuples(st.integers(0, 40), st.integers(0, 40), st.integers(0, 60), st.integers(0, 60))
+
+
+@given(
+    st.lists(_SPAN, max_size=40),
+    st.lists(st.tuples(st.integers(-5, 70), st.integers(-5, 70)), max_size=12),
+    st.lists(st.integers(-2, 45), max_size=12),
+)
+def test_symbol_table_agrees_with_its_definition(
+    spans: list[tuple[int, int, int, int]], ranges: list[tuple[int, int]], lines: list[int]
+) -> None:
+    symbols = [Symbol(f"s{i}", "function", f"s{i}", *span) for i, span in enumerate(spans)]
+    table = rank.SymbolTable.from_symbols(symbols)
+    assert table.defines(ranges) is _defines(spans, ranges)
+    want = [_enclosing(spans, line) for line in lines]
+    assert [int(s.name[1:]) if s else None for s in table.enclosing_many(lines)] == want
+
+
+def test_symbol_table_refuses_records_that_do_not_fit() -> None:
+    with pytest.raises(ValueError, match="do not fit"):
+        rank.SymbolTable(b"\0" * 31, 1, 32, lambda i: _symbols()[i])
+    with pytest.raises(ValueError, match="do not fit"):
+        rank.SymbolTable(b"\0" * 32, 4, 8, lambda i: _symbols()[i])  # a record holds four u32 at least
+    # The native checks refuse the same on their own.
+    with pytest.raises(ValueError, match="do not fit"):
+        _fastscan.symbols_define(b"\0" * 31, 1, 32, struct.pack("<qq", 0, 9))
+    with pytest.raises(ValueError, match="do not fit"):
+        _fastscan.symbols_enclosing(b"\0" * 32, 1, 8, struct.pack("<q", 1))
+    with pytest.raises(ValueError, match="int64"):
+        _fastscan.symbols_enclosing(b"\0" * 32, 1, 32, b"\0" * 7)
 
 
 def test_symbol_table_ignores_symbols_without_offsets() -> None:

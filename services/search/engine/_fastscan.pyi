@@ -99,3 +99,20 @@ def symbol_hits(data: Buffer, spans: Buffer, needle: bytes, /) -> bytes:
     """symbol_hits lists, as int64 (span, symbol, record offset, strings offset), the symbols of each
     span (one document's symbols.bin block) whose name or qualified name holds the ASCII needle
     under ASCII case folding, or holds a non-ASCII byte."""
+
+def record_facts(
+    table: Buffer, ordinals: Buffer, table_start: int, record_size: int, field_at: int, required: int, /
+) -> bytes:
+    """record_facts reads the low byte of each record's u32 field at field_at (one byte per int64
+    ordinal); IndexError for a record outside the table, ValueError for a field without `required`."""
+
+def stable_order(keys: Buffer, /) -> bytes:
+    """stable_order returns the positions of `keys` as int64 by key byte ascending, ties in position order."""
+
+def symbols_define(records: Buffer, count: int, record_size: int, ranges: Buffer, /) -> bool:
+    """symbols_define says whether an int64 (start, end) range covers a record's name bytes
+    [start_byte, end_byte) (records start with u32 start_line, end_line, start_byte, end_byte)."""
+
+def symbols_enclosing(records: Buffer, count: int, record_size: int, lines: Buffer, /) -> bytes:
+    """symbols_enclosing returns, as int64, each line's innermost enclosing record (shortest, then
+    latest start, then first recorded) or -1."""

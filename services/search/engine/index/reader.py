@@ -10,6 +10,7 @@ from __future__ import annotations
 import array
 import bisect
 import functools
+import itertools
 import struct
 import sys
 import zlib
@@ -70,48 +71,43 @@ class DocRecord(Record):
 class SymbolSpans:
     """SymbolSpans is one document's symbols.bin block, read without decoding any string.
 
-    `spans` is an (n, 4) array of `start_line, end_line, start_byte, end_byte` per symbol, a
-    view of the mapped file (the fixed-size records of format.py's symbols.bin layout), which
-    is what ranking needs for every matching file; `symbol(i)` decodes the i-th full record,
-    which only a reported enclosing definition needs. The array is made on first use: a
-    file without symbols (`count` 0) never touches numpy.
+    `records` are its `count` fixed-size records (format.py's symbols.bin layout), a view of
+    the mapped file, each starting with `start_line, end_line, start_byte, end_byte`: what
+    ranking checks for every matching file, natively (rank.SymbolTable). `symbol(i)` decodes
+    the i-th full record, which only a reported enclosing definition needs.
     """
 
-    __slots__ = ("_fields_view", "_offsets", "_raw", "count")
+    __slots__ = ("_offsets", "_raw", "count")
 
     def __init__(self, raw: memoryview, count: int) -> None:
         self._raw = raw
-        self._fields_view: NDArray[np.uint32] | None = None
         self._offsets: list[int] | None = None
         self.count = count
 
     @property
-    def _fields(self) -> NDArray[np.uint32]:
-        if self._fields_view is None:
-            import numpy as np
-
-            n, width = self.count, SYMBOL_RECORD.size // 4
-            self._fields_view = np.frombuffer(self._raw, dtype="<u4", count=n * width).reshape(n, width)
-        return self._fields_view
+    def records(self) -> memoryview:
+        """records is the block's `count` fixed-size records (SYMBOL_RECORD), strings excluded."""
+        return self._raw[: self.count * SYMBOL_RECORD.size]
 
     @property
-    def spans(self) -> NDArray[np.uint32]:
-        """spans is the (count, 4) array of `start_line, end_line, start_byte, end_byte` per symbol."""
-        return self._fields[:, :4]
+    def spans(self) -> list[tuple[int, int, int, int]]:
+        """spans lists `start_line, end_line, start_byte, end_byte` per symbol."""
+        return [(a, b, c, d) for a, b, c, d, *_ in SYMBOL_RECORD.iter_unpack(self.records)]
 
     def symbol(self, i: int) -> Symbol:
         """symbol decodes the i-th symbol record with its strings (IndexError when out of range)."""
-        import numpy as np
-
         if not 0 <= i < self.count:
             raise IndexError(i)
-        fields = self._fields
         if self._offsets is None:
             # Where each record's strings start: computed once, for every symbol decoded later.
-            ends = np.cumsum(fields[:, 4:8].sum(axis=1, dtype=np.int64))
-            self._offsets = [0, *ends.tolist()]
+            self._offsets = [
+                0,
+                *itertools.accumulate(sum(f[4:]) for f in SYMBOL_RECORD.iter_unpack(self.records)),
+            ]
         at = self.count * SYMBOL_RECORD.size + self._offsets[i]
-        start_line, end_line, start_byte, end_byte, *lengths = fields[i, :8].tolist()
+        start_line, end_line, start_byte, end_byte, *lengths = SYMBOL_RECORD.unpack_from(
+            self._raw, i * SYMBOL_RECORD.size
+        )
         texts: list[str] = []
         for length in lengths:
             texts.append(bytes(self._raw[at : at + length]).decode("utf-8", "replace"))
@@ -181,14 +177,9 @@ class SegmentData:
         # Version 1 stored no facts: they are worked out per ordinal when a query first needs them.
         self.stores_facts = self.format >= 2
         self._worked_facts: dict[int, int] = {}
-        # True once every block of the document table is verified and every record's facts
-        # checked (`_note_table`): `facts` then reads its field without checking per call.
-        self._table_checked = False
-        self._table_blocks = -(-(HEADER_SIZE + DOC_RECORD_SIZE * self.doc_count) // self.block_size)
         if not self._docs.lazy:
             # Version 1: the tables were verified whole above, so check their offsets now.
             self._check_tables()
-            self._table_checked = True
 
     @functools.cached_property
     def trigram_ids(self) -> NDArray[np.uint32]:
@@ -278,21 +269,11 @@ class SegmentData:
         if not bool((facts & FACT_PRESENT).all()):
             raise IndexCorruptError(self._docs.path, "a document record carries no facts")
 
-    def _note_table(self) -> None:
-        # Once the table's last block is verified, check every record's facts (microseconds
-        # per thousand documents) so that no later `facts` call checks blocks or facts again.
-        if self._docs.unverified and self._docs.verified_blocks.find(0, 0, self._table_blocks) >= 0:
-            return
-        if self.stores_facts:
-            self._check_facts(self.records["facts"])
-        self._table_checked = True
-
     def verify(self) -> None:
         """verify checks every part's whole-file checksum and the tables' offsets now (IndexCorruptError)."""
         for part in self.parts.values():
             part.verify()
         self._check_tables()
-        self._table_checked = True
 
     def postings(self, tri: bytes) -> BitMap:
         """postings returns the ordinals of documents containing trigram `tri` (looked up as given)."""
@@ -394,57 +375,60 @@ class SegmentData:
         rows: NDArray[np.void] = self.records[ordinals]
         return rows
 
-    def _check_records(self, ordinals: NDArray[np.int64], *, blocks: bool = True) -> None:
+    def _check_records(self, ordinals: NDArray[np.int64]) -> None:
         if len(ordinals) and (int(ordinals.min()) < 0 or int(ordinals.max()) >= self.doc_count):
             raise IndexError(f"ordinal out of range for {self.name} ({self.doc_count} documents)")
-        if blocks:
-            self._docs.check_records(HEADER_SIZE + DOC_RECORD_SIZE * ordinals, DOC_RECORD_SIZE)
+        self._docs.check_records(HEADER_SIZE + DOC_RECORD_SIZE * ordinals, DOC_RECORD_SIZE)
 
-    def facts(self, ordinals: NDArray[np.int64]) -> NDArray[np.uint8]:
-        """facts returns the `facts` bits (format.py) of each ordinal, for candidate weights.
+    def facts(self, ordinals: Sequence[int]) -> bytes:
+        """facts returns the `facts` bits (format.py) of each ordinal, one byte each, for candidate weights.
 
-        Version 2 segments read them from the document table (checked per call until every
-        block of the table is verified, then every record's facts once: `_note_table`);
-        version 1 segments work out the path bits from each path (no content bit), once per
-        ordinal, so a query pays only for its own candidates.
+        Version 2 segments read them from the document table in one native call
+        (`_fastscan.record_facts`), the table's blocks verified first (once: the whole table,
+        as `content_spans` does); a record without its facts marker is corruption. Version 1
+        segments work out the path bits from each path (no content bit), once per ordinal,
+        so a query pays only for its own candidates.
         """
-        import numpy as np
-
+        if not len(ordinals):
+            return b""
         if self.stores_facts:
-            checked = self._table_checked
-            self._check_records(ordinals, blocks=not checked)
-            # The one field of the rows, not whole rows (a fancy index over the structured
-            # table would copy 80 bytes per candidate).
-            facts = self.records["facts"][ordinals]
-            if not checked:
-                self._check_facts(facts)
-                self._note_table()
-            return (facts & 0xFF).astype(np.uint8)
+            table = self._docs.region(0, HEADER_SIZE + DOC_RECORD_SIZE * self.doc_count)
+            typed = ordinals if isinstance(ordinals, array.array) and ordinals.typecode in "Iq" else None
+            wanted = array.array("q", ordinals) if typed is None else typed
+            try:
+                return _fastscan.record_facts(
+                    table, wanted, HEADER_SIZE, DOC_RECORD_SIZE, _FACTS_AT, FACT_PRESENT
+                )
+            except ValueError as exc:
+                raise IndexCorruptError(self._docs.path, str(exc)) from exc
+            except IndexError as exc:
+                raise IndexError(
+                    f"ordinal out of range for {self.name} ({self.doc_count} documents)"
+                ) from exc
         from services.search.engine.index.facts import path_facts  # version 1 only: spare the import
 
-        out = np.empty(len(ordinals), dtype=np.uint8)
         worked = self._worked_facts
-        for i, ordinal in enumerate(ordinals.tolist()):
+        out = bytearray(len(ordinals))
+        for i, ordinal in enumerate(ordinals):
+            self._check_ordinal(ordinal)
             found = worked.get(ordinal)
             if found is None:
                 found = worked[ordinal] = path_facts(self.doc(ordinal).path)
             out[i] = found
-        return out
+        return bytes(out)
 
     def doc_facts(self, ordinal: int, content: bytes | memoryview) -> int:
         """doc_facts returns every `facts` bit of one document; `content` is its stored content."""
         self._check_ordinal(ordinal)
         if self.stores_facts:
-            # One record read with struct (called per matching file: no numpy for one value).
+            # One record read with struct (called per matching file).
             (facts,) = _FACTS.unpack_from(self._record(ordinal), _FACTS_AT)
             if not facts & FACT_PRESENT:
                 raise IndexCorruptError(self._docs.path, "a document record carries no facts")
             return int(facts & 0xFF)
-        import numpy as np
-
         from services.search.engine.index.facts import content_facts  # version 1 only: spare the import
 
-        return int(self.facts(np.array([ordinal], dtype=np.int64))[0]) | content_facts(content)
+        return self.facts((ordinal,))[0] | content_facts(content)
 
     def content(self, ordinal: int) -> memoryview:
         """content returns the stored content of `ordinal` as a zero-copy view of the mapped file."""
@@ -682,8 +666,8 @@ class SegmentReader:
         """paths lists every ordinal's path (deleted ones included); it decodes the whole table once."""
         return self.data.paths
 
-    def facts(self, ordinals: NDArray[np.int64]) -> NDArray[np.uint8]:
-        """facts returns the path facts of the given ordinals (SegmentData.facts)."""
+    def facts(self, ordinals: Sequence[int]) -> bytes:
+        """facts returns the path facts of the given ordinals, a byte each (SegmentData.facts)."""
         return self.data.facts(ordinals)
 
     def doc_facts(self, ordinal: int, content: bytes | memoryview) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from services.search.engine.index.format import SYMBOL_RECORD
 from services.search.engine.index.reader import SegmentReader
 from services.search.engine.model import Symbol
 from services.search.engine.query.verify import LineMatch as RawLineMatch
@@ -161,14 +162,14 @@ def _ascii_ranges(ranges: tuple[tuple[int, int], ...]) -> tuple[MatchRange, ...]
 def symbol_table(segment: SegmentReader, ordinal: int) -> rank.SymbolTable:
     """symbol_table reads a document's symbol spans without decoding names (see rank.SymbolTable).
 
-    The spans come from the segment's mapped symbols.bin at numpy speed
+    The records are read in place from the segment's mapped symbols.bin
     (`SegmentReader.symbol_spans`); one symbol's strings are decoded only when it is reported
     as a match's enclosing definition.
     """
     spans = segment.symbol_spans(ordinal)
     if not spans.count:
         return rank.SymbolTable.empty()
-    return rank.SymbolTable(spans.spans, spans.symbol)
+    return rank.SymbolTable(spans.records, spans.count, SYMBOL_RECORD.size, spans.symbol)
 
 
 def _line_starts(content: bytes) -> list[int]:

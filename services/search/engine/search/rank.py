@@ -14,19 +14,23 @@ site in an ordinary file scores 10), and the tie-break by path in cursor.rank_ke
 gives a stable, readable order. Match counts are deliberately not part of the score: a
 file that mentions a name 40 times is not a better answer than one that defines it.
 
-`prior_weights` bounds a file's weight from the path facts stored in its segment (format.py's
+`prior_weight` bounds a file's weight from the path facts stored in its segment (format.py's
 document facts; a content marker can only lower it), and the searcher verifies candidates in
-that order times the best possible tier, so a first page sees ordinary files first.
+that order (`prior_order`) times the best possible tier, so a first page sees ordinary files
+first.
+
+Nothing here imports numpy: a ranked first page from a fresh CLI process would pay ~50 ms
+for the import, half its time; the per-file checks run natively (_fastscan).
 """
 
 from __future__ import annotations
 
+import array
+import itertools
+import struct
 from collections.abc import Callable, Sequence
-from typing import Any
 
-import numpy as np
-from numpy.typing import NDArray
-
+from services.search.engine import _fastscan
 from services.search.engine.model import Symbol
 from services.search.engine.record import Record
 
@@ -38,9 +42,6 @@ FILENAME = 5.0
 TEST_WEIGHT = 0.3
 VENDORED_WEIGHT = 0.2
 GENERATED_WEIGHT = 0.1
-
-# Up to this many (range, symbol) pairs the definition check is one broadcast comparison.
-_BROADCAST_LIMIT = 4096
 
 
 class RankSignals(Record):
@@ -68,16 +69,25 @@ def path_weight(*, test: bool, vendored: bool, generated: bool) -> float:
 
 
 # path_weight of every combination of the three path bits of a document's facts (format.py).
-_PRIOR_WEIGHTS = np.array(
-    [path_weight(test=bool(f & 1), vendored=bool(f & 2), generated=bool(f & 4)) for f in range(8)],
-    dtype=np.float64,
+_PRIOR_WEIGHTS = tuple(
+    path_weight(test=bool(f & 1), vendored=bool(f & 2), generated=bool(f & 4)) for f in range(8)
+)
+
+# For each facts byte, the place of its prior weight among the distinct ones, heaviest first:
+# the sort key of `prior_order`.
+_PRIOR_PLACES = bytes(
+    sorted(set(_PRIOR_WEIGHTS), reverse=True).index(_PRIOR_WEIGHTS[f & 7]) for f in range(256)
 )
 
 
-def prior_weights(facts: NDArray[np.uint8]) -> NDArray[np.float64]:
-    """prior_weights maps documents' facts bits to their path-only weights (bounding the final ones)."""
-    weights: NDArray[np.float64] = _PRIOR_WEIGHTS[facts & 7]
-    return weights
+def prior_weight(facts: int) -> float:
+    """prior_weight maps a document's facts bits to its path-only weight (bounding the final one)."""
+    return _PRIOR_WEIGHTS[facts & 7]
+
+
+def prior_order(facts: bytes) -> Sequence[int]:
+    """prior_order lists the positions of `facts` heaviest prior weight first, ties in position order."""
+    return memoryview(_fastscan.stable_order(facts.translate(_PRIOR_PLACES))).cast("q")
 
 
 def facts_weight(facts: int) -> float:
@@ -154,20 +164,31 @@ def is_whole_word(line: bytes, start: int, end: int) -> bool:
     return left_ok and right_ok
 
 
+# The spans a table made from decoded symbols stores per symbol (the first four fields of
+# format.py's symbol records, which a table over a segment reads in place).
+_SPANS = struct.Struct("<IIII")
+
+
 class SymbolTable:
     """SymbolTable answers "which definition is this line in" and "is this match a definition".
 
-    It works on an (n, 4) array of `start_line, end_line, start_byte, end_byte` per symbol,
-    so a file's hundreds of definitions are checked with a few numpy operations instead of
-    decoding every name: on the stdlib corpus, decoding full Symbol records for each
-    matching file took 0.65 s of a 0.73 s exhaustive `def __init__` search. `symbol(i)`
-    decodes the i-th full record when an enclosing symbol is reported.
+    It works on a file's fixed-size symbol records as stored (each starting with u32
+    `start_line, end_line, start_byte, end_byte`), checked natively (`_fastscan.symbols_define`,
+    `symbols_enclosing`) instead of decoding every name: on the stdlib corpus, decoding full
+    Symbol records for each matching file took 0.65 s of a 0.73 s exhaustive `def __init__`
+    search. `symbol(i)` decodes the i-th full record when an enclosing symbol is reported.
     """
 
-    def __init__(self, spans: NDArray[np.integer[Any]], symbol: Callable[[int], Symbol]) -> None:
-        # Views only: building sorted copies here cost ~60 us per matching file, more than the
-        # checks below on the few ranges a file usually has.
-        self._spans = spans.reshape(-1, 4) if spans.size else np.zeros((0, 4), dtype=np.int64)
+    __slots__ = ("_count", "_record_size", "_records", "_symbol")
+
+    def __init__(
+        self, records: bytes | memoryview, count: int, record_size: int, symbol: Callable[[int], Symbol]
+    ) -> None:
+        if count < 0 or record_size < _SPANS.size or len(records) < count * record_size:
+            raise ValueError("symbol records do not fit their buffer")
+        self._records = records
+        self._count = count
+        self._record_size = record_size
         self._symbol = symbol
 
     @classmethod
@@ -178,13 +199,11 @@ class SymbolTable:
     @classmethod
     def from_symbols(cls, symbols: Sequence[Symbol]) -> SymbolTable:
         """from_symbols builds a table from decoded symbols (tests, small inputs)."""
-        spans = np.array(
-            [(s.start_line, s.end_line, s.start_byte, s.end_byte) for s in symbols], dtype=np.int64
-        )
-        return cls(spans, lambda i: symbols[i])
+        records = b"".join(_SPANS.pack(s.start_line, s.end_line, s.start_byte, s.end_byte) for s in symbols)
+        return cls(records, len(symbols), _SPANS.size, lambda i: symbols[i])
 
     def __bool__(self) -> bool:
-        return bool(len(self._spans))
+        return self._count > 0
 
     def defines(self, abs_ranges: Sequence[tuple[int, int]]) -> bool:
         """defines reports whether any byte range (absolute in the file) covers a definition's name.
@@ -193,28 +212,10 @@ class SymbolTable:
         match of `parser` inside `Reparser` is only a substring hit. Symbols without recorded
         name offsets (start_byte == end_byte) never count.
         """
-        if not len(self._spans) or not abs_ranges:
+        if not self._count or not abs_ranges:
             return False
-        starts = self._spans[:, 2]
-        ends = self._spans[:, 3]
-        named = ends > starts
-        if len(abs_ranges) == 1:
-            # The common case, without building a ranges array.
-            lo, hi = abs_ranges[0]
-            return bool((named & (starts >= lo) & (ends <= hi)).any())
-        starts = starts.astype(np.int64)
-        ends = ends.astype(np.int64)
-        ranges = np.asarray(abs_ranges, dtype=np.int64).reshape(-1, 2)
-        if len(ranges) * len(starts) <= _BROADCAST_LIMIT:
-            inside = (starts[None, :] >= ranges[:, :1]) & (ends[None, :] <= ranges[:, 1:]) & named[None, :]
-            return bool(inside.any())
-        # Many ranges and symbols: names of distinct definitions never overlap, so sorted by
-        # start their ends ascend too, and only the first name at or after a range can fit.
-        order = np.argsort(starts[named], kind="stable")
-        name_starts, name_ends = starts[named][order], ends[named][order]
-        idx = np.searchsorted(name_starts, ranges[:, 0], side="left")
-        valid = idx < len(name_starts)
-        return bool((name_ends[idx[valid]] <= ranges[valid, 1]).any())
+        ranges = array.array("q", itertools.chain.from_iterable(abs_ranges))
+        return bool(_fastscan.symbols_define(self._records, self._count, self._record_size, ranges))
 
     def enclosing(self, line_number: int) -> Symbol | None:
         """enclosing returns the innermost definition whose line span contains line_number."""
@@ -226,23 +227,17 @@ class SymbolTable:
         Innermost is the shortest span; among equals the one starting last, then the first
         recorded. Each definition found is decoded once, however many of the lines it encloses.
         """
-        spans = self._spans
-        if not len(spans):
+        if not self._count:
             return [None] * len(line_numbers)
-        starts = spans[:, 0]
-        ends = spans[:, 1]
+        found = _fastscan.symbols_enclosing(
+            self._records, self._count, self._record_size, array.array("q", line_numbers)
+        )
         decoded: dict[int, Symbol] = {}
         out: list[Symbol | None] = []
-        for line in line_numbers:
-            inside = np.flatnonzero((starts <= line) & (ends >= line))
-            if not len(inside):
+        for best in memoryview(found).cast("q"):
+            if best < 0:
                 out.append(None)
                 continue
-            if len(inside) == 1:
-                best = int(inside[0])
-            else:
-                width = ends[inside].astype(np.int64) - starts[inside]
-                best = int(inside[np.lexsort((-starts[inside].astype(np.int64), width))[0]])
             symbol = decoded.get(best)
             if symbol is None:
                 symbol = decoded[best] = self._symbol(best)
@@ -254,4 +249,4 @@ def _no_symbol(i: int) -> Symbol:
     raise IndexError(i)
 
 
-_EMPTY_TABLE = SymbolTable(np.zeros((0, 4), dtype=np.int64), _no_symbol)
+_EMPTY_TABLE = SymbolTable(b"", 0, _SPANS.size, _no_symbol)

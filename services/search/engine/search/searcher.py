@@ -150,7 +150,7 @@ class Searcher:
                 if self._cursor_key
                 else decode_cursor(request.cursor)
             )
-        # Imported here: ranking loads numpy (~100 ms), which a stream or count never needs.
+        # Imported here: a stream or a count never ranks.
         from services.search.engine.search.searchrun import Run
 
         with contextlib.nullcontext(snapshot) if snapshot else self.index.snapshot() as snap:

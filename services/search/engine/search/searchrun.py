@@ -21,9 +21,6 @@ import heapq
 import time
 from collections.abc import Sequence
 
-import numpy as np
-from numpy.typing import NDArray
-
 from services.search.engine import _fastscan
 from services.search.engine.errors import SearchCancelled as SearchCancelled
 from services.search.engine.index.index import Index, Snapshot
@@ -33,7 +30,7 @@ from services.search.engine.query.matchtree import DocFacts, MatchTree, compile_
 from services.search.engine.query.query import Query
 from services.search.engine.query.verify import LineMatch as RawLineMatch
 from services.search.engine.search import rank
-from services.search.engine.search.candidates import collect_candidates
+from services.search.engine.search.candidates import Candidates, collect_candidates
 from services.search.engine.search.cursor import Cursor, path_digest, rank_key
 from services.search.engine.search.hits import Hit, HitRow, hit_from_row, hit_to_row, symbol_table
 from services.search.engine.search.page import assemble_result
@@ -78,12 +75,11 @@ class Run:
     def execute(self) -> SearchResult:
         """execute verifies the candidates and returns the assembled result."""
         found = collect_candidates(self.snap, self.tree, exact=self.exact)
-        sequence, seg_ids, ords, weights = found.sequence, found.seg_ids, found.ords, found.weights
-        if self._use_processes(len(sequence)):
-            self._verify_processes(sequence, seg_ids, ords)
+        if self._use_processes(found.count):
+            self._verify_processes(found)
             stopped_early = False
         else:
-            stopped_early = self._verify_in_order(sequence, seg_ids, ords, weights)
+            stopped_early = self._verify_in_order(found)
         if stopped_early and self.limit_reason is None:
             self.limit_reason = LimitReason.FILE_LIMIT
         return assemble_result(self, found.count, found.scan, stopped_early)
@@ -99,9 +95,7 @@ class Run:
             and self.request.cancel is None
         )
 
-    def _verify_processes(
-        self, sequence: NDArray[np.int64], seg_ids: NDArray[np.int64], ords: NDArray[np.int64]
-    ) -> None:
+    def _verify_processes(self, candidates: Candidates) -> None:
         """_verify_processes splits an exact-order search's candidates over worker processes.
 
         The candidates are cut into `processes` contiguous parts; this process verifies the
@@ -119,9 +113,8 @@ class Run:
         """
         names = [segment.name for segment in self.snap.segments]
         index_of = {name: i for i, name in enumerate(names)}
-        pairs = [
-            (names[s], o) for s, o in zip(seg_ids[sequence].tolist(), ords[sequence].tolist(), strict=True)
-        ]
+        seg_ids, ords = candidates.seg_ids, candidates.ords
+        pairs = [(names[seg_ids[at]], ords[at]) for at in candidates.sequence]
         # An even split measured best: giving this process (which also builds every result
         # object) 80% or 60% of a worker's share was 5-25% slower on the queries below.
         parts = self.context.processes
@@ -172,24 +165,19 @@ class Run:
                 rows.append(hit_to_row(found, name))
         return done, rows, False
 
-    def _verify_in_order(
-        self,
-        sequence: NDArray[np.int64],
-        seg_ids: NDArray[np.int64],
-        ords: NDArray[np.int64],
-        weights: NDArray[np.float64],
-    ) -> bool:
+    def _verify_in_order(self, found: Candidates) -> bool:
         """_verify_in_order verifies candidates one by one; returns True if it stopped early."""
         best_possible = rank.DEFINITION + rank.FILENAME
-        for position, at in enumerate(sequence.tolist()):
+        seg_ids, ords = found.seg_ids, found.ords
+        for at in found.sequence:
             if self._interrupted():
                 return False
-            if not self.exact and self._enough(float(weights[at]) * best_possible):
-                return position < len(sequence)
+            if not self.exact and self._enough(found.weight(at) * best_possible):
+                return True
             self.verified += 1
-            found = self._check(int(seg_ids[at]), int(ords[at]))
-            if found is not None:
-                self._accept(found)
+            hit = self._check(seg_ids[at], ords[at])
+            if hit is not None:
+                self._accept(hit)
             if self.limit_reason is not None:
                 return False
         return False
