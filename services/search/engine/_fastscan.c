@@ -142,6 +142,40 @@ static const unsigned char *find_needle(const unsigned char *hay, size_t n, cons
     return memmem(hay + i, n - i, needle, m);
 }
 
+/* find_run returns the start of the first run of at least m consecutive bytes of `set` (256
+ * flags) in hay[0:n], or NULL. It probes every m-th byte: a probe outside the set rules out
+ * every run through it, so a rare class skips m bytes a probe (`[A-Z]{20,}` reads about one
+ * byte in twenty); a probe inside it is widened to its run, back to the last byte known to be
+ * outside and forward to m bytes or the run's end. No byte is read more than twice. */
+static const unsigned char *find_run(const unsigned char *hay, size_t n, const unsigned char *set, size_t m) {
+    if (m == 0) {
+        return hay;
+    }
+    size_t floor = 0; /* hay[floor - 1] is outside the set (or floor is 0) */
+    size_t i = m - 1; /* no run of m starts before i - m + 1 */
+    while (i < n) {
+        if (!set[hay[i]]) {
+            floor = i + 1;
+            i += m;
+            continue;
+        }
+        size_t j = i;
+        while (j > floor && set[hay[j - 1]]) {
+            j--;
+        }
+        size_t k = i + 1;
+        while (k < n && k - j < m && set[hay[k]]) {
+            k++;
+        }
+        if (k - j >= m) {
+            return hay + j;
+        }
+        floor = k + 1; /* hay[k] is outside the set, or k is n */
+        i = k + m;
+    }
+    return NULL;
+}
+
 static const unsigned char *find_bytes(const unsigned char *hay, Py_ssize_t hay_len,
                                        const unsigned char *needle, Py_ssize_t needle_len) {
     if (hay_len < needle_len) {
@@ -1043,15 +1077,19 @@ done:
 
 /* ---- Regexes: RE2 through _re2shim.cc, whole files at a time ----
  *
- *   regex_compile(pattern, case_sensitive, literal) -> capsule
+ *   regex_compile(pattern, case_sensitive, literal, run_set=None, run_len=0) -> capsule
  *       RE2 compiled with verify.compile_regex's options (`pattern` already wrapped by it);
- *       ValueError with RE2's message when RE2 rejects it.
+ *       ValueError with RE2's message when RE2 rejects it. `run_set` (256 flag bytes, no
+ *       newline) and `run_len` describe a run every match holds: run_len bytes in a row, each
+ *       flagged (verify.class_run). The whole-buffer scans below then give RE2 only the lines
+ *       holding such a run, found by find_run.
  *   regex_scan(regex, data, lines, limit) -> tuple[bytes, int, int]
  *       verify.LineMatcher's regex strategy natively: every matching line in the groups
  *       layout (see scan_literal), with the counts of lines and matches; at most `limit`
  *       lines when limit > 0. `lines` None scans the whole buffer (one RE2 call per
- *       matching line to find it, then one per further match in the line); otherwise it
- *       lists the (line_number, line_start, line_end) lines to try (a prefilter's).
+ *       matching line to find it, then one per further match in the line; with a run, one
+ *       per line holding it); otherwise it lists the (line_number, line_start, line_end)
+ *       lines to try (a prefilter's).
  *   regex_count(regex, data, lines) -> int
  *       The number of matching lines, one RE2 call per matching (or listed) line.
  *   regex_scan_needle(regex, data, needle, folded, guard, limit) -> tuple[bytes, int, int] | None
@@ -1074,33 +1112,70 @@ int kdb_re2_test(const void *re, const char *data, size_t len, size_t pos, size_
 
 #define REGEX_CAPSULE "kotadb._fastscan.regex"
 
+/* A compiled regex: RE2, and optionally a run every match holds (run_len bytes in a row, each
+ * of run_set; verify.py's class_run), which whole-buffer scans use to find the lines worth
+ * giving RE2. */
+typedef struct {
+    void *re;
+    size_t run_len; /* 0: no run */
+    unsigned char run_set[256];
+} kdb_regex;
+
 static void regex_capsule_free(PyObject *capsule) {
-    void *re = PyCapsule_GetPointer(capsule, REGEX_CAPSULE);
-    if (re != NULL) {
-        kdb_re2_free(re);
+    kdb_regex *rx = PyCapsule_GetPointer(capsule, REGEX_CAPSULE);
+    if (rx != NULL) {
+        kdb_re2_free(rx->re);
+        PyMem_Free(rx);
     }
+}
+
+static const kdb_regex *regex_of(PyObject *capsule) {
+    return PyCapsule_GetPointer(capsule, REGEX_CAPSULE);
 }
 
 static PyObject *fastscan_regex_compile(PyObject *self, PyObject *args) {
     (void)self;
     const char *pattern;
-    Py_ssize_t len;
+    Py_ssize_t len, run_len = 0;
     int case_sensitive, literal;
-    if (!PyArg_ParseTuple(args, "y#pp", &pattern, &len, &case_sensitive, &literal)) {
+    PyObject *run_set = Py_None;
+    if (!PyArg_ParseTuple(args, "y#pp|On", &pattern, &len, &case_sensitive, &literal, &run_set, &run_len)) {
         return NULL;
     }
+    if (run_set != Py_None) {
+        if (!PyBytes_Check(run_set) || PyBytes_GET_SIZE(run_set) != 256 || run_len < 1) {
+            PyErr_SetString(PyExc_ValueError, "a run is 256 bytes of flags and a length of at least 1");
+            return NULL;
+        }
+        if (PyBytes_AS_STRING(run_set)['\n']) {
+            PyErr_SetString(PyExc_ValueError, "a run cannot hold a newline (matches never span one)");
+            return NULL;
+        }
+    }
+    kdb_regex *rx = PyMem_Calloc(1, sizeof *rx);
+    if (rx == NULL) {
+        return PyErr_NoMemory();
+    }
+    if (run_set != Py_None) {
+        const unsigned char *flags = (const unsigned char *)PyBytes_AS_STRING(run_set);
+        for (int b = 0; b < 256; b++) {
+            rx->run_set[b] = flags[b] != 0;
+        }
+        rx->run_len = (size_t)run_len;
+    }
     char error[512] = {0};
-    void *re;
     Py_BEGIN_ALLOW_THREADS;
-    re = kdb_re2_new(pattern, (size_t)len, case_sensitive, literal, error, sizeof error);
+    rx->re = kdb_re2_new(pattern, (size_t)len, case_sensitive, literal, error, sizeof error);
     Py_END_ALLOW_THREADS;
-    if (re == NULL) {
+    if (rx->re == NULL) {
+        PyMem_Free(rx);
         PyErr_SetString(PyExc_ValueError, error);
         return NULL;
     }
-    PyObject *capsule = PyCapsule_New(re, REGEX_CAPSULE, regex_capsule_free);
+    PyObject *capsule = PyCapsule_New(rx, REGEX_CAPSULE, regex_capsule_free);
     if (capsule == NULL) {
-        kdb_re2_free(re);
+        kdb_re2_free(rx->re);
+        PyMem_Free(rx);
     }
     return capsule;
 }
@@ -1138,6 +1213,8 @@ static Py_ssize_t line_ranges(const void *re, const char *data, size_t len, size
 
 typedef struct {
     const void *re;
+    const unsigned char *run_set; /* with run_len > 0, a run every match holds (kdb_regex) */
+    size_t run_len;
     const char *data;
     size_t len;
     const int64_t *lines; /* (line_number, start, end) triples, or NULL for the whole buffer */
@@ -1155,8 +1232,22 @@ static int push_header(i64vec *out, long long number, size_t start, size_t end) 
                : 0;
 }
 
-/* regex_scan_whole finds the matching lines of the whole buffer (verify's _find_regex). */
+/* A line filter: the lines holding `needle` (m bytes), or with `set`, a run of m bytes of it. */
+typedef struct {
+    const unsigned char *needle;
+    const unsigned char *set;
+    size_t m;
+} line_filter;
+
+static int regex_scan_filtered(regex_scan_args *a, const unsigned char *hay, const line_filter *f, i64vec *out);
+
+/* regex_scan_whole finds the matching lines of the whole buffer (verify's _find_regex); with
+   a run, only the lines holding one are given to RE2 (regex_scan_filtered). */
 static int regex_scan_whole(regex_scan_args *a, i64vec *out) {
+    if (a->run_len > 0) {
+        line_filter run = {.needle = NULL, .set = a->run_set, .m = a->run_len};
+        return regex_scan_filtered(a, (const unsigned char *)a->data, &run, out);
+    }
     const char *data = a->data;
     size_t len = a->len;
     int no_last_line = len == 0 || data[len - 1] == '\n';
@@ -1228,17 +1319,19 @@ static int regex_scan_listed(regex_scan_args *a, i64vec *out) {
     return 0;
 }
 
-/* regex_scan_needle runs RE2 only on the lines holding the needle (found with find_needle in
-   `hay`: data itself, or its folded copy, which has the same newlines): every match lies
-   in one line and holds every required literal, so no other line can match. */
-static int regex_scan_needle(regex_scan_args *a, const unsigned char *hay, const unsigned char *needle, size_t m,
-                             i64vec *out) {
+/* regex_scan_filtered runs RE2 only on the lines the filter finds: those holding the needle
+   (found with find_needle in `hay`: data itself, or its folded copy, which has the same
+   newlines), or a run of the set (find_run). Every match lies in one line and holds every
+   required literal and run, so no other line can match. */
+static int regex_scan_filtered(regex_scan_args *a, const unsigned char *hay, const line_filter *f, i64vec *out) {
     const char *data = a->data;
     size_t len = a->len;
+    size_t m = f->m;
     long long line_number = 1;
     size_t counted = 0, pos = 0; /* pos is always the start of a line */
     while (pos + m <= len) {
-        const unsigned char *hit = find_needle(hay + pos, len - pos, needle, m);
+        const unsigned char *hit = f->set != NULL ? find_run(hay + pos, len - pos, f->set, m)
+                                                  : find_needle(hay + pos, len - pos, f->needle, m);
         if (hit == NULL) {
             break;
         }
@@ -1285,10 +1378,13 @@ static int regex_scan_needle(regex_scan_args *a, const unsigned char *hay, const
 static int run_needle_regex(PyObject *regex, Py_buffer *data, PyObject *needle_obj, int folded, int guard,
                             regex_scan_args *a, i64vec *out) {
     scan_args n;
-    a->re = PyCapsule_GetPointer(regex, REGEX_CAPSULE);
-    if (a->re == NULL || parse_needle(needle_obj, &n) < 0) {
+    const kdb_regex *rx = regex_of(regex);
+    if (rx == NULL || parse_needle(needle_obj, &n) < 0) {
         return -1;
     }
+    a->re = rx->re;
+    a->run_set = rx->run_set;
+    a->run_len = rx->run_len; /* used when the guard sends the scan to the whole buffer */
     a->data = (const char *)data->buf;
     a->len = (size_t)data->len;
     int rc = 0;
@@ -1303,7 +1399,8 @@ static int run_needle_regex(PyObject *regex, Py_buffer *data, PyObject *needle_o
     } else if (guard && unsafe) {
         rc = 1;
     } else {
-        rc = regex_scan_needle(a, hay, n.needle, (size_t)n.needle_len, out);
+        line_filter needle = {.needle = n.needle, .set = NULL, .m = (size_t)n.needle_len};
+        rc = regex_scan_filtered(a, hay, &needle, out);
     }
     Py_END_ALLOW_THREADS;
     if (rc < 0) {
@@ -1360,10 +1457,13 @@ static PyObject *fastscan_regex_count_needle(PyObject *self, PyObject *args) {
 /* run_regex parses (regex, data, lines) and runs the scan without the GIL; 0 on success, -1
    with a Python error set. */
 static int run_regex(PyObject *regex, Py_buffer *data, PyObject *lines, regex_scan_args *a, i64vec *out) {
-    a->re = PyCapsule_GetPointer(regex, REGEX_CAPSULE);
-    if (a->re == NULL) {
+    const kdb_regex *rx = regex_of(regex);
+    if (rx == NULL) {
         return -1;
     }
+    a->re = rx->re;
+    a->run_set = rx->run_set;
+    a->run_len = rx->run_len;
     a->data = (const char *)data->buf;
     a->len = (size_t)data->len;
     a->lines = NULL;
@@ -1837,9 +1937,15 @@ static long long count_needle_lines(const unsigned char *hay, size_t n, const un
 
 /* count_one counts the matching lines of one span as LineMatcher.count does; -1 when memory
    ran out (a folded copy). */
-static long long count_one(const void *re, const unsigned char *needle, size_t m, int pure, int folded, int guard,
-                           const unsigned char *data, size_t len) {
-    regex_scan_args a = {.re = re, .data = (const char *)data, .len = len, .limit = -1, .count_only = 1};
+static long long count_one(const kdb_regex *rx, const unsigned char *needle, size_t m, int pure, int folded,
+                           int guard, const unsigned char *data, size_t len) {
+    regex_scan_args a = {.re = rx->re,
+                         .run_set = rx->run_set,
+                         .run_len = rx->run_len,
+                         .data = (const char *)data,
+                         .len = len,
+                         .limit = -1,
+                         .count_only = 1};
     i64vec unused = {NULL, 0, 0}; /* count_only scans push nothing */
     if (needle != NULL) {
         const unsigned char *hay = data;
@@ -1854,7 +1960,8 @@ static long long count_one(const void *re, const unsigned char *needle, size_t m
             if (pure) {
                 return count_needle_lines(hay, len, needle, m);
             }
-            regex_scan_needle(&a, hay, needle, m, &unused);
+            line_filter filter = {.needle = needle, .set = NULL, .m = m};
+            regex_scan_filtered(&a, hay, &filter, &unused);
             return a.found_lines;
         }
     }
@@ -1870,7 +1977,7 @@ static PyObject *fastscan_count_spans(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OOpppy*O", &regex, &needle_obj, &pure, &folded, &guard, &data, &spans_obj)) {
         return NULL;
     }
-    const void *re = PyCapsule_GetPointer(regex, REGEX_CAPSULE);
+    const kdb_regex *re = regex_of(regex);
     scan_args needle = {.needle = NULL, .needle_len = 0};
     if (re == NULL || (needle_obj != Py_None && parse_needle(needle_obj, &needle) < 0)) {
         PyBuffer_Release(&data);

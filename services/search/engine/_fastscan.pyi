@@ -43,8 +43,16 @@ def any_whole_word(
 def invert_postings(docs: Sequence[Buffer | NDArray[Any]], /) -> tuple[bytes, bytes, bytes]:
     """invert_postings inverts per-document trigram ids into (ids, starts, ordinals) bytes."""
 
-def regex_compile(pattern: bytes, case_sensitive: bool, literal: bool, /) -> object:
-    """regex_compile compiles an RE2 pattern for regex_scan/regex_count (ValueError: RE2's message)."""
+def regex_compile(
+    pattern: bytes,
+    case_sensitive: bool,
+    literal: bool,
+    run_set: bytes | None = None,
+    run_len: int = 0,
+    /,
+) -> object:
+    """regex_compile compiles an RE2 pattern for regex_scan/regex_count (ValueError: RE2's message);
+    with a run (256 flag bytes, a length), whole-buffer scans give RE2 only the lines holding one."""
 
 def regex_scan(
     regex: object, data: Buffer, lines: Sequence[tuple[int, int, int]] | None, limit: int, /
