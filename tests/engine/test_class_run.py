@@ -33,7 +33,6 @@ def _run(pattern: str, *, case_sensitive: bool = True) -> tuple[bytes, int] | No
         (r"\w+\d{6}", b"0123456789", 6),
         # Literals and classes in a row make one run of their union.
         (r"\d{4}-\d{2}-\d{2}", b"-0123456789", 10),
-        (r"0x[0-9a-f]{8}", b"0123456789abcdefx", 10),
         # Zero-width assertions and groups keep a stretch together.
         (r"\b(?:[A-Z]{6}\d{6})\b", b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ", 12),
     ],
@@ -60,6 +59,16 @@ def test_common_or_unlisted_runs_are_not_used(pattern: str) -> None:
 
 def test_a_required_literal_is_preferred_to_a_run() -> None:
     assert LineMatcher(r"kmalloc[A-Z]{20}", case_sensitive=True).strategy == "prefilter"
+
+
+def test_a_literal_prefix_is_left_to_re2() -> None:
+    # RE2 searches for a literal prefix itself; the run would only add a call per line.
+    assert _run(r"0x[0-9a-f]{8}") == (b"0123456789abcdefx", 10)
+    assert LineMatcher(r"0x[0-9a-f]{8}", case_sensitive=True).strategy == "regex"
+    assert LineMatcher(r"^0x[0-9a-f]{8}", case_sensitive=True).strategy == "regex"
+    # A one-byte or case-folded prefix is no such help.
+    assert LineMatcher(r"_[A-Z]{20}", case_sensitive=True).strategy == "run"
+    assert LineMatcher(r"(?i)0x[0-9]{12}", case_sensitive=True).strategy == "run"
 
 
 def test_case_folding_widens_the_run() -> None:

@@ -28,8 +28,8 @@ every regex match. Measured over Linux's `fs/` (2,078 files, 42 MB, one core of 
   (`class_run`: `[A-Z]{20,}`, `[0-9a-f]{40}`, the digits of `\\w+\\d{6}`) runs RE2 only on the
   lines holding such a run, found by `find_run` in C, which probes every run-length-th byte:
   over Linux, `--count '[A-Z]{20,}'` 1.18 -> 0.28 s and `[0-9a-f]{40}` 1.05 -> 0.23 s from a
-  fresh process (2026-12-07); a run that many lines hold (`0x[0-9a-f]{8}`: 540k matching
-  lines) costs ~8 % more than RE2 over the whole buffer;
+  fresh process (2026-12-07); not when the pattern starts with literal text, which RE2 finds
+  itself (`0x[0-9a-f]{8}`, 540k matching lines: 25 % slower with its run);
 * everything else runs RE2 over the whole buffer in multi-line mode, from C
   (`_fastscan.regex_scan`/`regex_count`, RE2 linked into the extension, GIL released):
   one RE2 call finds each matching line and one more each further match in it, with no
@@ -314,6 +314,20 @@ def class_run(root: rx.Node) -> ClassRun | None:
     return ClassRun(bytes(1 if b in flags else 0 for b in range(256)), length)
 
 
+def _literal_prefix(root: rx.Node) -> bool:
+    """_literal_prefix says every match starts with case-sensitive literal text of 2+ bytes.
+
+    RE2 then finds match starts by searching for that text itself, faster than a run's lines
+    can be tried one RE2 call at a time when many lines match (`0x[0-9a-f]{8}` over Linux:
+    540k lines, `--count` 239 ms as a whole-buffer scan, 308 ms with its run).
+    """
+    for item in _flat_items(root):
+        if isinstance(item, rx.Assertion | rx.EmptyMatch):
+            continue
+        return isinstance(item, rx.Literal) and not item.fold and len(item.text.encode()) >= 2
+    return False
+
+
 def _searchable(literal: rx.Literal) -> bool:
     """_searchable says the native scanner can look for the literal (see LineMatcher)."""
     return (
@@ -370,7 +384,7 @@ class LineMatcher:
             self._pure_literal = True
         elif required is not None and _searchable(required):
             self._set_needle(required.text, required.fold)
-        elif root is not None:
+        elif root is not None and not _literal_prefix(root):
             self._run = class_run(root)
         self._regexp = compile_native(pattern, case_sensitive=case_sensitive, literal=literal, run=self._run)
 
