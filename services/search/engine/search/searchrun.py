@@ -41,6 +41,16 @@ from services.search.engine.search.results import LimitReason, SearchMode, Searc
 # rank) before it gives up looking for better-ranked ones.
 OVERSAMPLE = 3
 
+# Once SCREEN_AFTER candidates are verified and fewer than one in SCREEN_RATE matched, the
+# candidates of a one-term query are screened natively SCREEN_BATCH at a time
+# (LineMatcher.count_spans) and only those that match are verified one by one: a scan's
+# candidates mostly do not match, and a Python call each was half of its first page
+# (`[A-Z]{20,}` on Linux: 47,000 files verified, ~110 of 230 ms). A batch reads at most
+# SCREEN_BATCH files past the point where the page is complete.
+SCREEN_AFTER = 256
+SCREEN_RATE = 4
+SCREEN_BATCH = 256
+
 
 class Run:
     """Run is the state of one search on one snapshot: verification, counting, the page heap."""
@@ -166,21 +176,63 @@ class Run:
         return done, rows, False
 
     def _verify_in_order(self, found: Candidates) -> bool:
-        """_verify_in_order verifies candidates one by one; returns True if it stopped early."""
+        """_verify_in_order verifies candidates one by one; returns True if it stopped early.
+
+        Candidates a native screen found not to match (`_screen`) are counted as verified
+        without a Python call each.
+        """
         best_possible = rank.DEFINITION + rank.FILENAME
-        seg_ids, ords = found.seg_ids, found.ords
-        for at in found.sequence:
+        seg_ids, ords, sequence = found.seg_ids, found.ords, found.sequence
+        screened = bytearray()  # per position of sequence: 1 may match, 0 does not
+        screen_from = -1  # where screening starts (-1: not yet)
+        for position, at in enumerate(sequence):
             if self._interrupted():
                 return False
             if not self.exact and self._enough(found.weight(at) * best_possible):
                 return True
             self.verified += 1
+            if screen_from < 0 and self._screening_pays(len(sequence) - position):
+                screen_from = position
+            if screen_from >= 0:
+                offset = position - screen_from
+                if offset == len(screened):
+                    screened += self._screen(found, sequence[position : position + SCREEN_BATCH])
+                if not screened[offset]:
+                    continue
             hit = self._check(seg_ids[at], ords[at])
             if hit is not None:
                 self._accept(hit)
             if self.limit_reason is not None:
                 return False
         return False
+
+    def _screening_pays(self, remaining: int) -> bool:
+        return (
+            self.tree.sole_matcher is not None
+            and remaining >= SCREEN_BATCH
+            and self.verified > SCREEN_AFTER
+            and self.file_count * SCREEN_RATE < self.verified
+        )
+
+    def _screen(self, found: Candidates, positions: Sequence[int]) -> bytes:
+        """_screen says, per candidate position, whether its content may match (1) or cannot (0).
+
+        The positions' candidates are counted per segment in one native call over their
+        verified content (`LineMatcher.count_spans`), as a stream counts them.
+        """
+        sole = self.tree.sole_matcher
+        assert sole is not None
+        out = bytearray(len(positions))
+        by_segment: dict[int, list[int]] = {}
+        for i, at in enumerate(positions):
+            by_segment.setdefault(found.seg_ids[at], []).append(i)
+        for seg_index, indexes in by_segment.items():
+            segment = self.snap.segments[seg_index]
+            spans = segment.content_spans([found.ords[positions[i]] for i in indexes])
+            counts = memoryview(sole.count_spans(segment.verified_content(spans), spans)).cast("q")
+            for i, count in zip(indexes, counts, strict=True):
+                out[i] = count > 0
+        return bytes(out)
 
     def _match_limited(self) -> bool:
         return self.limit_reason is LimitReason.MATCH_LIMIT
