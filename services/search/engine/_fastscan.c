@@ -1716,6 +1716,18 @@ static uint64_t read_le64(const unsigned char *p) {
     return v;
 }
 
+/* records_done releases a record reader's buffers and returns `out`, or NULL with `error` set. */
+static PyObject *records_done(Py_buffer *table, Py_buffer *ords, PyObject *out, PyObject *kind, const char *error) {
+    PyBuffer_Release(table);
+    PyBuffer_Release(ords);
+    if (error != NULL) {
+        Py_XDECREF(out);
+        PyErr_SetString(kind, error);
+        return NULL;
+    }
+    return out;
+}
+
 static PyObject *fastscan_record_spans(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer table, ords;
@@ -1766,14 +1778,7 @@ static PyObject *fastscan_record_spans(PyObject *self, PyObject *args) {
         spans[2 * i + 1] = base + (int64_t)(offset + size);
     }
 done:
-    PyBuffer_Release(&table);
-    PyBuffer_Release(&ords);
-    if (error != NULL) {
-        Py_XDECREF(out);
-        PyErr_SetString(kind, error);
-        return NULL;
-    }
-    return out;
+    return records_done(&table, &ords, out, kind, error);
 }
 
 static PyObject *fastscan_split_strings(PyObject *self, PyObject *args) {
@@ -2234,14 +2239,7 @@ static PyObject *fastscan_record_facts(PyObject *self, PyObject *args) {
         facts[i] = (unsigned char)(field & 0xFF);
     }
 done:
-    PyBuffer_Release(&table);
-    PyBuffer_Release(&ords);
-    if (error != NULL) {
-        Py_XDECREF(out);
-        PyErr_SetString(kind, error);
-        return NULL;
-    }
-    return out;
+    return records_done(&table, &ords, out, kind, error);
 }
 
 static PyObject *fastscan_stable_order(PyObject *self, PyObject *args) {
