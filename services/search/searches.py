@@ -38,7 +38,7 @@ from services.common.errors import FieldViolation, InvalidArgument, KotaError
 from services.search.config import SearchSettings
 from services.search.engine import record
 from services.search.engine.errors import EngineError, IndexFileError
-from services.search.engine.search.candidates import symbol_candidates, symbol_search_needle
+from services.search.engine.search.candidates import symbol_candidates, symbol_search_screen
 from services.search.engine.search.cursor import CursorError, decode_cursor
 from services.search.engine.search.results import SearchMode, SearchResult
 from services.search.engine.search.searcher import Searcher, SearchRequest
@@ -391,7 +391,7 @@ class Searches:
         revision = opened.covered
         index = opened.index
 
-        needle = symbol_search_needle(query.pattern)
+        screen = symbol_search_screen(query.pattern)
 
         def run(cancel: threading.Event) -> tuple[list[SymbolHit], int]:
             with index.snapshot() as snap:
@@ -400,7 +400,7 @@ class Searches:
                 for position, segment in enumerate(snap.segments):
                     if cancel.is_set():
                         return [], 0
-                    for ordinal, found in symbol_candidates(segment, needle):
+                    for ordinal, found in symbol_candidates(segment, screen):
                         doc = segment.doc(ordinal)
                         if not _keep(query, doc.path, doc.repository, doc.language):
                             continue

@@ -1,8 +1,9 @@
 """Symbol search decodes only the documents whose stored symbols hold the pattern's needle.
 
 `symsearch.symbol_needle` picks text every matching symbol holds (for plain patterns; a regex's
-required text through `candidates.symbol_search_needle`), and `candidates.symbol_candidates`
-screens a segment's symbols.bin for it natively (`_fastscan.symbol_hits`). The answers
+required text through `candidates.symbol_search_screen`; a regex without one is screened by
+the regex itself, run natively over each name), and `candidates.symbol_candidates` screens a
+segment's symbols.bin natively (`_fastscan.symbol_hits`). The answers
 must be exactly those of the full scan (every symbol of every live document through
 `search_symbols`), including names whose lowercase gains ASCII letters from KELVIN SIGN or
 from I WITH DOT ABOVE, names with LONG S (which RE2's case folding equates with `s`), and
@@ -24,7 +25,7 @@ from services.search.engine.index.index import Index
 from services.search.engine.index.reader import SegmentData
 from services.search.engine.index.writer import IndexWriter
 from services.search.engine.model import SourceDocument, Symbol
-from services.search.engine.search.candidates import symbol_search_needle
+from services.search.engine.search.candidates import symbol_search_screen
 from services.search.engine.search.searcher import Searcher
 from services.search.engine.symbols.symsearch import SymbolCandidate, search_symbols, symbol_needle
 from tests.engine.segments import rewrite_part
@@ -77,7 +78,9 @@ def _index(root: Path, docs: list[SourceDocument]) -> Index:
     return index
 
 
-def _full_scan(index: Index, pattern: str, limit: int) -> list[tuple[str, str, str]]:
+def _full_scan(
+    index: Index, pattern: str, limit: int, case_sensitive: bool = False
+) -> list[tuple[str, str, str]]:
     with index.snapshot() as snap:
         candidates = [
             SymbolCandidate(symbol, seg.doc(o).path, seg.doc(o).repository, seg.doc(o).language)
@@ -85,14 +88,16 @@ def _full_scan(index: Index, pattern: str, limit: int) -> list[tuple[str, str, s
             for o in seg.live
             for symbol in seg.symbols(o)
         ]
-    result = search_symbols(pattern, candidates, limit=limit)
+    result = search_symbols(pattern, candidates, limit=limit, case_sensitive=case_sensitive)
     return [(m.path, m.symbol.qualified_name, m.tier.name) for m in result.matches] + [
         ("total", str(result.total), "")
     ]
 
 
-def _searched(index: Index, pattern: str, limit: int) -> list[tuple[str, str, str]]:
-    result = Searcher(index).symbols(pattern, limit=limit)
+def _searched(
+    index: Index, pattern: str, limit: int, case_sensitive: bool = False
+) -> list[tuple[str, str, str]]:
+    result = Searcher(index).symbols(pattern, limit=limit, case_sensitive=case_sensitive)
     return [(m.path, m.symbol.qualified_name, m.tier.name) for m in result.matches] + [
         ("total", str(result.total), "")
     ]
@@ -119,23 +124,40 @@ def test_symbol_needle(pattern: str, needle: str | None) -> None:
 
 
 @pytest.mark.parametrize(
-    ("pattern", "needle"),
+    ("pattern", "needle", "regex", "qualified", "guard"),
     [
-        ("get_.*", "get_"),
-        ("^sys_", "sys_"),
-        (r"get_\w+_size$", "_size"),
-        ("[kK]elvin", "elvin"),
-        (r"foo\.bar", None),  # the literal holds a separator the qualified tiers rewrite
-        (r"\x41BC", None),  # "ABC" is not written as such in the pattern
-        ("a::b.*", None),  # `::` is rewritten for the literal tiers
-        ("[a-z]+", None),  # no literal at all
-        ("(parse", None),  # not a valid regex
-        ("^fooi", "fooi"),
-        ("kelvin", "kelvin"),  # plain patterns as symbol_needle gives them
+        ("kelvin", "kelvin", False, False, None),  # plain patterns as symbol_needle gives them
+        ("Widget::size", "Widget", False, False, None),
+        # A regex: the literal tiers' longest piece of text between separators, the regex
+        # (over qualified names when the pattern has a separator), guarded by the text RE2's
+        # analysis says every regex match holds.
+        ("get_.*", "get_", True, True, "get_"),
+        ("^sys_", "^sys_", True, False, "sys_"),
+        (r"get_\w+_size$", r"get_\w+_size$", True, False, "_size"),
+        ("[kK]elvin", "[kK]elvin", True, False, "elvin"),
+        (r"foo\.bar", "foo\\", True, True, None),  # the literal holds a separator the tiers rewrite
+        (r"\x41BC", r"\x41BC", True, False, None),  # "ABC" is not written as such in the pattern
+        ("a::b.*", "a", True, True, None),  # `::` is rewritten for the literal tiers
+        ("[a-z]+", "[a-z]+", True, False, None),  # no literal at all
+        ("(parse", "(parse", False, False, None),  # not a valid regex: the literal tiers alone
     ],
 )
-def test_symbol_search_needle_takes_a_regexs_required_text(pattern: str, needle: str | None) -> None:
-    assert symbol_search_needle(pattern) == needle
+def test_symbol_search_screen_takes_the_regex_and_the_text_its_matches_hold(
+    pattern: str, needle: str, regex: bool, qualified: bool, guard: str | None
+) -> None:
+    screen = symbol_search_screen(pattern)
+    assert screen is not None
+    assert (screen.needle, screen.regex is not None, screen.qualified, screen.guard) == (
+        needle,
+        regex,
+        qualified,
+        guard,
+    )
+
+
+@pytest.mark.parametrize("pattern", ["na\u00efve.*", "", "...", ":"])
+def test_some_patterns_decode_every_symbol(pattern: str) -> None:
+    assert symbol_search_screen(pattern) is None
 
 
 @pytest.mark.parametrize(
@@ -172,12 +194,25 @@ def test_symbol_search_needle_takes_a_regexs_required_text(pattern: str, needle:
         "na\u00efve",
         "NA\u00cfVE",
         "nothing_matches_this",
+        "^[gG][eE]t_\\w+$",
+        "^[a-z]+$",
+        "(?i)^[A-Z]+$",
+        "^[^_]+$",
+        "[kK]",
+        "\\Aparse\\z",
+        "^Widget::s",
+        "pkg\\.W\\w+",
+        "ops[.:]+open",
+        "(?-i)^[A-Z]",
+        "(get|parse)",
     ],
 )
 def test_prefiltered_symbol_search_equals_the_full_scan(tmp_path: Path, pattern: str) -> None:
     index = _index(tmp_path / "idx", _documents(NAMES))
     for limit in (1, 50):
-        assert _searched(index, pattern, limit) == _full_scan(index, pattern, limit)
+        for case_sensitive in (False, True):
+            want = _full_scan(index, pattern, limit, case_sensitive)
+            assert _searched(index, pattern, limit, case_sensitive) == want
 
 
 ALPHABET = st.sampled_from(["a", "b", "K", "k", "s", "S", "i", "I", "\u212a", "\u0130", "\u017f", "_", "."])
@@ -185,7 +220,27 @@ ALPHABET = st.sampled_from(["a", "b", "K", "k", "s", "S", "i", "I", "\u212a", "\
 
 PLAIN_PIECES = st.sampled_from(["a", "b", "k", "K", "s", "i", "I", "_", "."])
 REGEX_PIECES = st.sampled_from(
-    ["a", "b", "k", "s", "i", "I", "_", "^", "$", ".*", "[kK]", "\\w", "+", "(", "|"]
+    [
+        "a",
+        "b",
+        "k",
+        "s",
+        "i",
+        "I",
+        "_",
+        "^",
+        "$",
+        ".*",
+        "[kK]",
+        "\\w",
+        "+",
+        "(",
+        "|",
+        "[a-z]",
+        "[^_]",
+        "(?i)",
+        "\\.",
+    ]
 )
 
 
@@ -196,12 +251,13 @@ REGEX_PIECES = st.sampled_from(
         st.lists(PLAIN_PIECES, min_size=1, max_size=4).map("".join),
         st.lists(REGEX_PIECES, min_size=1, max_size=5).map("".join),
     ),
+    case_sensitive=st.booleans(),
 )
 def test_any_pattern_over_tricky_names_equals_the_full_scan(
-    tmp_path_factory: pytest.TempPathFactory, names: list[str], pattern: str
+    tmp_path_factory: pytest.TempPathFactory, names: list[str], pattern: str, case_sensitive: bool
 ) -> None:
     index = _index(tmp_path_factory.mktemp("idx") / "idx", _documents(names))
-    assert _searched(index, pattern, 50) == _full_scan(index, pattern, 50)
+    assert _searched(index, pattern, 50, case_sensitive) == _full_scan(index, pattern, 50, case_sensitive)
 
 
 def test_only_symbols_that_may_hold_the_needle_are_decoded(
@@ -230,7 +286,12 @@ def test_only_symbols_that_may_hold_the_needle_are_decoded(
         assert [m.symbol.name for m in result.matches] == ["get_widget_size"]
         assert sorted(decoded) == sorted(["get_widget_size", *non_ascii]) and not whole
         decoded.clear()
-    Searcher(index).symbols("[a-z]+")  # a regex with no required text: every live document
+    # A regex with no required text: the regex screens the names natively.
+    result = Searcher(index).symbols("^[gG][eE]t_\\w+$")
+    assert [m.symbol.name for m in result.matches] == ["get_widget_size"]
+    assert sorted(decoded) == sorted(["get_widget_size", *non_ascii]) and not whole
+    decoded.clear()
+    Searcher(index).symbols("na\u00efve|x")  # not ASCII: no screen, every live document
     assert len(whole) == len(NAMES) + len(QUALIFIED) + 1  # README.md too
     assert len(decoded) == len(NAMES) + len(QUALIFIED)  # and every symbol
 
@@ -260,6 +321,37 @@ def test_symbol_hits_reads_each_block_and_reports_record_and_string_offsets() ->
     # The qualified name counts as well as the name; a non-ASCII name is always a hit.
     assert memoryview(_fastscan.symbol_hits(data, spans, b"kls")).cast("q").tolist()[:2] == [0, 1]
     assert memoryview(_fastscan.symbol_hits(data, spans, b"")).cast("q").tolist()[::4] == [0, 0, 1, 1]
+
+
+def test_symbol_hits_with_a_regex_keeps_the_names_it_matches() -> None:
+    block = _block(
+        ("get_size", "function", "Widget::get_size", "Widget"),
+        ("set_size", "function", "Widget::set_size", "Widget"),
+        ("caf\u00e9", "function", "caf\u00e9", ""),  # non-ASCII: left to the search's RE2
+        ("two\nlines", "function", "two\nlines", ""),  # a newline: likewise
+        ("other", "function", "Gadget::other", "Gadget"),
+    )
+    spans = _spans(0, len(block))
+    regex = _fastscan.regex_compile(b"(?m)(?:^get_)", True, False)
+    kept = memoryview(_fastscan.symbol_hits(block, spans, None, regex)).cast("q").tolist()[1::4]
+    assert kept == [0, 2, 3]
+    qualified = _fastscan.regex_compile(b"(?m)(?:^Gadget::)", True, False)
+    kept = memoryview(_fastscan.symbol_hits(block, spans, None, qualified, True)).cast("q").tolist()[1::4]
+    assert kept == [2, 3, 4]
+    # The needle and the regex each keep what they match.
+    kept = memoryview(_fastscan.symbol_hits(block, spans, b"SET", regex)).cast("q").tolist()[1::4]
+    assert kept == [0, 1, 2, 3]
+    # A guard the symbol lacks keeps the regex from trying it (non-ASCII names pass any
+    # guard; `Widget::set_size` holds `get` but not `get_`).
+    anywhere = _fastscan.regex_compile(b"(?m)(?:_size)", True, False)
+    guarded = _fastscan.symbol_hits(block, spans, None, anywhere, False, b"GET_")
+    assert memoryview(guarded).cast("q").tolist()[1::4] == [0, 2]
+    with pytest.raises(TypeError, match="bytes or None"):
+        _fastscan.symbol_hits(block, spans, None, regex, False, "get")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="bytes or None"):
+        _fastscan.symbol_hits(block, spans, "get")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        _fastscan.symbol_hits(block, spans, None, object())
 
 
 @pytest.mark.parametrize(

@@ -2048,6 +2048,15 @@ static PyObject *fastscan_count_spans(PyObject *self, PyObject *args) {
  *       the result holds int64 (span index, symbol index, offset in `data` of its record,
  *       offset of its first string). ValueError when a span lies outside `data` or a block
  *       does not parse. A symbol search decodes only these symbols.
+ *   symbol_hits(data, spans, needle, regex, qualified, guard) -> bytes
+ *       The same, keeping also each symbol whose subject (its qualified name with
+ *       `qualified`, else its name) matches `regex` (from regex_compile, unanchored), or holds
+ *       a newline (which RE2 compiled with never_nl would not cross) or a non-ASCII byte (left
+ *       to the search's own RE2, which may be another version); with `guard`, the regex is
+ *       tried only on the symbols whose name or qualified name holds it as `needle` is held.
+ *       `needle` None keeps none by the needle. A regex symbol search screens by its regex
+ *       (guarded by text its matches hold, when it has some) and by the text its literal
+ *       tiers need.
  */
 
 static int holds_folded(const unsigned char *text, size_t n, const unsigned char *needle, size_t m) {
@@ -2071,36 +2080,70 @@ static int holds_folded(const unsigned char *text, size_t n, const unsigned char
     return 0;
 }
 
+/* plain_ascii says text holds only ASCII bytes and no newline: the names whose regex match a
+   native test may decide (symbol_hits keeps the others for Python's RE2 to judge). */
+static int plain_ascii(const unsigned char *text, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        if (text[i] >= 0x80 || text[i] == '\n') {
+            return 0;
+        }
+    }
+    return 1;
+}
+
 static uint32_t read_le32(const unsigned char *p) {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
 
 static PyObject *fastscan_symbol_hits(PyObject *self, PyObject *args) {
     (void)self;
-    Py_buffer data, spans_view, needle_view;
-    PyObject *spans_obj;
-    if (!PyArg_ParseTuple(args, "y*Oy*", &data, &spans_obj, &needle_view)) {
+    Py_buffer data, spans_view;
+    PyObject *spans_obj, *needle_obj, *regex_obj = Py_None, *guard_obj = Py_None;
+    int qualified = 0;
+    if (!PyArg_ParseTuple(args, "y*OO|OpO", &data, &spans_obj, &needle_obj, &regex_obj, &qualified, &guard_obj)) {
+        return NULL;
+    }
+    const void *re = NULL;
+    if (regex_obj != Py_None) {
+        const kdb_regex *rx = regex_of(regex_obj);
+        if (rx == NULL) {
+            PyBuffer_Release(&data);
+            return NULL;
+        }
+        re = rx->re;
+    }
+    if ((needle_obj != Py_None && !PyBytes_Check(needle_obj)) || (guard_obj != Py_None && !PyBytes_Check(guard_obj))) {
+        PyBuffer_Release(&data);
+        PyErr_SetString(PyExc_TypeError, "needle and guard must be bytes or None");
         return NULL;
     }
     if (int64_buffer(spans_obj, &spans_view, "spans") < 0) {
         PyBuffer_Release(&data);
-        PyBuffer_Release(&needle_view);
         return NULL;
     }
     const int64_t *spans = spans_view.buf;
     Py_ssize_t n_spans = spans_view.len / (Py_ssize_t)(2 * sizeof(int64_t));
-    size_t m = (size_t)needle_view.len;
-    unsigned char folded_needle[256];
+    int use_needle = needle_obj != Py_None;
+    size_t m = use_needle ? (size_t)PyBytes_GET_SIZE(needle_obj) : 0;
+    int use_guard = guard_obj != Py_None;
+    size_t g = use_guard ? (size_t)PyBytes_GET_SIZE(guard_obj) : 0;
+    unsigned char folded_needle[256], folded_guard[256];
     const char *error = NULL;
     i64vec out = {NULL, 0, 0};
     int nomem = 0;
-    if (m > sizeof folded_needle) {
+    if (m > sizeof folded_needle || g > sizeof folded_guard) {
         error = "the needle is longer than 256 bytes";
     } else {
         for (size_t i = 0; i < m; i++) {
-            folded_needle[i] = fold_table[((const unsigned char *)needle_view.buf)[i]];
+            folded_needle[i] = fold_table[(unsigned char)PyBytes_AS_STRING(needle_obj)[i]];
+        }
+        for (size_t i = 0; i < g; i++) {
+            folded_guard[i] = fold_table[(unsigned char)PyBytes_AS_STRING(guard_obj)[i]];
         }
     }
+    /* With a guard inside the needle, a symbol lacking the guard lacks the needle too. */
+    int guard_in_needle = use_guard && use_needle && error == NULL && g <= m &&
+                          (g == 0 || memmem(folded_needle, m, folded_guard, g) != NULL);
     const unsigned char *bytes = data.buf;
     Py_BEGIN_ALLOW_THREADS;
     for (Py_ssize_t s = 0; s < n_spans && error == NULL && !nomem; s++) {
@@ -2136,7 +2179,18 @@ static PyObject *fastscan_symbol_hits(PyObject *self, PyObject *args) {
             uint32_t qual_len = read_le32(rec + 24), parent_len = read_le32(rec + 28);
             const unsigned char *name = block + at;
             const unsigned char *qual = name + name_len + kind_len;
-            if (holds_folded(name, name_len, folded_needle, m) || holds_folded(qual, qual_len, folded_needle, m)) {
+            int guarded = !use_guard || holds_folded(name, name_len, folded_guard, g) ||
+                          holds_folded(qual, qual_len, folded_guard, g);
+            /* A symbol without the guard cannot hold a needle that contains it: one scan. */
+            int keep = use_needle && (guarded || !guard_in_needle) &&
+                       (holds_folded(name, name_len, folded_needle, m) || holds_folded(qual, qual_len, folded_needle, m));
+            if (!keep && re != NULL && guarded) {
+                const char *subject = (const char *)(qualified ? qual : name);
+                size_t subject_len = qualified ? qual_len : name_len;
+                keep = !plain_ascii((const unsigned char *)subject, subject_len) ||
+                       kdb_re2_test(re, subject, subject_len, 0, subject_len);
+            }
+            if (keep) {
                 if (vec_push(&out, s) || vec_push(&out, (int64_t)i) || vec_push(&out, start + 32 * (int64_t)i) ||
                     vec_push(&out, start + (int64_t)at)) {
                     nomem = 1;
@@ -2149,7 +2203,6 @@ static PyObject *fastscan_symbol_hits(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS;
     PyBuffer_Release(&data);
     PyBuffer_Release(&spans_view);
-    PyBuffer_Release(&needle_view);
     if (nomem) {
         free(out.items);
         return PyErr_NoMemory();
@@ -2415,7 +2468,7 @@ static PyMethodDef fastscan_methods[] = {
     {"symbols_enclosing", fastscan_symbols_enclosing, METH_VARARGS,
      "symbols_enclosing(records, count, record_size, lines) returns each line's innermost symbol or -1."},
     {"symbol_hits", fastscan_symbol_hits, METH_VARARGS,
-     "symbol_hits(data, spans, needle) lists the symbols whose name or qualified name may hold needle."},
+     "symbol_hits(data, spans, needle, regex=None, qualified=False, guard=None) lists the symbols a search may match."},
     {"find_literal", fastscan_find_literal, METH_VARARGS,
      "find_literal(data, needle, folded, guard, limit, line_type) lists the lines holding needle."},
     {"needle_lines", fastscan_needle_lines, METH_VARARGS,

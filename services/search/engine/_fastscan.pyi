@@ -103,10 +103,20 @@ def count_spans(
 ) -> bytes:
     """count_spans counts the matching lines of each int64 (start, end) span of data, as int64 counts."""
 
-def symbol_hits(data: Buffer, spans: Buffer, needle: bytes, /) -> bytes:
+def symbol_hits(
+    data: Buffer,
+    spans: Buffer,
+    needle: bytes | None,
+    regex: object = None,
+    qualified: bool = False,
+    guard: bytes | None = None,
+    /,
+) -> bytes:
     """symbol_hits lists, as int64 (span, symbol, record offset, strings offset), the symbols of each
     span (one document's symbols.bin block) whose name or qualified name holds the ASCII needle
-    under ASCII case folding, or holds a non-ASCII byte."""
+    under ASCII case folding, or holds a non-ASCII byte; with `regex` also those whose name
+    (qualified name) it matches or that hold a newline or a non-ASCII byte there, among those
+    holding `guard` (as the needle is held) when given."""
 
 def record_facts(
     table: Buffer, ordinals: Buffer, table_start: int, record_size: int, field_at: int, required: int, /

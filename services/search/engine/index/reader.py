@@ -446,19 +446,31 @@ class SegmentData:
         """
         return self._record_spans(ordinals, HEADER_SIZE, self._content, 0, 8, 8)
 
-    def symbols_holding(self, ordinals: Sequence[int], needle: str) -> list[tuple[int, list[Symbol]]]:
+    def symbols_holding(
+        self,
+        ordinals: Sequence[int],
+        needle: str | None,
+        regex: object = None,
+        *,
+        qualified: bool = False,
+        guard: str | None = None,
+    ) -> list[tuple[int, list[Symbol]]]:
         """symbols_holding returns, per ordinal with any, the symbols whose names may hold `needle`.
 
         One native pass over the ordinals' symbol blocks (`_fastscan.symbol_hits`) keeps each
         symbol whose name or qualified name holds the ASCII `needle` under ASCII case folding,
-        or holds a non-ASCII byte; only those are decoded. Ordinals come back in the given order
+        or holds a non-ASCII byte, and with a native `regex` (`_fastscan.regex_compile`) each
+        whose name (qualified name with `qualified`) it matches, tried only where `guard` is
+        held like the needle; only those are decoded. Ordinals come back in the given order
         and symbols in stored order.
         """
         spans = self._record_spans(ordinals, HEADER_SIZE, self._symbols, _SYMBOLS_AT, _SYMBOLS_AT + 12, 4)
         self._symbols.check_spans(spans)
         data = self._symbols.view
+        wanted = None if needle is None else needle.encode("ascii")
+        guarded = None if guard is None else guard.encode("ascii")
         try:
-            hits = memoryview(_fastscan.symbol_hits(data, spans, needle.encode("ascii"))).cast("q")
+            hits = memoryview(_fastscan.symbol_hits(data, spans, wanted, regex, qualified, guarded)).cast("q")
         except ValueError as exc:
             raise IndexCorruptError(self._symbols.path, f"malformed symbols: {exc}") from exc
         out: list[tuple[int, list[Symbol]]] = []
@@ -682,9 +694,17 @@ class SegmentReader:
         """content_spans returns the content spans of `ordinals` (SegmentData.content_spans)."""
         return self.data.content_spans(ordinals)
 
-    def symbols_holding(self, ordinals: Sequence[int], needle: str) -> list[tuple[int, list[Symbol]]]:
-        """symbols_holding returns the symbols of `ordinals` that may hold `needle` (see SegmentData)."""
-        return self.data.symbols_holding(ordinals, needle)
+    def symbols_holding(
+        self,
+        ordinals: Sequence[int],
+        needle: str | None,
+        regex: object = None,
+        *,
+        qualified: bool = False,
+        guard: str | None = None,
+    ) -> list[tuple[int, list[Symbol]]]:
+        """symbols_holding returns the symbols of `ordinals` a search may match (see SegmentData)."""
+        return self.data.symbols_holding(ordinals, needle, regex, qualified=qualified, guard=guard)
 
     def names_of(self, ordinals: Sequence[int]) -> list[tuple[str, str, str]]:
         """names_of returns `names` of each of `ordinals` (SegmentData.names_of)."""

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 
 from pyroaring import BitMap
 
+from services.search.engine import _fastscan
 from services.search.engine.index.index import Snapshot
 from services.search.engine.index.reader import SegmentReader
 from services.search.engine.model import Symbol
@@ -139,26 +140,65 @@ def prune_by_metadata(tree: MatchTree, segment: SegmentReader, ordinals: Sequenc
     return kept
 
 
-def symbol_search_needle(pattern: str) -> str | None:
-    """symbol_search_needle is symsearch.symbol_needle with RE2's analysis for regex patterns."""
+class SymbolScreen(Record):
+    """SymbolScreen is what a symbol search's candidates are screened by, natively, before decoding.
+
+    A symbol whose name or qualified name holds `needle` (ASCII case folding) is kept, and
+    with a native `regex` one whose name (qualified name with `qualified`) it matches, tried
+    only where `guard` is held like the needle; a name with a non-ASCII byte is always kept
+    (symbol_hits).
+    """
+
+    needle: str | None
+    regex: object = None
+    qualified: bool = False
+    guard: str | None = None
+
+
+def symbol_search_screen(pattern: str, *, case_sensitive: bool = False) -> SymbolScreen | None:
+    """symbol_search_screen chooses how a symbol search screens symbols, or None to decode them all.
+
+    A plain pattern's needle (symsearch.symbol_needle) is all its tiers need. A regex is
+    screened by the text its literal tiers need and by the regex itself, run natively over
+    each name (symsearch.regex_screen), guarded by text every regex match holds when RE2's
+    analysis finds some: `(get|set)_[a-z]+` has only `_`, which most names hold, and
+    `[a-z]+[0-9]{3}` none, so either would otherwise decode most or all of the index's
+    symbols (Linux: 3.4 million, 14-18 s).
+    """
     # Imported here: symsearch loads the tree-sitter kinds, which a text search never needs.
-    from services.search.engine.symbols.symsearch import symbol_needle
+    from services.search.engine.symbols.symsearch import regex_screen, symbol_needle
 
-    return symbol_needle(pattern, lambda regex: required_text(regex, case_sensitive=False))
+    needle = symbol_needle(pattern, lambda regex: required_text(regex, case_sensitive=False))
+    screen = regex_screen(pattern, case_sensitive=case_sensitive)
+    if screen is None:
+        return None if needle is None else SymbolScreen(needle)
+    if screen.source is None:
+        return SymbolScreen(screen.piece)  # not a valid regex: the literal tiers alone
+    try:
+        regex = _fastscan.regex_compile(screen.source.encode(), case_sensitive, False)
+    except ValueError:
+        # RE2 here refuses what the search's RE2 accepts: the needle alone, if any.
+        return None if needle is None else SymbolScreen(needle)
+    return SymbolScreen(screen.piece, regex, screen.qualified, needle)
 
 
-def symbol_candidates(segment: SegmentReader, needle: str | None) -> Iterator[tuple[int, Sequence[Symbol]]]:
+def symbol_candidates(
+    segment: SegmentReader, screen: SymbolScreen | None
+) -> Iterator[tuple[int, Sequence[Symbol]]]:
     """symbol_candidates yields (ordinal, symbols) of the live documents a symbol search must rank.
 
-    With a `needle` (`symbol_search_needle`: text every matching symbol holds, ignoring case)
-    only the symbols whose name or qualified name may hold it are decoded, found in one native
-    pass over the segment's symbols.bin: decoding every symbol in Python cost ~5 us per symbol
-    of the index (Linux's: 9 s a query). Without one, every live document's symbols are.
+    With a `screen` (`symbol_search_screen`) only the symbols it keeps are decoded, found in
+    one native pass over the segment's symbols.bin: decoding every symbol in Python cost
+    ~5 us per symbol of the index (Linux's: 9 s a query). Without one, every live document's
+    symbols are.
     """
-    if needle is None:
+    if screen is None:
         for ordinal in segment.live:
             found = segment.symbols(ordinal)
             if found:
                 yield ordinal, found
         return
-    yield from segment.symbols_holding(array.array("q", segment.live.to_array()), needle)
+    ordinals = array.array("q", segment.live.to_array())
+    yield from segment.symbols_holding(
+        ordinals, screen.needle, screen.regex, qualified=screen.qualified, guard=screen.guard
+    )

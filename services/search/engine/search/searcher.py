@@ -233,15 +233,15 @@ class Searcher:
         Ranking and counting are symsearch.search_symbols'; this feeds it one snapshot.
         """
         # Imported here: symsearch loads the tree-sitter kinds, which a text search never needs.
-        from services.search.engine.search.candidates import symbol_candidates, symbol_search_needle
+        from services.search.engine.search.candidates import symbol_candidates, symbol_search_screen
         from services.search.engine.symbols.symsearch import SymbolCandidate, search_symbols
 
-        needle = symbol_search_needle(pattern)
+        screen = symbol_search_screen(pattern, case_sensitive=case_sensitive)
         with self.index.snapshot() as snap:
 
             def candidates() -> Iterator[SymbolCandidate]:
                 for segment in snap.segments:
-                    for ordinal, found in symbol_candidates(segment, needle):
+                    for ordinal, found in symbol_candidates(segment, screen):
                         doc = segment.doc(ordinal)
                         for symbol in found:
                             yield SymbolCandidate(symbol, doc.path, doc.repository, doc.language)

@@ -242,6 +242,43 @@ def symbol_needle(pattern: str, required: Callable[[str], str | None] | None = N
     return needle or None
 
 
+class RegexScreen(NamedTuple):
+    """RegexScreen is what a regex symbol search without a needle can screen symbols by natively.
+
+    Every literal-tier match holds `piece` in its name or qualified name (ASCII folding);
+    every regex-tier match's subject (the qualified name when `qualified`, else the name)
+    matches `source` as RE2 compiles it with `never_nl` (None: the pattern has no regex tier).
+    """
+
+    piece: str
+    qualified: bool
+    source: str | None
+
+
+def regex_screen(pattern: str, *, case_sensitive: bool) -> RegexScreen | None:
+    """regex_screen describes the native screen of a regex symbol search (see RegexScreen).
+
+    None for a plain pattern (symbol_needle serves it), a non-ASCII one, or one whose text
+    has no piece between separators. `piece` is the longest run of the pattern's text between
+    `.` and `:`: a literal tier compares the whole pattern with the name, or with the qualified
+    name whose `::` are rewritten as `.`, so each such piece lies within the raw names. The
+    source is `_regex`'s, whose per-name search it equals (names hold no newline; one that
+    does is kept by the screen).
+    """
+    pattern = pattern.strip()
+    if not pattern.isascii() or _PLAIN.fullmatch(pattern):
+        return None
+    piece = max(re.split(r"[.:]", pattern), key=len)
+    if not piece:
+        return None
+    qualified = "." in pattern or "::" in pattern
+    compiled = _regex(pattern, case_sensitive)
+    if compiled is None:
+        return RegexScreen(piece, qualified, None)
+    source = pattern if not compiled.batched else f"(?m)(?:{pattern})"
+    return RegexScreen(piece, qualified, source)
+
+
 def search_symbols(
     pattern: str,
     candidates: Iterable[SymbolCandidate | tuple[Symbol, str, str, str]],
