@@ -143,6 +143,13 @@ def test_bench_queries_match_ripgrep(corpus: Corpus, pattern: str) -> None:
         r"(?i)utf-?8",
         r"\d{4}-\d{2}-\d{2}",
         r"ab",  # too short for a trigram: bounded scan
+        # No literal, but a rare run of bytes: RE2 reads only the lines holding one (class_run).
+        r"[A-Z_]{16,}",
+        r"[0-9a-f]{16}",
+        r"\w+\d{5}",
+        r"\b[0-9]{6,}\b",
+        r"(?i)[A-F0-9]{12}",
+        r"=[A-Z]{5}$",
     ],
 )
 def test_edge_patterns_match_ripgrep(corpus: Corpus, pattern: str) -> None:
@@ -209,6 +216,11 @@ def regexes(draw: st.DrawFn, corpus: Corpus) -> str:
             r"\.",
             r"[^ ]+",
             r"\W",
+            # Runs of a class: with an alternation for core there is no required literal,
+            # and these become the run RE2's lines are chosen by (class_run).
+            r"[0-9]{6}",
+            r"[A-Z_]{8,}",
+            r"[0-9a-f]{12}",
         ]
     )
     before = draw(st.lists(piece, max_size=2))

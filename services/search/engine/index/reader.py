@@ -68,6 +68,21 @@ class DocRecord(Record):
     content_hash: str
 
 
+class SymbolScreen(Record):
+    """SymbolScreen is what a symbol search's candidates are screened by, natively, before decoding.
+
+    A symbol whose name or qualified name holds `needle` (ASCII case folding) is kept, and
+    with a native `regex` (`_fastscan.regex_compile`) one whose name (qualified name with
+    `qualified`) it matches, tried only where `guard` is held like the needle; a name with a
+    non-ASCII byte is always kept (`_fastscan.symbol_hits`).
+    """
+
+    needle: str | None
+    regex: object = None
+    qualified: bool = False
+    guard: str | None = None
+
+
 class SymbolSpans:
     """SymbolSpans is one document's symbols.bin block, read without decoding any string.
 
@@ -447,30 +462,22 @@ class SegmentData:
         return self._record_spans(ordinals, HEADER_SIZE, self._content, 0, 8, 8)
 
     def symbols_holding(
-        self,
-        ordinals: Sequence[int],
-        needle: str | None,
-        regex: object = None,
-        *,
-        qualified: bool = False,
-        guard: str | None = None,
+        self, ordinals: Sequence[int], screen: SymbolScreen
     ) -> list[tuple[int, list[Symbol]]]:
-        """symbols_holding returns, per ordinal with any, the symbols whose names may hold `needle`.
+        """symbols_holding returns, per ordinal with any, the symbols `screen` keeps (see SymbolScreen).
 
-        One native pass over the ordinals' symbol blocks (`_fastscan.symbol_hits`) keeps each
-        symbol whose name or qualified name holds the ASCII `needle` under ASCII case folding,
-        or holds a non-ASCII byte, and with a native `regex` (`_fastscan.regex_compile`) each
-        whose name (qualified name with `qualified`) it matches, tried only where `guard` is
-        held like the needle; only those are decoded. Ordinals come back in the given order
-        and symbols in stored order.
+        One native pass over the ordinals' symbol blocks (`_fastscan.symbol_hits`) screens
+        them; only the symbols kept are decoded. Ordinals come back in the given order and
+        symbols in stored order.
         """
         spans = self._record_spans(ordinals, HEADER_SIZE, self._symbols, _SYMBOLS_AT, _SYMBOLS_AT + 12, 4)
         self._symbols.check_spans(spans)
         data = self._symbols.view
-        wanted = None if needle is None else needle.encode("ascii")
-        guarded = None if guard is None else guard.encode("ascii")
+        needle = None if screen.needle is None else screen.needle.encode("ascii")
+        guard = None if screen.guard is None else screen.guard.encode("ascii")
         try:
-            hits = memoryview(_fastscan.symbol_hits(data, spans, wanted, regex, qualified, guarded)).cast("q")
+            found = _fastscan.symbol_hits(data, spans, needle, screen.regex, screen.qualified, guard)
+            hits = memoryview(found).cast("q")
         except ValueError as exc:
             raise IndexCorruptError(self._symbols.path, f"malformed symbols: {exc}") from exc
         out: list[tuple[int, list[Symbol]]] = []
@@ -695,16 +702,10 @@ class SegmentReader:
         return self.data.content_spans(ordinals)
 
     def symbols_holding(
-        self,
-        ordinals: Sequence[int],
-        needle: str | None,
-        regex: object = None,
-        *,
-        qualified: bool = False,
-        guard: str | None = None,
+        self, ordinals: Sequence[int], screen: SymbolScreen
     ) -> list[tuple[int, list[Symbol]]]:
-        """symbols_holding returns the symbols of `ordinals` a search may match (see SegmentData)."""
-        return self.data.symbols_holding(ordinals, needle, regex, qualified=qualified, guard=guard)
+        """symbols_holding returns the symbols of `ordinals` that `screen` keeps (see SegmentData)."""
+        return self.data.symbols_holding(ordinals, screen)
 
     def names_of(self, ordinals: Sequence[int]) -> list[tuple[str, str, str]]:
         """names_of returns `names` of each of `ordinals` (SegmentData.names_of)."""

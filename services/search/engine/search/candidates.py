@@ -18,7 +18,7 @@ from pyroaring import BitMap
 
 from services.search.engine import _fastscan
 from services.search.engine.index.index import Snapshot
-from services.search.engine.index.reader import SegmentReader
+from services.search.engine.index.reader import SegmentReader, SymbolScreen
 from services.search.engine.model import Symbol
 from services.search.engine.query.matchtree import DocFacts, MatchTree
 from services.search.engine.query.plan import All, And, Empty, Or, Plan, Tri
@@ -140,21 +140,6 @@ def prune_by_metadata(tree: MatchTree, segment: SegmentReader, ordinals: Sequenc
     return kept
 
 
-class SymbolScreen(Record):
-    """SymbolScreen is what a symbol search's candidates are screened by, natively, before decoding.
-
-    A symbol whose name or qualified name holds `needle` (ASCII case folding) is kept, and
-    with a native `regex` one whose name (qualified name with `qualified`) it matches, tried
-    only where `guard` is held like the needle; a name with a non-ASCII byte is always kept
-    (symbol_hits).
-    """
-
-    needle: str | None
-    regex: object = None
-    qualified: bool = False
-    guard: str | None = None
-
-
 def symbol_search_screen(pattern: str, *, case_sensitive: bool = False) -> SymbolScreen | None:
     """symbol_search_screen chooses how a symbol search screens symbols, or None to decode them all.
 
@@ -199,6 +184,4 @@ def symbol_candidates(
                 yield ordinal, found
         return
     ordinals = array.array("q", segment.live.to_array())
-    yield from segment.symbols_holding(
-        ordinals, screen.needle, screen.regex, qualified=screen.qualified, guard=screen.guard
-    )
+    yield from segment.symbols_holding(ordinals, screen)
