@@ -6,6 +6,7 @@ the ranked search (which the ripgrep differential tests pin) on every file, line
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 from collections.abc import Iterator
@@ -202,3 +203,74 @@ def test_a_stream_told_to_count_midway_counts_the_rest_in_batches(
     assert not any(f.groups for f in rest)
     assert [(f.path, f.line_count) for f in [head, *rest]] == expected
     assert (found.verified, found.file_count) == (found.candidates, len(expected))
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Searcher]:
+    """wide holds 700 files over two segments, more candidates than one batch of a stream."""
+    from services.search.engine.index.writer import IndexWriter
+    from services.search.engine.model import SourceDocument
+
+    index = Index.create(tmp_path_factory.mktemp("wide") / "idx")
+    for part in range(2):
+        with IndexWriter(index) as writer:
+            for i in range(part * 350, part * 350 + 350):
+                body = f"line one {i}\n" + ("needle here\n" * (i % 4)) + f"tail {i} Needle\n"
+                writer.add(SourceDocument(f"d{i}", f"f{i:04d}.txt", body.encode()))
+            writer.commit()
+    with index:
+        yield Searcher(index)
+
+
+def _rows(files: list[stream.StreamedFile]) -> list[tuple[object, ...]]:
+    return [(f.path, f.line_count, f.match_count, bytes(f.groups), bytes(f.content)) for f in files]
+
+
+@pytest.mark.parametrize("query", ["needle", "(?i)needle", r"needle \w+", r"[0-9]{3}"])
+def test_batched_lines_equal_file_by_file_lines(
+    wide: Searcher, query: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with wide.stream(query, regex=True) as batched:
+        got = list(batched)
+        counters = (batched.verified, batched.file_count, batched.match_count)
+    assert len(got) > stream.COUNT_BATCH  # several batches, over both segments
+    monkeypatch.setattr(
+        stream.MatchStream, "_grouped", lambda self, sole, a, b: self._each(a, b, handover=True)
+    )
+    with wide.stream(query, regex=True) as each:
+        assert _rows(got) == _rows(list(each))
+        assert counters == (each.verified, each.file_count, each.match_count)
+
+
+def _tick(ticks: Iterator[int]) -> float:
+    return float(next(ticks))
+
+
+def test_batched_lines_told_to_count_midway_and_stopped_by_a_deadline(
+    wide: Searcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with wide.stream("needle", regex=True) as whole:
+        expected = [(f.path, f.line_count) for f in whole]
+    with wide.stream("needle", regex=True) as found:
+        files = iter(found)
+        head = [next(files) for _ in range(200)]  # into the second batch
+        assert all(f.groups for f in head) and found.verified < found.candidates
+        found.lines = False
+        rest = list(files)
+    assert rest and not any(f.groups for f in rest)
+    assert [(f.path, f.line_count) for f in [*head, *rest]] == expected
+    assert (found.verified, found.file_count) == (found.candidates, len(expected))
+    # A deadline in the second batch stops where the file-by-file stream stops.
+    results = []
+    for batched in (True, False):
+        if not batched:
+            monkeypatch.setattr(
+                stream.MatchStream, "_grouped", lambda self, sole, a, b: self._each(a, b, handover=True)
+            )
+        timed = Searcher(wide.index, clock=functools.partial(_tick, itertools.count()))
+        with timed.stream("needle", regex=True, deadline=300.0) as stopped:
+            seen = [f.path for f in stopped]
+        assert stopped.limit_reason is LimitReason.DEADLINE
+        results.append((seen, stopped.verified, stopped.file_count))
+    assert results[0] == results[1]
+    assert stream.COUNT_BATCH < results[0][1] < len(expected)

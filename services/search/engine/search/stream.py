@@ -183,8 +183,8 @@ class MatchStream:
         large one) and still print in index order.
         """
         sole = self.tree.sole_matcher
-        if sole is not None and not self.lines:
-            return self._counted(sole, start, stop)
+        if sole is not None:
+            return self._grouped(sole, start, stop) if self.lines else self._counted(sole, start, stop)
         return self._each(start, stop, handover=True)
 
     def _stopped(self) -> bool:
@@ -279,6 +279,78 @@ class MatchStream:
                 self.match_count += sum(lines)
                 wanted = [spans[2 * (at + i) + k] for i in hits for k in (0, 1)]
                 yield _Batch(seg_index, matched, lines, names, content, wanted)
+
+    def _grouped(self, sole: LineMatcher, start: int, stop: int) -> Iterator[StreamedFile]:
+        """_grouped is `files` with lines for a single content term, COUNT_BATCH candidates at a time.
+
+        Per batch, one call verifies the candidates' content blocks and one reads the matching
+        files' names; each file's lines are found natively on a slice of the mapped content.
+        A file at a time, this bookkeeping (a record, a region check and the names per file)
+        was ~40 % of `--all ab` over Linux's 54,000 matching files. The deadline is checked
+        before each candidate and cancellation before each file yielded, as `_each` does; a
+        caller that sets `lines` to False midway has the rest counted (`_counted`), and a
+        batch that fails a check is verified again file by file (`_each`), so the error is
+        raised where it lies.
+        """
+        segments = self.snap.segments
+        for seg_index, lo, hi, first in self._ranges(start, stop):
+            segment = segments[seg_index]
+            ordinals = self._found()[seg_index][1]
+            try:
+                spans = memoryview(self.spans(seg_index)).cast("q")
+            except IndexFileError:
+                yield from self._each(first + lo, first + hi, handover=True)
+                if self.limit_reason is not None:
+                    return
+                continue
+            for at in range(lo, hi, COUNT_BATCH):
+                end = min(at + COUNT_BATCH, hi)
+                picked: list[tuple[int, bytes, int, int]] = []
+                done = at
+                try:
+                    content = segment.verified_content(spans[2 * at : 2 * end])
+                    while done < end and not self._stopped():
+                        view = content[spans[2 * done] : spans[2 * done + 1]]
+                        groups, line_count, match_count = sole.groups(view)
+                        if line_count:
+                            picked.append((done, groups, line_count, match_count))
+                        done += 1
+                    names = segment.names_of([ordinals[i] for i, _, _, _ in picked])
+                except IndexFileError:
+                    yield from self._each(first + at, first + end, handover=True)
+                    if self.limit_reason is not None:
+                        return
+                    continue
+                counted = at  # candidates reported verified: up to the file being yielded
+                for (i, groups, line_count, match_count), (external_id, path, repository) in zip(
+                    picked, names, strict=True
+                ):
+                    if self.cancel is not None and self.cancel.is_set():
+                        raise SearchCancelled("search cancelled")
+                    self.verified += i + 1 - counted
+                    counted = i + 1
+                    if not self.lines:
+                        groups, match_count = b"", 0  # told to count midway
+                    self.file_count += 1
+                    self.match_count += line_count
+                    view = content[spans[2 * i] : spans[2 * i + 1]]
+                    yield StreamedFile(
+                        path,
+                        repository,
+                        external_id,
+                        view,
+                        groups,
+                        line_count,
+                        match_count,
+                        seg_index,
+                        ordinals[i],
+                    )
+                self.verified += done - counted
+                if done < end:
+                    return  # the deadline
+                if not self.lines:
+                    yield from self._counted(sole, first + end, stop)
+                    return
 
     def _each(self, start: int, stop: int, *, handover: bool = False) -> Iterator[StreamedFile]:
         """_each is `files` one candidate at a time (a query tree, or lines wanted).
