@@ -1,12 +1,29 @@
-"""Helpers for tests that damage a segment on purpose."""
+"""Helpers for tests that build segments in bulk or damage one on purpose."""
 
 from __future__ import annotations
 
 import json
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 from services.search.engine.index.format import block_sums_json, dump_checked_json, pack_block_sums
+from services.search.engine.index.index import Index
+from services.search.engine.index.writer import IndexWriter
+from services.search.engine.model import SourceDocument
+
+
+def build_segments(
+    root: Path, segments: int, per_segment: int, document: Callable[[int], SourceDocument]
+) -> Index:
+    """build_segments writes documents 0..segments*per_segment-1, one commit (segment) per `per_segment`."""
+    index = Index.create(root)
+    for part in range(segments):
+        with IndexWriter(index) as writer:
+            for i in range(part * per_segment, (part + 1) * per_segment):
+                writer.add(document(i))
+            writer.commit()
+    return index
 
 
 def rewrite_part(seg_dir: Path, part: str, raw: bytes) -> None:

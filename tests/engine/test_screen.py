@@ -11,28 +11,27 @@ from collections.abc import Iterator
 import pytest
 
 from services.search.engine.index.index import Index
-from services.search.engine.index.writer import IndexWriter
 from services.search.engine.model import SourceDocument
 from services.search.engine.search import searchrun
 from services.search.engine.search.results import SearchMode, SearchResult
 from services.search.engine.search.searcher import Searcher
+from tests.engine.segments import build_segments
 
 
 @pytest.fixture(scope="module")
 def sparse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Index]:
     """sparse holds 1,500 files over three segments; a few dozen hold a long upper-case run."""
-    index = Index.create(tmp_path_factory.mktemp("screen") / "idx")
-    for part in range(3):
-        with IndexWriter(index) as writer:
-            for i in range(part * 500, part * 500 + 500):
-                folder = ("src", "tests", "vendor/x")[i % 3]
-                body = f'int value_{i} = {i};\nconst char *name = "file {i}";\n'
-                if i % 37 == 0:
-                    body += f'#define KEY_{i} "ABCDEFGHIJKLMNOPQRSTUVWXYZ"\n' * (1 + i % 3)
-                if i % 101 == 0:
-                    body += "ABCDEFGHIJKLMNOPQRS\n"  # one short of a match
-                writer.add(SourceDocument(f"d{i}", f"{folder}/f{i:04d}.c", body.encode(), "r", "c"))
-            writer.commit()
+
+    def document(i: int) -> SourceDocument:
+        folder = ("src", "tests", "vendor/x")[i % 3]
+        body = f'int value_{i} = {i};\nconst char *name = "file {i}";\n'
+        if i % 37 == 0:
+            body += f'#define KEY_{i} "ABCDEFGHIJKLMNOPQRSTUVWXYZ"\n' * (1 + i % 3)
+        if i % 101 == 0:
+            body += "ABCDEFGHIJKLMNOPQRS\n"  # one short of a match
+        return SourceDocument(f"d{i}", f"{folder}/f{i:04d}.c", body.encode(), "r", "c")
+
+    index = build_segments(tmp_path_factory.mktemp("screen") / "idx", 3, 500, document)
     with index:
         yield index
 

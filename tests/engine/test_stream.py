@@ -23,6 +23,7 @@ from services.search.engine.query.verify import LineMatcher
 from services.search.engine.search import stream
 from services.search.engine.search.results import LimitReason, SearchMode
 from services.search.engine.search.searcher import Searcher
+from tests.engine.segments import build_segments
 
 GOLDEN_CORPUS = Path(__file__).parent / "goldens" / "corpus"
 
@@ -208,16 +209,13 @@ def test_a_stream_told_to_count_midway_counts_the_rest_in_batches(
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Searcher]:
     """wide holds 700 files over two segments, more candidates than one batch of a stream."""
-    from services.search.engine.index.writer import IndexWriter
     from services.search.engine.model import SourceDocument
 
-    index = Index.create(tmp_path_factory.mktemp("wide") / "idx")
-    for part in range(2):
-        with IndexWriter(index) as writer:
-            for i in range(part * 350, part * 350 + 350):
-                body = f"line one {i}\n" + ("needle here\n" * (i % 4)) + f"tail {i} Needle\n"
-                writer.add(SourceDocument(f"d{i}", f"f{i:04d}.txt", body.encode()))
-            writer.commit()
+    def document(i: int) -> SourceDocument:
+        body = f"line one {i}\n" + ("needle here\n" * (i % 4)) + f"tail {i} Needle\n"
+        return SourceDocument(f"d{i}", f"f{i:04d}.txt", body.encode())
+
+    index = build_segments(tmp_path_factory.mktemp("wide") / "idx", 2, 350, document)
     with index:
         yield Searcher(index)
 

@@ -28,9 +28,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
+from typing import NamedTuple
 
 from services.search.engine.errors import IndexFileError, SearchCancelled
 from services.search.engine.index.index import Snapshot
+from services.search.engine.index.reader import SegmentReader
 from services.search.engine.query.matchtree import DocFacts, MatchTree
 from services.search.engine.query.verify import LineMatcher, pack_groups
 from services.search.engine.record import Record
@@ -83,6 +85,18 @@ class _Batch(Record):
     names: list[tuple[str, str, str]]
     content: memoryview
     spans: list[int]
+
+
+class _Window(NamedTuple):
+    """_Window is candidates at..end-1 of one segment's list (see MatchStream._windows)."""
+
+    seg_index: int
+    segment: SegmentReader
+    ordinals: Sequence[int]
+    spans: memoryview
+    first: int
+    at: int
+    end: int
 
 
 class MatchStream:
@@ -244,41 +258,54 @@ class MatchStream:
         file by file (`_each`, whose StreamedFiles are yielded as they are), so the files
         before the corrupt one still come out and the error is raised where it lies.
         """
-        segments = self.snap.segments
-        for seg_index, lo, hi, first in self._ranges(start, stop):
-            segment = segments[seg_index]
-            ordinals = self._found()[seg_index][1]
+        for window in self._windows(start, stop):
+            if isinstance(window, StreamedFile):
+                yield window
+                continue
+            if self._stopped():
+                return
+            seg_index, segment, ordinals, spans, first, at, end = window
+            batch = spans[2 * at : 2 * end]
             try:
-                spans = memoryview(self.spans(seg_index)).cast("q")
+                content = segment.verified_content(batch)
+                counts = memoryview(sole.count_spans(content, batch)).cast("q")
+                hits = [i for i, n in enumerate(counts) if n]
+                matched = [ordinals[at + i] for i in hits]
+                names = segment.names_of(matched)
             except IndexFileError:
-                yield from self._each(first + lo, first + hi)
+                yield from self._each(first + at, first + end)
                 if self.limit_reason is not None:
                     return
                 continue
-            for at in range(lo, hi, COUNT_BATCH):
-                if self._stopped():
+            self.verified += end - at
+            if not hits:
+                continue
+            lines = [counts[i] for i in hits]
+            self.file_count += len(hits)
+            self.match_count += sum(lines)
+            wanted = [spans[2 * (at + i) + k] for i in hits for k in (0, 1)]
+            yield _Batch(seg_index, matched, lines, names, content, wanted)
+
+    def _windows(self, start: int, stop: int, *, handover: bool = False) -> Iterator[_Window | StreamedFile]:
+        """_windows cuts candidates [start, stop) into windows of COUNT_BATCH within a segment.
+
+        Each comes with the segment's content spans (read once per segment); a segment whose
+        spans cannot be read is streamed file by file (`_each`) instead, its files yielded as
+        they are, so a corrupt table is reported where it lies.
+        """
+        segments = self.snap.segments
+        for seg_index, lo, hi, first in self._ranges(start, stop):
+            try:
+                spans = memoryview(self.spans(seg_index)).cast("q")
+            except IndexFileError:
+                yield from self._each(first + lo, first + hi, handover=handover)
+                if self.limit_reason is not None:
                     return
+                continue
+            ordinals = self._found()[seg_index][1]
+            for at in range(lo, hi, COUNT_BATCH):
                 end = min(at + COUNT_BATCH, hi)
-                batch = spans[2 * at : 2 * end]
-                try:
-                    content = segment.verified_content(batch)
-                    counts = memoryview(sole.count_spans(content, batch)).cast("q")
-                    hits = [i for i, n in enumerate(counts) if n]
-                    matched = [ordinals[at + i] for i in hits]
-                    names = segment.names_of(matched)
-                except IndexFileError:
-                    yield from self._each(first + at, first + end)
-                    if self.limit_reason is not None:
-                        return
-                    continue
-                self.verified += end - at
-                if not hits:
-                    continue
-                lines = [counts[i] for i in hits]
-                self.file_count += len(hits)
-                self.match_count += sum(lines)
-                wanted = [spans[2 * (at + i) + k] for i in hits for k in (0, 1)]
-                yield _Batch(seg_index, matched, lines, names, content, wanted)
+                yield _Window(seg_index, segments[seg_index], ordinals, spans, first, at, end)
 
     def _grouped(self, sole: LineMatcher, start: int, stop: int) -> Iterator[StreamedFile]:
         """_grouped is `files` with lines for a single content term, COUNT_BATCH candidates at a time.
@@ -292,65 +319,57 @@ class MatchStream:
         batch that fails a check is verified again file by file (`_each`), so the error is
         raised where it lies.
         """
-        segments = self.snap.segments
-        for seg_index, lo, hi, first in self._ranges(start, stop):
-            segment = segments[seg_index]
-            ordinals = self._found()[seg_index][1]
+        for window in self._windows(start, stop, handover=True):
+            if isinstance(window, StreamedFile):
+                yield window
+                continue
+            seg_index, segment, ordinals, spans, first, at, end = window
+            picked: list[tuple[int, bytes, int, int]] = []
+            done = at
             try:
-                spans = memoryview(self.spans(seg_index)).cast("q")
+                content = segment.verified_content(spans[2 * at : 2 * end])
+                while done < end and not self._stopped():
+                    view = content[spans[2 * done] : spans[2 * done + 1]]
+                    groups, line_count, match_count = sole.groups(view)
+                    if line_count:
+                        picked.append((done, groups, line_count, match_count))
+                    done += 1
+                names = segment.names_of([ordinals[i] for i, _, _, _ in picked])
             except IndexFileError:
-                yield from self._each(first + lo, first + hi, handover=True)
+                yield from self._each(first + at, first + end, handover=True)
                 if self.limit_reason is not None:
                     return
                 continue
-            for at in range(lo, hi, COUNT_BATCH):
-                end = min(at + COUNT_BATCH, hi)
-                picked: list[tuple[int, bytes, int, int]] = []
-                done = at
-                try:
-                    content = segment.verified_content(spans[2 * at : 2 * end])
-                    while done < end and not self._stopped():
-                        view = content[spans[2 * done] : spans[2 * done + 1]]
-                        groups, line_count, match_count = sole.groups(view)
-                        if line_count:
-                            picked.append((done, groups, line_count, match_count))
-                        done += 1
-                    names = segment.names_of([ordinals[i] for i, _, _, _ in picked])
-                except IndexFileError:
-                    yield from self._each(first + at, first + end, handover=True)
-                    if self.limit_reason is not None:
-                        return
-                    continue
-                counted = at  # candidates reported verified: up to the file being yielded
-                for (i, groups, line_count, match_count), (external_id, path, repository) in zip(
-                    picked, names, strict=True
-                ):
-                    if self.cancel is not None and self.cancel.is_set():
-                        raise SearchCancelled("search cancelled")
-                    self.verified += i + 1 - counted
-                    counted = i + 1
-                    if not self.lines:
-                        groups, match_count = b"", 0  # told to count midway
-                    self.file_count += 1
-                    self.match_count += line_count
-                    view = content[spans[2 * i] : spans[2 * i + 1]]
-                    yield StreamedFile(
-                        path,
-                        repository,
-                        external_id,
-                        view,
-                        groups,
-                        line_count,
-                        match_count,
-                        seg_index,
-                        ordinals[i],
-                    )
-                self.verified += done - counted
-                if done < end:
-                    return  # the deadline
+            counted = at  # candidates reported verified: up to the file being yielded
+            for (i, groups, line_count, match_count), (external_id, path, repository) in zip(
+                picked, names, strict=True
+            ):
+                if self.cancel is not None and self.cancel.is_set():
+                    raise SearchCancelled("search cancelled")
+                self.verified += i + 1 - counted
+                counted = i + 1
                 if not self.lines:
-                    yield from self._counted(sole, first + end, stop)
-                    return
+                    groups, match_count = b"", 0  # told to count midway
+                self.file_count += 1
+                self.match_count += line_count
+                view = content[spans[2 * i] : spans[2 * i + 1]]
+                yield StreamedFile(
+                    path,
+                    repository,
+                    external_id,
+                    view,
+                    groups,
+                    line_count,
+                    match_count,
+                    seg_index,
+                    ordinals[i],
+                )
+            self.verified += done - counted
+            if done < end:
+                return  # the deadline
+            if not self.lines:
+                yield from self._counted(sole, first + end, stop)
+                return
 
     def _each(self, start: int, stop: int, *, handover: bool = False) -> Iterator[StreamedFile]:
         """_each is `files` one candidate at a time (a query tree, or lines wanted).
