@@ -274,6 +274,11 @@ def test_record_spans_reads_offsets_and_sizes() -> None:
     table = b"HEAD" + b"".join(record.pack(10 * i, i, 3 * i, 2 * i) for i in range(5))
     found = _fastscan.record_spans(table, _spans([4, 0, 2]), 4, record.size, 100, 200, 0, 8, 8)
     assert memoryview(found).cast("q").tolist() == [140, 144, 100, 100, 120, 122]
+    # A roaring bitmap's uint32 ordinals and an int64 array read the same records; others refused.
+    for typed in (array.array("I", [4, 0, 2]), array.array("q", [4, 0, 2])):
+        assert _fastscan.record_spans(table, typed, 4, record.size, 100, 200, 0, 8, 8) == found
+    with pytest.raises(TypeError, match="int64 or uint32"):
+        _fastscan.record_spans(table, array.array("i", [4]), 4, record.size, 100, 200, 0, 8, 8)
     found = _fastscan.record_spans(table, _spans([3]), 4, record.size, 7, 22, 16, 24, 4)
     assert memoryview(found).cast("q").tolist() == [16, 22]  # a span may end at the limit
     with pytest.raises(ValueError):

@@ -1670,10 +1670,10 @@ static PyObject *fastscan_crc32_accelerated(PyObject *self, PyObject *args) {
  *
  *   record_spans(table, ordinals, table_start, record_size, base, limit, offset_at, size_at, size_bytes)
  *       -> bytes
- *       For each ordinal (int64 buffer) the record at table_start + record_size * ordinal of
- *       `table` holds a little-endian u64 offset at byte offset_at and a size (u32 or u64 by
- *       size_bytes) at size_at; the result holds (base + offset, base + offset + size) per
- *       ordinal as int64 pairs. IndexError when a record lies outside `table`, ValueError
+ *       For each ordinal (uint32 or int64: ordinals_buffer) the record at table_start +
+ *       record_size * ordinal of `table` holds a little-endian u64 offset at byte offset_at
+ *       and a size (u32 or u64 by size_bytes) at size_at; the result holds (base + offset,
+ *       base + offset + size) per ordinal as int64 pairs. IndexError when a record lies outside `table`, ValueError
  *       when a span ends past `limit`.
  *   split_strings(data, spans, fields, keep) -> list[tuple[str, ...]]
  *       Each span of `data` decoded as UTF-8 (strictly) and split at NUL into exactly
@@ -1728,6 +1728,32 @@ static PyObject *records_done(Py_buffer *table, Py_buffer *ords, PyObject *out, 
     return out;
 }
 
+/* ordinals_buffer takes a record reader's ordinals: an array of uint32 ('I', as a roaring
+ * bitmap's to_array() gives them, used without a copy) or int64 values (a 'q' array, or bytes);
+ * *wide says which. TypeError otherwise. */
+static int ordinals_buffer(PyObject *obj, Py_buffer *view, int *wide) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_FORMAT) < 0) {
+        return -1;
+    }
+    const char *format = view->format == NULL ? "B" : view->format;
+    if (view->itemsize == 4 && (strcmp(format, "I") == 0 || strcmp(format, "L") == 0)) {
+        *wide = 0;
+        return 0;
+    }
+    if ((view->itemsize == 8 && (strcmp(format, "q") == 0 || strcmp(format, "l") == 0)) ||
+        (view->itemsize == 1 && view->len % 8 == 0)) {
+        *wide = 1;
+        return 0;
+    }
+    PyBuffer_Release(view);
+    PyErr_SetString(PyExc_TypeError, "ordinals must be an array of int64 or uint32");
+    return -1;
+}
+
+static int64_t ordinal_at(const Py_buffer *view, int wide, Py_ssize_t i) {
+    return wide ? ((const int64_t *)view->buf)[i] : (int64_t)((const uint32_t *)view->buf)[i];
+}
+
 static PyObject *fastscan_record_spans(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer table, ords;
@@ -1737,11 +1763,12 @@ static PyObject *fastscan_record_spans(PyObject *self, PyObject *args) {
                           &offset_at, &size_at, &size_bytes)) {
         return NULL;
     }
-    if (int64_buffer(ords_obj, &ords, "ordinals") < 0) {
+    int wide;
+    if (ordinals_buffer(ords_obj, &ords, &wide) < 0) {
         PyBuffer_Release(&table);
         return NULL;
     }
-    Py_ssize_t n = ords.len / (Py_ssize_t)sizeof(int64_t);
+    Py_ssize_t n = ords.len / (wide ? 8 : 4);
     PyObject *out = NULL;
     const char *error = NULL;
     PyObject *kind = PyExc_ValueError;
@@ -1755,11 +1782,10 @@ static PyObject *fastscan_record_spans(PyObject *self, PyObject *args) {
         goto done;
     }
     int64_t *spans = (int64_t *)PyBytes_AS_STRING(out);
-    const int64_t *ordinals = ords.buf;
     const unsigned char *rows = table.buf;
     uint64_t room = (uint64_t)(limit - base);
     for (Py_ssize_t i = 0; i < n; i++) {
-        int64_t ordinal = ordinals[i];
+        int64_t ordinal = ordinal_at(&ords, wide, i);
         if (ordinal < 0 || ordinal >= (table.len - table_start) / record_size) {
             error = "a record lies outside the table";
             kind = PyExc_IndexError;
@@ -2221,9 +2247,8 @@ static PyObject *fastscan_symbol_hits(PyObject *self, PyObject *args) {
  *
  *   record_facts(table, ordinals, table_start, record_size, field_at, required) -> bytes
  *       The low byte of the little-endian u32 at field_at of each ordinal's record (found as
- *       record_spans finds it), one byte per ordinal; `ordinals` is an array of int64 ('q')
- *       or uint32 ('I', as a roaring bitmap's to_array() gives), TypeError otherwise. IndexError when a record lies outside
- *       `table`, ValueError when a field lacks a bit of `required`.
+ *       record_spans finds it, ordinals as it takes them), one byte per ordinal. IndexError
+ *       when a record lies outside `table`, ValueError when a field lacks a bit of `required`.
  *   stable_order(keys) -> bytes
  *       The positions 0 .. len(keys) - 1 as int64, ordered by their key byte ascending and,
  *       among equal keys, by position (a counting sort: linear, and stable).
@@ -2249,20 +2274,12 @@ static PyObject *fastscan_record_facts(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "y*Onnnk", &table, &ords_obj, &table_start, &record_size, &field_at, &required)) {
         return NULL;
     }
-    /* Ordinals come as int64 or, straight from a roaring bitmap's to_array(), as uint32. */
-    if (PyObject_GetBuffer(ords_obj, &ords, PyBUF_FORMAT) < 0) {
+    int wide;
+    if (ordinals_buffer(ords_obj, &ords, &wide) < 0) {
         PyBuffer_Release(&table);
         return NULL;
     }
-    const char *format = ords.format == NULL ? "B" : ords.format;
-    int wide = ords.itemsize == 8 && (strcmp(format, "q") == 0 || strcmp(format, "l") == 0);
-    if (!wide && !(ords.itemsize == 4 && (strcmp(format, "I") == 0 || strcmp(format, "L") == 0))) {
-        PyBuffer_Release(&table);
-        PyBuffer_Release(&ords);
-        PyErr_SetString(PyExc_TypeError, "ordinals must be an array of int64 or uint32");
-        return NULL;
-    }
-    Py_ssize_t n = ords.len / ords.itemsize;
+    Py_ssize_t n = ords.len / (wide ? 8 : 4);
     PyObject *out = NULL;
     const char *error = NULL;
     PyObject *kind = PyExc_ValueError;
@@ -2278,7 +2295,7 @@ static PyObject *fastscan_record_facts(PyObject *self, PyObject *args) {
     const unsigned char *rows = table.buf;
     int64_t records = (int64_t)((table.len - table_start) / record_size);
     for (Py_ssize_t i = 0; i < n; i++) {
-        int64_t ordinal = wide ? ((const int64_t *)ords.buf)[i] : (int64_t)((const uint32_t *)ords.buf)[i];
+        int64_t ordinal = ordinal_at(&ords, wide, i);
         if (ordinal < 0 || ordinal >= records) {
             error = "a record lies outside the table";
             kind = PyExc_IndexError;

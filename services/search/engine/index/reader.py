@@ -104,11 +104,6 @@ class SymbolSpans:
         """records is the block's `count` fixed-size records (SYMBOL_RECORD), strings excluded."""
         return self._raw[: self.count * SYMBOL_RECORD.size]
 
-    @property
-    def spans(self) -> list[tuple[int, int, int, int]]:
-        """spans lists `start_line, end_line, start_byte, end_byte` per symbol."""
-        return [(a, b, c, d) for a, b, c, d, *_ in SYMBOL_RECORD.iter_unpack(self.records)]
-
     def symbol(self, i: int) -> Symbol:
         """symbol decodes the i-th symbol record with its strings (IndexError when out of range)."""
         if not 0 <= i < self.count:
@@ -407,12 +402,14 @@ class SegmentData:
         if not len(ordinals):
             return b""
         if self.stores_facts:
-            table = self._docs.region(0, HEADER_SIZE + DOC_RECORD_SIZE * self.doc_count)
-            typed = ordinals if isinstance(ordinals, array.array) and ordinals.typecode in "Iq" else None
-            wanted = array.array("q", ordinals) if typed is None else typed
             try:
                 return _fastscan.record_facts(
-                    table, wanted, HEADER_SIZE, DOC_RECORD_SIZE, _FACTS_AT, FACT_PRESENT
+                    self._table(),
+                    _ordinal_array(ordinals),
+                    HEADER_SIZE,
+                    DOC_RECORD_SIZE,
+                    _FACTS_AT,
+                    FACT_PRESENT,
                 )
             except ValueError as exc:
                 raise IndexCorruptError(self._docs.path, str(exc)) from exc
@@ -504,6 +501,12 @@ class SegmentData:
             raise IndexCorruptError(self._docs.path, f"malformed strings of a document: {exc}") from exc
         return found
 
+    def _table(self) -> memoryview:
+        """_table is docs.bin's document table, verified whole (once): cheaper than finding which
+        blocks a batch's records lie in. Native readers of it raise IndexError for an ordinal
+        past it, as _check_ordinal does."""
+        return self._docs.region(0, HEADER_SIZE + DOC_RECORD_SIZE * self.doc_count)
+
     def _record_spans(
         self,
         ordinals: Sequence[int],
@@ -515,14 +518,10 @@ class SegmentData:
     ) -> bytes:
         if not len(ordinals):
             return b""
-        # The whole table is verified (once): cheaper than finding which blocks the records
-        # lie in. An ordinal past it raises IndexError, as _check_ordinal does.
-        table = self._docs.region(0, HEADER_SIZE + DOC_RECORD_SIZE * self.doc_count)
-        wanted = array.array("q", ordinals)
         try:
             return _fastscan.record_spans(
-                table,
-                wanted,
+                self._table(),
+                _ordinal_array(ordinals),
                 HEADER_SIZE,
                 DOC_RECORD_SIZE,
                 base,
@@ -598,6 +597,14 @@ class SegmentData:
         if len(deleted) != count or (len(deleted) and deleted.max() >= self.doc_count):
             raise IndexCorruptError(path, "deleted ordinals do not match the segment")
         return deleted
+
+
+def _ordinal_array(ordinals: Sequence[int]) -> array.array[int]:
+    """_ordinal_array gives ordinals as the native record readers take them: a roaring bitmap's
+    uint32 array as it is, anything else as int64."""
+    if isinstance(ordinals, array.array) and ordinals.typecode in "Iq":
+        return ordinals
+    return array.array("q", ordinals)
 
 
 def decode_symbol_at(data: bytes | memoryview, record_at: int, strings_at: int) -> tuple[Symbol, int]:

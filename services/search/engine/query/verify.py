@@ -57,6 +57,7 @@ _CONTINUATION = bytes(range(0x80, 0xC0))
 _MIN_PREFILTER = 3
 # ASCII letters whose RE2 case orbit has a non-ASCII member (KELVIN SIGN, LONG S).
 _UNSAFE_FOLD = frozenset("ksKS")
+_UNSAFE_FOLD_BYTES = frozenset(map(ord, _UNSAFE_FOLD))
 
 
 class LineMatch(NamedTuple):
@@ -202,29 +203,28 @@ class ClassRun(NamedTuple):
     length: int
 
 
-# How often each byte occurs in source code, roughly (for choosing a run and whether to use
-# one): lower-case letters and spaces are most of it; upper case, digits and punctuation
-# much rarer; bytes above 0x7F rarer still.
-_BYTE_SHARE = tuple(
-    0.15
-    if b == 0x20
-    else 0.03
-    if b == 0x09
-    else 0.45 / 26
-    if 0x61 <= b <= 0x7A
-    else 0.06 / 26
-    if 0x41 <= b <= 0x5A
-    else 0.04 / 10
-    if 0x30 <= b <= 0x39
-    else 0.02
-    if b == 0x5F
-    else 0.2 / 31
-    if 0x21 <= b <= 0x7E
-    else 0.01 / 128
-    if b >= 0x80
-    else 0.0
-    for b in range(256)
-)
+def _byte_share(b: int) -> float:
+    """_byte_share is roughly how often byte `b` occurs in source code (for choosing a run and
+    whether to use one): lower-case letters and spaces are most of it; upper case, digits and
+    punctuation much rarer; bytes above 0x7F rarer still."""
+    if b == 0x20:
+        return 0.15
+    if b == 0x09:
+        return 0.03
+    if 0x61 <= b <= 0x7A:
+        return 0.45 / 26
+    if 0x41 <= b <= 0x5A:
+        return 0.06 / 26
+    if 0x30 <= b <= 0x39:
+        return 0.04 / 10
+    if b == 0x5F:
+        return 0.02
+    if 0x21 <= b <= 0x7E:
+        return 0.2 / 31
+    return 0.01 / 128 if b >= 0x80 else 0.0
+
+
+_BYTE_SHARE = tuple(_byte_share(b) for b in range(256))
 # A run is used when a random position starts one with a chance below 2**-_MIN_RUN_BITS
 # (`[A-Z]{20,}` is ~81 bits, `\d{6}` ~48, `[a-z]{8}` ~9): below that most lines of code
 # would hold one, and RE2 a line at a time costs more than RE2 over the whole buffer.
@@ -264,9 +264,6 @@ def _atom_bytes(node: rx.Node) -> tuple[frozenset[int], int] | None:
     return None
 
 
-_UNSAFE_FOLD_BYTES = frozenset(b"ksKS")
-
-
 def _run_bits(flags: frozenset[int], length: int) -> float:
     share = sum(_BYTE_SHARE[b] for b in flags)
     return 0.0 if share >= 1.0 or length == 0 else -math.log2(max(share, 1e-9)) * length
@@ -303,11 +300,11 @@ def class_run(root: rx.Node) -> ClassRun | None:
             flags: frozenset[int] = frozenset()
             length = 0
             for atom_flags, atom_length in stretch[first:]:
-                flags |= atom_flags
+                flags |= atom_flags - {0x0A}
                 length += atom_length
-                bits = _run_bits(flags - {0x0A}, length)
+                bits = _run_bits(flags, length)
                 if best is None or bits > best[0]:
-                    best = (bits, flags - {0x0A}, length)
+                    best = (bits, flags, length)
     if best is None or best[0] < _MIN_RUN_BITS:
         return None
     _, flags, length = best

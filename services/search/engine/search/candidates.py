@@ -183,5 +183,4 @@ def symbol_candidates(
             if found:
                 yield ordinal, found
         return
-    ordinals = array.array("q", segment.live.to_array())
-    yield from segment.symbols_holding(ordinals, screen)
+    yield from segment.symbols_holding(segment.live.to_array(), screen)
