@@ -1754,6 +1754,17 @@ static int64_t ordinal_at(const Py_buffer *view, int wide, Py_ssize_t i) {
     return wide ? ((const int64_t *)view->buf)[i] : (int64_t)((const uint32_t *)view->buf)[i];
 }
 
+/* records_open takes a record reader's ordinals (ordinals_buffer) and counts them; on failure
+ * it releases `table` too. */
+static int records_open(Py_buffer *table, PyObject *ords_obj, Py_buffer *ords, int *wide, Py_ssize_t *n) {
+    if (ordinals_buffer(ords_obj, ords, wide) < 0) {
+        PyBuffer_Release(table);
+        return -1;
+    }
+    *n = ords->len / (*wide ? 8 : 4);
+    return 0;
+}
+
 static PyObject *fastscan_record_spans(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer table, ords;
@@ -1764,11 +1775,10 @@ static PyObject *fastscan_record_spans(PyObject *self, PyObject *args) {
         return NULL;
     }
     int wide;
-    if (ordinals_buffer(ords_obj, &ords, &wide) < 0) {
-        PyBuffer_Release(&table);
+    Py_ssize_t n;
+    if (records_open(&table, ords_obj, &ords, &wide, &n) < 0) {
         return NULL;
     }
-    Py_ssize_t n = ords.len / (wide ? 8 : 4);
     PyObject *out = NULL;
     const char *error = NULL;
     PyObject *kind = PyExc_ValueError;
@@ -2275,11 +2285,10 @@ static PyObject *fastscan_record_facts(PyObject *self, PyObject *args) {
         return NULL;
     }
     int wide;
-    if (ordinals_buffer(ords_obj, &ords, &wide) < 0) {
-        PyBuffer_Release(&table);
+    Py_ssize_t n;
+    if (records_open(&table, ords_obj, &ords, &wide, &n) < 0) {
         return NULL;
     }
-    Py_ssize_t n = ords.len / (wide ? 8 : 4);
     PyObject *out = NULL;
     const char *error = NULL;
     PyObject *kind = PyExc_ValueError;
