@@ -6,8 +6,8 @@ Each figure is taken in fresh interpreters (the median of `runs`): the wall time
 `kotadb --help`; and, inside a child that does what `kotadb index search` does before it
 touches the index, the time to import the CLI entry point, then the index command and the
 engine modules a search needs, then to open the index, pin a snapshot and look up one posting
-list (the first index read). Whether numpy was imported by then is reported too: a stream or
-count never needs it. On a shared machine the CPU time of the child up to its imports and up
+list (the first index read). Whether numpy was imported by then is reported too: no search
+needs it (building and merging do). On a shared machine the CPU time of the child up to its imports and up
 to its first read (`*_cpu_ms`) varies less with the load than the wall times do.
 """
 
